@@ -1,0 +1,26 @@
+//! Time and identifiers: the only places the node reads the clock or mints random ids.
+
+use protocol::person::hex_lower;
+use ring::rand::{SecureRandom, SystemRandom};
+use time::{Date, OffsetDateTime, UtcOffset};
+
+/// Japan Standard Time (UTC+9, no daylight saving).
+pub const JST: UtcOffset = match UtcOffset::from_hms(9, 0, 0) {
+    Ok(offset) => offset,
+    Err(_) => UtcOffset::UTC,
+};
+
+/// Today's date in Japan.
+pub fn japan_today() -> Date {
+    OffsetDateTime::now_utc().to_offset(JST).date()
+}
+
+/// A new globally unique id: `prefix-` and 128 random bits in hex.
+pub fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 16];
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        // The OS random source failing is not recoverable; an id must never repeat.
+        panic!("the system random source failed");
+    }
+    format!("{prefix}-{}", hex_lower(&bytes))
+}

@@ -1,0 +1,516 @@
+//! Import of the resident register extract (住民基本台帳 CSV).
+//!
+//! Two passes over the file. The first parses and checks every row and reports every bad
+//! row (line, column, reason); if there is any, nothing is written. The second applies the
+//! rows in batches: a new 宛名番号 creates a resident document (one commit); a changed row
+//! updates the identity (one commit); an unchanged row writes nothing, so importing the same
+//! file twice changes nothing. Each batch is one durable redb transaction; a run interrupted
+//! between batches is completed by running the same import again.
+//!
+//! Columns (header names in Japanese or English; other columns are ignored):
+//! 宛名番号 `atena_number`, 氏名 `name`, 氏名カナ `name_kana`, 生年月日 `birth_date`,
+//! 性別 `sex`, 住所 `address`, and optionally 個人番号 `my_number` and 状態 `status`.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use automerge::ActorId;
+use indicatif::{ProgressBar, ProgressStyle};
+use protocol::document::{
+    new_resident_document, Identity, ResidentEvent, ResidentRecord, ResidentStatus, Sex,
+    SCHEMA_VERSION,
+};
+use protocol::municipality::MunicipalityCode;
+use protocol::person::PersonKeySecret;
+use time::{Date, OffsetDateTime};
+
+use crate::config::NodeFiles;
+use crate::store::{
+    new_cache, normalize_kana, Mutation, Store, IDENTITY_DIGEST, IDX_KANA,
+    IDX_PERSON,
+};
+
+/// How the file is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Encoding {
+    /// UTF-8 if the file is valid UTF-8, otherwise Shift_JIS.
+    Auto,
+    /// UTF-8 (a byte-order mark is allowed).
+    Utf8,
+    /// Shift_JIS as Windows writes it (CP932).
+    ShiftJis,
+}
+
+/// One refused row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RowError {
+    /// Line in the file (the header is line 1).
+    pub line: u64,
+    /// Column name as in the header.
+    pub column: String,
+    /// Reason, in Japanese.
+    pub reason_ja: String,
+    /// Reason, in English.
+    pub reason_en: String,
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}行目 [{}] {} / line {}: {}", self.line, self.column, self.reason_ja, self.line, self.reason_en)
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImportReport {
+    /// Data rows read.
+    pub rows: u64,
+    /// New residents.
+    pub created: u64,
+    /// Residents whose identity changed.
+    pub updated: u64,
+    /// Rows identical to what the node holds.
+    pub unchanged: u64,
+}
+
+/// The outcome: applied, or refused with every bad row.
+#[derive(Debug)]
+pub enum ImportOutcome {
+    /// Applied.
+    Applied(ImportReport),
+    /// Refused; nothing was written.
+    Refused(Vec<RowError>),
+}
+
+/// A checked row.
+#[derive(Debug, Clone)]
+struct Row {
+    identity: Identity,
+    my_number: Option<String>,
+}
+
+struct Columns {
+    index: HashMap<&'static str, usize>,
+    names: HashMap<&'static str, String>,
+}
+
+const REQUIRED: [(&str, &str, &str); 6] = [
+    ("atena_number", "宛名番号", "atena_number"),
+    ("name", "氏名", "name"),
+    ("name_kana", "氏名カナ", "name_kana"),
+    ("birth_date", "生年月日", "birth_date"),
+    ("sex", "性別", "sex"),
+    ("address", "住所", "address"),
+];
+const OPTIONAL: [(&str, &str, &str); 2] = [("my_number", "個人番号", "my_number"), ("status", "状態", "status")];
+
+impl Columns {
+    fn from_header(header: &csv::StringRecord) -> Result<Self, Vec<RowError>> {
+        let mut index = HashMap::new();
+        let mut names = HashMap::new();
+        for (i, name) in header.iter().enumerate() {
+            let name = name.trim().trim_start_matches('\u{feff}');
+            for (key, ja, en) in REQUIRED.iter().chain(OPTIONAL.iter()) {
+                if name == *ja || name.eq_ignore_ascii_case(en) {
+                    index.insert(*key, i);
+                    names.insert(*key, name.to_owned());
+                }
+            }
+        }
+        let missing: Vec<RowError> = REQUIRED
+            .iter()
+            .filter(|(key, _, _)| !index.contains_key(key))
+            .map(|(_, ja, en)| RowError {
+                line: 1,
+                column: (*ja).to_owned(),
+                reason_ja: format!("見出し行に列「{ja}」がありません"),
+                reason_en: format!("the header has no column {ja} ({en})"),
+            })
+            .collect();
+        if missing.is_empty() { Ok(Self { index, names }) } else { Err(missing) }
+    }
+
+    fn get<'r>(&self, record: &'r csv::StringRecord, key: &str) -> Option<&'r str> {
+        self.index.get(key).and_then(|i| record.get(*i)).map(str::trim)
+    }
+
+    fn name(&self, key: &str) -> String {
+        self.names.get(key).cloned().unwrap_or_else(|| key.to_owned())
+    }
+}
+
+fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv::Reader<Box<dyn Read>>> {
+    let chosen = match encoding {
+        Encoding::Auto => detect(path)?,
+        other => other,
+    };
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let decoded: Box<dyn Read> = match chosen {
+        Encoding::ShiftJis => Box::new(
+            encoding_rs_io::DecodeReaderBytesBuilder::new()
+                .encoding(Some(encoding_rs::SHIFT_JIS))
+                .build(file),
+        ),
+        _ => Box::new(encoding_rs_io::DecodeReaderBytesBuilder::new().encoding(Some(encoding_rs::UTF_8)).build(file)),
+    };
+    Ok(csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(decoded))
+}
+
+/// UTF-8 if the whole file is valid UTF-8, otherwise Shift_JIS.
+fn detect(path: &Path) -> anyhow::Result<Encoding> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut carry = 0usize;
+    loop {
+        let n = file.read(&mut buffer[carry..])?;
+        let end = carry + n;
+        match std::str::from_utf8(&buffer[..end]) {
+            Ok(_) => carry = 0,
+            Err(e) if e.error_len().is_none() && n > 0 => {
+                // A character cut at the buffer's end: keep its bytes for the next read.
+                let valid = e.valid_up_to();
+                buffer.copy_within(valid..end, 0);
+                carry = end - valid;
+            }
+            Err(_) => return Ok(Encoding::ShiftJis),
+        }
+        if n == 0 {
+            return Ok(if carry == 0 { Encoding::Utf8 } else { Encoding::ShiftJis });
+        }
+    }
+}
+
+fn progress_bar(path: &Path, message: &str) -> ProgressBar {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let bar = ProgressBar::new(size);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {per_sec} 残り{eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(message.to_owned());
+    bar
+}
+
+/// Imports a resident register extract.
+pub fn import_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding) -> anyhow::Result<ImportOutcome> {
+    let municipality = files.config.municipality;
+    let errors = check_file(files, store, path, encoding)?;
+    if !errors.is_empty() {
+        return Ok(ImportOutcome::Refused(errors));
+    }
+    let actor = ActorId::from(files.actor.clone());
+    let mut reader = open_reader(path, encoding)?;
+    let header = reader.headers()?.clone();
+    let columns = Columns::from_header(&header).map_err(|_| anyhow::anyhow!("header changed during import"))?;
+    let bar = progress_bar(path, "取込 import");
+    let mut report = ImportReport::default();
+    let mut batch: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
+    for record in reader.records() {
+        let record = record?;
+        bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
+        let row = parse_row(&columns, &record, 0).map_err(|e| anyhow::anyhow!("row changed during import: {}", e[0]))?;
+        batch.push(row);
+        if batch.len() == BATCH_ROWS {
+            apply_batch(store, &files.person_secret, municipality, &actor, &batch, &mut report)?;
+            batch.clear();
+        }
+    }
+    apply_batch(store, &files.person_secret, municipality, &actor, &batch, &mut report)?;
+    bar.finish_and_clear();
+    Ok(ImportOutcome::Applied(report))
+}
+
+const BATCH_ROWS: usize = 8192;
+
+/// Pass one: every row checked, nothing written.
+fn check_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding) -> anyhow::Result<Vec<RowError>> {
+    let municipality = files.config.municipality;
+    let mut reader = open_reader(path, encoding)?;
+    let header = reader.headers().context("cannot read the header line")?.clone();
+    let columns = match Columns::from_header(&header) {
+        Ok(columns) => columns,
+        Err(errors) => return Ok(errors),
+    };
+    let view = store.read()?;
+    let person_index = view.txn().open_table(IDX_PERSON)?;
+    let bar = progress_bar(path, "検査 check");
+    let mut errors = Vec::new();
+    let mut seen_atena: HashMap<String, u64> = HashMap::new();
+    let mut seen_my_number: HashSet<u64> = HashSet::new();
+    for record in reader.records() {
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                let line = error.position().map(|p| p.line()).unwrap_or(0);
+                errors.push(row_error(line, "-", "行を読み取れません", &format!("unreadable row: {error}")));
+                continue;
+            }
+        };
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
+        let row = match parse_row(&columns, &record, line) {
+            Ok(row) => row,
+            Err(mut row_errors) => {
+                errors.append(&mut row_errors);
+                continue;
+            }
+        };
+        let atena = row.identity.atena_number.clone();
+        if let Some(first) = seen_atena.insert(atena.clone(), line) {
+            errors.push(row_error(
+                line,
+                &columns.name("atena_number"),
+                &format!("宛名番号 {atena} が{first}行目と重複しています"),
+                &format!("atena number {atena} repeats line {first}"),
+            ));
+        }
+        if let Some(my_number) = &row.my_number {
+            let numeric: u64 = my_number.parse().unwrap_or(0);
+            if !seen_my_number.insert(numeric) {
+                errors.push(row_error(line, &columns.name("my_number"), "個人番号がファイル内で重複しています", "個人番号 repeats within the file"));
+            }
+            let person_key = files.person_secret.person_key(my_number).map_err(|e| anyhow::anyhow!(e))?;
+            let resident_id = files.person_secret.resident_id(municipality, &atena);
+            if let Some(owner) = person_index.get(person_key.as_str())? {
+                if owner.value() != resident_id {
+                    errors.push(row_error(
+                        line,
+                        &columns.name("my_number"),
+                        "この個人番号は別の宛名番号の住民に登録済みです",
+                        "this 個人番号 is already registered to a resident with another atena number",
+                    ));
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(errors)
+}
+
+fn row_error(line: u64, column: &str, ja: &str, en: &str) -> RowError {
+    RowError { line, column: column.to_owned(), reason_ja: ja.to_owned(), reason_en: en.to_owned() }
+}
+
+fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result<Row, Vec<RowError>> {
+    let mut errors = Vec::new();
+    let mut field = |key: &str| -> String {
+        let value = columns.get(record, key).unwrap_or("").to_owned();
+        if value.contains('\u{fffd}') {
+            errors.push(row_error(line, &columns.name(key), "文字コードが正しくありません", "bytes invalid in the file's encoding"));
+        }
+        value
+    };
+    let atena = field("atena_number");
+    let name = field("name");
+    let kana = field("name_kana");
+    let birth = field("birth_date");
+    let sex = field("sex");
+    let address = field("address");
+    let my_number = field("my_number");
+    let status = field("status");
+    drop(field);
+    let col = |key: &str| columns.name(key);
+    if atena.is_empty() || atena.len() > 20 || !atena.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        errors.push(row_error(line, &col("atena_number"), "宛名番号は1〜20桁の英数字です", "atena number must be 1–20 ASCII letters or digits"));
+    }
+    if name.is_empty() || name.chars().count() > 100 {
+        errors.push(row_error(line, &col("name"), "氏名が空か長すぎます（100文字まで）", "name is empty or longer than 100 characters"));
+    }
+    if kana.is_empty() || !kana.chars().all(is_katakana_or_space) {
+        errors.push(row_error(line, &col("name_kana"), "氏名カナは全角カタカナで入力してください", "name_kana must be full-width katakana"));
+    }
+    let birth_date = parse_date(&birth);
+    if birth_date.is_none() {
+        errors.push(row_error(line, &col("birth_date"), &format!("生年月日「{birth}」を読めません（例 1980-04-01）"), &format!("birth date {birth:?} is not YYYY-MM-DD, YYYY/MM/DD or YYYYMMDD")));
+    }
+    let sex = match sex.as_str() {
+        "男" | "1" | "M" | "m" | "male" => Some(Sex::Male),
+        "女" | "2" | "F" | "f" | "female" => Some(Sex::Female),
+        _ => {
+            errors.push(row_error(line, &col("sex"), &format!("性別「{sex}」は 男 または 女 です"), &format!("sex {sex:?} must be 男/女 (1/2, M/F)")));
+            None
+        }
+    };
+    if address.is_empty() {
+        errors.push(row_error(line, &col("address"), "住所が空です", "address is empty"));
+    }
+    let my_number = if my_number.is_empty() {
+        None
+    } else if protocol::checkdigit::my_number_is_valid(&my_number) {
+        Some(my_number)
+    } else {
+        errors.push(row_error(line, &col("my_number"), "個人番号は12桁で、検査用数字が正しくなければなりません", "個人番号 must be 12 digits with a valid check digit"));
+        None
+    };
+    let status = match status.as_str() {
+        "" | "在住" | "住民" | "active" => Some(ResidentStatus::Active),
+        "死亡" | "deceased" => Some(ResidentStatus::Deceased),
+        "転出" | "moved_out" => Some(ResidentStatus::MovedOut),
+        other => {
+            errors.push(row_error(line, &col("status"), &format!("状態「{other}」は 在住・死亡・転出 のいずれかです"), &format!("status {other:?} must be 在住, 死亡 or 転出")));
+            None
+        }
+    };
+    match (birth_date, sex, status, errors.is_empty()) {
+        (Some(birth_date), Some(sex), Some(status), true) => Ok(Row {
+            identity: Identity { atena_number: atena, name, name_kana: kana, birth_date, sex, address, status },
+            my_number,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn is_katakana_or_space(c: char) -> bool {
+    matches!(c, '\u{30a1}'..='\u{30fc}' | ' ' | '\u{3000}')
+}
+
+/// Dates as register extracts write them.
+pub fn parse_date(text: &str) -> Option<Date> {
+    let digits: String = text.chars().filter(|c| c.is_ascii_digit()).collect();
+    let separators_ok = text.chars().all(|c| c.is_ascii_digit() || c == '-' || c == '/');
+    if !separators_ok {
+        return None;
+    }
+    let (year, month, day): (i32, u8, u8) = if digits.len() == 8 && text.len() == 8 {
+        (digits[0..4].parse().ok()?, digits[4..6].parse().ok()?, digits[6..8].parse().ok()?)
+    } else {
+        let parts: Vec<&str> = text.split(['-', '/']).collect();
+        if parts.len() != 3 || parts[0].len() != 4 {
+            return None;
+        }
+        (parts[0].parse().ok()?, parts[1].parse().ok()?, parts[2].parse().ok()?)
+    };
+    let month = time::Month::try_from(month).ok()?;
+    let date = Date::from_calendar_date(year, month, day).ok()?;
+    (date.year() >= 1880 && date <= crate::clock::japan_today()).then_some(date)
+}
+
+/// Digest of what an import writes for a resident; equal digests mean nothing to do.
+fn identity_digest(identity: &Identity, person_key: &str) -> Vec<u8> {
+    let json = serde_json::to_vec(&(identity, person_key)).unwrap_or_default();
+    ring::digest::digest(&ring::digest::SHA256, &json).as_ref()[..16].to_vec()
+}
+
+struct Planned {
+    record: ResidentRecord,
+    digest: Vec<u8>,
+}
+
+fn apply_batch(
+    store: &Store,
+    secret: &PersonKeySecret,
+    municipality: MunicipalityCode,
+    actor: &ActorId,
+    rows: &[Row],
+    report: &mut ImportReport,
+) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    report.rows += rows.len() as u64;
+    let now = OffsetDateTime::now_utc();
+    let planned: Vec<Planned> = rows
+        .iter()
+        .map(|row| {
+            let atena = &row.identity.atena_number;
+            let person_key = match &row.my_number {
+                Some(n) => secret.person_key(n).unwrap_or_else(|_| secret.local_person_key(municipality, atena)),
+                None => secret.local_person_key(municipality, atena),
+            };
+            let record = ResidentRecord {
+                schema: SCHEMA_VERSION,
+                resident_id: secret.resident_id(municipality, atena),
+                municipality,
+                person_key,
+                identity: row.identity.clone(),
+                coupons: Default::default(),
+                doses: Default::default(),
+                corrections: Default::default(),
+            };
+            let digest = identity_digest(&record.identity, &record.person_key);
+            Planned { record, digest }
+        })
+        .collect();
+
+    // Classify against what is stored.
+    let (mut new, mut changed) = (Vec::new(), Vec::new());
+    {
+        let view = store.read()?;
+        let digests = view.txn().open_table(IDENTITY_DIGEST)?;
+        for plan in &planned {
+            match digests.get(plan.record.resident_id.as_str())? {
+                None => new.push(plan),
+                Some(stored) if stored.value() == plan.digest.as_slice() => report.unchanged += 1,
+                Some(_) => changed.push(plan),
+            }
+        }
+    }
+    // Build new documents on every core; automerge work dominates an import.
+    let built = build_parallel(&new, actor, now)?;
+
+    let txn = store.begin_write()?;
+    let mut cache = new_cache(1);
+    {
+        let mut mutation = Mutation::new(&txn, &mut cache, actor);
+        let mut digests = txn.open_table(IDENTITY_DIGEST)?;
+        for (plan, saved) in new.iter().zip(&built) {
+            mutation.insert_built(&plan.record, saved)?;
+            digests.insert(plan.record.resident_id.as_str(), plan.digest.as_slice())?;
+            report.created += 1;
+        }
+        drop(digests);
+        let view = store.read()?;
+        for plan in &changed {
+            let id = plan.record.resident_id.as_str();
+            let old = view.record(id)?.context("resident vanished during import")?;
+            if old.identity.name_kana != plan.record.identity.name_kana {
+                let mut kana = txn.open_table(IDX_KANA)?;
+                kana.remove((normalize_kana(&old.identity.name_kana).as_str(), id))?;
+                kana.insert((normalize_kana(&plan.record.identity.name_kana).as_str(), id), ())?;
+            }
+            if old.identity != plan.record.identity {
+                mutation.apply(id, &ResidentEvent::IdentityUpdated(plan.record.identity.clone()), now)?;
+            }
+            txn.open_table(IDENTITY_DIGEST)?.insert(id, plan.digest.as_slice())?;
+            report.updated += 1;
+        }
+    }
+    txn.commit().context("durable commit of an import batch failed")?;
+    Ok(())
+}
+
+fn build_parallel(plans: &[&Planned], actor: &ActorId, at: OffsetDateTime) -> anyhow::Result<Vec<Vec<u8>>> {
+    let n_threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1);
+    let chunk_size = plans.len().div_ceil(n_threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = plans
+            .chunks(chunk_size)
+            .map(|chunk| {
+                scope.spawn(move || -> anyhow::Result<Vec<Vec<u8>>> {
+                    chunk
+                        .iter()
+                        .map(|plan| Ok(new_resident_document(actor, &plan.record, at)?.save()))
+                        .collect()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(plans.len());
+        for handle in handles {
+            let part = handle.join().map_err(|_| anyhow::anyhow!("a document builder thread panicked"))??;
+            all.extend(part);
+        }
+        Ok(all)
+    })
+}
+
+/// Makes sure a file exists and is not empty before an import starts.
+pub fn check_input(path: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.len() == 0 {
+        bail!("{} is empty", path.display());
+    }
+    Ok(())
+}

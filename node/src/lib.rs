@@ -1,0 +1,16 @@
+//! `vrs-node`: a municipality's node — storage, HTTP API, resident import, coupon issuance.
+//!
+//! The rules (validation, document shapes) live in the `protocol` crate; this crate owns the
+//! I/O around them: redb ([`store`]), the single group-committing writer ([`writer`]), axum
+//! ([`api`]), files ([`import`], [`issuance`]) and the clock ([`clock`]).
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod import;
+pub mod issuance;
+pub mod problem;
+pub mod store;
+pub mod writer;

@@ -1,0 +1,448 @@
+//! Storage on redb: resident documents, secondary indexes and the change feed.
+//!
+//! A document is kept as its last full `save()` plus the incremental chunks written since
+//! (one per logical event, from `save_after(heads)`); after [`COMPACT_AFTER_CHUNKS`] chunks
+//! the document is saved whole again. Documents are loaded on demand: a municipality of
+//! 3.77 million residents cannot keep them in memory (about 20 KB each once loaded).
+//!
+//! Every change to a document moves it to the end of the change feed: `changes` maps a
+//! monotonically increasing sequence number to the document id, and `doc_meta` remembers the
+//! document's latest sequence so its previous entry is removed (as CouchDB's `_changes`
+//! keeps one row per document). Replication reads the feed from a checkpoint.
+//!
+//! All writes of one logical operation happen in one redb write transaction; a commit is
+//! durable when `commit()` returns (redb's default `Durability::Immediate`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use automerge::{ActorId, Automerge, ChangeHash};
+use lru::LruCache;
+use protocol::catalogue::Lot;
+use protocol::document::{
+    apply_event, new_resident_document, read_record, ResidentEvent, ResidentRecord,
+};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
+};
+use time::OffsetDateTime;
+
+/// Full saves: resident id → bytes.
+pub const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
+/// Incremental chunks: (resident id, n) → bytes.
+pub const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("doc_chunks");
+/// resident id → (latest change sequence, number of chunks).
+pub const DOC_META: TableDefinition<&str, (u64, u32)> = TableDefinition::new("doc_meta");
+/// The change feed: sequence → resident id.
+pub const CHANGES: TableDefinition<u64, &str> = TableDefinition::new("changes");
+/// 10-digit coupon number → resident id.
+pub const IDX_COUPON: TableDefinition<&str, &str> = TableDefinition::new("idx_coupon");
+/// Person key → resident id.
+pub const IDX_PERSON: TableDefinition<&str, &str> = TableDefinition::new("idx_person");
+/// 宛名番号 → resident id.
+pub const IDX_ATENA: TableDefinition<&str, &str> = TableDefinition::new("idx_atena");
+/// Dose event id → resident id.
+pub const IDX_EVENT: TableDefinition<&str, &str> = TableDefinition::new("idx_event");
+/// (氏名カナ without spaces, resident id) → (), for search by kana prefix.
+pub const IDX_KANA: TableDefinition<(&str, &str), ()> = TableDefinition::new("idx_kana");
+/// resident id → digest of the identity last imported (re-import skips unchanged rows).
+pub const IDENTITY_DIGEST: TableDefinition<&str, &[u8]> = TableDefinition::new("identity_digest");
+/// lot number → JSON of [`Lot`].
+pub const LOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("lots");
+/// Counters.
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// `META` key: the last change-feed sequence used.
+pub const META_CHANGE_SEQ: &str = "change_seq";
+/// `META` key: the last coupon serial used.
+pub const META_COUPON_SERIAL: &str = "coupon_serial";
+
+/// Chunks kept before a document is saved whole again.
+pub const COMPACT_AFTER_CHUNKS: u32 = 16;
+
+/// The node's database.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store and its tables.
+    pub fn open(path: &Path) -> anyhow::Result<Arc<Store>> {
+        let db = Database::builder()
+            .set_cache_size(256 * 1024 * 1024)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                    "{} is in use by another vrs-node process (stop the daemon first)",
+                    path.display()
+                ),
+                other => anyhow::anyhow!("cannot open {}: {other}", path.display()),
+            })?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(DOCS)?;
+            txn.open_table(CHUNKS)?;
+            txn.open_table(DOC_META)?;
+            txn.open_table(CHANGES)?;
+            txn.open_table(IDX_COUPON)?;
+            txn.open_table(IDX_PERSON)?;
+            txn.open_table(IDX_ATENA)?;
+            txn.open_table(IDX_EVENT)?;
+            txn.open_table(IDX_KANA)?;
+            txn.open_table(IDENTITY_DIGEST)?;
+            txn.open_table(LOTS)?;
+            txn.open_table(META)?;
+        }
+        txn.commit()?;
+        Ok(Arc::new(Store { db }))
+    }
+
+    /// A consistent read view.
+    pub fn read(&self) -> anyhow::Result<ReadView> {
+        Ok(ReadView { txn: self.db.begin_read()? })
+    }
+
+    /// Starts a write transaction.
+    pub fn begin_write(&self) -> anyhow::Result<WriteTransaction> {
+        Ok(self.db.begin_write()?)
+    }
+}
+
+/// A loaded document and the number of chunks stored after its last full save.
+pub struct LoadedDoc {
+    /// The document.
+    pub doc: Automerge,
+    /// Chunks stored since the last full save.
+    pub n_chunks: u32,
+}
+
+/// A read-only snapshot of the store.
+pub struct ReadView {
+    txn: ReadTransaction,
+}
+
+impl ReadView {
+    /// Looks a key up in a string → string index.
+    pub fn index(&self, table: TableDefinition<&str, &str>, key: &str) -> anyhow::Result<Option<String>> {
+        let table = self.txn.open_table(table)?;
+        Ok(table.get(key)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Reads a resident's record.
+    pub fn record(&self, resident_id: &str) -> anyhow::Result<Option<ResidentRecord>> {
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let Some(loaded) = load_from(&docs, &chunks, resident_id)? else {
+            return Ok(None);
+        };
+        let record = read_record(&loaded.doc)
+            .with_context(|| format!("document {resident_id} is corrupt"))?;
+        Ok(Some(record))
+    }
+
+    /// Residents whose kana name starts with `prefix` (spaces ignored), at most `limit`.
+    pub fn search_kana(&self, prefix: &str, limit: usize) -> anyhow::Result<Vec<String>> {
+        let prefix = normalize_kana(prefix);
+        let table = self.txn.open_table(IDX_KANA)?;
+        let mut found = Vec::new();
+        for entry in table.range((prefix.as_str(), "")..)? {
+            let (key, _) = entry?;
+            let (kana, id) = key.value();
+            if !kana.starts_with(prefix.as_str()) || found.len() >= limit {
+                break;
+            }
+            found.push(id.to_owned());
+        }
+        Ok(found)
+    }
+
+    /// A lot by number.
+    pub fn lot(&self, lot: &str) -> anyhow::Result<Option<Lot>> {
+        let table = self.txn.open_table(LOTS)?;
+        match table.get(lot)? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every lot.
+    pub fn lots(&self) -> anyhow::Result<Vec<Lot>> {
+        let table = self.txn.open_table(LOTS)?;
+        let mut lots = Vec::new();
+        for entry in table.iter()? {
+            let (_, bytes) = entry?;
+            lots.push(serde_json::from_slice(bytes.value())?);
+        }
+        Ok(lots)
+    }
+
+    /// Change feed entries after `since`, at most `limit`: (sequence, resident id).
+    pub fn changes_since(&self, since: u64, limit: usize) -> anyhow::Result<Vec<(u64, String)>> {
+        let table = self.txn.open_table(CHANGES)?;
+        let mut out = Vec::new();
+        for entry in table.range(since.saturating_add(1)..)?.take(limit) {
+            let (seq, id) = entry?;
+            out.push((seq.value(), id.value().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Number of resident documents.
+    pub fn n_residents(&self) -> anyhow::Result<u64> {
+        Ok(self.txn.open_table(DOCS)?.len()?)
+    }
+
+    /// Number of issued coupon numbers.
+    pub fn n_coupons(&self) -> anyhow::Result<u64> {
+        Ok(self.txn.open_table(IDX_COUPON)?.len()?)
+    }
+
+    /// Number of dose events.
+    pub fn n_dose_events(&self) -> anyhow::Result<u64> {
+        Ok(self.txn.open_table(IDX_EVENT)?.len()?)
+    }
+
+    /// A counter from `META`.
+    pub fn meta(&self, key: &str) -> anyhow::Result<u64> {
+        Ok(self.txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Every resident id, in id order, from `after` (exclusive), at most `limit`.
+    pub fn resident_ids(&self, after: Option<&str>, limit: usize) -> anyhow::Result<Vec<String>> {
+        let table = self.txn.open_table(DOC_META)?;
+        let mut out = Vec::with_capacity(limit);
+        let range = match after {
+            Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
+            None => table.range::<&str>(..)?,
+        };
+        for entry in range.take(limit) {
+            let (id, _) = entry?;
+            out.push(id.value().to_owned());
+        }
+        Ok(out)
+    }
+}
+
+/// Kana as indexed: without spaces (full- or half-width).
+pub fn normalize_kana(kana: &str) -> String {
+    kana.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+fn load_from(
+    docs: &impl ReadableTable<&'static str, &'static [u8]>,
+    chunks: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    resident_id: &str,
+) -> anyhow::Result<Option<LoadedDoc>> {
+    let Some(saved) = docs.get(resident_id)? else {
+        return Ok(None);
+    };
+    let mut doc = Automerge::load(saved.value())
+        .with_context(|| format!("document {resident_id}: saved bytes do not load"))?;
+    let mut n_chunks = 0;
+    for entry in chunks.range((resident_id, 0)..=(resident_id, u32::MAX))? {
+        let (_, bytes) = entry?;
+        doc.load_incremental(bytes.value())
+            .with_context(|| format!("document {resident_id}: chunk {n_chunks} does not load"))?;
+        n_chunks += 1;
+    }
+    Ok(Some(LoadedDoc { doc, n_chunks }))
+}
+
+/// The writer's cache of loaded documents.
+pub type DocCache = LruCache<String, LoadedDoc>;
+
+/// Makes a cache holding at most `capacity` documents.
+pub fn new_cache(capacity: usize) -> DocCache {
+    let capacity = std::num::NonZeroUsize::new(capacity.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+    LruCache::new(capacity)
+}
+
+/// Writes within one redb transaction, through the writer's cache.
+///
+/// If the transaction is not committed, every document it touched must be dropped from the
+/// cache ([`Mutation::touched`]), since the cache would otherwise hold changes that never
+/// reached the disk.
+pub struct Mutation<'a> {
+    txn: &'a WriteTransaction,
+    cache: &'a mut DocCache,
+    actor: &'a ActorId,
+    touched: Vec<String>,
+}
+
+impl<'a> Mutation<'a> {
+    /// Starts writing into `txn`.
+    pub fn new(txn: &'a WriteTransaction, cache: &'a mut DocCache, actor: &'a ActorId) -> Self {
+        Self { txn, cache, actor, touched: Vec::new() }
+    }
+
+    /// The documents changed so far.
+    pub fn touched(&self) -> &[String] {
+        &self.touched
+    }
+
+    /// The transaction, for index reads and writes.
+    pub fn txn(&self) -> &WriteTransaction {
+        self.txn
+    }
+
+    /// Looks a key up in a string index, seeing this transaction's own writes.
+    pub fn index(&self, table: TableDefinition<&str, &str>, key: &str) -> anyhow::Result<Option<String>> {
+        let table = self.txn.open_table(table)?;
+        Ok(table.get(key)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Sets an index entry.
+    pub fn set_index(&self, table: TableDefinition<&str, &str>, key: &str, value: &str) -> anyhow::Result<()> {
+        self.txn.open_table(table)?.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Loads a document into the cache if needed; returns whether it exists.
+    fn ensure_loaded(&mut self, resident_id: &str) -> anyhow::Result<bool> {
+        if self.cache.contains(resident_id) {
+            return Ok(true);
+        }
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let Some(mut loaded) = load_from(&docs, &chunks, resident_id)? else {
+            return Ok(false);
+        };
+        loaded.doc.set_actor(self.actor.clone());
+        self.cache.put(resident_id.to_owned(), loaded);
+        Ok(true)
+    }
+
+    /// The resident's current record.
+    pub fn record(&mut self, resident_id: &str) -> anyhow::Result<Option<ResidentRecord>> {
+        if !self.ensure_loaded(resident_id)? {
+            return Ok(None);
+        }
+        let loaded = self.cache.get(resident_id).context("cache lost a document")?;
+        Ok(Some(read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?))
+    }
+
+    /// Creates a resident's document (the registration commit) and its indexes.
+    pub fn create_resident(&mut self, record: &ResidentRecord, at: OffsetDateTime) -> anyhow::Result<()> {
+        let id = record.resident_id.as_str();
+        if self.txn.open_table(DOC_META)?.get(id)?.is_some() {
+            bail!("resident {id} already exists");
+        }
+        let doc = new_resident_document(self.actor, record, at)?;
+        self.txn.open_table(DOCS)?.insert(id, doc.save().as_slice())?;
+        self.set_index(IDX_ATENA, &record.identity.atena_number, id)?;
+        self.set_index(IDX_PERSON, &record.person_key, id)?;
+        self.txn.open_table(IDX_KANA)?.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
+        self.touched.push(id.to_owned());
+        self.bump_feed(id, 0)?;
+        self.cache.put(id.to_owned(), LoadedDoc { doc, n_chunks: 0 });
+        Ok(())
+    }
+
+    /// Stores an already-built document (bulk import builds documents on other threads).
+    pub fn insert_built(&mut self, record: &ResidentRecord, saved: &[u8]) -> anyhow::Result<()> {
+        let id = record.resident_id.as_str();
+        self.txn.open_table(DOCS)?.insert(id, saved)?;
+        self.set_index(IDX_ATENA, &record.identity.atena_number, id)?;
+        self.set_index(IDX_PERSON, &record.person_key, id)?;
+        self.txn.open_table(IDX_KANA)?.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
+        self.touched.push(id.to_owned());
+        self.bump_feed(id, 0)?;
+        Ok(())
+    }
+
+    /// Appends one event to a resident's document as one commit and one stored chunk.
+    pub fn apply(&mut self, resident_id: &str, event: &ResidentEvent, at: OffsetDateTime) -> anyhow::Result<()> {
+        if !self.ensure_loaded(resident_id)? {
+            bail!("resident {resident_id} does not exist");
+        }
+        self.touched.push(resident_id.to_owned());
+        let loaded = self.cache.get_mut(resident_id).context("cache lost a document")?;
+        let heads: Vec<ChangeHash> = loaded.doc.get_heads();
+        apply_event(&mut loaded.doc, event, at)?;
+        let chunk = loaded.doc.save_after(&heads);
+        let n_chunks = store_chunk(self.txn, resident_id, loaded, &chunk)?;
+        self.bump_feed(resident_id, n_chunks)
+    }
+
+    /// Stores an event chunk built elsewhere (bulk issuance); `loaded` is the document after it.
+    pub fn append_built(&mut self, resident_id: &str, loaded: &mut LoadedDoc, chunk: &[u8]) -> anyhow::Result<()> {
+        self.touched.push(resident_id.to_owned());
+        self.cache.pop(resident_id);
+        let n_chunks = store_chunk(self.txn, resident_id, loaded, chunk)?;
+        self.bump_feed(resident_id, n_chunks)
+    }
+
+    fn bump_feed(&mut self, resident_id: &str, n_chunks: u32) -> anyhow::Result<()> {
+        let seq = self.next_counter(META_CHANGE_SEQ)?;
+        let mut meta = self.txn.open_table(DOC_META)?;
+        let previous = meta.insert(resident_id, (seq, n_chunks))?.map(|v| v.value().0);
+        drop(meta);
+        let mut changes = self.txn.open_table(CHANGES)?;
+        if let Some(previous) = previous {
+            changes.remove(previous)?;
+        }
+        changes.insert(seq, resident_id)?;
+        Ok(())
+    }
+
+    /// Increments a counter and returns its new value.
+    pub fn next_counter(&self, key: &str) -> anyhow::Result<u64> {
+        let mut meta = self.txn.open_table(META)?;
+        let next = meta.get(key)?.map(|v| v.value()).unwrap_or(0) + 1;
+        meta.insert(key, next)?;
+        Ok(next)
+    }
+
+    /// Records a lot.
+    pub fn put_lot(&self, lot: &Lot) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(lot)?;
+        self.txn.open_table(LOTS)?.insert(lot.lot.as_str(), bytes.as_slice())?;
+        Ok(())
+    }
+
+    /// A lot by number, seeing this transaction's writes.
+    pub fn lot(&self, lot: &str) -> anyhow::Result<Option<Lot>> {
+        let table = self.txn.open_table(LOTS)?;
+        match table.get(lot)? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Stores a chunk, compacting into a full save when enough have piled up. Returns the
+/// number of chunks now stored for the document.
+fn store_chunk(txn: &WriteTransaction, resident_id: &str, loaded: &mut LoadedDoc, chunk: &[u8]) -> anyhow::Result<u32> {
+    if loaded.n_chunks + 1 >= COMPACT_AFTER_CHUNKS {
+        txn.open_table(DOCS)?.insert(resident_id, loaded.doc.save().as_slice())?;
+        let mut chunks = txn.open_table(CHUNKS)?;
+        for n in 0..loaded.n_chunks {
+            chunks.remove((resident_id, n))?;
+        }
+        loaded.n_chunks = 0;
+    } else {
+        txn.open_table(CHUNKS)?.insert((resident_id, loaded.n_chunks), chunk)?;
+        loaded.n_chunks += 1;
+    }
+    Ok(loaded.n_chunks)
+}
+
+/// Loads a document for a bulk job outside the writer's cache.
+pub fn load_for_bulk(txn: &ReadTransaction, resident_id: &str, actor: &ActorId) -> anyhow::Result<Option<LoadedDoc>> {
+    let docs = txn.open_table(DOCS)?;
+    let chunks = txn.open_table(CHUNKS)?;
+    let loaded = load_from(&docs, &chunks, resident_id)?;
+    Ok(loaded.map(|mut l| {
+        l.doc.set_actor(actor.clone());
+        l
+    }))
+}
+
+impl ReadView {
+    /// The underlying transaction (bulk jobs load documents from it).
+    pub fn txn(&self) -> &ReadTransaction {
+        &self.txn
+    }
+}

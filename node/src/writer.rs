@@ -1,0 +1,475 @@
+//! The single writer: every change to the store goes through one thread, in group commits.
+//!
+//! HTTP handlers decode and authenticate what they can on their own (pure work, in
+//! parallel), then send a [`Command`] over a bounded channel. The writer takes whatever is
+//! queued (up to `group_commit_max`), applies each command in one redb write transaction,
+//! commits once — one fsync for the whole group — and only then answers each caller. So a
+//! capture is acknowledged only once it is durable, and concurrent captures share the disk's
+//! flush. A command refused by validation writes nothing and does not disturb the others.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use automerge::ActorId;
+use axum::http::StatusCode;
+use protocol::catalogue::{Catalogue, Lot};
+use protocol::coupon::{CouponNumber, SignedCoupon};
+use protocol::document::{coupon_key, CouponEntry, CouponStatus, DoseEvent, ResidentEvent};
+use protocol::validation::{
+    validate_amendment, validate_capture, validate_void, AmendRequest, Amendment, CaptureContext,
+    CaptureDecision, CaptureError, CaptureInput, ScannedCapture, VoidRequest,
+};
+use ring::signature::Ed25519KeyPair;
+use time::{Date, OffsetDateTime};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::{japan_today, new_id};
+use crate::problem::Problem;
+use crate::store::{new_cache, DocCache, Mutation, Store, IDX_COUPON, IDX_EVENT};
+
+/// A capture as the writer receives it: scans decoded and authenticated already.
+#[derive(Debug)]
+pub struct CaptureCommand {
+    /// The decoded scans.
+    pub scans: ScannedCapture,
+    /// Date of vaccination (today if the client sent none).
+    pub vaccinated_on: Option<Date>,
+    /// Venue id.
+    pub venue: String,
+    /// Client event id, if the client made one (terminals do; retries reuse it).
+    pub event_id: Option<String>,
+    /// Who.
+    pub recorded_by: String,
+}
+
+/// What a capture became.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaptureOutcome {
+    /// True when this was a replay of an existing event (nothing written).
+    pub replay: bool,
+    /// The resident.
+    pub resident_id: String,
+    /// The dose event (the original, for a replay).
+    pub event: DoseEvent,
+}
+
+/// What a reissue produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReissueOutcome {
+    /// The new coupon generation.
+    pub coupon: CouponEntry,
+    /// The text for the new QR code.
+    pub qr_text: String,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Problem>>;
+
+/// Everything the writer does.
+#[derive(Debug)]
+pub enum Command {
+    /// Record a dose.
+    Capture(Box<CaptureCommand>, Reply<CaptureOutcome>),
+    /// Void a dose.
+    Void {
+        /// Resident.
+        resident_id: String,
+        /// Dose event.
+        event_id: String,
+        /// Why.
+        reason: String,
+        /// Who.
+        actor: String,
+        /// Answer.
+        reply: Reply<protocol::document::Correction>,
+    },
+    /// Amend a dose.
+    Amend {
+        /// Resident.
+        resident_id: String,
+        /// Dose event.
+        event_id: String,
+        /// Changes.
+        amendment: Box<Amendment>,
+        /// Why.
+        reason: String,
+        /// Who.
+        actor: String,
+        /// Answer.
+        reply: Reply<protocol::document::Correction>,
+    },
+    /// Reissue a coupon: same number, next generation; the old one is superseded.
+    Reissue {
+        /// 10-digit number.
+        number: CouponNumber,
+        /// Answer.
+        reply: Reply<ReissueOutcome>,
+    },
+    /// Revoke a coupon.
+    Revoke {
+        /// 10-digit number.
+        number: CouponNumber,
+        /// Why.
+        reason: String,
+        /// Answer.
+        reply: Reply<CouponEntry>,
+    },
+    /// Register or replace a lot.
+    PutLot(Lot, Reply<Lot>),
+}
+
+/// What the writer needs besides the store.
+pub struct WriterContext {
+    /// Automerge actor of this node.
+    pub actor: ActorId,
+    /// Vaccine catalogue.
+    pub catalogue: Catalogue,
+    /// First day of the campaign.
+    pub campaign_start: Date,
+    /// Signs reissued coupons.
+    pub signing_key: Ed25519KeyPair,
+    /// Documents kept loaded.
+    pub cache_documents: usize,
+    /// Largest group commit.
+    pub group_commit_max: usize,
+}
+
+/// A handle to send commands to the writer.
+#[derive(Clone)]
+pub struct WriterHandle {
+    sender: mpsc::Sender<Command>,
+}
+
+impl WriterHandle {
+    /// Sends a command and waits for its answer (after the durable commit).
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Problem> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(make(reply))
+            .await
+            .map_err(|_| Problem::internal(&anyhow::anyhow!("the writer has stopped")))?;
+        answer
+            .await
+            .map_err(|_| Problem::internal(&anyhow::anyhow!("the writer dropped a command")))?
+    }
+}
+
+/// Starts the writer thread. It stops when every handle is dropped.
+pub fn spawn_writer(store: Arc<Store>, context: WriterContext) -> (WriterHandle, std::thread::JoinHandle<()>) {
+    // Bounded: when the disk falls behind, callers wait instead of memory growing.
+    let (sender, receiver) = mpsc::channel(context.group_commit_max.max(1) * 4);
+    let thread = std::thread::Builder::new()
+        .name("vrs-writer".into())
+        .spawn(move || run_writer(&store, &context, receiver))
+        .unwrap_or_else(|e| panic!("cannot start the writer thread: {e}"));
+    (WriterHandle { sender }, thread)
+}
+
+/// An answer that is sent only once the group's commit is known.
+type Pending = Box<dyn FnOnce(Result<(), Problem>) + Send>;
+
+fn run_writer(store: &Store, context: &WriterContext, mut receiver: mpsc::Receiver<Command>) {
+    let mut cache = new_cache(context.cache_documents);
+    while let Some(first) = receiver.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < context.group_commit_max {
+            match receiver.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        run_group(store, context, &mut cache, batch);
+    }
+}
+
+fn run_group(store: &Store, context: &WriterContext, cache: &mut DocCache, batch: Vec<Command>) {
+    let n_commands = batch.len();
+    let txn = match store.begin_write() {
+        Ok(txn) => txn,
+        Err(error) => {
+            let problem = Problem::internal(&error);
+            for command in batch {
+                fail(command, problem.clone());
+            }
+            return;
+        }
+    };
+    let mut pending: Vec<Pending> = Vec::with_capacity(n_commands);
+    let mut mutation = Mutation::new(&txn, cache, &context.actor);
+    let mut broken: Option<anyhow::Error> = None;
+    let mut rest = batch.into_iter();
+    for command in rest.by_ref() {
+        match handle(&mut mutation, context, command) {
+            Ok(answer) => pending.push(answer),
+            Err((error, command)) => {
+                // A command failed after it may have written: the whole group is abandoned.
+                broken = Some(error);
+                fail(command, Problem::internal(broken.as_ref().map_or(&anyhow::anyhow!("?"), |e| e)));
+                break;
+            }
+        }
+    }
+    let touched = mutation.touched().to_vec();
+    drop(mutation);
+    let outcome = match broken {
+        Some(error) => Err(error),
+        None => txn.commit().context("durable commit failed"),
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::debug!(n_commands, "group committed");
+            for answer in pending {
+                answer(Ok(()));
+            }
+        }
+        Err(error) => {
+            // What the cache holds for these documents never reached the disk.
+            for id in &touched {
+                cache.pop(id);
+            }
+            let problem = Problem::internal(&error);
+            for answer in pending {
+                answer(Err(problem.clone()));
+            }
+            for command in rest {
+                fail(command, problem.clone());
+            }
+        }
+    }
+}
+
+fn fail(command: Command, problem: Problem) {
+    match command {
+        Command::Capture(_, reply) => drop(reply.send(Err(problem))),
+        Command::Void { reply, .. } | Command::Amend { reply, .. } => drop(reply.send(Err(problem))),
+        Command::Reissue { reply, .. } => drop(reply.send(Err(problem))),
+        Command::Revoke { reply, .. } => drop(reply.send(Err(problem))),
+        Command::PutLot(_, reply) => drop(reply.send(Err(problem))),
+    }
+}
+
+/// Turns a result into an answer sent after the commit. A refusal is answered right away
+/// (at commit time, with the others) and wrote nothing.
+fn answer_after_commit<T: Send + 'static>(reply: Reply<T>, result: Result<T, Problem>) -> Pending {
+    Box::new(move |committed| {
+        let message = match (result, committed) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Ok(_), Err(problem)) => Err(problem),
+            (Err(refusal), _) => Err(refusal),
+        };
+        drop(reply.send(message));
+    })
+}
+
+/// Runs one command. `Err` means an internal failure after a possible write: the group
+/// must not commit; the command is handed back so its caller can be told.
+fn handle(m: &mut Mutation<'_>, context: &WriterContext, command: Command) -> Result<Pending, (anyhow::Error, Command)> {
+    let now = OffsetDateTime::now_utc();
+    macro_rules! run {
+        ($reply:ident, $body:expr, $rebuild:expr) => {
+            match $body {
+                Ok(result) => Ok(answer_after_commit($reply, result)),
+                Err(error) => Err((error, $rebuild($reply))),
+            }
+        };
+    }
+    match command {
+        Command::Capture(capture, reply) => {
+            let result = capture_one(m, context, &capture, now);
+            run!(reply, result, |reply| Command::Capture(capture, reply))
+        }
+        Command::Void { resident_id, event_id, reason, actor, reply } => {
+            let result = void_one(m, &resident_id, &event_id, &reason, &actor, now);
+            run!(reply, result, |reply| Command::Void { resident_id, event_id, reason, actor, reply })
+        }
+        Command::Amend { resident_id, event_id, amendment, reason, actor, reply } => {
+            let result = amend_one(m, context, &resident_id, &event_id, &amendment, &reason, &actor, now);
+            run!(reply, result, |reply| Command::Amend { resident_id, event_id, amendment, reason, actor, reply })
+        }
+        Command::Reissue { number, reply } => {
+            let result = reissue_one(m, context, number, now);
+            run!(reply, result, |reply| Command::Reissue { number, reply })
+        }
+        Command::Revoke { number, reason, reply } => {
+            let result = revoke_one(m, number, &reason, now);
+            run!(reply, result, |reply| Command::Revoke { number, reason, reply })
+        }
+        Command::PutLot(lot, reply) => {
+            let result = m.put_lot(&lot).map(|()| Ok(lot.clone()));
+            run!(reply, result, |reply| Command::PutLot(lot, reply))
+        }
+    }
+}
+
+/// Outer `Err`: internal failure. Inner `Err`: refused, nothing written.
+type Step<T> = anyhow::Result<Result<T, Problem>>;
+
+fn capture_one(m: &mut Mutation<'_>, context: &WriterContext, capture: &CaptureCommand, now: OffsetDateTime) -> Step<CaptureOutcome> {
+    let code = *capture.scans.coupon.code();
+    let number = code.number.to_string();
+    let Some(resident_id) = m.index(IDX_COUPON, &number)? else {
+        return Ok(Err(CaptureError::CouponNotIssued { number }.into()));
+    };
+    let Some(record) = m.record(&resident_id)? else {
+        anyhow::bail!("index names resident {resident_id}, which has no document");
+    };
+    let event_id = match &capture.event_id {
+        Some(id) => id.clone(),
+        None => new_id("ev"),
+    };
+    if let Some(owner) = m.index(IDX_EVENT, &event_id)? {
+        if owner != resident_id {
+            return Ok(Err(CaptureError::EventIdReused { event_id }.into()));
+        }
+    }
+    let lot = m.lot(&capture.scans.vial.lot)?;
+    let today = japan_today();
+    let input = CaptureInput {
+        scans: &capture.scans,
+        vaccinated_on: capture.vaccinated_on.unwrap_or(today),
+        venue: &capture.venue,
+        event_id: &event_id,
+        captured_at: now,
+        recorded_by: &capture.recorded_by,
+    };
+    let validation = CaptureContext {
+        today,
+        campaign_start: context.campaign_start,
+        catalogue: &context.catalogue,
+        lot: lot.as_ref(),
+    };
+    match validate_capture(&input, &record, &validation) {
+        Err(refusal) => Ok(Err(refusal.into())),
+        Ok(CaptureDecision::Replay(event)) => Ok(Ok(CaptureOutcome { replay: true, resident_id, event })),
+        Ok(CaptureDecision::Record(event)) => {
+            m.apply(&resident_id, &ResidentEvent::DoseRecorded(event.clone()), now)?;
+            m.set_index(IDX_EVENT, &event.event_id, &resident_id)?;
+            Ok(Ok(CaptureOutcome { replay: false, resident_id, event }))
+        }
+    }
+}
+
+fn void_one(
+    m: &mut Mutation<'_>,
+    resident_id: &str,
+    event_id: &str,
+    reason: &str,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Step<protocol::document::Correction> {
+    let Some(record) = m.record(resident_id)? else {
+        return Ok(Err(Problem::not_found("resident", "住民", resident_id)));
+    };
+    let correction_id = new_id("corr");
+    let request = VoidRequest { event_id, reason, actor, correction_id: &correction_id, at: now };
+    match validate_void(&record, &request) {
+        Err(refusal) => Ok(Err(refusal.into())),
+        Ok((correction, reopen_coupon)) => {
+            let event = ResidentEvent::DoseVoided { correction: correction.clone(), reopen_coupon };
+            m.apply(resident_id, &event, now)?;
+            Ok(Ok(correction))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn amend_one(
+    m: &mut Mutation<'_>,
+    context: &WriterContext,
+    resident_id: &str,
+    event_id: &str,
+    amendment: &Amendment,
+    reason: &str,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Step<protocol::document::Correction> {
+    let Some(record) = m.record(resident_id)? else {
+        return Ok(Err(Problem::not_found("resident", "住民", resident_id)));
+    };
+    let lot = match &amendment.vial {
+        Some(vial) => m.lot(&vial.lot)?,
+        None => None,
+    };
+    let correction_id = new_id("corr");
+    let request = AmendRequest { event_id, amendment, reason, actor, correction_id: &correction_id, at: now };
+    let validation = CaptureContext {
+        today: japan_today(),
+        campaign_start: context.campaign_start,
+        catalogue: &context.catalogue,
+        lot: lot.as_ref(),
+    };
+    match validate_amendment(&record, &request, &validation) {
+        Err(refusal) => Ok(Err(refusal.into())),
+        Ok((amended, correction)) => {
+            let event = ResidentEvent::DoseAmended { amended, correction: correction.clone() };
+            m.apply(resident_id, &event, now)?;
+            Ok(Ok(correction))
+        }
+    }
+}
+
+fn coupon_refusal(code: &str, en: String, ja: String) -> Problem {
+    Problem::new(StatusCode::CONFLICT, code, Some("coupon"), en, ja)
+}
+
+fn reissue_one(m: &mut Mutation<'_>, context: &WriterContext, number: CouponNumber, now: OffsetDateTime) -> Step<ReissueOutcome> {
+    let Some(resident_id) = m.index(IDX_COUPON, number.as_str())? else {
+        return Ok(Err(Problem::not_found("coupon", "接種券", number.as_str())));
+    };
+    let Some(record) = m.record(&resident_id)? else {
+        anyhow::bail!("index names resident {resident_id}, which has no document");
+    };
+    let Some(newest) = record.coupon_generations(&number).last().copied().cloned() else {
+        anyhow::bail!("resident {resident_id} has no generation of coupon {number}");
+    };
+    if newest.status == CouponStatus::Used {
+        return Ok(Err(coupon_refusal(
+            "coupon_already_used",
+            format!("coupon {number} was used; a used coupon is not reissued"),
+            format!("接種券 {number} は使用済みのため再発行できません"),
+        )));
+    }
+    let Some(generation) = newest.generation.checked_add(1).filter(|g| *g <= 99) else {
+        return Ok(Err(coupon_refusal(
+            "too_many_generations",
+            format!("coupon {number} has reached generation 99; issue a new coupon instead"),
+            format!("接種券 {number} は再発行の上限（第99版）に達しています"),
+        )));
+    };
+    let entry = CouponEntry {
+        code: newest.code,
+        generation,
+        status: CouponStatus::Valid,
+        issued_at: now,
+        status_reason: None,
+        used_by_event: None,
+    };
+    let supersedes = (newest.status == CouponStatus::Valid).then(|| coupon_key(&number, newest.generation));
+    m.apply(&resident_id, &ResidentEvent::CouponIssued { entry: entry.clone(), supersedes }, now)?;
+    let qr_text = SignedCoupon::sign(entry.code, generation, &context.signing_key).to_qr_text();
+    Ok(Ok(ReissueOutcome { coupon: entry, qr_text }))
+}
+
+fn revoke_one(m: &mut Mutation<'_>, number: CouponNumber, reason: &str, now: OffsetDateTime) -> Step<CouponEntry> {
+    if reason.trim().is_empty() {
+        return Ok(Err(CaptureError::ReasonMissing.into()));
+    }
+    let Some(resident_id) = m.index(IDX_COUPON, number.as_str())? else {
+        return Ok(Err(Problem::not_found("coupon", "接種券", number.as_str())));
+    };
+    let Some(record) = m.record(&resident_id)? else {
+        anyhow::bail!("index names resident {resident_id}, which has no document");
+    };
+    let Some(newest) = record.coupon_generations(&number).last().copied().cloned() else {
+        anyhow::bail!("resident {resident_id} has no generation of coupon {number}");
+    };
+    if newest.status != CouponStatus::Valid {
+        return Ok(Err(coupon_refusal(
+            "coupon_not_valid",
+            format!("coupon {number} is {:?}, only a valid coupon can be revoked", newest.status),
+            format!("接種券 {number} は有効ではないため取り消せません"),
+        )));
+    }
+    let event = ResidentEvent::CouponRevoked { key: newest.key(), reason: reason.trim().to_owned() };
+    m.apply(&resident_id, &event, now)?;
+    Ok(Ok(CouponEntry { status: CouponStatus::Revoked, status_reason: Some(reason.trim().to_owned()), ..newest }))
+}

@@ -1,0 +1,525 @@
+//! The resident document: one Automerge document per resident.
+//!
+//! Layout (all maps, so concurrent writers — the node and its terminals — merge without
+//! conflict on different keys):
+//!
+//! ```text
+//! { schema, resident_id, municipality, person_key,
+//!   identity:    { atena_number, name, name_kana, birth_date, sex, address, status, … },
+//!   coupons:     { "<coupon number>.<generation>": { code, generation, status, … } },
+//!   doses:       { "<event id>": { dose_number, coupon, vaccinated_on, gtin, lot, … } },
+//!   corrections: { "<correction id>": { event_id, kind, reason, actor, at, before, after } } }
+//! ```
+//!
+//! Every logical event is exactly one Automerge commit ([`apply_event`]). Measurements show
+//! that a document built in one commit re-sends its whole history on every later sync, so
+//! registration, each coupon and each dose are separate commits.
+
+use std::collections::BTreeMap;
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, AutoSerde, Automerge, ObjId, ObjType, ReadDoc, ScalarValue, ROOT};
+use serde::{Deserialize, Serialize};
+use time::{Date, OffsetDateTime};
+
+use crate::coupon::{CouponCode, CouponNumber};
+use crate::gs1::Gtin;
+use crate::municipality::MunicipalityCode;
+
+/// The document layout version written into every resident document.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Sex as recorded in the resident register (住民基本台帳).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sex {
+    /// 男
+    Male,
+    /// 女
+    Female,
+}
+
+/// Whether the resident is still registered here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResidentStatus {
+    /// 在住: registered in this municipality.
+    Active,
+    /// 死亡: deceased.
+    Deceased,
+    /// 転出: moved to another municipality.
+    MovedOut,
+}
+
+/// Who the resident is, from the resident register extract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// 宛名番号: the municipality's own number for the resident.
+    pub atena_number: String,
+    /// 氏名
+    pub name: String,
+    /// 氏名カナ
+    pub name_kana: String,
+    /// 生年月日
+    pub birth_date: Date,
+    /// 性別
+    pub sex: Sex,
+    /// 住所
+    pub address: String,
+    /// Registration status.
+    pub status: ResidentStatus,
+}
+
+/// The state of one generation of a coupon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CouponStatus {
+    /// Can be used for its dose.
+    Valid,
+    /// A newer generation was issued (reissue); this one is refused.
+    Superseded,
+    /// Withdrawn by the municipality.
+    Revoked,
+    /// A dose was recorded against it.
+    Used,
+}
+
+/// One generation of a coupon held by a resident.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CouponEntry {
+    /// The legacy 18-digit code.
+    pub code: CouponCode,
+    /// Issue generation: 0 at first issue, +1 at each reissue.
+    pub generation: u8,
+    /// Current state.
+    pub status: CouponStatus,
+    /// When it was issued.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    /// Why the status last changed (revocation reason), if a person gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    /// The dose event that used it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by_event: Option<String>,
+}
+
+impl CouponEntry {
+    /// The key of this entry in the document's `coupons` map.
+    pub fn key(&self) -> String {
+        coupon_key(&self.code.number, self.generation)
+    }
+}
+
+/// The key of a coupon generation in the document's `coupons` map.
+pub fn coupon_key(number: &CouponNumber, generation: u8) -> String {
+    format!("{}.{:02}", number, generation)
+}
+
+/// Whether a recorded dose still counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DoseStatus {
+    /// Counts.
+    Valid,
+    /// Withdrawn by a correction; kept for audit.
+    Voided,
+}
+
+/// A vaccination, as captured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoseEvent {
+    /// Globally unique id; the same id merged twice is one event.
+    pub event_id: String,
+    /// 接種回: which dose of the person's history this is (1-based).
+    pub dose_number: u8,
+    /// The coupon it was recorded against.
+    pub coupon: CouponCode,
+    /// The coupon generation scanned (absent for a plain 18-digit code).
+    pub coupon_generation: u8,
+    /// 接種日
+    pub vaccinated_on: Date,
+    /// Product code from the catalogue.
+    pub product_code: String,
+    /// GTIN scanned from the vial.
+    pub gtin: Gtin,
+    /// Lot scanned from the vial.
+    pub lot: String,
+    /// Expiry scanned from the vial.
+    pub expiry: Date,
+    /// Venue (会場) id.
+    pub venue: String,
+    /// When the node or terminal stored it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub captured_at: OffsetDateTime,
+    /// Who recorded it (user, token or terminal id).
+    pub recorded_by: String,
+    /// Valid or voided.
+    pub status: DoseStatus,
+}
+
+/// Kind of a correction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorrectionKind {
+    /// The dose is withdrawn (recorded on the wrong person, never given, …).
+    Void,
+    /// Fields of the dose are changed (wrong date, wrong lot, …).
+    Amend,
+}
+
+/// A correction of a dose event, kept forever with its reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Correction {
+    /// Unique id of this correction.
+    pub correction_id: String,
+    /// The dose event corrected.
+    pub event_id: String,
+    /// Void or amend.
+    pub kind: CorrectionKind,
+    /// Why, in the staff member's words. Required.
+    pub reason: String,
+    /// Who made it.
+    pub actor: String,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Changed fields before the correction.
+    #[serde(default)]
+    pub before: BTreeMap<String, String>,
+    /// Changed fields after the correction.
+    #[serde(default)]
+    pub after: BTreeMap<String, String>,
+}
+
+/// A resident's whole record, as read from the document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResidentRecord {
+    /// Document layout version.
+    pub schema: u64,
+    /// Document id.
+    pub resident_id: String,
+    /// The owning municipality.
+    pub municipality: MunicipalityCode,
+    /// Pseudonymous person key (see `person`).
+    pub person_key: String,
+    /// Identity from the resident register.
+    pub identity: Identity,
+    /// Coupon generations by key.
+    #[serde(default)]
+    pub coupons: BTreeMap<String, CouponEntry>,
+    /// Dose events by id.
+    #[serde(default)]
+    pub doses: BTreeMap<String, DoseEvent>,
+    /// Corrections by id.
+    #[serde(default)]
+    pub corrections: BTreeMap<String, Correction>,
+}
+
+impl ResidentRecord {
+    /// Doses that count, in dose-number order.
+    pub fn valid_doses(&self) -> Vec<&DoseEvent> {
+        let mut doses: Vec<&DoseEvent> =
+            self.doses.values().filter(|d| d.status == DoseStatus::Valid).collect();
+        doses.sort_by_key(|d| (d.dose_number, d.vaccinated_on));
+        doses
+    }
+
+    /// The dose this resident would receive next.
+    pub fn next_dose_number(&self) -> u8 {
+        let given = self.valid_doses().len();
+        u8::try_from(given).unwrap_or(u8::MAX).saturating_add(1)
+    }
+
+    /// All generations of one coupon number, oldest first.
+    pub fn coupon_generations(&self, number: &CouponNumber) -> Vec<&CouponEntry> {
+        let mut entries: Vec<&CouponEntry> =
+            self.coupons.values().filter(|c| &c.code.number == number).collect();
+        entries.sort_by_key(|c| c.generation);
+        entries
+    }
+
+    /// The valid coupon for a dose, if any.
+    pub fn valid_coupon_for_dose(&self, dose_round: u8) -> Option<&CouponEntry> {
+        self.coupons
+            .values()
+            .find(|c| c.status == CouponStatus::Valid && c.code.dose_round == dose_round)
+    }
+
+    /// The coupon that may be used for the next dose: valid, or already used by a valid dose
+    /// of that round (then no new coupon is needed either).
+    pub fn has_coupon_for_next_dose(&self) -> bool {
+        self.valid_coupon_for_dose(self.next_dose_number()).is_some()
+    }
+}
+
+/// A logical event on a resident document; each is one Automerge commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResidentEvent {
+    /// The resident identity changed in the register (moved within, deceased, renamed).
+    IdentityUpdated(Identity),
+    /// A coupon generation was issued; a previous generation is superseded in the same commit.
+    CouponIssued {
+        /// The new entry.
+        entry: CouponEntry,
+        /// Key of the generation it replaces.
+        supersedes: Option<String>,
+    },
+    /// A coupon generation was revoked.
+    CouponRevoked {
+        /// Key of the generation.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// A dose was captured against a coupon.
+    DoseRecorded(DoseEvent),
+    /// A dose was voided; its coupon becomes usable again if it was the one that used it.
+    DoseVoided {
+        /// The correction, with reason and actor.
+        correction: Correction,
+        /// Key of the coupon to reopen.
+        reopen_coupon: Option<String>,
+    },
+    /// Fields of a dose were amended.
+    DoseAmended {
+        /// The dose as it is after the amendment.
+        amended: DoseEvent,
+        /// The correction, with reason, actor, before and after.
+        correction: Correction,
+    },
+}
+
+impl ResidentEvent {
+    /// A short name, used as the commit message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResidentEvent::IdentityUpdated(_) => "identity-updated",
+            ResidentEvent::CouponIssued { .. } => "coupon-issued",
+            ResidentEvent::CouponRevoked { .. } => "coupon-revoked",
+            ResidentEvent::DoseRecorded(_) => "dose-recorded",
+            ResidentEvent::DoseVoided { .. } => "dose-voided",
+            ResidentEvent::DoseAmended { .. } => "dose-amended",
+        }
+    }
+}
+
+/// The document could not be read or written as a resident record.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// Automerge refused an operation or the bytes.
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// The document does not have the resident layout.
+    #[error("document is not a resident record: {0}")]
+    Shape(String),
+    /// An event refers to something the document does not have.
+    #[error("document has no {what} {key:?}")]
+    Missing {
+        /// What kind of thing.
+        what: &'static str,
+        /// Its key.
+        key: String,
+    },
+}
+
+/// Creates a resident's document in one commit (the registration event).
+pub fn new_resident_document(
+    actor: &ActorId,
+    record: &ResidentRecord,
+    at: OffsetDateTime,
+) -> Result<Automerge, DocumentError> {
+    let mut doc = Automerge::new().with_actor(actor.clone());
+    let value = to_json(record)?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err(DocumentError::Shape("record is not an object".into()));
+    };
+    commit(&mut doc, "registered", at, |tx| {
+        for (key, value) in &fields {
+            put_json(tx, &ROOT, key, value)?;
+        }
+        Ok(())
+    })?;
+    Ok(doc)
+}
+
+/// Applies one event as one commit.
+pub fn apply_event(
+    doc: &mut Automerge,
+    event: &ResidentEvent,
+    at: OffsetDateTime,
+) -> Result<(), DocumentError> {
+    commit(doc, event.kind(), at, |tx| match event {
+        ResidentEvent::IdentityUpdated(identity) => {
+            let obj = child_map(tx, &ROOT, "identity")?;
+            put_fields(tx, &obj, &to_json(identity)?)
+        }
+        ResidentEvent::CouponIssued { entry, supersedes } => {
+            let coupons = child_map(tx, &ROOT, "coupons")?;
+            if let Some(old) = supersedes {
+                let old_obj = child_map(tx, &coupons, old)?;
+                tx.put(&old_obj, "status", "superseded")?;
+            }
+            put_json(tx, &coupons, &entry.key(), &to_json(entry)?)
+        }
+        ResidentEvent::CouponRevoked { key, reason } => {
+            let coupons = child_map(tx, &ROOT, "coupons")?;
+            let obj = child_map(tx, &coupons, key)?;
+            tx.put(&obj, "status", "revoked")?;
+            tx.put(&obj, "status_reason", reason.as_str())?;
+            Ok(())
+        }
+        ResidentEvent::DoseRecorded(event) => {
+            let doses = child_map(tx, &ROOT, "doses")?;
+            put_json(tx, &doses, &event.event_id, &to_json(event)?)?;
+            let coupons = child_map(tx, &ROOT, "coupons")?;
+            let key = coupon_key(&event.coupon.number, event.coupon_generation);
+            let coupon = child_map(tx, &coupons, &key)?;
+            tx.put(&coupon, "status", "used")?;
+            tx.put(&coupon, "used_by_event", event.event_id.as_str())?;
+            Ok(())
+        }
+        ResidentEvent::DoseVoided { correction, reopen_coupon } => {
+            let doses = child_map(tx, &ROOT, "doses")?;
+            let dose = child_map(tx, &doses, &correction.event_id)?;
+            tx.put(&dose, "status", "voided")?;
+            if let Some(key) = reopen_coupon {
+                let coupons = child_map(tx, &ROOT, "coupons")?;
+                let coupon = child_map(tx, &coupons, key)?;
+                tx.put(&coupon, "status", "valid")?;
+                if tx.get(&coupon, "used_by_event")?.is_some() {
+                    tx.delete(&coupon, "used_by_event")?;
+                }
+            }
+            let corrections = child_map(tx, &ROOT, "corrections")?;
+            put_json(tx, &corrections, &correction.correction_id, &to_json(correction)?)
+        }
+        ResidentEvent::DoseAmended { amended, correction } => {
+            let doses = child_map(tx, &ROOT, "doses")?;
+            let dose = child_map(tx, &doses, &amended.event_id)?;
+            let after = to_json(amended)?;
+            // Write only the fields that changed, so a concurrent change to another field
+            // of the same dose merges instead of being overwritten.
+            for field in correction.after.keys() {
+                if let Some(value) = after.get(field) {
+                    put_json(tx, &dose, field, value)?;
+                }
+            }
+            let corrections = child_map(tx, &ROOT, "corrections")?;
+            put_json(tx, &corrections, &correction.correction_id, &to_json(correction)?)
+        }
+    })
+}
+
+/// Reads the document into a record.
+pub fn read_record(doc: &Automerge) -> Result<ResidentRecord, DocumentError> {
+    let value = serde_json::to_value(AutoSerde::from(doc))
+        .map_err(|e| DocumentError::Shape(e.to_string()))?;
+    serde_json::from_value(value).map_err(|e| DocumentError::Shape(e.to_string()))
+}
+
+fn commit(
+    doc: &mut Automerge,
+    message: &str,
+    at: OffsetDateTime,
+    f: impl FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<(), DocumentError>,
+) -> Result<(), DocumentError> {
+    let options = automerge::transaction::CommitOptions::default()
+        .with_message(message.to_owned())
+        .with_time(at.unix_timestamp());
+    doc.transact_with(|_| options, f).map(|_| ()).map_err(|failure| failure.error)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<serde_json::Value, DocumentError> {
+    serde_json::to_value(value).map_err(|e| DocumentError::Shape(e.to_string()))
+}
+
+fn child_map(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    parent: &ObjId,
+    key: &str,
+) -> Result<ObjId, DocumentError> {
+    match tx.get(parent, key)? {
+        Some((automerge::Value::Object(ObjType::Map), id)) => Ok(id),
+        _ => Err(DocumentError::Missing { what: "map", key: key.to_owned() }),
+    }
+}
+
+fn put_fields(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    obj: &ObjId,
+    value: &serde_json::Value,
+) -> Result<(), DocumentError> {
+    let serde_json::Value::Object(fields) = value else {
+        return Err(DocumentError::Shape("expected an object".into()));
+    };
+    for (key, value) in fields {
+        put_json(tx, obj, key, value)?;
+    }
+    Ok(())
+}
+
+fn put_json(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+    value: &serde_json::Value,
+) -> Result<(), DocumentError> {
+    use serde_json::Value as J;
+    match value {
+        J::Object(fields) => {
+            let child = tx.put_object(obj, key, ObjType::Map)?;
+            for (k, v) in fields {
+                put_json(tx, &child, k, v)?;
+            }
+        }
+        J::Array(items) => {
+            let list = tx.put_object(obj, key, ObjType::List)?;
+            for (i, item) in items.iter().enumerate() {
+                insert_json(tx, &list, i, item)?;
+            }
+        }
+        scalar => {
+            tx.put(obj, key, json_scalar(scalar)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_json(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    list: &ObjId,
+    index: usize,
+    value: &serde_json::Value,
+) -> Result<(), DocumentError> {
+    match value {
+        serde_json::Value::Object(_) | serde_json::Value::Array(_) => Err(DocumentError::Shape(
+            "nested objects inside lists are not used by resident documents".into(),
+        )),
+        scalar => {
+            tx.insert(list, index, json_scalar(scalar)?)?;
+            Ok(())
+        }
+    }
+}
+
+fn json_scalar(value: &serde_json::Value) -> Result<ScalarValue, DocumentError> {
+    use serde_json::Value as J;
+    Ok(match value {
+        J::Null => ScalarValue::Null,
+        J::Bool(b) => ScalarValue::Boolean(*b),
+        J::String(s) => ScalarValue::Str(s.as_str().into()),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                ScalarValue::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                ScalarValue::Uint(u)
+            } else {
+                ScalarValue::F64(n.as_f64().unwrap_or(0.0))
+            }
+        }
+        J::Object(_) | J::Array(_) => {
+            return Err(DocumentError::Shape("expected a scalar".into()));
+        }
+    })
+}

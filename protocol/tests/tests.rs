@@ -1,0 +1,4 @@
+//! The protocol crate's one integration-test binary.
+
+mod codecs;
+mod validation;
