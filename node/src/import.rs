@@ -244,13 +244,26 @@ fn check_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding)
         let record = match record {
             Ok(record) => record,
             Err(error) => {
-                let line = error.position().map(|p| p.line()).unwrap_or(0);
+                let line = error.position().map(|p| p.line() + 1).unwrap_or(0);
                 errors.push(row_error(line, "-", "行を読み取れません", &format!("unreadable row: {error}")));
                 continue;
             }
         };
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        // The reader counts lines after the header from 1; the file's own numbering, which
+        // staff see in their editor, counts the header as line 1.
+        let line = record.position().map(|p| p.line() + 1).unwrap_or(0);
         bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
+        let atena = columns.get(&record, "atena_number").unwrap_or("").to_owned();
+        if !atena.is_empty() {
+            if let Some(first) = seen_atena.insert(atena.clone(), line) {
+                errors.push(row_error(
+                    line,
+                    &columns.name("atena_number"),
+                    &format!("宛名番号 {atena} が{first}行目と重複しています"),
+                    &format!("atena number {atena} repeats line {first}"),
+                ));
+            }
+        }
         let row = match parse_row(&columns, &record, line) {
             Ok(row) => row,
             Err(mut row_errors) => {
@@ -258,15 +271,6 @@ fn check_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding)
                 continue;
             }
         };
-        let atena = row.identity.atena_number.clone();
-        if let Some(first) = seen_atena.insert(atena.clone(), line) {
-            errors.push(row_error(
-                line,
-                &columns.name("atena_number"),
-                &format!("宛名番号 {atena} が{first}行目と重複しています"),
-                &format!("atena number {atena} repeats line {first}"),
-            ));
-        }
         if let Some(my_number) = &row.my_number {
             let numeric: u64 = my_number.parse().unwrap_or(0);
             if !seen_my_number.insert(numeric) {

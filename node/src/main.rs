@@ -266,10 +266,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (_, store) = open(&data)?;
             let view = store.read()?;
             println!(
-                "住民 residents {} / 接種券 coupons {} / 接種記録 dose events {}",
+                "住民 residents {} / 接種券 coupons {} / 接種記録 dose events {} / 変更番号 change seq {}",
                 view.n_residents()?,
                 view.n_coupons()?,
-                view.n_dose_events()?
+                view.n_dose_events()?,
+                view.meta(node::store::META_CHANGE_SEQ)?
             );
             Ok(())
         }

@@ -86,14 +86,19 @@ impl Gtin {
         let mut digits = [0u8; 14];
         for (index, (slot, character)) in digits.iter_mut().zip(trimmed.chars()).enumerate() {
             if !character.is_ascii_digit() {
-                return Err(GtinError::NonDigit { position: index + 1 });
+                return Err(GtinError::NonDigit {
+                    position: index + 1,
+                });
             }
             *slot = character as u8;
         }
         let values = digits.map(|byte| byte - b'0');
         let expected = gs1_check_digit(&values[..13]);
         if values[13] != expected {
-            return Err(GtinError::CheckDigit { expected, found: values[13] });
+            return Err(GtinError::CheckDigit {
+                expected,
+                found: values[13],
+            });
         }
         Ok(Self(digits))
     }
@@ -161,7 +166,9 @@ pub enum Gs1Error {
         max: usize,
     },
     /// A symbology identifier that is not a GS1 symbology (e.g. `]d1`, plain DataMatrix).
-    #[error("symbology identifier {identifier:?} is not a GS1 barcode (expected ]d2, ]C1, ]Q3 or ]e0)")]
+    #[error(
+        "symbology identifier {identifier:?} is not a GS1 barcode (expected ]d2, ]C1, ]Q3 or ]e0)"
+    )]
     UnsupportedSymbology {
         /// The identifier as scanned.
         identifier: String,
@@ -231,7 +238,9 @@ pub enum Gs1Error {
         position: usize,
     },
     /// The GTIN's check digit is wrong.
-    #[error("AI (01): the GTIN's check digit at position {position} is {found}, expected {expected}")]
+    #[error(
+        "AI (01): the GTIN's check digit at position {position} is {found}, expected {expected}"
+    )]
     GtinCheckDigit {
         /// 1-based position of the check digit.
         position: usize,
@@ -272,33 +281,60 @@ impl Gs1Error {
                 format!("GS1 のバーコードではありません（シンボル識別子 {identifier}）")
             }
             Self::UnknownAi { ai, position } => {
-                format!("{position}文字目: 「{ai}」は読み取れるアプリケーション識別子（AI）ではありません")
+                format!(
+                    "{position}文字目: 「{ai}」は読み取れるアプリケーション識別子（AI）ではありません"
+                )
             }
             Self::MalformedBracket { position } => {
                 format!("{position}文字目: (01) のようなアプリケーション識別子が必要です")
             }
-            Self::FieldLength { ai, position, min, max, found } => {
-                let length = if min == max { format!("{min}文字") } else { format!("{min}〜{max}文字") };
+            Self::FieldLength {
+                ai,
+                position,
+                min,
+                max,
+                found,
+            } => {
+                let length = if min == max {
+                    format!("{min}文字")
+                } else {
+                    format!("{min}〜{max}文字")
+                };
                 format!(
                     "{}（{position}文字目から）は{length}のはずですが、{found}文字です",
                     element_name_ja(ai)
                 )
             }
             Self::NonDigit { ai, position, .. } => {
-                format!("{}の{position}文字目が数字ではありません", element_name_ja(ai))
+                format!(
+                    "{}の{position}文字目が数字ではありません",
+                    element_name_ja(ai)
+                )
             }
-            Self::BadCharacter { ai, position, character } => format!(
+            Self::BadCharacter {
+                ai,
+                position,
+                character,
+            } => format!(
                 "{}の{position}文字目「{character}」はバーコードに使えない文字です",
                 element_name_ja(ai)
             ),
-            Self::DuplicateAi { ai, first_position, position } => format!(
+            Self::DuplicateAi {
+                ai,
+                first_position,
+                position,
+            } => format!(
                 "{}が2回あります（{first_position}文字目と{position}文字目）",
                 element_name_ja(ai)
             ),
             Self::GtinCheckDigit { position, .. } => {
                 format!("GTINのチェックディジットが一致しません（{position}文字目）")
             }
-            Self::BadDate { ai, position, value } => format!(
+            Self::BadDate {
+                ai,
+                position,
+                value,
+            } => format!(
                 "{}（{position}文字目から）の「{value}」は日付（YYMMDD）ではありません",
                 element_name_ja(ai)
             ),
@@ -415,8 +451,22 @@ fn has_predefined_length(ai: &str) -> bool {
     matches!(
         ai.get(..2),
         Some(
-            "00" | "01" | "02" | "11" | "12" | "13" | "15" | "16" | "17" | "20" | "31" | "32"
-                | "33" | "34" | "35" | "36" | "41"
+            "00" | "01"
+                | "02"
+                | "11"
+                | "12"
+                | "13"
+                | "15"
+                | "16"
+                | "17"
+                | "20"
+                | "31"
+                | "32"
+                | "33"
+                | "34"
+                | "35"
+                | "36"
+                | "41"
         )
     )
 }
@@ -426,8 +476,25 @@ fn is_cset82(character: char) -> bool {
     character.is_ascii_alphanumeric()
         || matches!(
             character,
-            '!' | '"' | '%' | '&' | '\'' | '(' | ')' | '*' | '+' | ',' | '-' | '.' | '/' | ':'
-                | ';' | '<' | '=' | '>' | '?' | '_'
+            '!' | '"'
+                | '%'
+                | '&'
+                | '\''
+                | '('
+                | ')'
+                | '*'
+                | '+'
+                | ','
+                | '-'
+                | '.'
+                | '/'
+                | ':'
+                | ';'
+                | '<'
+                | '='
+                | '>'
+                | '?'
+                | '_'
         )
 }
 
@@ -443,7 +510,10 @@ struct Element {
 /// Requires (01) with a valid GTIN check digit, (17) and (10); keeps other elements.
 pub fn parse_vial_barcode(text: &str) -> Result<VialBarcode, Gs1Error> {
     if text.len() > MAX_VIAL_TEXT_BYTES {
-        return Err(Gs1Error::TooLong { length: text.len(), max: MAX_VIAL_TEXT_BYTES });
+        return Err(Gs1Error::TooLong {
+            length: text.len(),
+            max: MAX_VIAL_TEXT_BYTES,
+        });
     }
     let chars: Vec<char> = text.trim().chars().collect();
     if chars.is_empty() {
@@ -476,7 +546,9 @@ fn split_bracketed(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Erro
             continue;
         }
         let Some(ai_len) = bracketed_ai_len(chars, index) else {
-            return Err(Gs1Error::MalformedBracket { position: index + 1 });
+            return Err(Gs1Error::MalformedBracket {
+                position: index + 1,
+            });
         };
         let ai: String = chars[index + 1..index + 1 + ai_len].iter().collect();
         let ai_position = index + 2;
@@ -496,13 +568,25 @@ fn split_bracketed(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Erro
             Some(format) => format,
             // A known prefix with the wrong number of digits, e.g. (011), is a typo.
             None if (2..=4).any(|len| len < ai.len() && ai_format(&ai[..len]).is_some()) => {
-                return Err(Gs1Error::UnknownAi { ai, position: ai_position });
+                return Err(Gs1Error::UnknownAi {
+                    ai,
+                    position: ai_position,
+                });
             }
             // Unknown, but the brackets delimit it: keep it as set-82 text.
-            None => AiFormat { charset: Charset::Cset82, min: 1, max: 90 },
+            None => AiFormat {
+                charset: Charset::Cset82,
+                min: 1,
+                max: 90,
+            },
         };
         let data: String = chars[data_start..data_end].iter().collect();
-        let element = Element { ai, ai_position, data, data_position: data_start + 1 };
+        let element = Element {
+            ai,
+            ai_position,
+            data,
+            data_position: data_start + 1,
+        };
         check_element(&element, format)?;
         elements.push(element);
         index = data_end;
@@ -515,7 +599,10 @@ fn bracketed_ai_len(chars: &[char], index: usize) -> Option<usize> {
     if chars.get(index) != Some(&'(') {
         return None;
     }
-    let digits = chars[index + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let digits = chars[index + 1..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count();
     let closes = chars.get(index + 1 + digits) == Some(&')');
     (closes && (2..=4).contains(&digits)).then_some(digits)
 }
@@ -544,7 +631,12 @@ fn split_raw(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Error> {
         };
         let data_end = data_start + data_len;
         let data: String = chars[data_start..data_end].iter().collect();
-        let element = Element { ai, ai_position, data, data_position: data_start + 1 };
+        let element = Element {
+            ai,
+            ai_position,
+            data,
+            data_position: data_start + 1,
+        };
         check_element(&element, format)?;
         elements.push(element);
         index = data_end;
@@ -556,12 +648,17 @@ fn split_raw(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Error> {
 fn raw_ai(chars: &[char], index: usize) -> Result<(String, AiFormat), Gs1Error> {
     let candidate: String = chars[index..].iter().take(4).collect();
     for len in 2..=4 {
-        let Some(prefix) = candidate.get(..len) else { break };
+        let Some(prefix) = candidate.get(..len) else {
+            break;
+        };
         if let Some(format) = ai_format(prefix) {
             return Ok((prefix.to_owned(), format));
         }
     }
-    Err(Gs1Error::UnknownAi { ai: candidate, position: index + 1 })
+    Err(Gs1Error::UnknownAi {
+        ai: candidate,
+        position: index + 1,
+    })
 }
 
 /// Checks an element's data against its AI's length and character set.
@@ -581,10 +678,18 @@ fn check_element(element: &Element, format: AiFormat) -> Result<(), Gs1Error> {
         let ai = || element.ai.clone();
         match format.charset {
             Charset::Numeric if !character.is_ascii_digit() => {
-                return Err(Gs1Error::NonDigit { ai: ai(), position, character });
+                return Err(Gs1Error::NonDigit {
+                    ai: ai(),
+                    position,
+                    character,
+                });
             }
             Charset::Cset82 if !is_cset82(character) => {
-                return Err(Gs1Error::BadCharacter { ai: ai(), position, character });
+                return Err(Gs1Error::BadCharacter {
+                    ai: ai(),
+                    position,
+                    character,
+                });
             }
             _ => {}
         }
@@ -616,9 +721,18 @@ fn interpret(elements: Vec<Element>) -> Result<VialBarcode, Gs1Error> {
         }
     }
     Ok(VialBarcode {
-        gtin: gtin.ok_or(Gs1Error::Missing { ai: "01", what: "GTIN" })?,
-        expiry: expiry.ok_or(Gs1Error::Missing { ai: "17", what: "expiry date" })?,
-        lot: lot.ok_or(Gs1Error::Missing { ai: "10", what: "lot number" })?,
+        gtin: gtin.ok_or(Gs1Error::Missing {
+            ai: "01",
+            what: "GTIN",
+        })?,
+        expiry: expiry.ok_or(Gs1Error::Missing {
+            ai: "17",
+            what: "expiry date",
+        })?,
+        lot: lot.ok_or(Gs1Error::Missing {
+            ai: "10",
+            what: "lot number",
+        })?,
         other,
     })
 }

@@ -1,1 +1,243 @@
-//! lib
+//! Harness for end-to-end tests and benchmarks: builds and starts real `vrs-node`
+//! processes, talks to them over HTTP, kills them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// The `vrs-node` binary of this workspace, built once per test process with the same
+/// profile as the tests.
+pub fn vrs_node() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> → target/<profile>
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target profile directory").to_owned();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "node", "--bin", "vrs-node"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo build runs");
+        assert!(status.success(), "building vrs-node failed");
+        profile_dir.join("vrs-node")
+    })
+}
+
+/// A fresh directory under the system temp directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Makes one.
+    pub fn new(label: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("vrs-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A node's data directory and, while running, its process.
+pub struct Node {
+    /// Data directory.
+    pub data: PathBuf,
+    /// Admin token printed by `init`.
+    pub token: String,
+    /// `127.0.0.1:port`.
+    pub address: String,
+    child: Option<Child>,
+    agent: ureq::Agent,
+}
+
+impl Node {
+    /// `vrs-node init` for a municipality in `dir/node`.
+    pub fn init(dir: &Path, municipality: &str) -> anyhow::Result<Self> {
+        let data = dir.join("node");
+        let address = format!("127.0.0.1:{}", free_port());
+        let output = Command::new(vrs_node())
+            .args(["init", "--role", "municipal", "--municipality", municipality, "--listen", &address, "--data"])
+            .arg(&data)
+            .output()?;
+        if !output.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let stdout = String::from_utf8(output.stdout)?;
+        let token = stdout.lines().find(|l| l.starts_with("vrs_")).context("init printed no token")?.trim().to_owned();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        Ok(Self { data, token, address, child: None, agent })
+    }
+
+    /// Runs a CLI subcommand against this node's data directory.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(vrs_node())
+            .args(args)
+            .env("VRS_DATA", &self.data)
+            .output()
+            .expect("vrs-node runs")
+    }
+
+    /// Starts `vrs-node run` and waits until it answers.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(vrs_node())
+            .args(["run", "--data"])
+            .arg(&self.data)
+            .env("VRS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(response) = self.agent.get(format!("http://{}/healthz", self.address)).call() {
+                if response.status() == 200 {
+                    return Ok(());
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("vrs-node run exited early: {status}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("vrs-node did not answer within 30 s")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+            let status = child.wait()?;
+            if !status.success() {
+                bail!("vrs-node exited with {status}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// GET with the admin token.
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self.agent.get(format!("http://{}{path}", self.address)).header("Authorization", format!("Bearer {}", self.token)).call()?;
+        read(response)
+    }
+
+    /// POST JSON with the admin token.
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        self.post_with(path, body, Some(&self.token), None)
+    }
+
+    /// POST JSON with a chosen token and Accept-Language.
+    pub fn post_with(&self, path: &str, body: &Value, token: Option<&str>, language: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.agent.post(format!("http://{}{path}", self.address));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        if let Some(language) = language {
+            request = request.header("Accept-Language", language);
+        }
+        read(request.send_json(body)?)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn read(response: ureq::http::Response<ureq::Body>) -> anyhow::Result<(u16, Value)> {
+    let status = response.status().as_u16();
+    let text = response.into_body().read_to_string()?;
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, value))
+}
+
+/// A row of the print-shop file.
+#[derive(Debug, Clone)]
+pub struct PrintedCoupon {
+    /// 18 digits.
+    pub code: String,
+    /// Dose round.
+    pub dose: u8,
+    /// 宛名番号
+    pub atena_number: String,
+    /// 氏名
+    pub name: String,
+    /// 生年月日 (YYYY-MM-DD)
+    pub birth_date: String,
+    /// What the coupon's QR holds.
+    pub qr_text: String,
+}
+
+/// Reads `coupons.csv` written by `vrs-node coupons export`.
+pub fn read_print_shop(path: &Path) -> anyhow::Result<Vec<PrintedCoupon>> {
+    let text = std::fs::read_to_string(path)?;
+    let text = text.strip_prefix('\u{feff}').context("coupons.csv starts with a UTF-8 BOM")?;
+    let mut coupons = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.len() != 10 {
+            bail!("coupons.csv line {}: {} fields", i + 1, fields.len());
+        }
+        coupons.push(PrintedCoupon {
+            code: fields[0].to_owned(),
+            dose: fields[1].parse()?,
+            atena_number: fields[3].to_owned(),
+            name: fields[4].to_owned(),
+            birth_date: fields[6].to_owned(),
+            qr_text: fields[8].to_owned(),
+        });
+    }
+    Ok(coupons)
+}
+
+/// Writes a resident register extract in Shift_JIS (CP932).
+pub fn write_shift_jis(path: &Path, text: &str) -> anyhow::Result<()> {
+    let (bytes, _, unmappable) = encoding_rs::SHIFT_JIS.encode(text);
+    if unmappable {
+        bail!("text not representable in Shift_JIS");
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
