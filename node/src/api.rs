@@ -7,25 +7,27 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use protocol::catalogue::{Catalogue, Lot};
 use protocol::coupon::CouponNumber;
 use protocol::document::{CouponStatus, ResidentRecord};
-use protocol::gs1::{parse_vial_barcode, Gtin};
+use protocol::gs1::{Gtin, parse_vial_barcode};
 use protocol::municipality::MunicipalityCode;
-use protocol::validation::{authenticate_coupon, decode_scans, Amendment};
+use protocol::validation::{Amendment, authenticate_coupon, decode_scans};
 use serde::Deserialize;
 use serde_json::json;
 use time::Date;
 
 use crate::config::sha256_hex;
-use crate::problem::{prefers_english, Problem};
-use crate::store::{Store, IDX_ATENA, IDX_COUPON, IDX_PERSON};
+use crate::problem::{Problem, prefers_english};
+use crate::store::{IDX_ATENA, IDX_COUPON, IDX_PERSON, Store};
 use crate::writer::{CaptureCommand, Command, WriterHandle};
 
 /// What every handler shares.
@@ -60,7 +62,13 @@ pub struct RouteSpec {
     pub summary_en: &'static str,
 }
 
-const fn route(method: &'static str, path: &'static str, public: bool, summary_ja: &'static str, summary_en: &'static str) -> RouteSpec {
+const fn route(
+    method: &'static str,
+    path: &'static str,
+    public: bool,
+    summary_ja: &'static str,
+    summary_en: &'static str,
+) -> RouteSpec {
     RouteSpec { method, path, public, summary_ja, summary_en }
 }
 
@@ -69,13 +77,55 @@ pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/healthz", true, "稼働確認", "Liveness check"),
     route("GET", "/api/openapi.json", true, "この API の OpenAPI 定義", "This API's OpenAPI document"),
     route("GET", "/api/v1/status", false, "ノードの件数と状態", "Node counts and status"),
-    route("POST", "/api/v1/captures", false, "接種の記録（接種券QRとワクチンのバーコードの読み取り文字列）", "Record a vaccination from the scanned coupon and vial texts"),
-    route("GET", "/api/v1/residents", false, "住民の検索（宛名番号・券番号・カナ）", "Search residents by atena number, coupon number or kana"),
-    route("GET", "/api/v1/residents/{resident_id}", false, "住民の記録と接種歴", "A resident's record and history"),
-    route("POST", "/api/v1/residents/{resident_id}/doses/{event_id}/void", false, "接種記録の取消（理由必須）", "Void a dose event (reason required)"),
-    route("POST", "/api/v1/residents/{resident_id}/doses/{event_id}/amend", false, "接種記録の訂正（理由必須）", "Amend a dose event (reason required)"),
-    route("POST", "/api/v1/coupons/{coupon_number}/reissue", false, "接種券の再発行（旧版は無効）", "Reissue a coupon (the old generation is superseded)"),
-    route("POST", "/api/v1/coupons/{coupon_number}/revoke", false, "接種券の取消（理由必須）", "Revoke a coupon (reason required)"),
+    route(
+        "POST",
+        "/api/v1/captures",
+        false,
+        "接種の記録（接種券QRとワクチンのバーコードの読み取り文字列）",
+        "Record a vaccination from the scanned coupon and vial texts",
+    ),
+    route(
+        "GET",
+        "/api/v1/residents",
+        false,
+        "住民の検索（宛名番号・券番号・カナ）",
+        "Search residents by atena number, coupon number or kana",
+    ),
+    route(
+        "GET",
+        "/api/v1/residents/{resident_id}",
+        false,
+        "住民の記録と接種歴",
+        "A resident's record and history",
+    ),
+    route(
+        "POST",
+        "/api/v1/residents/{resident_id}/doses/{event_id}/void",
+        false,
+        "接種記録の取消（理由必須）",
+        "Void a dose event (reason required)",
+    ),
+    route(
+        "POST",
+        "/api/v1/residents/{resident_id}/doses/{event_id}/amend",
+        false,
+        "接種記録の訂正（理由必須）",
+        "Amend a dose event (reason required)",
+    ),
+    route(
+        "POST",
+        "/api/v1/coupons/{coupon_number}/reissue",
+        false,
+        "接種券の再発行（旧版は無効）",
+        "Reissue a coupon (the old generation is superseded)",
+    ),
+    route(
+        "POST",
+        "/api/v1/coupons/{coupon_number}/revoke",
+        false,
+        "接種券の取消（理由必須）",
+        "Revoke a coupon (reason required)",
+    ),
     route("GET", "/api/v1/lots", false, "登録済みロットの一覧", "Registered lots"),
     route("POST", "/api/v1/lots", false, "ロットの登録", "Register a lot"),
     route("GET", "/api/v1/catalogue", false, "ワクチン製品一覧", "Vaccine catalogue"),
@@ -139,12 +189,26 @@ async fn require_credential(State(state): State<AppState>, mut request: Request,
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token else {
-        return Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", None, "a bearer token is required", "認証が必要です（Bearer トークン）").into_response();
+        return Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            None,
+            "a bearer token is required",
+            "認証が必要です（Bearer トークン）",
+        )
+        .into_response();
     };
     let digest = sha256_hex(token.as_bytes());
     if !constant_time_eq(digest.as_bytes(), state.admin_token_sha256.as_bytes()) {
         tracing::warn!(path = %request.uri().path(), "refused credential");
-        return Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", None, "the token is not valid", "トークンが無効です").into_response();
+        return Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            None,
+            "the token is not valid",
+            "トークンが無効です",
+        )
+        .into_response();
     }
     request.extensions_mut().insert(Caller { actor: "admin-token".to_owned() });
     next.run(request).await
@@ -173,14 +237,32 @@ async fn localize_problems(request: Request, next: Next) -> Response {
 
 type ApiResult = Result<Response, Problem>;
 
-fn caller(headers: &axum::http::Extensions) -> String {
-    headers.get::<Caller>().map(|c| c.actor.clone()).unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Parses a JSON body into `T`, or says what is wrong with it.
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        Problem::bad_field("body", format!("request body is not valid: {e}"), format!("リクエスト本文が正しくありません: {e}"))
+/// Parses a JSON body into `T`, or says what is wrong with it. A body over the limit
+/// (`http.max_body_bytes`) is refused with 413 before it is read whole.
+fn body<T: serde::de::DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) -> Result<T, Problem> {
+    let bytes = bytes.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                Some("body"),
+                "request body too large",
+                "リクエストが大きすぎます",
+            )
+        } else {
+            Problem::bad_field(
+                "body",
+                format!("request body unreadable: {rejection}"),
+                "リクエスト本文を読めません",
+            )
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Problem::bad_field(
+            "body",
+            format!("request body is not valid: {e}"),
+            format!("リクエスト本文が正しくありません: {e}"),
+        )
     })
 }
 
@@ -259,7 +341,11 @@ struct CaptureBody {
 
 fn parse_date_field(field: &str, text: &str) -> Result<Date, Problem> {
     Date::parse(text, &time::format_description::well_known::Iso8601::DATE).map_err(|_| {
-        Problem::bad_field(field, format!("{field}: {text:?} is not a date (YYYY-MM-DD)"), format!("{field}: 「{text}」は日付（YYYY-MM-DD）ではありません"))
+        Problem::bad_field(
+            field,
+            format!("{field}: {text:?} is not a date (YYYY-MM-DD)"),
+            format!("{field}: 「{text}」は日付（YYYY-MM-DD）ではありません"),
+        )
     })
 }
 
@@ -269,16 +355,21 @@ fn check_id_field(field: &str, value: &str) -> Result<(), Problem> {
     if ok {
         Ok(())
     } else {
-        Err(Problem::bad_field(field, format!("{field} must be 1–128 characters of A–Z, a–z, 0–9, '-', '_', '.'"), format!("{field} は英数字と - _ . の1〜128文字です")))
+        Err(Problem::bad_field(
+            field,
+            format!("{field} must be 1–128 characters of A–Z, a–z, 0–9, '-', '_', '.'"),
+            format!("{field} は英数字と - _ . の1〜128文字です"),
+        ))
     }
 }
 
-async fn capture(State(state): State<AppState>, request: Request) -> ApiResult {
-    let recorded_by = caller(request.extensions());
-    let bytes = axum::body::to_bytes(request.into_body(), usize::MAX)
-        .await
-        .map_err(|_| Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", Some("body"), "request body too large", "リクエストが大きすぎます"))?;
-    let capture: CaptureBody = body(&bytes)?;
+async fn capture(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let recorded_by = caller.actor;
+    let capture: CaptureBody = body(bytes)?;
     check_id_field("venue", &capture.venue)?;
     if let Some(event_id) = &capture.event_id {
         check_id_field("event_id", event_id)?;
@@ -291,7 +382,13 @@ async fn capture(State(state): State<AppState>, request: Request) -> ApiResult {
     let own = state.municipality;
     let key = state.coupon_public_key.clone();
     authenticate_coupon(&scans.coupon, |code| (code == own).then(|| key.clone()))?;
-    let command = CaptureCommand { scans, vaccinated_on, venue: capture.venue, event_id: capture.event_id, recorded_by };
+    let command = CaptureCommand {
+        scans,
+        vaccinated_on,
+        venue: capture.venue,
+        event_id: capture.event_id,
+        recorded_by,
+    };
     let outcome = state.writer.call(|reply| Command::Capture(Box::new(command), reply)).await?;
     let code = if outcome.replay { StatusCode::OK } else { StatusCode::CREATED };
     Ok((code, Json(outcome)).into_response())
@@ -334,7 +431,11 @@ async fn search_residents(State(state): State<AppState>, Query(query): Query<Sea
     })()
     .map_err(|e| Problem::internal(&e))?;
     if query.atena.is_none() && query.coupon.is_none() && query.kana.is_none() && query.person_key.is_none() {
-        return Err(Problem::bad_field("query", "give one of atena, coupon, kana, person_key", "atena・coupon・kana・person_key のいずれかを指定してください"));
+        return Err(Problem::bad_field(
+            "query",
+            "give one of atena, coupon, kana, person_key",
+            "atena・coupon・kana・person_key のいずれかを指定してください",
+        ));
     }
     let mut results = Vec::new();
     for id in ids {
@@ -384,14 +485,16 @@ struct ReasonBody {
     reason: String,
 }
 
-async fn void_dose(State(state): State<AppState>, Path((resident_id, event_id)): Path<(String, String)>, request: Request) -> ApiResult {
-    let actor = caller(request.extensions());
-    let bytes = axum::body::to_bytes(request.into_body(), usize::MAX).await.map_err(|_| Problem::bad_field("body", "unreadable body", "本文を読めません"))?;
-    let ReasonBody { reason } = body(&bytes)?;
-    let correction = state
-        .writer
-        .call(|reply| Command::Void { resident_id, event_id, reason, actor, reply })
-        .await?;
+async fn void_dose(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((resident_id, event_id)): Path<(String, String)>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let actor = caller.actor;
+    let ReasonBody { reason } = body(bytes)?;
+    let correction =
+        state.writer.call(|reply| Command::Void { resident_id, event_id, reason, actor, reply }).await?;
     Ok(Json(correction).into_response())
 }
 
@@ -406,16 +509,21 @@ struct AmendBody {
     venue: Option<String>,
 }
 
-async fn amend_dose(State(state): State<AppState>, Path((resident_id, event_id)): Path<(String, String)>, request: Request) -> ApiResult {
-    let actor = caller(request.extensions());
-    let bytes = axum::body::to_bytes(request.into_body(), usize::MAX).await.map_err(|_| Problem::bad_field("body", "unreadable body", "本文を読めません"))?;
-    let amend: AmendBody = body(&bytes)?;
+async fn amend_dose(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((resident_id, event_id)): Path<(String, String)>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let actor = caller.actor;
+    let amend: AmendBody = body(bytes)?;
     let mut amendment = Amendment::default();
     if let Some(text) = &amend.vaccinated_on {
         amendment.vaccinated_on = Some(parse_date_field("vaccinated_on", text)?);
     }
     if let Some(text) = &amend.vial {
-        amendment.vial = Some(parse_vial_barcode(text).map_err(protocol::validation::CaptureError::MalformedVial)?);
+        amendment.vial =
+            Some(parse_vial_barcode(text).map_err(protocol::validation::CaptureError::MalformedVial)?);
     }
     if let Some(venue) = &amend.venue {
         check_id_field("venue", venue)?;
@@ -423,13 +531,26 @@ async fn amend_dose(State(state): State<AppState>, Path((resident_id, event_id))
     }
     let correction = state
         .writer
-        .call(|reply| Command::Amend { resident_id, event_id, amendment: Box::new(amendment), reason: amend.reason, actor, reply })
+        .call(|reply| Command::Amend {
+            resident_id,
+            event_id,
+            amendment: Box::new(amendment),
+            reason: amend.reason,
+            actor,
+            reply,
+        })
         .await?;
     Ok(Json(correction).into_response())
 }
 
 fn coupon_number(text: &str) -> Result<CouponNumber, Problem> {
-    CouponNumber::parse(text).map_err(|e| Problem::bad_field("coupon_number", format!("coupon_number: {e}"), format!("券番号: {}", e.message_ja())))
+    CouponNumber::parse(text).map_err(|e| {
+        Problem::bad_field(
+            "coupon_number",
+            format!("coupon_number: {e}"),
+            format!("券番号: {}", e.message_ja()),
+        )
+    })
 }
 
 async fn reissue(State(state): State<AppState>, Path(number): Path<String>) -> ApiResult {
@@ -438,10 +559,13 @@ async fn reissue(State(state): State<AppState>, Path(number): Path<String>) -> A
     Ok((StatusCode::CREATED, Json(outcome)).into_response())
 }
 
-async fn revoke(State(state): State<AppState>, Path(number): Path<String>, request: Request) -> ApiResult {
+async fn revoke(
+    State(state): State<AppState>,
+    Path(number): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let number = coupon_number(&number)?;
-    let bytes = axum::body::to_bytes(request.into_body(), usize::MAX).await.map_err(|_| Problem::bad_field("body", "unreadable body", "本文を読めません"))?;
-    let ReasonBody { reason } = body(&bytes)?;
+    let ReasonBody { reason } = body(bytes)?;
     let entry = state.writer.call(|reply| Command::Revoke { number, reason, reply }).await?;
     Ok(Json(entry).into_response())
 }
@@ -458,9 +582,8 @@ struct LotBody {
     expiry: String,
 }
 
-async fn add_lot(State(state): State<AppState>, request: Request) -> ApiResult {
-    let bytes = axum::body::to_bytes(request.into_body(), usize::MAX).await.map_err(|_| Problem::bad_field("body", "unreadable body", "本文を読めません"))?;
-    let lot: LotBody = body(&bytes)?;
+async fn add_lot(State(state): State<AppState>, bytes: Result<Bytes, BytesRejection>) -> ApiResult {
+    let lot: LotBody = body(bytes)?;
     let lot = validate_lot(&state.catalogue, &lot.lot, &lot.gtin, &lot.expiry)?;
     let lot = state.writer.call(|reply| Command::PutLot(lot, reply)).await?;
     Ok((StatusCode::CREATED, Json(lot)).into_response())
@@ -471,13 +594,23 @@ pub fn validate_lot(catalogue: &Catalogue, lot: &str, gtin: &str, expiry: &str) 
     let lot = lot.trim();
     let lot_ok = (1..=20).contains(&lot.len()) && lot.chars().all(|c| c.is_ascii_graphic());
     if !lot_ok {
-        return Err(Problem::bad_field("lot", "lot must be 1–20 printable ASCII characters", "ロット番号は半角英数記号1〜20文字です"));
+        return Err(Problem::bad_field(
+            "lot",
+            "lot must be 1–20 printable ASCII characters",
+            "ロット番号は半角英数記号1〜20文字です",
+        ));
     }
     let gtin: Gtin = gtin.trim().parse().map_err(|e: protocol::gs1::GtinError| {
         Problem::bad_field("gtin", format!("gtin: {e}"), format!("GTIN: {}", e.message_ja()))
     })?;
     if catalogue.product(&gtin).is_none() {
-        return Err(Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "product_unknown", Some("gtin"), format!("GTIN {gtin} is not in the catalogue"), format!("GTIN {gtin} はワクチン一覧にありません")));
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "product_unknown",
+            Some("gtin"),
+            format!("GTIN {gtin} is not in the catalogue"),
+            format!("GTIN {gtin} はワクチン一覧にありません"),
+        ));
     }
     let expiry = parse_date_field("expiry", expiry.trim())?;
     Ok(Lot { lot: lot.to_owned(), gtin, expiry })
@@ -497,9 +630,14 @@ struct ChangesQuery {
 
 async fn changes(State(state): State<AppState>, Query(query): Query<ChangesQuery>) -> ApiResult {
     let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
-    let changes = state.store.read().and_then(|v| v.changes_since(query.since, limit)).map_err(|e| Problem::internal(&e))?;
+    let changes = state
+        .store
+        .read()
+        .and_then(|v| v.changes_since(query.since, limit))
+        .map_err(|e| Problem::internal(&e))?;
     let last = changes.last().map(|(seq, _)| *seq).unwrap_or(query.since);
-    let entries: Vec<_> = changes.into_iter().map(|(seq, id)| json!({"seq": seq, "resident_id": id})).collect();
+    let entries: Vec<_> =
+        changes.into_iter().map(|(seq, id)| json!({"seq": seq, "resident_id": id})).collect();
     Ok(Json(json!({ "changes": entries, "last_seq": last })).into_response())
 }
 

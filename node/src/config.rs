@@ -15,10 +15,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use protocol::catalogue::Catalogue;
 use protocol::municipality::MunicipalityCode;
-use protocol::person::{hex_lower, PersonKeySecret};
+use protocol::person::{PersonKeySecret, hex_lower};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
@@ -118,9 +118,8 @@ impl NodeFiles {
     /// Loads a data directory made by `init`.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let config_path = dir.join("node.toml");
-        let text = fs::read_to_string(&config_path).with_context(|| {
-            format!("cannot read {} (run `vrs-node init` first)", config_path.display())
-        })?;
+        let text = fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {} (run `vrs-node init` first)", config_path.display()))?;
         let config: NodeConfig =
             toml::from_str(&text).with_context(|| format!("{} is invalid", config_path.display()))?;
         let catalogue = load_catalogue(&dir.join("catalogue.toml"))?;

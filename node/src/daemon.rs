@@ -6,10 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use automerge::ActorId;
 
-use crate::api::{router, AppState};
+use crate::api::{AppState, router};
 use crate::config::NodeFiles;
 use crate::store::Store;
-use crate::writer::{spawn_writer, WriterContext, WriterHandle};
+use crate::writer::{WriterContext, WriterHandle, spawn_writer};
 
 /// A started writer with the state the API needs.
 pub struct Started {
@@ -65,7 +65,8 @@ pub async fn serve_started(
     let Started { state, writer_thread, max_body_bytes } = started;
     let municipality = state.municipality;
     let app = router(state, max_body_bytes);
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, %municipality, "vrs-node listening");
     println!("待受中 / listening on http://{address}");

@@ -15,28 +15,79 @@ use protocol::checkdigit::my_number_check_digit;
 use time::{Date, Duration};
 use tower::ServiceExt;
 
-use crate::config::{init_data_dir, InitOptions, NodeFiles, Role};
-use crate::import::{import_file, Encoding, ImportOutcome};
+use crate::config::{InitOptions, NodeFiles, Role, init_data_dir};
+use crate::import::{Encoding, ImportOutcome, import_file};
 use crate::store::Store;
 
 const SURNAMES: &[(&str, &str)] = &[
-    ("佐藤", "サトウ"), ("鈴木", "スズキ"), ("高橋", "タカハシ"), ("田中", "タナカ"), ("伊藤", "イトウ"),
-    ("渡辺", "ワタナベ"), ("山本", "ヤマモト"), ("中村", "ナカムラ"), ("小林", "コバヤシ"), ("加藤", "カトウ"),
-    ("吉田", "ヨシダ"), ("山田", "ヤマダ"), ("佐々木", "ササキ"), ("山口", "ヤマグチ"), ("松本", "マツモト"),
-    ("井上", "イノウエ"), ("木村", "キムラ"), ("林", "ハヤシ"), ("斎藤", "サイトウ"), ("清水", "シミズ"),
-    ("齋藤", "サイトウ"), ("髙橋", "タカハシ"), ("渡邊", "ワタナベ"), ("長谷川", "ハセガワ"),
+    ("佐藤", "サトウ"),
+    ("鈴木", "スズキ"),
+    ("高橋", "タカハシ"),
+    ("田中", "タナカ"),
+    ("伊藤", "イトウ"),
+    ("渡辺", "ワタナベ"),
+    ("山本", "ヤマモト"),
+    ("中村", "ナカムラ"),
+    ("小林", "コバヤシ"),
+    ("加藤", "カトウ"),
+    ("吉田", "ヨシダ"),
+    ("山田", "ヤマダ"),
+    ("佐々木", "ササキ"),
+    ("山口", "ヤマグチ"),
+    ("松本", "マツモト"),
+    ("井上", "イノウエ"),
+    ("木村", "キムラ"),
+    ("林", "ハヤシ"),
+    ("斎藤", "サイトウ"),
+    ("清水", "シミズ"),
+    ("齋藤", "サイトウ"),
+    ("髙橋", "タカハシ"),
+    ("渡邊", "ワタナベ"),
+    ("長谷川", "ハセガワ"),
 ];
 const MALE_NAMES: &[(&str, &str)] = &[
-    ("翔", "ショウ"), ("大輔", "ダイスケ"), ("健太", "ケンタ"), ("蓮", "レン"), ("悠真", "ユウマ"),
-    ("誠", "マコト"), ("浩", "ヒロシ"), ("清", "キヨシ"), ("茂", "シゲル"), ("陽翔", "ハルト"),
+    ("翔", "ショウ"),
+    ("大輔", "ダイスケ"),
+    ("健太", "ケンタ"),
+    ("蓮", "レン"),
+    ("悠真", "ユウマ"),
+    ("誠", "マコト"),
+    ("浩", "ヒロシ"),
+    ("清", "キヨシ"),
+    ("茂", "シゲル"),
+    ("陽翔", "ハルト"),
 ];
 const FEMALE_NAMES: &[(&str, &str)] = &[
-    ("陽子", "ヨウコ"), ("恵子", "ケイコ"), ("美咲", "ミサキ"), ("結衣", "ユイ"), ("さくら", "サクラ"),
-    ("花子", "ハナコ"), ("幸子", "サチコ"), ("葵", "アオイ"), ("陽菜", "ヒナ"), ("和子", "カズコ"),
+    ("陽子", "ヨウコ"),
+    ("恵子", "ケイコ"),
+    ("美咲", "ミサキ"),
+    ("結衣", "ユイ"),
+    ("さくら", "サクラ"),
+    ("花子", "ハナコ"),
+    ("幸子", "サチコ"),
+    ("葵", "アオイ"),
+    ("陽菜", "ヒナ"),
+    ("和子", "カズコ"),
 ];
 const WARDS: &[&str] = &[
-    "鶴見区", "神奈川区", "西区", "中区", "南区", "港南区", "保土ケ谷区", "旭区", "磯子区", "金沢区",
-    "港北区", "緑区", "青葉区", "都筑区", "戸塚区", "栄区", "泉区", "瀬谷区",
+    "鶴見区",
+    "神奈川区",
+    "西区",
+    "中区",
+    "南区",
+    "港南区",
+    "保土ケ谷区",
+    "旭区",
+    "磯子区",
+    "金沢区",
+    "港北区",
+    "緑区",
+    "青葉区",
+    "都筑区",
+    "戸塚区",
+    "栄区",
+    "泉区",
+    "瀬谷区",
 ];
 
 /// A small deterministic generator (SplitMix64): the same seed gives the same population.
@@ -103,7 +154,13 @@ pub fn generated_resident(seed: u64, i: u64) -> GeneratedResident {
         name_kana: format!("{surname_kana} {given_kana}"),
         birth_date,
         sex: if female { "女" } else { "男" },
-        address: format!("神奈川県横浜市{}{}丁目{}番{}号", rng.pick(WARDS), 1 + rng.below(5), 1 + rng.below(30), 1 + rng.below(20)),
+        address: format!(
+            "神奈川県横浜市{}{}丁目{}番{}号",
+            rng.pick(WARDS),
+            1 + rng.below(5),
+            1 + rng.below(30),
+            1 + rng.below(20)
+        ),
         my_number,
     }
 }
@@ -144,10 +201,17 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         Some(dir) => dir,
         None => std::env::temp_dir().join(format!("vrs-demo-{}", std::process::id())),
     };
-    let municipality = protocol::municipality::MunicipalityCode::parse("141003").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let municipality =
+        protocol::municipality::MunicipalityCode::parse("141003").map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("== 1. ノード作成 / create the node (横浜市 141003) in {}", dir.display());
     let campaign_start = Date::from_calendar_date(2021, time::Month::February, 17)?;
-    let options = InitOptions { role: Role::Municipal, municipality, listen: listen.to_owned(), campaign_start, person_key_secret: None };
+    let options = InitOptions {
+        role: Role::Municipal,
+        municipality,
+        listen: listen.to_owned(),
+        campaign_start,
+        person_key_secret: None,
+    };
     let token = init_data_dir(&dir, &options)?;
     let files = NodeFiles::load(&dir)?;
     let store = Store::open(&files.store_path())?;
@@ -156,7 +220,10 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     let csv_path = dir.join("demo-residents-sjis.csv");
     write_population(&csv_path, n_residents, 42, Encoding::ShiftJis)?;
     match import_file(&files, &store, &csv_path, Encoding::Auto)? {
-        ImportOutcome::Applied(report) => println!("   created {}, updated {}, unchanged {}", report.created, report.updated, report.unchanged),
+        ImportOutcome::Applied(report) => println!(
+            "   created {}, updated {}, unchanged {}",
+            report.created, report.updated, report.unchanged
+        ),
         ImportOutcome::Refused(errors) => anyhow::bail!("demo file refused: {}", errors[0]),
     }
 
@@ -170,8 +237,10 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     {
         let txn = store.begin_write()?;
         for (lot, gtin, expiry) in lots {
-            let lot = crate::api::validate_lot(&files.catalogue, lot, gtin, &expiry.to_string()).map_err(|p| anyhow::anyhow!("{}", p.message_en))?;
-            txn.open_table(crate::store::LOTS)?.insert(lot.lot.as_str(), serde_json::to_vec(&lot)?.as_slice())?;
+            let lot = crate::api::validate_lot(&files.catalogue, lot, gtin, &expiry.to_string())
+                .map_err(|p| anyhow::anyhow!("{}", p.message_en))?;
+            txn.open_table(crate::store::LOTS)?
+                .insert(lot.lot.as_str(), serde_json::to_vec(&lot)?.as_slice())?;
             println!("   {} {} expiry {}", lot.lot, lot.gtin, lot.expiry);
         }
         txn.commit()?;
@@ -182,7 +251,12 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     println!("   issued {}, not eligible {}", report.issued, report.not_eligible);
     let print_dir = dir.join("print-shop");
     let export = crate::issuance::export_print_shop(&files, &store, &print_dir, true)?;
-    println!("   {} ({} coupons, {} QR PNGs)", print_dir.join("coupons.csv").display(), export.coupons, export.qr_images);
+    println!(
+        "   {} ({} coupons, {} QR PNGs)",
+        print_dir.join("coupons.csv").display(),
+        export.coupons,
+        export.qr_images
+    );
     let coupons = read_print_shop(&print_dir.join("coupons.csv"))?;
 
     let started = crate::daemon::start(files, store);
@@ -197,7 +271,10 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
             "  curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    -d '{{\"coupon\":\"{}\",\"vial\":\"(01)04987000001014(17)301231(10)FA5765\",\"venue\":\"yokohama-arena\"}}' http://{listen}/api/v1/captures",
             spare.1
         );
-        println!("  curl -s -H 'Authorization: Bearer {token}' 'http://{listen}/api/v1/residents?coupon={}'", &spare.0[8..18]);
+        println!(
+            "  curl -s -H 'Authorization: Bearer {token}' 'http://{listen}/api/v1/residents?coupon={}'",
+            &spare.0[8..18]
+        );
     }
     if exit {
         drop(app);
@@ -221,7 +298,13 @@ fn read_print_shop(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-async fn call(app: &axum::Router, token: &str, method: &str, uri: &str, body: serde_json::Value) -> anyhow::Result<(StatusCode, serde_json::Value)> {
+async fn call(
+    app: &axum::Router,
+    token: &str,
+    method: &str,
+    uri: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<(StatusCode, serde_json::Value)> {
     let request = Request::builder()
         .method(method)
         .uri(uri)
@@ -241,7 +324,10 @@ fn show(label: &str, status: StatusCode, body: &serde_json::Value) {
         .get("title")
         .and_then(|t| t.as_str())
         .map(str::to_owned)
-        .or_else(|| body.get("event").map(|e| format!("dose {} on {} ({})", e["dose_number"], e["vaccinated_on"], e["event_id"])))
+        .or_else(|| {
+            body.get("event")
+                .map(|e| format!("dose {} on {} ({})", e["dose_number"], e["vaccinated_on"], e["event_id"]))
+        })
         .unwrap_or_default();
     println!("   {mark} {status} {label}: {detail}");
 }
@@ -261,19 +347,41 @@ async fn scenario(app: &axum::Router, token: &str, coupons: &[(String, String)])
     let (a, b, c) = (&coupons[0].1, &coupons[1].1, &coupons[2].1);
     let (status, first) = call(app, token, "POST", "/api/v1/captures", capture(a, &vial, None)).await?;
     show("接種券A（GS1 raw）", status, &first);
-    let (status, body) = call(app, token, "POST", "/api/v1/captures", capture(a, "(01)04987000001014(17)301231(10)FA5765", None)).await?;
+    let (status, body) = call(
+        app,
+        token,
+        "POST",
+        "/api/v1/captures",
+        capture(a, "(01)04987000001014(17)301231(10)FA5765", None),
+    )
+    .await?;
     show("同じ読み取りの再送 / same scan again (replay)", status, &body);
     let mut forged = a.clone();
     let last = forged.pop().map(|d| if d == '0' { '1' } else { '0' }).unwrap_or('0');
     forged.push(last);
     let (status, body) = call(app, token, "POST", "/api/v1/captures", capture(&forged, &vial, None)).await?;
     show("署名の改ざん / forged signature", status, &body);
-    let (status, body) = call(app, token, "POST", "/api/v1/captures", capture(b, "(01)04987000001014(17)301231(10)EXP0001", None)).await?;
+    let (status, body) = call(
+        app,
+        token,
+        "POST",
+        "/api/v1/captures",
+        capture(b, "(01)04987000001014(17)301231(10)EXP0001", None),
+    )
+    .await?;
     show("期限切れロット / expired lot", status, &body);
     let tomorrow = (crate::clock::japan_today() + Duration::days(1)).to_string();
-    let (status, body) = call(app, token, "POST", "/api/v1/captures", capture(b, &vial, Some(tomorrow))).await?;
+    let (status, body) =
+        call(app, token, "POST", "/api/v1/captures", capture(b, &vial, Some(tomorrow))).await?;
     show("未来の日付 / date in the future", status, &body);
-    let (status, body) = call(app, token, "POST", "/api/v1/captures", capture(b, "(01)04987000002011(17)301231(10)FA5765", None)).await?;
+    let (status, body) = call(
+        app,
+        token,
+        "POST",
+        "/api/v1/captures",
+        capture(b, "(01)04987000002011(17)301231(10)FA5765", None),
+    )
+    .await?;
     show("他製品のロット / lot of another product", status, &body);
     let (status, second) = call(app, token, "POST", "/api/v1/captures", capture(c, &vial, None)).await?;
     show("接種券C", status, &second);
@@ -283,16 +391,25 @@ async fn scenario(app: &axum::Router, token: &str, coupons: &[(String, String)])
     let event = first["event"]["event_id"].as_str().unwrap_or_default().to_owned();
     let yesterday = (crate::clock::japan_today() - Duration::days(1)).to_string();
     let uri = format!("/api/v1/residents/{resident}/doses/{event}/amend");
-    let (status, body) = call(app, token, "POST", &uri, serde_json::json!({"reason": "接種日の入力誤り", "vaccinated_on": yesterday})).await?;
+    let (status, body) = call(
+        app,
+        token,
+        "POST",
+        &uri,
+        serde_json::json!({"reason": "接種日の入力誤り", "vaccinated_on": yesterday}),
+    )
+    .await?;
     println!("   {} {status} amend: {}", if status.is_success() { "✔" } else { "✘" }, body["after"]);
     let c_resident = second["resident_id"].as_str().unwrap_or_default().to_owned();
     let c_event = second["event"]["event_id"].as_str().unwrap_or_default().to_owned();
     let uri = format!("/api/v1/residents/{c_resident}/doses/{c_event}/void");
-    let (status, body) = call(app, token, "POST", &uri, serde_json::json!({"reason": "別人の接種券で記録したため"})).await?;
+    let (status, body) =
+        call(app, token, "POST", &uri, serde_json::json!({"reason": "別人の接種券で記録したため"})).await?;
     println!("   {} {status} void: {}", if status.is_success() { "✔" } else { "✘" }, body["reason"]);
 
     println!("== 7. 住民の照会 / look the resident up");
-    let (status, body) = call(app, token, "GET", &format!("/api/v1/residents/{resident}"), serde_json::Value::Null).await?;
+    let (status, body) =
+        call(app, token, "GET", &format!("/api/v1/residents/{resident}"), serde_json::Value::Null).await?;
     println!(
         "   {status} {} {} — 接種歴 history: {} dose(s), corrections: {}",
         body["identity"]["name"].as_str().unwrap_or(""),

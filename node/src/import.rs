@@ -16,22 +16,18 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use automerge::ActorId;
 use indicatif::{ProgressBar, ProgressStyle};
 use protocol::document::{
-    new_resident_document, Identity, ResidentEvent, ResidentRecord, ResidentStatus, Sex,
-    SCHEMA_VERSION,
+    Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex, new_resident_document,
 };
 use protocol::municipality::MunicipalityCode;
 use protocol::person::PersonKeySecret;
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
-use crate::store::{
-    new_cache, normalize_kana, Mutation, Store, IDENTITY_DIGEST, IDX_KANA,
-    IDX_PERSON,
-};
+use crate::store::{IDENTITY_DIGEST, IDX_KANA, IDX_PERSON, Mutation, Store, new_cache, normalize_kana};
 
 /// How the file is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,7 +55,11 @@ pub struct RowError {
 
 impl std::fmt::Display for RowError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}行目 [{}] {} / line {}: {}", self.line, self.column, self.reason_ja, self.line, self.reason_en)
+        write!(
+            f,
+            "{}行目 [{}] {} / line {}: {}",
+            self.line, self.column, self.reason_ja, self.line, self.reason_en
+        )
     }
 }
 
@@ -105,7 +105,8 @@ const REQUIRED: [(&str, &str, &str); 6] = [
     ("sex", "性別", "sex"),
     ("address", "住所", "address"),
 ];
-const OPTIONAL: [(&str, &str, &str); 2] = [("my_number", "個人番号", "my_number"), ("status", "状態", "status")];
+const OPTIONAL: [(&str, &str, &str); 2] =
+    [("my_number", "個人番号", "my_number"), ("status", "状態", "status")];
 
 impl Columns {
     fn from_header(header: &csv::StringRecord) -> Result<Self, Vec<RowError>> {
@@ -154,7 +155,9 @@ fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv::Reader<Bo
                 .encoding(Some(encoding_rs::SHIFT_JIS))
                 .build(file),
         ),
-        _ => Box::new(encoding_rs_io::DecodeReaderBytesBuilder::new().encoding(Some(encoding_rs::UTF_8)).build(file)),
+        _ => Box::new(
+            encoding_rs_io::DecodeReaderBytesBuilder::new().encoding(Some(encoding_rs::UTF_8)).build(file),
+        ),
     };
     Ok(csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(decoded))
 }
@@ -195,7 +198,12 @@ fn progress_bar(path: &Path, message: &str) -> ProgressBar {
 }
 
 /// Imports a resident register extract.
-pub fn import_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding) -> anyhow::Result<ImportOutcome> {
+pub fn import_file(
+    files: &NodeFiles,
+    store: &Store,
+    path: &Path,
+    encoding: Encoding,
+) -> anyhow::Result<ImportOutcome> {
     let municipality = files.config.municipality;
     let errors = check_file(files, store, path, encoding)?;
     if !errors.is_empty() {
@@ -204,14 +212,16 @@ pub fn import_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Enco
     let actor = ActorId::from(files.actor.clone());
     let mut reader = open_reader(path, encoding)?;
     let header = reader.headers()?.clone();
-    let columns = Columns::from_header(&header).map_err(|_| anyhow::anyhow!("header changed during import"))?;
+    let columns =
+        Columns::from_header(&header).map_err(|_| anyhow::anyhow!("header changed during import"))?;
     let bar = progress_bar(path, "取込 import");
     let mut report = ImportReport::default();
     let mut batch: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
     for record in reader.records() {
         let record = record?;
         bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
-        let row = parse_row(&columns, &record, 0).map_err(|e| anyhow::anyhow!("row changed during import: {}", e[0]))?;
+        let row = parse_row(&columns, &record, 0)
+            .map_err(|e| anyhow::anyhow!("row changed during import: {}", e[0]))?;
         batch.push(row);
         if batch.len() == BATCH_ROWS {
             apply_batch(store, &files.person_secret, municipality, &actor, &batch, &mut report)?;
@@ -226,7 +236,12 @@ pub fn import_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Enco
 const BATCH_ROWS: usize = 8192;
 
 /// Pass one: every row checked, nothing written.
-fn check_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding) -> anyhow::Result<Vec<RowError>> {
+fn check_file(
+    files: &NodeFiles,
+    store: &Store,
+    path: &Path,
+    encoding: Encoding,
+) -> anyhow::Result<Vec<RowError>> {
     let municipality = files.config.municipality;
     let mut reader = open_reader(path, encoding)?;
     let header = reader.headers().context("cannot read the header line")?.clone();
@@ -254,8 +269,10 @@ fn check_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding)
         let line = record.position().map(|p| p.line() + 1).unwrap_or(0);
         bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
         let atena = columns.get(&record, "atena_number").unwrap_or("").to_owned();
-        if !atena.is_empty() {
-            if let Some(first) = seen_atena.insert(atena.clone(), line) {
+        if !atena.is_empty()
+            && let Some(first) = seen_atena.insert(atena.clone(), line)
+        {
+            {
                 errors.push(row_error(
                     line,
                     &columns.name("atena_number"),
@@ -274,12 +291,19 @@ fn check_file(files: &NodeFiles, store: &Store, path: &Path, encoding: Encoding)
         if let Some(my_number) = &row.my_number {
             let numeric: u64 = my_number.parse().unwrap_or(0);
             if !seen_my_number.insert(numeric) {
-                errors.push(row_error(line, &columns.name("my_number"), "個人番号がファイル内で重複しています", "個人番号 repeats within the file"));
+                errors.push(row_error(
+                    line,
+                    &columns.name("my_number"),
+                    "個人番号がファイル内で重複しています",
+                    "個人番号 repeats within the file",
+                ));
             }
             let person_key = files.person_secret.person_key(my_number).map_err(|e| anyhow::anyhow!(e))?;
             let resident_id = files.person_secret.resident_id(municipality, &atena);
-            if let Some(owner) = person_index.get(person_key.as_str())? {
-                if owner.value() != resident_id {
+            if let Some(owner) = person_index.get(person_key.as_str())?
+                && owner.value() != resident_id
+            {
+                {
                     errors.push(row_error(
                         line,
                         &columns.name("my_number"),
@@ -303,7 +327,12 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
     let mut field = |key: &str| -> String {
         let value = columns.get(record, key).unwrap_or("").to_owned();
         if value.contains('\u{fffd}') {
-            errors.push(row_error(line, &columns.name(key), "文字コードが正しくありません", "bytes invalid in the file's encoding"));
+            errors.push(row_error(
+                line,
+                &columns.name(key),
+                "文字コードが正しくありません",
+                "bytes invalid in the file's encoding",
+            ));
         }
         value
     };
@@ -315,26 +344,50 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
     let address = field("address");
     let my_number = field("my_number");
     let status = field("status");
-    drop(field);
     let col = |key: &str| columns.name(key);
     if atena.is_empty() || atena.len() > 20 || !atena.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        errors.push(row_error(line, &col("atena_number"), "宛名番号は1〜20桁の英数字です", "atena number must be 1–20 ASCII letters or digits"));
+        errors.push(row_error(
+            line,
+            &col("atena_number"),
+            "宛名番号は1〜20桁の英数字です",
+            "atena number must be 1–20 ASCII letters or digits",
+        ));
     }
     if name.is_empty() || name.chars().count() > 100 {
-        errors.push(row_error(line, &col("name"), "氏名が空か長すぎます（100文字まで）", "name is empty or longer than 100 characters"));
+        errors.push(row_error(
+            line,
+            &col("name"),
+            "氏名が空か長すぎます（100文字まで）",
+            "name is empty or longer than 100 characters",
+        ));
     }
     if kana.is_empty() || !kana.chars().all(is_katakana_or_space) {
-        errors.push(row_error(line, &col("name_kana"), "氏名カナは全角カタカナで入力してください", "name_kana must be full-width katakana"));
+        errors.push(row_error(
+            line,
+            &col("name_kana"),
+            "氏名カナは全角カタカナで入力してください",
+            "name_kana must be full-width katakana",
+        ));
     }
     let birth_date = parse_date(&birth);
     if birth_date.is_none() {
-        errors.push(row_error(line, &col("birth_date"), &format!("生年月日「{birth}」を読めません（例 1980-04-01）"), &format!("birth date {birth:?} is not YYYY-MM-DD, YYYY/MM/DD or YYYYMMDD")));
+        errors.push(row_error(
+            line,
+            &col("birth_date"),
+            &format!("生年月日「{birth}」を読めません（例 1980-04-01）"),
+            &format!("birth date {birth:?} is not YYYY-MM-DD, YYYY/MM/DD or YYYYMMDD"),
+        ));
     }
     let sex = match sex.as_str() {
         "男" | "1" | "M" | "m" | "male" => Some(Sex::Male),
         "女" | "2" | "F" | "f" | "female" => Some(Sex::Female),
         _ => {
-            errors.push(row_error(line, &col("sex"), &format!("性別「{sex}」は 男 または 女 です"), &format!("sex {sex:?} must be 男/女 (1/2, M/F)")));
+            errors.push(row_error(
+                line,
+                &col("sex"),
+                &format!("性別「{sex}」は 男 または 女 です"),
+                &format!("sex {sex:?} must be 男/女 (1/2, M/F)"),
+            ));
             None
         }
     };
@@ -346,7 +399,12 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
     } else if protocol::checkdigit::my_number_is_valid(&my_number) {
         Some(my_number)
     } else {
-        errors.push(row_error(line, &col("my_number"), "個人番号は12桁で、検査用数字が正しくなければなりません", "個人番号 must be 12 digits with a valid check digit"));
+        errors.push(row_error(
+            line,
+            &col("my_number"),
+            "個人番号は12桁で、検査用数字が正しくなければなりません",
+            "個人番号 must be 12 digits with a valid check digit",
+        ));
         None
     };
     let status = match status.as_str() {
@@ -354,13 +412,26 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
         "死亡" | "deceased" => Some(ResidentStatus::Deceased),
         "転出" | "moved_out" => Some(ResidentStatus::MovedOut),
         other => {
-            errors.push(row_error(line, &col("status"), &format!("状態「{other}」は 在住・死亡・転出 のいずれかです"), &format!("status {other:?} must be 在住, 死亡 or 転出")));
+            errors.push(row_error(
+                line,
+                &col("status"),
+                &format!("状態「{other}」は 在住・死亡・転出 のいずれかです"),
+                &format!("status {other:?} must be 在住, 死亡 or 転出"),
+            ));
             None
         }
     };
     match (birth_date, sex, status, errors.is_empty()) {
         (Some(birth_date), Some(sex), Some(status), true) => Ok(Row {
-            identity: Identity { atena_number: atena, name, name_kana: kana, birth_date, sex, address, status },
+            identity: Identity {
+                atena_number: atena,
+                name,
+                name_kana: kana,
+                birth_date,
+                sex,
+                address,
+                status,
+            },
             my_number,
         }),
         _ => Err(errors),
@@ -421,7 +492,9 @@ fn apply_batch(
         .map(|row| {
             let atena = &row.identity.atena_number;
             let person_key = match &row.my_number {
-                Some(n) => secret.person_key(n).unwrap_or_else(|_| secret.local_person_key(municipality, atena)),
+                Some(n) => {
+                    secret.person_key(n).unwrap_or_else(|_| secret.local_person_key(municipality, atena))
+                }
                 None => secret.local_person_key(municipality, atena),
             };
             let record = ResidentRecord {

@@ -15,15 +15,14 @@ use automerge::ActorId;
 use indicatif::{ProgressBar, ProgressStyle};
 use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon};
 use protocol::document::{
-    apply_event, read_record, CouponEntry, CouponStatus, ResidentEvent, ResidentRecord,
-    ResidentStatus,
+    CouponEntry, CouponStatus, ResidentEvent, ResidentRecord, ResidentStatus, apply_event, read_record,
 };
-use protocol::validation::{age_on, TICKET_KIND_VACCINATION};
+use protocol::validation::{TICKET_KIND_VACCINATION, age_on};
 use qrcode::{EcLevel, QrCode, Version};
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
-use crate::store::{load_for_bulk, new_cache, LoadedDoc, Mutation, Store, IDX_COUPON, META_COUPON_SERIAL};
+use crate::store::{IDX_COUPON, LoadedDoc, META_COUPON_SERIAL, Mutation, Store, load_for_bulk, new_cache};
 
 const PAGE: usize = 8192;
 
@@ -51,14 +50,19 @@ fn bar(len: u64, message: &str) -> ProgressBar {
 }
 
 enum Decision {
-    Issue(Box<LoadedDoc>, ResidentRecord),
+    Issue(Box<(LoadedDoc, ResidentRecord)>),
     AlreadyHeld,
     NotEligible,
 }
 
 /// Issues coupons to everyone eligible. `only_dose` restricts issuance to residents whose
 /// next dose is that one.
-pub fn issue_all(files: &NodeFiles, store: &Store, today: Date, only_dose: Option<u8>) -> anyhow::Result<IssueReport> {
+pub fn issue_all(
+    files: &NodeFiles,
+    store: &Store,
+    today: Date,
+    only_dose: Option<u8>,
+) -> anyhow::Result<IssueReport> {
     let actor = ActorId::from(files.actor.clone());
     let min_age = files.catalogue.min_eligible_age();
     let total = store.read()?.n_residents()?;
@@ -84,7 +88,7 @@ pub fn issue_all(files: &NodeFiles, store: &Store, today: Date, only_dose: Optio
         let mut to_issue = Vec::new();
         for decision in decisions {
             match decision {
-                Decision::Issue(loaded, record) => to_issue.push((loaded, record)),
+                Decision::Issue(issue) => to_issue.push(*issue),
                 Decision::AlreadyHeld => report.already_held += 1,
                 Decision::NotEligible => report.not_eligible += 1,
             }
@@ -96,7 +100,13 @@ pub fn issue_all(files: &NodeFiles, store: &Store, today: Date, only_dose: Optio
     Ok(report)
 }
 
-fn decide(loaded: LoadedDoc, record: ResidentRecord, today: Date, min_age: u8, only_dose: Option<u8>) -> Decision {
+fn decide(
+    loaded: LoadedDoc,
+    record: ResidentRecord,
+    today: Date,
+    min_age: u8,
+    only_dose: Option<u8>,
+) -> Decision {
     let next = record.next_dose_number();
     let eligible = record.identity.status == ResidentStatus::Active
         && age_on(record.identity.birth_date, today) >= min_age
@@ -107,7 +117,7 @@ fn decide(loaded: LoadedDoc, record: ResidentRecord, today: Date, min_age: u8, o
     } else if record.valid_coupon_for_dose(next).is_some() {
         Decision::AlreadyHeld
     } else {
-        Decision::Issue(Box::new(loaded), record)
+        Decision::Issue(Box::new((loaded, record)))
     }
 }
 
@@ -115,7 +125,7 @@ fn issue_page(
     store: &Store,
     municipality: protocol::municipality::MunicipalityCode,
     actor: &ActorId,
-    to_issue: Vec<(Box<LoadedDoc>, ResidentRecord)>,
+    to_issue: Vec<(LoadedDoc, ResidentRecord)>,
 ) -> anyhow::Result<u64> {
     if to_issue.is_empty() {
         return Ok(0);
@@ -155,7 +165,11 @@ fn issue_page(
         }
         let chunks = parallel_map_owned(numbered, |(mut loaded, id, entry)| {
             let heads = loaded.doc.get_heads();
-            apply_event(&mut loaded.doc, &ResidentEvent::CouponIssued { entry: entry.clone(), supersedes: None }, now)?;
+            apply_event(
+                &mut loaded.doc,
+                &ResidentEvent::CouponIssued { entry: entry.clone(), supersedes: None },
+                now,
+            )?;
             let chunk = loaded.doc.save_after(&heads);
             Ok((loaded, id, entry, chunk))
         })?;
@@ -262,14 +276,30 @@ pub fn qr_png(code: &QrCode, pixels_per_module: u32) -> anyhow::Result<Vec<u8>> 
 
 /// Writes the print-shop file `coupons.csv` (UTF-8 with BOM, for Excel) and, unless
 /// `qr_images` is false, one PNG per coupon under `qr/`.
-pub fn export_print_shop(files: &NodeFiles, store: &Store, out_dir: &Path, qr_images: bool) -> anyhow::Result<ExportReport> {
+pub fn export_print_shop(
+    files: &NodeFiles,
+    store: &Store,
+    out_dir: &Path,
+    qr_images: bool,
+) -> anyhow::Result<ExportReport> {
     fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let csv_path = out_dir.join("coupons.csv");
-    let mut file = std::io::BufWriter::new(fs::File::create(&csv_path).with_context(|| format!("cannot create {}", csv_path.display()))?);
+    let mut file = std::io::BufWriter::new(
+        fs::File::create(&csv_path).with_context(|| format!("cannot create {}", csv_path.display()))?,
+    );
     file.write_all("\u{feff}".as_bytes())?;
     let mut writer = csv::Writer::from_writer(file);
     writer.write_record([
-        "券番号18桁", "接種回", "版", "宛名番号", "氏名", "氏名カナ", "生年月日", "住所", "QRデータ", "QR画像",
+        "券番号18桁",
+        "接種回",
+        "版",
+        "宛名番号",
+        "氏名",
+        "氏名カナ",
+        "生年月日",
+        "住所",
+        "QRデータ",
+        "QR画像",
     ])?;
     let total = store.read()?.n_residents()?;
     let progress = bar(total, "印刷用出力 export");

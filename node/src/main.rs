@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use node::config::{init_data_dir, InitOptions, NodeFiles, Role};
-use node::import::{import_file, Encoding, ImportOutcome};
+use node::config::{InitOptions, NodeFiles, Role, init_data_dir};
+use node::import::{Encoding, ImportOutcome, import_file};
 use node::store::Store;
 use protocol::municipality::MunicipalityCode;
 use time::Date;
@@ -160,7 +160,8 @@ enum LotCommands {
 }
 
 fn main() -> std::process::ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VRS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VRS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -172,7 +173,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn parse_date(text: &str) -> anyhow::Result<Date> {
-    Date::parse(text, &time::format_description::well_known::Iso8601::DATE).with_context(|| format!("{text:?} is not a date (YYYY-MM-DD)"))
+    Date::parse(text, &time::format_description::well_known::Iso8601::DATE)
+        .with_context(|| format!("{text:?} is not a date (YYYY-MM-DD)"))
 }
 
 fn open(data: &std::path::Path) -> anyhow::Result<(NodeFiles, Arc<Store>)> {
@@ -184,10 +186,19 @@ fn open(data: &std::path::Path) -> anyhow::Result<(NodeFiles, Arc<Store>)> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Init { role, municipality, data, listen, campaign_start, person_key_secret } => {
-            let municipality = MunicipalityCode::parse(&municipality).map_err(|e| anyhow::anyhow!("--municipality {municipality}: {e}"))?;
-            let options = InitOptions { role, municipality, listen, campaign_start: parse_date(&campaign_start)?, person_key_secret };
+            let municipality = MunicipalityCode::parse(&municipality)
+                .map_err(|e| anyhow::anyhow!("--municipality {municipality}: {e}"))?;
+            let options = InitOptions {
+                role,
+                municipality,
+                listen,
+                campaign_start: parse_date(&campaign_start)?,
+                person_key_secret,
+            };
             let token = init_data_dir(&data, &options)?;
-            let name = protocol::municipality::lookup_municipality(municipality).map(|m| format!("{}{}", m.prefecture, m.name)).unwrap_or_default();
+            let name = protocol::municipality::lookup_municipality(municipality)
+                .map(|m| format!("{}{}", m.prefecture, m.name))
+                .unwrap_or_default();
             println!("ノードを作成しました / node created: {} {} in {}", municipality, name, data.display());
             println!("管理者トークン（一度だけ表示）/ admin token (shown once):\n{token}");
             Ok(())
@@ -210,7 +221,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if errors.len() > 200 {
                         eprintln!("… ほか {} 件 / and {} more", errors.len() - 200, errors.len() - 200);
                     }
-                    anyhow::bail!("{} 件の誤りがあるため何も取り込んでいません / {} bad rows: nothing was imported", errors.len(), errors.len())
+                    anyhow::bail!(
+                        "{} 件の誤りがあるため何も取り込んでいません / {} bad rows: nothing was imported",
+                        errors.len(),
+                        errors.len()
+                    )
                 }
             }
         }
@@ -236,11 +251,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::Lots { command: LotCommands::Add { data, lot, gtin, expiry } } => {
             let (files, store) = open(&data)?;
-            let lot = node::api::validate_lot(&files.catalogue, &lot, &gtin, &expiry).map_err(|p| anyhow::anyhow!("{}", p.message_ja))?;
+            let lot = node::api::validate_lot(&files.catalogue, &lot, &gtin, &expiry)
+                .map_err(|p| anyhow::anyhow!("{}", p.message_ja))?;
             let txn = store.begin_write()?;
-            txn.open_table(node::store::LOTS)?.insert(lot.lot.as_str(), serde_json::to_vec(&lot)?.as_slice())?;
+            txn.open_table(node::store::LOTS)?
+                .insert(lot.lot.as_str(), serde_json::to_vec(&lot)?.as_slice())?;
             txn.commit()?;
-            println!("ロットを登録しました / lot registered: {} ({}, expiry {})", lot.lot, lot.gtin, lot.expiry);
+            println!(
+                "ロットを登録しました / lot registered: {} ({}, expiry {})",
+                lot.lot, lot.gtin, lot.expiry
+            );
             Ok(())
         }
         Commands::Lots { command: LotCommands::List { data } } => {
@@ -256,7 +276,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(node::daemon::serve(files, store, &listen, None))
         }
-        Commands::Demo { data, residents, listen, exit } => node::demo::run_demo(data, residents, &listen, exit),
+        Commands::Demo { data, residents, listen, exit } => {
+            node::demo::run_demo(data, residents, &listen, exit)
+        }
         Commands::Generate { residents, seed, out, encoding } => {
             let n = node::demo::write_population(&out, residents, seed, encoding)?;
             println!("{n} 行を書き出しました / wrote {n} rows to {}", out.display());

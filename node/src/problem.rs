@@ -1,6 +1,6 @@
 //! Errors as the API reports them: RFC 9457 problem+json, Japanese first, English on request.
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use protocol::validation::CaptureError;
 use serde::Serialize;
@@ -22,7 +22,13 @@ pub struct Problem {
 
 impl Problem {
     /// A problem with both messages.
-    pub fn new(status: StatusCode, code: &str, field: Option<&str>, en: impl Into<String>, ja: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &str,
+        field: Option<&str>,
+        en: impl Into<String>,
+        ja: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             code: code.to_owned(),
@@ -74,10 +80,9 @@ impl Problem {
             detail_en: self.message_en,
         };
         let mut response = (self.status, axum::Json(body)).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         response.extensions_mut().insert(extension);
         response
     }

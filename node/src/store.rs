@@ -16,16 +16,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use automerge::{ActorId, Automerge, ChangeHash};
 use lru::LruCache;
 use protocol::catalogue::Lot;
-use protocol::document::{
-    apply_event, new_resident_document, read_record, ResidentEvent, ResidentRecord,
-};
+use protocol::document::{ResidentEvent, ResidentRecord, apply_event, new_resident_document, read_record};
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use time::OffsetDateTime;
 
@@ -70,16 +68,13 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store and its tables.
     pub fn open(path: &Path) -> anyhow::Result<Arc<Store>> {
-        let db = Database::builder()
-            .set_cache_size(256 * 1024 * 1024)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
-                    "{} is in use by another vrs-node process (stop the daemon first)",
-                    path.display()
-                ),
-                other => anyhow::anyhow!("cannot open {}: {other}", path.display()),
-            })?;
+        let db = Database::builder().set_cache_size(256 * 1024 * 1024).create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                "{} is in use by another vrs-node process (stop the daemon first)",
+                path.display()
+            ),
+            other => anyhow::anyhow!("cannot open {}: {other}", path.display()),
+        })?;
         let txn = db.begin_write()?;
         {
             txn.open_table(DOCS)?;
@@ -137,8 +132,8 @@ impl ReadView {
         let Some(loaded) = load_from(&docs, &chunks, resident_id)? else {
             return Ok(None);
         };
-        let record = read_record(&loaded.doc)
-            .with_context(|| format!("document {resident_id} is corrupt"))?;
+        let record =
+            read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
         Ok(Some(record))
     }
 
@@ -214,7 +209,9 @@ impl ReadView {
         let table = self.txn.open_table(DOC_META)?;
         let mut out = Vec::with_capacity(limit);
         let range = match after {
-            Some(after) => table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
+            Some(after) => {
+                table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?
+            }
             None => table.range::<&str>(..)?,
         };
         for entry in range.take(limit) {
@@ -294,7 +291,12 @@ impl<'a> Mutation<'a> {
     }
 
     /// Sets an index entry.
-    pub fn set_index(&self, table: TableDefinition<&str, &str>, key: &str, value: &str) -> anyhow::Result<()> {
+    pub fn set_index(
+        &self,
+        table: TableDefinition<&str, &str>,
+        key: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
         self.txn.open_table(table)?.insert(key, value)?;
         Ok(())
     }
@@ -333,7 +335,9 @@ impl<'a> Mutation<'a> {
         self.txn.open_table(DOCS)?.insert(id, doc.save().as_slice())?;
         self.set_index(IDX_ATENA, &record.identity.atena_number, id)?;
         self.set_index(IDX_PERSON, &record.person_key, id)?;
-        self.txn.open_table(IDX_KANA)?.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
+        self.txn
+            .open_table(IDX_KANA)?
+            .insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
         self.touched.push(id.to_owned());
         self.bump_feed(id, 0)?;
         self.cache.put(id.to_owned(), LoadedDoc { doc, n_chunks: 0 });
@@ -346,14 +350,21 @@ impl<'a> Mutation<'a> {
         self.txn.open_table(DOCS)?.insert(id, saved)?;
         self.set_index(IDX_ATENA, &record.identity.atena_number, id)?;
         self.set_index(IDX_PERSON, &record.person_key, id)?;
-        self.txn.open_table(IDX_KANA)?.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
+        self.txn
+            .open_table(IDX_KANA)?
+            .insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
         self.touched.push(id.to_owned());
         self.bump_feed(id, 0)?;
         Ok(())
     }
 
     /// Appends one event to a resident's document as one commit and one stored chunk.
-    pub fn apply(&mut self, resident_id: &str, event: &ResidentEvent, at: OffsetDateTime) -> anyhow::Result<()> {
+    pub fn apply(
+        &mut self,
+        resident_id: &str,
+        event: &ResidentEvent,
+        at: OffsetDateTime,
+    ) -> anyhow::Result<()> {
         if !self.ensure_loaded(resident_id)? {
             bail!("resident {resident_id} does not exist");
         }
@@ -367,7 +378,12 @@ impl<'a> Mutation<'a> {
     }
 
     /// Stores an event chunk built elsewhere (bulk issuance); `loaded` is the document after it.
-    pub fn append_built(&mut self, resident_id: &str, loaded: &mut LoadedDoc, chunk: &[u8]) -> anyhow::Result<()> {
+    pub fn append_built(
+        &mut self,
+        resident_id: &str,
+        loaded: &mut LoadedDoc,
+        chunk: &[u8],
+    ) -> anyhow::Result<()> {
         self.touched.push(resident_id.to_owned());
         self.cache.pop(resident_id);
         let n_chunks = store_chunk(self.txn, resident_id, loaded, chunk)?;
@@ -414,7 +430,12 @@ impl<'a> Mutation<'a> {
 
 /// Stores a chunk, compacting into a full save when enough have piled up. Returns the
 /// number of chunks now stored for the document.
-fn store_chunk(txn: &WriteTransaction, resident_id: &str, loaded: &mut LoadedDoc, chunk: &[u8]) -> anyhow::Result<u32> {
+fn store_chunk(
+    txn: &WriteTransaction,
+    resident_id: &str,
+    loaded: &mut LoadedDoc,
+    chunk: &[u8],
+) -> anyhow::Result<u32> {
     if loaded.n_chunks + 1 >= COMPACT_AFTER_CHUNKS {
         txn.open_table(DOCS)?.insert(resident_id, loaded.doc.save().as_slice())?;
         let mut chunks = txn.open_table(CHUNKS)?;
@@ -430,7 +451,11 @@ fn store_chunk(txn: &WriteTransaction, resident_id: &str, loaded: &mut LoadedDoc
 }
 
 /// Loads a document for a bulk job outside the writer's cache.
-pub fn load_for_bulk(txn: &ReadTransaction, resident_id: &str, actor: &ActorId) -> anyhow::Result<Option<LoadedDoc>> {
+pub fn load_for_bulk(
+    txn: &ReadTransaction,
+    resident_id: &str,
+    actor: &ActorId,
+) -> anyhow::Result<Option<LoadedDoc>> {
     let docs = txn.open_table(DOCS)?;
     let chunks = txn.open_table(CHUNKS)?;
     let loaded = load_from(&docs, &chunks, resident_id)?;

@@ -14,10 +14,10 @@ use automerge::ActorId;
 use axum::http::StatusCode;
 use protocol::catalogue::{Catalogue, Lot};
 use protocol::coupon::{CouponNumber, SignedCoupon};
-use protocol::document::{coupon_key, CouponEntry, CouponStatus, DoseEvent, ResidentEvent};
+use protocol::document::{CouponEntry, CouponStatus, DoseEvent, ResidentEvent, coupon_key};
 use protocol::validation::{
-    validate_amendment, validate_capture, validate_void, AmendRequest, Amendment, CaptureContext,
-    CaptureDecision, CaptureError, CaptureInput, ScannedCapture, VoidRequest,
+    AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, ScannedCapture,
+    VoidRequest, validate_amendment, validate_capture, validate_void,
 };
 use ring::signature::Ed25519KeyPair;
 use time::{Date, OffsetDateTime};
@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{japan_today, new_id};
 use crate::problem::Problem;
-use crate::store::{new_cache, DocCache, Mutation, Store, IDX_COUPON, IDX_EVENT};
+use crate::store::{DocCache, IDX_COUPON, IDX_EVENT, Mutation, Store, new_cache};
 
 /// A capture as the writer receives it: scans decoded and authenticated already.
 #[derive(Debug)]
@@ -147,14 +147,15 @@ impl WriterHandle {
             .send(make(reply))
             .await
             .map_err(|_| Problem::internal(&anyhow::anyhow!("the writer has stopped")))?;
-        answer
-            .await
-            .map_err(|_| Problem::internal(&anyhow::anyhow!("the writer dropped a command")))?
+        answer.await.map_err(|_| Problem::internal(&anyhow::anyhow!("the writer dropped a command")))?
     }
 }
 
 /// Starts the writer thread. It stops when every handle is dropped.
-pub fn spawn_writer(store: Arc<Store>, context: WriterContext) -> (WriterHandle, std::thread::JoinHandle<()>) {
+pub fn spawn_writer(
+    store: Arc<Store>,
+    context: WriterContext,
+) -> (WriterHandle, std::thread::JoinHandle<()>) {
     // Bounded: when the disk falls behind, callers wait instead of memory growing.
     let (sender, receiver) = mpsc::channel(context.group_commit_max.max(1) * 4);
     let thread = std::thread::Builder::new()
@@ -262,7 +263,11 @@ fn answer_after_commit<T: Send + 'static>(reply: Reply<T>, result: Result<T, Pro
 
 /// Runs one command. `Err` means an internal failure after a possible write: the group
 /// must not commit; the command is handed back so its caller can be told.
-fn handle(m: &mut Mutation<'_>, context: &WriterContext, command: Command) -> Result<Pending, (anyhow::Error, Command)> {
+fn handle(
+    m: &mut Mutation<'_>,
+    context: &WriterContext,
+    command: Command,
+) -> Result<Pending, (anyhow::Error, Command)> {
     let now = OffsetDateTime::now_utc();
     macro_rules! run {
         ($reply:ident, $body:expr, $rebuild:expr) => {
@@ -283,7 +288,14 @@ fn handle(m: &mut Mutation<'_>, context: &WriterContext, command: Command) -> Re
         }
         Command::Amend { resident_id, event_id, amendment, reason, actor, reply } => {
             let result = amend_one(m, context, &resident_id, &event_id, &amendment, &reason, &actor, now);
-            run!(reply, result, |reply| Command::Amend { resident_id, event_id, amendment, reason, actor, reply })
+            run!(reply, result, |reply| Command::Amend {
+                resident_id,
+                event_id,
+                amendment,
+                reason,
+                actor,
+                reply
+            })
         }
         Command::Reissue { number, reply } => {
             let result = reissue_one(m, context, number, now);
@@ -303,7 +315,12 @@ fn handle(m: &mut Mutation<'_>, context: &WriterContext, command: Command) -> Re
 /// Outer `Err`: internal failure. Inner `Err`: refused, nothing written.
 type Step<T> = anyhow::Result<Result<T, Problem>>;
 
-fn capture_one(m: &mut Mutation<'_>, context: &WriterContext, capture: &CaptureCommand, now: OffsetDateTime) -> Step<CaptureOutcome> {
+fn capture_one(
+    m: &mut Mutation<'_>,
+    context: &WriterContext,
+    capture: &CaptureCommand,
+    now: OffsetDateTime,
+) -> Step<CaptureOutcome> {
     let code = *capture.scans.coupon.code();
     let number = code.number.to_string();
     let Some(resident_id) = m.index(IDX_COUPON, &number)? else {
@@ -316,10 +333,10 @@ fn capture_one(m: &mut Mutation<'_>, context: &WriterContext, capture: &CaptureC
         Some(id) => id.clone(),
         None => new_id("ev"),
     };
-    if let Some(owner) = m.index(IDX_EVENT, &event_id)? {
-        if owner != resident_id {
-            return Ok(Err(CaptureError::EventIdReused { event_id }.into()));
-        }
+    if let Some(owner) = m.index(IDX_EVENT, &event_id)?
+        && owner != resident_id
+    {
+        return Ok(Err(CaptureError::EventIdReused { event_id }.into()));
     }
     let lot = m.lot(&capture.scans.vial.lot)?;
     let today = japan_today();
@@ -411,7 +428,12 @@ fn coupon_refusal(code: &str, en: String, ja: String) -> Problem {
     Problem::new(StatusCode::CONFLICT, code, Some("coupon"), en, ja)
 }
 
-fn reissue_one(m: &mut Mutation<'_>, context: &WriterContext, number: CouponNumber, now: OffsetDateTime) -> Step<ReissueOutcome> {
+fn reissue_one(
+    m: &mut Mutation<'_>,
+    context: &WriterContext,
+    number: CouponNumber,
+    now: OffsetDateTime,
+) -> Step<ReissueOutcome> {
     let Some(resident_id) = m.index(IDX_COUPON, number.as_str())? else {
         return Ok(Err(Problem::not_found("coupon", "接種券", number.as_str())));
     };
@@ -449,7 +471,12 @@ fn reissue_one(m: &mut Mutation<'_>, context: &WriterContext, number: CouponNumb
     Ok(Ok(ReissueOutcome { coupon: entry, qr_text }))
 }
 
-fn revoke_one(m: &mut Mutation<'_>, number: CouponNumber, reason: &str, now: OffsetDateTime) -> Step<CouponEntry> {
+fn revoke_one(
+    m: &mut Mutation<'_>,
+    number: CouponNumber,
+    reason: &str,
+    now: OffsetDateTime,
+) -> Step<CouponEntry> {
     if reason.trim().is_empty() {
         return Ok(Err(CaptureError::ReasonMissing.into()));
     }
@@ -471,5 +498,9 @@ fn revoke_one(m: &mut Mutation<'_>, number: CouponNumber, reason: &str, now: Off
     }
     let event = ResidentEvent::CouponRevoked { key: newest.key(), reason: reason.trim().to_owned() };
     m.apply(&resident_id, &event, now)?;
-    Ok(Ok(CouponEntry { status: CouponStatus::Revoked, status_reason: Some(reason.trim().to_owned()), ..newest }))
+    Ok(Ok(CouponEntry {
+        status: CouponStatus::Revoked,
+        status_reason: Some(reason.trim().to_owned()),
+        ..newest
+    }))
 }

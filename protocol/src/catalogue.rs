@@ -39,11 +39,7 @@ impl Product {
             return 0;
         }
         let index = usize::from(dose_number - 2);
-        self.min_interval_days
-            .get(index)
-            .or(self.min_interval_days.last())
-            .copied()
-            .unwrap_or(0)
+        self.min_interval_days.get(index).or(self.min_interval_days.last()).copied().unwrap_or(0)
     }
 }
 

@@ -57,11 +57,7 @@ pub fn damm_is_valid(digits: &[u8]) -> bool {
 /// r = 5, check 6, code 131016.
 pub fn jis_x0402_check_digit(first5: &[u8; 5]) -> u8 {
     const WEIGHTS: [u32; 5] = [6, 5, 4, 3, 2];
-    let sum: u32 = first5
-        .iter()
-        .zip(WEIGHTS)
-        .map(|(&digit, weight)| u32::from(digit % 10) * weight)
-        .sum();
+    let sum: u32 = first5.iter().zip(WEIGHTS).map(|(&digit, weight)| u32::from(digit % 10) * weight).sum();
     let remainder = sum % 11;
     // `remainder` is at most 10, so the subtraction cannot underflow and the result fits u8.
     ((11 - remainder) % 10) as u8
@@ -87,9 +83,7 @@ pub fn gs1_check_digit(digits: &[u8]) -> u8 {
 /// Fewer than two digits is not valid: there is nothing for the check digit to check.
 pub fn gs1_is_valid(digits: &[u8]) -> bool {
     match digits.split_last() {
-        Some((&check, body)) if !body.is_empty() && all_digits(digits) => {
-            gs1_check_digit(body) == check
-        }
+        Some((&check, body)) if !body.is_empty() && all_digits(digits) => gs1_check_digit(body) == check,
         _ => false,
     }
 }
@@ -109,11 +103,7 @@ pub fn my_number_check_digit(first11: &[u8; 11]) -> u8 {
         })
         .sum();
     let remainder = sum % 11;
-    if remainder <= 1 {
-        0
-    } else {
-        (11 - remainder) as u8
-    }
+    if remainder <= 1 { 0 } else { (11 - remainder) as u8 }
 }
 
 /// Whether `s` is exactly 12 ASCII digits whose last digit is the My Number check digit.

@@ -80,8 +80,7 @@ impl CouponNumberError {
             Self::Length { found } => format!("券番号は10桁です（{found}文字あります）"),
             Self::NonDigit { position } => format!("券番号の{position}文字目が数字ではありません"),
             Self::CheckDigit { .. } => {
-                "券番号のチェックディジットが一致しません（10桁目）。読み取りか入力の誤りです"
-                    .to_owned()
+                "券番号のチェックディジットが一致しません（10桁目）。読み取りか入力の誤りです".to_owned()
             }
             Self::SerialTooLarge { serial } => {
                 format!("券番号の通し番号 {serial} は9桁に収まりません")
@@ -116,9 +115,8 @@ impl CouponNumber {
             DigitsError::Length { found } => CouponNumberError::Length { found },
             DigitsError::NonDigit { position } => CouponNumberError::NonDigit { position },
         })?;
-        Self::from_ascii_digits(digits).map_err(|DammMismatch { expected, found }| {
-            CouponNumberError::CheckDigit { expected, found }
-        })
+        Self::from_ascii_digits(digits)
+            .map_err(|DammMismatch { expected, found }| CouponNumberError::CheckDigit { expected, found })
     }
 
     /// Builds a number from ten ASCII digits, checking the Damm check digit. A byte that is
@@ -126,19 +124,14 @@ impl CouponNumber {
     fn from_ascii_digits(digits: [u8; 10]) -> Result<Self, DammMismatch> {
         let values = digits.map(|byte| byte.wrapping_sub(b'0'));
         if !damm_is_valid(&values) {
-            return Err(DammMismatch {
-                expected: damm_check_digit(&values[..9]),
-                found: values[9],
-            });
+            return Err(DammMismatch { expected: damm_check_digit(&values[..9]), found: values[9] });
         }
         Ok(Self(digits))
     }
 
     /// The nine-digit serial (the number without its check digit).
     pub fn serial(&self) -> u32 {
-        self.0[..9]
-            .iter()
-            .fold(0u32, |serial, &byte| serial * 10 + u32::from(byte - b'0'))
+        self.0[..9].iter().fold(0u32, |serial, &byte| serial * 10 + u32::from(byte - b'0'))
     }
 
     /// The ten digits.
@@ -253,8 +246,7 @@ impl CouponCodeError {
                 "市区町村コードのチェックディジットが一致しません（8桁目）".to_owned()
             }
             Self::NumberCheckDigit { .. } => {
-                "券番号のチェックディジットが一致しません（18桁目）。読み取りか入力の誤りです"
-                    .to_owned()
+                "券番号のチェックディジットが一致しません（18桁目）。読み取りか入力の誤りです".to_owned()
             }
         }
     }
@@ -275,9 +267,7 @@ impl CouponCode {
     /// Builds a code from 18 ASCII digits; errors carry positions within the 18.
     fn from_ascii_digits(digits: &[u8; CODE_LEN]) -> Result<Self, CouponCodeError> {
         if let Some(index) = digits.iter().position(|byte| !byte.is_ascii_digit()) {
-            return Err(CouponCodeError::NonDigit {
-                position: index + 1,
-            });
+            return Err(CouponCodeError::NonDigit { position: index + 1 });
         }
         let ticket_kind = digits[0] - b'0';
         let dose_round = digits[1] - b'0';
@@ -291,35 +281,24 @@ impl CouponCode {
                 MunicipalityCodeError::CheckDigit { expected, found } => {
                     CouponCodeError::MunicipalityCheckDigit { expected, found }
                 }
-                MunicipalityCodeError::NonDigit { position } => CouponCodeError::NonDigit {
-                    position: position + 2,
-                },
+                MunicipalityCodeError::NonDigit { position } => {
+                    CouponCodeError::NonDigit { position: position + 2 }
+                }
                 MunicipalityCodeError::Length { found } => CouponCodeError::Length { found },
             })?;
         let mut number = [0u8; 10];
         number.copy_from_slice(&digits[8..]);
-        let number = CouponNumber::from_ascii_digits(number).map_err(
-            |DammMismatch { expected, found }| CouponCodeError::NumberCheckDigit {
-                expected,
-                found,
-            },
-        )?;
-        Ok(Self {
-            ticket_kind,
-            dose_round,
-            municipality,
-            number,
-        })
+        let number =
+            CouponNumber::from_ascii_digits(number).map_err(|DammMismatch { expected, found }| {
+                CouponCodeError::NumberCheckDigit { expected, found }
+            })?;
+        Ok(Self { ticket_kind, dose_round, municipality, number })
     }
 }
 
 impl fmt::Display for CouponCode {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            formatter,
-            "{}{}{}{}",
-            self.ticket_kind, self.dose_round, self.municipality, self.number
-        )
+        write!(formatter, "{}{}{}{}", self.ticket_kind, self.dose_round, self.municipality, self.number)
     }
 }
 
@@ -379,10 +358,7 @@ pub struct GenerationTooLarge {
 impl GenerationTooLarge {
     /// The message in Japanese, for municipal staff.
     pub fn message_ja(&self) -> String {
-        format!(
-            "接種券の再発行回数 {} は上限の99を超えています",
-            self.generation
-        )
+        format!("接種券の再発行回数 {} は上限の99を超えています", self.generation)
     }
 }
 
@@ -412,11 +388,7 @@ impl SignedCoupon {
         let message = Self::signed_message(&code, generation);
         let mut signature = [0u8; 64];
         signature.copy_from_slice(key.sign(&message).as_ref());
-        Ok(Self {
-            code,
-            generation,
-            signature,
-        })
+        Ok(Self { code, generation, signature })
     }
 
     /// The bytes the signature covers: `b"VRS-COUPON-QR-v1\0"` ‖ the 18 ASCII digits of the
@@ -516,10 +488,7 @@ impl CouponScanError {
             Self::Length { found } => format!(
                 "{found}文字を読み取りました。接種券は18桁（印字番号）または180桁（署名付きQRコード）です"
             ),
-            Self::NonDigit {
-                position,
-                character,
-            } => {
+            Self::NonDigit { position, character } => {
                 format!("{position}文字目（{character}）が数字ではありません")
             }
             Self::Code(error) => error.message_ja(),
@@ -550,10 +519,8 @@ pub fn parse_scanned_coupon(text: &str) -> Result<ScannedCoupon, CouponScanError
     }
     let mut digits = Vec::with_capacity(found);
     for (index, character) in trimmed.chars().enumerate() {
-        let digit = normalise_digit(character).ok_or(CouponScanError::NonDigit {
-            position: index + 1,
-            character,
-        })?;
+        let digit =
+            normalise_digit(character).ok_or(CouponScanError::NonDigit { position: index + 1, character })?;
         digits.push(digit);
     }
     let mut code = [0u8; CODE_LEN];
@@ -572,11 +539,7 @@ pub fn parse_scanned_coupon(text: &str) -> Result<ScannedCoupon, CouponScanError
         })?;
         bytes.copy_from_slice(&value.to_be_bytes());
     }
-    Ok(ScannedCoupon::Signed(SignedCoupon {
-        code,
-        generation,
-        signature,
-    }))
+    Ok(ScannedCoupon::Signed(SignedCoupon { code, generation, signature }))
 }
 
 /// An ASCII or full-width digit as an ASCII digit byte.
@@ -590,11 +553,9 @@ fn normalise_digit(character: char) -> Option<u8> {
 
 /// The value of ASCII decimal digits, or `None` if it overflows a u64.
 fn decimal_u64(digits: &[u8]) -> Option<u64> {
-    digits.iter().try_fold(0u64, |value, &byte| {
-        value
-            .checked_mul(10)?
-            .checked_add(u64::from(byte.wrapping_sub(b'0')))
-    })
+    digits
+        .iter()
+        .try_fold(0u64, |value, &byte| value.checked_mul(10)?.checked_add(u64::from(byte.wrapping_sub(b'0'))))
 }
 
 /// The Damm check digit of a coupon number is wrong.
@@ -618,9 +579,7 @@ fn ascii_digits<const N: usize>(text: &str) -> Result<[u8; N], DigitsError> {
     let mut digits = [0u8; N];
     for (index, (slot, character)) in digits.iter_mut().zip(text.chars()).enumerate() {
         if !character.is_ascii_digit() {
-            return Err(DigitsError::NonDigit {
-                position: index + 1,
-            });
+            return Err(DigitsError::NonDigit { position: index + 1 });
         }
         *slot = character as u8;
     }

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use automerge::transaction::Transactable;
-use automerge::{ActorId, AutoSerde, Automerge, ObjId, ObjType, ReadDoc, ScalarValue, ROOT};
+use automerge::{ActorId, AutoSerde, Automerge, ObjId, ObjType, ROOT, ReadDoc, ScalarValue};
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 
@@ -241,9 +241,7 @@ impl ResidentRecord {
 
     /// The valid coupon for a dose, if any.
     pub fn valid_coupon_for_dose(&self, dose_round: u8) -> Option<&CouponEntry> {
-        self.coupons
-            .values()
-            .find(|c| c.status == CouponStatus::Valid && c.code.dose_round == dose_round)
+        self.coupons.values().find(|c| c.status == CouponStatus::Valid && c.code.dose_round == dose_round)
     }
 
     /// The coupon that may be used for the next dose: valid, or already used by a valid dose
@@ -413,8 +411,8 @@ pub fn apply_event(
 
 /// Reads the document into a record.
 pub fn read_record(doc: &Automerge) -> Result<ResidentRecord, DocumentError> {
-    let value = serde_json::to_value(AutoSerde::from(doc))
-        .map_err(|e| DocumentError::Shape(e.to_string()))?;
+    let value =
+        serde_json::to_value(AutoSerde::from(doc)).map_err(|e| DocumentError::Shape(e.to_string()))?;
     serde_json::from_value(value).map_err(|e| DocumentError::Shape(e.to_string()))
 }
 
@@ -493,9 +491,9 @@ fn insert_json(
     value: &serde_json::Value,
 ) -> Result<(), DocumentError> {
     match value {
-        serde_json::Value::Object(_) | serde_json::Value::Array(_) => Err(DocumentError::Shape(
-            "nested objects inside lists are not used by resident documents".into(),
-        )),
+        serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
+            Err(DocumentError::Shape("nested objects inside lists are not used by resident documents".into()))
+        }
         scalar => {
             tx.insert(list, index, json_scalar(scalar)?)?;
             Ok(())

@@ -68,9 +68,9 @@ impl GtinError {
         match self {
             Self::Length { found } => format!("GTINは14桁です（{found}文字あります）"),
             Self::NonDigit { position } => format!("GTINの{position}文字目が数字ではありません"),
-            Self::CheckDigit { expected, found } => format!(
-                "GTINのチェックディジットが一致しません（14桁目: {found}、正しくは{expected}）"
-            ),
+            Self::CheckDigit { expected, found } => {
+                format!("GTINのチェックディジットが一致しません（14桁目: {found}、正しくは{expected}）")
+            }
         }
     }
 }
@@ -86,19 +86,14 @@ impl Gtin {
         let mut digits = [0u8; 14];
         for (index, (slot, character)) in digits.iter_mut().zip(trimmed.chars()).enumerate() {
             if !character.is_ascii_digit() {
-                return Err(GtinError::NonDigit {
-                    position: index + 1,
-                });
+                return Err(GtinError::NonDigit { position: index + 1 });
             }
             *slot = character as u8;
         }
         let values = digits.map(|byte| byte - b'0');
         let expected = gs1_check_digit(&values[..13]);
         if values[13] != expected {
-            return Err(GtinError::CheckDigit {
-                expected,
-                found: values[13],
-            });
+            return Err(GtinError::CheckDigit { expected, found: values[13] });
         }
         Ok(Self(digits))
     }
@@ -166,9 +161,7 @@ pub enum Gs1Error {
         max: usize,
     },
     /// A symbology identifier that is not a GS1 symbology (e.g. `]d1`, plain DataMatrix).
-    #[error(
-        "symbology identifier {identifier:?} is not a GS1 barcode (expected ]d2, ]C1, ]Q3 or ]e0)"
-    )]
+    #[error("symbology identifier {identifier:?} is not a GS1 barcode (expected ]d2, ]C1, ]Q3 or ]e0)")]
     UnsupportedSymbology {
         /// The identifier as scanned.
         identifier: String,
@@ -190,9 +183,7 @@ pub enum Gs1Error {
         position: usize,
     },
     /// An element's data has the wrong length (cut short, too long, or empty).
-    #[error(
-        "AI ({ai}) at position {position}: its data must be {min} to {max} characters, found {found}"
-    )]
+    #[error("AI ({ai}) at position {position}: its data must be {min} to {max} characters, found {found}")]
     FieldLength {
         /// The application identifier.
         ai: String,
@@ -216,9 +207,7 @@ pub enum Gs1Error {
         character: char,
     },
     /// An alphanumeric element contains a character outside GS1 character set 82.
-    #[error(
-        "AI ({ai}): character {character:?} at position {position} is not allowed in a GS1 barcode"
-    )]
+    #[error("AI ({ai}): character {character:?} at position {position} is not allowed in a GS1 barcode")]
     BadCharacter {
         /// The application identifier.
         ai: String,
@@ -238,9 +227,7 @@ pub enum Gs1Error {
         position: usize,
     },
     /// The GTIN's check digit is wrong.
-    #[error(
-        "AI (01): the GTIN's check digit at position {position} is {found}, expected {expected}"
-    )]
+    #[error("AI (01): the GTIN's check digit at position {position} is {found}, expected {expected}")]
     GtinCheckDigit {
         /// 1-based position of the check digit.
         position: usize,
@@ -281,60 +268,32 @@ impl Gs1Error {
                 format!("GS1 のバーコードではありません（シンボル識別子 {identifier}）")
             }
             Self::UnknownAi { ai, position } => {
-                format!(
-                    "{position}文字目: 「{ai}」は読み取れるアプリケーション識別子（AI）ではありません"
-                )
+                format!("{position}文字目: 「{ai}」は読み取れるアプリケーション識別子（AI）ではありません")
             }
             Self::MalformedBracket { position } => {
                 format!("{position}文字目: (01) のようなアプリケーション識別子が必要です")
             }
-            Self::FieldLength {
-                ai,
-                position,
-                min,
-                max,
-                found,
-            } => {
-                let length = if min == max {
-                    format!("{min}文字")
-                } else {
-                    format!("{min}〜{max}文字")
-                };
+            Self::FieldLength { ai, position, min, max, found } => {
+                let length = if min == max { format!("{min}文字") } else { format!("{min}〜{max}文字") };
                 format!(
                     "{}（{position}文字目から）は{length}のはずですが、{found}文字です",
                     element_name_ja(ai)
                 )
             }
             Self::NonDigit { ai, position, .. } => {
-                format!(
-                    "{}の{position}文字目が数字ではありません",
-                    element_name_ja(ai)
-                )
+                format!("{}の{position}文字目が数字ではありません", element_name_ja(ai))
             }
-            Self::BadCharacter {
-                ai,
-                position,
-                character,
-            } => format!(
+            Self::BadCharacter { ai, position, character } => format!(
                 "{}の{position}文字目「{character}」はバーコードに使えない文字です",
                 element_name_ja(ai)
             ),
-            Self::DuplicateAi {
-                ai,
-                first_position,
-                position,
-            } => format!(
-                "{}が2回あります（{first_position}文字目と{position}文字目）",
-                element_name_ja(ai)
-            ),
+            Self::DuplicateAi { ai, first_position, position } => {
+                format!("{}が2回あります（{first_position}文字目と{position}文字目）", element_name_ja(ai))
+            }
             Self::GtinCheckDigit { position, .. } => {
                 format!("GTINのチェックディジットが一致しません（{position}文字目）")
             }
-            Self::BadDate {
-                ai,
-                position,
-                value,
-            } => format!(
+            Self::BadDate { ai, position, value } => format!(
                 "{}（{position}文字目から）の「{value}」は日付（YYMMDD）ではありません",
                 element_name_ja(ai)
             ),
@@ -510,10 +469,7 @@ struct Element {
 /// Requires (01) with a valid GTIN check digit, (17) and (10); keeps other elements.
 pub fn parse_vial_barcode(text: &str) -> Result<VialBarcode, Gs1Error> {
     if text.len() > MAX_VIAL_TEXT_BYTES {
-        return Err(Gs1Error::TooLong {
-            length: text.len(),
-            max: MAX_VIAL_TEXT_BYTES,
-        });
+        return Err(Gs1Error::TooLong { length: text.len(), max: MAX_VIAL_TEXT_BYTES });
     }
     let chars: Vec<char> = text.trim().chars().collect();
     if chars.is_empty() {
@@ -546,9 +502,7 @@ fn split_bracketed(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Erro
             continue;
         }
         let Some(ai_len) = bracketed_ai_len(chars, index) else {
-            return Err(Gs1Error::MalformedBracket {
-                position: index + 1,
-            });
+            return Err(Gs1Error::MalformedBracket { position: index + 1 });
         };
         let ai: String = chars[index + 1..index + 1 + ai_len].iter().collect();
         let ai_position = index + 2;
@@ -556,9 +510,7 @@ fn split_bracketed(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Erro
         let mut data_end = data_start;
         while data_end < chars.len() {
             let next = chars[data_end];
-            if next.is_whitespace()
-                || next == GROUP_SEPARATOR
-                || bracketed_ai_len(chars, data_end).is_some()
+            if next.is_whitespace() || next == GROUP_SEPARATOR || bracketed_ai_len(chars, data_end).is_some()
             {
                 break;
             }
@@ -568,25 +520,13 @@ fn split_bracketed(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Erro
             Some(format) => format,
             // A known prefix with the wrong number of digits, e.g. (011), is a typo.
             None if (2..=4).any(|len| len < ai.len() && ai_format(&ai[..len]).is_some()) => {
-                return Err(Gs1Error::UnknownAi {
-                    ai,
-                    position: ai_position,
-                });
+                return Err(Gs1Error::UnknownAi { ai, position: ai_position });
             }
             // Unknown, but the brackets delimit it: keep it as set-82 text.
-            None => AiFormat {
-                charset: Charset::Cset82,
-                min: 1,
-                max: 90,
-            },
+            None => AiFormat { charset: Charset::Cset82, min: 1, max: 90 },
         };
         let data: String = chars[data_start..data_end].iter().collect();
-        let element = Element {
-            ai,
-            ai_position,
-            data,
-            data_position: data_start + 1,
-        };
+        let element = Element { ai, ai_position, data, data_position: data_start + 1 };
         check_element(&element, format)?;
         elements.push(element);
         index = data_end;
@@ -599,10 +539,7 @@ fn bracketed_ai_len(chars: &[char], index: usize) -> Option<usize> {
     if chars.get(index) != Some(&'(') {
         return None;
     }
-    let digits = chars[index + 1..]
-        .iter()
-        .take_while(|c| c.is_ascii_digit())
-        .count();
+    let digits = chars[index + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
     let closes = chars.get(index + 1 + digits) == Some(&')');
     (closes && (2..=4).contains(&digits)).then_some(digits)
 }
@@ -624,19 +561,11 @@ fn split_raw(chars: &[char], start: usize) -> Result<Vec<Element>, Gs1Error> {
             .iter()
             .position(|&c| c == GROUP_SEPARATOR)
             .unwrap_or(chars.len() - data_start);
-        let data_len = if has_predefined_length(&ai) {
-            until_separator.min(format.max)
-        } else {
-            until_separator
-        };
+        let data_len =
+            if has_predefined_length(&ai) { until_separator.min(format.max) } else { until_separator };
         let data_end = data_start + data_len;
         let data: String = chars[data_start..data_end].iter().collect();
-        let element = Element {
-            ai,
-            ai_position,
-            data,
-            data_position: data_start + 1,
-        };
+        let element = Element { ai, ai_position, data, data_position: data_start + 1 };
         check_element(&element, format)?;
         elements.push(element);
         index = data_end;
@@ -655,10 +584,7 @@ fn raw_ai(chars: &[char], index: usize) -> Result<(String, AiFormat), Gs1Error> 
             return Ok((prefix.to_owned(), format));
         }
     }
-    Err(Gs1Error::UnknownAi {
-        ai: candidate,
-        position: index + 1,
-    })
+    Err(Gs1Error::UnknownAi { ai: candidate, position: index + 1 })
 }
 
 /// Checks an element's data against its AI's length and character set.
@@ -678,18 +604,10 @@ fn check_element(element: &Element, format: AiFormat) -> Result<(), Gs1Error> {
         let ai = || element.ai.clone();
         match format.charset {
             Charset::Numeric if !character.is_ascii_digit() => {
-                return Err(Gs1Error::NonDigit {
-                    ai: ai(),
-                    position,
-                    character,
-                });
+                return Err(Gs1Error::NonDigit { ai: ai(), position, character });
             }
             Charset::Cset82 if !is_cset82(character) => {
-                return Err(Gs1Error::BadCharacter {
-                    ai: ai(),
-                    position,
-                    character,
-                });
+                return Err(Gs1Error::BadCharacter { ai: ai(), position, character });
             }
             _ => {}
         }
@@ -721,18 +639,9 @@ fn interpret(elements: Vec<Element>) -> Result<VialBarcode, Gs1Error> {
         }
     }
     Ok(VialBarcode {
-        gtin: gtin.ok_or(Gs1Error::Missing {
-            ai: "01",
-            what: "GTIN",
-        })?,
-        expiry: expiry.ok_or(Gs1Error::Missing {
-            ai: "17",
-            what: "expiry date",
-        })?,
-        lot: lot.ok_or(Gs1Error::Missing {
-            ai: "10",
-            what: "lot number",
-        })?,
+        gtin: gtin.ok_or(Gs1Error::Missing { ai: "01", what: "GTIN" })?,
+        expiry: expiry.ok_or(Gs1Error::Missing { ai: "17", what: "expiry date" })?,
+        lot: lot.ok_or(Gs1Error::Missing { ai: "10", what: "lot number" })?,
         other,
     })
 }
@@ -740,11 +649,9 @@ fn interpret(elements: Vec<Element>) -> Result<VialBarcode, Gs1Error> {
 /// The GTIN of an (01) element whose data is already known to be 14 digits.
 fn interpret_gtin(element: &Element) -> Result<Gtin, Gs1Error> {
     Gtin::parse(&element.data).map_err(|error| match error {
-        GtinError::CheckDigit { expected, found } => Gs1Error::GtinCheckDigit {
-            position: element.data_position + 13,
-            expected,
-            found,
-        },
+        GtinError::CheckDigit { expected, found } => {
+            Gs1Error::GtinCheckDigit { position: element.data_position + 13, expected, found }
+        }
         GtinError::Length { found } => Gs1Error::FieldLength {
             ai: element.ai.clone(),
             position: element.data_position,

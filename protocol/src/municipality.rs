@@ -73,9 +73,7 @@ impl MunicipalityCode {
         let mut digits = [0u8; 6];
         for (index, (slot, character)) in digits.iter_mut().zip(trimmed.chars()).enumerate() {
             if !character.is_ascii_digit() {
-                return Err(MunicipalityCodeError::NonDigit {
-                    position: index + 1,
-                });
+                return Err(MunicipalityCodeError::NonDigit { position: index + 1 });
             }
             // An ASCII digit is one byte, so this conversion is exact.
             *slot = character as u8;
@@ -86,17 +84,12 @@ impl MunicipalityCode {
     /// Builds a code from six ASCII bytes: each must be a digit, and the last the check digit.
     pub(crate) fn from_ascii_digits(digits: [u8; 6]) -> Result<Self, MunicipalityCodeError> {
         if let Some(index) = digits.iter().position(|byte| !byte.is_ascii_digit()) {
-            return Err(MunicipalityCodeError::NonDigit {
-                position: index + 1,
-            });
+            return Err(MunicipalityCodeError::NonDigit { position: index + 1 });
         }
         let [a, b, c, d, e, check] = digits.map(|byte| byte - b'0');
         let expected = jis_x0402_check_digit(&[a, b, c, d, e]);
         if check != expected {
-            return Err(MunicipalityCodeError::CheckDigit {
-                expected,
-                found: check,
-            });
+            return Err(MunicipalityCodeError::CheckDigit { expected, found: check });
         }
         Ok(Self(digits))
     }
@@ -231,12 +224,5 @@ fn parse_embedded_line(line_number: usize, line: &'static str) -> Municipality {
         "special_ward" => MunicipalityKind::SpecialWard,
         other => panic!("municipalities.csv line {line_number}: unknown kind {other:?}"),
     };
-    Municipality {
-        code,
-        prefecture_code,
-        prefecture,
-        name,
-        name_kana,
-        kind,
-    }
+    Municipality { code, prefecture_code, prefecture, name, name_kana, kind }
 }

@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use time::{Date, Duration, OffsetDateTime};
 
 use crate::catalogue::{Catalogue, Lot, Product};
-use crate::coupon::{parse_scanned_coupon, CouponScanError, ScannedCoupon};
+use crate::coupon::{CouponScanError, ScannedCoupon, parse_scanned_coupon};
 use crate::document::{
-    coupon_key, Correction, CorrectionKind, CouponStatus, DoseEvent, DoseStatus, ResidentRecord,
-    ResidentStatus,
+    Correction, CorrectionKind, CouponStatus, DoseEvent, DoseStatus, ResidentRecord, ResidentStatus,
+    coupon_key,
 };
-use crate::gs1::{parse_vial_barcode, Gs1Error, VialBarcode};
+use crate::gs1::{Gs1Error, VialBarcode, parse_vial_barcode};
 use crate::municipality::MunicipalityCode;
 
 /// The ticket kind (券種) digit of a vaccination coupon.
@@ -244,9 +244,7 @@ impl CaptureError {
                 "vaccinated_on"
             }
             E::ResidentNotActive { .. } | E::UnderMinimumAge { .. } => "resident",
-            E::DoseNotFound { .. } | E::DoseAlreadyVoided { .. } | E::EventIdReused { .. } => {
-                "event_id"
-            }
+            E::DoseNotFound { .. } | E::DoseAlreadyVoided { .. } | E::EventIdReused { .. } => "event_id",
             E::ReasonMissing => "reason",
             E::NothingToAmend => "amendment",
             _ => "coupon",
@@ -279,9 +277,9 @@ impl CaptureError {
             E::BadSignature => "接種券の署名が一致しません（偽造または読み取り誤りの可能性）".into(),
             E::WrongTicketKind { kind } => format!("券種 {kind} は接種券ではありません（1 であるべき）"),
             E::CouponNotIssued { number } => format!("券番号 {number} はこの市区町村で発行されていません"),
-            E::CouponSuperseded { generation, current } => format!(
-                "この接種券（第{generation}版）は再発行により無効です。最新は第{current}版です"
-            ),
+            E::CouponSuperseded { generation, current } => {
+                format!("この接種券（第{generation}版）は再発行により無効です。最新は第{current}版です")
+            }
             E::CouponRevoked { reason } => format!("この接種券は取り消されています（理由: {reason}）"),
             E::CouponAlreadyUsed { event_id, dose_number, vaccinated_on } => format!(
                 "この接種券は {vaccinated_on} の{dose_number}回目接種で使用済みです（記録 {event_id}）"
@@ -294,9 +292,9 @@ impl CaptureError {
                 };
                 format!("この住民は在住ではありません（{status_ja}）")
             }
-            E::DoseOutOfOrder { coupon_dose, next_dose } => format!(
-                "接種券は{coupon_dose}回目用ですが、この方の次の接種は{next_dose}回目です"
-            ),
+            E::DoseOutOfOrder { coupon_dose, next_dose } => {
+                format!("接種券は{coupon_dose}回目用ですが、この方の次の接種は{next_dose}回目です")
+            }
             E::IntervalTooShort { dose_number, actual_days, min_days, earliest, product, .. } => {
                 format!(
                     "{dose_number}回目の接種が前回から{actual_days}日後です。{product} は{min_days}日以上の間隔が必要です（{earliest} 以降）"
@@ -432,6 +430,11 @@ pub fn validate_capture(
     if entry.status == CouponStatus::Used {
         return replay_or_used(input, record, entry.used_by_event.as_deref());
     }
+    // Not a replay of this coupon's capture: the id must not name any dose of this resident
+    // (recording it would overwrite that dose, even a voided one).
+    if record.doses.contains_key(input.event_id) {
+        return Err(CaptureError::EventIdReused { event_id: input.event_id.to_owned() });
+    }
     match entry.status {
         CouponStatus::Superseded => {
             return Err(CaptureError::CouponSuperseded {
@@ -522,10 +525,7 @@ fn check_date(date: Date, context: &CaptureContext<'_>) -> Result<(), CaptureErr
         return Err(CaptureError::DateInFuture { date, today: context.today });
     }
     if date < context.campaign_start {
-        return Err(CaptureError::DateBeforeCampaign {
-            date,
-            campaign_start: context.campaign_start,
-        });
+        return Err(CaptureError::DateBeforeCampaign { date, campaign_start: context.campaign_start });
     }
     Ok(())
 }
@@ -602,8 +602,8 @@ fn check_interval(
 pub fn age_on(birth_date: Date, on: Date) -> u8 {
     let day_after = on.next_day().unwrap_or(on);
     let mut years = day_after.year() - birth_date.year();
-    let before_birthday = (day_after.month() as u8, day_after.day())
-        < (birth_date.month() as u8, birth_date.day());
+    let before_birthday =
+        (day_after.month() as u8, day_after.day()) < (birth_date.month() as u8, birth_date.day());
     if before_birthday {
         years -= 1;
     }
@@ -644,9 +644,7 @@ pub fn validate_void(
     let reopen = record
         .coupons
         .get(&key)
-        .filter(|c| {
-            c.status == CouponStatus::Used && c.used_by_event.as_deref() == Some(&dose.event_id)
-        })
+        .filter(|c| c.status == CouponStatus::Used && c.used_by_event.as_deref() == Some(&dose.event_id))
         .map(|_| key);
     let correction = Correction {
         correction_id: request.correction_id.to_owned(),
@@ -768,15 +766,11 @@ fn check_later_doses(
     amended: &DoseEvent,
     context: &CaptureContext<'_>,
 ) -> Result<(), CaptureError> {
-    let next = record
-        .valid_doses()
-        .into_iter()
-        .find(|d| d.dose_number == amended.dose_number + 1);
+    let next = record.valid_doses().into_iter().find(|d| d.dose_number == amended.dose_number + 1);
     let Some(next) = next else {
         return Ok(());
     };
-    let Some(product) = context.catalogue.products.iter().find(|p| p.code == next.product_code)
-    else {
+    let Some(product) = context.catalogue.products.iter().find(|p| p.code == next.product_code) else {
         return Ok(());
     };
     let min_days = product.min_interval_before(next.dose_number);

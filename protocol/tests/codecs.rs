@@ -14,15 +14,11 @@ use protocol::checkdigit::{
 };
 use protocol::coupon::{
     BadSignature, CouponCode, CouponCodeError, CouponNumber, CouponNumberError, CouponScanError,
-    GenerationTooLarge, MAX_GENERATION, QR_TEXT_LEN, ScannedCoupon, SignedCoupon,
-    parse_scanned_coupon,
+    GenerationTooLarge, MAX_GENERATION, QR_TEXT_LEN, ScannedCoupon, SignedCoupon, parse_scanned_coupon,
 };
-use protocol::gs1::{
-    Gs1Error, Gtin, GtinError, MAX_VIAL_TEXT_BYTES, VialBarcode, parse_vial_barcode,
-};
+use protocol::gs1::{Gs1Error, Gtin, GtinError, MAX_VIAL_TEXT_BYTES, VialBarcode, parse_vial_barcode};
 use protocol::municipality::{
-    MunicipalityCode, MunicipalityCodeError, MunicipalityKind, all_municipalities,
-    lookup_municipality,
+    MunicipalityCode, MunicipalityCodeError, MunicipalityKind, all_municipalities, lookup_municipality,
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use time::Date;
@@ -64,23 +60,13 @@ fn values(digits: &str) -> Vec<u8> {
 fn damm_check_digits() {
     #[track_caller]
     fn check(digits: &str, expected: u8) {
-        assert_eq!(
-            damm_check_digit(&values(digits)),
-            expected,
-            "Damm check digit of {digits}"
-        );
+        assert_eq!(damm_check_digit(&values(digits)), expected, "Damm check digit of {digits}");
         let mut with_check = values(digits);
         with_check.push(expected);
-        assert!(
-            damm_is_valid(&with_check),
-            "{digits}{expected} should be valid"
-        );
+        assert!(damm_is_valid(&with_check), "{digits}{expected} should be valid");
         let last = with_check.len() - 1;
         with_check[last] = (expected + 1) % 10;
-        assert!(
-            !damm_is_valid(&with_check),
-            "{digits} with a wrong check digit"
-        );
+        assert!(!damm_is_valid(&with_check), "{digits} with a wrong check digit");
     }
     check("572", 4); // The example in Damm's thesis and on Wikipedia.
     check("000000000", 0);
@@ -98,11 +84,7 @@ fn jis_x0402_check_digits() {
     fn check(code: &str) {
         let digits = values(code);
         let first5: [u8; 5] = digits[..5].try_into().unwrap();
-        assert_eq!(
-            jis_x0402_check_digit(&first5),
-            digits[5],
-            "JIS X 0402 check digit of {code}"
-        );
+        assert_eq!(jis_x0402_check_digit(&first5), digits[5], "JIS X 0402 check digit of {code}");
     }
     check("131016"); // Chiyoda
     check("141003"); // Yokohama
@@ -115,19 +97,12 @@ fn jis_x0402_check_digits() {
 #[test]
 fn jis_x0402_rule_holds_for_every_embedded_code() {
     let prefectures = include_str!("../data/prefectures.csv");
-    let prefecture_codes: Vec<&str> = prefectures
-        .lines()
-        .skip(1)
-        .filter_map(|line| line.split(',').next())
-        .collect();
+    let prefecture_codes: Vec<&str> =
+        prefectures.lines().skip(1).filter_map(|line| line.split(',').next()).collect();
     assert_eq!(prefecture_codes.len(), 47);
     for code in prefecture_codes {
-        let parsed =
-            MunicipalityCode::parse(code).unwrap_or_else(|error| panic!("{code}: {error}"));
-        assert!(
-            !parsed.is_known(),
-            "prefecture {code} is not a municipality"
-        );
+        let parsed = MunicipalityCode::parse(code).unwrap_or_else(|error| panic!("{code}: {error}"));
+        assert!(!parsed.is_known(), "prefecture {code} is not a municipality");
     }
     let municipalities = include_str!("../data/municipalities.csv");
     let mut count = 0;
@@ -190,23 +165,13 @@ fn municipality_codes() {
     #[track_caller]
     fn check(input: &str, expected: Result<&str, MunicipalityCodeError>) {
         let parsed = MunicipalityCode::parse(input);
-        assert_eq!(
-            parsed.map(|code| code.to_string()),
-            expected.map(str::to_owned),
-            "{input:?}"
-        );
+        assert_eq!(parsed.map(|code| code.to_string()), expected.map(str::to_owned), "{input:?}");
     }
     use MunicipalityCodeError as E;
     check("131016", Ok("131016"));
     check(" 141003\r\n", Ok("141003"));
     check("999997", Ok("999997")); // Well-formed, though no such municipality.
-    check(
-        "131017",
-        Err(E::CheckDigit {
-            expected: 6,
-            found: 7,
-        }),
-    );
+    check("131017", Err(E::CheckDigit { expected: 6, found: 7 }));
     check("13101", Err(E::Length { found: 5 }));
     check("1310166", Err(E::Length { found: 7 }));
     check("", Err(E::Length { found: 0 }));
@@ -223,17 +188,10 @@ fn municipality_code_accessors_and_serde() {
     assert!(chiyoda.is_known());
     assert!(!MunicipalityCode::parse("999997").unwrap().is_known());
     assert_eq!(serde_json::to_string(&chiyoda).unwrap(), "\"131016\"");
-    assert_eq!(
-        serde_json::from_str::<MunicipalityCode>("\"131016\"").unwrap(),
-        chiyoda
-    );
+    assert_eq!(serde_json::from_str::<MunicipalityCode>("\"131016\"").unwrap(), chiyoda);
     assert!(serde_json::from_str::<MunicipalityCode>("\"131017\"").is_err());
     assert_eq!(
-        MunicipalityCodeError::CheckDigit {
-            expected: 6,
-            found: 7
-        }
-        .message_ja(),
+        MunicipalityCodeError::CheckDigit { expected: 6, found: 7 }.message_ja(),
         "市区町村コードのチェックディジットが一致しません（6桁目: 7、正しくは6）"
     );
 }
@@ -242,23 +200,12 @@ fn municipality_code_accessors_and_serde() {
 fn municipality_lookup() {
     #[track_caller]
     fn check(code: &str, expected: Option<(&str, &str, MunicipalityKind)>) {
-        let found = lookup_municipality(code.parse().unwrap()).map(|municipality| {
-            (
-                municipality.prefecture,
-                municipality.name,
-                municipality.kind,
-            )
-        });
+        let found = lookup_municipality(code.parse().unwrap())
+            .map(|municipality| (municipality.prefecture, municipality.name, municipality.kind));
         assert_eq!(found, expected, "{code}");
     }
-    check(
-        "131016",
-        Some(("東京都", "千代田区", MunicipalityKind::SpecialWard)),
-    );
-    check(
-        "141003",
-        Some(("神奈川県", "横浜市", MunicipalityKind::City)),
-    );
+    check("131016", Some(("東京都", "千代田区", MunicipalityKind::SpecialWard)));
+    check("141003", Some(("神奈川県", "横浜市", MunicipalityKind::City)));
     check("011002", Some(("北海道", "札幌市", MunicipalityKind::City)));
     check("010006", None);
 }
@@ -273,11 +220,7 @@ fn all_embedded_municipalities_parse_and_are_known() {
     assert_eq!(count(MunicipalityKind::Village), 183);
     assert_eq!(count(MunicipalityKind::SpecialWard), 23);
     for pair in municipalities.windows(2) {
-        assert!(
-            pair[0].code < pair[1].code,
-            "sorted and unique: {}",
-            pair[1].code
-        );
+        assert!(pair[0].code < pair[1].code, "sorted and unique: {}", pair[1].code);
     }
     for municipality in municipalities {
         let code = MunicipalityCode::parse(municipality.code.as_str()).unwrap();
@@ -285,10 +228,7 @@ fn all_embedded_municipalities_parse_and_are_known() {
         assert!(code.is_known(), "{code}");
         assert_eq!(code.prefecture_code(), municipality.prefecture_code);
         assert!((1..=47).contains(&municipality.prefecture_code), "{code}");
-        assert!(
-            !municipality.name.is_empty() && !municipality.name_kana.is_empty(),
-            "{code}"
-        );
+        assert!(!municipality.name.is_empty() && !municipality.name_kana.is_empty(), "{code}");
     }
 }
 
@@ -301,11 +241,7 @@ fn coupon_numbers_from_serials() {
     #[track_caller]
     fn check(serial: u32, expected: Result<&str, CouponNumberError>) {
         let number = CouponNumber::from_serial(serial);
-        assert_eq!(
-            number.map(|n| n.to_string()),
-            expected.map(str::to_owned),
-            "{serial}"
-        );
+        assert_eq!(number.map(|n| n.to_string()), expected.map(str::to_owned), "{serial}");
         if let Ok(number) = number {
             assert_eq!(number.serial(), serial);
         }
@@ -314,16 +250,8 @@ fn coupon_numbers_from_serials() {
     check(1, Ok("0000000013"));
     check(123_456_789, Ok("1234567894"));
     check(999_999_999, Ok("9999999990"));
-    check(
-        1_000_000_000,
-        Err(CouponNumberError::SerialTooLarge {
-            serial: 1_000_000_000,
-        }),
-    );
-    check(
-        u32::MAX,
-        Err(CouponNumberError::SerialTooLarge { serial: u32::MAX }),
-    );
+    check(1_000_000_000, Err(CouponNumberError::SerialTooLarge { serial: 1_000_000_000 }));
+    check(u32::MAX, Err(CouponNumberError::SerialTooLarge { serial: u32::MAX }));
 }
 
 #[test]
@@ -336,20 +264,8 @@ fn coupon_numbers_parse() {
     use CouponNumberError as E;
     check("0000000013", Ok(1));
     check(" 1234567894 ", Ok(123_456_789));
-    check(
-        "0000000014",
-        Err(E::CheckDigit {
-            expected: 3,
-            found: 4,
-        }),
-    );
-    check(
-        "0000000031",
-        Err(E::CheckDigit {
-            expected: 7,
-            found: 1,
-        }),
-    );
+    check("0000000014", Err(E::CheckDigit { expected: 3, found: 4 }));
+    check("0000000031", Err(E::CheckDigit { expected: 7, found: 1 }));
     check("000000013", Err(E::Length { found: 9 }));
     check("00000000l3", Err(E::NonDigit { position: 9 }));
     check("", Err(E::Length { found: 0 }));
@@ -360,39 +276,17 @@ fn coupon_codes() {
     #[track_caller]
     fn check(input: &str, expected: Result<&str, CouponCodeError>) {
         let parsed = CouponCode::parse(input);
-        assert_eq!(
-            parsed.map(|code| code.to_string()),
-            expected.map(str::to_owned),
-            "{input:?}"
-        );
+        assert_eq!(parsed.map(|code| code.to_string()), expected.map(str::to_owned), "{input:?}");
     }
     use CouponCodeError as E;
     check("111310160000000013", Ok("111310160000000013"));
     check(" 121410031234567894\r\n", Ok("121410031234567894"));
     check("019999979999999990", Ok("019999979999999990")); // Unknown municipality: still a code.
     check("101310160000000013", Err(E::DoseRound { found: 0 }));
-    check(
-        "111310170000000013",
-        Err(E::MunicipalityCheckDigit {
-            expected: 6,
-            found: 7,
-        }),
-    );
-    check(
-        "111310160000000014",
-        Err(E::NumberCheckDigit {
-            expected: 3,
-            found: 4,
-        }),
-    );
+    check("111310170000000013", Err(E::MunicipalityCheckDigit { expected: 6, found: 7 }));
+    check("111310160000000014", Err(E::NumberCheckDigit { expected: 3, found: 4 }));
     // The adjacent transposition 13 -> 31 is caught.
-    check(
-        "111310160000000031",
-        Err(E::NumberCheckDigit {
-            expected: 7,
-            found: 1,
-        }),
-    );
+    check("111310160000000031", Err(E::NumberCheckDigit { expected: 7, found: 1 }));
     check("11131016000000001", Err(E::Length { found: 17 }));
     check("1113101600000000133", Err(E::Length { found: 19 }));
     check("1113101600000000１3", Err(E::NonDigit { position: 17 }));
@@ -404,20 +298,10 @@ fn coupon_codes() {
     assert_eq!(code.dose_round, 2);
     assert_eq!(code.municipality.as_str(), "141003");
     assert_eq!(code.number.serial(), 123_456_789);
+    assert_eq!(serde_json::to_string(&code).unwrap(), "\"121410031234567894\"");
+    assert_eq!(serde_json::from_str::<CouponCode>("\"121410031234567894\"").unwrap(), code);
     assert_eq!(
-        serde_json::to_string(&code).unwrap(),
-        "\"121410031234567894\""
-    );
-    assert_eq!(
-        serde_json::from_str::<CouponCode>("\"121410031234567894\"").unwrap(),
-        code
-    );
-    assert_eq!(
-        E::NumberCheckDigit {
-            expected: 3,
-            found: 4
-        }
-        .message_ja(),
+        E::NumberCheckDigit { expected: 3, found: 4 }.message_ja(),
         "券番号のチェックディジットが一致しません（18桁目）。読み取りか入力の誤りです"
     );
 }
@@ -454,31 +338,13 @@ fn scanned_coupons() {
     check(" \r\n", Err(E::Length { found: 0 }));
     check("11131016000000001", Err(E::Length { found: 17 }));
     check("1113101600000000130", Err(E::Length { found: 19 }));
-    check(
-        "11131016000000001x",
-        Err(E::NonDigit {
-            position: 18,
-            character: 'x',
-        }),
-    );
-    check(
-        "11131016 000000013",
-        Err(E::NonDigit {
-            position: 9,
-            character: ' ',
-        }),
-    );
+    check("11131016000000001x", Err(E::NonDigit { position: 18, character: 'x' }));
+    check("11131016 000000013", Err(E::NonDigit { position: 9, character: ' ' }));
     check(
         "111310170000000013",
-        Err(E::Code(CouponCodeError::MunicipalityCheckDigit {
-            expected: 6,
-            found: 7,
-        })),
+        Err(E::Code(CouponCodeError::MunicipalityCheckDigit { expected: 6, found: 7 })),
     );
-    check(
-        "101310160000000013",
-        Err(E::Code(CouponCodeError::DoseRound { found: 0 })),
-    );
+    check("101310160000000013", Err(E::Code(CouponCodeError::DoseRound { found: 0 })));
 
     let coupon = signed("111310160000000013", 3);
     let text = coupon.to_qr_text();
@@ -486,36 +352,21 @@ fn scanned_coupons() {
     check(&format!("{text}\r\n"), Ok(ScannedCoupon::Signed(coupon)));
     check(&text[..179], Err(E::Length { found: 179 }));
     check(&format!("{text}0"), Err(E::Length { found: 181 }));
-    check(
-        &format!("{}:{}", &text[..99], &text[100..]),
-        Err(E::NonDigit {
-            position: 100,
-            character: ':',
-        }),
-    );
+    check(&format!("{}:{}", &text[..99], &text[100..]), Err(E::NonDigit { position: 100, character: ':' }));
     check(
         &with_chunk(&text, 1, "99999999999999999999"),
-        Err(E::SignatureOutOfRange {
-            chunk: 1,
-            position: 21,
-        }),
+        Err(E::SignatureOutOfRange { chunk: 1, position: 21 }),
     );
     check(
         &with_chunk(&text, 8, "18446744073709551616"),
-        Err(E::SignatureOutOfRange {
-            chunk: 8,
-            position: 161,
-        }),
+        Err(E::SignatureOutOfRange { chunk: 8, position: 161 }),
     );
     // The largest 20-digit chunk that fits a u64 parses (and then fails to verify).
     let max_chunk = with_chunk(&text, 8, "18446744073709551615");
     let Ok(ScannedCoupon::Signed(altered)) = parse_scanned_coupon(&max_chunk) else {
         panic!("u64::MAX is a valid chunk");
     };
-    assert_eq!(
-        altered.verify(test_key().public_key().as_ref()),
-        Err(BadSignature)
-    );
+    assert_eq!(altered.verify(test_key().public_key().as_ref()), Err(BadSignature));
     assert_eq!(
         E::Length { found: 17 }.to_string(),
         "read 17 characters; a coupon is 18 digits (printed number) or 180 digits (signed QR code)"
@@ -531,20 +382,11 @@ fn signed_coupons_verify_only_under_their_key() {
     assert!(text.starts_with("12141003123456789400"));
     assert_eq!(coupon.verify(test_key().public_key().as_ref()), Ok(()));
     let other_key = Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
-    assert_eq!(
-        coupon.verify(other_key.public_key().as_ref()),
-        Err(BadSignature)
-    );
+    assert_eq!(coupon.verify(other_key.public_key().as_ref()), Err(BadSignature));
     assert_eq!(coupon.verify(&[0; 31]), Err(BadSignature));
     // The generation is signed: the same signature does not cover another generation.
-    let regenerated = SignedCoupon {
-        generation: 1,
-        ..coupon
-    };
-    assert_eq!(
-        regenerated.verify(test_key().public_key().as_ref()),
-        Err(BadSignature)
-    );
+    let regenerated = SignedCoupon { generation: 1, ..coupon };
+    assert_eq!(regenerated.verify(test_key().public_key().as_ref()), Err(BadSignature));
 }
 
 #[test]
@@ -552,15 +394,9 @@ fn generations_above_99_cannot_be_signed() {
     let code = CouponCode::parse("111310160000000013").unwrap();
     let key = test_key();
     assert!(SignedCoupon::try_sign(code, MAX_GENERATION, &key).is_ok());
-    assert_eq!(
-        SignedCoupon::try_sign(code, 100, &key),
-        Err(GenerationTooLarge { generation: 100 })
-    );
+    assert_eq!(SignedCoupon::try_sign(code, 100, &key), Err(GenerationTooLarge { generation: 100 }));
     let panicked = std::panic::catch_unwind(|| SignedCoupon::sign(code, 100, &test_key()));
-    assert!(
-        panicked.is_err(),
-        "sign documents a panic above MAX_GENERATION"
-    );
+    assert!(panicked.is_err(), "sign documents a panic above MAX_GENERATION");
 }
 
 /// The test vectors published in `docs/coupon-qr.md`, kept in a file so that the document,
@@ -569,10 +405,7 @@ fn generations_above_99_cannot_be_signed() {
 /// `UPDATE_EXPECT=1` to rewrite the derived lines after a deliberate format change.
 #[test]
 fn coupon_qr_vectors() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/coupon-qr-vectors.txt"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/coupon-qr-vectors.txt");
     let current = std::fs::read_to_string(path).unwrap();
     let mut expected = String::new();
     let mut inputs: Vec<(Vec<u8>, String, u8)> = Vec::new();
@@ -596,20 +429,14 @@ fn coupon_qr_vectors() {
             _ => {}
         }
     }
-    assert!(
-        inputs.len() >= 3,
-        "the vectors file lists at least three vectors"
-    );
+    assert!(inputs.len() >= 3, "the vectors file lists at least three vectors");
     for (seed, code, generation) in &inputs {
         expected.push_str(&render_vector(seed, code, *generation));
     }
     if std::env::var_os("UPDATE_EXPECT").is_some() {
         std::fs::write(path, &expected).unwrap();
     } else {
-        assert_eq!(
-            current, expected,
-            "vectors file is stale; rerun with UPDATE_EXPECT=1"
-        );
+        assert_eq!(current, expected, "vectors file is stale; rerun with UPDATE_EXPECT=1");
     }
     // And every vector's QR text decodes and verifies.
     for (seed, code, generation) in &inputs {
@@ -643,10 +470,7 @@ fn to_hex(bytes: &[u8]) -> String {
 }
 
 fn from_hex(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|index| u8::from_str_radix(&hex[index..index + 2], 16).unwrap())
-        .collect()
+    (0..hex.len()).step_by(2).map(|index| u8::from_str_radix(&hex[index..index + 2], 16).unwrap()).collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -659,10 +483,7 @@ fn vial(gtin: &str, expiry: Date, lot: &str, other: &[(&str, &str)]) -> VialBarc
         gtin: Gtin::parse(gtin).unwrap(),
         expiry,
         lot: lot.to_owned(),
-        other: other
-            .iter()
-            .map(|(ai, data)| ((*ai).to_owned(), (*data).to_owned()))
-            .collect(),
+        other: other.iter().map(|(ai, data)| ((*ai).to_owned(), (*data).to_owned())).collect(),
     }
 }
 
@@ -674,46 +495,23 @@ fn vial_barcodes_accepted() {
     }
     let plain = vial("09506000134352", date!(2027 - 12 - 31), "AB1234", &[]);
     check("(01)09506000134352(17)271231(10)AB1234", plain.clone());
-    check(
-        "(01)09506000134352 (17)271231  (10)AB1234\r\n",
-        plain.clone(),
-    );
+    check("(01)09506000134352 (17)271231  (10)AB1234\r\n", plain.clone());
     check("(17)271231(10)AB1234(01)09506000134352", plain.clone());
     check("]d201095060001343521727123110AB1234", plain.clone());
     check("]C101095060001343521727123110AB1234", plain.clone());
     check("]Q301095060001343521727123110AB1234", plain.clone());
     check("]e001095060001343521727123110AB1234", plain.clone());
     check("01095060001343521727123110AB1234", plain.clone());
-    check(
-        &format!("{GS}0109506000134352{GS}17271231{GS}10AB1234{GS}"),
-        plain.clone(),
-    );
-    check(
-        &format!("]d210AB1234{GS}010950600013435217271231"),
-        plain.clone(),
-    );
+    check(&format!("{GS}0109506000134352{GS}17271231{GS}10AB1234{GS}"), plain.clone());
+    check(&format!("]d210AB1234{GS}010950600013435217271231"), plain.clone());
     check(
         &format!("]d20109506000134352112601151727123110AB1234{GS}21SN-001"),
-        vial(
-            "09506000134352",
-            date!(2027 - 12 - 31),
-            "AB1234",
-            &[("11", "260115"), ("21", "SN-001")],
-        ),
+        vial("09506000134352", date!(2027 - 12 - 31), "AB1234", &[("11", "260115"), ("21", "SN-001")]),
     );
     // Day 00 is the last day of the month, leap years included.
-    check(
-        "(01)09506000134352(17)270200(10)X",
-        vial("09506000134352", date!(2027 - 02 - 28), "X", &[]),
-    );
-    check(
-        "(01)09506000134352(17)280200(10)X",
-        vial("09506000134352", date!(2028 - 02 - 29), "X", &[]),
-    );
-    check(
-        "(01)09506000134352(17)991100(10)X",
-        vial("09506000134352", date!(2099 - 11 - 30), "X", &[]),
-    );
+    check("(01)09506000134352(17)270200(10)X", vial("09506000134352", date!(2027 - 02 - 28), "X", &[]));
+    check("(01)09506000134352(17)280200(10)X", vial("09506000134352", date!(2028 - 02 - 29), "X", &[]));
+    check("(01)09506000134352(17)991100(10)X", vial("09506000134352", date!(2099 - 11 - 30), "X", &[]));
     // A lot may contain parentheses, as long as they do not look like an AI.
     check(
         "(01)09506000134352(17)271231(10)A(B)1",
@@ -721,22 +519,12 @@ fn vial_barcodes_accepted() {
     );
     check(
         "(01)09506000134352(17)271231(10)ABCDEFGHIJ0123456789",
-        vial(
-            "09506000134352",
-            date!(2027 - 12 - 31),
-            "ABCDEFGHIJ0123456789",
-            &[],
-        ),
+        vial("09506000134352", date!(2027 - 12 - 31), "ABCDEFGHIJ0123456789", &[]),
     );
     // Bracketed elements we do not interpret are kept, even unknown ones.
     check(
         "(01)09506000134352(21)12345(17)271231(10)L1(23)X",
-        vial(
-            "09506000134352",
-            date!(2027 - 12 - 31),
-            "L1",
-            &[("21", "12345"), ("23", "X")],
-        ),
+        vial("09506000134352", date!(2027 - 12 - 31), "L1", &[("21", "12345"), ("23", "X")]),
     );
 }
 
@@ -752,232 +540,78 @@ fn vial_barcodes_refused() {
     use Gs1Error as E;
     check("", E::Empty);
     check(" \r\n", E::Empty);
-    check(
-        &"1".repeat(MAX_VIAL_TEXT_BYTES + 1),
-        E::TooLong {
-            length: 4097,
-            max: 4096,
-        },
-    );
-    check(
-        "]d1010950600013435217271231",
-        E::UnsupportedSymbology {
-            identifier: "]d1".into(),
-        },
-    );
-    check(
-        "]",
-        E::UnsupportedSymbology {
-            identifier: "]".into(),
-        },
-    );
-    check(
-        "]d2",
-        E::Missing {
-            ai: "01",
-            what: "GTIN",
-        },
-    );
-    check(
-        "(01)09506000134352(17)271231",
-        E::Missing {
-            ai: "10",
-            what: "lot number",
-        },
-    );
-    check(
-        "(01)09506000134352(10)X",
-        E::Missing {
-            ai: "17",
-            what: "expiry date",
-        },
-    );
-    check(
-        "(17)271231(10)X",
-        E::Missing {
-            ai: "01",
-            what: "GTIN",
-        },
-    );
+    check(&"1".repeat(MAX_VIAL_TEXT_BYTES + 1), E::TooLong { length: 4097, max: 4096 });
+    check("]d1010950600013435217271231", E::UnsupportedSymbology { identifier: "]d1".into() });
+    check("]", E::UnsupportedSymbology { identifier: "]".into() });
+    check("]d2", E::Missing { ai: "01", what: "GTIN" });
+    check("(01)09506000134352(17)271231", E::Missing { ai: "10", what: "lot number" });
+    check("(01)09506000134352(10)X", E::Missing { ai: "17", what: "expiry date" });
+    check("(17)271231(10)X", E::Missing { ai: "01", what: "GTIN" });
     // Check digit, dates.
     check(
         "(01)09506000134353(17)271231(10)AB1234",
-        E::GtinCheckDigit {
-            position: 18,
-            expected: 2,
-            found: 3,
-        },
+        E::GtinCheckDigit { position: 18, expected: 2, found: 3 },
     );
-    check(
-        "]d201095060001343531727123110AB1234",
-        E::GtinCheckDigit {
-            position: 19,
-            expected: 2,
-            found: 3,
-        },
-    );
+    check("]d201095060001343531727123110AB1234", E::GtinCheckDigit { position: 19, expected: 2, found: 3 });
     for bad_date in ["271332", "270230", "270000", "271300", "210229"] {
         check(
             &format!("(01)09506000134352(17){bad_date}(10)X"),
-            E::BadDate {
-                ai: ai("17"),
-                position: 23,
-                value: bad_date.into(),
-            },
+            E::BadDate { ai: ai("17"), position: 23, value: bad_date.into() },
         );
     }
-    check(
-        "(01)09506000134352(17)27123A(10)X",
-        E::NonDigit {
-            ai: ai("17"),
-            position: 28,
-            character: 'A',
-        },
-    );
+    check("(01)09506000134352(17)27123A(10)X", E::NonDigit { ai: ai("17"), position: 28, character: 'A' });
     // Lots.
     check(
         "(01)09506000134352(17)271231(10)ABCDEFGHIJ01234567890",
-        E::FieldLength {
-            ai: ai("10"),
-            position: 33,
-            min: 1,
-            max: 20,
-            found: 21,
-        },
+        E::FieldLength { ai: ai("10"), position: 33, min: 1, max: 20, found: 21 },
     );
     check(
         "(01)09506000134352(17)271231(10)AB#12",
-        E::BadCharacter {
-            ai: ai("10"),
-            position: 35,
-            character: '#',
-        },
+        E::BadCharacter { ai: ai("10"), position: 35, character: '#' },
     );
-    check(
-        "]d2010950600013435217271231",
-        E::Missing {
-            ai: "10",
-            what: "lot number",
-        },
-    );
+    check("]d2010950600013435217271231", E::Missing { ai: "10", what: "lot number" });
     check(
         "]d201095060001343521727123110ABあ",
-        E::BadCharacter {
-            ai: ai("10"),
-            position: 32,
-            character: 'あ',
-        },
+        E::BadCharacter { ai: ai("10"), position: 32, character: 'あ' },
     );
     check(
         &format!("]d201095060001343521727123110{GS}21X"),
-        E::FieldLength {
-            ai: ai("10"),
-            position: 30,
-            min: 1,
-            max: 20,
-            found: 0,
-        },
+        E::FieldLength { ai: ai("10"), position: 30, min: 1, max: 20, found: 0 },
     );
     // Truncated and unknown AIs.
-    check(
-        "]d20109506000134",
-        E::FieldLength {
-            ai: ai("01"),
-            position: 6,
-            min: 14,
-            max: 14,
-            found: 11,
-        },
-    );
+    check("]d20109506000134", E::FieldLength { ai: ai("01"), position: 6, min: 14, max: 14, found: 11 });
     check(
         "(01)0950600013435(17)271231(10)X",
-        E::FieldLength {
-            ai: ai("01"),
-            position: 5,
-            min: 14,
-            max: 14,
-            found: 13,
-        },
+        E::FieldLength { ai: ai("01"), position: 5, min: 14, max: 14, found: 13 },
     );
     check(
         "(01)09506000134352(1)271231(10)X",
-        E::FieldLength {
-            ai: ai("01"),
-            position: 5,
-            min: 14,
-            max: 14,
-            found: 23,
-        },
+        E::FieldLength { ai: ai("01"), position: 5, min: 14, max: 14, found: 23 },
     );
-    check(
-        "]d201095060001343521427123",
-        E::UnknownAi {
-            ai: ai("1427"),
-            position: 20,
-        },
-    );
-    check(
-        "]d20109506000134352AB",
-        E::UnknownAi {
-            ai: ai("AB"),
-            position: 20,
-        },
-    );
-    check(
-        "]d201095060001343521",
-        E::UnknownAi {
-            ai: ai("1"),
-            position: 20,
-        },
-    );
-    check(
-        "(011)09506000134352(17)271231(10)X",
-        E::UnknownAi {
-            ai: ai("011"),
-            position: 2,
-        },
-    );
+    check("]d201095060001343521427123", E::UnknownAi { ai: ai("1427"), position: 20 });
+    check("]d20109506000134352AB", E::UnknownAi { ai: ai("AB"), position: 20 });
+    check("]d201095060001343521", E::UnknownAi { ai: ai("1"), position: 20 });
+    check("(011)09506000134352(17)271231(10)X", E::UnknownAi { ai: ai("011"), position: 2 });
     // Bracket syntax.
     check("(0a)09506000134352", E::MalformedBracket { position: 1 });
     check("(01", E::MalformedBracket { position: 1 });
-    check(
-        "(01)09506000134352 xyz",
-        E::MalformedBracket { position: 20 },
-    );
+    check("(01)09506000134352 xyz", E::MalformedBracket { position: 20 });
     // Duplicates.
     check(
         "(01)09506000134352(17)271231(10)A(10)B",
-        E::DuplicateAi {
-            ai: ai("10"),
-            first_position: 30,
-            position: 35,
-        },
+        E::DuplicateAi { ai: ai("10"), first_position: 30, position: 35 },
     );
     check(
         "]d201095060001343520109506000134352",
-        E::DuplicateAi {
-            ai: ai("01"),
-            first_position: 4,
-            position: 20,
-        },
+        E::DuplicateAi { ai: ai("01"), first_position: 4, position: 20 },
     );
     assert_ne!(
         parse_vial_barcode(&"0".repeat(MAX_VIAL_TEXT_BYTES)).map(|_| ()),
-        Err(E::TooLong {
-            length: 4096,
-            max: 4096
-        }),
+        Err(E::TooLong { length: 4096, max: 4096 }),
         "exactly the limit is looked at"
     );
     assert_eq!(
-        E::FieldLength {
-            ai: ai("10"),
-            position: 33,
-            min: 1,
-            max: 20,
-            found: 21
-        }
-        .message_ja(),
+        E::FieldLength { ai: ai("10"), position: 33, min: 1, max: 20, found: 21 }.message_ja(),
         "ロット番号(10)（33文字目から）は1〜20文字のはずですが、21文字です"
     );
 }
@@ -991,13 +625,7 @@ fn gtins() {
     }
     check("09506000134352", Ok("09506000134352"));
     check(" 04987123456784\n", Ok("04987123456784"));
-    check(
-        "04987123456782",
-        Err(GtinError::CheckDigit {
-            expected: 4,
-            found: 2,
-        }),
-    );
+    check("04987123456782", Err(GtinError::CheckDigit { expected: 4, found: 2 }));
     check("4987123456784", Err(GtinError::Length { found: 13 }));
     check("0498712345678X", Err(GtinError::NonDigit { position: 14 }));
     let gtin = Gtin::parse("09506000134352").unwrap();
@@ -1016,10 +644,7 @@ fn number_values(serial: u32) -> Vec<u8> {
 
 /// Whether ten digit values parse as a coupon number.
 fn parses_as_number(digits: &[u8]) -> bool {
-    let text: String = digits
-        .iter()
-        .map(|digit| char::from(b'0' + digit))
-        .collect();
+    let text: String = digits.iter().map(|digit| char::from(b'0' + digit)).collect();
     CouponNumber::parse(&text).is_ok()
 }
 
@@ -1053,20 +678,14 @@ fn damm_catches_every_single_error_exhaustively() {
 
 /// Any coupon code whose municipality is a real one.
 fn any_coupon_code() -> impl Strategy<Value = CouponCode> {
-    (
-        0u8..=9,
-        1u8..=9,
-        0..all_municipalities().len(),
-        0..=CouponNumber::MAX_SERIAL,
+    (0u8..=9, 1u8..=9, 0..all_municipalities().len(), 0..=CouponNumber::MAX_SERIAL).prop_map(
+        |(ticket_kind, dose_round, municipality, serial)| CouponCode {
+            ticket_kind,
+            dose_round,
+            municipality: all_municipalities()[municipality].code,
+            number: CouponNumber::from_serial(serial).unwrap(),
+        },
     )
-        .prop_map(
-            |(ticket_kind, dose_round, municipality, serial)| CouponCode {
-                ticket_kind,
-                dose_round,
-                municipality: all_municipalities()[municipality].code,
-                number: CouponNumber::from_serial(serial).unwrap(),
-            },
-        )
 }
 
 /// A random Date in 2000–2099 and its YYMMDD form (sometimes with day 00).
@@ -1077,10 +696,7 @@ fn any_expiry() -> impl Strategy<Value = (Date, String)> {
         let day_in_text = if day > last { last } else { day };
         let date_day = if day_in_text == 0 { last } else { day_in_text };
         let date = Date::from_calendar_date(year, month, date_day).unwrap();
-        (
-            date,
-            format!("{:02}{:02}{:02}", year - 2000, u8::from(month), day_in_text),
-        )
+        (date, format!("{:02}{:02}{:02}", year - 2000, u8::from(month), day_in_text))
     })
 }
 
@@ -1120,11 +736,8 @@ fn hostile_text() -> impl Strategy<Value = String> {
         Just("(01)09506000134352(17)271231(10)AB1234(21)X".to_owned()),
         Just(format!("]d2010950600013435217271231{GS}10AB1234{GS}21X")),
     ];
-    let edited = (
-        bases,
-        proptest::collection::vec((any::<usize>(), interesting, 0u8..3), 1..6),
-    )
-        .prop_map(|(base, edits)| {
+    let edited = (bases, proptest::collection::vec((any::<usize>(), interesting, 0u8..3), 1..6)).prop_map(
+        |(base, edits)| {
             let mut chars: Vec<char> = base.chars().collect();
             for (at, character, kind) in edits {
                 let at = at % (chars.len() + 1);
@@ -1138,7 +751,8 @@ fn hostile_text() -> impl Strategy<Value = String> {
                 }
             }
             chars.into_iter().collect::<String>()
-        });
+        },
+    );
     prop_oneof![random, edited, any::<String>()]
 }
 

@@ -1,1 +1,1152 @@
-//! Validation tests (being written).
+//! Validation tests: captures, voids and amendments, the Japanese age rule, and the resident
+//! document (one commit per event, replicas that merge).
+//!
+//! Every capture case starts from one default situation (a Yokohama resident with a valid
+//! coupon for dose 1, a comirnaty-30 vial from a registered lot, today 2026-11-25) and
+//! changes one thing. Each feature has one `check` helper and a table of cases, and goes
+//! through the crate's public API: the scanned texts are decoded, the coupon authenticated
+//! and the capture validated as the node does it, and records change only through real
+//! Automerge documents.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::{ActorId, Automerge};
+use protocol::catalogue::{Catalogue, Lot, Product};
+use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon};
+use protocol::document::{
+    CorrectionKind, CouponEntry, CouponStatus, DoseEvent, DoseStatus, Identity, ResidentEvent,
+    ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex, apply_event, coupon_key, new_resident_document,
+    read_record,
+};
+use protocol::gs1::{Gtin, parse_vial_barcode};
+use protocol::municipality::MunicipalityCode;
+use protocol::person::PersonKeySecret;
+use protocol::validation::{
+    AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, VoidRequest,
+    age_on, authenticate_coupon, decode_scans, validate_amendment, validate_capture, validate_void,
+};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use time::macros::{date, datetime};
+use time::{Date, OffsetDateTime};
+
+// ---------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------
+
+const COMIRNATY_30: &str = "04987000001014";
+const COMIRNATY_10: &str = "04987000001021";
+const SPIKEVAX: &str = "04987000002011";
+/// Nuvaxovid: a valid GTIN in the node's shipped catalogue, but not in this one.
+const NOT_IN_CATALOGUE: &str = "04987000003018";
+
+/// Yokohama, the municipality of the fixture.
+const YOKOHAMA: &str = "141003";
+/// Chiyoda: a real municipality whose coupon key the fixture does not hold.
+const CHIYODA: &str = "131016";
+/// Kanagawa prefecture: a well-formed local-government code, but no municipality.
+const KANAGAWA_PREFECTURE: &str = "140007";
+
+const TODAY: Date = date!(2026 - 11 - 25);
+const CAMPAIGN_START: Date = date!(2021 - 02 - 17);
+/// The default vaccination date.
+const VACCINATED_ON: Date = date!(2026 - 11 - 20);
+/// When coupons were issued.
+const ISSUED_AT: OffsetDateTime = datetime!(2026-10-01 09:00 +09:00);
+/// The clock of every capture and write.
+const NOW: OffsetDateTime = datetime!(2026-11-25 10:00 +09:00);
+
+const VENUE: &str = "yokohama-arena";
+const STAFF: &str = "staff-0042";
+/// The default vial: comirnaty-30, printed expiry 2027-03-31, lot FA1234.
+const VIAL: &str = "(01)04987000001014(17)270331(10)FA1234";
+
+fn gtin(digits: &str) -> Gtin {
+    Gtin::parse(digits).unwrap()
+}
+
+fn product(
+    gtin_digits: &str,
+    code: &str,
+    name_ja: &str,
+    name_en: &str,
+    maker: &str,
+    min_interval_days: &[u16],
+    min_age_years: u8,
+) -> Product {
+    Product {
+        gtin: gtin(gtin_digits),
+        code: code.to_owned(),
+        name_ja: name_ja.to_owned(),
+        name_en: name_en.to_owned(),
+        maker: maker.to_owned(),
+        doses_in_series: 2,
+        min_interval_days: min_interval_days.to_vec(),
+        min_age_years,
+    }
+}
+
+/// The first three products of `node/data/catalogue.toml`.
+fn catalogue() -> Catalogue {
+    let catalogue = Catalogue {
+        products: vec![
+            product(
+                COMIRNATY_30,
+                "comirnaty-30",
+                "コミナティ筋注（12歳以上用）",
+                "Comirnaty 30 µg (12 years and over)",
+                "ファイザー",
+                &[18, 90],
+                12,
+            ),
+            product(
+                COMIRNATY_10,
+                "comirnaty-10",
+                "コミナティ筋注（5〜11歳用）",
+                "Comirnaty 10 µg (5 to 11 years)",
+                "ファイザー",
+                &[18, 90],
+                5,
+            ),
+            product(
+                SPIKEVAX,
+                "spikevax",
+                "スパイクバックス筋注",
+                "Spikevax",
+                "モデルナ・武田薬品",
+                &[24, 90],
+                12,
+            ),
+        ],
+    };
+    catalogue.validate().unwrap();
+    catalogue
+}
+
+fn lot(number: &str, gtin_digits: &str, expiry: Date) -> Lot {
+    Lot { lot: number.to_owned(), gtin: gtin(gtin_digits), expiry }
+}
+
+/// The lots the node has received.
+fn lots() -> Vec<Lot> {
+    vec![
+        lot("FA1234", COMIRNATY_30, date!(2027 - 03 - 31)),
+        lot("FB2222", COMIRNATY_30, date!(2027 - 05 - 31)),
+        // Expired the day before the default vaccination date, by the maker's list; its vials
+        // may still print a later date (relabelled).
+        lot("FA0001", COMIRNATY_30, date!(2026 - 11 - 19)),
+        lot("EW0101", COMIRNATY_10, date!(2027 - 03 - 31)),
+        lot("SV5678", SPIKEVAX, date!(2027 - 06 - 30)),
+    ]
+}
+
+fn municipality(code: &str) -> MunicipalityCode {
+    MunicipalityCode::parse(code).unwrap()
+}
+
+/// Yokohama's coupon-signing key, from a fixed seed.
+fn signing_key() -> Ed25519KeyPair {
+    Ed25519KeyPair::from_seed_unchecked(&[0x14; 32]).unwrap()
+}
+
+/// A key that is nobody's coupon key.
+fn forger_key() -> Ed25519KeyPair {
+    Ed25519KeyPair::from_seed_unchecked(&[0x66; 32]).unwrap()
+}
+
+fn coupon_in(municipality_code: &str, ticket_kind: u8, dose_round: u8, serial: u32) -> CouponCode {
+    CouponCode {
+        ticket_kind,
+        dose_round,
+        municipality: municipality(municipality_code),
+        number: CouponNumber::from_serial(serial).unwrap(),
+    }
+}
+
+/// A Yokohama vaccination coupon.
+fn coupon(dose_round: u8, serial: u32) -> CouponCode {
+    coupon_in(YOKOHAMA, 1, dose_round, serial)
+}
+
+/// The signed QR text of a coupon generation, signed with Yokohama's key.
+fn qr(code: CouponCode, generation: u8) -> String {
+    SignedCoupon::sign(code, generation, &signing_key()).to_qr_text()
+}
+
+/// A vial barcode in the bracketed form; `expiry` is YYMMDD as printed.
+fn vial(gtin_digits: &str, expiry: &str, lot_number: &str) -> String {
+    format!("(01){gtin_digits}(17){expiry}(10){lot_number}")
+}
+
+fn coupon_entry(code: CouponCode, generation: u8) -> CouponEntry {
+    CouponEntry {
+        code,
+        generation,
+        status: CouponStatus::Valid,
+        issued_at: ISSUED_AT,
+        status_reason: None,
+        used_by_event: None,
+    }
+}
+
+fn identity() -> Identity {
+    Identity {
+        atena_number: "000123456".to_owned(),
+        name: "山田 花子".to_owned(),
+        name_kana: "ヤマダ ハナコ".to_owned(),
+        birth_date: date!(1990 - 06 - 15),
+        sex: Sex::Female,
+        address: "神奈川県横浜市中区本町1-1".to_owned(),
+        status: ResidentStatus::Active,
+    }
+}
+
+/// A Yokohama resident with a valid coupon for dose 1 (serial 101, generation 0).
+fn resident() -> ResidentRecord {
+    let secret = PersonKeySecret::new(&[0x2a; 32]);
+    let identity = identity();
+    let entry = coupon_entry(coupon(1, 101), 0);
+    ResidentRecord {
+        schema: SCHEMA_VERSION,
+        resident_id: secret.resident_id(municipality(YOKOHAMA), &identity.atena_number),
+        municipality: municipality(YOKOHAMA),
+        person_key: secret.local_person_key(municipality(YOKOHAMA), &identity.atena_number),
+        identity,
+        coupons: BTreeMap::from([(entry.key(), entry)]),
+        doses: BTreeMap::new(),
+        corrections: BTreeMap::new(),
+    }
+}
+
+/// A dose of comirnaty-30 from lot FA1234 against generation 0 of `code`.
+fn dose(event_id: &str, code: CouponCode, on: Date) -> DoseEvent {
+    DoseEvent {
+        event_id: event_id.to_owned(),
+        dose_number: code.dose_round,
+        coupon: code,
+        coupon_generation: 0,
+        vaccinated_on: on,
+        product_code: "comirnaty-30".to_owned(),
+        gtin: gtin(COMIRNATY_30),
+        lot: "FA1234".to_owned(),
+        expiry: date!(2027 - 03 - 31),
+        venue: VENUE.to_owned(),
+        captured_at: NOW,
+        recorded_by: STAFF.to_owned(),
+        status: DoseStatus::Valid,
+    }
+}
+
+fn actor(name: &str) -> ActorId {
+    ActorId::from(name.as_bytes())
+}
+
+/// `record` after `event`, written to a real resident document and read back.
+fn applied(record: &ResidentRecord, event: &ResidentEvent) -> ResidentRecord {
+    let mut doc = new_resident_document(&actor("node-141003"), record, NOW).unwrap();
+    apply_event(&mut doc, event, NOW).unwrap();
+    read_record(&doc).unwrap()
+}
+
+/// Hiragana, katakana or a CJK ideograph.
+fn is_japanese(character: char) -> bool {
+    matches!(character, '\u{3040}'..='\u{30ff}' | '\u{4e00}'..='\u{9fff}')
+}
+
+/// Every refusal has a message for staff in Japanese, and one in English.
+#[track_caller]
+fn check_messages(name: &str, error: &CaptureError) {
+    let ja = error.message_ja();
+    assert!(ja.chars().any(is_japanese), "{name}: message_ja of {error:?} is not Japanese: {ja:?}");
+    assert!(!error.to_string().is_empty(), "{name}: {error:?}");
+}
+
+/// The digits of `text` as full-width digits, as typed with the Japanese IME on.
+fn full_width(text: &str) -> String {
+    text.chars().map(|c| char::from_u32(u32::from(c) - u32::from('0') + u32::from('０')).unwrap()).collect()
+}
+
+/// `text` with the character at `index` (a digit) misread as another digit.
+fn misread(text: &str, index: usize) -> String {
+    let mut chars: Vec<char> = text.chars().collect();
+    chars[index] = if chars[index] == '7' { '1' } else { '7' };
+    chars.into_iter().collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Captures
+// ---------------------------------------------------------------------------------------
+
+/// Everything a capture depends on; each case changes one thing of [`Situation::new`].
+struct Situation {
+    record: ResidentRecord,
+    coupon: String,
+    vial: String,
+    vaccinated_on: Date,
+    venue: String,
+    event_id: String,
+    lots: Vec<Lot>,
+    keys: BTreeMap<MunicipalityCode, Vec<u8>>,
+}
+
+impl Situation {
+    fn new() -> Self {
+        Self {
+            record: resident(),
+            coupon: qr(coupon(1, 101), 0),
+            vial: VIAL.to_owned(),
+            vaccinated_on: VACCINATED_ON,
+            venue: VENUE.to_owned(),
+            event_id: "ev-0001".to_owned(),
+            lots: lots(),
+            keys: BTreeMap::from([(municipality(YOKOHAMA), signing_key().public_key().as_ref().to_vec())]),
+        }
+    }
+
+    /// Decodes, authenticates and validates the capture, as the node does.
+    fn capture(&self) -> Result<CaptureDecision, CaptureError> {
+        let scans = decode_scans(&self.coupon, &self.vial)?;
+        authenticate_coupon(&scans.coupon, |code| self.keys.get(&code).cloned())?;
+        let catalogue = catalogue();
+        let context = CaptureContext {
+            today: TODAY,
+            campaign_start: CAMPAIGN_START,
+            catalogue: &catalogue,
+            lot: self.lots.iter().find(|lot| lot.lot == scans.vial.lot),
+        };
+        let input = CaptureInput {
+            scans: &scans,
+            vaccinated_on: self.vaccinated_on,
+            venue: &self.venue,
+            event_id: &self.event_id,
+            captured_at: NOW,
+            recorded_by: STAFF,
+        };
+        validate_capture(&input, &self.record, &context)
+    }
+
+    fn apply(&mut self, event: ResidentEvent) {
+        self.record = applied(&self.record, &event);
+    }
+
+    /// Issues generation 0 of a new coupon.
+    fn issue(&mut self, code: CouponCode) {
+        let entry = coupon_entry(code, 0);
+        self.apply(ResidentEvent::CouponIssued { entry, supersedes: None });
+    }
+
+    /// Reissues a coupon: the next generation supersedes the newest.
+    fn reissue(&mut self, code: CouponCode) {
+        let newest = self.record.coupon_generations(&code.number).last().copied().unwrap().clone();
+        self.apply(ResidentEvent::CouponIssued {
+            entry: coupon_entry(code, newest.generation + 1),
+            supersedes: Some(newest.key()),
+        });
+    }
+
+    fn revoke(&mut self, code: CouponCode, reason: &str) {
+        self.apply(ResidentEvent::CouponRevoked {
+            key: coupon_key(&code.number, 0),
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn set_status(&mut self, status: ResidentStatus) {
+        let identity = Identity { status, ..self.record.identity.clone() };
+        self.apply(ResidentEvent::IdentityUpdated(identity));
+    }
+
+    /// Records the default capture as the node would, then keeps the situation otherwise
+    /// unchanged: the same scans again.
+    fn record_default(&mut self) {
+        match self.capture() {
+            Ok(CaptureDecision::Record(event)) => self.apply(ResidentEvent::DoseRecorded(event)),
+            other => panic!("the default capture should record, got {other:?}"),
+        }
+    }
+
+    /// Gives doses 1, 2, … on these dates (coupon `coupon(n, 100 + n)`, event `ev-dose-n`).
+    fn history(&mut self, dates: &[Date]) {
+        for (index, on) in dates.iter().enumerate() {
+            let round = u8::try_from(index + 1).unwrap();
+            let code = coupon(round, 100 + u32::from(round));
+            if round > 1 {
+                self.issue(code);
+            }
+            self.apply(ResidentEvent::DoseRecorded(dose(&format!("ev-dose-{round}"), code, *on)));
+        }
+    }
+
+    /// Issues the coupon for the next dose and scans its QR code.
+    fn scan_next_coupon(&mut self) {
+        let round = self.record.next_dose_number();
+        let code = coupon(round, 100 + u32::from(round));
+        self.issue(code);
+        self.coupon = qr(code, 0);
+    }
+
+    /// Doses on these dates, then the next coupon is scanned.
+    fn after_doses(&mut self, dates: &[Date]) {
+        self.history(dates);
+        self.scan_next_coupon();
+    }
+
+    fn born(&mut self, birth_date: Date) {
+        let identity = Identity { birth_date, ..self.record.identity.clone() };
+        self.apply(ResidentEvent::IdentityUpdated(identity));
+    }
+}
+
+/// What a capture case changes in the default situation.
+type Change = fn(&mut Situation);
+
+/// Every refusal a capture can end in before anything is written.
+const CAPTURE_REFUSALS: [&str; 21] = [
+    "malformed_coupon",
+    "malformed_vial",
+    "unknown_municipality",
+    "no_key_for_municipality",
+    "bad_signature",
+    "wrong_ticket_kind",
+    "coupon_not_issued",
+    "coupon_superseded",
+    "coupon_revoked",
+    "coupon_already_used",
+    "resident_not_active",
+    "dose_out_of_order",
+    "interval_too_short",
+    "date_in_future",
+    "date_before_campaign",
+    "product_unknown",
+    "lot_unknown",
+    "lot_expired",
+    "lot_of_other_product",
+    "under_minimum_age",
+    "event_id_reused",
+];
+
+#[test]
+fn captures() {
+    /// `expected` is "record", "replay", or the refusal's code; `field` is the refusal's field.
+    #[track_caller]
+    fn check(name: &str, change: Change, expected: &str, field: &str) {
+        let mut situation = Situation::new();
+        change(&mut situation);
+        let record = &situation.record;
+        match situation.capture() {
+            Ok(CaptureDecision::Record(event)) => {
+                assert_eq!(expected, "record", "{name}: recorded {event:?}");
+                assert_eq!(event.event_id, situation.event_id, "{name}");
+                assert_eq!(event.vaccinated_on, situation.vaccinated_on, "{name}");
+                assert_eq!(event.venue, situation.venue, "{name}");
+                assert_eq!(event.status, DoseStatus::Valid, "{name}");
+                assert_eq!(event.dose_number, record.next_dose_number(), "{name}");
+                assert_eq!(event.dose_number, event.coupon.dose_round, "{name}");
+                // Written as the node writes it: one more dose, and the coupon is used by it.
+                let after = applied(record, &ResidentEvent::DoseRecorded(event.clone()));
+                assert_eq!(after.doses.len(), record.doses.len() + 1, "{name}: a dose was lost");
+                let coupon = &after.coupons[&coupon_key(&event.coupon.number, event.coupon_generation)];
+                assert_eq!(coupon.status, CouponStatus::Used, "{name}");
+                assert_eq!(coupon.used_by_event.as_deref(), Some(event.event_id.as_str()), "{name}");
+            }
+            Ok(CaptureDecision::Replay(event)) => {
+                assert_eq!(expected, "replay", "{name}: replayed {event:?}");
+                assert_eq!(record.doses.get(&event.event_id), Some(&event), "{name}: the original");
+            }
+            Err(error) => {
+                assert_eq!(error.code(), expected, "{name}: refused with {error}");
+                assert_eq!(error.field(), field, "{name}: the field of {error}");
+                check_messages(name, &error);
+            }
+        }
+    }
+
+    let cases: &[(&str, &str, &str, Change)] = &[
+        // Accepted scans of the coupon and the vial.
+        ("signed QR of a valid coupon", "record", "", |_| {}),
+        ("printed 18-digit code", "record", "", |s| s.coupon = coupon(1, 101).to_string()),
+        ("full-width digits and CR LF from a keyboard wedge", "record", "", |s| {
+            s.coupon = format!("{}\r\n", full_width(&coupon(1, 101).to_string()));
+        }),
+        ("raw GS1 DataMatrix text of the vial", "record", "", |s| {
+            s.vial = format!("]d2{}{}{}", "0104987000001014", "17270331", "10FA1234");
+        }),
+        // Decoding.
+        ("coupon text one digit short", "malformed_coupon", "coupon", |s| {
+            s.coupon = coupon(1, 101).to_string()[..17].to_owned();
+        }),
+        ("coupon number with a misread digit", "malformed_coupon", "coupon", |s| {
+            s.coupon = misread(&coupon(1, 101).to_string(), 16);
+        }),
+        ("vial barcode without a lot", "malformed_vial", "vial", |s| {
+            s.vial = "(01)04987000001014(17)270331".to_owned();
+        }),
+        ("vial GTIN with a wrong check digit", "malformed_vial", "vial", |s| {
+            s.vial = vial("04987000001015", "270331", "FA1234");
+        }),
+        // Authentication.
+        ("code of a prefecture, not a municipality", "unknown_municipality", "coupon", |s| {
+            s.coupon = coupon_in(KANAGAWA_PREFECTURE, 1, 1, 101).to_string();
+        }),
+        ("signed QR of a municipality whose key we lack", "no_key_for_municipality", "coupon", |s| {
+            let code = coupon_in(CHIYODA, 1, 1, 101);
+            s.coupon = SignedCoupon::sign(code, 0, &forger_key()).to_qr_text();
+        }),
+        ("signed QR signed with another key", "bad_signature", "coupon", |s| {
+            s.coupon = SignedCoupon::sign(coupon(1, 101), 0, &forger_key()).to_qr_text();
+        }),
+        ("signed QR with its generation digits altered", "bad_signature", "coupon", |s| {
+            let text = qr(coupon(1, 101), 0);
+            s.coupon = format!("{}01{}", &text[..18], &text[20..]);
+        }),
+        ("ticket kind 2", "wrong_ticket_kind", "coupon", |s| {
+            s.coupon = coupon_in(YOKOHAMA, 2, 1, 101).to_string();
+        }),
+        // The coupon against the resident's record.
+        ("a number never issued to the resident", "coupon_not_issued", "coupon", |s| {
+            s.coupon = coupon(1, 202).to_string();
+        }),
+        ("the issued number with another dose round", "coupon_not_issued", "coupon", |s| {
+            s.coupon = coupon(2, 101).to_string();
+        }),
+        ("a generation never issued", "coupon_not_issued", "coupon", |s| {
+            s.coupon = qr(coupon(1, 101), 3);
+        }),
+        ("generation 0 after a reissue as generation 1", "coupon_superseded", "coupon", |s| {
+            s.reissue(coupon(1, 101));
+        }),
+        ("generation 1 after a reissue", "record", "", |s| {
+            s.reissue(coupon(1, 101));
+            s.coupon = qr(coupon(1, 101), 1);
+        }),
+        ("printed code after a reissue stands for the newest", "record", "", |s| {
+            s.reissue(coupon(1, 101));
+            s.coupon = coupon(1, 101).to_string();
+        }),
+        ("revoked coupon", "coupon_revoked", "coupon", |s| s.revoke(coupon(1, 101), "紛失届")),
+        ("coupon used on another day", "coupon_already_used", "coupon", |s| {
+            s.record_default();
+            s.event_id = "ev-0002".to_owned();
+            s.vaccinated_on = date!(2026 - 11 - 21);
+        }),
+        ("coupon used the same day at another venue", "coupon_already_used", "coupon", |s| {
+            s.record_default();
+            s.event_id = "ev-0002".to_owned();
+            s.venue = "kohoku-clinic".to_owned();
+        }),
+        ("coupon used the same day with another lot", "coupon_already_used", "coupon", |s| {
+            s.record_default();
+            s.event_id = "ev-0002".to_owned();
+            s.vial = vial(COMIRNATY_30, "270531", "FB2222");
+        }),
+        ("the same event id again (a retry), even with another date", "replay", "", |s| {
+            s.record_default();
+            s.vaccinated_on = date!(2026 - 11 - 21);
+        }),
+        ("the same capture again without the event id", "replay", "", |s| {
+            s.record_default();
+            s.event_id = "ev-0002".to_owned();
+        }),
+        ("the same capture again from the printed code", "replay", "", |s| {
+            s.record_default();
+            s.event_id = "ev-0002".to_owned();
+            s.coupon = coupon(1, 101).to_string();
+        }),
+        // The resident.
+        ("deceased resident", "resident_not_active", "resident", |s| {
+            s.set_status(ResidentStatus::Deceased);
+        }),
+        ("resident moved out", "resident_not_active", "resident", |s| {
+            s.set_status(ResidentStatus::MovedOut);
+        }),
+        // Dose order and intervals.
+        ("coupon for dose 2 before dose 1", "dose_out_of_order", "coupon", |s| {
+            s.issue(coupon(2, 102));
+            s.coupon = qr(coupon(2, 102), 0);
+        }),
+        ("a second dose-1 coupon after dose 1", "dose_out_of_order", "coupon", |s| {
+            s.history(&[date!(2026 - 10 - 01)]);
+            s.issue(coupon(1, 111));
+            s.coupon = qr(coupon(1, 111), 0);
+        }),
+        ("dose 2 after 17 days (comirnaty-30 needs 18)", "interval_too_short", "vaccinated_on", |s| {
+            s.after_doses(&[date!(2026 - 11 - 03)]);
+        }),
+        ("dose 2 after exactly 18 days", "record", "", |s| s.after_doses(&[date!(2026 - 11 - 02)])),
+        ("spikevax dose 2 after 23 days (needs 24)", "interval_too_short", "vaccinated_on", |s| {
+            s.after_doses(&[date!(2026 - 10 - 28)]);
+            s.vial = vial(SPIKEVAX, "270630", "SV5678");
+        }),
+        ("spikevax dose 2 after exactly 24 days", "record", "", |s| {
+            s.after_doses(&[date!(2026 - 10 - 27)]);
+            s.vial = vial(SPIKEVAX, "270630", "SV5678");
+        }),
+        ("dose 3 after 89 days (the second interval is 90)", "interval_too_short", "vaccinated_on", |s| {
+            s.after_doses(&[date!(2026 - 07 - 01), date!(2026 - 08 - 23)]);
+        }),
+        ("dose 3 after exactly 90 days", "record", "", |s| {
+            s.after_doses(&[date!(2026 - 07 - 01), date!(2026 - 08 - 22)]);
+        }),
+        // The date.
+        ("tomorrow", "date_in_future", "vaccinated_on", |s| s.vaccinated_on = date!(2026 - 11 - 26)),
+        ("today", "record", "", |s| s.vaccinated_on = TODAY),
+        ("the day before the campaign", "date_before_campaign", "vaccinated_on", |s| {
+            s.vaccinated_on = date!(2021 - 02 - 16);
+        }),
+        ("the first day of the campaign", "record", "", |s| s.vaccinated_on = CAMPAIGN_START),
+        // The vial.
+        ("GTIN not in the catalogue", "product_unknown", "vial", |s| {
+            s.vial = vial(NOT_IN_CATALOGUE, "270331", "FA1234");
+        }),
+        ("lot never received", "lot_unknown", "vial", |s| s.vial = vial(COMIRNATY_30, "270331", "ZZ9999")),
+        ("registered expiry passed, printed expiry ahead", "lot_expired", "vial", |s| {
+            s.vial = vial(COMIRNATY_30, "270331", "FA0001");
+        }),
+        ("on the registered expiry day", "record", "", |s| {
+            s.vial = vial(COMIRNATY_30, "270331", "FA0001");
+            s.vaccinated_on = date!(2026 - 11 - 19);
+        }),
+        ("printed expiry passed, registered expiry ahead", "lot_expired", "vial", |s| {
+            s.vial = vial(COMIRNATY_30, "261119", "FA1234");
+        }),
+        ("printed expiry day 00 is the month's last day", "record", "", |s| {
+            s.vial = vial(COMIRNATY_30, "261100", "FA1234");
+        }),
+        ("spikevax lot under a comirnaty-30 GTIN", "lot_of_other_product", "vial", |s| {
+            s.vial = vial(COMIRNATY_30, "270630", "SV5678");
+        }),
+        // Age on the vaccination date (2026-11-20).
+        ("turns 12 at the end of the vaccination day", "record", "", |s| {
+            s.born(date!(2014 - 11 - 21));
+        }),
+        ("turns 12 a day later", "under_minimum_age", "resident", |s| s.born(date!(2014 - 11 - 22))),
+        ("aged 11 with the 5-to-11 product", "record", "", |s| {
+            s.born(date!(2014 - 11 - 22));
+            s.vial = vial(COMIRNATY_10, "270331", "EW0101");
+        }),
+        ("aged 4 with the 5-to-11 product", "under_minimum_age", "resident", |s| {
+            s.born(date!(2021 - 11 - 22));
+            s.vial = vial(COMIRNATY_10, "270331", "EW0101");
+        }),
+        ("the event id of an earlier dose of the same resident", "event_id_reused", "event_id", |s| {
+            s.after_doses(&[date!(2026 - 11 - 01)]);
+            s.event_id = "ev-dose-1".to_owned();
+        }),
+        (
+            "the event id of a voided dose, on the coupon that void reopened",
+            "event_id_reused",
+            "event_id",
+            |s| {
+                s.history(&[date!(2026 - 11 - 01)]);
+                let (correction, reopen) = validate_void(
+                    &s.record,
+                    &VoidRequest {
+                        event_id: "ev-dose-1",
+                        reason: "別人の接種券で記録",
+                        actor: STAFF,
+                        correction_id: "corr-1",
+                        at: NOW,
+                    },
+                )
+                .unwrap();
+                s.apply(ResidentEvent::DoseVoided { correction, reopen_coupon: reopen });
+                s.coupon = qr(coupon(1, 101), 0);
+                s.event_id = "ev-dose-1".to_owned();
+            },
+        ),
+    ];
+
+    for &(name, expected, field, change) in cases {
+        check(name, change, expected, field);
+    }
+    let covered: BTreeSet<&str> = cases.iter().map(|case| case.1).collect();
+    for code in CAPTURE_REFUSALS {
+        assert!(covered.contains(code), "no capture case ends in {code}");
+    }
+}
+
+#[test]
+fn capture_records_the_dose_as_scanned() {
+    let situation = Situation::new();
+    let expected = dose("ev-0001", coupon(1, 101), VACCINATED_ON);
+    assert_eq!(situation.capture(), Ok(CaptureDecision::Record(expected)));
+
+    // A reissued coupon records the generation scanned.
+    let mut situation = Situation::new();
+    situation.reissue(coupon(1, 101));
+    situation.coupon = qr(coupon(1, 101), 1);
+    let Ok(CaptureDecision::Record(event)) = situation.capture() else {
+        panic!("generation 1 should record");
+    };
+    assert_eq!(event.coupon_generation, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Age
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn ages_the_japanese_way() {
+    // Under the 年齢計算ニ関スル法律 (with Civil Code art. 143) a person gains a year
+    // at the end of the day before their birthday, and `age_on` counts them a year older
+    // for that whole day: the age on day D is the ordinary age on D + 1.
+    #[track_caller]
+    fn check(birth_date: Date, on: Date, expected: u8) {
+        assert_eq!(age_on(birth_date, on), expected, "born {birth_date}, age on {on}");
+    }
+    // Born 1 April: the day before the birthday is 31 March, so 12 already on 2026-03-31
+    // (which is why April-1 children start school a year earlier).
+    check(date!(2014 - 04 - 01), date!(2026 - 03 - 31), 12);
+    check(date!(2014 - 04 - 01), date!(2026 - 03 - 30), 11);
+    // Born 2 April: the year is gained at the end of 1 April.
+    check(date!(2014 - 04 - 02), date!(2026 - 03 - 31), 11);
+    check(date!(2014 - 04 - 02), date!(2026 - 04 - 01), 12);
+    // Born 29 February: in a common year there is no 29 February, and the year is gained at
+    // the end of 28 February (the last day of the month, art. 143). So 12 on 2025-02-27 and
+    // 13 on 2025-02-28.
+    check(date!(2012 - 02 - 29), date!(2025 - 02 - 27), 12);
+    check(date!(2012 - 02 - 29), date!(2025 - 02 - 28), 13);
+    check(date!(2012 - 02 - 29), date!(2025 - 03 - 01), 13);
+    // In a leap year the day before the birthday is 28 February too.
+    check(date!(2012 - 02 - 29), date!(2024 - 02 - 27), 11);
+    check(date!(2012 - 02 - 29), date!(2024 - 02 - 28), 12);
+    check(date!(2012 - 02 - 29), date!(2024 - 02 - 29), 12);
+    // Born 1 January: the year is gained at the end of 31 December, across the year change.
+    check(date!(2014 - 01 - 01), date!(2025 - 12 - 31), 12);
+    check(date!(2014 - 01 - 01), date!(2025 - 12 - 30), 11);
+    // The day of birth, and (never negative) a date before it.
+    check(date!(2026 - 11 - 25), date!(2026 - 11 - 25), 0);
+    check(date!(2026 - 11 - 25), date!(2026 - 11 - 20), 0);
+    // A centenarian on the day before the 100th birthday.
+    check(date!(1926 - 12 - 25), date!(2026 - 12 - 24), 100);
+    check(date!(1926 - 12 - 25), date!(2026 - 12 - 23), 99);
+}
+
+// ---------------------------------------------------------------------------------------
+// Corrections: void and amend
+// ---------------------------------------------------------------------------------------
+
+/// A refusal as its (code, field).
+type Refusal<'a> = (&'a str, &'a str);
+
+/// A field an amendment changes, as (field, before, after).
+type FieldChange<'a> = (&'a str, &'a str, &'a str);
+
+/// Dose 1 on 2026-10-01 (`ev-dose-1`) and dose 2 on 2026-10-25 (`ev-dose-2`, 24 days
+/// later), both comirnaty-30 lot FA1234 at [`VENUE`].
+fn two_doses() -> ResidentRecord {
+    let mut situation = Situation::new();
+    situation.history(&[date!(2026 - 10 - 01), date!(2026 - 10 - 25)]);
+    situation.record
+}
+
+fn void_request<'a>(event_id: &'a str, reason: &'a str) -> VoidRequest<'a> {
+    VoidRequest { event_id, reason, actor: "supervisor-7", correction_id: "corr-void-1", at: NOW }
+}
+
+#[test]
+fn voids() {
+    /// `expected`: the coupon to reopen, or the refusal's (code, field).
+    #[track_caller]
+    fn check(
+        name: &str,
+        record: &ResidentRecord,
+        event_id: &str,
+        reason: &str,
+        expected: Result<Option<String>, Refusal<'_>>,
+    ) {
+        match validate_void(record, &void_request(event_id, reason)) {
+            Ok((correction, reopen)) => {
+                assert_eq!(Ok(reopen.clone()), expected, "{name}");
+                assert_eq!(correction.kind, CorrectionKind::Void, "{name}");
+                assert_eq!(correction.event_id, event_id, "{name}");
+                assert_eq!(correction.reason, reason.trim(), "{name}");
+                let status = |value: &str| BTreeMap::from([("status".to_owned(), value.to_owned())]);
+                assert_eq!(correction.before, status("valid"), "{name}");
+                assert_eq!(correction.after, status("voided"), "{name}");
+            }
+            Err(error) => {
+                assert_eq!(Err((error.code(), error.field())), expected, "{name}: {error}");
+                check_messages(name, &error);
+            }
+        }
+    }
+
+    let record = two_doses();
+    let coupon_2 = coupon_key(&coupon(2, 102).number, 0);
+    check("dose 2", &record, "ev-dose-2", "別人に記録した", Ok(Some(coupon_2)));
+    let coupon_1 = coupon_key(&coupon(1, 101).number, 0);
+    check("reason with spaces", &record, "ev-dose-1", "  未接種 \n", Ok(Some(coupon_1)));
+    check("empty reason", &record, "ev-dose-2", "", Err(("reason_missing", "reason")));
+    check("blank reason", &record, "ev-dose-2", " \t\n", Err(("reason_missing", "reason")));
+    check("unknown event", &record, "ev-9999", "誤登録", Err(("dose_not_found", "event_id")));
+
+    let (correction, reopen) = validate_void(&record, &void_request("ev-dose-2", "誤登録")).unwrap();
+    let voided = applied(&record, &ResidentEvent::DoseVoided { correction, reopen_coupon: reopen });
+    let twice = Err(("dose_already_voided", "event_id"));
+    check("already voided", &voided, "ev-dose-2", "誤登録", twice);
+
+    // A double capture merged from two terminals: the coupon is used by the other dose, so
+    // voiding the duplicate reopens nothing.
+    let mut situation = Situation::new();
+    situation.apply(ResidentEvent::DoseRecorded(dose("ev-dup", coupon(1, 101), VACCINATED_ON)));
+    situation.apply(ResidentEvent::DoseRecorded(dose("ev-kept", coupon(1, 101), VACCINATED_ON)));
+    check("the duplicate of a double capture", &situation.record, "ev-dup", "二重登録", Ok(None));
+}
+
+#[test]
+fn void_reopens_the_coupon_and_keeps_the_correction() {
+    let record = two_doses();
+    let request = void_request("ev-dose-2", " 別人に記録した ");
+    let (correction, reopen) = validate_void(&record, &request).unwrap();
+    let key = coupon_key(&coupon(2, 102).number, 0);
+    assert_eq!(reopen.as_deref(), Some(key.as_str()));
+    let event = ResidentEvent::DoseVoided { correction: correction.clone(), reopen_coupon: reopen };
+    let after = applied(&record, &event);
+
+    let mut expected = record.clone();
+    expected.doses.get_mut("ev-dose-2").unwrap().status = DoseStatus::Voided;
+    let reopened = expected.coupons.get_mut(&key).unwrap();
+    reopened.status = CouponStatus::Valid;
+    reopened.used_by_event = None;
+    expected.corrections.insert("corr-void-1".to_owned(), correction.clone());
+    assert_eq!(after, expected);
+    assert_eq!(correction.reason, "別人に記録した");
+    assert_eq!(correction.actor, "supervisor-7");
+    assert_eq!(after.next_dose_number(), 2);
+    assert!(after.has_coupon_for_next_dose());
+
+    // The voided dose can be neither voided nor amended again…
+    let again = validate_void(&after, &request).unwrap_err();
+    assert_eq!(again.code(), "dose_already_voided");
+    let amendment = Amendment { venue: Some("kohoku-clinic".to_owned()), ..Amendment::default() };
+    let catalogue = catalogue();
+    let amend = validate_amendment(
+        &after,
+        &amend_request("ev-dose-2", &amendment, "会場誤り"),
+        &context(&catalogue, None),
+    );
+    assert_eq!(amend.unwrap_err().code(), "dose_already_voided");
+
+    // …and the reopened coupon records dose 2 again, under a new event id.
+    let situation = Situation {
+        record: after,
+        coupon: qr(coupon(2, 102), 0),
+        event_id: "ev-redo".to_owned(),
+        ..Situation::new()
+    };
+    let Ok(CaptureDecision::Record(redo)) = situation.capture() else {
+        panic!("the reopened coupon should record");
+    };
+    assert_eq!((redo.dose_number, redo.event_id.as_str()), (2, "ev-redo"));
+}
+
+fn amend_request<'a>(event_id: &'a str, amendment: &'a Amendment, reason: &'a str) -> AmendRequest<'a> {
+    AmendRequest {
+        event_id,
+        amendment,
+        reason,
+        actor: "supervisor-7",
+        correction_id: "corr-amend-1",
+        at: NOW,
+    }
+}
+
+fn context<'a>(catalogue: &'a Catalogue, lot: Option<&'a Lot>) -> CaptureContext<'a> {
+    CaptureContext { today: TODAY, campaign_start: CAMPAIGN_START, catalogue, lot }
+}
+
+fn date_to(on: Date) -> Amendment {
+    Amendment { vaccinated_on: Some(on), ..Amendment::default() }
+}
+
+fn venue_to(venue: &str) -> Amendment {
+    Amendment { venue: Some(venue.to_owned()), ..Amendment::default() }
+}
+
+fn vial_to(text: &str) -> Amendment {
+    Amendment { vial: Some(parse_vial_barcode(text).unwrap()), ..Amendment::default() }
+}
+
+#[test]
+fn amendments() {
+    /// `expected`: the changed fields as (field, before, after), or the refusal's
+    /// (code, field).
+    #[track_caller]
+    fn check(
+        name: &str,
+        event_id: &str,
+        amendment: Amendment,
+        reason: &str,
+        expected: Result<&[FieldChange<'_>], Refusal<'_>>,
+    ) {
+        let record = two_doses();
+        let catalogue = catalogue();
+        let lots = lots();
+        // As the node does: the lot registered under a rescanned vial's lot number.
+        let lot = amendment.vial.as_ref().and_then(|vial| lots.iter().find(|lot| lot.lot == vial.lot));
+        let request = amend_request(event_id, &amendment, reason);
+        match validate_amendment(&record, &request, &context(&catalogue, lot)) {
+            Ok((amended, correction)) => {
+                let Ok(changes) = expected else {
+                    panic!("{name}: amended to {amended:?}, expected {expected:?}");
+                };
+                let before: BTreeMap<String, String> =
+                    changes.iter().map(|&(field, old, _)| (field.to_owned(), old.to_owned())).collect();
+                let after: BTreeMap<String, String> =
+                    changes.iter().map(|&(field, _, new)| (field.to_owned(), new.to_owned())).collect();
+                assert_eq!(correction.before, before, "{name}: before");
+                assert_eq!(correction.after, after, "{name}: after");
+                assert_eq!(correction.kind, CorrectionKind::Amend, "{name}");
+                assert_eq!(correction.event_id, event_id, "{name}");
+                assert_eq!(correction.reason, reason.trim(), "{name}");
+                // Written to the document, the dose reads back as amended, the other dose is
+                // untouched, and the correction is kept.
+                let event =
+                    ResidentEvent::DoseAmended { amended: amended.clone(), correction: correction.clone() };
+                let after = applied(&record, &event);
+                let mut expected_record = record.clone();
+                expected_record.doses.insert(event_id.to_owned(), amended);
+                expected_record.corrections.insert(correction.correction_id.clone(), correction);
+                assert_eq!(after, expected_record, "{name}");
+            }
+            Err(error) => {
+                assert_eq!(Err((error.code(), error.field())), expected, "{name}: {error}");
+                check_messages(name, &error);
+            }
+        }
+    }
+
+    let reason = "接種日の記入誤り";
+    check("venue", "ev-dose-2", venue_to("kohoku-clinic"), reason, Ok(&[("venue", VENUE, "kohoku-clinic")]));
+    check(
+        "dose 2 a day later",
+        "ev-dose-2",
+        date_to(date!(2026 - 10 - 26)),
+        reason,
+        Ok(&[("vaccinated_on", "2026-10-25", "2026-10-26")]),
+    );
+    check(
+        "dose 1 earlier",
+        "ev-dose-1",
+        date_to(date!(2026 - 09 - 20)),
+        reason,
+        Ok(&[("vaccinated_on", "2026-10-01", "2026-09-20")]),
+    );
+    check(
+        "dose 1 moved to exactly 18 days before dose 2",
+        "ev-dose-1",
+        date_to(date!(2026 - 10 - 07)),
+        reason,
+        Ok(&[("vaccinated_on", "2026-10-01", "2026-10-07")]),
+    );
+    check(
+        "date and venue together",
+        "ev-dose-2",
+        Amendment {
+            vaccinated_on: Some(date!(2026 - 10 - 27)),
+            venue: Some("kohoku-clinic".to_owned()),
+            vial: None,
+        },
+        reason,
+        Ok(&[("vaccinated_on", "2026-10-25", "2026-10-27"), ("venue", VENUE, "kohoku-clinic")]),
+    );
+    check(
+        "another lot of the same product",
+        "ev-dose-2",
+        vial_to(&vial(COMIRNATY_30, "270531", "FB2222")),
+        "ロット番号の入力誤り",
+        Ok(&[("expiry", "2027-03-31", "2027-05-31"), ("lot", "FA1234", "FB2222")]),
+    );
+    check(
+        "a vial of another product",
+        "ev-dose-2",
+        vial_to(&vial(SPIKEVAX, "270630", "SV5678")),
+        "製品の取り違え",
+        Ok(&[
+            ("expiry", "2027-03-31", "2027-06-30"),
+            ("gtin", COMIRNATY_30, SPIKEVAX),
+            ("lot", "FA1234", "SV5678"),
+            ("product_code", "comirnaty-30", "spikevax"),
+        ]),
+    );
+    check(
+        "reason with spaces",
+        "ev-dose-2",
+        venue_to("kohoku-clinic"),
+        " 会場誤り ",
+        Ok(&[("venue", VENUE, "kohoku-clinic")]),
+    );
+
+    // Refusals.
+    check("empty reason", "ev-dose-2", venue_to("kohoku-clinic"), "", Err(("reason_missing", "reason")));
+    check("unknown event", "ev-9999", venue_to("kohoku-clinic"), reason, Err(("dose_not_found", "event_id")));
+    let future = Err(("date_in_future", "vaccinated_on"));
+    check("dose 2 to tomorrow", "ev-dose-2", date_to(date!(2026 - 11 - 26)), reason, future);
+    let too_early = Err(("date_before_campaign", "vaccinated_on"));
+    check("dose 1 before the campaign", "ev-dose-1", date_to(date!(2021 - 01 - 31)), reason, too_early);
+    let too_short = Err(("interval_too_short", "vaccinated_on"));
+    check(
+        "dose 1 moved to 17 days before dose 2",
+        "ev-dose-1",
+        date_to(date!(2026 - 10 - 08)),
+        reason,
+        too_short,
+    );
+    check(
+        "dose 2 moved to 10 days after dose 1",
+        "ev-dose-2",
+        date_to(date!(2026 - 10 - 11)),
+        reason,
+        too_short,
+    );
+    check("dose 1 moved after dose 2", "ev-dose-1", date_to(date!(2026 - 10 - 30)), reason, too_short);
+    check(
+        "dose 2 a day earlier as spikevax (23 days; spikevax needs 24)",
+        "ev-dose-2",
+        Amendment {
+            vaccinated_on: Some(date!(2026 - 10 - 24)),
+            vial: Some(parse_vial_barcode(&vial(SPIKEVAX, "270630", "SV5678")).unwrap()),
+            venue: None,
+        },
+        reason,
+        too_short,
+    );
+    let expired = Err(("lot_expired", "vial"));
+    check(
+        "rescanned vial printed as expired before the dose",
+        "ev-dose-2",
+        vial_to(&vial(COMIRNATY_30, "261001", "FA1234")),
+        reason,
+        expired,
+    );
+    let unknown = Err(("product_unknown", "vial"));
+    check(
+        "rescanned vial of a product not in the catalogue",
+        "ev-dose-2",
+        vial_to(&vial(NOT_IN_CATALOGUE, "270331", "FA1234")),
+        reason,
+        unknown,
+    );
+    let nothing = Err(("nothing_to_amend", "amendment"));
+    check("the same venue", "ev-dose-2", venue_to(VENUE), reason, nothing);
+    check("the same date", "ev-dose-2", date_to(date!(2026 - 10 - 25)), reason, nothing);
+    check("the same vial", "ev-dose-2", vial_to(VIAL), reason, nothing);
+    check("an empty amendment", "ev-dose-2", Amendment::default(), reason, nothing);
+}
+
+// ---------------------------------------------------------------------------------------
+// Documents
+// ---------------------------------------------------------------------------------------
+
+/// Applies one event: it must add exactly one Automerge change (the project's rule, one
+/// commit per logical event), named after the event, and the document must read back as
+/// `expected`.
+#[track_caller]
+fn check_event(doc: &mut Automerge, event: &ResidentEvent, expected: &ResidentRecord) {
+    let before = doc.get_changes(&[]).len();
+    apply_event(doc, event, NOW).unwrap();
+    let changes = doc.get_changes(&[]);
+    assert_eq!(changes.len(), before + 1, "{} is one commit", event.kind());
+    let last = changes.last().unwrap();
+    assert_eq!(last.message(), Some(event.kind()));
+    assert_eq!(last.timestamp(), NOW.unix_timestamp());
+    assert_eq!(read_record(doc).unwrap(), *expected, "after {}", event.kind());
+}
+
+#[test]
+fn document_reads_back_every_event() {
+    let mut expected = resident();
+    let mut doc = new_resident_document(&actor("node-141003"), &expected, NOW).unwrap();
+    assert_eq!(doc.get_changes(&[]).len(), 1, "registration is one commit");
+    assert_eq!(read_record(&doc).unwrap(), expected);
+
+    // A coupon for dose 2.
+    let coupon_2 = coupon_entry(coupon(2, 102), 0);
+    expected.coupons.insert(coupon_2.key(), coupon_2.clone());
+    let event = ResidentEvent::CouponIssued { entry: coupon_2.clone(), supersedes: None };
+    check_event(&mut doc, &event, &expected);
+
+    // Dose 1 uses the dose-1 coupon.
+    let dose_1 = dose("ev-dose-1", coupon(1, 101), date!(2026 - 10 - 01));
+    expected.doses.insert(dose_1.event_id.clone(), dose_1.clone());
+    let coupon_1 = expected.coupons.get_mut(&coupon_key(&coupon(1, 101).number, 0)).unwrap();
+    coupon_1.status = CouponStatus::Used;
+    coupon_1.used_by_event = Some("ev-dose-1".to_owned());
+    check_event(&mut doc, &ResidentEvent::DoseRecorded(dose_1), &expected);
+
+    // The dose-2 coupon is reissued (lost), then the new generation revoked.
+    let reissued = coupon_entry(coupon(2, 102), 1);
+    expected.coupons.get_mut(&coupon_2.key()).unwrap().status = CouponStatus::Superseded;
+    expected.coupons.insert(reissued.key(), reissued.clone());
+    let event = ResidentEvent::CouponIssued { entry: reissued.clone(), supersedes: Some(coupon_2.key()) };
+    check_event(&mut doc, &event, &expected);
+    let revoked = expected.coupons.get_mut(&reissued.key()).unwrap();
+    revoked.status = CouponStatus::Revoked;
+    revoked.status_reason = Some("転出予定".to_owned());
+    let event = ResidentEvent::CouponRevoked { key: reissued.key(), reason: "転出予定".to_owned() };
+    check_event(&mut doc, &event, &expected);
+
+    // The resident moves within the city.
+    expected.identity.address = "神奈川県横浜市港北区日吉1-1".to_owned();
+    check_event(&mut doc, &ResidentEvent::IdentityUpdated(expected.identity.clone()), &expected);
+
+    // Dose 1 is amended, then voided.
+    let amendment = venue_to("kohoku-clinic");
+    let catalogue = catalogue();
+    let request = amend_request("ev-dose-1", &amendment, "会場誤り");
+    let (amended, correction) = validate_amendment(&expected, &request, &context(&catalogue, None)).unwrap();
+    expected.doses.insert(amended.event_id.clone(), amended.clone());
+    expected.corrections.insert(correction.correction_id.clone(), correction.clone());
+    check_event(&mut doc, &ResidentEvent::DoseAmended { amended, correction }, &expected);
+
+    let (correction, reopen) = validate_void(&expected, &void_request("ev-dose-1", "未接種")).unwrap();
+    expected.doses.get_mut("ev-dose-1").unwrap().status = DoseStatus::Voided;
+    let coupon_1 = expected.coupons.get_mut(&coupon_key(&coupon(1, 101).number, 0)).unwrap();
+    coupon_1.status = CouponStatus::Valid;
+    coupon_1.used_by_event = None;
+    expected.corrections.insert(correction.correction_id.clone(), correction.clone());
+    let event = ResidentEvent::DoseVoided { correction, reopen_coupon: reopen };
+    check_event(&mut doc, &event, &expected);
+
+    assert_eq!(doc.get_changes(&[]).len(), 8, "registration and seven events");
+}
+
+#[test]
+fn replicas_merge_concurrent_doses() {
+    let base = new_resident_document(&actor("node-141003"), &resident(), NOW).unwrap();
+    let mut terminal_1 = base.fork().with_actor(actor("terminal-1"));
+    let mut terminal_2 = base.fork().with_actor(actor("terminal-2"));
+
+    // Offline, both terminals record a dose on the same coupon (a double capture).
+    let at_arena = dose("ev-terminal-1", coupon(1, 101), VACCINATED_ON);
+    let at_clinic = DoseEvent {
+        venue: "kohoku-clinic".to_owned(),
+        ..dose("ev-terminal-2", coupon(1, 101), date!(2026 - 11 - 21))
+    };
+    apply_event(&mut terminal_1, &ResidentEvent::DoseRecorded(at_arena.clone()), NOW).unwrap();
+    apply_event(&mut terminal_2, &ResidentEvent::DoseRecorded(at_clinic.clone()), NOW).unwrap();
+
+    terminal_1.merge(&mut terminal_2).unwrap();
+    terminal_2.merge(&mut terminal_1).unwrap();
+    assert_eq!(terminal_1.get_heads(), terminal_2.get_heads());
+    let merged = read_record(&terminal_1).unwrap();
+    assert_eq!(read_record(&terminal_2).unwrap(), merged);
+    // Neither dose is lost: staff see both and void the wrong one.
+    let doses: Vec<&DoseEvent> = merged.doses.values().collect();
+    assert_eq!(doses, [&at_arena, &at_clinic]);
+    let coupon = &merged.coupons[&coupon_key(&coupon(1, 101).number, 0)];
+    assert_eq!(coupon.status, CouponStatus::Used);
+    let used_by = coupon.used_by_event.as_deref().unwrap();
+    assert!(["ev-terminal-1", "ev-terminal-2"].contains(&used_by), "{used_by}");
+
+    // Merging the same changes again changes nothing.
+    let heads = terminal_1.get_heads();
+    let count = terminal_1.get_changes(&[]).len();
+    assert_eq!(count, 3, "registration and one dose per terminal");
+    assert!(terminal_1.get_changes_added(&terminal_2).is_empty());
+    assert_eq!(terminal_1.merge(&mut terminal_2).unwrap(), heads);
+    terminal_1.apply_changes(terminal_2.get_changes(&[])).unwrap();
+    assert_eq!(terminal_1.get_heads(), heads);
+    assert_eq!(terminal_1.get_changes(&[]).len(), count);
+    assert_eq!(read_record(&terminal_1).unwrap(), merged);
+}

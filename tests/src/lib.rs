@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use serde_json::Value;
 
 /// The `vrs-node` binary of this workspace, built once per test process with the same
@@ -15,8 +15,11 @@ pub fn vrs_node() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> → target/<profile>
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target profile directory").to_owned();
+        // A test runs as target/<profile>/deps/<test>, a binary as target/<profile>/<bin>.
+        let mut profile_dir = exe.parent().expect("executable directory").to_owned();
+        if profile_dir.ends_with("deps") {
+            profile_dir.pop();
+        }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut build = Command::new(cargo);
@@ -58,7 +61,10 @@ impl Drop for TempDir {
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A node's data directory and, while running, its process.
@@ -79,14 +85,28 @@ impl Node {
         let data = dir.join("node");
         let address = format!("127.0.0.1:{}", free_port());
         let output = Command::new(vrs_node())
-            .args(["init", "--role", "municipal", "--municipality", municipality, "--listen", &address, "--data"])
+            .args([
+                "init",
+                "--role",
+                "municipal",
+                "--municipality",
+                municipality,
+                "--listen",
+                &address,
+                "--data",
+            ])
             .arg(&data)
             .output()?;
         if !output.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         let stdout = String::from_utf8(output.stdout)?;
-        let token = stdout.lines().find(|l| l.starts_with("vrs_")).context("init printed no token")?.trim().to_owned();
+        let token = stdout
+            .lines()
+            .find(|l| l.starts_with("vrs_"))
+            .context("init printed no token")?
+            .trim()
+            .to_owned();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -97,11 +117,7 @@ impl Node {
 
     /// Runs a CLI subcommand against this node's data directory.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(vrs_node())
-            .args(args)
-            .env("VRS_DATA", &self.data)
-            .output()
-            .expect("vrs-node runs")
+        Command::new(vrs_node()).args(args).env("VRS_DATA", &self.data).output().expect("vrs-node runs")
     }
 
     /// Starts `vrs-node run` and waits until it answers.
@@ -116,15 +132,15 @@ impl Node {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(response) = self.agent.get(format!("http://{}/healthz", self.address)).call() {
-                if response.status() == 200 {
-                    return Ok(());
-                }
+            if let Ok(response) = self.agent.get(format!("http://{}/healthz", self.address)).call()
+                && response.status() == 200
+            {
+                return Ok(());
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("vrs-node run exited early: {status}");
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("vrs-node run exited early: {status}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -158,7 +174,11 @@ impl Node {
 
     /// GET with the admin token.
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        let response = self.agent.get(format!("http://{}{path}", self.address)).header("Authorization", format!("Bearer {}", self.token)).call()?;
+        let response = self
+            .agent
+            .get(format!("http://{}{path}", self.address))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()?;
         read(response)
     }
 
@@ -168,7 +188,13 @@ impl Node {
     }
 
     /// POST JSON with a chosen token and Accept-Language.
-    pub fn post_with(&self, path: &str, body: &Value, token: Option<&str>, language: Option<&str>) -> anyhow::Result<(u16, Value)> {
+    pub fn post_with(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+        language: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut request = self.agent.post(format!("http://{}{path}", self.address));
         if let Some(token) = token {
             request = request.header("Authorization", format!("Bearer {token}"));

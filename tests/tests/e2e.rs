@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use protocol::checkdigit::{jis_x0402_check_digit, my_number_check_digit};
 use protocol::municipality::MunicipalityCode;
-use serde_json::{json, Value};
-use tests::{read_print_shop, write_shift_jis, Node, PrintedCoupon, TempDir};
+use serde_json::{Value, json};
+use tests::{Node, PrintedCoupon, TempDir, read_print_shop, write_shift_jis};
+
+mod tidy;
 
 fn my_number(serial: u64) -> String {
     let mut first11 = [0u8; 11];
@@ -47,7 +49,10 @@ fn render_fixture(edit: impl Fn(usize, &mut String, &mut String)) -> String {
     for (i, (atena, name, kana, birth, sex, address)) in FIXTURE.iter().enumerate() {
         let (mut address, mut status) = ((*address).to_owned(), "在住".to_owned());
         edit(i, &mut address, &mut status);
-        text.push_str(&format!("{atena},{name},{kana},{birth},{sex},{address},{},{status}\r\n", my_number(i as u64 + 1)));
+        text.push_str(&format!(
+            "{atena},{name},{kana},{birth},{sex},{address},{},{status}\r\n",
+            my_number(i as u64 + 1)
+        ));
     }
     text
 }
@@ -142,7 +147,9 @@ fn municipal_day_from_init_to_restart() {
     assert_eq!(status, 201, "{first}");
     let event_id = first["event"]["event_id"].as_str().unwrap().to_owned();
     let yamada_id = first["resident_id"].as_str().unwrap().to_owned();
-    let (status, again) = node.post("/api/v1/captures", &capture(&yamada.qr_text, &bracket_vial(COMIRNATY, "FA5765"), None)).unwrap();
+    let (status, again) = node
+        .post("/api/v1/captures", &capture(&yamada.qr_text, &bracket_vial(COMIRNATY, "FA5765"), None))
+        .unwrap();
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["replay"], true);
     assert_eq!(again["event"]["event_id"], event_id.as_str());
@@ -159,12 +166,27 @@ fn municipal_day_from_init_to_restart() {
     let last = forged.len() - 1;
     forged[last] = if forged[last] == '0' { '1' } else { '0' };
     let forged: String = forged.into_iter().collect();
-    assert_refused(node.post("/api/v1/captures", &capture(&forged, &vial, None)).unwrap(), 422, "bad_signature", "coupon");
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&forged, &vial, None)).unwrap(),
+        422,
+        "bad_signature",
+        "coupon",
+    );
     let mut mistyped: Vec<char> = takahashi.qr_text.chars().collect();
     mistyped[12] = if mistyped[12] == '1' { '4' } else { '1' };
     let mistyped: String = mistyped.into_iter().collect();
-    assert_refused(node.post("/api/v1/captures", &capture(&mistyped, &vial, None)).unwrap(), 400, "malformed_coupon", "coupon");
-    assert_refused(node.post("/api/v1/captures", &capture(&takahashi.code, "(01)123", None)).unwrap(), 400, "malformed_vial", "vial");
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&mistyped, &vial, None)).unwrap(),
+        400,
+        "malformed_coupon",
+        "coupon",
+    );
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&takahashi.code, "(01)123", None)).unwrap(),
+        400,
+        "malformed_vial",
+        "vial",
+    );
 
     // A well-formed municipality code that is no municipality.
     let unknown = (10_000..99_999u32)
@@ -175,30 +197,79 @@ fn municipal_day_from_init_to_restart() {
         .find(|code| MunicipalityCode::parse(code).map(|c| !c.is_known()).unwrap_or(false))
         .unwrap();
     let foreign = format!("11{unknown}{}", &takahashi.code[8..]);
-    assert_refused(node.post("/api/v1/captures", &capture(&foreign, &vial, None)).unwrap(), 422, "unknown_municipality", "coupon");
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&foreign, &vial, None)).unwrap(),
+        422,
+        "unknown_municipality",
+        "coupon",
+    );
 
     // Revoked and superseded coupons.
     let sato = coupon_of(&coupons, "0000000103", 1);
-    let (status, body) = node.post(&format!("/api/v1/coupons/{}/revoke", &sato.code[8..]), &json!({"reason": "紛失届"})).unwrap();
+    let (status, body) = node
+        .post(&format!("/api/v1/coupons/{}/revoke", &sato.code[8..]), &json!({"reason": "紛失届"}))
+        .unwrap();
     assert_eq!(status, 200, "{body}");
-    assert_refused(node.post("/api/v1/captures", &capture(&sato.qr_text, &vial, None)).unwrap(), 422, "coupon_revoked", "coupon");
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&sato.qr_text, &vial, None)).unwrap(),
+        422,
+        "coupon_revoked",
+        "coupon",
+    );
     let suzuki = coupon_of(&coupons, "0000000104", 1);
-    let (status, reissued) = node.post(&format!("/api/v1/coupons/{}/reissue", &suzuki.code[8..]), &json!({})).unwrap();
+    let (status, reissued) =
+        node.post(&format!("/api/v1/coupons/{}/reissue", &suzuki.code[8..]), &json!({})).unwrap();
     assert_eq!(status, 201, "{reissued}");
     assert_eq!(reissued["coupon"]["generation"], 1);
-    assert_refused(node.post("/api/v1/captures", &capture(&suzuki.qr_text, &vial, None)).unwrap(), 422, "coupon_superseded", "coupon");
-    let (status, body) = node.post("/api/v1/captures", &capture(reissued["qr_text"].as_str().unwrap(), &vial, None)).unwrap();
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&suzuki.qr_text, &vial, None)).unwrap(),
+        422,
+        "coupon_superseded",
+        "coupon",
+    );
+    let (status, body) =
+        node.post("/api/v1/captures", &capture(reissued["qr_text"].as_str().unwrap(), &vial, None)).unwrap();
     assert_eq!(status, 201, "the reissued QR works: {body}");
 
     // Dates and lots.
     let watanabe = coupon_of(&coupons, "0000000105", 1);
     let w = &watanabe.qr_text;
-    assert_refused(node.post("/api/v1/captures", &capture(w, &vial, Some(&days_from_today(1)))).unwrap(), 422, "date_in_future", "vaccinated_on");
-    assert_refused(node.post("/api/v1/captures", &capture(w, &vial, Some("2020-12-31"))).unwrap(), 422, "date_before_campaign", "vaccinated_on");
-    assert_refused(node.post("/api/v1/captures", &capture(w, &raw_vial(COMIRNATY, "NOPE99"), None)).unwrap(), 422, "lot_unknown", "vial");
-    assert_refused(node.post("/api/v1/captures", &capture(w, &raw_vial(COMIRNATY, "OLD001"), None)).unwrap(), 422, "lot_expired", "vial");
-    assert_refused(node.post("/api/v1/captures", &capture(w, &raw_vial(SPIKEVAX, "FA5765"), None)).unwrap(), 422, "lot_of_other_product", "vial");
-    assert_refused(node.post("/api/v1/captures", &capture(w, &raw_vial("04987000009997", "FA5765"), None)).unwrap(), 422, "product_unknown", "vial");
+    assert_refused(
+        node.post("/api/v1/captures", &capture(w, &vial, Some(&days_from_today(1)))).unwrap(),
+        422,
+        "date_in_future",
+        "vaccinated_on",
+    );
+    assert_refused(
+        node.post("/api/v1/captures", &capture(w, &vial, Some("2020-12-31"))).unwrap(),
+        422,
+        "date_before_campaign",
+        "vaccinated_on",
+    );
+    assert_refused(
+        node.post("/api/v1/captures", &capture(w, &raw_vial(COMIRNATY, "NOPE99"), None)).unwrap(),
+        422,
+        "lot_unknown",
+        "vial",
+    );
+    assert_refused(
+        node.post("/api/v1/captures", &capture(w, &raw_vial(COMIRNATY, "OLD001"), None)).unwrap(),
+        422,
+        "lot_expired",
+        "vial",
+    );
+    assert_refused(
+        node.post("/api/v1/captures", &capture(w, &raw_vial(SPIKEVAX, "FA5765"), None)).unwrap(),
+        422,
+        "lot_of_other_product",
+        "vial",
+    );
+    assert_refused(
+        node.post("/api/v1/captures", &capture(w, &raw_vial("04987000009997", "FA5765"), None)).unwrap(),
+        422,
+        "product_unknown",
+        "vial",
+    );
     // The legacy 18 digits, unsigned, are accepted against the issued coupons.
     let (status, body) = node.post("/api/v1/captures", &capture(&watanabe.code, &vial, None)).unwrap();
     assert_eq!(status, 201, "legacy code: {body}");
@@ -206,7 +277,8 @@ fn municipal_day_from_init_to_restart() {
     // Age: the child (born 2018) cannot have the 12+ product.
     let ito = coupon_of(&coupons, "0000000106", 1);
     let kobayashi = coupon_of(&coupons, "0000000108", 1);
-    let (status, body) = node.post(&format!("/api/v1/coupons/{}/reissue", &sato.code[8..]), &json!({})).unwrap();
+    let (status, body) =
+        node.post(&format!("/api/v1/coupons/{}/reissue", &sato.code[8..]), &json!({})).unwrap();
     assert_eq!(status, 201, "a revoked coupon can be reissued: {body}");
     assert_refused(
         node.post("/api/v1/captures", &capture(body["qr_text"].as_str().unwrap(), &vial, None)).unwrap(),
@@ -216,7 +288,8 @@ fn municipal_day_from_init_to_restart() {
     );
 
     // Interval and order: 伊藤 gets dose 1 thirty days ago; 小林 dose 1 today.
-    let (status, ito_first) = node.post("/api/v1/captures", &capture(&ito.qr_text, &vial, Some(&days_from_today(-30)))).unwrap();
+    let (status, ito_first) =
+        node.post("/api/v1/captures", &capture(&ito.qr_text, &vial, Some(&days_from_today(-30)))).unwrap();
     assert_eq!(status, 201, "{ito_first}");
     let (status, _) = node.post("/api/v1/captures", &capture(&kobayashi.qr_text, &vial, None)).unwrap();
     assert_eq!(status, 201);
@@ -226,25 +299,53 @@ fn municipal_day_from_init_to_restart() {
     let coupons2 = export(&node, dir.path());
     node.start().unwrap();
     let kobayashi2 = coupon_of(&coupons2, "0000000108", 2);
-    assert_refused(node.post("/api/v1/captures", &capture(&kobayashi2.qr_text, &vial, None)).unwrap(), 422, "interval_too_short", "vaccinated_on");
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&kobayashi2.qr_text, &vial, None)).unwrap(),
+        422,
+        "interval_too_short",
+        "vaccinated_on",
+    );
     let ito_id = ito_first["resident_id"].as_str().unwrap();
     let ito_event = ito_first["event"]["event_id"].as_str().unwrap();
-    let (status, body) = node.post(&format!("/api/v1/residents/{ito_id}/doses/{ito_event}/void"), &json!({"reason": ""})).unwrap();
+    let (status, body) = node
+        .post(&format!("/api/v1/residents/{ito_id}/doses/{ito_event}/void"), &json!({"reason": ""}))
+        .unwrap();
     assert_eq!((status, body["code"].as_str()), (422, Some("reason_missing")), "{body}");
-    let (status, body) = node.post(&format!("/api/v1/residents/{ito_id}/doses/{ito_event}/void"), &json!({"reason": "別人の接種券で記録"})).unwrap();
+    let (status, body) = node
+        .post(
+            &format!("/api/v1/residents/{ito_id}/doses/{ito_event}/void"),
+            &json!({"reason": "別人の接種券で記録"}),
+        )
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     let ito2 = coupon_of(&coupons2, "0000000106", 2);
-    assert_refused(node.post("/api/v1/captures", &capture(&ito2.qr_text, &vial, None)).unwrap(), 422, "dose_out_of_order", "coupon");
+    assert_refused(
+        node.post("/api/v1/captures", &capture(&ito2.qr_text, &vial, None)).unwrap(),
+        422,
+        "dose_out_of_order",
+        "coupon",
+    );
 
     // Amend with a reason; English on request; no token, no access.
     let (status, body) = node
-        .post(&format!("/api/v1/residents/{yamada_id}/doses/{event_id}/amend"), &json!({"reason": "接種日の誤入力", "vaccinated_on": days_from_today(-2)}))
+        .post(
+            &format!("/api/v1/residents/{yamada_id}/doses/{event_id}/amend"),
+            &json!({"reason": "接種日の誤入力", "vaccinated_on": days_from_today(-2)}),
+        )
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    let (status, body) = node.post_with("/api/v1/captures", &capture(&forged, &vial, None), Some(&node.token), Some("en-US,en;q=0.9")).unwrap();
+    let (status, body) = node
+        .post_with(
+            "/api/v1/captures",
+            &capture(&forged, &vial, None),
+            Some(&node.token),
+            Some("en-US,en;q=0.9"),
+        )
+        .unwrap();
     assert_eq!(status, 422);
     assert!(body["title"].as_str().unwrap().contains("signature"), "{body}");
-    let (status, body) = node.post_with("/api/v1/captures", &capture(&ito.qr_text, &vial, None), None, None).unwrap();
+    let (status, body) =
+        node.post_with("/api/v1/captures", &capture(&ito.qr_text, &vial, None), None, None).unwrap();
     assert_eq!(status, 401, "{body}");
     assert!(!body.to_string().contains("伊藤"));
 
@@ -288,7 +389,15 @@ fn import_refuses_a_bad_file_whole_and_is_idempotent() {
     let output = node.cli(&["import", path.to_str().unwrap()]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for expected in ["10行目 [氏名]", "10行目 [生年月日]", "10行目 [個人番号]", "11行目 [宛名番号]", "11行目 [氏名カナ]", "11行目 [性別]", "nothing was imported"] {
+    for expected in [
+        "10行目 [氏名]",
+        "10行目 [生年月日]",
+        "10行目 [個人番号]",
+        "11行目 [宛名番号]",
+        "11行目 [氏名カナ]",
+        "11行目 [性別]",
+        "nothing was imported",
+    ] {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
     }
     assert!(ok(&node.cli(&["status"])).contains("residents 0"), "a refused file changes nothing");
@@ -324,9 +433,28 @@ fn kill_nine_during_concurrent_captures_loses_nothing_acknowledged() {
     let dir = TempDir::new("crash");
     let mut node = Node::init(dir.path(), "141003").unwrap();
     let extract = dir.path().join("residents.csv");
-    ok(&node.cli(&["generate", "--residents", "1500", "--seed", "7", "--encoding", "utf8", "--out", extract.to_str().unwrap()]));
+    ok(&node.cli(&[
+        "generate",
+        "--residents",
+        "1500",
+        "--seed",
+        "7",
+        "--encoding",
+        "utf8",
+        "--out",
+        extract.to_str().unwrap(),
+    ]));
     ok(&node.cli(&["import", extract.to_str().unwrap()]));
-    ok(&node.cli(&["lots", "add", "--lot", "FA5765", "--gtin", COMIRNATY, "--expiry", &days_from_today(180)]));
+    ok(&node.cli(&[
+        "lots",
+        "add",
+        "--lot",
+        "FA5765",
+        "--gtin",
+        COMIRNATY,
+        "--expiry",
+        &days_from_today(180),
+    ]));
     ok(&node.cli(&["coupons", "issue"]));
     let coupons = export(&node, dir.path());
     // Only adults, so every capture is valid for the 12+ product.
@@ -344,8 +472,13 @@ fn kill_nine_during_concurrent_captures_loses_nothing_acknowledged() {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {
-            let (queue, acknowledged, attempted, stop) = (queue.clone(), acknowledged.clone(), attempted.clone(), stop.clone());
-            let agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(10))).build().new_agent();
+            let (queue, acknowledged, attempted, stop) =
+                (queue.clone(), acknowledged.clone(), attempted.clone(), stop.clone());
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .new_agent();
             let (address, token) = (node.address.clone(), node.token.clone());
             clients.push(std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -387,11 +520,20 @@ fn kill_nine_during_concurrent_captures_loses_nothing_acknowledged() {
         assert_eq!(status, 200);
         let resident_id = found["residents"][0]["resident_id"].as_str().unwrap().to_owned();
         let (_, record) = node.get(&format!("/api/v1/residents/{resident_id}")).unwrap();
-        let events: Vec<&Value> = record["history"].as_array().unwrap().iter().filter(|e| e["coupon"] == code.as_str()).collect();
-        let coupon_used = record["coupons"].as_object().unwrap().values().any(|c| c["code"] == code.as_str() && c["status"] == "used");
+        let events: Vec<&Value> =
+            record["history"].as_array().unwrap().iter().filter(|e| e["coupon"] == code.as_str()).collect();
+        let coupon_used = record["coupons"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|c| c["code"] == code.as_str() && c["status"] == "used");
         match acknowledged.get(code) {
             Some(event_id) => {
-                assert_eq!(events.len(), 1, "acknowledged capture {code} must be present exactly once: {record}");
+                assert_eq!(
+                    events.len(),
+                    1,
+                    "acknowledged capture {code} must be present exactly once: {record}"
+                );
                 assert_eq!(events[0]["event_id"], event_id.as_str());
                 assert!(coupon_used, "coupon of acknowledged capture {code} must be used");
             }

@@ -1,1 +1,314 @@
-fn main(){}
+//! `vrs-bench`: benchmarks that drive real `vrs-node` processes and print figures.
+//!
+//! ```text
+//! cargo run --release -p tests --bin vrs-bench -- import  --residents 1000000 [--keep DIR]
+//! cargo run --release -p tests --bin vrs-bench -- capture --data DIR --clients 64 --captures 50000
+//! ```
+//!
+//! Results and the commands are recorded in docs/benchmarks.md.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use tests::{free_port, read_print_shop, vrs_node};
+
+/// Yokohama's population, the largest municipality.
+const YOKOHAMA_RESIDENTS: f64 = 3_770_000.0;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    match args.first().map(String::as_str) {
+        Some("import") => {
+            let residents: u64 = flag("--residents").unwrap_or_else(|| "1000000".into()).parse()?;
+            bench_import(residents, flag("--keep").map(PathBuf::from))
+        }
+        Some("capture") => {
+            let data =
+                PathBuf::from(flag("--data").context("--data DIR (a node made by `import --keep DIR`)")?);
+            let clients: usize = flag("--clients").unwrap_or_else(|| "64".into()).parse()?;
+            let captures: usize = flag("--captures").unwrap_or_else(|| "50000".into()).parse()?;
+            bench_capture(&data, clients, captures)
+        }
+        Some("fsync") => {
+            let dir = std::env::temp_dir();
+            let (rate, p50) = fdatasync_rate(&dir, Duration::from_secs(3))?;
+            println!("fdatasync (4 KiB write + fdatasync) in {}: {rate:.0}/s, p50 {p50:?}", dir.display());
+            Ok(())
+        }
+        _ => bail!(
+            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | fsync"
+        ),
+    }
+}
+
+/// Runs a command, sampling its peak resident set size (VmHWM). Returns (elapsed, peak bytes, stdout).
+fn run_measured(command: &mut Command) -> anyhow::Result<(Duration, u64, String)> {
+    let start = Instant::now();
+    let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let mut peak = 0u64;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(kb) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kb * 1024);
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output()?;
+    let elapsed = start.elapsed();
+    if !output.status.success() {
+        bail!("{command:?} failed");
+    }
+    Ok((elapsed, peak, String::from_utf8_lossy(&output.stdout).into_owned()))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn bench_import(residents: u64, keep: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = keep
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("vrs-bench-import-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join("node");
+    let csv = dir.join("residents-sjis.csv");
+    let binary = vrs_node();
+    println!("vrs-bench import: {residents} residents, binary {}", binary.display());
+    let status = Command::new(binary)
+        .args([
+            "generate",
+            "--residents",
+            &residents.to_string(),
+            "--seed",
+            "42",
+            "--encoding",
+            "shift-jis",
+            "--out",
+        ])
+        .arg(&csv)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "generate failed");
+    let csv_bytes = std::fs::metadata(&csv)?.len();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let init = Command::new(binary)
+        .args(["init", "--municipality", "141003", "--listen", &listen, "--data"])
+        .arg(&data)
+        .output()?;
+    anyhow::ensure!(init.status.success(), "init failed");
+    std::fs::write(
+        dir.join("admin-token"),
+        String::from_utf8_lossy(&init.stdout).lines().find(|l| l.starts_with("vrs_")).unwrap_or(""),
+    )?;
+
+    let (import_time, import_rss, _) =
+        run_measured(Command::new(binary).args(["import", "--data"]).arg(&data).arg(&csv))?;
+    let (issue_time, issue_rss, issue_out) =
+        run_measured(Command::new(binary).args(["coupons", "issue", "--data"]).arg(&data))?;
+    let total = import_time + issue_time;
+    let rate = |d: Duration| residents as f64 / d.as_secs_f64();
+    let store_bytes = std::fs::metadata(data.join("store.redb"))?.len();
+    println!("input: {:.1} MiB Shift_JIS CSV", mib(csv_bytes));
+    println!(
+        "import:   {:>8.1} s  {:>9.0} residents/s  peak RSS {:>7.1} MiB",
+        import_time.as_secs_f64(),
+        rate(import_time),
+        mib(import_rss)
+    );
+    println!(
+        "issuance: {:>8.1} s  {:>9.0} residents/s  peak RSS {:>7.1} MiB  ({})",
+        issue_time.as_secs_f64(),
+        rate(issue_time),
+        mib(issue_rss),
+        issue_out.trim()
+    );
+    println!("together: {:>8.1} s  {:>9.0} residents/s", total.as_secs_f64(), rate(total));
+    let extrapolated = YOKOHAMA_RESIDENTS / rate(total);
+    println!(
+        "Yokohama (3.77 M) extrapolated linearly: {:.0} s = {:.1} min (target ≤ 5 min: ratio {:.2}×)",
+        extrapolated,
+        extrapolated / 60.0,
+        extrapolated / 300.0
+    );
+    println!("peak RSS {:.1} MiB (target ≤ 2048 MiB)", mib(import_rss.max(issue_rss)));
+    println!(
+        "store.redb: {:.1} MiB ({:.0} B/resident)",
+        mib(store_bytes),
+        store_bytes as f64 / residents as f64
+    );
+    if keep.is_none() {
+        std::fs::remove_dir_all(&dir)?;
+    } else {
+        println!("kept {} for `vrs-bench capture --data {}`", dir.display(), dir.display());
+    }
+    Ok(())
+}
+
+/// The disk's own limit: 4 KiB write + fdatasync in a loop.
+fn fdatasync_rate(dir: &Path, duration: Duration) -> anyhow::Result<(f64, Duration)> {
+    let path = dir.join(format!("vrs-bench-fsync-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path)?;
+    let block = vec![0xabu8; 4096];
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        latencies.push(t.elapsed());
+    }
+    std::fs::remove_file(&path)?;
+    latencies.sort();
+    Ok((latencies.len() as f64 / start.elapsed().as_secs_f64(), latencies[latencies.len() / 2]))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<()> {
+    let binary = vrs_node();
+    let data = dir.join("node");
+    let token = std::fs::read_to_string(dir.join("admin-token"))?.trim().to_owned();
+    let print = dir.join("print-shop");
+    if !print.join("coupons.csv").exists() {
+        let status = Command::new(binary)
+            .args(["coupons", "export", "--no-qr-images", "--data"])
+            .arg(&data)
+            .args(["--out"])
+            .arg(&print)
+            .status()?;
+        anyhow::ensure!(status.success(), "export failed");
+    }
+    let coupons = read_print_shop(&print.join("coupons.csv"))?;
+    let today = time::OffsetDateTime::now_utc().to_offset(time::UtcOffset::from_hms(9, 0, 0)?).date();
+    let adult_cutoff = (today - time::Duration::days(365 * 13)).to_string();
+    let expiry = (today + time::Duration::days(365)).to_string();
+    let lot = Command::new(binary)
+        .args(["lots", "add", "--lot", "BENCH1", "--gtin", "04987000001014", "--expiry", &expiry, "--data"])
+        .arg(&data)
+        .output()?;
+    anyhow::ensure!(lot.status.success(), "lots add failed");
+    // Coupons not yet used by an earlier run, adults only, in a shuffled order so that
+    // the documents touched are spread over the whole store (no cache locality).
+    let used_marker = dir.join("captured-upto");
+    let skip: usize =
+        std::fs::read_to_string(&used_marker).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let mut queue: Vec<String> =
+        coupons.into_iter().filter(|c| c.birth_date < adult_cutoff).map(|c| c.qr_text).collect();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..queue.len()).rev() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        queue.swap(i, (rng % (i as u64 + 1)) as usize);
+    }
+    let queue: Vec<String> = queue.into_iter().skip(skip).take(captures).collect();
+    anyhow::ensure!(queue.len() == captures, "only {} unused coupons left", queue.len());
+    std::fs::write(&used_marker, (skip + captures).to_string())?;
+
+    let residents = {
+        let out = Command::new(binary).args(["status", "--data"]).arg(&data).output()?;
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let (sync_rate, sync_p50) = fdatasync_rate(&data, Duration::from_secs(2))?;
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut server = Command::new(binary)
+        .args(["run", "--listen", &listen, "--data"])
+        .arg(&data)
+        .env("VRS_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.get(format!("http://{listen}/healthz")).call().is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "node did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let queue = Arc::new(queue);
+    let next = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(captures)));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (queue, next, latencies, failures, agent, listen, token) =
+                (queue.clone(), next.clone(), latencies.clone(), failures.clone(), agent.clone(), listen.clone(), token.clone());
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(qr) = queue.get(i) else { break };
+                    let body = json!({"coupon": qr, "vial": "]d2010498700000101417301231\u{1d}10BENCH1", "venue": "bench"});
+                    let t = Instant::now();
+                    let result = agent.post(format!("http://{listen}/api/v1/captures")).header("Authorization", format!("Bearer {token}")).send_json(&body);
+                    match result {
+                        Ok(response) if response.status() == 201 => mine.push(t.elapsed()),
+                        Ok(response) => {
+                            if failures.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("refused: {} {:?}", response.status(), response.into_body().read_to_string());
+                            }
+                        }
+                        Err(error) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("error: {error}");
+                        }
+                    }
+                }
+                latencies.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
+            })
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
+    }
+    let elapsed = start.elapsed();
+    let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
+    let _ = server.wait();
+    let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    latencies.sort();
+    anyhow::ensure!(!latencies.is_empty(), "no capture succeeded");
+    let rate = latencies.len() as f64 / elapsed.as_secs_f64();
+    println!("node: {residents}");
+    println!(
+        "clients: {clients}, captures acknowledged: {}, refused/failed: {}",
+        latencies.len(),
+        failures.load(Ordering::Relaxed)
+    );
+    println!("durable captures/s: {rate:.0} (target ≥ 5,000: ratio {:.2}×)", rate / 5000.0);
+    println!(
+        "latency p50 {:.1} ms, p99 {:.1} ms (target p99 ≤ 50 ms), max {:.1} ms",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
+    );
+    println!(
+        "disk: 4 KiB write + fdatasync {sync_rate:.0}/s (p50 {:.0} µs): captures/s ÷ fdatasyncs/s = {:.1}",
+        sync_p50.as_secs_f64() * 1e6,
+        rate / sync_rate
+    );
+    Ok(())
+}

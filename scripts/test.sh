@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's whole test suite: formatting, lints, every test (unit, data-driven,
+# property, end-to-end with real vrs-node processes, kill -9 crash test).
+# Needs only the Rust toolchain (rustup with rustfmt and clippy); installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads 2
