@@ -219,7 +219,7 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     println!("== 2. 住民記録の取込 / import {n_residents} residents (Shift_JIS CSV, seed 42)");
     let csv_path = dir.join("demo-residents-sjis.csv");
     write_population(&csv_path, n_residents, 42, Encoding::ShiftJis)?;
-    match import_file(&files, &store, &csv_path, Encoding::Auto)? {
+    match import_file(&files, &store, &csv_path, Encoding::Auto, None)? {
         ImportOutcome::Applied(report) => println!(
             "   created {}, updated {}, unchanged {}",
             report.created, report.updated, report.unchanged

@@ -19,15 +19,21 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use automerge::ActorId;
 use indicatif::{ProgressBar, ProgressStyle};
+use protocol::coupon::{CouponCode, CouponNumber};
 use protocol::document::{
-    Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex, new_resident_document,
+    CouponEntry, CouponStatus, Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex,
+    apply_event, new_resident_document,
 };
 use protocol::municipality::MunicipalityCode;
 use protocol::person::PersonKeySecret;
+use protocol::validation::{TICKET_KIND_VACCINATION, age_on};
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
-use crate::store::{IDENTITY_DIGEST, IDX_KANA, IDX_PERSON, Mutation, Store, new_cache, normalize_kana};
+use crate::store::{
+    IDENTITY_DIGEST, IDX_COUPON, IDX_KANA, IDX_PERSON, META_COUPON_SERIAL, Mutation, Store, new_cache,
+    normalize_kana,
+};
 
 /// How the file is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -74,6 +80,8 @@ pub struct ImportReport {
     pub updated: u64,
     /// Rows identical to what the node holds.
     pub unchanged: u64,
+    /// Coupons issued to new residents (`--issue-coupons`).
+    pub coupons_issued: u64,
 }
 
 /// The outcome: applied, or refused with every bad row.
@@ -197,12 +205,25 @@ fn progress_bar(path: &Path, message: &str) -> ProgressBar {
     bar
 }
 
-/// Imports a resident register extract.
+/// Issue a first coupon to each new, eligible resident in the same pass as the import.
+#[derive(Debug, Clone, Copy)]
+pub struct IssueOnImport {
+    /// The date eligibility (age) is computed for.
+    pub today: Date,
+    /// The youngest age any product may be given at.
+    pub min_age: u8,
+}
+
+/// Imports a resident register extract. With `issue`, each new resident who is active and
+/// old enough also gets a coupon for dose 1 — a second commit made while the document is
+/// still in memory, which spares the initial load a separate issuance pass over every
+/// document. Changed residents are left to `coupons issue`.
 pub fn import_file(
     files: &NodeFiles,
     store: &Store,
     path: &Path,
     encoding: Encoding,
+    issue: Option<IssueOnImport>,
 ) -> anyhow::Result<ImportOutcome> {
     let municipality = files.config.municipality;
     let errors = check_file(files, store, path, encoding)?;
@@ -224,16 +245,16 @@ pub fn import_file(
             .map_err(|e| anyhow::anyhow!("row changed during import: {}", e[0]))?;
         batch.push(row);
         if batch.len() == BATCH_ROWS {
-            apply_batch(store, &files.person_secret, municipality, &actor, &batch, &mut report)?;
+            apply_batch(store, &files.person_secret, municipality, &actor, &batch, issue, &mut report)?;
             batch.clear();
         }
     }
-    apply_batch(store, &files.person_secret, municipality, &actor, &batch, &mut report)?;
+    apply_batch(store, &files.person_secret, municipality, &actor, &batch, issue, &mut report)?;
     bar.finish_and_clear();
     Ok(ImportOutcome::Applied(report))
 }
 
-const BATCH_ROWS: usize = 8192;
+const BATCH_ROWS: usize = 65_536;
 
 /// Pass one: every row checked, nothing written.
 fn check_file(
@@ -480,6 +501,7 @@ fn apply_batch(
     municipality: MunicipalityCode,
     actor: &ActorId,
     rows: &[Row],
+    issue: Option<IssueOnImport>,
     report: &mut ImportReport,
 ) -> anyhow::Result<()> {
     if rows.is_empty() {
@@ -512,10 +534,15 @@ fn apply_batch(
         })
         .collect();
 
-    // Classify against what is stored.
+    // Classify against what is stored. Ids are keyed hashes, so the batch is inserted in key
+    // order: neighbouring inserts then land on the same B-tree pages.
+    let mut planned = planned;
+    planned.sort_unstable_by(|a, b| a.record.resident_id.cmp(&b.record.resident_id));
     let (mut new, mut changed) = (Vec::new(), Vec::new());
+    let coupon_serial_base;
     {
         let view = store.read()?;
+        coupon_serial_base = view.meta(META_COUPON_SERIAL)?;
         let digests = view.txn().open_table(IDENTITY_DIGEST)?;
         for plan in &planned {
             match digests.get(plan.record.resident_id.as_str())? {
@@ -525,20 +552,29 @@ fn apply_batch(
             }
         }
     }
+    let coupons = plan_coupons(&new, issue, municipality, coupon_serial_base, now)?;
     // Build new documents on every core; automerge work dominates an import.
-    let built = build_parallel(&new, actor, now)?;
+    let built = build_parallel(&new, &coupons, actor, now)?;
 
     let txn = store.begin_write()?;
     let mut cache = new_cache(1);
     {
         let mut mutation = Mutation::new(&txn, &mut cache, actor);
         let mut digests = txn.open_table(IDENTITY_DIGEST)?;
-        for (plan, saved) in new.iter().zip(&built) {
+        for ((plan, saved), coupon) in new.iter().zip(&built).zip(&coupons) {
             mutation.insert_built(&plan.record, saved)?;
             digests.insert(plan.record.resident_id.as_str(), plan.digest.as_slice())?;
             report.created += 1;
+            if let Some(coupon) = coupon {
+                mutation.set_index(IDX_COUPON, coupon.code.number.as_str(), &plan.record.resident_id)?;
+                report.coupons_issued += 1;
+            }
         }
         drop(digests);
+        let n_coupons = coupons.iter().flatten().count() as u64;
+        if n_coupons > 0 {
+            mutation.set_counter(META_COUPON_SERIAL, coupon_serial_base + n_coupons)?;
+        }
         let view = store.read()?;
         for plan in &changed {
             let id = plan.record.resident_id.as_str();
@@ -559,17 +595,79 @@ fn apply_batch(
     Ok(())
 }
 
-fn build_parallel(plans: &[&Planned], actor: &ActorId, at: OffsetDateTime) -> anyhow::Result<Vec<Vec<u8>>> {
+/// The coupon each new resident gets with `--issue-coupons`, serials in batch order.
+fn plan_coupons(
+    new: &[&Planned],
+    issue: Option<IssueOnImport>,
+    municipality: MunicipalityCode,
+    serial_base: u64,
+    now: OffsetDateTime,
+) -> anyhow::Result<Vec<Option<CouponEntry>>> {
+    let Some(issue) = issue else {
+        return Ok(vec![None; new.len()]);
+    };
+    let mut next_serial = serial_base;
+    new.iter()
+        .map(|plan| {
+            let identity = &plan.record.identity;
+            let eligible = identity.status == ResidentStatus::Active
+                && age_on(identity.birth_date, issue.today) >= issue.min_age;
+            if !eligible {
+                return Ok(None);
+            }
+            next_serial += 1;
+            let serial = u32::try_from(next_serial).context("coupon serials exhausted")?;
+            let code = CouponCode {
+                ticket_kind: TICKET_KIND_VACCINATION,
+                dose_round: 1,
+                municipality,
+                number: CouponNumber::from_serial(serial).context("coupon serials exhausted")?,
+            };
+            Ok(Some(CouponEntry {
+                code,
+                generation: 0,
+                status: CouponStatus::Valid,
+                issued_at: now,
+                status_reason: None,
+                used_by_event: None,
+            }))
+        })
+        .collect()
+}
+
+/// Builds one new document: registration, then the coupon if any, one commit each.
+fn build_one(
+    plan: &Planned,
+    coupon: &Option<CouponEntry>,
+    actor: &ActorId,
+    at: OffsetDateTime,
+) -> anyhow::Result<Vec<u8>> {
+    let mut doc = new_resident_document(actor, &plan.record, at)?;
+    if let Some(entry) = coupon {
+        let event = ResidentEvent::CouponIssued { entry: entry.clone(), supersedes: None };
+        apply_event(&mut doc, &event, at)?;
+    }
+    Ok(doc.save_nocompress())
+}
+
+fn build_parallel(
+    plans: &[&Planned],
+    coupons: &[Option<CouponEntry>],
+    actor: &ActorId,
+    at: OffsetDateTime,
+) -> anyhow::Result<Vec<Vec<u8>>> {
     let n_threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1);
     let chunk_size = plans.len().div_ceil(n_threads).max(1);
     std::thread::scope(|scope| {
         let handles: Vec<_> = plans
             .chunks(chunk_size)
-            .map(|chunk| {
+            .zip(coupons.chunks(chunk_size))
+            .map(|(chunk, coupons)| {
                 scope.spawn(move || -> anyhow::Result<Vec<Vec<u8>>> {
                     chunk
                         .iter()
-                        .map(|plan| Ok(new_resident_document(actor, &plan.record, at)?.save()))
+                        .zip(coupons)
+                        .map(|(plan, coupon)| build_one(plan, coupon, actor, at))
                         .collect()
                 })
             })

@@ -152,7 +152,7 @@ proptest::proptest! {
         }
         let path = fixture.dir.join("fuzz.csv");
         std::fs::write(&path, &text).unwrap();
-        let outcome = import_file(&files, &store, &path, Encoding::Auto).unwrap();
+        let outcome = import_file(&files, &store, &path, Encoding::Auto, None).unwrap();
         let stored = store.read().unwrap().n_residents().unwrap();
         match outcome {
             ImportOutcome::Refused(errors) => {

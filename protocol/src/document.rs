@@ -1,15 +1,22 @@
 //! The resident document: one Automerge document per resident.
 //!
-//! Layout (all maps, so concurrent writers — the node and its terminals — merge without
-//! conflict on different keys):
+//! Layout (schema 2):
 //!
 //! ```text
-//! { schema, resident_id, municipality, person_key,
-//!   identity:    { atena_number, name, name_kana, birth_date, sex, address, status, … },
-//!   coupons:     { "<coupon number>.<generation>": { code, generation, status, … } },
-//!   doses:       { "<event id>": { dose_number, coupon, vaccinated_on, gtin, lot, … } },
-//!   corrections: { "<correction id>": { event_id, kind, reason, actor, at, before, after } } }
+//! { header:      "<JSON: schema, resident_id, municipality, person_key>",
+//!   identity:    "<JSON of Identity>",
+//!   coupons:     { "<coupon number>.<generation>": "<JSON of CouponEntry>" },
+//!   doses:       { "<event id>": "<JSON of DoseEvent>" },
+//!   corrections: { "<correction id>": "<JSON of Correction>" } }
 //! ```
+//!
+//! Each entry is one scalar under its own key, so concurrent writers (the node and its
+//! terminals) merge without conflict as long as they write different keys — a dose from a
+//! terminal and a dose from the node have different event ids — while a change to one entry
+//! costs one Automerge operation instead of one per field. Measured on the capture path, the
+//! per-field layout (schema 1) spent a quarter of the writer's time inserting operations.
+//! Two concurrent writes of the same entry resolve last-writer-wins; only the owning node
+//! rewrites coupon and dose entries, and every correction is also kept under its own key.
 //!
 //! Every logical event is exactly one Automerge commit ([`apply_event`]). Measurements show
 //! that a document built in one commit re-sends its whole history on every later sync, so
@@ -18,7 +25,8 @@
 use std::collections::BTreeMap;
 
 use automerge::transaction::Transactable;
-use automerge::{ActorId, AutoSerde, Automerge, ObjId, ObjType, ROOT, ReadDoc, ScalarValue};
+use automerge::{ActorId, Automerge, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, ValueRef};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 
@@ -27,7 +35,7 @@ use crate::gs1::Gtin;
 use crate::municipality::MunicipalityCode;
 
 /// The document layout version written into every resident document.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Sex as recorded in the resident register (住民基本台帳).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -328,13 +336,26 @@ pub fn new_resident_document(
     at: OffsetDateTime,
 ) -> Result<Automerge, DocumentError> {
     let mut doc = Automerge::new().with_actor(actor.clone());
-    let value = to_json(record)?;
-    let serde_json::Value::Object(fields) = value else {
-        return Err(DocumentError::Shape("record is not an object".into()));
-    };
     commit(&mut doc, "registered", at, |tx| {
-        for (key, value) in &fields {
-            put_json(tx, &ROOT, key, value)?;
+        let header = Header {
+            schema: record.schema,
+            resident_id: record.resident_id.clone(),
+            municipality: record.municipality,
+            person_key: record.person_key.clone(),
+        };
+        put_entry(tx, &ROOT, "header", &header)?;
+        put_entry(tx, &ROOT, "identity", &record.identity)?;
+        let coupons = tx.put_object(&ROOT, "coupons", ObjType::Map)?;
+        for (key, entry) in &record.coupons {
+            put_entry(tx, &coupons, key, entry)?;
+        }
+        let doses = tx.put_object(&ROOT, "doses", ObjType::Map)?;
+        for (key, dose) in &record.doses {
+            put_entry(tx, &doses, key, dose)?;
+        }
+        let corrections = tx.put_object(&ROOT, "corrections", ObjType::Map)?;
+        for (key, correction) in &record.corrections {
+            put_entry(tx, &corrections, key, correction)?;
         }
         Ok(())
     })?;
@@ -348,72 +369,82 @@ pub fn apply_event(
     at: OffsetDateTime,
 ) -> Result<(), DocumentError> {
     commit(doc, event.kind(), at, |tx| match event {
-        ResidentEvent::IdentityUpdated(identity) => {
-            let obj = child_map(tx, &ROOT, "identity")?;
-            put_fields(tx, &obj, &to_json(identity)?)
-        }
+        ResidentEvent::IdentityUpdated(identity) => put_entry(tx, &ROOT, "identity", identity),
         ResidentEvent::CouponIssued { entry, supersedes } => {
             let coupons = child_map(tx, &ROOT, "coupons")?;
             if let Some(old) = supersedes {
-                let old_obj = child_map(tx, &coupons, old)?;
-                tx.put(&old_obj, "status", "superseded")?;
+                let mut previous: CouponEntry = get_entry(tx, &coupons, old)?;
+                previous.status = CouponStatus::Superseded;
+                put_entry(tx, &coupons, old, &previous)?;
             }
-            put_json(tx, &coupons, &entry.key(), &to_json(entry)?)
+            put_entry(tx, &coupons, &entry.key(), entry)
         }
         ResidentEvent::CouponRevoked { key, reason } => {
             let coupons = child_map(tx, &ROOT, "coupons")?;
-            let obj = child_map(tx, &coupons, key)?;
-            tx.put(&obj, "status", "revoked")?;
-            tx.put(&obj, "status_reason", reason.as_str())?;
-            Ok(())
+            let mut coupon: CouponEntry = get_entry(tx, &coupons, key)?;
+            coupon.status = CouponStatus::Revoked;
+            coupon.status_reason = Some(reason.clone());
+            put_entry(tx, &coupons, key, &coupon)
         }
         ResidentEvent::DoseRecorded(event) => {
             let doses = child_map(tx, &ROOT, "doses")?;
-            put_json(tx, &doses, &event.event_id, &to_json(event)?)?;
+            put_entry(tx, &doses, &event.event_id, event)?;
             let coupons = child_map(tx, &ROOT, "coupons")?;
             let key = coupon_key(&event.coupon.number, event.coupon_generation);
-            let coupon = child_map(tx, &coupons, &key)?;
-            tx.put(&coupon, "status", "used")?;
-            tx.put(&coupon, "used_by_event", event.event_id.as_str())?;
-            Ok(())
+            let mut coupon: CouponEntry = get_entry(tx, &coupons, &key)?;
+            coupon.status = CouponStatus::Used;
+            coupon.used_by_event = Some(event.event_id.clone());
+            put_entry(tx, &coupons, &key, &coupon)
         }
         ResidentEvent::DoseVoided { correction, reopen_coupon } => {
             let doses = child_map(tx, &ROOT, "doses")?;
-            let dose = child_map(tx, &doses, &correction.event_id)?;
-            tx.put(&dose, "status", "voided")?;
+            let mut dose: DoseEvent = get_entry(tx, &doses, &correction.event_id)?;
+            dose.status = DoseStatus::Voided;
+            put_entry(tx, &doses, &correction.event_id, &dose)?;
             if let Some(key) = reopen_coupon {
                 let coupons = child_map(tx, &ROOT, "coupons")?;
-                let coupon = child_map(tx, &coupons, key)?;
-                tx.put(&coupon, "status", "valid")?;
-                if tx.get(&coupon, "used_by_event")?.is_some() {
-                    tx.delete(&coupon, "used_by_event")?;
-                }
+                let mut coupon: CouponEntry = get_entry(tx, &coupons, key)?;
+                coupon.status = CouponStatus::Valid;
+                coupon.used_by_event = None;
+                put_entry(tx, &coupons, key, &coupon)?;
             }
             let corrections = child_map(tx, &ROOT, "corrections")?;
-            put_json(tx, &corrections, &correction.correction_id, &to_json(correction)?)
+            put_entry(tx, &corrections, &correction.correction_id, correction)
         }
         ResidentEvent::DoseAmended { amended, correction } => {
             let doses = child_map(tx, &ROOT, "doses")?;
-            let dose = child_map(tx, &doses, &amended.event_id)?;
-            let after = to_json(amended)?;
-            // Write only the fields that changed, so a concurrent change to another field
-            // of the same dose merges instead of being overwritten.
-            for field in correction.after.keys() {
-                if let Some(value) = after.get(field) {
-                    put_json(tx, &dose, field, value)?;
-                }
-            }
+            put_entry(tx, &doses, &amended.event_id, amended)?;
             let corrections = child_map(tx, &ROOT, "corrections")?;
-            put_json(tx, &corrections, &correction.correction_id, &to_json(correction)?)
+            put_entry(tx, &corrections, &correction.correction_id, correction)
         }
     })
 }
 
+/// What never changes in a resident document, written once at registration.
+#[derive(Serialize, Deserialize)]
+struct Header {
+    schema: u64,
+    resident_id: String,
+    municipality: MunicipalityCode,
+    person_key: String,
+}
+
 /// Reads the document into a record.
 pub fn read_record(doc: &Automerge) -> Result<ResidentRecord, DocumentError> {
-    let value =
-        serde_json::to_value(AutoSerde::from(doc)).map_err(|e| DocumentError::Shape(e.to_string()))?;
-    serde_json::from_value(value).map_err(|e| DocumentError::Shape(e.to_string()))
+    let header: Header = get_entry(doc, &ROOT, "header")?;
+    if header.schema != SCHEMA_VERSION {
+        return Err(DocumentError::Shape(format!("schema {}, expected {SCHEMA_VERSION}", header.schema)));
+    }
+    Ok(ResidentRecord {
+        schema: header.schema,
+        resident_id: header.resident_id,
+        municipality: header.municipality,
+        person_key: header.person_key,
+        identity: get_entry(doc, &ROOT, "identity")?,
+        coupons: map_entries(doc, "coupons")?,
+        doses: map_entries(doc, "doses")?,
+        corrections: map_entries(doc, "corrections")?,
+    })
 }
 
 fn commit(
@@ -428,96 +459,47 @@ fn commit(
     doc.transact_with(|_| options, f).map(|_| ()).map_err(|failure| failure.error)
 }
 
-fn to_json<T: Serialize>(value: &T) -> Result<serde_json::Value, DocumentError> {
-    serde_json::to_value(value).map_err(|e| DocumentError::Shape(e.to_string()))
-}
-
-fn child_map(
-    tx: &mut automerge::transaction::Transaction<'_>,
-    parent: &ObjId,
-    key: &str,
-) -> Result<ObjId, DocumentError> {
-    match tx.get(parent, key)? {
+fn child_map(doc: &impl ReadDoc, parent: &ObjId, key: &str) -> Result<ObjId, DocumentError> {
+    match doc.get(parent, key)? {
         Some((automerge::Value::Object(ObjType::Map), id)) => Ok(id),
         _ => Err(DocumentError::Missing { what: "map", key: key.to_owned() }),
     }
 }
 
-fn put_fields(
-    tx: &mut automerge::transaction::Transaction<'_>,
-    obj: &ObjId,
-    value: &serde_json::Value,
-) -> Result<(), DocumentError> {
-    let serde_json::Value::Object(fields) = value else {
-        return Err(DocumentError::Shape("expected an object".into()));
-    };
-    for (key, value) in fields {
-        put_json(tx, obj, key, value)?;
-    }
-    Ok(())
-}
-
-fn put_json(
+fn put_entry<T: Serialize>(
     tx: &mut automerge::transaction::Transaction<'_>,
     obj: &ObjId,
     key: &str,
-    value: &serde_json::Value,
+    value: &T,
 ) -> Result<(), DocumentError> {
-    use serde_json::Value as J;
-    match value {
-        J::Object(fields) => {
-            let child = tx.put_object(obj, key, ObjType::Map)?;
-            for (k, v) in fields {
-                put_json(tx, &child, k, v)?;
-            }
-        }
-        J::Array(items) => {
-            let list = tx.put_object(obj, key, ObjType::List)?;
-            for (i, item) in items.iter().enumerate() {
-                insert_json(tx, &list, i, item)?;
-            }
-        }
-        scalar => {
-            tx.put(obj, key, json_scalar(scalar)?)?;
-        }
-    }
+    let json = serde_json::to_string(value).map_err(|e| DocumentError::Shape(e.to_string()))?;
+    tx.put(obj, key, json)?;
     Ok(())
 }
 
-fn insert_json(
-    tx: &mut automerge::transaction::Transaction<'_>,
-    list: &ObjId,
-    index: usize,
-    value: &serde_json::Value,
-) -> Result<(), DocumentError> {
-    match value {
-        serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
-            Err(DocumentError::Shape("nested objects inside lists are not used by resident documents".into()))
-        }
-        scalar => {
-            tx.insert(list, index, json_scalar(scalar)?)?;
-            Ok(())
-        }
-    }
+fn get_entry<T: DeserializeOwned>(doc: &impl ReadDoc, obj: &ObjId, key: &str) -> Result<T, DocumentError> {
+    let Some((automerge::Value::Scalar(value), _)) = doc.get(obj, key)? else {
+        return Err(DocumentError::Missing { what: "entry", key: key.to_owned() });
+    };
+    let ScalarValue::Str(json) = value.as_ref() else {
+        return Err(DocumentError::Shape(format!("entry {key:?} is not a string")));
+    };
+    serde_json::from_str(json).map_err(|e| DocumentError::Shape(format!("entry {key:?}: {e}")))
 }
 
-fn json_scalar(value: &serde_json::Value) -> Result<ScalarValue, DocumentError> {
-    use serde_json::Value as J;
-    Ok(match value {
-        J::Null => ScalarValue::Null,
-        J::Bool(b) => ScalarValue::Boolean(*b),
-        J::String(s) => ScalarValue::Str(s.as_str().into()),
-        J::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                ScalarValue::Int(i)
-            } else if let Some(u) = n.as_u64() {
-                ScalarValue::Uint(u)
-            } else {
-                ScalarValue::F64(n.as_f64().unwrap_or(0.0))
-            }
-        }
-        J::Object(_) | J::Array(_) => {
-            return Err(DocumentError::Shape("expected a scalar".into()));
-        }
-    })
+fn map_entries<T: DeserializeOwned>(
+    doc: &Automerge,
+    key: &str,
+) -> Result<BTreeMap<String, T>, DocumentError> {
+    let obj = child_map(doc, &ROOT, key)?;
+    let mut entries = BTreeMap::new();
+    for item in doc.map_range(&obj, ..) {
+        let ValueRef::Scalar(automerge::ScalarValueRef::Str(json)) = &item.value else {
+            return Err(DocumentError::Shape(format!("{key}.{} is not a string", item.key)));
+        };
+        let value = serde_json::from_str(json)
+            .map_err(|e| DocumentError::Shape(format!("{key}.{}: {e}", item.key)))?;
+        entries.insert(item.key.to_string(), value);
+    }
+    Ok(entries)
 }

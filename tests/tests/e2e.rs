@@ -424,6 +424,40 @@ fn import_refuses_a_bad_file_whole_and_is_idempotent() {
     assert!(out.contains("coupons issued: 7"), "no coupon for the deceased: {out}");
 }
 
+/// The initial load in one pass: the same coupons as import followed by issuance.
+#[test]
+fn import_with_issue_coupons_equals_import_then_issue() {
+    let dir = TempDir::new("one-pass");
+    let node = Node::init(dir.path(), "141003").unwrap();
+    let path = dir.path().join("extract.csv");
+    std::fs::write(
+        &path,
+        render_fixture(|i, _, status| {
+            if i == 7 {
+                *status = "転出".to_owned();
+            }
+        }),
+    )
+    .unwrap();
+    let out = ok(&node.cli(&["import", "--issue-coupons", path.to_str().unwrap()]));
+    assert!(
+        out.contains("created 8") && out.contains("coupons issued: 7"),
+        "the one who moved out gets none: {out}"
+    );
+    let out = ok(&node.cli(&["coupons", "issue"]));
+    assert!(out.contains("coupons issued: 0") && out.contains("already held 7"), "{out}");
+    let coupons = export(&node, dir.path());
+    assert_eq!(coupons.len(), 7);
+    assert!(coupons.iter().all(|c| c.dose == 1 && c.code.starts_with("11141003")));
+    let serials: BTreeSet<&str> = coupons.iter().map(|c| &c.code[8..]).collect();
+    assert_eq!(serials.len(), 7, "every coupon number is distinct");
+    let out = ok(&node.cli(&["import", "--issue-coupons", path.to_str().unwrap()]));
+    assert!(
+        out.contains("unchanged 8") && out.contains("coupons issued: 0"),
+        "re-import issues nothing: {out}"
+    );
+}
+
 /// Kill -9 during a stream of concurrent captures, again and again: every acknowledged
 /// capture survives; an unacknowledged one is either wholly there or wholly absent.
 #[test]
