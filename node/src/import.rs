@@ -19,14 +19,13 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use automerge::ActorId;
 use indicatif::{ProgressBar, ProgressStyle};
-use protocol::coupon::{CouponCode, CouponNumber};
 use protocol::document::{
-    CouponEntry, CouponStatus, Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex,
-    apply_event, new_resident_document,
+    CouponEntry, Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex, apply_event,
+    new_resident_document,
 };
 use protocol::municipality::MunicipalityCode;
 use protocol::person::PersonKeySecret;
-use protocol::validation::{TICKET_KIND_VACCINATION, age_on};
+use protocol::validation::age_on;
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
@@ -236,22 +235,64 @@ pub fn import_file(
     let columns =
         Columns::from_header(&header).map_err(|_| anyhow::anyhow!("header changed during import"))?;
     let bar = progress_bar(path, "取込 import");
-    let mut report = ImportReport::default();
-    let mut batch: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
-    for record in reader.records() {
-        let record = record?;
-        bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
-        let row = parse_row(&columns, &record, 0)
-            .map_err(|e| anyhow::anyhow!("row changed during import: {}", e[0]))?;
-        batch.push(row);
-        if batch.len() == BATCH_ROWS {
-            apply_batch(store, &files.person_secret, municipality, &actor, &batch, issue, &mut report)?;
-            batch.clear();
+    let mut next_serial = store.read()?.meta(META_COUPON_SERIAL)?;
+    let secret = &files.person_secret;
+    // A pipeline: this thread reads and prepares batch N+1 (building documents on every core)
+    // while a writer thread commits batch N. Batches never share a resident (pass one refused
+    // repeated 宛名番号 and 個人番号), so preparing ahead of the commit sees the same state.
+    let (prepared_report, written_report) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Prepared>(1);
+        let actor = &actor;
+        let writer = scope.spawn(move || -> anyhow::Result<ImportReport> {
+            let mut written = ImportReport::default();
+            for prepared in receiver {
+                write_batch(store, actor, prepared, &mut written)?;
+            }
+            Ok(written)
+        });
+        let mut report = ImportReport::default();
+        let mut batch: Vec<Row> = Vec::with_capacity(BATCH_ROWS);
+        let mut records = reader.records();
+        loop {
+            let record = records.next().transpose()?;
+            if let Some(record) = &record {
+                bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
+                let row = parse_row(&columns, record, 0)
+                    .map_err(|e| anyhow::anyhow!("row changed during import: {}", e[0]))?;
+                batch.push(row);
+            }
+            if batch.len() == BATCH_ROWS || (record.is_none() && !batch.is_empty()) {
+                let rows = std::mem::take(&mut batch);
+                let prepared = prepare_batch(
+                    store,
+                    secret,
+                    municipality,
+                    actor,
+                    rows,
+                    issue,
+                    &mut next_serial,
+                    &mut report,
+                )?;
+                if sender.send(prepared).is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            if record.is_none() {
+                break;
+            }
         }
-    }
-    apply_batch(store, &files.person_secret, municipality, &actor, &batch, issue, &mut report)?;
+        drop(sender);
+        let written = writer.join().map_err(|_| anyhow::anyhow!("the import writer thread panicked"))??;
+        Ok((report, written))
+    })?;
     bar.finish_and_clear();
-    Ok(ImportOutcome::Applied(report))
+    Ok(ImportOutcome::Applied(ImportReport {
+        rows: prepared_report.rows,
+        unchanged: prepared_report.unchanged,
+        created: written_report.created,
+        updated: written_report.updated,
+        coupons_issued: written_report.coupons_issued,
+    }))
 }
 
 const BATCH_ROWS: usize = 65_536;
@@ -495,22 +536,31 @@ struct Planned {
     digest: Vec<u8>,
 }
 
-fn apply_batch(
+/// A batch made ready to write: classified against the store, numbered and built.
+struct Prepared {
+    new: Vec<Planned>,
+    built: Vec<Vec<u8>>,
+    coupons: Vec<Option<CouponEntry>>,
+    changed: Vec<Planned>,
+    coupon_serial_end: u64,
+    now: OffsetDateTime,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare_batch(
     store: &Store,
     secret: &PersonKeySecret,
     municipality: MunicipalityCode,
     actor: &ActorId,
-    rows: &[Row],
+    rows: Vec<Row>,
     issue: Option<IssueOnImport>,
+    next_serial: &mut u64,
     report: &mut ImportReport,
-) -> anyhow::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
+) -> anyhow::Result<Prepared> {
     report.rows += rows.len() as u64;
     let now = OffsetDateTime::now_utc();
-    let planned: Vec<Planned> = rows
-        .iter()
+    let mut planned: Vec<Planned> = rows
+        .into_iter()
         .map(|row| {
             let atena = &row.identity.atena_number;
             let person_key = match &row.my_number {
@@ -524,7 +574,7 @@ fn apply_batch(
                 resident_id: secret.resident_id(municipality, atena),
                 municipality,
                 person_key,
-                identity: row.identity.clone(),
+                identity: row.identity,
                 coupons: Default::default(),
                 doses: Default::default(),
                 corrections: Default::default(),
@@ -536,15 +586,12 @@ fn apply_batch(
 
     // Classify against what is stored. Ids are keyed hashes, so the batch is inserted in key
     // order: neighbouring inserts then land on the same B-tree pages.
-    let mut planned = planned;
     planned.sort_unstable_by(|a, b| a.record.resident_id.cmp(&b.record.resident_id));
     let (mut new, mut changed) = (Vec::new(), Vec::new());
-    let coupon_serial_base;
     {
         let view = store.read()?;
-        coupon_serial_base = view.meta(META_COUPON_SERIAL)?;
         let digests = view.txn().open_table(IDENTITY_DIGEST)?;
-        for plan in &planned {
+        for plan in planned {
             match digests.get(plan.record.resident_id.as_str())? {
                 None => new.push(plan),
                 Some(stored) if stored.value() == plan.digest.as_slice() => report.unchanged += 1,
@@ -552,10 +599,19 @@ fn apply_batch(
             }
         }
     }
-    let coupons = plan_coupons(&new, issue, municipality, coupon_serial_base, now)?;
+    let coupons = plan_coupons(&new, issue, municipality, next_serial, now)?;
     // Build new documents on every core; automerge work dominates an import.
     let built = build_parallel(&new, &coupons, actor, now)?;
+    Ok(Prepared { new, built, coupons, changed, coupon_serial_end: *next_serial, now })
+}
 
+fn write_batch(
+    store: &Store,
+    actor: &ActorId,
+    prepared: Prepared,
+    report: &mut ImportReport,
+) -> anyhow::Result<()> {
+    let Prepared { new, built, coupons, changed, coupon_serial_end, now } = prepared;
     let txn = store.begin_write()?;
     let mut cache = new_cache(1);
     {
@@ -571,9 +627,8 @@ fn apply_batch(
             }
         }
         drop(digests);
-        let n_coupons = coupons.iter().flatten().count() as u64;
-        if n_coupons > 0 {
-            mutation.set_counter(META_COUPON_SERIAL, coupon_serial_base + n_coupons)?;
+        if coupons.iter().any(Option::is_some) {
+            mutation.set_counter(META_COUPON_SERIAL, coupon_serial_end)?;
         }
         let view = store.read()?;
         for plan in &changed {
@@ -597,16 +652,15 @@ fn apply_batch(
 
 /// The coupon each new resident gets with `--issue-coupons`, serials in batch order.
 fn plan_coupons(
-    new: &[&Planned],
+    new: &[Planned],
     issue: Option<IssueOnImport>,
     municipality: MunicipalityCode,
-    serial_base: u64,
+    next_serial: &mut u64,
     now: OffsetDateTime,
 ) -> anyhow::Result<Vec<Option<CouponEntry>>> {
     let Some(issue) = issue else {
         return Ok(vec![None; new.len()]);
     };
-    let mut next_serial = serial_base;
     new.iter()
         .map(|plan| {
             let identity = &plan.record.identity;
@@ -615,22 +669,9 @@ fn plan_coupons(
             if !eligible {
                 return Ok(None);
             }
-            next_serial += 1;
-            let serial = u32::try_from(next_serial).context("coupon serials exhausted")?;
-            let code = CouponCode {
-                ticket_kind: TICKET_KIND_VACCINATION,
-                dose_round: 1,
-                municipality,
-                number: CouponNumber::from_serial(serial).context("coupon serials exhausted")?,
-            };
-            Ok(Some(CouponEntry {
-                code,
-                generation: 0,
-                status: CouponStatus::Valid,
-                issued_at: now,
-                status_reason: None,
-                used_by_event: None,
-            }))
+            *next_serial += 1;
+            let serial = u32::try_from(*next_serial).context("coupon serials exhausted")?;
+            Ok(Some(crate::issuance::new_coupon(municipality, 1, serial, now)?))
         })
         .collect()
 }
@@ -651,7 +692,7 @@ fn build_one(
 }
 
 fn build_parallel(
-    plans: &[&Planned],
+    plans: &[Planned],
     coupons: &[Option<CouponEntry>],
     actor: &ActorId,
     at: OffsetDateTime,

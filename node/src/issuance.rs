@@ -147,20 +147,7 @@ fn issue_page(
         let mut numbered = Vec::with_capacity(to_issue.len());
         for (i, (loaded, record)) in to_issue.into_iter().enumerate() {
             let serial = u32::try_from(first_serial + i as u64).context("coupon serials exhausted")?;
-            let code = CouponCode {
-                ticket_kind: TICKET_KIND_VACCINATION,
-                dose_round: record.next_dose_number(),
-                municipality,
-                number: CouponNumber::from_serial(serial).context("coupon serials exhausted")?,
-            };
-            let entry = CouponEntry {
-                code,
-                generation: 0,
-                status: CouponStatus::Valid,
-                issued_at: now,
-                status_reason: None,
-                used_by_event: None,
-            };
+            let entry = new_coupon(municipality, record.next_dose_number(), serial, now)?;
             numbered.push((loaded, record.resident_id, entry));
         }
         let chunks = parallel_map_owned(numbered, |(mut loaded, id, entry)| {
@@ -181,6 +168,29 @@ fn issue_page(
     }
     txn.commit().context("durable commit of issued coupons failed")?;
     Ok(n)
+}
+
+/// Generation 0 of a new coupon for `dose_round`, numbered from `serial`.
+pub fn new_coupon(
+    municipality: protocol::municipality::MunicipalityCode,
+    dose_round: u8,
+    serial: u32,
+    issued_at: OffsetDateTime,
+) -> anyhow::Result<CouponEntry> {
+    let code = CouponCode {
+        ticket_kind: TICKET_KIND_VACCINATION,
+        dose_round,
+        municipality,
+        number: CouponNumber::from_serial(serial).context("coupon serials exhausted")?,
+    };
+    Ok(CouponEntry {
+        code,
+        generation: 0,
+        status: CouponStatus::Valid,
+        issued_at,
+        status_reason: None,
+        used_by_event: None,
+    })
 }
 
 fn n_threads() -> usize {
