@@ -15,5 +15,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build vrs-node (the end-to-end tests start this binary)"
+cargo build --locked -p node --bin vrs-node
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads 2
