@@ -83,11 +83,19 @@ pub struct StorageConfig {
     pub cache_documents: usize,
     /// Most captures committed together in one durable commit.
     pub group_commit_max: usize,
+    /// redb page cache of the running node, in MiB. A server that can hold its whole
+    /// store (about 2.3 KB per resident) avoids reading documents from disk on capture.
+    #[serde(default = "default_page_cache_mib")]
+    pub page_cache_mib: usize,
+}
+
+fn default_page_cache_mib() -> usize {
+    512
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { cache_documents: 10_000, group_commit_max: 512 }
+        Self { cache_documents: 10_000, group_commit_max: 512, page_cache_mib: default_page_cache_mib() }
     }
 }
 

@@ -293,7 +293,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Run { data, listen } => {
-            let (files, store) = open(&data)?;
+            let files = NodeFiles::load(&data)?;
+            let cache_bytes = files.config.storage.page_cache_mib.saturating_mul(1024 * 1024);
+            let store = Store::open_with_cache(&files.store_path(), cache_bytes)?;
             let listen = listen.unwrap_or_else(|| files.config.http.listen.clone());
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(node::daemon::serve(files, store, &listen, None))
