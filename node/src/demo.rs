@@ -234,16 +234,16 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         ("SPX0421", "04987000002011", today + Duration::days(120)),
         ("EXP0001", "04987000001014", today - Duration::days(10)),
     ];
-    {
-        let txn = store.begin_write()?;
-        for (lot, gtin, expiry) in lots {
-            let lot = crate::api::validate_lot(&files.catalogue, lot, gtin, &expiry.to_string())
-                .map_err(|p| anyhow::anyhow!("{}", p.message_en))?;
-            txn.open_table(crate::store::LOTS)?
-                .insert(lot.lot.as_str(), serde_json::to_vec(&lot)?.as_slice())?;
-            println!("   {} {} expiry {}", lot.lot, lot.gtin, lot.expiry);
-        }
-        txn.commit()?;
+    let lots = lots
+        .into_iter()
+        .map(|(lot, gtin, expiry)| {
+            crate::api::validate_lot(&files.catalogue, lot, gtin, &expiry.to_string())
+                .map_err(|p| anyhow::anyhow!("{}", p.message_en))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    store.put_lots(&lots)?;
+    for lot in &lots {
+        println!("   {} {} expiry {}", lot.lot, lot.gtin, lot.expiry);
     }
 
     println!("== 4. 接種券発行と印刷用出力 / issue coupons and export the print-shop file");

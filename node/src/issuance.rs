@@ -135,14 +135,9 @@ fn issue_page(
     let n = to_issue.len() as u64;
     {
         let mutation = Mutation::new(&txn, &mut cache, actor);
-        let first_serial = {
-            // Reserve the serials for this page in one step.
-            let mut last = 0;
-            for _ in 0..n {
-                last = mutation.next_counter(META_COUPON_SERIAL)?;
-            }
-            last + 1 - n
-        };
+        // Reserve the serials for this page in one step.
+        let first_serial = mutation.next_counter(META_COUPON_SERIAL)?;
+        mutation.set_counter(META_COUPON_SERIAL, first_serial + n - 1)?;
         let now = OffsetDateTime::now_utc();
         let mut numbered = Vec::with_capacity(to_issue.len());
         for (i, (loaded, record)) in to_issue.into_iter().enumerate() {

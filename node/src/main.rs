@@ -275,10 +275,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (files, store) = open(&data)?;
             let lot = node::api::validate_lot(&files.catalogue, &lot, &gtin, &expiry)
                 .map_err(|p| anyhow::anyhow!("{}", p.message_ja))?;
-            let txn = store.begin_write()?;
-            txn.open_table(node::store::LOTS)?
-                .insert(lot.lot.as_str(), serde_json::to_vec(&lot)?.as_slice())?;
-            txn.commit()?;
+            store.put_lots(std::slice::from_ref(&lot))?;
             println!(
                 "ロットを登録しました / lot registered: {} ({}, expiry {})",
                 lot.lot, lot.gtin, lot.expiry

@@ -109,6 +109,16 @@ impl Store {
         Ok(ReadView { txn: self.db.begin_read()? })
     }
 
+    /// Registers lots in one durable commit (CLI and demo; the daemon uses its writer).
+    pub fn put_lots(&self, lots: &[Lot]) -> anyhow::Result<()> {
+        let txn = self.begin_write()?;
+        for lot in lots {
+            txn.open_table(LOTS)?.insert(lot.lot.as_str(), serde_json::to_vec(lot)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Starts a write transaction.
     pub fn begin_write(&self) -> anyhow::Result<WriteTransaction> {
         Ok(self.db.begin_write()?)
@@ -165,11 +175,7 @@ impl ReadView {
 
     /// A lot by number.
     pub fn lot(&self, lot: &str) -> anyhow::Result<Option<Lot>> {
-        let table = self.txn.open_table(LOTS)?;
-        match table.get(lot)? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
-            None => Ok(None),
-        }
+        get_lot(&self.txn.open_table(LOTS)?, lot)
     }
 
     /// Every lot.
@@ -431,18 +437,23 @@ impl<'a> Mutation<'a> {
 
     /// Records a lot.
     pub fn put_lot(&self, lot: &Lot) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(lot)?;
-        self.txn.open_table(LOTS)?.insert(lot.lot.as_str(), bytes.as_slice())?;
+        self.txn.open_table(LOTS)?.insert(lot.lot.as_str(), serde_json::to_vec(lot)?.as_slice())?;
         Ok(())
     }
 
     /// A lot by number, seeing this transaction's writes.
     pub fn lot(&self, lot: &str) -> anyhow::Result<Option<Lot>> {
-        let table = self.txn.open_table(LOTS)?;
-        match table.get(lot)? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
-            None => Ok(None),
-        }
+        get_lot(&self.txn.open_table(LOTS)?, lot)
+    }
+}
+
+fn get_lot(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    lot: &str,
+) -> anyhow::Result<Option<Lot>> {
+    match table.get(lot)? {
+        Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
+        None => Ok(None),
     }
 }
 
