@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's whole test suite: formatting, lints, every test (unit, data-driven,
 # property, end-to-end with real vrs-node processes, kill -9 crash test).
-# Needs only the Rust toolchain (rustup with rustfmt and clippy); installs what is missing.
+# Needs only the Rust toolchain (rustup with rustfmt and clippy); installs what is missing
+# (the components, and cargo-deny from crates.io, about 3 minutes on 2 cores the first time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,10 +12,17 @@ for component in rustfmt clippy; do
   fi
 done
 
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "== installing cargo-deny"
+  cargo install --locked cargo-deny@0.20.2
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo deny: licences, banned crates (openssl, native-tls, aws-lc), sources"
+cargo deny --log-level error check bans licenses sources
 echo "== cargo build vrs-node (the end-to-end tests start this binary)"
 cargo build --locked -p node --bin vrs-node
 echo "== cargo test"

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use std::net::IpAddr;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
@@ -23,19 +25,22 @@ use protocol::municipality::MunicipalityCode;
 use protocol::validation::{Amendment, authenticate_coupon, decode_scans};
 use serde::Deserialize;
 use serde_json::json;
-use time::Date;
+use time::{Date, OffsetDateTime};
 
-use crate::config::sha256_hex;
+use crate::audit::{AuditEvent, AuditLog};
+use crate::auth::{self, AuthPolicy, Principal, RateLimiter, Role};
+use crate::clock::new_id;
 use crate::problem::{Problem, prefers_english};
 use crate::store::{IDX_ATENA, IDX_COUPON, IDX_PERSON, Store};
-use crate::writer::{CaptureCommand, Command, WriterHandle};
+use crate::tls::PeerAddr;
+use crate::writer::{CaptureCommand, Command, Who, WriterHandle};
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     /// The store (reads).
     pub store: Arc<Store>,
-    /// The writer (all writes).
+    /// The writer (all writes, and audit entries).
     pub writer: WriterHandle,
     /// This node's municipality.
     pub municipality: MunicipalityCode,
@@ -43,8 +48,38 @@ pub struct AppState {
     pub coupon_public_key: Vec<u8>,
     /// The vaccine catalogue.
     pub catalogue: Arc<Catalogue>,
-    /// SHA-256 of the admin API token.
-    pub admin_token_sha256: String,
+    /// Signs audit exports.
+    pub audit: Arc<AuditLog>,
+    /// Login, session and rate-limit rules.
+    pub policy: Arc<AuthPolicy>,
+    /// Login attempts per client address.
+    pub login_limiter: Arc<RateLimiter>,
+    /// Requests to routes without login, per client address.
+    pub public_limiter: Arc<RateLimiter>,
+    /// Served over HTTPS (adds `Strict-Transport-Security`).
+    pub https: bool,
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy)]
+pub enum Access {
+    /// Anyone, without a credential: nothing personal behind it.
+    Public,
+    /// Any valid credential of this municipality.
+    AnyRole,
+    /// Only these roles.
+    Roles(&'static [Role]),
+}
+
+impl Access {
+    /// Whether `role` passes.
+    pub fn allows(self, role: Role) -> bool {
+        match self {
+            Access::Public => true,
+            Access::AnyRole => !role.is_national(),
+            Access::Roles(roles) => roles.contains(&role),
+        }
+    }
 }
 
 /// One route of the API.
@@ -54,88 +89,167 @@ pub struct RouteSpec {
     pub method: &'static str,
     /// Path, with `{param}` segments.
     pub path: &'static str,
-    /// Whether it is reachable without a credential (no personal data).
-    pub public: bool,
+    /// Who may call it: the authorization table is this column.
+    pub access: Access,
     /// What it does, in Japanese.
     pub summary_ja: &'static str,
     /// What it does, in English.
     pub summary_en: &'static str,
 }
 
+impl RouteSpec {
+    /// Reachable without a credential.
+    pub fn is_public(&self) -> bool {
+        matches!(self.access, Access::Public)
+    }
+}
+
 const fn route(
     method: &'static str,
     path: &'static str,
-    public: bool,
+    access: Access,
     summary_ja: &'static str,
     summary_en: &'static str,
 ) -> RouteSpec {
-    RouteSpec { method, path, public, summary_ja, summary_en }
+    RouteSpec { method, path, access, summary_ja, summary_en }
 }
 
-/// Every route the node serves.
+use Role::{Auditor, CallCentre, Clerk, MunicipalAdmin, VenueOperator};
+const ADMIN: Access = Access::Roles(&[MunicipalAdmin]);
+const STAFF: Access = Access::Roles(&[MunicipalAdmin, Clerk]);
+const LOOKUP: Access = Access::Roles(&[MunicipalAdmin, Clerk, CallCentre]);
+const RECORD: Access = Access::Roles(&[MunicipalAdmin, Clerk, VenueOperator]);
+const COUNTS: Access = Access::Roles(&[MunicipalAdmin, Clerk, CallCentre, Auditor]);
+const AUDIT: Access = Access::Roles(&[Auditor]);
+
+/// Every route the node serves, with who may call it.
 pub const ROUTES: &[RouteSpec] = &[
-    route("GET", "/healthz", true, "稼働確認", "Liveness check"),
-    route("GET", "/api/openapi.json", true, "この API の OpenAPI 定義", "This API's OpenAPI document"),
-    route("GET", "/api/v1/status", false, "ノードの件数と状態", "Node counts and status"),
+    route("GET", "/healthz", Access::Public, "稼働確認", "Liveness check"),
+    route(
+        "GET",
+        "/api/openapi.json",
+        Access::Public,
+        "この API の OpenAPI 定義",
+        "This API's OpenAPI document",
+    ),
+    route(
+        "POST",
+        "/api/v1/auth/login",
+        Access::Public,
+        "ログイン（セッション発行）",
+        "Log in: open a session",
+    ),
+    route(
+        "POST",
+        "/api/v1/auth/logout",
+        Access::AnyRole,
+        "ログアウト（セッション終了）",
+        "Log out: end the session",
+    ),
+    route("GET", "/api/v1/auth/me", Access::AnyRole, "ログイン中の利用者と役割", "The caller and its role"),
+    route("GET", "/api/v1/status", COUNTS, "ノードの件数と状態", "Node counts and status"),
     route(
         "POST",
         "/api/v1/captures",
-        false,
+        RECORD,
         "接種の記録（接種券QRとワクチンのバーコードの読み取り文字列）",
         "Record a vaccination from the scanned coupon and vial texts",
     ),
     route(
         "GET",
         "/api/v1/residents",
-        false,
+        LOOKUP,
         "住民の検索（宛名番号・券番号・カナ）",
         "Search residents by atena number, coupon number or kana",
     ),
     route(
         "GET",
         "/api/v1/residents/{resident_id}",
-        false,
+        LOOKUP,
         "住民の記録と接種歴",
         "A resident's record and history",
     ),
     route(
         "POST",
         "/api/v1/residents/{resident_id}/doses/{event_id}/void",
-        false,
+        STAFF,
         "接種記録の取消（理由必須）",
         "Void a dose event (reason required)",
     ),
     route(
         "POST",
         "/api/v1/residents/{resident_id}/doses/{event_id}/amend",
-        false,
+        STAFF,
         "接種記録の訂正（理由必須）",
         "Amend a dose event (reason required)",
     ),
     route(
         "POST",
         "/api/v1/coupons/{coupon_number}/reissue",
-        false,
+        LOOKUP,
         "接種券の再発行（旧版は無効）",
         "Reissue a coupon (the old generation is superseded)",
     ),
     route(
         "POST",
         "/api/v1/coupons/{coupon_number}/revoke",
-        false,
+        STAFF,
         "接種券の取消（理由必須）",
         "Revoke a coupon (reason required)",
     ),
-    route("GET", "/api/v1/lots", false, "登録済みロットの一覧", "Registered lots"),
-    route("POST", "/api/v1/lots", false, "ロットの登録", "Register a lot"),
-    route("GET", "/api/v1/catalogue", false, "ワクチン製品一覧", "Vaccine catalogue"),
-    route("GET", "/api/v1/changes", false, "変更フィード（複製用）", "Change feed (for replication)"),
+    route("GET", "/api/v1/lots", RECORD, "登録済みロットの一覧", "Registered lots"),
+    route("POST", "/api/v1/lots", STAFF, "ロットの登録", "Register a lot"),
+    route("GET", "/api/v1/catalogue", Access::AnyRole, "ワクチン製品一覧", "Vaccine catalogue"),
+    route("GET", "/api/v1/changes", ADMIN, "変更フィード（複製用）", "Change feed (for replication)"),
+    route("GET", "/api/v1/users", ADMIN, "利用者の一覧", "List users"),
+    route("POST", "/api/v1/users", ADMIN, "利用者の追加", "Add a user"),
+    route(
+        "POST",
+        "/api/v1/users/{username}/disable",
+        ADMIN,
+        "利用者の停止・再開",
+        "Disable or re-enable a user",
+    ),
+    route(
+        "POST",
+        "/api/v1/users/{username}/reset-password",
+        ADMIN,
+        "パスワードの再設定（全セッション終了）",
+        "Reset a password (ends every session of the user)",
+    ),
+    route("GET", "/api/v1/tokens", ADMIN, "APIトークンの一覧", "List API tokens"),
+    route(
+        "POST",
+        "/api/v1/tokens",
+        ADMIN,
+        "APIトークンの発行（端末・連携用）",
+        "Issue an API token (terminals, integrations)",
+    ),
+    route("POST", "/api/v1/tokens/{name}/revoke", ADMIN, "APIトークンの失効", "Revoke an API token"),
+    route("GET", "/api/v1/audit", AUDIT, "監査ログの閲覧", "Read the audit log"),
+    route(
+        "GET",
+        "/api/v1/audit/verify",
+        AUDIT,
+        "監査ログの検証",
+        "Verify the audit log's chain and checkpoints",
+    ),
+    route(
+        "GET",
+        "/api/v1/audit/export",
+        AUDIT,
+        "監査ログの出力（署名付き、オフライン検証用）",
+        "Export the audit log, sealed, for offline verification",
+    ),
 ];
 
 fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
     match (spec.method, spec.path) {
         ("GET", "/healthz") => get(healthz),
         ("GET", "/api/openapi.json") => get(openapi),
+        ("POST", "/api/v1/auth/login") => post(login),
+        ("POST", "/api/v1/auth/logout") => post(logout),
+        ("GET", "/api/v1/auth/me") => get(me),
         ("GET", "/api/v1/status") => get(status),
         ("POST", "/api/v1/captures") => post(capture),
         ("GET", "/api/v1/residents") => get(search_residents),
@@ -148,69 +262,220 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("POST", "/api/v1/lots") => post(add_lot),
         ("GET", "/api/v1/catalogue") => get(catalogue),
         ("GET", "/api/v1/changes") => get(changes),
+        ("GET", "/api/v1/users") => get(list_users),
+        ("POST", "/api/v1/users") => post(add_user),
+        ("POST", "/api/v1/users/{username}/disable") => post(disable_user),
+        ("POST", "/api/v1/users/{username}/reset-password") => post(reset_password),
+        ("GET", "/api/v1/tokens") => get(list_tokens),
+        ("POST", "/api/v1/tokens") => post(add_token),
+        ("POST", "/api/v1/tokens/{name}/revoke") => post(revoke_token),
+        ("GET", "/api/v1/audit") => get(audit_entries),
+        ("GET", "/api/v1/audit/verify") => get(audit_verify),
+        ("GET", "/api/v1/audit/export") => get(audit_export),
         (method, path) => unreachable!("ROUTES lists {method} {path} without a handler"),
     }
 }
 
 /// The router, built from [`ROUTES`].
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    let mut public = Router::new();
-    let mut protected = Router::new();
-    for spec in ROUTES {
-        if spec.public {
-            public = public.route(spec.path, handler_for(spec));
-        } else {
-            protected = protected.route(spec.path, handler_for(spec));
-        }
+    router_from(state, max_body_bytes, ROUTES)
+}
+
+/// The router built from any route table. The node uses [`ROUTES`]; the isolation test also
+/// builds one from a deliberately weakened copy to show that it notices a missing guard.
+/// Every route goes through [`guard`]; nothing is added to the router outside this loop.
+pub fn router_from(state: AppState, max_body_bytes: usize, routes: &'static [RouteSpec]) -> Router {
+    let mut router = Router::new();
+    for spec in routes {
+        let guarded =
+            handler_for(spec).route_layer(middleware::from_fn_with_state((state.clone(), spec), guard));
+        router = router.route(spec.path, guarded);
     }
-    let protected = protected.route_layer(middleware::from_fn_with_state(state.clone(), require_credential));
-    public
-        .merge(protected)
+    router
         .fallback(|| async {
             Problem::new(StatusCode::NOT_FOUND, "no_route", None, "no such route", "そのURLはありません")
         })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn(localize_problems))
+        .layer(middleware::from_fn_with_state(state.clone(), request_context))
         .with_state(state)
 }
 
-/// Who is calling.
+/// The id of one request, echoed in `x-request-id` and written into audit entries.
 #[derive(Clone, Debug)]
-pub struct Caller {
-    /// Id written into records (`recorded_by`, correction actor).
-    pub actor: String,
+pub struct RequestId(pub String);
+
+/// The client's address (unspecified when served without one, as in tests).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientIp(pub IpAddr);
+
+/// The client's address, when the server knows it.
+fn client_ip(request: &Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<PeerAddr>>()
+        .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |info| info.0.0.ip())
 }
 
-async fn require_credential(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
+/// Outermost layer: request id, security headers, problems in the caller's language.
+async fn request_context(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let request_id = RequestId(new_id("req"));
+    request.extensions_mut().insert(request_id.clone());
+    let english = prefers_english(request.headers());
+    let mut response = next.run(request).await;
+    if english && let Some(problem) = response.extensions().get::<Problem>().cloned() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));
+        response = problem.into_response_for(&headers);
+    }
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id.0) {
+        headers.insert("x-request-id", value);
+    }
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if state.https {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    }
+    response
+}
+
+/// The credential a request presents: `Authorization: Bearer …`, else the session cookie.
+fn presented_credential(headers: &HeaderMap) -> Option<(String, bool)> {
+    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return value.strip_prefix("Bearer ").map(|t| (t.trim().to_owned(), false));
+    }
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(text) = value.to_str() else { continue };
+        for pair in text.split(';') {
+            if let Some(token) = pair.trim().strip_prefix(concat!("vrs_session", "=")) {
+                return Some((token.to_owned(), true));
+            }
+        }
+    }
+    None
+}
+
+fn too_many(wait: std::time::Duration) -> Response {
+    let mut response = Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        None,
+        "too many requests; wait and try again",
+        "リクエストが多すぎます。しばらく待ってから再試行してください",
+    )
+    .into_response();
+    if let Ok(value) = HeaderValue::from_str(&(wait.as_secs() + 1).to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// Records a refusal in the audit log; the refusal stands even if that write fails.
+async fn audit_refusal(state: &AppState, who: &Who, action: &str, subject: String, outcome: &str) {
+    let event = AuditEvent {
+        actor: who.actor.clone(),
+        role: who.role.clone(),
+        action: action.to_owned(),
+        subject,
+        outcome: outcome.to_owned(),
+        request_id: who.request_id.clone(),
+    };
+    if let Err(problem) = state.writer.call(who, |reply| Command::Audit(vec![event], reply)).await {
+        tracing::error!(code = %problem.code, "could not audit a refusal");
+    }
+}
+
+/// The per-route check: the authorization table applied to the presented credential.
+async fn guard(
+    State((state, spec)): State<(AppState, &'static RouteSpec)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let ip = client_ip(&request);
+    request.extensions_mut().insert(ClientIp(ip));
+    let request_id = request.extensions().get::<RequestId>().map_or_else(|| "-".to_owned(), |r| r.0.clone());
+    let anonymous =
+        Who { actor: format!("anonymous@{ip}"), role: "-".into(), request_id: request_id.clone() };
+    if spec.is_public() {
+        if let Err(wait) = state.public_limiter.check(ip) {
+            return too_many(wait);
+        }
+        request.extensions_mut().insert(anonymous);
+        return next.run(request).await;
+    }
+    let subject = format!("route:{} {}", spec.method, spec.path);
+    let Some((token, via_cookie)) = presented_credential(request.headers()) else {
+        if let Err(wait) = state.public_limiter.check(ip) {
+            return too_many(wait);
+        }
+        audit_refusal(&state, &anonymous, "authorize", subject, "denied:unauthenticated").await;
         return Problem::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             None,
-            "a bearer token is required",
-            "認証が必要です（Bearer トークン）",
+            "log in first, or send an API token (Authorization: Bearer)",
+            "ログインが必要です（またはAPIトークンを Authorization: Bearer で送信）",
         )
         .into_response();
     };
-    let digest = sha256_hex(token.as_bytes());
-    if !constant_time_eq(digest.as_bytes(), state.admin_token_sha256.as_bytes()) {
-        tracing::warn!(path = %request.uri().path(), "refused credential");
+    let principal = match state
+        .store
+        .read()
+        .and_then(|view| auth::authenticate(view.txn(), &token, OffsetDateTime::now_utc()))
+    {
+        Ok(principal) => principal,
+        Err(error) => return Problem::internal(&error).into_response(),
+    };
+    let Some(principal) = principal.filter(|p| p.municipality == state.municipality) else {
+        if let Err(wait) = state.public_limiter.check(ip) {
+            return too_many(wait);
+        }
+        audit_refusal(&state, &anonymous, "authorize", subject, "denied:invalid_credential").await;
         return Problem::new(
             StatusCode::UNAUTHORIZED,
-            "unauthenticated",
+            "invalid_credential",
             None,
-            "the token is not valid",
-            "トークンが無効です",
+            "the credential is unknown, expired or revoked",
+            "認証情報が無効です（不明・期限切れ・失効）",
+        )
+        .into_response();
+    };
+    let who = Who { actor: principal.actor(), role: principal.role.as_str().into(), request_id };
+    if !spec.access.allows(principal.role) {
+        audit_refusal(&state, &who, "authorize", subject, "denied:forbidden").await;
+        return Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            None,
+            format!("the role {} may not do this", principal.role.as_str()),
+            format!("{}の役割ではこの操作はできません", principal.role.label_ja()),
         )
         .into_response();
     }
-    request.extensions_mut().insert(Caller { actor: "admin-token".to_owned() });
+    let unsafe_method = !matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if via_cookie && unsafe_method {
+        let sent = request.headers().get("x-csrf-token").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let expected = principal.csrf_token.as_deref().unwrap_or("");
+        if expected.is_empty() || !constant_time_eq(sent.as_bytes(), expected.as_bytes()) {
+            audit_refusal(&state, &who, "authorize", subject, "denied:csrf").await;
+            return Problem::new(
+                StatusCode::FORBIDDEN,
+                "csrf",
+                Some("x-csrf-token"),
+                "a write with the session cookie needs the session's X-CSRF-Token header",
+                "Cookie による書き込みには X-CSRF-Token ヘッダーが必要です",
+            )
+            .into_response();
+        }
+    }
+    request.extensions_mut().insert(who);
+    request.extensions_mut().insert(principal);
     next.run(request).await
 }
 
@@ -218,21 +483,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Re-renders problem responses in English when the caller prefers it.
-async fn localize_problems(request: Request, next: Next) -> Response {
-    let english = prefers_english(request.headers());
-    let response = next.run(request).await;
-    if !english {
-        return response;
-    }
-    match response.extensions().get::<Problem>().cloned() {
-        Some(problem) => {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::ACCEPT_LANGUAGE, header::HeaderValue::from_static("en"));
-            problem.into_response_for(&headers)
-        }
-        None => response,
-    }
+/// Writes one audit entry per record read, durably, before the data is answered.
+async fn audit_reads(
+    state: &AppState,
+    who: &Who,
+    action: &str,
+    subjects: Vec<String>,
+) -> Result<(), Problem> {
+    let events: Vec<AuditEvent> = subjects
+        .into_iter()
+        .map(|subject| AuditEvent {
+            actor: who.actor.clone(),
+            role: who.role.clone(),
+            action: action.to_owned(),
+            subject,
+            outcome: "ok".into(),
+            request_id: who.request_id.clone(),
+        })
+        .collect();
+    state.writer.call(who, |reply| Command::Audit(events, reply)).await
 }
 
 type ApiResult = Result<Response, Problem>;
@@ -294,7 +563,7 @@ pub fn openapi_document() -> serde_json::Value {
                 "default": {"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
             }
         });
-        if !spec.public {
+        if !spec.is_public() {
             operation["security"] = json!([{"bearer": []}]);
         }
         entry[spec.method.to_ascii_lowercase()] = operation;
@@ -365,12 +634,27 @@ fn check_id_field(field: &str, value: &str) -> Result<(), Problem> {
 
 async fn capture(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(principal): Extension<Principal>,
+    Extension(who): Extension<Who>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let recorded_by = caller.actor;
+    let recorded_by = principal.actor();
     let capture: CaptureBody = body(bytes)?;
     check_id_field("venue", &capture.venue)?;
+    if principal.role == Role::VenueOperator && !principal.venues.contains(&capture.venue) {
+        audit_refusal(&state, &who, "capture", format!("venue:{}", capture.venue), "denied:venue").await;
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "venue_not_allowed",
+            Some("venue"),
+            format!("this credential records for {:?} only, not {}", principal.venues, capture.venue),
+            format!(
+                "この認証情報で記録できる会場は {} だけです（{} は不可）",
+                principal.venues.join("・"),
+                capture.venue
+            ),
+        ));
+    }
     if let Some(event_id) = &capture.event_id {
         check_id_field("event_id", event_id)?;
     }
@@ -389,7 +673,7 @@ async fn capture(
         event_id: capture.event_id,
         recorded_by,
     };
-    let outcome = state.writer.call(|reply| Command::Capture(Box::new(command), reply)).await?;
+    let outcome = state.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await?;
     let code = if outcome.replay { StatusCode::OK } else { StatusCode::CREATED };
     Ok((code, Json(outcome)).into_response())
 }
@@ -402,7 +686,11 @@ struct SearchQuery {
     person_key: Option<String>,
 }
 
-async fn search_residents(State(state): State<AppState>, Query(query): Query<SearchQuery>) -> ApiResult {
+async fn search_residents(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Query(query): Query<SearchQuery>,
+) -> ApiResult {
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
     let ids: Vec<String> = (|| -> anyhow::Result<Vec<String>> {
         if let Some(atena) = &query.atena {
@@ -438,8 +726,10 @@ async fn search_residents(State(state): State<AppState>, Query(query): Query<Sea
         ));
     }
     let mut results = Vec::new();
+    let mut subjects = Vec::new();
     for id in ids {
         if let Some(record) = view.record(&id).map_err(|e| Problem::internal(&e))? {
+            subjects.push(format!("resident:{}", record.resident_id));
             results.push(json!({
                 "resident_id": record.resident_id,
                 "atena_number": record.identity.atena_number,
@@ -451,6 +741,10 @@ async fn search_residents(State(state): State<AppState>, Query(query): Query<Sea
             }));
         }
     }
+    if subjects.is_empty() {
+        subjects.push("resident:none".into());
+    }
+    audit_reads(&state, &who, "resident.search", subjects).await?;
     Ok(Json(json!({ "residents": results })).into_response())
 }
 
@@ -473,10 +767,19 @@ fn resident_view(record: &ResidentRecord) -> serde_json::Value {
     })
 }
 
-async fn resident(State(state): State<AppState>, Path(resident_id): Path<String>) -> ApiResult {
+async fn resident(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(resident_id): Path<String>,
+) -> ApiResult {
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
     let record = view.record(&resident_id).map_err(|e| Problem::internal(&e))?;
-    let record = record.ok_or_else(|| Problem::not_found("resident", "住民", &resident_id))?;
+    let Some(record) = record else {
+        audit_refusal(&state, &who, "resident.read", format!("resident:{resident_id}"), "refused:not_found")
+            .await;
+        return Err(Problem::not_found("resident", "住民", &resident_id));
+    };
+    audit_reads(&state, &who, "resident.read", vec![format!("resident:{}", record.resident_id)]).await?;
     Ok(Json(resident_view(&record)).into_response())
 }
 
@@ -487,14 +790,16 @@ struct ReasonBody {
 
 async fn void_dose(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(who): Extension<Who>,
     Path((resident_id, event_id)): Path<(String, String)>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let actor = caller.actor;
+    let actor = who.actor.clone();
     let ReasonBody { reason } = body(bytes)?;
-    let correction =
-        state.writer.call(|reply| Command::Void { resident_id, event_id, reason, actor, reply }).await?;
+    let correction = state
+        .writer
+        .call(&who, |reply| Command::Void { resident_id, event_id, reason, actor, reply })
+        .await?;
     Ok(Json(correction).into_response())
 }
 
@@ -511,11 +816,11 @@ struct AmendBody {
 
 async fn amend_dose(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(who): Extension<Who>,
     Path((resident_id, event_id)): Path<(String, String)>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let actor = caller.actor;
+    let actor = who.actor.clone();
     let amend: AmendBody = body(bytes)?;
     let mut amendment = Amendment::default();
     if let Some(text) = &amend.vaccinated_on {
@@ -531,7 +836,7 @@ async fn amend_dose(
     }
     let correction = state
         .writer
-        .call(|reply| Command::Amend {
+        .call(&who, |reply| Command::Amend {
             resident_id,
             event_id,
             amendment: Box::new(amendment),
@@ -553,20 +858,25 @@ fn coupon_number(text: &str) -> Result<CouponNumber, Problem> {
     })
 }
 
-async fn reissue(State(state): State<AppState>, Path(number): Path<String>) -> ApiResult {
+async fn reissue(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(number): Path<String>,
+) -> ApiResult {
     let number = coupon_number(&number)?;
-    let outcome = state.writer.call(|reply| Command::Reissue { number, reply }).await?;
+    let outcome = state.writer.call(&who, |reply| Command::Reissue { number, reply }).await?;
     Ok((StatusCode::CREATED, Json(outcome)).into_response())
 }
 
 async fn revoke(
     State(state): State<AppState>,
+    Extension(who): Extension<Who>,
     Path(number): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let number = coupon_number(&number)?;
     let ReasonBody { reason } = body(bytes)?;
-    let entry = state.writer.call(|reply| Command::Revoke { number, reason, reply }).await?;
+    let entry = state.writer.call(&who, |reply| Command::Revoke { number, reason, reply }).await?;
     Ok(Json(entry).into_response())
 }
 
@@ -582,10 +892,14 @@ struct LotBody {
     expiry: String,
 }
 
-async fn add_lot(State(state): State<AppState>, bytes: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn add_lot(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let lot: LotBody = body(bytes)?;
     let lot = validate_lot(&state.catalogue, &lot.lot, &lot.gtin, &lot.expiry)?;
-    let lot = state.writer.call(|reply| Command::PutLot(lot, reply)).await?;
+    let lot = state.writer.call(&who, |reply| Command::PutLot(lot, reply)).await?;
     Ok((StatusCode::CREATED, Json(lot)).into_response())
 }
 
@@ -644,4 +958,370 @@ async fn changes(State(state): State<AppState>, Query(query): Query<ChangesQuery
 /// The method of a route spec as an axum `Method`.
 pub fn method_of(spec: &RouteSpec) -> Method {
     Method::from_bytes(spec.method.as_bytes()).unwrap_or(Method::GET)
+}
+
+fn who_of(request_id: &RequestId, actor: String) -> Who {
+    Who { actor, role: "-".into(), request_id: request_id.0.clone() }
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    username: String,
+    password: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    Extension(ClientIp(ip)): Extension<ClientIp>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    if let Err(wait) = state.login_limiter.check(ip) {
+        return Ok(too_many(wait));
+    }
+    let LoginBody { username, password } = body(bytes)?;
+    let stored = state
+        .store
+        .read()
+        .and_then(|view| auth::get_user(view.txn(), &username))
+        .map_err(|e| Problem::internal(&e))?;
+    let hash = stored.as_ref().map_or_else(|| auth::dummy_hash().to_owned(), |u| u.password_hash.clone());
+    // argon2id takes tens of milliseconds of CPU: off the async workers.
+    let password_ok = tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
+        .await
+        .map_err(|e| Problem::internal(&anyhow::anyhow!("password check failed: {e}")))?
+        && stored.is_some();
+    let who = who_of(&request_id, format!("anonymous@{ip}"));
+    let policy = state.policy.clone();
+    let name = username.clone();
+    let op: crate::writer::ApplyFn = Box::new(move |txn, now| {
+        Ok(match auth::finish_login(txn, &name, password_ok, &policy, now)? {
+            Ok(session) => Ok(serde_json::to_value(session)?),
+            Err(refusal) => Err(Problem { code: refusal.code().to_owned(), ..refusal.problem() }),
+        })
+    });
+    let outcome = state
+        .writer
+        .call(&who, |reply| Command::Apply {
+            action: "auth.login".into(),
+            subject: format!("user:{username}"),
+            op,
+            reply,
+        })
+        .await;
+    let session = match outcome {
+        Ok(session) => session,
+        Err(problem) if problem.code == "account_disabled" => {
+            return Err(auth::LoginRefusal::Disabled.problem());
+        }
+        Err(problem) => return Err(problem),
+    };
+    let token = session["token"].as_str().unwrap_or_default();
+    let cookie = format!(
+        "vrs_session={token}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={}",
+        state.policy.session_seconds
+    );
+    let mut response = Json(&session).into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(who): Extension<Who>,
+) -> ApiResult {
+    let digest = principal.credential_digest.clone();
+    let is_session = principal.kind == auth::CredentialKind::Session;
+    let op: crate::writer::ApplyFn = Box::new(move |txn, _| {
+        let ended = is_session && auth::end_session(txn, &digest)?;
+        Ok(Ok(json!({ "ended": ended })))
+    });
+    let subject = principal.actor();
+    let answer = state
+        .writer
+        .call(&who, |reply| Command::Apply { action: "auth.logout".into(), subject, op, reply })
+        .await?;
+    let mut response = Json(answer).into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("vrs_session=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0"),
+    );
+    Ok(response)
+}
+
+async fn me(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Json<serde_json::Value> {
+    Json(json!({
+        "actor": principal.actor(),
+        "role": principal.role,
+        "role_ja": principal.role.label_ja(),
+        "municipality": state.municipality,
+        "venues": principal.venues,
+    }))
+}
+
+async fn list_users(State(state): State<AppState>) -> ApiResult {
+    let users =
+        state.store.read().and_then(|v| auth::list_users(v.txn())).map_err(|e| Problem::internal(&e))?;
+    Ok(Json(json!({ "users": users })).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewUserBody {
+    username: String,
+    role: Role,
+    password: String,
+    #[serde(default)]
+    venues: Vec<String>,
+}
+
+async fn hash_off_thread(password: String) -> Result<String, Problem> {
+    auth::check_password(&password)?;
+    tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(|e| Problem::internal(&anyhow::anyhow!("password hashing failed: {e}")))?
+        .map_err(|e| Problem::internal(&e))
+}
+
+async fn add_user(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let new: NewUserBody = body(bytes)?;
+    auth::check_name("username", &new.username)?;
+    let password_hash = hash_off_thread(new.password).await?;
+    let subject = format!("user:{}", new.username);
+    let municipality = state.municipality;
+    let new = auth::NewUser { username: new.username, role: new.role, venues: new.venues, password_hash };
+    let op: crate::writer::ApplyFn =
+        Box::new(move |txn, now| Ok(auth::add_user(txn, municipality, new, now)?.map(|user| json!(user))));
+    let user = state
+        .writer
+        .call(&who, |reply| Command::Apply { action: "user.add".into(), subject, op, reply })
+        .await?;
+    Ok((StatusCode::CREATED, Json(user)).into_response())
+}
+
+#[derive(Deserialize)]
+struct DisableBody {
+    #[serde(default = "yes")]
+    disabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn disable_user(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(username): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let DisableBody { disabled } = body(bytes)?;
+    let subject = format!("user:{username}");
+    let action = if disabled { "user.disable" } else { "user.enable" };
+    let op: crate::writer::ApplyFn =
+        Box::new(move |txn, _| Ok(auth::set_disabled(txn, &username, disabled)?.map(|user| json!(user))));
+    let user =
+        state.writer.call(&who, |reply| Command::Apply { action: action.into(), subject, op, reply }).await?;
+    Ok(Json(user).into_response())
+}
+
+#[derive(Deserialize)]
+struct PasswordBody {
+    password: String,
+}
+
+async fn reset_password(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(username): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let PasswordBody { password } = body(bytes)?;
+    let hash = hash_off_thread(password).await?;
+    let subject = format!("user:{username}");
+    let op: crate::writer::ApplyFn =
+        Box::new(move |txn, now| Ok(auth::set_password(txn, &username, hash, now)?.map(|user| json!(user))));
+    let user = state
+        .writer
+        .call(&who, |reply| Command::Apply { action: "user.reset_password".into(), subject, op, reply })
+        .await?;
+    Ok(Json(user).into_response())
+}
+
+async fn list_tokens(State(state): State<AppState>) -> ApiResult {
+    let tokens =
+        state.store.read().and_then(|v| auth::list_tokens(v.txn())).map_err(|e| Problem::internal(&e))?;
+    Ok(Json(json!({ "tokens": tokens })).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewTokenBody {
+    name: String,
+    role: Role,
+    #[serde(default)]
+    venues: Vec<String>,
+    #[serde(default)]
+    expires_days: Option<u32>,
+}
+
+async fn add_token(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let new: NewTokenBody = body(bytes)?;
+    let subject = format!("token:{}", new.name);
+    let municipality = state.municipality;
+    let op: crate::writer::ApplyFn = Box::new(move |txn, now| {
+        let expires = new.expires_days.map(|days| now + time::Duration::days(i64::from(days)));
+        Ok(auth::add_token(txn, municipality, &new.name, new.role, new.venues, expires, now)?
+            .map(|(token, record)| json!({ "token": token, "record": record })))
+    });
+    let answer = state
+        .writer
+        .call(&who, |reply| Command::Apply { action: "token.add".into(), subject, op, reply })
+        .await?;
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let subject = format!("token:{name}");
+    let op: crate::writer::ApplyFn =
+        Box::new(move |txn, _| Ok(auth::revoke_token(txn, &name)?.map(|record| json!(record))));
+    let record = state
+        .writer
+        .call(&who, |reply| Command::Apply { action: "token.revoke".into(), subject, op, reply })
+        .await?;
+    Ok(Json(record).into_response())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn audit_entries(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Query(query): Query<AuditQuery>,
+) -> ApiResult {
+    let limit = query.limit.unwrap_or(500).clamp(1, 5000);
+    let entries = (|| -> anyhow::Result<Vec<serde_json::Value>> {
+        let view = state.store.read()?;
+        let table = view.txn().open_table(crate::audit::AUDIT)?;
+        let mut out = Vec::new();
+        for row in table.range(query.after.saturating_add(1)..)?.take(limit) {
+            let (_, bytes) = row?;
+            out.push(serde_json::from_slice(bytes.value())?);
+        }
+        Ok(out)
+    })()
+    .map_err(|e| Problem::internal(&e))?;
+    audit_reads(&state, &who, "audit.read", vec![format!("audit:after:{}", query.after)]).await?;
+    Ok(Json(json!({ "entries": entries })).into_response())
+}
+
+async fn audit_verify(State(state): State<AppState>, Extension(who): Extension<Who>) -> ApiResult {
+    let public_key = state.audit.public_key();
+    let report = state
+        .store
+        .read()
+        .and_then(|view| crate::audit::verify_store(view.txn(), state.municipality, &public_key))
+        .map_err(|e| Problem::internal(&e))?;
+    audit_reads(&state, &who, "audit.verify", vec!["audit:all".into()]).await?;
+    let findings: Vec<_> =
+        report.findings.iter().map(|f| json!({"at": f.at, "detail_ja": f.ja, "detail_en": f.en})).collect();
+    Ok(Json(json!({
+        "intact": report.is_intact(),
+        "entries": report.entries,
+        "checkpoints": report.checkpoints,
+        "sealed_through": report.sealed_through,
+        "unsealed": report.unsealed,
+        "findings": findings,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    from: String,
+    to: String,
+}
+
+/// `YYYY-MM-DD` (a day in Japan, inclusive) or an RFC 3339 instant.
+pub fn parse_instant(field: &str, text: &str, end_of_day: bool) -> Result<OffsetDateTime, Problem> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok(at);
+    }
+    let date = parse_date_field(field, text)?;
+    let time = if end_of_day { time::Time::MAX } else { time::Time::MIDNIGHT };
+    Ok(date.with_time(time).assume_offset(crate::clock::JST))
+}
+
+async fn audit_export(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Query(query): Query<ExportQuery>,
+) -> ApiResult {
+    let from = parse_instant("from", &query.from, false)?;
+    let to = parse_instant("to", &query.to, true)?;
+    // Seal the newest entries too, so the export ends at a signed point.
+    state.writer.call(&who, Command::Checkpoint).await?;
+    audit_reads(&state, &who, "audit.export", vec![format!("audit:{}..{}", query.from, query.to)]).await?;
+    let file = state
+        .store
+        .read()
+        .and_then(|view| state.audit.export(view.txn(), from, to, OffsetDateTime::now_utc()))
+        .map_err(|e| Problem::internal(&e))?;
+    Ok(([(header::CONTENT_TYPE, "application/jsonl")], file).into_response())
+}
+
+/// The authorization table (route × role) as Markdown, printed from [`ROUTES`] into
+/// `docs/security.md` (`vrs-node authz-table`); a test keeps the document equal to it.
+pub fn authorization_table_markdown() -> String {
+    let mut out = String::from("| method | path | 内容 / what |");
+    for role in Role::ALL {
+        out.push_str(&format!(" {} |", role.as_str()));
+    }
+    out.push_str("\n|---|---|---|");
+    for _ in Role::ALL {
+        out.push_str(":-:|");
+    }
+    out.push('\n');
+    for spec in ROUTES {
+        out.push_str(&format!("| {} | `{}` | {} |", spec.method, spec.path, spec.summary_ja));
+        for role in Role::ALL {
+            let cell = match spec.access {
+                Access::Public => "公開",
+                _ if spec.access.allows(role)
+                    && role == Role::VenueOperator
+                    && spec.path == "/api/v1/captures" =>
+                {
+                    "✔ 担当会場のみ"
+                }
+                _ if spec.access.allows(role) => "✔",
+                _ => "—",
+            };
+            out.push_str(&format!(" {cell} |"));
+        }
+        out.push('\n');
+    }
+    out
 }

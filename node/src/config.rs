@@ -9,8 +9,14 @@
 //! keys/coupon-signing.pk8   Ed25519 key that signs coupon QR codes (PKCS#8)
 //! keys/person-key.secret    32-byte secret keying person keys and resident ids (hex)
 //! keys/node-actor           Automerge actor id of this node (hex)
-//! keys/admin-token.sha256   SHA-256 of the initial admin API token
+//! keys/audit-signing.pk8    Ed25519 key that signs audit checkpoints and exports (PKCS#8)
+//! keys/audit-signing.pub    its public half (hex), for auditors
+//! keys/tls-cert.pem         HTTPS certificate (self-signed at init unless one was given)
+//! keys/tls-key.pem          its private key
 //! ```
+//!
+//! The initial administrator's API token is stored (as SHA-256) in the store with the
+//! other tokens; `init` prints it once.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 use time::Date;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::auth::AuthPolicy;
+use crate::store::Store;
 
 /// The catalogue a new node starts with.
 pub const DEFAULT_CATALOGUE: &str = include_str!("../data/catalogue.toml");
@@ -53,6 +63,9 @@ pub struct NodeConfig {
     /// Storage settings.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Login, session, rate-limit and audit settings.
+    #[serde(default)]
+    pub auth: AuthPolicy,
 }
 
 /// `[http]`
@@ -63,6 +76,44 @@ pub struct HttpConfig {
     /// Largest request body accepted, in bytes.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
+    /// Serve plain HTTP instead of HTTPS. Allowed only on a loopback address.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// HTTPS certificate chain (PEM), relative to the data directory.
+    #[serde(default = "default_tls_cert")]
+    pub tls_cert: String,
+    /// HTTPS private key (PEM), relative to the data directory.
+    #[serde(default = "default_tls_key")]
+    pub tls_key: String,
+}
+
+fn default_tls_cert() -> String {
+    "keys/tls-cert.pem".into()
+}
+
+fn default_tls_key() -> String {
+    "keys/tls-key.pem".into()
+}
+
+/// Whether `listen` (`host:port`) is a loopback address.
+pub fn is_loopback_listen(listen: &str) -> bool {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(address) => address.ip().is_loopback(),
+        Err(_) => listen.rsplit_once(':').is_some_and(|(host, _)| host == "localhost"),
+    }
+}
+
+impl HttpConfig {
+    /// Refuses plain HTTP on anything but loopback.
+    pub fn check_listen(&self, listen: &str) -> anyhow::Result<()> {
+        if self.plain_http && !is_loopback_listen(listen) {
+            bail!(
+                "plain HTTP is allowed only on a loopback address, not {listen}; \
+                 平文HTTPはループバックアドレスでのみ使えます（http.plain_http = false にして HTTPS を使ってください）"
+            );
+        }
+        Ok(())
+    }
 }
 
 fn default_body_limit() -> usize {
@@ -113,8 +164,8 @@ pub struct NodeFiles {
     pub person_secret: PersonKeySecret,
     /// Automerge actor id bytes.
     pub actor: Vec<u8>,
-    /// SHA-256 (hex) of the admin token.
-    pub admin_token_sha256: String,
+    /// The key that signs audit checkpoints.
+    pub audit_key: Ed25519KeyPair,
 }
 
 impl NodeFiles {
@@ -137,10 +188,9 @@ impl NodeFiles {
         let secret = read_hex(&dir.join("keys/person-key.secret"), 32)?;
         let secret: [u8; 32] = secret.try_into().map_err(|_| anyhow::anyhow!("secret length"))?;
         let actor = read_hex(&dir.join("keys/node-actor"), 16)?;
-        let admin_token_sha256 = fs::read_to_string(dir.join("keys/admin-token.sha256"))
-            .context("keys/admin-token.sha256")?
-            .trim()
-            .to_owned();
+        let pkcs8 = fs::read(dir.join("keys/audit-signing.pk8")).context("keys/audit-signing.pk8")?;
+        let audit_key = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .map_err(|e| anyhow::anyhow!("keys/audit-signing.pk8 is not an Ed25519 key: {e}"))?;
         Ok(Self {
             dir: dir.to_owned(),
             config,
@@ -148,8 +198,37 @@ impl NodeFiles {
             signing_key,
             person_secret: PersonKeySecret::new(&secret),
             actor,
-            admin_token_sha256,
+            audit_key,
         })
+    }
+
+    /// The audit log writer of this node.
+    pub fn audit_log(&self) -> anyhow::Result<AuditLog> {
+        let pkcs8 = fs::read(self.dir.join("keys/audit-signing.pk8")).context("keys/audit-signing.pk8")?;
+        let key = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .map_err(|e| anyhow::anyhow!("keys/audit-signing.pk8 is not an Ed25519 key: {e}"))?;
+        Ok(AuditLog::new(key, self.config.municipality, self.config.auth.audit_checkpoint_every))
+    }
+
+    /// Appends a command-line audit entry (and a checkpoint) in its own durable commit.
+    pub fn audit_cli(&self, store: &Store, action: &str, subject: &str, outcome: &str) -> anyhow::Result<()> {
+        let audit = self.audit_log()?;
+        let now = time::OffsetDateTime::now_utc();
+        let txn = store.begin_write()?;
+        audit.append(&txn, &cli_event(action, subject, outcome), now)?;
+        audit.checkpoint(&txn, now)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The public half of the audit key.
+    pub fn audit_public_key(&self) -> Vec<u8> {
+        self.audit_key.public_key().as_ref().to_vec()
+    }
+
+    /// A path from node.toml, relative to the data directory unless absolute.
+    pub fn path_of(&self, configured: &str) -> PathBuf {
+        self.dir.join(configured)
     }
 
     /// The public half of the coupon-signing key.
@@ -193,9 +272,16 @@ pub struct InitOptions {
     pub campaign_start: Date,
     /// The federation's person-key secret, if the operator was given one.
     pub person_key_secret: Option<PathBuf>,
+    /// Serve plain HTTP (loopback only).
+    pub plain_http: bool,
+    /// The operator's certificate and key (PEM), copied into `keys/`; self-signed if absent.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Extra DNS names or addresses for the self-signed certificate.
+    pub tls_names: Vec<String>,
 }
 
-/// Creates a data directory. Returns the initial admin token, shown once.
+/// Creates a data directory: keys, certificate, config, catalogue, and the store with the
+/// initial administrator's API token. Returns that token, shown once.
 pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String> {
     if options.role != Role::Municipal {
         bail!(
@@ -205,6 +291,12 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
     }
     if !options.municipality.is_known() {
         bail!("{} is not one of Japan's 1,741 municipalities", options.municipality);
+    }
+    if options.plain_http && !is_loopback_listen(&options.listen) {
+        bail!(
+            "--plain-http needs a loopback --listen address (got {}); 平文HTTPはループバックでのみ使えます",
+            options.listen
+        );
     }
     if dir.join("node.toml").exists() {
         bail!("{} already holds a node (node.toml exists); refusing to overwrite", dir.display());
@@ -219,19 +311,80 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
     };
     write_private(&dir.join("keys/person-key.secret"), hex_lower(&secret).as_bytes())?;
     write_private(&dir.join("keys/node-actor"), hex_lower(&random_bytes(&rng, 16)?).as_bytes())?;
-    let token = format!("vrs_{}", hex_lower(&random_bytes(&rng, 32)?));
-    write_private(&dir.join("keys/admin-token.sha256"), sha256_hex(token.as_bytes()).as_bytes())?;
+    let audit_pkcs8 =
+        Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("key generation failed"))?;
+    write_private(&dir.join("keys/audit-signing.pk8"), audit_pkcs8.as_ref())?;
+    let audit_key = Ed25519KeyPair::from_pkcs8(audit_pkcs8.as_ref())
+        .map_err(|e| anyhow::anyhow!("generated audit key unreadable: {e}"))?;
+    fs::write(
+        dir.join("keys/audit-signing.pub"),
+        format!("{}\n", hex_lower(audit_key.public_key().as_ref())),
+    )?;
+    match &options.tls {
+        Some((cert, key)) => {
+            crate::tls::load_server_config(cert, key)
+                .with_context(|| format!("--tls-cert {} / --tls-key {}", cert.display(), key.display()))?;
+            fs::copy(cert, dir.join(default_tls_cert()))
+                .with_context(|| format!("cannot copy {}", cert.display()))?;
+            let key_pem = fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+            write_private(&dir.join(default_tls_key()), &key_pem)?;
+        }
+        None => {
+            let (cert_pem, key_pem) = crate::tls::self_signed(&options.listen, &options.tls_names)?;
+            fs::write(dir.join(default_tls_cert()), cert_pem)?;
+            write_private(&dir.join(default_tls_key()), key_pem.as_bytes())?;
+        }
+    }
     let config = NodeConfig {
         role: options.role,
         municipality: options.municipality,
-        http: HttpConfig { listen: options.listen.clone(), max_body_bytes: default_body_limit() },
+        http: HttpConfig {
+            listen: options.listen.clone(),
+            max_body_bytes: default_body_limit(),
+            plain_http: options.plain_http,
+            tls_cert: default_tls_cert(),
+            tls_key: default_tls_key(),
+        },
         campaign: CampaignConfig { start: options.campaign_start },
         storage: StorageConfig::default(),
+        auth: AuthPolicy::default(),
     };
     let text = toml::to_string(&config)?;
     fs::write(dir.join("node.toml"), format!("# vrs-node configuration\n{text}"))?;
     fs::write(dir.join("catalogue.toml"), DEFAULT_CATALOGUE)?;
+    let files = NodeFiles::load(dir)?;
+    let store = Store::open(&files.store_path())?;
+    let audit = files.audit_log()?;
+    let now = time::OffsetDateTime::now_utc();
+    let txn = store.begin_write()?;
+    let (token, _) = crate::auth::add_token(
+        &txn,
+        options.municipality,
+        "initial-admin",
+        crate::auth::Role::MunicipalAdmin,
+        Vec::new(),
+        None,
+        now,
+    )?
+    .map_err(|p| anyhow::anyhow!("{}", p.message_en))?;
+    audit.append(&txn, &cli_event("token.add", "token:initial-admin", "ok"), now)?;
+    audit.checkpoint(&txn, now)?;
+    txn.commit()?;
     Ok(token)
+}
+
+/// An audit event for work done from the command line (by whoever has the server's shell).
+pub fn cli_event(action: &str, subject: &str, outcome: &str) -> AuditEvent {
+    let user =
+        std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    AuditEvent {
+        actor: format!("cli:{user}"),
+        role: "server_operator".into(),
+        action: action.into(),
+        subject: subject.into(),
+        outcome: outcome.into(),
+        request_id: "-".into(),
+    }
 }
 
 /// Random bytes from the operating system.

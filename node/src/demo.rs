@@ -211,6 +211,10 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         listen: listen.to_owned(),
         campaign_start,
         person_key_secret: None,
+        // A local demo: plain HTTP, which the node allows only on a loopback address.
+        plain_http: crate::config::is_loopback_listen(listen),
+        tls: None,
+        tls_names: Vec::new(),
     };
     let token = init_data_dir(&dir, &options)?;
     let files = NodeFiles::load(&dir)?;
@@ -259,20 +263,32 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     );
     let coupons = read_print_shop(&print_dir.join("coupons.csv"))?;
 
-    let started = crate::daemon::start(files, store);
+    let plain = files.config.http.plain_http;
+    let tls = if plain {
+        None
+    } else {
+        let http = &files.config.http;
+        Some(crate::tls::load_server_config(&files.path_of(&http.tls_cert), &files.path_of(&http.tls_key))?)
+    };
+    let cacert =
+        if plain { String::new() } else { format!("--cacert {} ", dir.join("keys/tls-cert.pem").display()) };
+    let scheme = if plain { "http" } else { "https" };
+    let mut started = crate::daemon::start(files, store)?;
+    started.tls = tls;
     let app = crate::api::router(started.state.clone(), started.max_body_bytes);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(scenario(&app, &token, &coupons))?;
+    runtime.block_on(security_scenario(&app, &token, &coupons))?;
     println!();
-    println!("API: http://{listen}   トークン / token: {token}");
+    println!("API: {scheme}://{listen}   トークン / token: {token}");
     if let Some(spare) = coupons.get(5) {
         println!("試してみる / try it:");
         println!(
-            "  curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    -d '{{\"coupon\":\"{}\",\"vial\":\"(01)04987000001014(17)301231(10)FA5765\",\"venue\":\"yokohama-arena\"}}' http://{listen}/api/v1/captures",
+            "  curl -s {cacert}-H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    -d '{{\"coupon\":\"{}\",\"vial\":\"(01)04987000001014(17)301231(10)FA5765\",\"venue\":\"yokohama-arena\"}}' {scheme}://{listen}/api/v1/captures",
             spare.1
         );
         println!(
-            "  curl -s -H 'Authorization: Bearer {token}' 'http://{listen}/api/v1/residents?coupon={}'",
+            "  curl -s {cacert}-H 'Authorization: Bearer {token}' '{scheme}://{listen}/api/v1/residents?coupon={}'",
             &spare.0[8..18]
         );
     }
@@ -417,5 +433,77 @@ async fn scenario(app: &axum::Router, token: &str, coupons: &[(String, String)])
         body["history"].as_array().map(Vec::len).unwrap_or(0),
         body["corrections"].as_object().map(|m| m.len()).unwrap_or(0)
     );
+    Ok(())
+}
+
+async fn security_scenario(
+    app: &axum::Router,
+    admin: &str,
+    coupons: &[(String, String)],
+) -> anyhow::Result<()> {
+    println!("== 8. 利用者・権限・監査ログ / users, roles and the audit log");
+    let password = "demo-password-2021";
+    for (name, role) in [("tanaka", "clerk"), ("kansa", "auditor")] {
+        let body = serde_json::json!({"username": name, "role": role, "password": password});
+        let (status, _) = call(app, admin, "POST", "/api/v1/users", body).await?;
+        println!("   {status} 利用者追加 / user added: {name} ({role}), password {password}");
+    }
+    let body =
+        serde_json::json!({"name": "arena-tablet-1", "role": "venue_operator", "venues": ["yokohama-arena"]});
+    let (_, issued) = call(app, admin, "POST", "/api/v1/tokens", body).await?;
+    let tablet = issued["token"].as_str().unwrap_or_default().to_owned();
+    println!("   会場端末トークン / venue terminal token (yokohama-arena only): {tablet}");
+    let login = serde_json::json!({"username": "tanaka", "password": password});
+    let (status, session) = call(app, "-", "POST", "/api/v1/auth/login", login).await?;
+    let clerk = session["token"].as_str().unwrap_or_default().to_owned();
+    println!("   {status} ログイン / login tanaka: session until {}", session["expires_at"]);
+    let (status, body) = call(
+        app,
+        &clerk,
+        "POST",
+        "/api/v1/users",
+        serde_json::json!({"username": "x", "role": "clerk", "password": password}),
+    )
+    .await?;
+    show("職員による利用者追加 / a clerk adding a user", status, &body);
+    if let Some(coupon) = coupons.get(4) {
+        let capture = serde_json::json!({
+            "coupon": coupon.1, "vial": "(01)04987000001014(17)301231(10)FA5765", "venue": "shin-yokohama-hall"
+        });
+        let (status, body) = call(app, &tablet, "POST", "/api/v1/captures", capture).await?;
+        show("担当外の会場で記録 / a terminal recording for another venue", status, &body);
+    }
+    let (status, body) =
+        call(app, "vrs_t_not-a-token", "GET", "/api/v1/residents?kana=ヤ", serde_json::Value::Null).await?;
+    show("無効なトークン / an unknown token", status, &body);
+    let login = serde_json::json!({"username": "kansa", "password": password});
+    let (_, session) = call(app, "-", "POST", "/api/v1/auth/login", login).await?;
+    let auditor = session["token"].as_str().unwrap_or_default().to_owned();
+    let (status, verdict) =
+        call(app, &auditor, "GET", "/api/v1/audit/verify", serde_json::Value::Null).await?;
+    println!(
+        "   {status} 監査ログ検証 / audit log verified by kansa: intact {}, {} entries, {} signed checkpoints",
+        verdict["intact"], verdict["entries"], verdict["checkpoints"]
+    );
+    let (_, entries) =
+        call(app, &auditor, "GET", "/api/v1/audit?limit=5000", serde_json::Value::Null).await?;
+    if let Some(entries) = entries["entries"].as_array() {
+        for entry in entries
+            .iter()
+            .rev()
+            .filter(|e| e["outcome"].as_str().is_some_and(|o| o.starts_with("denied")))
+            .take(3)
+        {
+            println!(
+                "     #{} {} {} {} {} → {}",
+                entry["seq"],
+                entry["at"].as_str().unwrap_or(""),
+                entry["actor"].as_str().unwrap_or(""),
+                entry["action"].as_str().unwrap_or(""),
+                entry["subject"].as_str().unwrap_or(""),
+                entry["outcome"].as_str().unwrap_or("")
+            );
+        }
+    }
     Ok(())
 }

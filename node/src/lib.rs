@@ -5,6 +5,8 @@
 //! ([`api`]), files ([`import`], [`issuance`]) and the clock ([`clock`]).
 
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod daemon;
@@ -13,4 +15,5 @@ pub mod import;
 pub mod issuance;
 pub mod problem;
 pub mod store;
+pub mod tls;
 pub mod writer;

@@ -45,6 +45,18 @@ enum Commands {
         /// The federation's person-key secret (64 hex digits); generated if absent.
         #[arg(long)]
         person_key_secret: Option<PathBuf>,
+        /// Serve plain HTTP instead of HTTPS (only with a loopback --listen address).
+        #[arg(long)]
+        plain_http: bool,
+        /// HTTPS certificate chain (PEM) to use instead of a self-signed one.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Extra host name or address for the self-signed certificate (repeatable).
+        #[arg(long)]
+        tls_name: Vec<String>,
     },
     /// 住民記録の取込 / Import a resident register extract (CSV, UTF-8 or Shift_JIS).
     Import {
@@ -109,6 +121,23 @@ enum Commands {
         #[arg(long, value_enum, default_value = "shift-jis")]
         encoding: Encoding,
     },
+    /// 利用者 / Staff accounts (the daemon must be stopped; while it runs, use the API).
+    User {
+        #[command(subcommand)]
+        command: UserCommands,
+    },
+    /// APIトークン / Machine credentials for terminals and integrations.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommands,
+    },
+    /// 監査ログ / Audit log: verify, export.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommands,
+    },
+    /// 権限表 / Print the authorization table (route × role) as Markdown.
+    AuthzTable,
     /// 件数 / Counts in a node's store.
     Status {
         /// Data directory.
@@ -139,6 +168,126 @@ enum CouponCommands {
         /// Skip the PNG images.
         #[arg(long)]
         no_qr_images: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommands {
+    /// 追加 / Add a user. The password is read from stdin with --password-stdin, else generated and shown once.
+    Add {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Login name.
+        username: String,
+        /// Role.
+        #[arg(long, value_enum)]
+        role: node::auth::Role,
+        /// Venue a venue operator records for (repeatable).
+        #[arg(long)]
+        venue: Vec<String>,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// 停止 / Disable a user (their sessions stop at once).
+    Disable {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Login name.
+        username: String,
+    },
+    /// 再開 / Re-enable a user.
+    Enable {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Login name.
+        username: String,
+    },
+    /// パスワード再設定 / Reset a password (ends every session of the user).
+    ResetPassword {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Login name.
+        username: String,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// 一覧 / List users.
+    List {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommands {
+    /// 発行 / Issue a token (shown once).
+    Add {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Token name, e.g. tablet-03.
+        name: String,
+        /// Role.
+        #[arg(long, value_enum)]
+        role: node::auth::Role,
+        /// Venue (repeatable; venue operators).
+        #[arg(long)]
+        venue: Vec<String>,
+        /// Days until it expires (never, if absent).
+        #[arg(long)]
+        expires_days: Option<u32>,
+    },
+    /// 失効 / Revoke a token.
+    Revoke {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Token name.
+        name: String,
+    },
+    /// 一覧 / List tokens.
+    List {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommands {
+    /// 検証 / Verify the log in a store (--data) or an exported file (--file with --public-key).
+    Verify {
+        /// Data directory (the daemon must be stopped); ignored when --file is given.
+        #[arg(long, env = "VRS_DATA")]
+        data: Option<PathBuf>,
+        /// An export made by `audit export`.
+        #[arg(long, requires = "public_key")]
+        file: Option<PathBuf>,
+        /// The node's audit public key: 64 hex digits, or a file holding them (keys/audit-signing.pub).
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// 出力 / Export the entries between two days (JST, inclusive) or RFC 3339 instants, sealed.
+    Export {
+        /// Data directory (the daemon must be stopped; while it runs, use GET /api/v1/audit/export).
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// First day (YYYY-MM-DD).
+        #[arg(long)]
+        from: String,
+        /// Last day (YYYY-MM-DD).
+        #[arg(long)]
+        to: String,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -200,7 +349,18 @@ fn open_bulk(data: &std::path::Path) -> anyhow::Result<(NodeFiles, Arc<Store>)> 
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Commands::Init { role, municipality, data, listen, campaign_start, person_key_secret } => {
+        Commands::Init {
+            role,
+            municipality,
+            data,
+            listen,
+            campaign_start,
+            person_key_secret,
+            plain_http,
+            tls_cert,
+            tls_key,
+            tls_name,
+        } => {
             let municipality = MunicipalityCode::parse(&municipality)
                 .map_err(|e| anyhow::anyhow!("--municipality {municipality}: {e}"))?;
             let options = InitOptions {
@@ -209,12 +369,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 campaign_start: parse_date(&campaign_start)?,
                 person_key_secret,
+                plain_http,
+                tls: tls_cert.zip(tls_key),
+                tls_names: tls_name,
             };
             let token = init_data_dir(&data, &options)?;
             let name = protocol::municipality::lookup_municipality(municipality)
                 .map(|m| format!("{}{}", m.prefecture, m.name))
                 .unwrap_or_default();
             println!("ノードを作成しました / node created: {} {} in {}", municipality, name, data.display());
+            if !plain_http {
+                println!("HTTPS 証明書 / certificate: {}", data.join("keys/tls-cert.pem").display());
+            }
+            println!("監査公開鍵 / audit public key: {}", data.join("keys/audit-signing.pub").display());
             println!("管理者トークン（一度だけ表示）/ admin token (shown once):\n{token}");
             Ok(())
         }
@@ -225,8 +392,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 today: node::clock::japan_today(),
                 min_age: files.catalogue.min_eligible_age(),
             });
+            let subject =
+                format!("file:{}", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+            files.audit_cli(&store, "residents.import", &subject, "started")?;
             match import_file(&files, &store, &file, encoding, issue)? {
                 ImportOutcome::Applied(report) => {
+                    let outcome = format!(
+                        "ok:rows={},created={},updated={},coupons={}",
+                        report.rows, report.created, report.updated, report.coupons_issued
+                    );
+                    files.audit_cli(&store, "residents.import", &subject, &outcome)?;
                     println!(
                         "取込完了 / import done: {} rows — 新規 created {}, 更新 updated {}, 変更なし unchanged {}",
                         report.rows, report.created, report.updated, report.unchanged
@@ -237,6 +412,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(())
                 }
                 ImportOutcome::Refused(errors) => {
+                    files.audit_cli(
+                        &store,
+                        "residents.import",
+                        &subject,
+                        &format!("refused:bad_rows={}", errors.len()),
+                    )?;
                     for error in errors.iter().take(200) {
                         eprintln!("{error}");
                     }
@@ -253,7 +434,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::Coupons { command: CouponCommands::Issue { data, dose } } => {
             let (files, store) = open_bulk(&data)?;
+            files.audit_cli(&store, "coupons.issue", "residents:all", "started")?;
             let report = node::issuance::issue_all(&files, &store, node::clock::japan_today(), dose)?;
+            files.audit_cli(
+                &store,
+                "coupons.issue",
+                "residents:all",
+                &format!("ok:issued={}", report.issued),
+            )?;
             println!(
                 "接種券発行 / coupons issued: {} (対象 residents {}, 有効券あり already held {}, 対象外 not eligible {})",
                 report.issued, report.residents, report.already_held, report.not_eligible
@@ -263,6 +451,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Coupons { command: CouponCommands::Export { data, out, no_qr_images } } => {
             let (files, store) = open_bulk(&data)?;
             let report = node::issuance::export_print_shop(&files, &store, &out, !no_qr_images)?;
+            files.audit_cli(
+                &store,
+                "coupons.export",
+                "residents:all",
+                &format!("ok:coupons={}", report.coupons),
+            )?;
             println!(
                 "印刷用ファイル / print-shop file: {} ({} coupons, {} QR images)",
                 out.join("coupons.csv").display(),
@@ -276,6 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lot = node::api::validate_lot(&files.catalogue, &lot, &gtin, &expiry)
                 .map_err(|p| anyhow::anyhow!("{}", p.message_ja))?;
             store.put_lots(std::slice::from_ref(&lot))?;
+            files.audit_cli(&store, "lot.put", &format!("lot:{}", lot.lot), "ok")?;
             println!(
                 "ロットを登録しました / lot registered: {} ({}, expiry {})",
                 lot.lot, lot.gtin, lot.expiry
@@ -305,6 +500,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{n} 行を書き出しました / wrote {n} rows to {}", out.display());
             Ok(())
         }
+        Commands::User { command } => run_user(command),
+        Commands::Token { command } => run_token(command),
+        Commands::Audit { command } => run_audit(command),
+        Commands::AuthzTable => {
+            print!("{}", node::api::authorization_table_markdown());
+            Ok(())
+        }
         Commands::Status { data } => {
             let (_, store) = open(&data)?;
             let view = store.read()?;
@@ -315,6 +517,231 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 view.n_dose_events()?,
                 view.meta(node::store::META_CHANGE_SEQ)?
             );
+            Ok(())
+        }
+    }
+}
+
+fn read_password(from_stdin: bool) -> anyhow::Result<(String, bool)> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let password = line.trim_end_matches(['\r', '\n']).to_owned();
+        return Ok((password, false));
+    }
+    let bytes = node::config::random_bytes(&ring::rand::SystemRandom::new(), 12)?;
+    // 16 characters from an unambiguous alphabet (no 0/O, 1/l/I).
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut password = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
+        for i in 0..4 {
+            password.push(char::from(ALPHABET[((n >> (6 * i)) & 63) as usize % ALPHABET.len()]));
+        }
+    }
+    Ok((password, true))
+}
+
+/// Runs `op` in one durable transaction with its audit entry.
+fn cli_write<T>(
+    files: &NodeFiles,
+    store: &Store,
+    action: &str,
+    subject: &str,
+    op: impl FnOnce(&redb::WriteTransaction, time::OffsetDateTime) -> node::auth::Step<T>,
+) -> anyhow::Result<T> {
+    let audit = files.audit_log()?;
+    let now = time::OffsetDateTime::now_utc();
+    let txn = store.begin_write()?;
+    let result = op(&txn, now)?;
+    let outcome = match &result {
+        Ok(_) => "ok".to_owned(),
+        Err(problem) => format!("refused:{}", problem.code),
+    };
+    audit.append(&txn, &node::config::cli_event(action, subject, &outcome), now)?;
+    audit.checkpoint(&txn, now)?;
+    txn.commit()?;
+    result.map_err(|p| anyhow::anyhow!("{} / {}", p.message_ja, p.message_en))
+}
+
+fn run_user(command: UserCommands) -> anyhow::Result<()> {
+    use node::auth;
+    match command {
+        UserCommands::Add { data, username, role, venue, password_stdin } => {
+            let (files, store) = open(&data)?;
+            let (password, generated) = read_password(password_stdin)?;
+            auth::check_password(&password)
+                .map_err(|p| anyhow::anyhow!("{} / {}", p.message_ja, p.message_en))?;
+            let password_hash = auth::hash_password(&password)?;
+            let municipality = files.config.municipality;
+            let new = auth::NewUser { username: username.clone(), role, venues: venue, password_hash };
+            let user = cli_write(&files, &store, "user.add", &format!("user:{username}"), |txn, now| {
+                auth::add_user(txn, municipality, new, now)
+            })?;
+            println!(
+                "利用者を追加しました / user added: {} ({} / {})",
+                user.username,
+                user.role.label_ja(),
+                user.role.as_str()
+            );
+            if generated {
+                println!("初期パスワード（一度だけ表示）/ initial password (shown once): {password}");
+            }
+            Ok(())
+        }
+        UserCommands::Disable { data, username } => set_disabled(&data, &username, true),
+        UserCommands::Enable { data, username } => set_disabled(&data, &username, false),
+        UserCommands::ResetPassword { data, username, password_stdin } => {
+            let (files, store) = open(&data)?;
+            let (password, generated) = read_password(password_stdin)?;
+            auth::check_password(&password)
+                .map_err(|p| anyhow::anyhow!("{} / {}", p.message_ja, p.message_en))?;
+            let hash = auth::hash_password(&password)?;
+            cli_write(&files, &store, "user.reset_password", &format!("user:{username}"), |txn, now| {
+                auth::set_password(txn, &username, hash, now)
+            })?;
+            println!(
+                "パスワードを再設定しました（全セッション終了）/ password reset, sessions ended: {username}"
+            );
+            if generated {
+                println!("新しいパスワード（一度だけ表示）/ new password (shown once): {password}");
+            }
+            Ok(())
+        }
+        UserCommands::List { data } => {
+            let (_, store) = open(&data)?;
+            for user in auth::list_users(store.read()?.txn())? {
+                let state = if user.disabled { "停止 disabled" } else { "有効 active" };
+                println!("{}\t{}\t{}\t{}", user.username, user.role.as_str(), user.venues.join(","), state);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn set_disabled(data: &std::path::Path, username: &str, disabled: bool) -> anyhow::Result<()> {
+    let (files, store) = open(data)?;
+    let action = if disabled { "user.disable" } else { "user.enable" };
+    cli_write(&files, &store, action, &format!("user:{username}"), |txn, _| {
+        node::auth::set_disabled(txn, username, disabled)
+    })?;
+    if disabled {
+        println!("利用者を停止しました / user disabled: {username}");
+    } else {
+        println!("利用者を再開しました / user enabled: {username}");
+    }
+    Ok(())
+}
+
+fn run_token(command: TokenCommands) -> anyhow::Result<()> {
+    use node::auth;
+    match command {
+        TokenCommands::Add { data, name, role, venue, expires_days } => {
+            let (files, store) = open(&data)?;
+            let municipality = files.config.municipality;
+            let (token, record) =
+                cli_write(&files, &store, "token.add", &format!("token:{name}"), |txn, now| {
+                    let expires = expires_days.map(|days| now + time::Duration::days(i64::from(days)));
+                    auth::add_token(txn, municipality, &name, role, venue, expires, now)
+                })?;
+            println!("トークンを発行しました / token issued: {} ({})", record.name, record.role.as_str());
+            println!("トークン（一度だけ表示）/ token (shown once):\n{token}");
+            Ok(())
+        }
+        TokenCommands::Revoke { data, name } => {
+            let (files, store) = open(&data)?;
+            cli_write(&files, &store, "token.revoke", &format!("token:{name}"), |txn, _| {
+                auth::revoke_token(txn, &name)
+            })?;
+            println!("トークンを失効させました / token revoked: {name}");
+            Ok(())
+        }
+        TokenCommands::List { data } => {
+            let (_, store) = open(&data)?;
+            for token in auth::list_tokens(store.read()?.txn())? {
+                let state = if token.revoked { "失効 revoked" } else { "有効 active" };
+                let expires = token.expires_at.map(|t| t.date().to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    token.name,
+                    token.role.as_str(),
+                    token.venues.join(","),
+                    expires,
+                    state
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn public_key_arg(text: &str) -> anyhow::Result<Vec<u8>> {
+    let hex = if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
+        text.to_owned()
+    } else {
+        std::fs::read_to_string(text)
+            .with_context(|| format!("cannot read public key file {text}"))?
+            .trim()
+            .to_owned()
+    };
+    anyhow::ensure!(hex.len() == 64, "--public-key: 64 hex digits expected (an Ed25519 public key)");
+    (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).context("--public-key: not hex")).collect()
+}
+
+fn print_report(report: &node::audit::VerifyReport) -> anyhow::Result<()> {
+    for finding in &report.findings {
+        eprintln!("{finding}");
+    }
+    println!(
+        "記録 entries {} / チェックポイント checkpoints {} / 署名済み signed through {} / 未署名 unsigned {}",
+        report.entries, report.checkpoints, report.sealed_through, report.unsealed
+    );
+    if report.is_intact() {
+        println!("監査ログは改ざんされていません / audit log intact");
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "監査ログに {} 件の不整合があります / {} problems found in the audit log",
+            report.findings.len(),
+            report.findings.len()
+        )
+    }
+}
+
+fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
+    match command {
+        AuditCommands::Verify { data, file, public_key } => {
+            if let Some(file) = file {
+                let key = public_key_arg(public_key.as_deref().unwrap_or_default())?;
+                let bytes =
+                    std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                return print_report(&node::audit::verify_export(&bytes, &key));
+            }
+            let Some(data) = data else { anyhow::bail!("give --data DIR or --file FILE --public-key KEY") };
+            let (files, store) = open(&data)?;
+            let key = match public_key {
+                Some(text) => public_key_arg(&text)?,
+                None => files.audit_public_key(),
+            };
+            let report = node::audit::verify_store(store.read()?.txn(), files.config.municipality, &key)?;
+            print_report(&report)
+        }
+        AuditCommands::Export { data, from, to, out } => {
+            let (files, store) = open(&data)?;
+            let from_at = node::api::parse_instant("from", &from, false)
+                .map_err(|p| anyhow::anyhow!("{}", p.message_en))?;
+            let to_at =
+                node::api::parse_instant("to", &to, true).map_err(|p| anyhow::anyhow!("{}", p.message_en))?;
+            files.audit_cli(&store, "audit.export", &format!("audit:{from}..{to}"), "ok")?;
+            let bytes = files.audit_log()?.export(
+                store.read()?.txn(),
+                from_at,
+                to_at,
+                time::OffsetDateTime::now_utc(),
+            )?;
+            std::fs::write(&out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+            let n = bytes.iter().filter(|b| **b == b'\n').count().saturating_sub(3);
+            println!("監査ログを出力しました / audit export written: {} ({n} entries)", out.display());
             Ok(())
         }
     }

@@ -99,6 +99,12 @@ impl Store {
             txn.open_table(IDENTITY_DIGEST)?;
             txn.open_table(LOTS)?;
             txn.open_table(META)?;
+            txn.open_table(crate::audit::AUDIT)?;
+            txn.open_table(crate::audit::AUDIT_CHECKPOINTS)?;
+            txn.open_table(crate::auth::USERS)?;
+            txn.open_table(crate::auth::SESSIONS)?;
+            txn.open_table(crate::auth::API_TOKENS)?;
+            txn.open_table(crate::auth::TOKEN_NAMES)?;
         }
         txn.commit()?;
         Ok(Arc::new(Store { db }))

@@ -6,6 +6,11 @@
 //! commits once — one fsync for the whole group — and only then answers each caller. So a
 //! capture is acknowledged only once it is durable, and concurrent captures share the disk's
 //! flush. A command refused by validation writes nothing and does not disturb the others.
+//!
+//! Every command is audited in its own transaction: the writer appends the audit entry
+//! (who, what, which record, how it ended) beside the work, so a write and its audit entry
+//! commit together or not at all. Reads of personal data send [`Command::Audit`] and answer
+//! only once that entry is durable.
 
 use std::sync::Arc;
 
@@ -19,9 +24,12 @@ use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, ScannedCapture,
     VoidRequest, validate_amendment, validate_capture, validate_void,
 };
+use redb::WriteTransaction;
 use ring::signature::Ed25519KeyPair;
 use time::{Date, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::{AuditEvent, AuditLog};
 
 use crate::clock::{japan_today, new_id};
 use crate::problem::Problem;
@@ -64,8 +72,25 @@ pub struct ReissueOutcome {
 
 type Reply<T> = oneshot::Sender<Result<T, Problem>>;
 
+/// Who asked for a command, for the audit log.
+#[derive(Clone, Debug)]
+pub struct Who {
+    /// `user:NAME`, `token:NAME`, `cli:USER`.
+    pub actor: String,
+    /// Role name.
+    pub role: String,
+    /// Request id.
+    pub request_id: String,
+}
+
+/// A small write done by the API outside the resident documents (users, tokens, sessions):
+/// runs in the writer's transaction; `Ok(Err(problem))` refuses and must not have written.
+pub type ApplyFn = Box<
+    dyn FnOnce(&WriteTransaction, OffsetDateTime) -> anyhow::Result<Result<serde_json::Value, Problem>>
+        + Send,
+>;
+
 /// Everything the writer does.
-#[derive(Debug)]
 pub enum Command {
     /// Record a dose.
     Capture(Box<CaptureCommand>, Reply<CaptureOutcome>),
@@ -115,6 +140,21 @@ pub enum Command {
     },
     /// Register or replace a lot.
     PutLot(Lot, Reply<Lot>),
+    /// Run `op`, audited as `action` on `subject`.
+    Apply {
+        /// Audit action.
+        action: String,
+        /// Audit subject.
+        subject: String,
+        /// The write.
+        op: ApplyFn,
+        /// Answer.
+        reply: Reply<serde_json::Value>,
+    },
+    /// Append audit entries (reads of personal data, refusals, logins).
+    Audit(Vec<AuditEvent>, Reply<()>),
+    /// Sign a checkpoint at the newest audit entry, if it has none.
+    Checkpoint(Reply<Option<u64>>),
 }
 
 /// What the writer needs besides the store.
@@ -131,20 +171,22 @@ pub struct WriterContext {
     pub cache_documents: usize,
     /// Largest group commit.
     pub group_commit_max: usize,
+    /// The audit log.
+    pub audit: AuditLog,
 }
 
 /// A handle to send commands to the writer.
 #[derive(Clone)]
 pub struct WriterHandle {
-    sender: mpsc::Sender<Command>,
+    sender: mpsc::Sender<(Who, Command)>,
 }
 
 impl WriterHandle {
     /// Sends a command and waits for its answer (after the durable commit).
-    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Problem> {
+    pub async fn call<T>(&self, who: &Who, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Problem> {
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send(make(reply))
+            .send((who.clone(), make(reply)))
             .await
             .map_err(|_| Problem::internal(&anyhow::anyhow!("the writer has stopped")))?;
         answer.await.map_err(|_| Problem::internal(&anyhow::anyhow!("the writer dropped a command")))?
@@ -168,7 +210,7 @@ pub fn spawn_writer(
 /// An answer that is sent only once the group's commit is known.
 type Pending = Box<dyn FnOnce(Result<(), Problem>) + Send>;
 
-fn run_writer(store: &Store, context: &WriterContext, mut receiver: mpsc::Receiver<Command>) {
+fn run_writer(store: &Store, context: &WriterContext, mut receiver: mpsc::Receiver<(Who, Command)>) {
     let mut cache = new_cache(context.cache_documents);
     while let Some(first) = receiver.blocking_recv() {
         let mut batch = vec![first];
@@ -182,13 +224,13 @@ fn run_writer(store: &Store, context: &WriterContext, mut receiver: mpsc::Receiv
     }
 }
 
-fn run_group(store: &Store, context: &WriterContext, cache: &mut DocCache, batch: Vec<Command>) {
+fn run_group(store: &Store, context: &WriterContext, cache: &mut DocCache, batch: Vec<(Who, Command)>) {
     let n_commands = batch.len();
     let txn = match store.begin_write() {
         Ok(txn) => txn,
         Err(error) => {
             let problem = Problem::internal(&error);
-            for command in batch {
+            for (_, command) in batch {
                 fail(command, problem.clone());
             }
             return;
@@ -198,9 +240,21 @@ fn run_group(store: &Store, context: &WriterContext, cache: &mut DocCache, batch
     let mut mutation = Mutation::new(&txn, cache, &context.actor);
     let mut broken: Option<anyhow::Error> = None;
     let mut rest = batch.into_iter();
-    for command in rest.by_ref() {
-        match handle(&mut mutation, context, command) {
-            Ok(answer) => pending.push(answer),
+    for (who, command) in rest.by_ref() {
+        let now = OffsetDateTime::now_utc();
+        match handle(&mut mutation, context, &who, command, now) {
+            Ok((answer, facts)) => {
+                pending.push(answer);
+                for event in facts {
+                    if let Err(error) = context.audit.append(mutation.txn(), &event, now) {
+                        broken = Some(error.context("audit append failed"));
+                        break;
+                    }
+                }
+                if broken.is_some() {
+                    break;
+                }
+            }
             Err((error, command)) => {
                 // A command failed after it may have written: the whole group is abandoned.
                 broken = Some(error);
@@ -231,7 +285,7 @@ fn run_group(store: &Store, context: &WriterContext, cache: &mut DocCache, batch
             for answer in pending {
                 answer(Err(problem.clone()));
             }
-            for command in rest {
+            for (_, command) in rest {
                 fail(command, problem.clone());
             }
         }
@@ -245,6 +299,23 @@ fn fail(command: Command, problem: Problem) {
         Command::Reissue { reply, .. } => drop(reply.send(Err(problem))),
         Command::Revoke { reply, .. } => drop(reply.send(Err(problem))),
         Command::PutLot(_, reply) => drop(reply.send(Err(problem))),
+        Command::Apply { reply, .. } => drop(reply.send(Err(problem))),
+        Command::Audit(_, reply) => drop(reply.send(Err(problem))),
+        Command::Checkpoint(reply) => drop(reply.send(Err(problem))),
+    }
+}
+
+fn audit_fact<T>(who: &Who, action: &str, subject: String, result: &Result<T, Problem>) -> AuditEvent {
+    AuditEvent {
+        actor: who.actor.clone(),
+        role: who.role.clone(),
+        action: action.to_owned(),
+        subject,
+        outcome: match result {
+            Ok(_) => "ok".to_owned(),
+            Err(problem) => format!("refused:{}", problem.code),
+        },
+        request_id: who.request_id.clone(),
     }
 }
 
@@ -262,17 +333,22 @@ fn answer_after_commit<T: Send + 'static>(reply: Reply<T>, result: Result<T, Pro
 }
 
 /// Runs one command. `Err` means an internal failure after a possible write: the group
-/// must not commit; the command is handed back so its caller can be told.
+/// must not commit; the command is handed back so its caller can be told. `Ok` carries the
+/// answer to send after the commit and the audit entries to append beside the work.
 fn handle(
     m: &mut Mutation<'_>,
     context: &WriterContext,
+    who: &Who,
     command: Command,
-) -> Result<Pending, (anyhow::Error, Command)> {
-    let now = OffsetDateTime::now_utc();
+    now: OffsetDateTime,
+) -> Result<(Pending, Vec<AuditEvent>), (anyhow::Error, Command)> {
     macro_rules! run {
-        ($reply:ident, $body:expr, $rebuild:expr) => {
+        ($reply:ident, $body:expr, $rebuild:expr, $audit:expr) => {
             match $body {
-                Ok(result) => Ok(answer_after_commit($reply, result)),
+                Ok(result) => {
+                    let facts = $audit(&result);
+                    Ok((answer_after_commit($reply, result), facts))
+                }
                 Err(error) => Err((error, $rebuild($reply))),
             }
         };
@@ -280,35 +356,76 @@ fn handle(
     match command {
         Command::Capture(capture, reply) => {
             let result = capture_one(m, context, &capture, now);
-            run!(reply, result, |reply| Command::Capture(capture, reply))
+            let coupon = format!("coupon:{}", capture.scans.coupon.code().number);
+            let audit = |result: &Result<CaptureOutcome, Problem>| {
+                let subject = match result {
+                    Ok(outcome) => format!("resident:{}", outcome.resident_id),
+                    Err(_) => coupon.clone(),
+                };
+                let mut fact = audit_fact(who, "capture", subject, result);
+                if result.as_ref().is_ok_and(|o| o.replay) {
+                    fact.outcome = "replay".into();
+                }
+                vec![fact]
+            };
+            run!(reply, result, |reply| Command::Capture(capture, reply), audit)
         }
         Command::Void { resident_id, event_id, reason, actor, reply } => {
             let result = void_one(m, &resident_id, &event_id, &reason, &actor, now);
-            run!(reply, result, |reply| Command::Void { resident_id, event_id, reason, actor, reply })
+            let subject = format!("resident:{resident_id} event:{event_id}");
+            let audit =
+                |result: &Result<_, Problem>| vec![audit_fact(who, "dose.void", subject.clone(), result)];
+            run!(reply, result, |reply| Command::Void { resident_id, event_id, reason, actor, reply }, audit)
         }
         Command::Amend { resident_id, event_id, amendment, reason, actor, reply } => {
             let result = amend_one(m, context, &resident_id, &event_id, &amendment, &reason, &actor, now);
-            run!(reply, result, |reply| Command::Amend {
-                resident_id,
-                event_id,
-                amendment,
-                reason,
-                actor,
-                reply
-            })
+            let subject = format!("resident:{resident_id} event:{event_id}");
+            let audit =
+                |result: &Result<_, Problem>| vec![audit_fact(who, "dose.amend", subject.clone(), result)];
+            run!(
+                reply,
+                result,
+                |reply| Command::Amend { resident_id, event_id, amendment, reason, actor, reply },
+                audit
+            )
         }
         Command::Reissue { number, reply } => {
             let result = reissue_one(m, context, number, now);
-            run!(reply, result, |reply| Command::Reissue { number, reply })
+            let audit = |result: &Result<_, Problem>| {
+                vec![audit_fact(who, "coupon.reissue", format!("coupon:{number}"), result)]
+            };
+            run!(reply, result, |reply| Command::Reissue { number, reply }, audit)
         }
         Command::Revoke { number, reason, reply } => {
             let result = revoke_one(m, number, &reason, now);
-            run!(reply, result, |reply| Command::Revoke { number, reason, reply })
+            let audit = |result: &Result<_, Problem>| {
+                vec![audit_fact(who, "coupon.revoke", format!("coupon:{number}"), result)]
+            };
+            run!(reply, result, |reply| Command::Revoke { number, reason, reply }, audit)
         }
         Command::PutLot(lot, reply) => {
             let result = m.put_lot(&lot).map(|()| Ok(lot.clone()));
-            run!(reply, result, |reply| Command::PutLot(lot, reply))
+            let subject = format!("lot:{}", lot.lot);
+            let audit =
+                |result: &Result<_, Problem>| vec![audit_fact(who, "lot.put", subject.clone(), result)];
+            run!(reply, result, |reply| Command::PutLot(lot, reply), audit)
         }
+        Command::Apply { action, subject, op, reply } => match op(m.txn(), now) {
+            Ok(result) => {
+                let fact = audit_fact(who, &action, subject, &result);
+                Ok((answer_after_commit(reply, result), vec![fact]))
+            }
+            // The closure is spent; `fail` only needs the reply.
+            Err(error) => Err((
+                error,
+                Command::Apply { action, subject, op: Box::new(|_, _| Ok(Ok(().into()))), reply },
+            )),
+        },
+        Command::Audit(events, reply) => Ok((answer_after_commit(reply, Ok(())), events)),
+        Command::Checkpoint(reply) => match context.audit.checkpoint(m.txn(), now) {
+            Ok(seq) => Ok((answer_after_commit(reply, Ok(seq)), Vec::new())),
+            Err(error) => Err((error, Command::Checkpoint(reply))),
+        },
     }
 }
 

@@ -7,6 +7,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use node::api::{ROUTES, method_of, openapi_document, router};
 use node::config::{InitOptions, NodeFiles, Role, init_data_dir};
+
+mod audit;
+mod isolation;
 use node::import::{Encoding, ImportOutcome, import_file};
 use node::store::Store;
 use protocol::municipality::MunicipalityCode;
@@ -27,6 +30,9 @@ impl Fixture {
             listen: "127.0.0.1:0".into(),
             campaign_start: time::macros::date!(2021 - 02 - 17),
             person_key_secret: None,
+            plain_http: true,
+            tls: None,
+            tls_names: Vec::new(),
         };
         let token = init_data_dir(&dir, &options).unwrap();
         Self { dir, token }
@@ -65,7 +71,7 @@ async fn every_protected_route_refuses_without_a_valid_token_and_public_ones_ans
     let fixture = Fixture::new("routes");
     let files = NodeFiles::load(&fixture.dir).unwrap();
     let store = Store::open(&files.store_path()).unwrap();
-    let started = node::daemon::start(files, store);
+    let started = node::daemon::start(files, store).unwrap();
     let app = router(started.state.clone(), started.max_body_bytes);
     for spec in ROUTES {
         for token in [None, Some("vrs_not-the-token")] {
@@ -78,8 +84,23 @@ async fn every_protected_route_refuses_without_a_valid_token_and_public_ones_ans
             }
             let response = app.clone().oneshot(request.body(Body::from("{}")).unwrap()).await.unwrap();
             let status = response.status();
-            if spec.public {
-                assert_eq!(status, StatusCode::OK, "{} {}", spec.method, spec.path);
+            for header in
+                ["x-content-type-options", "x-frame-options", "content-security-policy", "x-request-id"]
+            {
+                assert!(
+                    response.headers().contains_key(header),
+                    "{} {}: no {header}",
+                    spec.method,
+                    spec.path
+                );
+            }
+            if spec.is_public() {
+                assert!(
+                    status.is_success() || status == StatusCode::BAD_REQUEST,
+                    "{} {}: {status}",
+                    spec.method,
+                    spec.path
+                );
             } else {
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{} {} with {token:?}", spec.method, spec.path);
                 assert_eq!(response.headers()["content-type"], "application/problem+json");
@@ -95,7 +116,7 @@ async fn a_body_one_byte_over_the_limit_is_refused() {
     let limit = files.config.http.max_body_bytes;
     let token = fixture.token.clone();
     let store = Store::open(&files.store_path()).unwrap();
-    let started = node::daemon::start(files, store);
+    let started = node::daemon::start(files, store).unwrap();
     let app = router(started.state.clone(), started.max_body_bytes);
     for (size, refused) in [(limit, false), (limit + 1, true)] {
         // A JSON string padded to exactly `size` bytes.
@@ -165,4 +186,17 @@ proptest::proptest! {
             ImportOutcome::Applied(report) => proptest::prop_assert_eq!(report.created, stored),
         }
     }
+}
+
+#[test]
+fn the_authorization_table_in_the_docs_is_the_one_in_code() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md")).unwrap();
+    let begin = "<!-- authz-table:begin -->\n";
+    let start = doc.find(begin).expect("docs/security.md has no authz-table:begin marker") + begin.len();
+    let end = doc.find("<!-- authz-table:end -->").expect("no authz-table:end marker");
+    assert_eq!(
+        &doc[start..end],
+        node::api::authorization_table_markdown(),
+        "docs/security.md differs from the code: regenerate it with `vrs-node authz-table`"
+    );
 }

@@ -75,13 +75,21 @@ pub struct Node {
     pub token: String,
     /// `127.0.0.1:port`.
     pub address: String,
+    /// `https` (the default) or `http` (`--plain-http`).
+    pub scheme: &'static str,
     child: Option<Child>,
     agent: ureq::Agent,
 }
 
 impl Node {
-    /// `vrs-node init` for a municipality in `dir/node`.
+    /// `vrs-node init` for a municipality in `dir/node`, served over HTTPS with the
+    /// self-signed certificate `init` makes (the client trusts exactly that certificate).
     pub fn init(dir: &Path, municipality: &str) -> anyhow::Result<Self> {
+        Self::init_with(dir, municipality, &[])
+    }
+
+    /// `init` with extra arguments (`--plain-http` serves plain HTTP on loopback).
+    pub fn init_with(dir: &Path, municipality: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let data = dir.join("node");
         let address = format!("127.0.0.1:{}", free_port());
         let output = Command::new(vrs_node())
@@ -96,6 +104,7 @@ impl Node {
                 "--data",
             ])
             .arg(&data)
+            .args(extra)
             .output()?;
         if !output.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -107,12 +116,21 @@ impl Node {
             .context("init printed no token")?
             .trim()
             .to_owned();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .new_agent();
-        Ok(Self { data, token, address, child: None, agent })
+        let plain = extra.contains(&"--plain-http");
+        let scheme = if plain { "http" } else { "https" };
+        let cert = data.join("keys/tls-cert.pem");
+        let agent = agent_trusting((!plain).then_some(cert.as_path()))?;
+        Ok(Self { data, token, address, scheme, child: None, agent })
+    }
+
+    /// `scheme://address/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}://{}{path}", self.scheme, self.address)
+    }
+
+    /// The HTTP client this node's tests use.
+    pub fn agent(&self) -> &ureq::Agent {
+        &self.agent
     }
 
     /// Runs a CLI subcommand against this node's data directory.
@@ -132,7 +150,7 @@ impl Node {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(response) = self.agent.get(format!("http://{}/healthz", self.address)).call()
+            if let Ok(response) = self.agent.get(self.url("/healthz")).call()
                 && response.status() == 200
             {
                 return Ok(());
@@ -176,7 +194,7 @@ impl Node {
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
         let response = self
             .agent
-            .get(format!("http://{}{path}", self.address))
+            .get(self.url(path))
             .header("Authorization", format!("Bearer {}", self.token))
             .call()?;
         read(response)
@@ -195,7 +213,7 @@ impl Node {
         token: Option<&str>,
         language: Option<&str>,
     ) -> anyhow::Result<(u16, Value)> {
-        let mut request = self.agent.post(format!("http://{}{path}", self.address));
+        let mut request = self.agent.post(self.url(path));
         if let Some(token) = token {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
@@ -212,7 +230,24 @@ impl Drop for Node {
     }
 }
 
-fn read(response: ureq::http::Response<ureq::Body>) -> anyhow::Result<(u16, Value)> {
+/// A client that answers every status (no error for 4xx) and trusts `cert` (PEM) if given.
+pub fn agent_trusting(cert: Option<&Path>) -> anyhow::Result<ureq::Agent> {
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)));
+    if let Some(cert) = cert {
+        let pem = std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+        let root = ureq::tls::Certificate::from_pem(&pem)?;
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![root])))
+            .build();
+        config = config.tls_config(tls);
+    }
+    Ok(config.build().new_agent())
+}
+
+/// Reads an answer: status and JSON (or the text as a JSON string).
+pub fn read(response: ureq::http::Response<ureq::Body>) -> anyhow::Result<(u16, Value)> {
     let status = response.status().as_u16();
     let text = response.into_body().read_to_string()?;
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));

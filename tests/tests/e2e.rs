@@ -9,6 +9,7 @@ use protocol::municipality::MunicipalityCode;
 use serde_json::{Value, json};
 use tests::{Node, PrintedCoupon, TempDir, read_print_shop, write_shift_jis};
 
+mod security;
 mod tidy;
 
 fn my_number(serial: u64) -> String {
@@ -508,12 +509,8 @@ fn kill_nine_during_concurrent_captures_loses_nothing_acknowledged() {
         for _ in 0..CLIENTS {
             let (queue, acknowledged, attempted, stop) =
                 (queue.clone(), acknowledged.clone(), attempted.clone(), stop.clone());
-            let agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(10)))
-                .build()
-                .new_agent();
-            let (address, token) = (node.address.clone(), node.token.clone());
+            let agent = node.agent().clone();
+            let (url, token) = (node.url("/api/v1/captures"), node.token.clone());
             clients.push(std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let Some(coupon) = queue.lock().unwrap().pop() else { break };
@@ -521,7 +518,7 @@ fn kill_nine_during_concurrent_captures_loses_nothing_acknowledged() {
                     attempted.lock().unwrap().insert(coupon.code.clone());
                     let body = json!({"coupon": coupon.qr_text, "vial": raw_vial(COMIRNATY, "FA5765"), "venue": "crash-venue", "event_id": event_id});
                     let result = agent
-                        .post(format!("http://{address}/api/v1/captures"))
+                        .post(&url)
                         .header("Authorization", format!("Bearer {token}"))
                         .send_json(&body);
                     match result {

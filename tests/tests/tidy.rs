@@ -60,3 +60,23 @@ fn readme_names_the_run_and_test_commands_and_ci_calls_the_test_command() {
     let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
     assert!(ci.contains("./scripts/test.sh"), ".ci/run must call the README's test command");
 }
+
+#[test]
+fn routes_are_added_only_in_the_loop_over_the_route_table() {
+    // The isolation test enumerates the route table; a route added to the router any other
+    // way would escape it.
+    let root = workspace_root();
+    let mut files = Vec::new();
+    rust_files(&root.join("node/src"), &mut files);
+    let mut found = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            if line.contains(concat!(".route", "(")) || line.contains(concat!(".nest", "(")) {
+                found.push(format!("{}:{}", file.strip_prefix(&root).unwrap().display(), i + 1));
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "routes must be added only in api::router_from: {found:?}");
+    assert!(found[0].starts_with("node/src/api.rs"), "{found:?}");
+}

@@ -119,7 +119,7 @@ fn bench_import(residents: u64, keep: Option<PathBuf>) -> anyhow::Result<()> {
     let init = |data: &Path| -> anyhow::Result<String> {
         let listen = format!("127.0.0.1:{}", free_port());
         let output = Command::new(binary)
-            .args(["init", "--municipality", "141003", "--listen", &listen, "--data"])
+            .args(["init", "--municipality", "141003", "--plain-http", "--listen", &listen, "--data"])
             .arg(data)
             .output()?;
         anyhow::ensure!(output.status.success(), "init failed");
