@@ -121,10 +121,13 @@ pub struct User {
     /// Consecutive failed logins.
     pub failed_logins: u32,
     /// Locked after too many failures, until then.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub locked_until: Option<OffsetDateTime>,
     /// Sessions created before this are void (password reset).
+    #[serde(with = "time::serde::rfc3339")]
     pub password_changed_at: OffsetDateTime,
     /// Created.
+    #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
 
@@ -140,8 +143,10 @@ pub struct UserView {
     /// Disabled.
     pub disabled: bool,
     /// Locked until, if locked.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub locked_until: Option<OffsetDateTime>,
     /// Created.
+    #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
 
@@ -164,8 +169,10 @@ pub struct Session {
     /// Whose.
     pub username: String,
     /// Created.
+    #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// Ends.
+    #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
     /// The token a cookie-authenticated request must echo in `X-CSRF-Token`.
     pub csrf_token: String,
@@ -184,8 +191,10 @@ pub struct ApiToken {
     #[serde(default)]
     pub venues: Vec<String>,
     /// Created.
+    #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// Ends, if it does.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
     /// Revoked tokens stay listed but do not work.
     pub revoked: bool,
@@ -541,6 +550,7 @@ pub struct NewSession {
     /// Echo this in `X-CSRF-Token` on writes authenticated by the cookie.
     pub csrf_token: String,
     /// When it ends.
+    #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
     /// Who.
     pub username: String,

@@ -43,7 +43,10 @@ pub const DEFAULT_CATALOGUE: &str = include_str!("../data/catalogue.toml");
 pub enum Role {
     /// A municipality's node: owns its residents.
     Municipal,
-    /// A venue laptop (arrives with the federation issue).
+    /// A standby replica of a municipality's node: pulls every resident document from the
+    /// primary, refuses writes until promoted.
+    Standby,
+    /// A venue laptop (not yet available).
     Terminal,
     /// The national node (arrives with the national issue).
     National,
@@ -66,6 +69,31 @@ pub struct NodeConfig {
     /// Login, session, rate-limit and audit settings.
     #[serde(default)]
     pub auth: AuthPolicy,
+    /// Federation (libp2p) settings.
+    #[serde(default)]
+    pub p2p: P2pConfig,
+}
+
+/// `[p2p]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct P2pConfig {
+    /// libp2p listen address.
+    pub listen: String,
+    /// The address other nodes reach this one at (defaults to `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The national node: multiaddr ending in `/p2p/<peer id>`. Federation is off without it.
+    #[serde(default)]
+    pub national: Option<String>,
+    /// The national directory-signing public key (hex).
+    #[serde(default)]
+    pub national_key: Option<String>,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        Self { listen: "/ip4/0.0.0.0/tcp/7400".into(), advertise: None, national: None, national_key: None }
+    }
 }
 
 /// `[http]`
@@ -278,16 +306,23 @@ pub struct InitOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Extra DNS names or addresses for the self-signed certificate.
     pub tls_names: Vec<String>,
+    /// libp2p listen address.
+    pub p2p_listen: Option<String>,
+    /// A standby copies the primary's coupon key and person-key secret from this `keys/`.
+    pub keys_from: Option<PathBuf>,
 }
 
 /// Creates a data directory: keys, certificate, config, catalogue, and the store with the
 /// initial administrator's API token. Returns that token, shown once.
 pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String> {
-    if options.role != Role::Municipal {
-        bail!(
-            "role {:?} is not available in this version; only `municipal` nodes can be created",
-            options.role
-        );
+    match options.role {
+        Role::Municipal => {}
+        Role::Standby if options.keys_from.is_some() => {}
+        Role::Standby => bail!(
+            "a standby needs the primary's coupon-signing key and person-key secret: give --keys-from PRIMARY_DATA/keys"
+        ),
+        Role::National => bail!("the national node is created with `vrs-node federation init-national`"),
+        Role::Terminal => bail!("terminals are not available in this version"),
     }
     if !options.municipality.is_known() {
         bail!("{} is not one of Japan's 1,741 municipalities", options.municipality);
@@ -303,12 +338,21 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
     }
     fs::create_dir_all(dir.join("keys")).with_context(|| format!("cannot create {}", dir.display()))?;
     let rng = SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("key generation failed"))?;
-    write_private(&dir.join("keys/coupon-signing.pk8"), pkcs8.as_ref())?;
-    let secret = match &options.person_key_secret {
-        Some(path) => read_hex(path, 32)?,
-        None => random_bytes(&rng, 32)?,
+    let pkcs8 = match &options.keys_from {
+        Some(keys) => fs::read(keys.join("coupon-signing.pk8"))
+            .with_context(|| format!("cannot read {}", keys.join("coupon-signing.pk8").display()))?,
+        None => Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| anyhow::anyhow!("key generation failed"))?
+            .as_ref()
+            .to_vec(),
     };
+    write_private(&dir.join("keys/coupon-signing.pk8"), &pkcs8)?;
+    let secret = match (&options.keys_from, &options.person_key_secret) {
+        (Some(keys), _) => read_hex(&keys.join("person-key.secret"), 32)?,
+        (None, Some(path)) => read_hex(path, 32)?,
+        (None, None) => random_bytes(&rng, 32)?,
+    };
+    crate::p2p::load_or_create_identity(&dir.join("keys/p2p-identity.key"))?;
     write_private(&dir.join("keys/person-key.secret"), hex_lower(&secret).as_bytes())?;
     write_private(&dir.join("keys/node-actor"), hex_lower(&random_bytes(&rng, 16)?).as_bytes())?;
     let audit_pkcs8 =
@@ -348,9 +392,12 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
         campaign: CampaignConfig { start: options.campaign_start },
         storage: StorageConfig::default(),
         auth: AuthPolicy::default(),
+        p2p: P2pConfig {
+            listen: options.p2p_listen.clone().unwrap_or_else(|| P2pConfig::default().listen),
+            ..P2pConfig::default()
+        },
     };
-    let text = toml::to_string(&config)?;
-    fs::write(dir.join("node.toml"), format!("# vrs-node configuration\n{text}"))?;
+    write_config(dir, &config)?;
     fs::write(dir.join("catalogue.toml"), DEFAULT_CATALOGUE)?;
     let files = NodeFiles::load(dir)?;
     let store = Store::open(&files.store_path())?;
@@ -375,8 +422,17 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
 
 /// An audit event for work done from the command line (by whoever has the server's shell).
 pub fn cli_event(action: &str, subject: &str, outcome: &str) -> AuditEvent {
-    let user =
-        std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    let user = ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        .or_else(|| {
+            // No login environment (a service, a container): the numeric uid.
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let uid =
+                status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.to_owned();
+            Some(format!("uid{uid}"))
+        })
+        .unwrap_or_else(|| "unknown".into());
     AuditEvent {
         actor: format!("cli:{user}"),
         role: "server_operator".into(),
@@ -385,6 +441,13 @@ pub fn cli_event(action: &str, subject: &str, outcome: &str) -> AuditEvent {
         outcome: outcome.into(),
         request_id: "-".into(),
     }
+}
+
+/// Writes `node.toml`.
+pub fn write_config(dir: &Path, config: &NodeConfig) -> anyhow::Result<()> {
+    let text = toml::to_string(config)?;
+    fs::write(dir.join("node.toml"), format!("# vrs-node configuration\n{text}"))?;
+    Ok(())
 }
 
 /// Random bytes from the operating system.
@@ -399,7 +462,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex_lower(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes a file only the node's user may read (0600), durably; refuses to overwrite.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = fs::OpenOptions::new()

@@ -23,6 +23,8 @@ pub struct Started {
     pub max_body_bytes: usize,
     /// HTTPS configuration; `None` serves plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The p2p service, if the node is in a federation (it holds a writer handle).
+    pub p2p: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starts the writer and builds the API state.
@@ -40,6 +42,7 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
         cache_documents: config.storage.cache_documents,
         group_commit_max: config.storage.group_commit_max,
         audit: writer_audit,
+        read_only: config.role == crate::config::Role::Standby,
     };
     let (writer, writer_thread): (WriterHandle, _) = spawn_writer(store.clone(), context);
     let state = AppState {
@@ -54,7 +57,7 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
         policy: Arc::new(config.auth.clone()),
         https,
     };
-    Ok(Started { state, writer_thread, max_body_bytes: config.http.max_body_bytes, tls: None })
+    Ok(Started { state, writer_thread, max_body_bytes: config.http.max_body_bytes, tls: None, p2p: None })
 }
 
 /// Serves the API on `listen` until a shutdown signal; `bound` learns the actual address.
@@ -65,6 +68,7 @@ pub async fn serve(
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
     files.config.http.check_listen(listen)?;
+    let p2p = p2p_options(&files, &store)?;
     let tls = if files.config.http.plain_http {
         None
     } else {
@@ -73,7 +77,45 @@ pub async fn serve(
     };
     let mut started = start(files, store)?;
     started.tls = tls;
+    if let Some(mut options) = p2p {
+        options.writer = Some(started.state.writer.clone());
+        started.p2p = Some(tokio::spawn(async move {
+            if let Err(error) = crate::p2p::run(options, None).await {
+                tracing::error!(error = format!("{error:#}"), "the p2p service stopped");
+            }
+        }));
+    }
     serve_started(started, listen, bound).await
+}
+
+/// The p2p service's options, when the node has joined a federation (`[p2p] national`).
+fn p2p_options(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<crate::p2p::P2pOptions>> {
+    let p2p = &files.config.p2p;
+    let (Some(national), Some(key)) = (&p2p.national, &p2p.national_key) else { return Ok(None) };
+    let national_key = (0..key.len() / 2)
+        .map(|i| u8::from_str_radix(&key[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .context("[p2p] national_key is not hex")?;
+    let role = match files.config.role {
+        crate::config::Role::Standby => protocol::directory::NodeRole::Standby,
+        _ => protocol::directory::NodeRole::Municipal,
+    };
+    Ok(Some(crate::p2p::P2pOptions {
+        keypair: crate::p2p::load_or_create_identity(&files.dir.join("keys/p2p-identity.key"))?,
+        listen: p2p
+            .listen
+            .parse()
+            .with_context(|| format!("[p2p] listen {} is not a multiaddr", p2p.listen))?,
+        national: Some(
+            national.parse().with_context(|| format!("[p2p] national {national} is not a multiaddr"))?,
+        ),
+        national_key,
+        directory_path: files.dir.join("directory.json"),
+        role,
+        municipality: Some(files.config.municipality),
+        store: Some(store.clone()),
+        writer: None,
+    }))
 }
 
 /// Serves an already started node.
@@ -82,9 +124,10 @@ pub async fn serve_started(
     listen: &str,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let Started { state, writer_thread, max_body_bytes, tls } = started;
+    let Started { state, writer_thread, max_body_bytes, tls, p2p } = started;
     let municipality = state.municipality;
     let ticker = tokio::spawn(checkpoint_ticker(state.writer.clone()));
+    let last_word = state.writer.clone();
     let app = router(state, max_body_bytes).into_make_service_with_connect_info::<PeerAddr>();
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
@@ -104,6 +147,17 @@ pub async fn serve_started(
     }
     ticker.abort();
     let _ = ticker.await;
+    if let Some(p2p) = p2p {
+        // Its writer handle must go before the writer can drain and stop.
+        p2p.abort();
+        let _ = p2p.await;
+    }
+    // Sign the newest audit entries before stopping, so none are left unsigned.
+    let who = Who { actor: "node".into(), role: "-".into(), request_id: "-".into() };
+    if let Err(problem) = last_word.call(&who, Command::Checkpoint).await {
+        tracing::warn!(code = %problem.code, "final audit checkpoint failed");
+    }
+    drop(last_word);
     // The router (and with it every writer handle) is gone: the writer drains and stops.
     writer_thread.join().map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
     tracing::info!("stopped");
@@ -124,7 +178,8 @@ async fn checkpoint_ticker(writer: WriterHandle) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let terminate = async {

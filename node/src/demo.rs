@@ -215,6 +215,8 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         plain_http: crate::config::is_loopback_listen(listen),
         tls: None,
         tls_names: Vec::new(),
+        p2p_listen: None,
+        keys_from: None,
     };
     let token = init_data_dir(&dir, &options)?;
     let files = NodeFiles::load(&dir)?;
@@ -223,6 +225,7 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     println!("== 2. 住民記録の取込 / import {n_residents} residents (Shift_JIS CSV, seed 42)");
     let csv_path = dir.join("demo-residents-sjis.csv");
     write_population(&csv_path, n_residents, 42, Encoding::ShiftJis)?;
+    files.audit_cli(&store, "residents.import", "file:demo-residents-sjis.csv", "started")?;
     match import_file(&files, &store, &csv_path, Encoding::Auto, None)? {
         ImportOutcome::Applied(report) => println!(
             "   created {}, updated {}, unchanged {}",
@@ -247,14 +250,19 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         .collect::<anyhow::Result<Vec<_>>>()?;
     store.put_lots(&lots)?;
     for lot in &lots {
+        files.audit_cli(&store, "lot.put", &format!("lot:{}", lot.lot), "ok")?;
+    }
+    for lot in &lots {
         println!("   {} {} expiry {}", lot.lot, lot.gtin, lot.expiry);
     }
 
     println!("== 4. 接種券発行と印刷用出力 / issue coupons and export the print-shop file");
     let report = crate::issuance::issue_all(&files, &store, today, None)?;
+    files.audit_cli(&store, "coupons.issue", "residents:all", &format!("ok:issued={}", report.issued))?;
     println!("   issued {}, not eligible {}", report.issued, report.not_eligible);
     let print_dir = dir.join("print-shop");
     let export = crate::issuance::export_print_shop(&files, &store, &print_dir, true)?;
+    files.audit_cli(&store, "coupons.export", "residents:all", &format!("ok:coupons={}", export.coupons))?;
     println!(
         "   {} ({} coupons, {} QR PNGs)",
         print_dir.join("coupons.csv").display(),

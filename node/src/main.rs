@@ -57,6 +57,26 @@ enum Commands {
         /// Extra host name or address for the self-signed certificate (repeatable).
         #[arg(long)]
         tls_name: Vec<String>,
+        /// libp2p listen address of the federation.
+        #[arg(long)]
+        p2p_listen: Option<String>,
+        /// For --role standby: the primary's keys/ directory (coupon key and person-key secret).
+        #[arg(long)]
+        keys_from: Option<PathBuf>,
+    },
+    /// 連携 / Federation: the national directory, joining it, approving members.
+    Federation {
+        #[command(subcommand)]
+        command: FederationCommands,
+    },
+    /// 予備系の昇格 / Make a standby the primary (node stopped); prints the directory request.
+    Promote {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Where to write the directory request for the national administrator.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// 住民記録の取込 / Import a resident register extract (CSV, UTF-8 or Shift_JIS).
     Import {
@@ -168,6 +188,51 @@ enum CouponCommands {
         /// Skip the PNG images.
         #[arg(long)]
         no_qr_images: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FederationCommands {
+    /// 国ノード作成 / Create the national node: directory-signing key, libp2p identity, first directory.
+    InitNational {
+        /// Data directory of the national node.
+        #[arg(long)]
+        data: PathBuf,
+        /// libp2p listen address.
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/7300")]
+        p2p_listen: String,
+        /// The address other nodes reach it at (defaults to --p2p-listen).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// 参加申請 / Ask to join: records the national node and writes the request for its administrator.
+    Join {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// The national node's address, ending in /p2p/<peer id>.
+        #[arg(long)]
+        national: String,
+        /// The national directory key (64 hex digits, or a file holding them).
+        #[arg(long)]
+        national_key: String,
+        /// Where to write the request.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// 参加承認 / Approve a join request: the national node signs a new directory version.
+    Approve {
+        /// Data directory of the national node.
+        #[arg(long)]
+        data: PathBuf,
+        /// The request file.
+        request: PathBuf,
+    },
+    /// 名簿表示 / Print the directory this node holds.
+    Directory {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
     },
 }
 
@@ -360,6 +425,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_name,
+            p2p_listen,
+            keys_from,
         } => {
             let municipality = MunicipalityCode::parse(&municipality)
                 .map_err(|e| anyhow::anyhow!("--municipality {municipality}: {e}"))?;
@@ -372,6 +439,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 plain_http,
                 tls: tls_cert.zip(tls_key),
                 tls_names: tls_name,
+                p2p_listen,
+                keys_from,
             };
             let token = init_data_dir(&data, &options)?;
             let name = protocol::municipality::lookup_municipality(municipality)
@@ -485,6 +554,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Run { data, listen } => {
+            if data.join(node::federation::NATIONAL_CONFIG).exists() {
+                let runtime = tokio::runtime::Runtime::new()?;
+                return runtime.block_on(node::federation::run_national(&data));
+            }
             let files = NodeFiles::load(&data)?;
             let cache_bytes = files.config.storage.page_cache_mib.saturating_mul(1024 * 1024);
             let store = Store::open_with_cache(&files.store_path(), cache_bytes)?;
@@ -498,6 +571,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Generate { residents, seed, out, encoding } => {
             let n = node::demo::write_population(&out, residents, seed, encoding)?;
             println!("{n} 行を書き出しました / wrote {n} rows to {}", out.display());
+            Ok(())
+        }
+        Commands::Federation { command } => run_federation(command),
+        Commands::Promote { data, out } => {
+            let request = node::federation::promote(&data)?;
+            std::fs::write(&out, serde_json::to_vec_pretty(&request)?)?;
+            println!(
+                "昇格しました（役割 municipal）/ promoted to primary. 国の管理者に {} を送り承認を受けてください / send {} to the national administrator for approval",
+                out.display(),
+                out.display()
+            );
             Ok(())
         }
         Commands::User { command } => run_user(command),
@@ -742,6 +826,51 @@ fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
             std::fs::write(&out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
             let n = bytes.iter().filter(|b| **b == b'\n').count().saturating_sub(3);
             println!("監査ログを出力しました / audit export written: {} ({n} entries)", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn run_federation(command: FederationCommands) -> anyhow::Result<()> {
+    use node::federation;
+    match command {
+        FederationCommands::InitNational { data, p2p_listen, advertise } => {
+            let (peer, key) = federation::init_national(&data, &p2p_listen, advertise.as_deref())?;
+            println!("国ノードを作成しました / national node created in {}", data.display());
+            println!("peer id: {peer}");
+            println!("名簿署名公開鍵 / directory key: {key}");
+            Ok(())
+        }
+        FederationCommands::Join { data, national, national_key, out } => {
+            let key = public_key_arg(&national_key)?;
+            let request = federation::join(&data, &national, &key)?;
+            std::fs::write(&out, serde_json::to_vec_pretty(&request)?)?;
+            println!(
+                "参加申請を書き出しました / join request written: {} (peer {}, {:?})",
+                out.display(),
+                request.entry.peer_id,
+                request.entry.role
+            );
+            Ok(())
+        }
+        FederationCommands::Approve { data, request } => {
+            let text = std::fs::read_to_string(&request)
+                .with_context(|| format!("cannot read {}", request.display()))?;
+            let request: protocol::directory::JoinRequest = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a join request", request.display()))?;
+            let version = federation::approve(&data, request.clone())?;
+            println!(
+                "承認しました / approved: {} {:?} {} — 名簿 directory version {version}",
+                request.entry.municipality.map(|m| m.to_string()).unwrap_or_default(),
+                request.entry.role,
+                request.entry.peer_id
+            );
+            Ok(())
+        }
+        FederationCommands::Directory { data } => {
+            let text = std::fs::read_to_string(data.join("directory.json"))
+                .with_context(|| format!("{} holds no directory yet", data.display()))?;
+            println!("{text}");
             Ok(())
         }
     }

@@ -163,6 +163,13 @@ impl ReadView {
         Ok(Some(record))
     }
 
+    /// A document as stored (full save plus chunks), for replication.
+    pub fn load_doc(&self, resident_id: &str) -> anyhow::Result<Option<Automerge>> {
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        Ok(load_from(&docs, &chunks, resident_id)?.map(|loaded| loaded.doc))
+    }
+
     /// Residents whose kana name starts with `prefix` (spaces ignored), at most `limit`.
     pub fn search_kana(&self, prefix: &str, limit: usize) -> anyhow::Result<Vec<String>> {
         let prefix = normalize_kana(prefix);
@@ -425,6 +432,54 @@ impl<'a> Mutation<'a> {
         }
         changes.insert(seq, resident_id)?;
         Ok(())
+    }
+
+    /// Stores a document received by replication: saved whole (its chunks dropped), its
+    /// indexes rebuilt from its record, and moved to the end of this node's own change feed.
+    pub fn put_replicated(&mut self, resident_id: &str, doc: &Automerge) -> anyhow::Result<()> {
+        let record = read_record(doc)
+            .with_context(|| format!("replicated document {resident_id} is not a resident"))?;
+        anyhow::ensure!(
+            record.resident_id == resident_id,
+            "document {resident_id} holds resident {}",
+            record.resident_id
+        );
+        let old_kana = match self.ensure_loaded(resident_id)? {
+            true => {
+                let loaded = self.cache.get(resident_id).context("cache lost a document")?;
+                Some(normalize_kana(&read_record(&loaded.doc)?.identity.name_kana))
+            }
+            false => None,
+        };
+        self.cache.pop(resident_id);
+        self.touched.push(resident_id.to_owned());
+        self.txn.open_table(DOCS)?.insert(resident_id, doc.save_nocompress().as_slice())?;
+        {
+            let mut chunks = self.txn.open_table(CHUNKS)?;
+            let stale: Vec<u32> = chunks
+                .range((resident_id, 0)..=(resident_id, u32::MAX))?
+                .map(|row| row.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            for n in stale {
+                chunks.remove((resident_id, n))?;
+            }
+        }
+        self.set_index(IDX_ATENA, &record.identity.atena_number, resident_id)?;
+        self.set_index(IDX_PERSON, &record.person_key, resident_id)?;
+        let kana = normalize_kana(&record.identity.name_kana);
+        let mut kana_index = self.txn.open_table(IDX_KANA)?;
+        if let Some(old) = old_kana.filter(|old| *old != kana) {
+            kana_index.remove((old.as_str(), resident_id))?;
+        }
+        kana_index.insert((kana.as_str(), resident_id), ())?;
+        drop(kana_index);
+        for entry in record.coupons.values() {
+            self.set_index(IDX_COUPON, entry.code.number.as_str(), resident_id)?;
+        }
+        for dose in record.doses.values() {
+            self.set_index(IDX_EVENT, &dose.event_id, resident_id)?;
+        }
+        self.bump_feed(resident_id, 0)
     }
 
     /// Increments a counter and returns its new value.

@@ -155,6 +155,17 @@ pub enum Command {
     Audit(Vec<AuditEvent>, Reply<()>),
     /// Sign a checkpoint at the newest audit entry, if it has none.
     Checkpoint(Reply<Option<u64>>),
+    /// Store a page pulled from a peer and the new checkpoint, together.
+    Replicated {
+        /// Documents (saved bytes) by id.
+        docs: Vec<(String, Vec<u8>)>,
+        /// `meta` key of the checkpoint.
+        checkpoint_key: String,
+        /// The checkpoint.
+        checkpoint: u64,
+        /// Answer.
+        reply: Reply<()>,
+    },
 }
 
 /// What the writer needs besides the store.
@@ -173,6 +184,8 @@ pub struct WriterContext {
     pub group_commit_max: usize,
     /// The audit log.
     pub audit: AuditLog,
+    /// A standby: resident writes are refused until it is promoted.
+    pub read_only: bool,
 }
 
 /// A handle to send commands to the writer.
@@ -302,6 +315,37 @@ fn fail(command: Command, problem: Problem) {
         Command::Apply { reply, .. } => drop(reply.send(Err(problem))),
         Command::Audit(_, reply) => drop(reply.send(Err(problem))),
         Command::Checkpoint(reply) => drop(reply.send(Err(problem))),
+        Command::Replicated { reply, .. } => drop(reply.send(Err(problem))),
+    }
+}
+
+impl Command {
+    /// Whether it changes resident documents or lots (refused on a standby).
+    fn writes_residents(&self) -> bool {
+        matches!(
+            self,
+            Command::Capture(..)
+                | Command::Void { .. }
+                | Command::Amend { .. }
+                | Command::Reissue { .. }
+                | Command::Revoke { .. }
+                | Command::PutLot(..)
+        )
+    }
+
+    fn action(&self) -> &'static str {
+        match self {
+            Command::Capture(..) => "capture",
+            Command::Void { .. } => "dose.void",
+            Command::Amend { .. } => "dose.amend",
+            Command::Reissue { .. } => "coupon.reissue",
+            Command::Revoke { .. } => "coupon.revoke",
+            Command::PutLot(..) => "lot.put",
+            Command::Apply { .. } => "apply",
+            Command::Audit(..) => "audit",
+            Command::Checkpoint(..) => "audit.checkpoint",
+            Command::Replicated { .. } => "replication.pull",
+        }
     }
 }
 
@@ -352,6 +396,19 @@ fn handle(
                 Err(error) => Err((error, $rebuild($reply))),
             }
         };
+    }
+    if context.read_only && command.writes_residents() {
+        let refusal = Problem::new(
+            StatusCode::CONFLICT,
+            "standby_read_only",
+            None,
+            "this node is a standby replica; record on the primary, or promote this node",
+            "この端末は予備系（複製）です。本番系で記録するか、昇格させてください",
+        );
+        let action = command.action();
+        let fact = audit_fact::<()>(who, action, "node:standby".into(), &Err(refusal.clone()));
+        fail(command, refusal);
+        return Ok((Box::new(|_| {}), vec![fact]));
     }
     match command {
         Command::Capture(capture, reply) => {
@@ -422,6 +479,30 @@ fn handle(
             )),
         },
         Command::Audit(events, reply) => Ok((answer_after_commit(reply, Ok(())), events)),
+        Command::Replicated { docs, checkpoint_key, checkpoint, reply } => {
+            let result = (|| -> anyhow::Result<()> {
+                for (id, saved) in &docs {
+                    let doc = automerge::Automerge::load(saved)
+                        .with_context(|| format!("replicated {id} does not load"))?;
+                    m.put_replicated(id, &doc)?;
+                }
+                m.set_counter(&checkpoint_key, checkpoint)
+            })();
+            match result {
+                Ok(()) => {
+                    let fact = AuditEvent {
+                        actor: who.actor.clone(),
+                        role: who.role.clone(),
+                        action: "replication.pull".into(),
+                        subject: format!("documents:{}", docs.len()),
+                        outcome: format!("ok:checkpoint={checkpoint}"),
+                        request_id: who.request_id.clone(),
+                    };
+                    Ok((answer_after_commit(reply, Ok(())), vec![fact]))
+                }
+                Err(error) => Err((error, Command::Replicated { docs, checkpoint_key, checkpoint, reply })),
+            }
+        }
         Command::Checkpoint(reply) => match context.audit.checkpoint(m.txn(), now) {
             Ok(seq) => Ok((answer_after_commit(reply, Ok(seq)), Vec::new())),
             Err(error) => Err((error, Command::Checkpoint(reply))),

@@ -51,6 +51,8 @@ fn make_node(label: &str, municipality: &str, residents: u64) -> TestNode {
         plain_http: true,
         tls: None,
         tls_names: Vec::new(),
+        p2p_listen: None,
+        keys_from: None,
     };
     let admin = init_data_dir(&dir, &options).unwrap();
     // Thousands of refused calls from one (unknown) address in a few seconds.

@@ -33,6 +33,8 @@ impl Fixture {
             plain_http: true,
             tls: None,
             tls_names: Vec::new(),
+            p2p_listen: None,
+            keys_from: None,
         };
         let token = init_data_dir(&dir, &options).unwrap();
         Self { dir, token }
@@ -199,4 +201,36 @@ fn the_authorization_table_in_the_docs_is_the_one_in_code() {
         node::api::authorization_table_markdown(),
         "docs/security.md differs from the code: regenerate it with `vrs-node authz-table`"
     );
+}
+
+#[tokio::test]
+async fn logins_and_public_routes_are_rate_limited_per_address() {
+    let fixture = Fixture::new("rate");
+    let config = std::fs::read_to_string(fixture.dir.join("node.toml")).unwrap();
+    let config = config
+        .replace("login_per_minute = 20", "login_per_minute = 3")
+        .replace("public_per_minute = 600", "public_per_minute = 5");
+    std::fs::write(fixture.dir.join("node.toml"), config).unwrap();
+    let files = NodeFiles::load(&fixture.dir).unwrap();
+    let store = Store::open(&files.store_path()).unwrap();
+    let started = node::daemon::start(files, store).unwrap();
+    let app = router(started.state.clone(), started.max_body_bytes);
+    let login = || {
+        Request::post("/api/v1/auth/login")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"username":"nobody","password":"not the password"}"#))
+            .unwrap()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(app.clone().oneshot(login()).await.unwrap().status().as_u16());
+    }
+    // Five public requests a minute: the four logins used four.
+    let health = app.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+    statuses.push(health.status().as_u16());
+    let limited = app.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(statuses, [401, 401, 401, 429, 200], "three logins a minute, then 429");
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=61).contains(&wait), "Retry-After {wait}");
 }

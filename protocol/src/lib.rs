@@ -7,8 +7,10 @@
 pub mod catalogue;
 pub mod checkdigit;
 pub mod coupon;
+pub mod directory;
 pub mod document;
 pub mod gs1;
 pub mod municipality;
 pub mod person;
+pub mod replication;
 pub mod validation;

@@ -1,4 +1,5 @@
 //! The protocol crate's one integration-test binary.
 
 mod codecs;
+mod replication;
 mod validation;

@@ -92,17 +92,13 @@ impl Node {
     pub fn init_with(dir: &Path, municipality: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let data = dir.join("node");
         let address = format!("127.0.0.1:{}", free_port());
-        let output = Command::new(vrs_node())
-            .args([
-                "init",
-                "--role",
-                "municipal",
-                "--municipality",
-                municipality,
-                "--listen",
-                &address,
-                "--data",
-            ])
+        let mut init = Command::new(vrs_node());
+        init.arg("init");
+        if !extra.contains(&"--role") {
+            init.args(["--role", "municipal"]);
+        }
+        let output = init
+            .args(["--municipality", municipality, "--listen", &address, "--data"])
             .arg(&data)
             .args(extra)
             .output()?;

@@ -9,6 +9,7 @@ use protocol::municipality::MunicipalityCode;
 use serde_json::{Value, json};
 use tests::{Node, PrintedCoupon, TempDir, read_print_shop, write_shift_jis};
 
+mod federation;
 mod security;
 mod tidy;
 

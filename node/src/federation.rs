@@ -1,0 +1,175 @@
+//! Federation membership: the national node's data directory and directory signing, join
+//! requests, approval, and promotion of a standby.
+//!
+//! The national node's data directory holds `national.toml`, `keys/p2p-identity.key`,
+//! `keys/directory-signing.pk8` (and `.pub`, hex, for the operators of every node) and
+//! `directory.json`, the newest signed directory. Joining is deliberately a human act: a
+//! municipal operator runs `federation join`, which writes a request file; the national
+//! administrator checks it through an out-of-band channel and runs `federation approve`,
+//! which signs a new directory version; every node fetches it over libp2p.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use protocol::directory::{DirectoryEntry, JoinRequest, NodeRole, SignedDirectory};
+use protocol::person::hex_lower;
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::config::{NodeFiles, Role, write_config, write_private};
+use crate::p2p::{P2pOptions, load_directory, load_or_create_identity};
+
+/// The national node's configuration file.
+pub const NATIONAL_CONFIG: &str = "national.toml";
+
+/// `national.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NationalConfig {
+    /// libp2p listen address.
+    pub p2p_listen: String,
+    /// The address nodes reach it at.
+    pub advertise: String,
+}
+
+fn now_text() -> String {
+    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+}
+
+fn signing_key(dir: &Path) -> anyhow::Result<Ed25519KeyPair> {
+    let pkcs8 =
+        std::fs::read(dir.join("keys/directory-signing.pk8")).context("keys/directory-signing.pk8")?;
+    Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| anyhow::anyhow!("keys/directory-signing.pk8: {e}"))
+}
+
+/// Creates the national node; returns its peer id and directory key (hex).
+pub fn init_national(
+    dir: &Path,
+    p2p_listen: &str,
+    advertise: Option<&str>,
+) -> anyhow::Result<(String, String)> {
+    if dir.join(NATIONAL_CONFIG).exists() || dir.join("node.toml").exists() {
+        bail!("{} already holds a node; refusing to overwrite", dir.display());
+    }
+    std::fs::create_dir_all(dir.join("keys")).with_context(|| format!("cannot create {}", dir.display()))?;
+    let keypair = load_or_create_identity(&dir.join("keys/p2p-identity.key"))?;
+    let peer = keypair.public().to_peer_id().to_string();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("key generation failed"))?;
+    write_private(&dir.join("keys/directory-signing.pk8"), pkcs8.as_ref())?;
+    let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let public = hex_lower(key.public_key().as_ref());
+    std::fs::write(dir.join("keys/directory-signing.pub"), format!("{public}\n"))?;
+    let advertise = advertise.unwrap_or(p2p_listen).to_owned();
+    let config = NationalConfig { p2p_listen: p2p_listen.to_owned(), advertise: advertise.clone() };
+    std::fs::write(dir.join(NATIONAL_CONFIG), toml::to_string(&config)?)?;
+    let entry = DirectoryEntry {
+        municipality: None,
+        role: NodeRole::National,
+        peer_id: peer.clone(),
+        addresses: vec![advertise],
+        coupon_key: String::new(),
+    };
+    let directory = crate::p2p::first_directory(entry, now_text());
+    let signed = SignedDirectory::sign(directory, &key);
+    std::fs::write(dir.join("directory.json"), serde_json::to_vec_pretty(&signed)?)?;
+    Ok((peer, public))
+}
+
+/// Records the national node in a municipal or standby node's config and makes its request.
+pub fn join(dir: &Path, national: &str, national_key: &[u8]) -> anyhow::Result<JoinRequest> {
+    let address: libp2p::Multiaddr =
+        national.parse().with_context(|| format!("--national {national} is not a multiaddr"))?;
+    anyhow::ensure!(
+        address.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))),
+        "--national must end in /p2p/<peer id>"
+    );
+    let mut files = NodeFiles::load(dir)?;
+    files.config.p2p.national = Some(national.to_owned());
+    files.config.p2p.national_key = Some(hex_lower(national_key));
+    write_config(dir, &files.config)?;
+    request_for(&files)
+}
+
+fn request_for(files: &NodeFiles) -> anyhow::Result<JoinRequest> {
+    let keypair = load_or_create_identity(&files.dir.join("keys/p2p-identity.key"))?;
+    let role = match files.config.role {
+        Role::Municipal => NodeRole::Municipal,
+        Role::Standby => NodeRole::Standby,
+        other => bail!("a {other:?} node does not join this way"),
+    };
+    let advertise = files.config.p2p.advertise.clone().unwrap_or_else(|| files.config.p2p.listen.clone());
+    Ok(JoinRequest {
+        entry: DirectoryEntry {
+            municipality: Some(files.config.municipality),
+            role,
+            peer_id: keypair.public().to_peer_id().to_string(),
+            addresses: vec![advertise],
+            coupon_key: hex_lower(&files.signing_public_key()),
+        },
+        requested_at: now_text(),
+    })
+}
+
+/// Approves a request at the national node: a new directory version, signed. Returns it.
+pub fn approve(dir: &Path, request: JoinRequest) -> anyhow::Result<u64> {
+    let key = signing_key(dir)?;
+    let signed = load_directory(&dir.join("directory.json"), key.public_key().as_ref())?
+        .context("the national node has no directory (run `federation init-national`)")?;
+    let entry = request.entry;
+    anyhow::ensure!(entry.role != NodeRole::National, "a request cannot add a national node");
+    let municipality = entry.municipality.context("the request names no municipality")?;
+    anyhow::ensure!(municipality.is_known(), "{municipality} is not one of Japan's municipalities");
+    entry.peer_id.parse::<libp2p::PeerId>().with_context(|| format!("{} is not a peer id", entry.peer_id))?;
+    for address in &entry.addresses {
+        address.parse::<libp2p::Multiaddr>().with_context(|| format!("{address} is not a multiaddr"))?;
+    }
+    let mut directory = signed.directory;
+    directory.upsert(entry);
+    directory.version += 1;
+    directory.issued_at = now_text();
+    let version = directory.version;
+    let signed = SignedDirectory::sign(directory, &key);
+    let path = dir.join("directory.json");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&signed)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(version)
+}
+
+/// Makes a stopped standby the primary; returns the directory request for the national node.
+pub fn promote(dir: &Path) -> anyhow::Result<JoinRequest> {
+    let mut files = NodeFiles::load(dir)?;
+    if files.config.role != Role::Standby {
+        bail!("{} is not a standby (role {:?})", dir.display(), files.config.role);
+    }
+    files.config.role = Role::Municipal;
+    write_config(dir, &files.config)?;
+    let store = crate::store::Store::open(&files.store_path())?;
+    files.audit_cli(&store, "node.promote", "role:municipal", "ok")?;
+    request_for(&files)
+}
+
+/// Runs the national node: the p2p service that hands out the directory.
+pub async fn run_national(dir: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(dir.join(NATIONAL_CONFIG))?;
+    let config: NationalConfig = toml::from_str(&text).context("national.toml is invalid")?;
+    let key = signing_key(dir)?;
+    let options = P2pOptions {
+        keypair: load_or_create_identity(&dir.join("keys/p2p-identity.key"))?,
+        listen: config.p2p_listen.parse().context("p2p_listen is not a multiaddr")?,
+        national: None,
+        national_key: key.public_key().as_ref().to_vec(),
+        directory_path: dir.join("directory.json"),
+        role: NodeRole::National,
+        municipality: None,
+        store: None,
+        writer: None,
+    };
+    tokio::select! {
+        result = crate::p2p::run(options, None) => result,
+        () = crate::daemon::shutdown_signal() => Ok(()),
+    }
+}

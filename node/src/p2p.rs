@@ -1,0 +1,635 @@
+//! The federation transport: libp2p over TCP + Noise + Yamux, with identify, ping, and two
+//! request-response protocols — `/vrs/directory/1` (fetch the newest signed directory) and
+//! `/vrs/replication/1` (the pull protocol of [`protocol::replication`]).
+//!
+//! A node accepts connections only from peer ids in its signed directory (plus the national
+//! node it was configured with), and answers a replication request only if the directory says
+//! the peer may see those documents. A standby dials its municipality's primary and pulls
+//! continuously; each completed page is stored with its checkpoint through the writer, in
+//! one durable commit, so a crash resumes at the last stored page.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use libp2p::futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, noise, ping,
+    tcp, yamux,
+};
+use protocol::directory::{Directory, DirectoryEntry, NodeRole, SignedDirectory, may_replicate_residents};
+use protocol::municipality::MunicipalityCode;
+use protocol::replication::{
+    MemoryDocs, PullStep, Puller, ReplicationRequest, ReplicationResponse, answer_changes, answer_sync,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::store::Store;
+use crate::writer::{Command, Who, WriterHandle};
+
+/// The replication protocol.
+pub const REPLICATION_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/replication/1");
+/// The directory protocol.
+pub const DIRECTORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/directory/1");
+/// Largest request accepted.
+pub const MAX_REQUEST_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest answer accepted.
+pub const MAX_RESPONSE_BYTES: u64 = 32 * 1024 * 1024;
+/// Feed entries a puller asks for at a time.
+pub const PAGE_SIZE: u32 = 1024;
+
+/// "Send me your directory if it is newer than mine."
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DirectoryRequest {
+    /// The version held, if any.
+    pub held_version: Option<u64>,
+}
+
+/// The answer: the newer directory, or none.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DirectoryResponse {
+    /// The answering node's directory, if newer.
+    pub directory: Option<SignedDirectory>,
+}
+
+/// The node's libp2p behaviours.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    allowed: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    limits: connection_limits::Behaviour,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    replication: request_response::cbor::Behaviour<ReplicationRequest, ReplicationResponse>,
+    directory: request_response::cbor::Behaviour<DirectoryRequest, DirectoryResponse>,
+}
+
+/// Reads or makes the node's libp2p identity (`keys/p2p-identity.key`, protobuf encoding).
+pub fn load_or_create_identity(path: &std::path::Path) -> anyhow::Result<Keypair> {
+    if path.exists() {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        return Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not a libp2p key: {e}", path.display()));
+    }
+    let keypair = Keypair::generate_ed25519();
+    let bytes = keypair.to_protobuf_encoding().map_err(|e| anyhow::anyhow!("cannot encode the key: {e}"))?;
+    crate::config::write_private(path, &bytes)?;
+    Ok(keypair)
+}
+
+/// What the p2p service of a node needs.
+pub struct P2pOptions {
+    /// Identity.
+    pub keypair: Keypair,
+    /// Where to listen.
+    pub listen: Multiaddr,
+    /// The national node (bootstrap): its address ending in `/p2p/<peer id>`.
+    pub national: Option<Multiaddr>,
+    /// The national directory key.
+    pub national_key: Vec<u8>,
+    /// Where the newest verified directory is kept.
+    pub directory_path: PathBuf,
+    /// This node's role.
+    pub role: NodeRole,
+    /// This node's municipality (`None` for national).
+    pub municipality: Option<MunicipalityCode>,
+    /// The store (`None` for the national node, which holds no residents).
+    pub store: Option<Arc<Store>>,
+    /// The writer (standby pulls are stored through it).
+    pub writer: Option<WriterHandle>,
+}
+
+/// Loads the newest verified directory from disk.
+pub fn load_directory(
+    path: &std::path::Path,
+    national_key: &[u8],
+) -> anyhow::Result<Option<SignedDirectory>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let signed: SignedDirectory =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a directory", path.display()))?;
+    signed.verify(national_key).with_context(|| format!("{} does not verify", path.display()))?;
+    Ok(Some(signed))
+}
+
+fn save_directory(path: &std::path::Path, signed: &SignedDirectory) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(signed)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn codec<Req, Resp>() -> request_response::cbor::codec::Codec<Req, Resp> {
+    request_response::cbor::codec::Codec::default()
+        .set_request_size_maximum(MAX_REQUEST_BYTES)
+        .set_response_size_maximum(MAX_RESPONSE_BYTES)
+}
+
+/// Builds the swarm.
+pub(crate) fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key| {
+            let config = request_response::Config::default().with_request_timeout(Duration::from_secs(60));
+            Behaviour {
+                allowed: allow_block_list::Behaviour::default(),
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_established_per_peer(Some(4))
+                        .with_max_pending_incoming(Some(128))
+                        .with_max_established(Some(8192)),
+                ),
+                identify: identify::Behaviour::new(identify::Config::new("/vrs/1".into(), key.public())),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                replication: request_response::Behaviour::with_codec(
+                    codec(),
+                    [(REPLICATION_PROTOCOL, ProtocolSupport::Full)],
+                    config.clone(),
+                ),
+                directory: request_response::Behaviour::with_codec(
+                    codec(),
+                    [(DIRECTORY_PROTOCOL, ProtocolSupport::Full)],
+                    config,
+                ),
+            }
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    Ok(swarm)
+}
+
+struct PullState {
+    peer: PeerId,
+    puller: Puller,
+    docs: MemoryDocs,
+    in_flight: Option<OutboundRequestId>,
+    storing: bool,
+    next_at: Instant,
+}
+
+/// Everything the event loop holds.
+struct Node {
+    options: P2pOptions,
+    directory: Option<SignedDirectory>,
+    connected: HashSet<PeerId>,
+    dialing: HashMap<PeerId, (Instant, Duration)>,
+    pull: Option<PullState>,
+    answers: mpsc::Sender<(ResponseChannel<ReplicationResponse>, ReplicationResponse)>,
+    stored: mpsc::Sender<anyhow::Result<()>>,
+    directory_asked: Option<Instant>,
+    directory_modified: Option<std::time::SystemTime>,
+}
+
+/// Runs the p2p service until the process ends. `bound` learns the first listen address.
+pub async fn run(
+    options: P2pOptions,
+    bound: Option<tokio::sync::oneshot::Sender<Multiaddr>>,
+) -> anyhow::Result<()> {
+    let mut swarm = build_swarm(options.keypair.clone())?;
+    swarm
+        .listen_on(options.listen.clone())
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let directory = load_directory(&options.directory_path, &options.national_key)?;
+    let (answers, mut answers_rx) = mpsc::channel(256);
+    let (stored, mut stored_rx) = mpsc::channel(4);
+    let mut node = Node {
+        options,
+        directory: None,
+        connected: HashSet::new(),
+        dialing: HashMap::new(),
+        pull: None,
+        answers,
+        stored,
+        directory_asked: None,
+        directory_modified: None,
+    };
+    if let Some(national) = node.national_peer() {
+        swarm.behaviour_mut().allowed.allow_peer(national);
+    }
+    if let Some(directory) = directory {
+        node.install(&mut swarm, directory);
+    }
+    let mut bound = bound;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            event = swarm.select_next_some() => {
+                if let SwarmEvent::NewListenAddr { address, .. } = &event {
+                    tracing::info!(%address, peer = %swarm.local_peer_id(), "p2p listening");
+                    println!("p2p 待受中 / p2p listening on {address}/p2p/{}", swarm.local_peer_id());
+                    if let Some(bound) = bound.take() {
+                        let _ = bound.send(address.clone());
+                    }
+                }
+                node.on_event(&mut swarm, event);
+            }
+            Some((channel, response)) = answers_rx.recv() => {
+                let _ = swarm.behaviour_mut().replication.send_response(channel, response);
+            }
+            Some(result) = stored_rx.recv() => node.on_stored(&mut swarm, result),
+            _ = tick.tick() => node.maintain(&mut swarm),
+        }
+    }
+}
+
+impl Node {
+    fn national_peer(&self) -> Option<PeerId> {
+        self.options.national.as_ref().and_then(peer_of)
+    }
+
+    fn entry(&self, peer: &PeerId) -> Option<&DirectoryEntry> {
+        self.directory.as_ref().and_then(|d| d.directory.peer(&peer.to_string()))
+    }
+
+    /// Takes a verified directory: persists it and rebuilds the allow-list.
+    fn install(&mut self, swarm: &mut Swarm<Behaviour>, signed: SignedDirectory) {
+        let me = *swarm.local_peer_id();
+        let old: HashSet<PeerId> = self.allowed_peers();
+        if self.options.role != NodeRole::National
+            && let Err(error) = save_directory(&self.options.directory_path, &signed)
+        {
+            tracing::error!(%error, "cannot store the directory");
+        }
+        tracing::info!(
+            version = signed.directory.version,
+            peers = signed.directory.entries.len(),
+            "directory installed"
+        );
+        self.directory = Some(signed);
+        let new = self.allowed_peers();
+        for peer in old.difference(&new) {
+            swarm.behaviour_mut().allowed.disallow_peer(*peer);
+        }
+        for peer in new.iter().filter(|p| **p != me) {
+            swarm.behaviour_mut().allowed.allow_peer(*peer);
+        }
+    }
+
+    fn allowed_peers(&self) -> HashSet<PeerId> {
+        let mut peers: HashSet<PeerId> = self
+            .directory
+            .iter()
+            .flat_map(|d| d.directory.entries.iter())
+            .filter_map(|e| e.peer_id.parse().ok())
+            .collect();
+        peers.extend(self.national_peer());
+        peers
+    }
+
+    /// The peer this node pulls resident documents from: a standby pulls from its primary.
+    fn upstream(&self) -> Option<(PeerId, Vec<Multiaddr>)> {
+        if self.options.role != NodeRole::Standby {
+            return None;
+        }
+        let directory = &self.directory.as_ref()?.directory;
+        let primary = directory.primary_of(self.options.municipality?)?;
+        let peer = primary.peer_id.parse().ok()?;
+        Some((peer, primary.addresses.iter().filter_map(|a| a.parse().ok()).collect()))
+    }
+
+    fn dial(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, addresses: Vec<Multiaddr>) {
+        if self.connected.contains(&peer) || addresses.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (next, backoff) = self.dialing.get(&peer).copied().unwrap_or((now, Duration::from_millis(250)));
+        if now < next {
+            return;
+        }
+        self.dialing.insert(peer, (now + backoff, (backoff * 2).min(Duration::from_secs(15))));
+        let options = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addresses).build();
+        if let Err(error) = swarm.dial(options) {
+            tracing::debug!(%peer, %error, "dial failed");
+        }
+    }
+
+    fn maintain(&mut self, swarm: &mut Swarm<Behaviour>) {
+        if self.options.role == NodeRole::National {
+            // The national administrator approves with the CLI, which rewrites the file.
+            let modified = std::fs::metadata(&self.options.directory_path).and_then(|m| m.modified()).ok();
+            if modified.is_some() && modified != self.directory_modified {
+                self.directory_modified = modified;
+                match load_directory(&self.options.directory_path, &self.options.national_key) {
+                    Ok(Some(signed)) if self.directory.as_ref() != Some(&signed) => {
+                        self.install(swarm, signed)
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(%error, "the directory file does not verify"),
+                }
+            }
+        }
+        if let Some(national) = self.options.national.clone()
+            && let Some(peer) = peer_of(&national)
+        {
+            let address: Multiaddr =
+                national.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect();
+            self.dial(swarm, peer, vec![address]);
+            // Ask for a newer directory now and then.
+            let due = self.directory_asked.is_none_or(|at| at.elapsed() > Duration::from_secs(2));
+            if self.connected.contains(&peer) && due {
+                self.directory_asked = Some(Instant::now());
+                let held = self.directory.as_ref().map(|d| d.directory.version);
+                swarm.behaviour_mut().directory.send_request(&peer, DirectoryRequest { held_version: held });
+            }
+        }
+        let Some((peer, addresses)) = self.upstream() else {
+            self.pull = None;
+            return;
+        };
+        self.dial(swarm, peer, addresses);
+        if self.pull.as_ref().is_some_and(|p| p.peer != peer) {
+            self.pull = None;
+        }
+        if self.pull.is_none() {
+            let checkpoint = self.stored_checkpoint(&peer);
+            self.pull = Some(PullState {
+                peer,
+                puller: Puller::new(checkpoint, PAGE_SIZE),
+                docs: MemoryDocs::default(),
+                in_flight: None,
+                storing: false,
+                next_at: Instant::now(),
+            });
+        }
+        let connected = self.connected.contains(&peer);
+        if let Some(pull) = self.pull.as_mut()
+            && connected
+            && pull.in_flight.is_none()
+            && !pull.storing
+            && Instant::now() >= pull.next_at
+        {
+            pull.docs = MemoryDocs::default();
+            let request = pull.puller.ask_changes();
+            pull.in_flight = Some(swarm.behaviour_mut().replication.send_request(&peer, request));
+        }
+    }
+
+    fn stored_checkpoint(&self, peer: &PeerId) -> u64 {
+        let Some(store) = &self.options.store else { return 0 };
+        store.read().and_then(|v| v.meta(&checkpoint_key(peer))).unwrap_or(0)
+    }
+
+    fn on_event(&mut self, swarm: &mut Swarm<Behaviour>, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                tracing::info!(peer = %peer_id, "connected");
+                self.connected.insert(peer_id);
+                self.dialing.remove(&peer_id);
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                tracing::info!(peer = %peer_id, "disconnected");
+                self.connected.remove(&peer_id);
+                if let Some(pull) = self.pull.as_mut()
+                    && pull.peer == peer_id
+                {
+                    pull.in_flight = None;
+                }
+            }
+            SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection refused");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Directory(event)) => self.on_directory(swarm, event),
+            SwarmEvent::Behaviour(BehaviourEvent::Replication(event)) => self.on_replication(swarm, event),
+            _ => {}
+        }
+    }
+
+    fn on_directory(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        event: request_response::Event<DirectoryRequest, DirectoryResponse>,
+    ) {
+        let request_response::Event::Message { peer, message, .. } = event else { return };
+        match message {
+            request_response::Message::Request { request, channel, .. } => {
+                let newer = self
+                    .directory
+                    .clone()
+                    .filter(|d| request.held_version.is_none_or(|held| d.directory.version > held));
+                let _ = swarm
+                    .behaviour_mut()
+                    .directory
+                    .send_response(channel, DirectoryResponse { directory: newer });
+            }
+            request_response::Message::Response { response, .. } => {
+                let Some(signed) = response.directory else { return };
+                let held = self.directory.as_ref().map(|d| d.directory.version);
+                match signed.accept(&self.options.national_key, held) {
+                    Ok(_) => self.install(swarm, signed),
+                    Err(error) => tracing::warn!(%peer, %error, "directory refused"),
+                }
+            }
+        }
+    }
+
+    fn on_replication(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        event: request_response::Event<ReplicationRequest, ReplicationResponse>,
+    ) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                self.answer(peer, request, channel);
+            }
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => self.on_pulled(swarm, peer, request_id, response),
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::warn!(%peer, %error, "replication request failed");
+                if let Some(pull) = self.pull.as_mut()
+                    && pull.in_flight == Some(request_id)
+                {
+                    pull.in_flight = None;
+                    pull.next_at = Instant::now() + Duration::from_secs(1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers a peer's replication request off the event loop.
+    fn answer(
+        &self,
+        peer: PeerId,
+        request: ReplicationRequest,
+        channel: ResponseChannel<ReplicationResponse>,
+    ) {
+        let allowed = match (self.entry(&peer), self.options.municipality) {
+            (Some(entry), Some(own)) => may_replicate_residents(own, entry),
+            _ => false,
+        };
+        let answers = self.answers.clone();
+        let Some(store) = self.options.store.clone().filter(|_| allowed) else {
+            tracing::warn!(%peer, "replication refused: not allowed by the directory");
+            let refused = ReplicationResponse::Refused {
+                code: "not_allowed".into(),
+                message: "the directory does not let this peer read these documents".into(),
+            };
+            let _ = answers.try_send((channel, refused));
+            return;
+        };
+        tokio::task::spawn_blocking(move || {
+            let response = answer_from_store(&store, &request).unwrap_or_else(|error| {
+                tracing::error!(%error, "cannot answer a replication request");
+                ReplicationResponse::Refused {
+                    code: "internal".into(),
+                    message: "the node could not answer".into(),
+                }
+            });
+            let _ = answers.blocking_send((channel, response));
+        });
+    }
+
+    fn on_pulled(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        response: ReplicationResponse,
+    ) {
+        let store = self.options.store.clone();
+        let Some(pull) = self.pull.as_mut().filter(|p| p.peer == peer && p.in_flight == Some(request_id))
+        else {
+            return;
+        };
+        pull.in_flight = None;
+        if let (ReplicationResponse::Changes { entries, .. }, Some(store)) = (&response, &store) {
+            // The page's documents as this node holds them now.
+            match store.read().and_then(|view| {
+                let mut docs = HashMap::new();
+                for entry in entries {
+                    if let Some(doc) = view.load_doc(&entry.doc_id)? {
+                        docs.insert(entry.doc_id.clone(), doc);
+                    }
+                }
+                Ok(docs)
+            }) {
+                Ok(docs) => pull.docs.docs = docs,
+                Err(error) => {
+                    tracing::error!(%error, "cannot read local documents");
+                    pull.next_at = Instant::now() + Duration::from_secs(1);
+                    return;
+                }
+            }
+        }
+        match pull.puller.on_response(response, &mut pull.docs) {
+            Ok(PullStep::Send(request)) => {
+                pull.in_flight = Some(swarm.behaviour_mut().replication.send_request(&peer, request));
+            }
+            Ok(PullStep::PageComplete { checkpoint, docs, more }) => {
+                let saved: Vec<(String, Vec<u8>)> = docs
+                    .iter()
+                    .filter_map(|id| pull.docs.docs.get(id).map(|d| (id.clone(), d.save_nocompress())))
+                    .collect();
+                pull.docs = MemoryDocs::default();
+                if !more {
+                    pull.next_at = Instant::now() + Duration::from_millis(300);
+                }
+                let Some(writer) = self.options.writer.clone() else { return };
+                pull.storing = true;
+                let stored = self.stored.clone();
+                let key = checkpoint_key(&peer);
+                tokio::spawn(async move {
+                    let who = Who {
+                        actor: format!("peer:{peer}"),
+                        role: "standby_replication".into(),
+                        request_id: "-".into(),
+                    };
+                    let result = writer
+                        .call(&who, |reply| Command::Replicated {
+                            docs: saved,
+                            checkpoint_key: key,
+                            checkpoint,
+                            reply,
+                        })
+                        .await
+                        .map_err(|p| anyhow::anyhow!("{}", p.message_en));
+                    let _ = stored.send(result).await;
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%peer, %error, "replication page abandoned");
+                let checkpoint = self.stored_checkpoint(&peer);
+                if let Some(pull) = self.pull.as_mut() {
+                    pull.puller = Puller::new(checkpoint, PAGE_SIZE);
+                    pull.next_at = Instant::now() + Duration::from_secs(2);
+                }
+            }
+        }
+    }
+
+    fn on_stored(&mut self, swarm: &mut Swarm<Behaviour>, result: anyhow::Result<()>) {
+        let checkpoint = self.pull.as_ref().map(|p| p.peer).map(|peer| self.stored_checkpoint(&peer));
+        let Some(pull) = self.pull.as_mut() else { return };
+        pull.storing = false;
+        if let Err(error) = result {
+            tracing::error!(%error, "cannot store a replicated page; starting again from the stored checkpoint");
+            pull.puller = Puller::new(checkpoint.unwrap_or(0), PAGE_SIZE);
+            pull.next_at = Instant::now() + Duration::from_secs(1);
+        }
+        self.maintain(swarm);
+    }
+}
+
+/// The `meta` key of the checkpoint of pulls from `peer`.
+pub fn checkpoint_key(peer: &PeerId) -> String {
+    format!("replication:{peer}")
+}
+
+fn peer_of(address: &Multiaddr) -> Option<PeerId> {
+    address.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+/// Answers from the store: the change feed, or sync messages from the stored documents.
+pub fn answer_from_store(store: &Store, request: &ReplicationRequest) -> anyhow::Result<ReplicationResponse> {
+    let view = store.read()?;
+    Ok(match request {
+        ReplicationRequest::Changes { since, limit } => {
+            let limit = (*limit).clamp(1, protocol::replication::MAX_FEED_PAGE);
+            let feed = view.changes_since(*since, limit as usize + 1)?;
+            answer_changes(*since, limit, &feed, |_| true)
+        }
+        ReplicationRequest::Sync { docs } => {
+            let mut failure = None;
+            let answers = answer_sync(docs, |id| match view.load_doc(id) {
+                Ok(doc) => doc,
+                Err(error) => {
+                    failure = Some(error);
+                    None
+                }
+            });
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            match answers {
+                Ok(docs) => ReplicationResponse::Sync { docs },
+                Err(error) => {
+                    ReplicationResponse::Refused { code: "bad_request".into(), message: error.to_string() }
+                }
+            }
+        }
+    })
+}
+
+/// A directory with only the national node in it (version 1).
+pub fn first_directory(national: DirectoryEntry, issued_at: String) -> Directory {
+    Directory { version: 1, issued_at, entries: vec![national] }
+}

@@ -1,0 +1,260 @@
+//! The federation with real processes on loopback: a national node signs the directory, a
+//! primary and its standby join it, the standby pulls every resident document over libp2p
+//! (TCP + Noise + Yamux), survives kill -9 mid-replication, refuses writes, and takes over
+//! when promoted; a node the national administrator never approved gets nothing.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::{Node, TempDir, free_port, read_print_shop, vrs_node, write_shift_jis};
+
+use super::{COMIRNATY, capture, coupon_of, days_from_today, fixture_csv, ok, raw_vial};
+
+struct National {
+    data: std::path::PathBuf,
+    address: String,
+    key: String,
+    child: Option<Child>,
+}
+
+impl National {
+    fn init(dir: &std::path::Path) -> Self {
+        let data = dir.join("national");
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let out = ok(&Command::new(vrs_node())
+            .args(["federation", "init-national", "--p2p-listen", &listen, "--data"])
+            .arg(&data)
+            .output()
+            .unwrap());
+        let field = |name: &str| {
+            out.lines().find_map(|l| l.split_once(name).map(|(_, v)| v.trim().to_owned())).unwrap()
+        };
+        let address = format!("{listen}/p2p/{}", field("peer id:"));
+        let key = field("directory key:");
+        National { data, address, key, child: None }
+    }
+
+    fn start(&mut self) {
+        let child = Command::new(vrs_node())
+            .args(["run", "--data"])
+            .arg(&self.data)
+            .env("VRS_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn approve(&self, request: &std::path::Path) -> String {
+        ok(&Command::new(vrs_node())
+            .args(["federation", "approve", "--data"])
+            .arg(&self.data)
+            .arg(request)
+            .output()
+            .unwrap())
+    }
+}
+
+impl Drop for National {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn join(node: &Node, national: &National, name: &str) -> std::path::PathBuf {
+    let request = node.data.parent().unwrap().join(format!("{name}-join.json"));
+    ok(&node.cli(&[
+        "federation",
+        "join",
+        "--national",
+        &national.address,
+        "--national-key",
+        &national.key,
+        "--out",
+        request.to_str().unwrap(),
+    ]));
+    request
+}
+
+fn status(node: &Node) -> Value {
+    let (code, body) = node.get("/api/v1/status").unwrap();
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// Waits until the standby holds as many residents and dose events as the primary.
+fn wait_converged(primary: &Node, standby: &Node, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (p, s) = (status(primary), status(standby));
+        if p["residents"] == s["residents"] && p["dose_events"] == s["dose_events"] {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "standby did not converge: primary {p}, standby {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn history(node: &Node, resident: &str) -> Value {
+    let (code, body) = node.get(&format!("/api/v1/residents/{resident}")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    body["history"].clone()
+}
+
+#[test]
+fn a_standby_follows_its_primary_over_libp2p_survives_kill_9_and_takes_over() {
+    let dir = TempDir::new("federation");
+    let mut national = National::init(dir.path());
+    national.start();
+
+    // The primary: a day's set-up, then it joins.
+    let p2p = |port: u16| format!("/ip4/127.0.0.1/tcp/{port}");
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    let mut primary = Node::init_with(
+        &dir.path().join("a"),
+        "141003",
+        &["--plain-http", "--p2p-listen", &p2p(free_port())],
+    )
+    .unwrap();
+    let extract = dir.path().join("extract.csv");
+    write_shift_jis(&extract, &fixture_csv()).unwrap();
+    ok(&primary.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
+    ok(&primary.cli(&[
+        "lots",
+        "add",
+        "--lot",
+        "FA5765",
+        "--gtin",
+        COMIRNATY,
+        "--expiry",
+        &days_from_today(180),
+    ]));
+    let print = dir.path().join("print");
+    ok(&primary.cli(&["coupons", "export", "--no-qr-images", "--out", print.to_str().unwrap()]));
+    let coupons = read_print_shop(&print.join("coupons.csv")).unwrap();
+    let out = national.approve(&join(&primary, &national, "a"));
+    assert!(out.contains("version 2"), "{out}");
+
+    // The standby: the primary's coupon key and person-key secret, its own identity.
+    let keys = primary.data.join("keys");
+    std::fs::create_dir_all(dir.path().join("s")).unwrap();
+    let mut standby = Node::init_with(
+        &dir.path().join("s"),
+        "141003",
+        &[
+            "--plain-http",
+            "--role",
+            "standby",
+            "--keys-from",
+            keys.to_str().unwrap(),
+            "--p2p-listen",
+            &p2p(free_port()),
+        ],
+    )
+    .unwrap();
+    national.approve(&join(&standby, &national, "s"));
+
+    // An intruder: a standby with the same keys that the national administrator never approved.
+    std::fs::create_dir_all(dir.path().join("x")).unwrap();
+    let mut intruder = Node::init_with(
+        &dir.path().join("x"),
+        "141003",
+        &[
+            "--plain-http",
+            "--role",
+            "standby",
+            "--keys-from",
+            keys.to_str().unwrap(),
+            "--p2p-listen",
+            &p2p(free_port()),
+        ],
+    )
+    .unwrap();
+    join(&intruder, &national, "x");
+
+    primary.start().unwrap();
+    standby.start().unwrap();
+    intruder.start().unwrap();
+    let took = wait_converged(&primary, &standby, Duration::from_secs(30));
+    eprintln!("standby caught up with {} residents in {took:?}", status(&primary)["residents"]);
+
+    // Captures on the primary reach the standby; a capture on the standby is refused.
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, first) = primary
+        .post("/api/v1/captures", &capture(&coupon_of(&coupons, "0000000101", 1).qr_text, &vial, None))
+        .unwrap();
+    assert_eq!(code, 201, "{first}");
+    let resident = first["resident_id"].as_str().unwrap().to_owned();
+    let (code, body) = standby
+        .post("/api/v1/captures", &capture(&coupon_of(&coupons, "0000000102", 1).qr_text, &vial, None))
+        .unwrap();
+    assert_eq!((code, body["code"].as_str()), (409, Some("standby_read_only")), "{body}");
+    wait_converged(&primary, &standby, Duration::from_secs(20));
+    assert_eq!(history(&primary, &resident), history(&standby, &resident));
+
+    // kill -9 the standby while captures keep arriving; it resumes from its checkpoint.
+    let others: Vec<&str> = ["0000000102", "0000000104", "0000000105", "0000000106", "0000000107"].to_vec();
+    for (i, atena) in others.iter().enumerate() {
+        let (code, body) = primary
+            .post("/api/v1/captures", &capture(&coupon_of(&coupons, atena, 1).qr_text, &vial, None))
+            .unwrap();
+        assert_eq!(code, 201, "{body}");
+        if i == 1 {
+            standby.kill9();
+        }
+    }
+    standby.start().unwrap();
+    wait_converged(&primary, &standby, Duration::from_secs(30));
+    assert_eq!(status(&standby)["dose_events"], 6);
+
+    // The intruder never got the directory, so it never learned of the primary, and the
+    // primary would not have let it in anyway.
+    assert_eq!(status(&intruder)["residents"], 0, "a peer outside the directory received documents");
+    assert!(!intruder.data.join("directory.json").exists(), "the national node answered an unlisted peer");
+
+    // Failover: the primary is lost; the standby is promoted and takes captures.
+    primary.kill9();
+    standby.stop().unwrap();
+    let promotion = dir.path().join("promote.json");
+    ok(&standby.cli(&["promote", "--out", promotion.to_str().unwrap()]));
+    let out = national.approve(&promotion);
+    assert!(out.contains("Municipal"), "{out}");
+    standby.start().unwrap();
+    // Lots are not replicated yet: the operator registers the venue's lots again.
+    let lot = serde_json::json!({"lot": "FA5765", "gtin": COMIRNATY, "expiry": days_from_today(180)});
+    assert_eq!(standby.post("/api/v1/lots", &lot).unwrap().0, 201);
+    let (code, body) = standby
+        .post("/api/v1/captures", &capture(&coupon_of(&coupons, "0000000108", 1).qr_text, &vial, None))
+        .unwrap();
+    assert_eq!(code, 201, "the promoted node records: {body}");
+    let (code, body) = standby
+        .post("/api/v1/captures", &capture(&coupon_of(&coupons, "0000000101", 1).qr_text, &vial, None))
+        .unwrap();
+    assert_eq!(code, 200, "a capture made on the old primary is known: {body}");
+    assert_eq!(body["replay"], true);
+    let directory = std::fs::read_to_string(standby.data.join("directory.json")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut directory: Value = serde_json::from_str(&directory).unwrap();
+    while directory["directory"]["version"].as_u64() < Some(4) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        directory =
+            serde_json::from_str(&std::fs::read_to_string(standby.data.join("directory.json")).unwrap())
+                .unwrap();
+    }
+    let roles: Vec<&str> = directory["directory"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["municipality"] == "141003")
+        .map(|e| e["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "municipal").count(),
+        1,
+        "one primary after promotion: {roles:?}"
+    );
+}
