@@ -591,6 +591,12 @@ async fn status(State(state): State<AppState>) -> ApiResult {
             "coupons": view.n_coupons()?,
             "dose_events": view.n_dose_events()?,
             "change_seq": view.meta(crate::store::META_CHANGE_SEQ)?,
+            "replication": {
+                "documents_pulled": crate::p2p::PULLED_DOCUMENTS.load(std::sync::atomic::Ordering::Relaxed),
+                "bytes_received": crate::p2p::PULLED_BYTES_RECEIVED.load(std::sync::atomic::Ordering::Relaxed),
+                "bytes_sent": crate::p2p::PULLED_BYTES_SENT.load(std::sync::atomic::Ordering::Relaxed),
+                "requests": crate::p2p::PULL_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+            },
         }))
     })()
     .map_err(|e| Problem::internal(&e))?;

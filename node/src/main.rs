@@ -163,6 +163,9 @@ enum Commands {
         /// Data directory.
         #[arg(long, env = "VRS_DATA")]
         data: PathBuf,
+        /// Also add up the stored size of every document (reads them all).
+        #[arg(long)]
+        sizes: bool,
     },
 }
 
@@ -591,7 +594,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", node::api::authorization_table_markdown());
             Ok(())
         }
-        Commands::Status { data } => {
+        Commands::Status { data, sizes } => {
             let (_, store) = open(&data)?;
             let view = store.read()?;
             println!(
@@ -601,6 +604,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 view.n_dose_events()?,
                 view.meta(node::store::META_CHANGE_SEQ)?
             );
+            if sizes {
+                println!("文書容量 document bytes {}", view.document_bytes()?);
+            }
             Ok(())
         }
     }

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -42,7 +43,38 @@ pub const MAX_REQUEST_BYTES: u64 = 4 * 1024 * 1024;
 /// Largest answer accepted.
 pub const MAX_RESPONSE_BYTES: u64 = 32 * 1024 * 1024;
 /// Feed entries a puller asks for at a time.
-pub const PAGE_SIZE: u32 = 1024;
+pub const PAGE_SIZE: u32 = 4096;
+
+/// What this process pulled, for `GET /api/v1/status` and the benchmarks: documents stored,
+/// and payload bytes (sync messages, heads, ids, feed entries) received and sent.
+pub static PULLED_DOCUMENTS: AtomicU64 = AtomicU64::new(0);
+/// Payload bytes received in replication answers.
+pub static PULLED_BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// Payload bytes sent in replication requests.
+pub static PULLED_BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+/// Replication requests sent.
+pub static PULL_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+fn payload_of_docs(docs: &[protocol::replication::DocMessage]) -> u64 {
+    docs.iter().map(|d| (d.message.len() + d.heads.len() + d.doc_id.len()) as u64).sum()
+}
+
+fn request_payload(request: &ReplicationRequest) -> u64 {
+    match request {
+        ReplicationRequest::Changes { .. } => 12,
+        ReplicationRequest::Sync { docs } => payload_of_docs(docs),
+    }
+}
+
+fn response_payload(response: &ReplicationResponse) -> u64 {
+    match response {
+        ReplicationResponse::Changes { entries, .. } => {
+            9 + entries.iter().map(|e| 8 + e.doc_id.len() as u64).sum::<u64>()
+        }
+        ReplicationResponse::Sync { docs } => payload_of_docs(docs),
+        ReplicationResponse::Refused { code, message } => (code.len() + message.len()) as u64,
+    }
+}
 
 /// "Send me your directory if it is newer than mine."
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -172,8 +204,78 @@ struct PullState {
     puller: Puller,
     docs: MemoryDocs,
     in_flight: Option<OutboundRequestId>,
-    storing: bool,
+    /// Pages handed to the store task and not yet stored.
+    storing: u32,
+    /// Bumped when the puller restarts from the stored checkpoint; the store task drops
+    /// pages of an older generation after a failure.
+    generation: u64,
     next_at: Instant,
+}
+
+/// A completed page on its way to the store, in order.
+struct StorePage {
+    generation: u64,
+    peer: PeerId,
+    checkpoint: u64,
+    docs: Vec<(String, automerge::Automerge)>,
+}
+
+/// Stores pages one after another (so checkpoints are stored in feed order): saves and
+/// reads each document off the async workers, then one writer command per page. After a
+/// failure it drops the rest of that generation, which the puller will fetch again.
+async fn store_pages(
+    writer: WriterHandle,
+    mut pages: mpsc::Receiver<StorePage>,
+    stored: mpsc::Sender<(u64, anyhow::Result<()>)>,
+) {
+    let mut failed_generation = None;
+    while let Some(page) = pages.recv().await {
+        if failed_generation == Some(page.generation) {
+            continue;
+        }
+        let StorePage { generation, peer, checkpoint, docs } = page;
+        let count = docs.len();
+        let prepared = tokio::task::spawn_blocking(move || {
+            docs.into_iter()
+                .map(|(id, doc)| {
+                    let record = protocol::document::read_record(&doc)
+                        .with_context(|| format!("replicated document {id} is not a resident"))?;
+                    Ok(crate::writer::ReplicatedDoc { id, saved: doc.save_nocompress(), record })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .and_then(|r| r);
+        let result = match prepared {
+            Ok(docs) => {
+                let who = Who {
+                    actor: format!("peer:{peer}"),
+                    role: "standby_replication".into(),
+                    request_id: "-".into(),
+                };
+                writer
+                    .call(&who, |reply| Command::Replicated {
+                        docs,
+                        checkpoint_key: checkpoint_key(&peer),
+                        checkpoint,
+                        reply,
+                    })
+                    .await
+                    .map_err(|p| anyhow::anyhow!("{}", p.message_en))
+            }
+            Err(error) => Err(error),
+        };
+        match &result {
+            Ok(()) => {
+                PULLED_DOCUMENTS.fetch_add(count as u64, Ordering::Relaxed);
+            }
+            Err(_) => failed_generation = Some(generation),
+        }
+        if stored.send((generation, result)).await.is_err() {
+            break;
+        }
+    }
 }
 
 /// Everything the event loop holds.
@@ -184,7 +286,7 @@ struct Node {
     dialing: HashMap<PeerId, (Instant, Duration)>,
     pull: Option<PullState>,
     answers: mpsc::Sender<(ResponseChannel<ReplicationResponse>, ReplicationResponse)>,
-    stored: mpsc::Sender<anyhow::Result<()>>,
+    pages: Option<mpsc::Sender<StorePage>>,
     directory_asked: Option<Instant>,
     directory_modified: Option<std::time::SystemTime>,
 }
@@ -201,6 +303,12 @@ pub async fn run(
     let directory = load_directory(&options.directory_path, &options.national_key)?;
     let (answers, mut answers_rx) = mpsc::channel(256);
     let (stored, mut stored_rx) = mpsc::channel(4);
+    let pages = options.writer.clone().map(|writer| {
+        let (pages, pages_rx) = mpsc::channel(2);
+        tokio::spawn(store_pages(writer, pages_rx, stored.clone()));
+        pages
+    });
+    drop(stored);
     let mut node = Node {
         options,
         directory: None,
@@ -208,7 +316,7 @@ pub async fn run(
         dialing: HashMap::new(),
         pull: None,
         answers,
-        stored,
+        pages,
         directory_asked: None,
         directory_modified: None,
     };
@@ -235,7 +343,7 @@ pub async fn run(
             Some((channel, response)) = answers_rx.recv() => {
                 let _ = swarm.behaviour_mut().replication.send_response(channel, response);
             }
-            Some(result) = stored_rx.recv() => node.on_stored(&mut swarm, result),
+            Some((generation, result)) = stored_rx.recv() => node.on_stored(&mut swarm, generation, result),
             _ = tick.tick() => node.maintain(&mut swarm),
         }
     }
@@ -356,7 +464,8 @@ impl Node {
                 puller: Puller::new(checkpoint, PAGE_SIZE),
                 docs: MemoryDocs::default(),
                 in_flight: None,
-                storing: false,
+                storing: 0,
+                generation: 0,
                 next_at: Instant::now(),
             });
         }
@@ -364,11 +473,13 @@ impl Node {
         if let Some(pull) = self.pull.as_mut()
             && connected
             && pull.in_flight.is_none()
-            && !pull.storing
+            && pull.storing < 2
             && Instant::now() >= pull.next_at
         {
             pull.docs = MemoryDocs::default();
             let request = pull.puller.ask_changes();
+            PULLED_BYTES_SENT.fetch_add(request_payload(&request), Ordering::Relaxed);
+            PULL_REQUESTS.fetch_add(1, Ordering::Relaxed);
             pull.in_flight = Some(swarm.behaviour_mut().replication.send_request(&peer, request));
         }
     }
@@ -508,6 +619,7 @@ impl Node {
             return;
         };
         pull.in_flight = None;
+        PULLED_BYTES_RECEIVED.fetch_add(response_payload(&response), Ordering::Relaxed);
         if let (ReplicationResponse::Changes { entries, .. }, Some(store)) = (&response, &store) {
             // The page's documents as this node holds them now.
             match store.read().and_then(|view| {
@@ -529,60 +641,57 @@ impl Node {
         }
         match pull.puller.on_response(response, &mut pull.docs) {
             Ok(PullStep::Send(request)) => {
+                PULLED_BYTES_SENT.fetch_add(request_payload(&request), Ordering::Relaxed);
+                PULL_REQUESTS.fetch_add(1, Ordering::Relaxed);
                 pull.in_flight = Some(swarm.behaviour_mut().replication.send_request(&peer, request));
             }
             Ok(PullStep::PageComplete { checkpoint, docs, more }) => {
-                let saved: Vec<(String, Vec<u8>)> = docs
-                    .iter()
-                    .filter_map(|id| pull.docs.docs.get(id).map(|d| (id.clone(), d.save_nocompress())))
-                    .collect();
-                pull.docs = MemoryDocs::default();
+                let mut held = std::mem::take(&mut pull.docs.docs);
+                let docs: Vec<(String, automerge::Automerge)> =
+                    docs.into_iter().filter_map(|id| held.remove(&id).map(|doc| (id, doc))).collect();
                 if !more {
                     pull.next_at = Instant::now() + Duration::from_millis(300);
                 }
-                let Some(writer) = self.options.writer.clone() else { return };
-                pull.storing = true;
-                let stored = self.stored.clone();
-                let key = checkpoint_key(&peer);
-                tokio::spawn(async move {
-                    let who = Who {
-                        actor: format!("peer:{peer}"),
-                        role: "standby_replication".into(),
-                        request_id: "-".into(),
-                    };
-                    let result = writer
-                        .call(&who, |reply| Command::Replicated {
-                            docs: saved,
-                            checkpoint_key: key,
-                            checkpoint,
-                            reply,
-                        })
-                        .await
-                        .map_err(|p| anyhow::anyhow!("{}", p.message_en));
-                    let _ = stored.send(result).await;
-                });
+                let Some(pages) = self.pages.clone() else { return };
+                pull.storing += 1;
+                let page = StorePage { generation: pull.generation, peer, checkpoint, docs };
+                if pages.try_send(page).is_err() {
+                    // The queue holds two pages at most; `storing < 2` keeps it from filling.
+                    tracing::error!("the store queue is full");
+                    pull.storing -= 1;
+                }
             }
             Err(error) => {
                 tracing::warn!(%peer, %error, "replication page abandoned");
-                let checkpoint = self.stored_checkpoint(&peer);
-                if let Some(pull) = self.pull.as_mut() {
-                    pull.puller = Puller::new(checkpoint, PAGE_SIZE);
-                    pull.next_at = Instant::now() + Duration::from_secs(2);
-                }
+                self.restart_pull(Duration::from_secs(2));
             }
         }
     }
 
-    fn on_stored(&mut self, swarm: &mut Swarm<Behaviour>, result: anyhow::Result<()>) {
-        let checkpoint = self.pull.as_ref().map(|p| p.peer).map(|peer| self.stored_checkpoint(&peer));
+    fn on_stored(&mut self, swarm: &mut Swarm<Behaviour>, generation: u64, result: anyhow::Result<()>) {
         let Some(pull) = self.pull.as_mut() else { return };
-        pull.storing = false;
-        if let Err(error) = result {
+        pull.storing = pull.storing.saturating_sub(1);
+        if let Err(error) = result
+            && generation == pull.generation
+        {
             tracing::error!(%error, "cannot store a replicated page; starting again from the stored checkpoint");
-            pull.puller = Puller::new(checkpoint.unwrap_or(0), PAGE_SIZE);
-            pull.next_at = Instant::now() + Duration::from_secs(1);
+            self.restart_pull(Duration::from_secs(1));
         }
         self.maintain(swarm);
+    }
+
+    /// Drops the page in progress and starts again from the stored checkpoint once the pages
+    /// already queued are stored (a new generation, so any left after a failure are dropped).
+    fn restart_pull(&mut self, pause: Duration) {
+        let Some(peer) = self.pull.as_ref().map(|p| p.peer) else { return };
+        let checkpoint = self.stored_checkpoint(&peer);
+        if let Some(pull) = self.pull.as_mut() {
+            pull.generation += 1;
+            pull.puller = Puller::new(checkpoint, PAGE_SIZE);
+            pull.in_flight = None;
+            pull.docs = MemoryDocs::default();
+            pull.next_at = Instant::now() + pause;
+        }
     }
 }
 

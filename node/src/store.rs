@@ -163,6 +163,18 @@ impl ReadView {
         Ok(Some(record))
     }
 
+    /// Bytes of every stored document (full saves and chunks).
+    pub fn document_bytes(&self) -> anyhow::Result<u64> {
+        let mut total = 0u64;
+        for row in self.txn.open_table(DOCS)?.iter()? {
+            total += row?.1.value().len() as u64;
+        }
+        for row in self.txn.open_table(CHUNKS)?.iter()? {
+            total += row?.1.value().len() as u64;
+        }
+        Ok(total)
+    }
+
     /// A document as stored (full save plus chunks), for replication.
     pub fn load_doc(&self, resident_id: &str) -> anyhow::Result<Option<Automerge>> {
         let docs = self.txn.open_table(DOCS)?;
@@ -436,15 +448,19 @@ impl<'a> Mutation<'a> {
 
     /// Stores a document received by replication: saved whole (its chunks dropped), its
     /// indexes rebuilt from its record, and moved to the end of this node's own change feed.
-    pub fn put_replicated(&mut self, resident_id: &str, doc: &Automerge) -> anyhow::Result<()> {
-        let record = read_record(doc)
-            .with_context(|| format!("replicated document {resident_id} is not a resident"))?;
+    pub fn put_replicated(
+        &mut self,
+        resident_id: &str,
+        saved: &[u8],
+        record: &ResidentRecord,
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(
             record.resident_id == resident_id,
             "document {resident_id} holds resident {}",
             record.resident_id
         );
-        let old_kana = match self.ensure_loaded(resident_id)? {
+        let exists = self.txn.open_table(DOC_META)?.get(resident_id)?.is_some();
+        let old_kana = match exists && self.ensure_loaded(resident_id)? {
             true => {
                 let loaded = self.cache.get(resident_id).context("cache lost a document")?;
                 Some(normalize_kana(&read_record(&loaded.doc)?.identity.name_kana))
@@ -453,7 +469,7 @@ impl<'a> Mutation<'a> {
         };
         self.cache.pop(resident_id);
         self.touched.push(resident_id.to_owned());
-        self.txn.open_table(DOCS)?.insert(resident_id, doc.save_nocompress().as_slice())?;
+        self.txn.open_table(DOCS)?.insert(resident_id, saved)?;
         {
             let mut chunks = self.txn.open_table(CHUNKS)?;
             let stale: Vec<u32> = chunks

@@ -90,6 +90,16 @@ pub type ApplyFn = Box<
         + Send,
 >;
 
+/// A document received by replication, saved and read off the writer thread.
+pub struct ReplicatedDoc {
+    /// Resident id.
+    pub id: String,
+    /// Full save.
+    pub saved: Vec<u8>,
+    /// Its record (for the indexes).
+    pub record: protocol::document::ResidentRecord,
+}
+
 /// Everything the writer does.
 pub enum Command {
     /// Record a dose.
@@ -157,8 +167,8 @@ pub enum Command {
     Checkpoint(Reply<Option<u64>>),
     /// Store a page pulled from a peer and the new checkpoint, together.
     Replicated {
-        /// Documents (saved bytes) by id.
-        docs: Vec<(String, Vec<u8>)>,
+        /// The page's documents.
+        docs: Vec<ReplicatedDoc>,
         /// `meta` key of the checkpoint.
         checkpoint_key: String,
         /// The checkpoint.
@@ -481,10 +491,8 @@ fn handle(
         Command::Audit(events, reply) => Ok((answer_after_commit(reply, Ok(())), events)),
         Command::Replicated { docs, checkpoint_key, checkpoint, reply } => {
             let result = (|| -> anyhow::Result<()> {
-                for (id, saved) in &docs {
-                    let doc = automerge::Automerge::load(saved)
-                        .with_context(|| format!("replicated {id} does not load"))?;
-                    m.put_replicated(id, &doc)?;
+                for doc in &docs {
+                    m.put_replicated(&doc.id, &doc.saved, &doc.record)?;
                 }
                 m.set_counter(&checkpoint_key, checkpoint)
             })();

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p tests --bin vrs-bench -- import  --residents 1000000 [--keep DIR]
 //! cargo run --release -p tests --bin vrs-bench -- capture --data DIR --clients 64 --captures 50000
+//! cargo run --release -p tests --bin vrs-bench -- standby --residents 100000
 //! ```
 //!
 //! Results and the commands are recorded in docs/benchmarks.md.
@@ -36,6 +37,10 @@ fn main() -> anyhow::Result<()> {
             let captures: usize = flag("--captures").unwrap_or_else(|| "50000".into()).parse()?;
             bench_capture(&data, clients, captures)
         }
+        Some("standby") => {
+            let residents: u64 = flag("--residents").unwrap_or_else(|| "100000".into()).parse()?;
+            bench_standby(residents)
+        }
         Some("fsync") => {
             let dir = std::env::temp_dir();
             let (rate, p50) = fdatasync_rate(&dir, Duration::from_secs(3))?;
@@ -43,7 +48,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | fsync"
+            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | fsync"
         ),
     }
 }
@@ -330,5 +335,151 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
         sync_p50.as_secs_f64() * 1e6,
         rate / sync_rate
     );
+    Ok(())
+}
+
+fn cli_ok(args: &[&str], data: &Path) -> anyhow::Result<String> {
+    let output = Command::new(vrs_node()).args(args).arg("--data").arg(data).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "vrs-node {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn field(text: &str, name: &str) -> anyhow::Result<String> {
+    text.lines()
+        .find_map(|l| l.split_once(name).map(|(_, v)| v.trim().to_owned()))
+        .with_context(|| format!("no {name:?} in {text}"))
+}
+
+/// A fresh standby catches up with a primary over libp2p on loopback.
+fn bench_standby(residents: u64) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("vrs-bench-standby-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let binary = vrs_node();
+    let csv = dir.join("residents.csv");
+    let status = Command::new(binary)
+        .args(["generate", "--residents", &residents.to_string(), "--encoding", "utf8", "--out"])
+        .arg(&csv)
+        .status()?;
+    anyhow::ensure!(status.success(), "generate failed");
+    let national = dir.join("national");
+    let p2p = |port: u16| format!("/ip4/127.0.0.1/tcp/{port}");
+    let national_listen = p2p(free_port());
+    let out = cli_ok(&["federation", "init-national", "--p2p-listen", &national_listen], &national)?;
+    let national_address = format!("{national_listen}/p2p/{}", field(&out, "peer id:")?);
+    let national_key = field(&out, "directory key:")?;
+    let mut children =
+        vec![Command::new(binary).args(["run", "--data"]).arg(&national).env("VRS_LOG", "warn").spawn()?];
+    let node = |name: &str, extra: &[&str]| -> anyhow::Result<(PathBuf, String, String)> {
+        let data = dir.join(name);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["init", "--municipality", "141003", "--plain-http", "--listen", &listen];
+        let p2p_listen = p2p(free_port());
+        args.extend(["--p2p-listen", &p2p_listen]);
+        args.extend(extra);
+        let out = cli_ok(&args, &data)?;
+        let token = out.lines().find(|l| l.starts_with("vrs_")).context("no token")?.to_owned();
+        Ok((data, listen, token))
+    };
+    let (primary, primary_http, _) = node("primary", &[])?;
+    let start = Instant::now();
+    cli_ok(&["import", "--issue-coupons", csv.to_str().unwrap_or_default()], &primary)?;
+    println!(
+        "primary: {residents} residents imported with coupons in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    let keys = primary.join("keys");
+    let (standby, standby_http, standby_token) =
+        node("standby", &["--role", "standby", "--keys-from", keys.to_str().unwrap_or_default()])?;
+    for data in [&primary, &standby] {
+        let request = data.join("join.json");
+        cli_ok(
+            &[
+                "federation",
+                "join",
+                "--national",
+                &national_address,
+                "--national-key",
+                &national_key,
+                "--out",
+                request.to_str().unwrap_or_default(),
+            ],
+            data,
+        )?;
+        let output = Command::new(binary)
+            .args(["federation", "approve", "--data"])
+            .arg(&national)
+            .arg(&request)
+            .output()?;
+        anyhow::ensure!(output.status.success(), "approve failed");
+    }
+    let sizes = cli_ok(&["status", "--sizes"], &primary)?;
+    let saved: u64 = field(&sizes, "document bytes")?.parse()?;
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    children.push(Command::new(binary).args(["run", "--data"]).arg(&primary).env("VRS_LOG", "warn").spawn()?);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.get(format!("http://{primary_http}/healthz")).call().is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "primary did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let start = Instant::now();
+    children.push(Command::new(binary).args(["run", "--data"]).arg(&standby).env("VRS_LOG", "warn").spawn()?);
+    let read_status = || -> Option<serde_json::Value> {
+        let response = agent
+            .get(format!("http://{standby_http}/api/v1/status"))
+            .header("Authorization", format!("Bearer {standby_token}"))
+            .call()
+            .ok()?;
+        response.into_body().read_json().ok()
+    };
+    let caught_up = loop {
+        if let Some(status) = read_status()
+            && status["residents"].as_u64() == Some(residents)
+        {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(1800) {
+            bail!("the standby did not catch up within 30 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let elapsed = start.elapsed();
+    let received = caught_up["replication"]["bytes_received"].as_u64().unwrap_or(0);
+    let sent = caught_up["replication"]["bytes_sent"].as_u64().unwrap_or(0);
+    let rate = residents as f64 / elapsed.as_secs_f64();
+    println!(
+        "standby catch-up: {residents} documents in {:.1} s (from process start) = {rate:.0} docs/s (target ≥ 20,000: ratio {:.2}×)",
+        elapsed.as_secs_f64(),
+        rate / 20_000.0
+    );
+    println!(
+        "payload received {:.0} B/document, sent {:.0} B/document; stored size {:.0} B/document: received ÷ stored = {:.2} (target ≤ 1.2)",
+        received as f64 / residents as f64,
+        sent as f64 / residents as f64,
+        saved as f64 / residents as f64,
+        received as f64 / saved as f64
+    );
+    // In sync: the standby keeps asking; measure what an idle round costs.
+    let before = read_status().context("status")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let after = read_status().context("status")?;
+    let delta = |key: &str| {
+        after["replication"][key].as_u64().unwrap_or(0) - before["replication"][key].as_u64().unwrap_or(0)
+    };
+    let requests = delta("requests").max(1);
+    println!(
+        "in-sync check (caught up, nothing changed): {} requests in 3 s, {:.0} B payload each way per check, independent of the {residents} documents held",
+        requests,
+        (delta("bytes_sent") + delta("bytes_received")) as f64 / requests as f64
+    );
+    for mut child in children {
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = child.wait();
+    }
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
