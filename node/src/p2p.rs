@@ -217,7 +217,8 @@ struct StorePage {
     generation: u64,
     peer: PeerId,
     checkpoint: u64,
-    docs: Vec<(String, automerge::Automerge)>,
+    /// Each document, and its bytes if it arrived whole (stored as they are).
+    docs: Vec<(String, automerge::Automerge, Option<Vec<u8>>)>,
 }
 
 /// Stores pages one after another (so checkpoints are stored in feed order): saves and
@@ -237,10 +238,11 @@ async fn store_pages(
         let count = docs.len();
         let prepared = tokio::task::spawn_blocking(move || {
             docs.into_iter()
-                .map(|(id, doc)| {
+                .map(|(id, doc, whole)| {
                     let record = protocol::document::read_record(&doc)
                         .with_context(|| format!("replicated document {id} is not a resident"))?;
-                    Ok(crate::writer::ReplicatedDoc { id, saved: doc.save_nocompress(), record })
+                    let saved = whole.unwrap_or_else(|| doc.save_nocompress());
+                    Ok(crate::writer::ReplicatedDoc { id, saved, record })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()
         })
@@ -647,8 +649,14 @@ impl Node {
             }
             Ok(PullStep::PageComplete { checkpoint, docs, more }) => {
                 let mut held = std::mem::take(&mut pull.docs.docs);
-                let docs: Vec<(String, automerge::Automerge)> =
-                    docs.into_iter().filter_map(|id| held.remove(&id).map(|doc| (id, doc))).collect();
+                let mut whole = std::mem::take(&mut pull.docs.whole);
+                let docs: Vec<_> = docs
+                    .into_iter()
+                    .filter_map(|id| {
+                        let bytes = whole.remove(&id);
+                        held.remove(&id).map(|doc| (id, doc, bytes))
+                    })
+                    .collect();
                 if !more {
                     pull.next_at = Instant::now() + Duration::from_millis(300);
                 }
@@ -717,15 +725,9 @@ pub fn answer_from_store(store: &Store, request: &ReplicationRequest) -> anyhow:
             answer_changes(*since, limit, &feed, |_| true)
         }
         ReplicationRequest::Sync { docs } => {
-            let mut failure = None;
-            let answers = answer_sync(docs, |id| match view.load_doc(id) {
-                Ok(doc) => doc,
-                Err(error) => {
-                    failure = Some(error);
-                    None
-                }
-            });
-            if let Some(error) = failure {
+            let mut source = StoreDocs { view: &view, failure: None };
+            let answers = answer_sync(docs, &mut source);
+            if let Some(error) = source.failure {
                 return Err(error);
             }
             match answers {
@@ -736,6 +738,28 @@ pub fn answer_from_store(store: &Store, request: &ReplicationRequest) -> anyhow:
             }
         }
     })
+}
+
+/// The answering side's view of the store.
+struct StoreDocs<'a> {
+    view: &'a crate::store::ReadView,
+    failure: Option<anyhow::Error>,
+}
+
+impl protocol::replication::SourceDocs for &mut StoreDocs<'_> {
+    fn doc(&mut self, doc_id: &str) -> Option<automerge::Automerge> {
+        self.view.load_doc(doc_id).unwrap_or_else(|error| {
+            self.failure = Some(error);
+            None
+        })
+    }
+
+    fn stored_bytes(&mut self, doc_id: &str) -> Option<Vec<u8>> {
+        self.view.stored_bytes(doc_id).unwrap_or_else(|error| {
+            self.failure = Some(error);
+            None
+        })
+    }
 }
 
 /// A directory with only the national node in it (version 1).

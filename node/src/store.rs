@@ -175,6 +175,18 @@ impl ReadView {
         Ok(total)
     }
 
+    /// A document's stored bytes: its full save followed by its chunks, which
+    /// `Automerge::load` reads as one (replication sends this to a replica that has none).
+    pub fn stored_bytes(&self, resident_id: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let docs = self.txn.open_table(DOCS)?;
+        let Some(saved) = docs.get(resident_id)? else { return Ok(None) };
+        let mut bytes = saved.value().to_vec();
+        for entry in self.txn.open_table(CHUNKS)?.range((resident_id, 0)..=(resident_id, u32::MAX))? {
+            bytes.extend_from_slice(entry?.1.value());
+        }
+        Ok(Some(bytes))
+    }
+
     /// A document as stored (full save plus chunks), for replication.
     pub fn load_doc(&self, resident_id: &str) -> anyhow::Result<Option<Automerge>> {
         let docs = self.txn.open_table(DOCS)?;

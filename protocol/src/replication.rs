@@ -89,6 +89,11 @@ pub struct DocMessage {
     /// The sender's heads, 32 bytes each, concatenated.
     #[serde(with = "serde_bytes")]
     pub heads: Vec<u8>,
+    /// From a puller: "I have nothing of it, send it whole". From the answering side:
+    /// `message` holds the document's stored bytes (a save followed by incremental changes),
+    /// which `Automerge::load` reads, instead of a sync message.
+    #[serde(default)]
+    pub whole: bool,
 }
 
 /// Heads as bytes.
@@ -133,6 +138,18 @@ pub enum ReplicationError {
 pub trait PageDocs {
     /// The local copy of `doc_id`, created empty if the puller does not have it yet.
     fn doc_mut(&mut self, doc_id: &str) -> &mut Automerge;
+
+    /// Takes a whole document sent as stored bytes (merged into a local copy, if any).
+    fn put_whole(&mut self, doc_id: &str, bytes: Vec<u8>) -> Result<(), String> {
+        let mut incoming = Automerge::load(&bytes).map_err(|e| e.to_string())?;
+        let doc = self.doc_mut(doc_id);
+        if doc.get_heads().is_empty() {
+            *doc = incoming;
+        } else {
+            doc.merge(&mut incoming).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
 }
 
 /// A page's documents held in memory (the node fills it from its store first).
@@ -140,11 +157,46 @@ pub trait PageDocs {
 pub struct MemoryDocs {
     /// Documents by id.
     pub docs: HashMap<String, Automerge>,
+    /// The bytes of documents that arrived whole, to store as they are.
+    pub whole: HashMap<String, Vec<u8>>,
 }
 
 impl PageDocs for MemoryDocs {
     fn doc_mut(&mut self, doc_id: &str) -> &mut Automerge {
         self.docs.entry(doc_id.to_owned()).or_default()
+    }
+
+    fn put_whole(&mut self, doc_id: &str, bytes: Vec<u8>) -> Result<(), String> {
+        let mut incoming = Automerge::load(&bytes).map_err(|e| e.to_string())?;
+        match self.docs.get_mut(doc_id) {
+            // Never let a peer's copy replace local history: merge it.
+            Some(doc) if !doc.get_heads().is_empty() => {
+                doc.merge(&mut incoming).map_err(|e| e.to_string())?;
+                self.whole.remove(doc_id);
+            }
+            _ => {
+                self.docs.insert(doc_id.to_owned(), incoming);
+                self.whole.insert(doc_id.to_owned(), bytes);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the answering side reads its documents.
+pub trait SourceDocs {
+    /// The document, loaded (`None` if this node does not have it).
+    fn doc(&mut self, doc_id: &str) -> Option<Automerge>;
+
+    /// The document's stored bytes, for a puller that has none of it.
+    fn stored_bytes(&mut self, doc_id: &str) -> Option<Vec<u8>> {
+        self.doc(doc_id).map(|doc| doc.save())
+    }
+}
+
+impl<F: FnMut(&str) -> Option<Automerge>> SourceDocs for F {
+    fn doc(&mut self, doc_id: &str) -> Option<Automerge> {
+        self(doc_id)
     }
 }
 
@@ -257,6 +309,12 @@ impl Puller {
         }
         let mut still = Vec::new();
         for answer in answers {
+            if answer.whole {
+                let doc_id = answer.doc_id.clone();
+                docs.put_whole(&answer.doc_id, answer.message)
+                    .map_err(|reason| ReplicationError::BadMessage { doc_id, reason })?;
+                continue;
+            }
             let doc = docs.doc_mut(&answer.doc_id);
             let state = page.states.entry(answer.doc_id.clone()).or_default();
             if !answer.message.is_empty() {
@@ -299,9 +357,21 @@ fn next_sync(page: &mut Page, docs: &mut impl PageDocs) -> ReplicationRequest {
     let mut batch = Vec::new();
     for id in page.pending.iter().take(MAX_BATCH_DOCS) {
         let doc = docs.doc_mut(id);
+        let fresh = !page.states.contains_key(id);
+        if fresh && doc.get_heads().is_empty() {
+            // Nothing of it here: ask for the stored bytes, one round trip, no sync state.
+            page.states.insert(id.clone(), sync::State::new());
+            batch.push(DocMessage {
+                doc_id: id.clone(),
+                message: Vec::new(),
+                heads: Vec::new(),
+                whole: true,
+            });
+            continue;
+        }
         let state = page.states.entry(id.clone()).or_default();
         let message = doc.generate_sync_message(state).map(sync::Message::encode).unwrap_or_default();
-        batch.push(DocMessage { doc_id: id.clone(), message, heads: sorted_heads(doc) });
+        batch.push(DocMessage { doc_id: id.clone(), message, heads: sorted_heads(doc), whole: false });
     }
     ReplicationRequest::Sync { docs: batch }
 }
@@ -311,7 +381,7 @@ fn next_sync(page: &mut Page, docs: &mut impl PageDocs) -> ReplicationRequest {
 /// `load` gives the answering node's document, or `None` if it has none (answered empty).
 pub fn answer_sync(
     requests: &[DocMessage],
-    mut load: impl FnMut(&str) -> Option<Automerge>,
+    mut source: impl SourceDocs,
 ) -> Result<Vec<DocMessage>, ReplicationError> {
     if requests.len() > MAX_BATCH_DOCS {
         return Err(ReplicationError::Unexpected(format!(
@@ -320,12 +390,21 @@ pub fn answer_sync(
     }
     let mut answers = Vec::with_capacity(requests.len());
     for request in requests {
-        let Some(mut doc) = load(&request.doc_id) else {
-            answers.push(DocMessage {
-                doc_id: request.doc_id.clone(),
-                message: Vec::new(),
-                heads: Vec::new(),
-            });
+        let empty = DocMessage {
+            doc_id: request.doc_id.clone(),
+            message: Vec::new(),
+            heads: Vec::new(),
+            whole: false,
+        };
+        if request.whole {
+            match source.stored_bytes(&request.doc_id) {
+                Some(bytes) => answers.push(DocMessage { message: bytes, whole: true, ..empty }),
+                None => answers.push(empty),
+            }
+            continue;
+        }
+        let Some(mut doc) = source.doc(&request.doc_id) else {
+            answers.push(empty);
             continue;
         };
         let heads = sorted_heads(&doc);
@@ -341,7 +420,7 @@ pub fn answer_sync(
             })?;
         }
         let message = doc.generate_sync_message(&mut state).map(sync::Message::encode).unwrap_or_default();
-        answers.push(DocMessage { doc_id: request.doc_id.clone(), message, heads });
+        answers.push(DocMessage { doc_id: request.doc_id.clone(), message, heads, whole: false });
     }
     Ok(answers)
 }

@@ -47,7 +47,7 @@ impl Source {
                 answer_changes(*since, *limit, &after, may_see)
             }
             ReplicationRequest::Sync { docs } => ReplicationResponse::Sync {
-                docs: answer_sync(docs, |id| self.docs.get(id).cloned()).unwrap(),
+                docs: answer_sync(docs, |id: &str| self.docs.get(id).cloned()).unwrap(),
             },
         }
     }
@@ -207,7 +207,7 @@ fn malformed_answers_are_errors_not_panics() {
     let request = puller.ask_changes();
     let step = puller.on_response(source.serve(&request, |_| true), &mut replica).unwrap();
     let PullStep::Send(ReplicationRequest::Sync { docs }) = step else { panic!("expected a sync request") };
-    let mut answer = answer_sync(&docs, |id| source.docs.get(id).cloned()).unwrap();
+    let mut answer = answer_sync(&docs, |id: &str| source.docs.get(id).cloned()).unwrap();
     answer[0].message = vec![0x42, 0xff, 0xff];
     assert!(puller.on_response(ReplicationResponse::Sync { docs: answer.clone() }, &mut replica).is_err());
     answer.pop();
@@ -217,5 +217,33 @@ fn malformed_answers_are_errors_not_panics() {
     assert!(puller.on_response(ReplicationResponse::Sync { docs: answer }, &mut replica).is_err());
     let mut garbage = docs.clone();
     garbage[0].message = b"not a sync message".to_vec();
-    assert!(answer_sync(&garbage, |id| source.docs.get(id).cloned()).is_err());
+    garbage[0].whole = false;
+    assert!(answer_sync(&garbage, |id: &str| source.docs.get(id).cloned()).is_err());
+}
+
+#[test]
+fn a_document_sent_whole_is_its_save_followed_by_its_changes() {
+    // What a node stores: a full save, then one incremental chunk per later event.
+    let mut doc = AutoCommit::new().with_actor(ActorId::from(b"primary".as_slice()));
+    doc.put(ROOT, "registered", 1).unwrap();
+    doc.commit();
+    let mut stored = doc.save_nocompress();
+    for i in 0..3 {
+        let heads = doc.get_heads();
+        doc.put(ROOT, format!("dose-{i}"), i).unwrap();
+        doc.commit();
+        stored.extend(doc.save_after(&heads));
+    }
+    let loaded = Automerge::load(&stored).unwrap();
+    assert_eq!(loaded.get_heads(), doc.get_heads());
+    // And a fresh replica asks for it whole: one round trip.
+    let mut source = Source::new(0);
+    source.docs.insert("doc-x".into(), loaded);
+    source.feed.push((1, "doc-x".into()));
+    let mut replica = MemoryDocs::default();
+    let mut puller = Puller::new(0, 10);
+    let (synced, _, requests) = pull(&source, &mut puller, &mut replica);
+    assert_eq!((synced, requests), (1, 2));
+    assert!(replica.whole.contains_key("doc-x"), "kept as received, to be stored without re-saving");
+    assert_converged(&source, &replica);
 }
