@@ -111,6 +111,32 @@ fn coupon_of<'a>(coupons: &'a [PrintedCoupon], atena: &str, dose: u8) -> &'a Pri
         .unwrap_or_else(|| panic!("no dose-{dose} coupon for {atena} in the print-shop file"))
 }
 
+/// Registers lot FA5765 (Comirnaty, 180 days to expiry).
+fn add_comirnaty_lot(node: &Node) {
+    ok(&node.cli(&[
+        "lots",
+        "add",
+        "--lot",
+        "FA5765",
+        "--gtin",
+        COMIRNATY,
+        "--expiry",
+        &days_from_today(180),
+    ]));
+}
+
+/// A stopped node's first day: the fixture imported with coupons, lot FA5765, the
+/// print-shop file; returns its coupons.
+fn set_up_fixture(node: &Node, dir: &std::path::Path) -> Vec<PrintedCoupon> {
+    let extract = dir.join("extract.csv");
+    write_shift_jis(&extract, &fixture_csv()).unwrap();
+    ok(&node.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
+    add_comirnaty_lot(node);
+    let print = dir.join("print");
+    ok(&node.cli(&["coupons", "export", "--no-qr-images", "--out", print.to_str().unwrap()]));
+    read_print_shop(&print.join("coupons.csv")).unwrap()
+}
+
 fn export(node: &Node, dir: &std::path::Path) -> Vec<PrintedCoupon> {
     let out = dir.join(format!("print-{}", Instant::now().elapsed().as_nanos()));
     ok(&node.cli(&["coupons", "export", "--out", out.to_str().unwrap()]));
@@ -481,16 +507,7 @@ fn kill_nine_during_concurrent_captures_loses_nothing_acknowledged() {
         extract.to_str().unwrap(),
     ]));
     ok(&node.cli(&["import", extract.to_str().unwrap()]));
-    ok(&node.cli(&[
-        "lots",
-        "add",
-        "--lot",
-        "FA5765",
-        "--gtin",
-        COMIRNATY,
-        "--expiry",
-        &days_from_today(180),
-    ]));
+    add_comirnaty_lot(&node);
     ok(&node.cli(&["coupons", "issue"]));
     let coupons = export(&node, dir.path());
     // Only adults, so every capture is valid for the 12+ product.

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::{Node, TempDir, free_port, read_print_shop, vrs_node, write_shift_jis};
+use tests::{Node, TempDir, free_port, vrs_node};
 
-use super::{COMIRNATY, capture, coupon_of, days_from_today, fixture_csv, ok, raw_vial};
+use super::{COMIRNATY, capture, coupon_of, days_from_today, ok, raw_vial, set_up_fixture};
 
 struct National {
     data: std::path::PathBuf,
@@ -105,6 +105,19 @@ fn history(node: &Node, resident: &str) -> Value {
     body["history"].clone()
 }
 
+/// A standby of 141003 in `dir/name`, with the primary's keys.
+fn standby_of(dir: &std::path::Path, name: &str, keys: &std::path::Path) -> Node {
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    let p2p = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let keys = keys.to_str().unwrap();
+    Node::init_with(
+        &dir.join(name),
+        "141003",
+        &["--plain-http", "--role", "standby", "--keys-from", keys, "--p2p-listen", &p2p],
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_standby_follows_its_primary_over_libp2p_survives_kill_9_and_takes_over() {
     let dir = TempDir::new("federation");
@@ -120,60 +133,17 @@ fn a_standby_follows_its_primary_over_libp2p_survives_kill_9_and_takes_over() {
         &["--plain-http", "--p2p-listen", &p2p(free_port())],
     )
     .unwrap();
-    let extract = dir.path().join("extract.csv");
-    write_shift_jis(&extract, &fixture_csv()).unwrap();
-    ok(&primary.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
-    ok(&primary.cli(&[
-        "lots",
-        "add",
-        "--lot",
-        "FA5765",
-        "--gtin",
-        COMIRNATY,
-        "--expiry",
-        &days_from_today(180),
-    ]));
-    let print = dir.path().join("print");
-    ok(&primary.cli(&["coupons", "export", "--no-qr-images", "--out", print.to_str().unwrap()]));
-    let coupons = read_print_shop(&print.join("coupons.csv")).unwrap();
+    let coupons = set_up_fixture(&primary, dir.path());
     let out = national.approve(&join(&primary, &national, "a"));
     assert!(out.contains("version 2"), "{out}");
 
     // The standby: the primary's coupon key and person-key secret, its own identity.
     let keys = primary.data.join("keys");
-    std::fs::create_dir_all(dir.path().join("s")).unwrap();
-    let mut standby = Node::init_with(
-        &dir.path().join("s"),
-        "141003",
-        &[
-            "--plain-http",
-            "--role",
-            "standby",
-            "--keys-from",
-            keys.to_str().unwrap(),
-            "--p2p-listen",
-            &p2p(free_port()),
-        ],
-    )
-    .unwrap();
+    let mut standby = standby_of(dir.path(), "s", &keys);
     national.approve(&join(&standby, &national, "s"));
 
     // An intruder: a standby with the same keys that the national administrator never approved.
-    std::fs::create_dir_all(dir.path().join("x")).unwrap();
-    let mut intruder = Node::init_with(
-        &dir.path().join("x"),
-        "141003",
-        &[
-            "--plain-http",
-            "--role",
-            "standby",
-            "--keys-from",
-            keys.to_str().unwrap(),
-            "--p2p-listen",
-            &p2p(free_port()),
-        ],
-    )
-    .unwrap();
+    let mut intruder = standby_of(dir.path(), "x", &keys);
     join(&intruder, &national, "x");
 
     primary.start().unwrap();

@@ -5,9 +5,9 @@
 use std::process::Command;
 
 use serde_json::{Value, json};
-use tests::{Node, TempDir, agent_trusting, read, read_print_shop, vrs_node, write_shift_jis};
+use tests::{Node, TempDir, agent_trusting, read, vrs_node};
 
-use super::{COMIRNATY, capture, coupon_of, days_from_today, fixture_csv, ok, raw_vial};
+use super::{COMIRNATY, capture, coupon_of, days_from_today, ok, raw_vial, set_up_fixture};
 
 fn login(node: &Node, username: &str, password: &str) -> (u16, Value) {
     node.post_with("/api/v1/auth/login", &json!({"username": username, "password": password}), None, None)
@@ -71,22 +71,7 @@ fn https_by_default_and_plain_http_only_on_loopback() {
 fn staff_roles_lockout_csrf_and_an_audit_log_an_auditor_can_verify() {
     let dir = TempDir::new("staff");
     let mut node = Node::init(dir.path(), "141003").unwrap();
-    let extract = dir.path().join("extract.csv");
-    write_shift_jis(&extract, &fixture_csv()).unwrap();
-    ok(&node.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
-    ok(&node.cli(&[
-        "lots",
-        "add",
-        "--lot",
-        "FA5765",
-        "--gtin",
-        COMIRNATY,
-        "--expiry",
-        &days_from_today(180),
-    ]));
-    let print = dir.path().join("print");
-    ok(&node.cli(&["coupons", "export", "--no-qr-images", "--out", print.to_str().unwrap()]));
-    let coupons = read_print_shop(&print.join("coupons.csv")).unwrap();
+    let coupons = set_up_fixture(&node, dir.path());
 
     // Accounts from the command line, while the daemon is stopped.
     let password = "yokohama clerk pass";
