@@ -325,7 +325,11 @@ async fn request_context(State(state): State<AppState>, mut request: Request, ne
     if english && let Some(problem) = response.extensions().get::<Problem>().cloned() {
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static("en"));
+        let original = response.headers().clone();
         response = problem.into_response_for(&headers);
+        if let Some(retry) = original.get(header::RETRY_AFTER) {
+            response.headers_mut().insert(header::RETRY_AFTER, retry.clone());
+        }
     }
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&request_id.0) {
@@ -668,10 +672,20 @@ async fn capture(
         Some(text) => Some(parse_date_field("vaccinated_on", text)?),
         None => None,
     };
-    let scans = decode_scans(&capture.coupon, &capture.vial)?;
     let own = state.municipality;
     let key = state.coupon_public_key.clone();
-    authenticate_coupon(&scans.coupon, |code| (code == own).then(|| key.clone()))?;
+    let scanned = decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
+        authenticate_coupon(&scans.coupon, |code| (code == own).then(|| key.clone())).map(|_| scans)
+    });
+    let scans = match scanned {
+        Ok(scans) => scans,
+        Err(refusal) => {
+            // A forged or mistyped coupon is refused before the writer: audit it here.
+            let outcome = format!("refused:{}", refusal.code());
+            audit_refusal(&state, &who, "capture", format!("venue:{}", capture.venue), &outcome).await;
+            return Err(refusal.into());
+        }
+    };
     let command = CaptureCommand {
         scans,
         vaccinated_on,
@@ -1248,7 +1262,14 @@ async fn audit_verify(State(state): State<AppState>, Extension(who): Extension<W
     let report = state
         .store
         .read()
-        .and_then(|view| crate::audit::verify_store(view.txn(), state.municipality, &public_key))
+        .and_then(|view| {
+            crate::audit::verify_store(
+                view.txn(),
+                state.municipality,
+                &public_key,
+                state.policy.audit_checkpoint_every,
+            )
+        })
         .map_err(|e| Problem::internal(&e))?;
     audit_reads(&state, &who, "audit.verify", vec!["audit:all".into()]).await?;
     let findings: Vec<_> =

@@ -416,11 +416,14 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     (0..text.len() / 2).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()).collect()
 }
 
-/// Verifies the log inside a store.
+/// Verifies the log inside a store. The node signs a checkpoint at least every
+/// `checkpoint_every` entries, so a longer stretch without one means checkpoints were
+/// removed — the way someone would hide a rewritten, re-chained tail.
 pub fn verify_store(
     txn: &ReadTransaction,
     municipality: MunicipalityCode,
     public_key: &[u8],
+    checkpoint_every: u64,
 ) -> anyhow::Result<VerifyReport> {
     let mut entries = Vec::new();
     for row in txn.open_table(AUDIT)?.iter()? {
@@ -432,7 +435,26 @@ pub fn verify_store(
         let (_, bytes) = row?;
         checkpoints.push(bytes.value().to_vec());
     }
-    Ok(verify_chain(municipality, public_key, 1, GENESIS, &entries, &checkpoints))
+    let mut report = verify_chain(municipality, public_key, 1, GENESIS, &entries, &checkpoints);
+    let mut signed: Vec<u64> = checkpoints
+        .iter()
+        .filter_map(|c| serde_json::from_slice::<Checkpoint>(c).ok())
+        .map(|c| c.seq)
+        .collect();
+    signed.sort_unstable();
+    let last = entries.last().map_or(0, |(seq, _)| *seq);
+    let mut previous = 0;
+    for seq in signed.iter().copied().chain(std::iter::once(last)) {
+        if seq.saturating_sub(previous) > checkpoint_every.max(1) {
+            report.findings.push(finding(
+                format!("entries {}–{seq}", previous + 1),
+                format!("no checkpoint over {} entries (one is signed every {checkpoint_every}): checkpoints were removed", seq - previous),
+                format!("{} 件の間にチェックポイントがありません（{checkpoint_every} 件ごとに署名されるはず）：チェックポイントの削除", seq - previous),
+            ));
+        }
+        previous = previous.max(seq);
+    }
+    Ok(report)
 }
 
 #[derive(Deserialize)]

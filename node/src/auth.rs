@@ -456,6 +456,11 @@ pub fn add_user(
 pub fn set_disabled(txn: &WriteTransaction, username: &str, disabled: bool) -> Step<UserView> {
     let Some(mut user) = user_in(txn, username)? else { return Ok(Err(no_user(username))) };
     user.disabled = disabled;
+    if disabled {
+        // Re-enabling later must not bring back a session that existed before (it may be
+        // the stolen one that caused the disabling).
+        user.password_changed_at = OffsetDateTime::now_utc();
+    }
     put_user(txn, &user)?;
     Ok(Ok(UserView::from(&user)))
 }

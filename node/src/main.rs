@@ -813,7 +813,12 @@ fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
                 Some(text) => public_key_arg(&text)?,
                 None => files.audit_public_key(),
             };
-            let report = node::audit::verify_store(store.read()?.txn(), files.config.municipality, &key)?;
+            let report = node::audit::verify_store(
+                store.read()?.txn(),
+                files.config.municipality,
+                &key,
+                files.config.auth.audit_checkpoint_every,
+            )?;
             print_report(&report)
         }
         AuditCommands::Export { data, from, to, out } => {

@@ -232,6 +232,11 @@ async fn store_pages(
     let mut failed_generation = None;
     while let Some(page) = pages.recv().await {
         if failed_generation == Some(page.generation) {
+            // Dropped: tell the loop, so its count of queued pages stays right.
+            let skipped = Err(anyhow::anyhow!("dropped after an earlier page failed"));
+            if stored.send((page.generation, skipped)).await.is_err() {
+                break;
+            }
             continue;
         }
         let StorePage { generation, peer, checkpoint, docs } = page;
@@ -664,9 +669,11 @@ impl Node {
                 pull.storing += 1;
                 let page = StorePage { generation: pull.generation, peer, checkpoint, docs };
                 if pages.try_send(page).is_err() {
-                    // The queue holds two pages at most; `storing < 2` keeps it from filling.
-                    tracing::error!("the store queue is full");
+                    // The puller's checkpoint has moved past this page: start again from
+                    // the stored one rather than lose it.
+                    tracing::error!("the store queue is full; pulling again from the stored checkpoint");
                     pull.storing -= 1;
+                    self.restart_pull(Duration::from_secs(1));
                 }
             }
             Err(error) => {
@@ -688,8 +695,8 @@ impl Node {
         self.maintain(swarm);
     }
 
-    /// Drops the page in progress and starts again from the stored checkpoint once the pages
-    /// already queued are stored (a new generation, so any left after a failure are dropped).
+    /// Drops the page in progress and starts again from the stored checkpoint (a new
+    /// generation; pages of the old one still queued are stored unless one of them fails).
     fn restart_pull(&mut self, pause: Duration) {
         let Some(peer) = self.pull.as_ref().map(|p| p.peer) else { return };
         let checkpoint = self.stored_checkpoint(&peer);

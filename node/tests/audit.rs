@@ -62,7 +62,7 @@ fn export(log: &Log) -> Vec<u8> {
 fn an_intact_log_and_its_export_verify() {
     let log = small_log("intact", 10);
     let report =
-        verify_store(log.store.read().unwrap().txn(), log.municipality, &log.log.public_key()).unwrap();
+        verify_store(log.store.read().unwrap().txn(), log.municipality, &log.log.public_key(), 4).unwrap();
     assert!(report.is_intact(), "{:?}", report.findings);
     assert_eq!((report.entries, report.sealed_through, report.unsealed), (10, 10, 0));
     assert_eq!(report.checkpoints, 3, "checkpoints at 4, 8 and the newest, 10");
@@ -153,7 +153,7 @@ fn tamper(log: &Log, change: impl FnOnce(&mut redb::Table<u64, &[u8]>)) -> Vec<S
     }
     txn.commit().unwrap();
     let report =
-        verify_store(log.store.read().unwrap().txn(), log.municipality, &log.log.public_key()).unwrap();
+        verify_store(log.store.read().unwrap().txn(), log.municipality, &log.log.public_key(), 4).unwrap();
     report.findings.iter().map(ToString::to_string).collect()
 }
 
@@ -211,4 +211,21 @@ fn changed_removed_inserted_reordered_and_truncated_entries_are_detected() {
         }
     });
     assert!(found.iter().any(|f| f.contains("checkpoint 12")), "{found:?}");
+}
+
+#[test]
+fn removed_checkpoints_are_detected() {
+    // Someone who rewrites the tail and recomputes the chain must also remove the
+    // checkpoints that covered it; the gap gives them away.
+    let log = small_log("gap", 12);
+    let txn = log.store.begin_write().unwrap();
+    {
+        let mut checkpoints = txn.open_table(AUDIT_CHECKPOINTS).unwrap();
+        checkpoints.remove(8).unwrap();
+        checkpoints.remove(12).unwrap();
+    }
+    txn.commit().unwrap();
+    let report =
+        verify_store(log.store.read().unwrap().txn(), log.municipality, &log.log.public_key(), 4).unwrap();
+    assert!(report.findings.iter().any(|f| f.at == "entries 5–12"), "{:?}", report.findings);
 }

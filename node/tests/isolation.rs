@@ -122,8 +122,14 @@ struct World {
     personal: Vec<String>,
 }
 
+/// Old enough for every product of the catalogue on any day (the fixture's ages are fixed
+/// birth dates, so a child turns older as the calendar moves).
+fn adult(record: &protocol::document::ResidentRecord) -> bool {
+    record.identity.birth_date.year() < node::clock::japan_today().year() - 20
+}
+
 async fn build_world() -> World {
-    let a = make_node("a", "141003", 12);
+    let a = make_node("a", "141003", 30);
     let b = make_node("b", "131016", 0);
     let app_a = router(a.started.state.clone(), a.started.max_body_bytes);
     let app_b = router(b.started.state.clone(), b.started.max_body_bytes);
@@ -229,6 +235,7 @@ async fn build_world() -> World {
         personal.push(record.identity.address.clone());
         personal.push(record.identity.atena_number.clone());
         if chosen.is_none()
+            && adult(&record)
             && let Some(coupon) = record.coupons.values().find(|c| c.status == CouponStatus::Valid)
         {
             chosen = Some((record.resident_id.clone(), coupon.clone()));
@@ -252,6 +259,7 @@ async fn build_world() -> World {
     for id in view.resident_ids(None, 100).unwrap() {
         let record = view.record(&id).unwrap().unwrap();
         if record.resident_id != resident_id
+            && adult(&record)
             && let Some(c) = record.coupons.values().find(|c| c.status == CouponStatus::Valid)
         {
             other = Some(c.clone());
