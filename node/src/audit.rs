@@ -18,7 +18,7 @@ use std::fmt;
 
 use anyhow::Context;
 use protocol::municipality::MunicipalityCode;
-use protocol::person::hex_lower;
+use protocol::person::{hex_decode, hex_lower};
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
@@ -379,7 +379,8 @@ pub fn verify_chain(
         };
         let place = format!("checkpoint {}", checkpoint.seq);
         let message = checkpoint_message(municipality, checkpoint.seq, &checkpoint.hash, &checkpoint.at);
-        let signature_ok = unhex(&checkpoint.signature).is_some_and(|sig| key.verify(&message, &sig).is_ok());
+        let signature_ok =
+            hex_decode(&checkpoint.signature).is_some_and(|sig| key.verify(&message, &sig).is_ok());
         if !signature_ok {
             report.findings.push(finding(&place, "signature does not verify", "署名が検証できません"));
             continue;
@@ -407,13 +408,6 @@ pub fn verify_chain(
     }
     report.unsealed = entries.iter().filter(|(seq, _)| *seq > report.sealed_through).count() as u64;
     report
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len() / 2).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()).collect()
 }
 
 /// Verifies the log inside a store. The node signs a checkpoint at least every
@@ -513,7 +507,7 @@ pub fn verify_export(file: &[u8], public_key: &[u8]) -> VerifyReport {
     if header.format != EXPORT_FORMAT {
         return fail(report, finding("line 1", "unknown export format", "未知の形式です"));
     }
-    if unhex(&header.public_key).as_deref() != Some(public_key) {
+    if hex_decode(&header.public_key).as_deref() != Some(public_key) {
         return fail(
             report,
             finding(
@@ -535,7 +529,7 @@ pub fn verify_export(file: &[u8], public_key: &[u8]) -> VerifyReport {
     let key = UnparsedPublicKey::new(&ED25519, public_key);
     let message =
         seal_message(header.municipality, seal.last_seq, &seal.last_hash, &seal.body_sha256, &seal.at);
-    if unhex(&seal.signature).is_none_or(|sig| key.verify(&message, &sig).is_err()) {
+    if hex_decode(&seal.signature).is_none_or(|sig| key.verify(&message, &sig).is_err()) {
         report.findings.push(finding("seal", "signature does not verify", "封印の署名が検証できません"));
     }
     if seal.body_sha256 != body_hash {
@@ -562,7 +556,7 @@ pub fn verify_export(file: &[u8], public_key: &[u8]) -> VerifyReport {
         let key = serde_json::from_slice::<AuditEntry>(line).map_or(header.first_seq + i as u64, |e| e.seq);
         entries.push((key, line.to_vec()));
     }
-    let prev: [u8; 32] = unhex(&header.prev).and_then(|v| v.try_into().ok()).unwrap_or([0xff; 32]);
+    let prev: [u8; 32] = hex_decode(&header.prev).and_then(|v| v.try_into().ok()).unwrap_or([0xff; 32]);
     let chain =
         verify_chain(header.municipality, public_key, header.first_seq.max(1), prev, &entries, &checkpoints);
     report.entries = chain.entries;

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use protocol::catalogue::Catalogue;
 use protocol::municipality::MunicipalityCode;
-use protocol::person::{PersonKeySecret, hex_lower};
+use protocol::person::{PersonKeySecret, hex_decode, hex_lower};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
@@ -280,12 +280,7 @@ fn read_hex(path: &Path, n_bytes: usize) -> anyhow::Result<Vec<u8>> {
     if text.len() != n_bytes * 2 {
         bail!("{} must hold {} hex digits", path.display(), n_bytes * 2);
     }
-    (0..n_bytes)
-        .map(|i| {
-            u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-                .with_context(|| format!("{} is not hex", path.display()))
-        })
-        .collect()
+    hex_decode(text).with_context(|| format!("{} is not hex", path.display()))
 }
 
 /// What `init` was asked for.

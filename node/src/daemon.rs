@@ -92,10 +92,7 @@ pub async fn serve(
 fn p2p_options(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<crate::p2p::P2pOptions>> {
     let p2p = &files.config.p2p;
     let (Some(national), Some(key)) = (&p2p.national, &p2p.national_key) else { return Ok(None) };
-    let national_key = (0..key.len() / 2)
-        .map(|i| u8::from_str_radix(&key[2 * i..2 * i + 2], 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .context("[p2p] national_key is not hex")?;
+    let national_key = protocol::person::hex_decode(key).context("[p2p] national_key is not hex")?;
     let role = match files.config.role {
         crate::config::Role::Standby => protocol::directory::NodeRole::Standby,
         _ => protocol::directory::NodeRole::Municipal,

@@ -775,7 +775,7 @@ fn public_key_arg(text: &str) -> anyhow::Result<Vec<u8>> {
             .to_owned()
     };
     anyhow::ensure!(hex.len() == 64, "--public-key: 64 hex digits expected (an Ed25519 public key)");
-    (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).context("--public-key: not hex")).collect()
+    protocol::person::hex_decode(&hex).context("--public-key: not hex")
 }
 
 fn print_report(report: &node::audit::VerifyReport) -> anyhow::Result<()> {

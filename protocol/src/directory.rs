@@ -10,7 +10,7 @@ use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
 use crate::municipality::MunicipalityCode;
-use crate::person::hex_lower;
+use crate::person::{hex_decode, hex_lower};
 
 /// What a node is in the federation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -93,7 +93,7 @@ impl SignedDirectory {
 
     /// Checks the signature with the national public key.
     pub fn verify(&self, national_key: &[u8]) -> Result<&Directory, DirectoryError> {
-        let signature = decode_hex(&self.signature).ok_or(DirectoryError::BadSignature)?;
+        let signature = hex_decode(&self.signature).ok_or(DirectoryError::BadSignature)?;
         UnparsedPublicKey::new(&ED25519, national_key)
             .verify(&message(&self.directory), &signature)
             .map_err(|_| DirectoryError::BadSignature)?;
@@ -164,11 +164,4 @@ pub struct JoinRequest {
     pub entry: DirectoryEntry,
     /// When it was made.
     pub requested_at: String,
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len() / 2).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()).collect()
 }

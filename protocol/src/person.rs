@@ -57,6 +57,14 @@ impl PersonKeySecret {
 #[error("個人番号 must be 12 digits with a valid check digit")]
 pub struct InvalidMyNumber;
 
+/// Bytes from hex digits (either case); `None` for an odd length or a non-hex character.
+pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len() / 2).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()).collect()
+}
+
 /// Lower-case hexadecimal.
 pub fn hex_lower(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
