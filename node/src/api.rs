@@ -58,6 +58,8 @@ pub struct AppState {
     pub public_limiter: Arc<RateLimiter>,
     /// Served over HTTPS (adds `Strict-Transport-Security`).
     pub https: bool,
+    /// A terminal's runtime (`None` on a municipal node).
+    pub terminal: Option<Arc<crate::terminal::TerminalRuntime>>,
 }
 
 /// Who may call a route.
@@ -243,6 +245,32 @@ pub const ROUTES: &[RouteSpec] = &[
     ),
 ];
 
+/// The routes a venue terminal serves: login, its own accounts and audit log, capture,
+/// its status and its capture log. Nothing about residents: a terminal holds none.
+pub fn terminal_routes() -> &'static [RouteSpec] {
+    static ROUTES_OF_TERMINAL: std::sync::LazyLock<Vec<RouteSpec>> = std::sync::LazyLock::new(|| {
+        let mut routes: Vec<RouteSpec> = ROUTES
+            .iter()
+            .filter(|r| {
+                !r.path.starts_with("/api/v1/residents")
+                    && !r.path.starts_with("/api/v1/coupons")
+                    && !r.path.starts_with("/api/v1/lots")
+                    && r.path != "/api/v1/changes"
+            })
+            .copied()
+            .collect();
+        routes.push(route(
+            "GET",
+            "/api/v1/terminal/captures",
+            RECORD,
+            "この端末の記録一覧と送信状態",
+            "This terminal's captures and their sync state",
+        ));
+        routes
+    });
+    &ROUTES_OF_TERMINAL
+}
+
 fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
     match (spec.method, spec.path) {
         ("GET", "/healthz") => get(healthz),
@@ -272,13 +300,15 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("GET", "/api/v1/audit") => get(audit_entries),
         ("GET", "/api/v1/audit/verify") => get(audit_verify),
         ("GET", "/api/v1/audit/export") => get(audit_export),
+        ("GET", "/api/v1/terminal/captures") => get(terminal_captures),
         (method, path) => unreachable!("ROUTES lists {method} {path} without a handler"),
     }
 }
 
-/// The router, built from [`ROUTES`].
+/// The router, built from [`ROUTES`] (or [`terminal_routes`] on a terminal).
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    router_from(state, max_body_bytes, ROUTES)
+    let routes = if state.terminal.is_some() { terminal_routes() } else { ROUTES };
+    router_from(state, max_body_bytes, routes)
 }
 
 /// The router built from any route table. The node uses [`ROUTES`]; the isolation test also
@@ -587,6 +617,9 @@ pub fn openapi_document() -> serde_json::Value {
 }
 
 async fn status(State(state): State<AppState>) -> ApiResult {
+    if let Some(terminal) = &state.terminal {
+        return Ok(Json(terminal.status().map_err(|e| Problem::internal(&e))?).into_response());
+    }
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
     let counts = (|| -> anyhow::Result<serde_json::Value> {
         Ok(json!({
@@ -595,6 +628,9 @@ async fn status(State(state): State<AppState>) -> ApiResult {
             "coupons": view.n_coupons()?,
             "dose_events": view.n_dose_events()?,
             "change_seq": view.meta(crate::store::META_CHANGE_SEQ)?,
+            "terminals": view.count(crate::store::TERMINALS)?,
+            "blocked_coupons": view.count(crate::store::BLOCKED_COUPONS)?,
+            "forward_outbox": view.count(crate::store::FORWARD_OUTBOX)?,
             "replication": {
                 "documents_pulled": crate::p2p::PULLED_DOCUMENTS.load(std::sync::atomic::Ordering::Relaxed),
                 "bytes_received": crate::p2p::PULLED_BYTES_RECEIVED.load(std::sync::atomic::Ordering::Relaxed),
@@ -628,7 +664,8 @@ fn parse_date_field(field: &str, text: &str) -> Result<Date, Problem> {
     })
 }
 
-fn check_id_field(field: &str, value: &str) -> Result<(), Problem> {
+/// Checks an id-like field (venue, event id): 1–128 characters of A–Z, a–z, 0–9, `-_.`.
+pub fn check_id_field(field: &str, value: &str) -> Result<(), Problem> {
     let ok = (1..=128).contains(&value.len())
         && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if ok {
@@ -672,6 +709,29 @@ async fn capture(
         Some(text) => Some(parse_date_field("vaccinated_on", text)?),
         None => None,
     };
+    if let Some(terminal) = &state.terminal {
+        let result = terminal
+            .capture(
+                &state.writer,
+                &who,
+                (capture.coupon, capture.vial),
+                vaccinated_on,
+                capture.venue.clone(),
+                capture.event_id,
+                recorded_by,
+            )
+            .await;
+        return match result {
+            Ok((code, value)) => Ok((code, Json(value)).into_response()),
+            Err(problem) => {
+                if problem.status != StatusCode::INTERNAL_SERVER_ERROR {
+                    let outcome = format!("refused:{}", problem.code);
+                    audit_refusal(&state, &who, "capture", format!("venue:{}", capture.venue), &outcome).await;
+                }
+                Err(problem)
+            }
+        };
+    }
     let own = state.municipality;
     let key = state.coupon_public_key.clone();
     let scanned = decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
@@ -692,10 +752,21 @@ async fn capture(
         venue: capture.venue,
         event_id: capture.event_id,
         recorded_by,
+        captured_at: None,
+        forwarded_lot: None,
     };
     let outcome = state.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await?;
     let code = if outcome.replay { StatusCode::OK } else { StatusCode::CREATED };
     Ok((code, Json(outcome)).into_response())
+}
+
+async fn terminal_captures(State(state): State<AppState>, Extension(who): Extension<Who>) -> ApiResult {
+    let Some(terminal) = &state.terminal else {
+        return Err(Problem::new(StatusCode::NOT_FOUND, "no_route", None, "no such route", "そのURLはありません"));
+    };
+    let log = terminal.log(500).map_err(|e| Problem::internal(&e))?;
+    audit_reads(&state, &who, "terminal.captures.read", vec![format!("venue:{}", terminal.venue)]).await?;
+    Ok(Json(json!({ "captures": log })).into_response())
 }
 
 #[derive(Deserialize)]

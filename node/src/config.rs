@@ -46,7 +46,7 @@ pub enum Role {
     /// A standby replica of a municipality's node: pulls every resident document from the
     /// primary, refuses writes until promoted.
     Standby,
-    /// A venue laptop (not yet available).
+    /// A venue laptop enrolled with its municipal node: captures offline, holds no residents.
     Terminal,
     /// The national node (arrives with the national issue).
     National,
@@ -72,6 +72,9 @@ pub struct NodeConfig {
     /// Federation (libp2p) settings.
     #[serde(default)]
     pub p2p: P2pConfig,
+    /// A terminal's venue and node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<crate::terminal::TerminalConfig>,
 }
 
 /// `[p2p]`
@@ -305,6 +308,8 @@ pub struct InitOptions {
     pub p2p_listen: Option<String>,
     /// A standby copies the primary's coupon key and person-key secret from this `keys/`.
     pub keys_from: Option<PathBuf>,
+    /// A terminal: its venue and node, and the identity it enrolled with.
+    pub terminal: Option<(crate::terminal::TerminalConfig, libp2p::identity::Keypair)>,
 }
 
 /// Creates a data directory: keys, certificate, config, catalogue, and the store with the
@@ -317,7 +322,8 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
             "a standby needs the primary's coupon-signing key and person-key secret: give --keys-from PRIMARY_DATA/keys"
         ),
         Role::National => bail!("the national node is created with `vrs-node federation init-national`"),
-        Role::Terminal => bail!("terminals are not available in this version"),
+        Role::Terminal if options.terminal.is_some() => {}
+        Role::Terminal => bail!("a terminal is created with --enroll TOKEN (from `vrs-node terminal enrol-token`)"),
     }
     if !options.municipality.is_known() {
         bail!("{} is not one of Japan's 1,741 municipalities", options.municipality);
@@ -347,7 +353,16 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
         (None, Some(path)) => read_hex(path, 32)?,
         (None, None) => random_bytes(&rng, 32)?,
     };
-    crate::p2p::load_or_create_identity(&dir.join("keys/p2p-identity.key"))?;
+    match &options.terminal {
+        Some((_, keypair)) => {
+            let bytes =
+                keypair.to_protobuf_encoding().map_err(|e| anyhow::anyhow!("cannot encode the key: {e}"))?;
+            write_private(&dir.join("keys/p2p-identity.key"), &bytes)?;
+        }
+        None => {
+            crate::p2p::load_or_create_identity(&dir.join("keys/p2p-identity.key"))?;
+        }
+    }
     write_private(&dir.join("keys/person-key.secret"), hex_lower(&secret).as_bytes())?;
     write_private(&dir.join("keys/node-actor"), hex_lower(&random_bytes(&rng, 16)?).as_bytes())?;
     let audit_pkcs8 =
@@ -391,6 +406,7 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
             listen: options.p2p_listen.clone().unwrap_or_else(|| P2pConfig::default().listen),
             ..P2pConfig::default()
         },
+        terminal: options.terminal.as_ref().map(|(config, _)| config.clone()),
     };
     write_config(dir, &config)?;
     fs::write(dir.join("catalogue.toml"), DEFAULT_CATALOGUE)?;

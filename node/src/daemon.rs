@@ -33,6 +33,13 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
     let writer_audit = files.audit_log()?;
     let api_audit = Arc::new(files.audit_log()?);
     let https = !files.config.http.plain_http;
+    let terminal = match (&files.config.role, &files.config.terminal) {
+        (crate::config::Role::Terminal, Some(t)) => {
+            Some(crate::terminal::TerminalRuntime::open(store.clone(), files.config.municipality, &t.venue)?)
+        }
+        (crate::config::Role::Terminal, None) => anyhow::bail!("node.toml of a terminal lacks [terminal]"),
+        _ => None,
+    };
     let NodeFiles { config, catalogue, signing_key, actor, .. } = files;
     let context = WriterContext {
         actor: ActorId::from(actor),
@@ -56,6 +63,7 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
         public_limiter: Arc::new(RateLimiter::new(config.auth.public_per_minute)),
         policy: Arc::new(config.auth.clone()),
         https,
+        terminal,
     };
     Ok(Started { state, writer_thread, max_body_bytes: config.http.max_body_bytes, tls: None, p2p: None })
 }
@@ -75,10 +83,27 @@ pub async fn serve(
         let http = &files.config.http;
         Some(crate::tls::load_server_config(&files.path_of(&http.tls_cert), &files.path_of(&http.tls_key))?)
     };
+    let terminal_sync = match (&files.config.terminal, files.config.role) {
+        (Some(t), crate::config::Role::Terminal) => Some((
+            crate::terminal::identity(&files.dir)?,
+            t.node.parse::<libp2p::Multiaddr>().with_context(|| format!("[terminal] node {} is not a multiaddr", t.node))?,
+        )),
+        _ => None,
+    };
+    let service = capture_service(&files, &store)?;
     let mut started = start(files, store)?;
     started.tls = tls;
+    if let (Some((keypair, node)), Some(runtime)) = (terminal_sync, started.state.terminal.clone()) {
+        let writer = started.state.writer.clone();
+        started.p2p = Some(tokio::spawn(async move {
+            if let Err(error) = crate::terminal::run_sync(runtime, writer, keypair, node).await {
+                tracing::error!(error = format!("{error:#}"), "the terminal sync stopped");
+            }
+        }));
+    }
     if let Some(mut options) = p2p {
         options.writer = Some(started.state.writer.clone());
+        options.captures = service.map(|make| Arc::new(make(started.state.writer.clone())));
         started.p2p = Some(tokio::spawn(async move {
             if let Err(error) = crate::p2p::run(options, None).await {
                 tracing::error!(error = format!("{error:#}"), "the p2p service stopped");
@@ -88,14 +113,58 @@ pub async fn serve(
     serve_started(started, listen, bound).await
 }
 
-/// The p2p service's options, when the node has joined a federation (`[p2p] national`).
+/// Whether a municipal node has terminals or enrolment tokens (its p2p service then runs
+/// even outside a federation).
+fn has_terminals(store: &Store) -> anyhow::Result<bool> {
+    let view = store.read()?;
+    Ok(view.count(crate::store::TERMINALS)? + view.count(crate::store::ENROLMENTS)? > 0)
+}
+
+/// What a municipal primary needs to serve terminals and forwarded captures, once its
+/// writer exists.
+type MakeService = Box<dyn FnOnce(WriterHandle) -> crate::terminals::CaptureService + Send>;
+
+fn capture_service(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<MakeService>> {
+    if files.config.role != crate::config::Role::Municipal {
+        return Ok(None);
+    }
+    let pkcs8 = std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
+    let signing_key = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
+        .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8 is not an Ed25519 key: {e}"))?;
+    let store = store.clone();
+    let municipality = files.config.municipality;
+    let coupon_public_key = files.signing_public_key();
+    let catalogue = files.catalogue.clone();
+    let campaign_start = files.config.campaign.start;
+    let national_key = files.config.p2p.national_key.clone().unwrap_or_default();
+    Ok(Some(Box::new(move |writer| crate::terminals::CaptureService {
+        store,
+        writer,
+        municipality,
+        signing_key: Arc::new(signing_key),
+        coupon_public_key,
+        catalogue,
+        campaign_start,
+        national_key,
+    })))
+}
+
+/// The p2p service's options, when the node has joined a federation (`[p2p] national`) or,
+/// for a municipal primary, has terminals.
 fn p2p_options(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<crate::p2p::P2pOptions>> {
     let p2p = &files.config.p2p;
-    let (Some(national), Some(key)) = (&p2p.national, &p2p.national_key) else { return Ok(None) };
-    let national_key = protocol::person::hex_decode(key).context("[p2p] national_key is not hex")?;
     let role = match files.config.role {
         crate::config::Role::Standby => protocol::directory::NodeRole::Standby,
-        _ => protocol::directory::NodeRole::Municipal,
+        crate::config::Role::Municipal => protocol::directory::NodeRole::Municipal,
+        _ => return Ok(None),
+    };
+    let (national, national_key) = match (&p2p.national, &p2p.national_key) {
+        (Some(national), Some(key)) => (
+            Some(national.parse().with_context(|| format!("[p2p] national {national} is not a multiaddr"))?),
+            protocol::person::hex_decode(key).context("[p2p] national_key is not hex")?,
+        ),
+        _ if role == protocol::directory::NodeRole::Municipal && has_terminals(store)? => (None, Vec::new()),
+        _ => return Ok(None),
     };
     Ok(Some(crate::p2p::P2pOptions {
         keypair: crate::p2p::load_or_create_identity(&files.dir.join("keys/p2p-identity.key"))?,
@@ -103,15 +172,14 @@ fn p2p_options(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<c
             .listen
             .parse()
             .with_context(|| format!("[p2p] listen {} is not a multiaddr", p2p.listen))?,
-        national: Some(
-            national.parse().with_context(|| format!("[p2p] national {national} is not a multiaddr"))?,
-        ),
+        national,
         national_key,
         directory_path: files.dir.join("directory.json"),
         role,
         municipality: Some(files.config.municipality),
         store: Some(store.clone()),
         writer: None,
+        captures: None,
     }))
 }
 

@@ -217,6 +217,7 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         tls_names: Vec::new(),
         p2p_listen: None,
         keys_from: None,
+        terminal: None,
     };
     let token = init_data_dir(&dir, &options)?;
     let files = NodeFiles::load(&dir)?;

@@ -167,6 +167,7 @@ pub async fn run_national(dir: &Path) -> anyhow::Result<()> {
         municipality: None,
         store: None,
         writer: None,
+        captures: None,
     };
     tokio::select! {
         result = crate::p2p::run(options, None) => result,

@@ -63,6 +63,14 @@ enum Commands {
         /// For --role standby: the primary's keys/ directory (coupon key and person-key secret).
         #[arg(long)]
         keys_from: Option<PathBuf>,
+        /// For --role terminal: the enrolment token from `vrs-node terminal enrol-token`.
+        #[arg(long)]
+        enroll: Option<String>,
+    },
+    /// 会場端末 / Venue terminals: enrolment tokens, enrolled terminals.
+    Terminal {
+        #[command(subcommand)]
+        command: TerminalCommands,
     },
     /// 連携 / Federation: the national directory, joining it, approving members.
     Federation {
@@ -294,6 +302,36 @@ enum UserCommands {
 }
 
 #[derive(Subcommand)]
+enum TerminalCommands {
+    /// 登録トークンの発行 / Issue a one-time enrolment token for a venue terminal (node stopped).
+    EnrolToken {
+        /// Data directory of the municipal node.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// The venue the terminal will record for.
+        #[arg(long)]
+        venue: String,
+        /// Hours the token stays usable.
+        #[arg(long, default_value_t = 24)]
+        valid_hours: u32,
+    },
+    /// 一覧 / List enrolled terminals.
+    List {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+    },
+    /// 取消 / Revoke a terminal: the node disconnects and refuses it.
+    Revoke {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// The terminal's peer id.
+        peer_id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenCommands {
     /// 発行 / Issue a token (shown once).
     Add {
@@ -430,9 +468,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_name,
             p2p_listen,
             keys_from,
+            enroll,
         } => {
             let municipality = MunicipalityCode::parse(&municipality)
                 .map_err(|e| anyhow::anyhow!("--municipality {municipality}: {e}"))?;
+            if enroll.is_some() != (role == Role::Terminal) {
+                anyhow::bail!("--enroll goes with --role terminal, and a terminal needs --enroll TOKEN");
+            }
+            if data.join("node.toml").exists() {
+                anyhow::bail!("{} already holds a node (node.toml exists); refusing to overwrite", data.display());
+            }
+            // A terminal enrols first: nothing is written unless the node accepts it.
+            let enrolled = match &enroll {
+                Some(text) => {
+                    let token = node::terminals::EnrolmentToken::parse(text)?;
+                    let runtime = tokio::runtime::Runtime::new()?;
+                    let (keypair, certificate, bundle) =
+                        runtime.block_on(node::terminal::enrol(&token, municipality))?;
+                    let config =
+                        node::terminal::TerminalConfig { venue: certificate.venue.clone(), node: token.node.clone() };
+                    Some((config, keypair, certificate, bundle))
+                }
+                None => None,
+            };
             let options = InitOptions {
                 role,
                 municipality,
@@ -444,8 +502,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tls_names: tls_name,
                 p2p_listen,
                 keys_from,
+                terminal: enrolled.as_ref().map(|(config, keypair, _, _)| (config.clone(), keypair.clone())),
             };
             let token = init_data_dir(&data, &options)?;
+            if let Some((config, keypair, certificate, bundle)) = &enrolled {
+                let store = Store::open(&NodeFiles::load(&data)?.store_path())?;
+                node::terminal::store_enrolment(&store, certificate, bundle)?;
+                println!(
+                    "端末を登録しました / terminal enrolled: 会場 venue {} — peer {} — ノード node {}",
+                    config.venue,
+                    keypair.public().to_peer_id(),
+                    config.node
+                );
+            }
             let name = protocol::municipality::lookup_municipality(municipality)
                 .map(|m| format!("{}{}", m.prefecture, m.name))
                 .unwrap_or_default();
@@ -589,6 +658,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Commands::User { command } => run_user(command),
         Commands::Token { command } => run_token(command),
+        Commands::Terminal { command } => run_terminal(command),
         Commands::Audit { command } => run_audit(command),
         Commands::AuthzTable => {
             print!("{}", node::api::authorization_table_markdown());
@@ -721,6 +791,46 @@ fn set_disabled(data: &std::path::Path, username: &str, disabled: bool) -> anyho
         println!("利用者を再開しました / user enabled: {username}");
     }
     Ok(())
+}
+
+fn run_terminal(command: TerminalCommands) -> anyhow::Result<()> {
+    use node::terminals;
+    match command {
+        TerminalCommands::EnrolToken { data, venue, valid_hours } => {
+            let (files, store) = open(&data)?;
+            let address = terminals::p2p_address(&files)?;
+            let (token, enrolment) =
+                cli_write(&files, &store, "terminal.enrol_token", &format!("venue:{venue}"), |txn, now| {
+                    if let Err(problem) = node::api::check_id_field("venue", &venue) {
+                        return Ok(Err(problem));
+                    }
+                    Ok(Ok(terminals::add_enrolment(txn, &venue, valid_hours, "cli", &address, now)?))
+                })?;
+            let until = enrolment
+                .expires_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            println!("登録トークン（一度だけ表示、{until} まで有効）/ enrolment token (shown once, valid until {until}):");
+            println!("{}", token.to_text());
+            Ok(())
+        }
+        TerminalCommands::List { data } => {
+            let (_, store) = open(&data)?;
+            for (peer, record) in store.read()?.all::<terminals::TerminalRecord>(node::store::TERMINALS)? {
+                let state = if record.revoked { "取消 revoked" } else { "有効 active" };
+                println!("{peer}\t{}\t{}\t{state}", record.certificate.venue, record.certificate.issued_at);
+            }
+            Ok(())
+        }
+        TerminalCommands::Revoke { data, peer_id } => {
+            let (files, store) = open(&data)?;
+            cli_write(&files, &store, "terminal.revoke", &format!("terminal:{peer_id}"), |txn, _| {
+                terminals::revoke(txn, &peer_id)
+            })?;
+            println!("端末を取り消しました / terminal revoked: {peer_id}");
+            Ok(())
+        }
+    }
 }
 
 fn run_token(command: TokenCommands) -> anyhow::Result<()> {

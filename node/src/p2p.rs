@@ -1,10 +1,12 @@
-//! The federation transport: libp2p over TCP + Noise + Yamux, with identify, ping, and two
-//! request-response protocols — `/vrs/directory/1` (fetch the newest signed directory) and
-//! `/vrs/replication/1` (the pull protocol of [`protocol::replication`]).
+//! The federation transport: libp2p over TCP + Noise + Yamux, with identify, ping, and three
+//! request-response protocols — `/vrs/directory/1` (fetch the newest signed directory),
+//! `/vrs/replication/1` (the pull protocol of [`protocol::replication`]) and
+//! `/vrs/capture/1` (terminals enrol, fetch their bundle and push captures; municipal nodes
+//! forward captures of each other's coupons, see [`protocol::terminal`]).
 //!
 //! A node accepts connections only from peer ids in its signed directory (plus the national
-//! node it was configured with), and answers a replication request only if the directory says
-//! the peer may see those documents. A standby dials its municipality's primary and pulls
+//! node it was configured with) and its enrolled terminals ([`crate::gate`]), and answers a
+//! replication request only if the directory says the peer may see those documents. A standby dials its municipality's primary and pulls
 //! continuously; each completed page is stored with its checkpoint through the writer, in
 //! one durable commit, so a crash resumes at the last stored page.
 
@@ -20,9 +22,9 @@ use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, identify, noise, ping,
-    tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux,
 };
+use protocol::terminal::{CaptureRequest, CaptureResponse, MAX_CAPTURES_PER_REQUEST};
 use protocol::directory::{Directory, DirectoryEntry, NodeRole, SignedDirectory, may_replicate_residents};
 use protocol::municipality::MunicipalityCode;
 use protocol::replication::{
@@ -36,6 +38,10 @@ use crate::writer::{Command, Who, WriterHandle};
 
 /// The replication protocol.
 pub const REPLICATION_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/replication/1");
+/// The capture protocol (terminals, and captures forwarded between municipalities).
+pub const CAPTURE_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/capture/1");
+/// How long an unknown peer may stay connected to present an enrolment token.
+pub const ENROLMENT_WINDOW: Duration = Duration::from_secs(20);
 /// The directory protocol.
 pub const DIRECTORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/directory/1");
 /// Largest request accepted.
@@ -93,12 +99,13 @@ pub struct DirectoryResponse {
 /// The node's libp2p behaviours.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
-    allowed: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    pub(crate) gate: crate::gate::Gate,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     replication: request_response::cbor::Behaviour<ReplicationRequest, ReplicationResponse>,
     directory: request_response::cbor::Behaviour<DirectoryRequest, DirectoryResponse>,
+    pub(crate) capture: request_response::cbor::Behaviour<CaptureRequest, CaptureResponse>,
 }
 
 /// Reads or makes the node's libp2p identity (`keys/p2p-identity.key`, protobuf encoding).
@@ -134,6 +141,8 @@ pub struct P2pOptions {
     pub store: Option<Arc<Store>>,
     /// The writer (standby pulls are stored through it).
     pub writer: Option<WriterHandle>,
+    /// Terminals and forwarded captures (a municipal primary).
+    pub captures: Option<Arc<crate::terminals::CaptureService>>,
 }
 
 /// Loads the newest verified directory from disk.
@@ -173,7 +182,7 @@ pub(crate) fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> 
         .with_behaviour(|key| {
             let config = request_response::Config::default().with_request_timeout(Duration::from_secs(60));
             Behaviour {
-                allowed: allow_block_list::Behaviour::default(),
+                gate: crate::gate::Gate::default(),
                 limits: connection_limits::Behaviour::new(
                     connection_limits::ConnectionLimits::default()
                         .with_max_established_per_peer(Some(4))
@@ -190,6 +199,11 @@ pub(crate) fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> 
                 directory: request_response::Behaviour::with_codec(
                     codec(),
                     [(DIRECTORY_PROTOCOL, ProtocolSupport::Full)],
+                    config.clone(),
+                ),
+                capture: request_response::Behaviour::with_codec(
+                    codec(),
+                    [(CAPTURE_PROTOCOL, ProtocolSupport::Full)],
                     config,
                 ),
             }
@@ -296,6 +310,25 @@ struct Node {
     pages: Option<mpsc::Sender<StorePage>>,
     directory_asked: Option<Instant>,
     directory_modified: Option<std::time::SystemTime>,
+    /// Enrolled terminals (not revoked), by peer.
+    terminals: HashMap<PeerId, crate::terminals::TerminalRecord>,
+    /// When the terminal list was last read, and its sequence then.
+    terminals_read: Option<(Instant, u64)>,
+    /// Unknown peers connected to enrol, and when they must be gone.
+    enrolling: HashMap<PeerId, Instant>,
+    capture_answers: mpsc::Sender<CaptureAnswer>,
+    /// Forward requests in flight, by owner municipality.
+    forwarding: HashMap<MunicipalityCode, Option<OutboundRequestId>>,
+    forward_done: mpsc::Sender<MunicipalityCode>,
+    forward_next: Instant,
+}
+
+/// An answer on the capture protocol, computed off the event loop.
+struct CaptureAnswer {
+    channel: ResponseChannel<CaptureResponse>,
+    response: CaptureResponse,
+    /// Close the connection after answering (a refused or finished enrolment).
+    then_close: Option<PeerId>,
 }
 
 /// Runs the p2p service until the process ends. `bound` learns the first listen address.
@@ -309,6 +342,8 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let directory = load_directory(&options.directory_path, &options.national_key)?;
     let (answers, mut answers_rx) = mpsc::channel(256);
+    let (capture_answers, mut capture_answers_rx) = mpsc::channel::<CaptureAnswer>(256);
+    let (forward_done, mut forward_done_rx) = mpsc::channel(64);
     let (stored, mut stored_rx) = mpsc::channel(4);
     let pages = options.writer.clone().map(|writer| {
         let (pages, pages_rx) = mpsc::channel(2);
@@ -326,10 +361,15 @@ pub async fn run(
         pages,
         directory_asked: None,
         directory_modified: None,
+        terminals: HashMap::new(),
+        terminals_read: None,
+        enrolling: HashMap::new(),
+        capture_answers,
+        forwarding: HashMap::new(),
+        forward_done,
+        forward_next: Instant::now(),
     };
-    if let Some(national) = node.national_peer() {
-        swarm.behaviour_mut().allowed.allow_peer(national);
-    }
+    node.refresh_terminals(&mut swarm);
     if let Some(directory) = directory {
         node.install(&mut swarm, directory);
     }
@@ -351,6 +391,25 @@ pub async fn run(
                 let _ = swarm.behaviour_mut().replication.send_response(channel, response);
             }
             Some((generation, result)) = stored_rx.recv() => node.on_stored(&mut swarm, generation, result),
+            Some(answer) = capture_answers_rx.recv() => {
+                let enrolled = matches!(answer.response, CaptureResponse::Enrolled { .. });
+                let _ = swarm.behaviour_mut().capture.send_response(answer.channel, answer.response);
+                match answer.then_close {
+                    Some(peer) if enrolled => {
+                        // Stored already: let the new terminal in for good at once.
+                        node.enrolling.remove(&peer);
+                        node.terminals_read = None;
+                        node.refresh_terminals(&mut swarm);
+                    }
+                    Some(peer) => {
+                        node.enrolling.insert(peer, Instant::now() + Duration::from_millis(500));
+                    }
+                    None => {}
+                }
+            }
+            Some(owner) = forward_done_rx.recv() => {
+                node.forwarding.remove(&owner);
+            }
             _ = tick.tick() => node.maintain(&mut swarm),
         }
     }
@@ -367,7 +426,6 @@ impl Node {
 
     /// Takes a verified directory: persists it and rebuilds the allow-list.
     fn install(&mut self, swarm: &mut Swarm<Behaviour>, signed: SignedDirectory) {
-        let me = *swarm.local_peer_id();
         let old: HashSet<PeerId> = self.allowed_peers();
         if self.options.role != NodeRole::National
             && let Err(error) = save_directory(&self.options.directory_path, &signed)
@@ -380,12 +438,42 @@ impl Node {
             "directory installed"
         );
         self.directory = Some(signed);
+        self.apply_gate(swarm, old);
+    }
+
+    /// Gives the gate the allowed peers and closes connections of peers no longer allowed.
+    fn apply_gate(&mut self, swarm: &mut Swarm<Behaviour>, old: HashSet<PeerId>) {
         let new = self.allowed_peers();
         for peer in old.difference(&new) {
-            swarm.behaviour_mut().allowed.disallow_peer(*peer);
+            let _ = swarm.disconnect_peer_id(*peer);
         }
-        for peer in new.iter().filter(|p| **p != me) {
-            swarm.behaviour_mut().allowed.allow_peer(*peer);
+        swarm.behaviour_mut().gate.set_allowed(new);
+    }
+
+    /// Rereads the enrolled terminals and whether enrolment is open, about once a second.
+    fn refresh_terminals(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let Some(store) = self.options.store.clone().filter(|_| self.options.captures.is_some()) else {
+            return;
+        };
+        if self.terminals_read.is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        let sequence = store.read().and_then(|v| v.meta(crate::store::META_TERMINALS_SEQ)).unwrap_or(0);
+        let now = time::OffsetDateTime::now_utc();
+        match crate::terminals::terminal_peers(&store, now) {
+            Ok((terminals, open)) => {
+                let old = self.allowed_peers();
+                self.terminals = terminals
+                    .into_iter()
+                    .filter_map(|t| Some((t.certificate.peer_id.parse().ok()?, t)))
+                    .collect();
+                swarm.behaviour_mut().gate.set_enrolment_open(open);
+                if self.terminals_read.is_none_or(|(_, seen)| seen != sequence) {
+                    self.apply_gate(swarm, old);
+                }
+                self.terminals_read = Some((Instant::now(), sequence));
+            }
+            Err(error) => tracing::error!(%error, "cannot read the enrolled terminals"),
         }
     }
 
@@ -397,6 +485,7 @@ impl Node {
             .filter_map(|e| e.peer_id.parse().ok())
             .collect();
         peers.extend(self.national_peer());
+        peers.extend(self.terminals.keys().copied());
         peers
     }
 
@@ -428,6 +517,17 @@ impl Node {
     }
 
     fn maintain(&mut self, swarm: &mut Swarm<Behaviour>) {
+        self.refresh_terminals(swarm);
+        let now = Instant::now();
+        let expired: Vec<PeerId> =
+            self.enrolling.iter().filter(|(_, until)| **until <= now).map(|(peer, _)| *peer).collect();
+        for peer in expired {
+            self.enrolling.remove(&peer);
+            if !swarm.behaviour().gate.is_allowed(&peer) {
+                let _ = swarm.disconnect_peer_id(peer);
+            }
+        }
+        self.forward(swarm);
         if self.options.role == NodeRole::National {
             // The national administrator approves with the CLI, which rewrites the file.
             let modified = std::fs::metadata(&self.options.directory_path).and_then(|m| m.modified()).ok();
@@ -500,6 +600,10 @@ impl Node {
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 tracing::info!(peer = %peer_id, "connected");
+                if !swarm.behaviour().gate.is_allowed(&peer_id) {
+                    // Let in only to present an enrolment token.
+                    self.enrolling.insert(peer_id, Instant::now() + ENROLMENT_WINDOW);
+                }
                 self.connected.insert(peer_id);
                 self.dialing.remove(&peer_id);
             }
@@ -517,6 +621,7 @@ impl Node {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Directory(event)) => self.on_directory(swarm, event),
             SwarmEvent::Behaviour(BehaviourEvent::Replication(event)) => self.on_replication(swarm, event),
+            SwarmEvent::Behaviour(BehaviourEvent::Capture(event)) => self.on_capture(swarm, event),
             _ => {}
         }
     }
@@ -529,6 +634,9 @@ impl Node {
         let request_response::Event::Message { peer, message, .. } = event else { return };
         match message {
             request_response::Message::Request { request, channel, .. } => {
+                if !swarm.behaviour().gate.is_allowed(&peer) {
+                    return;
+                }
                 let newer = self
                     .directory
                     .clone()
@@ -546,6 +654,157 @@ impl Node {
                     Err(error) => tracing::warn!(%peer, %error, "directory refused"),
                 }
             }
+        }
+    }
+
+    fn on_capture(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        event: request_response::Event<CaptureRequest, CaptureResponse>,
+    ) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => self.answer_capture(swarm, peer, request, channel),
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => {
+                let Some(owner) = self.forward_owner(request_id) else { return };
+                let Some(service) = self.options.captures.clone() else { return };
+                match response {
+                    CaptureResponse::States { states } => {
+                        let done = self.forward_done.clone();
+                        tokio::spawn(async move {
+                            if let Err(problem) = service.answered(&peer.to_string(), states).await {
+                                tracing::error!(error = %problem.message_en, "cannot store forwarded answers");
+                            }
+                            let _ = done.send(owner).await;
+                        });
+                    }
+                    other => {
+                        tracing::warn!(%peer, ?other, "the owner refused forwarded captures");
+                        self.forwarding.remove(&owner);
+                        self.forward_next = Instant::now() + Duration::from_secs(2);
+                    }
+                }
+            }
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::warn!(%peer, %error, "forwarding captures failed");
+                if let Some(owner) = self.forward_owner(request_id) {
+                    self.forwarding.remove(&owner);
+                    self.forward_next = Instant::now() + Duration::from_secs(1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forward_owner(&self, request_id: OutboundRequestId) -> Option<MunicipalityCode> {
+        self.forwarding.iter().find(|(_, id)| **id == Some(request_id)).map(|(owner, _)| *owner)
+    }
+
+    /// Answers a capture-protocol request off the event loop: enrolment from anyone let in
+    /// by the gate, bundle and push from enrolled terminals, forward from municipal nodes.
+    fn answer_capture(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        request: CaptureRequest,
+        channel: ResponseChannel<CaptureResponse>,
+    ) {
+        let answers = self.capture_answers.clone();
+        let refuse = |code: &str, message: &str| CaptureResponse::Refused {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        };
+        let Some(service) = self.options.captures.clone() else {
+            let _ = swarm
+                .behaviour_mut()
+                .capture
+                .send_response(channel, refuse("not_served", "this node takes no captures"));
+            return;
+        };
+        let terminal = self.terminals.get(&peer).cloned();
+        let municipal_peer = self.entry(&peer).is_some_and(|e| e.role == NodeRole::Municipal);
+        let directory = self.directory.clone();
+        let then_close = (!swarm.behaviour().gate.is_allowed(&peer)).then_some(peer);
+        let respond = move |response| {
+            let _ = answers.try_send(CaptureAnswer { channel, response, then_close });
+        };
+        match request {
+            CaptureRequest::Enrol { secret } => {
+                tokio::spawn(async move { respond(service.enrol(&peer.to_string(), &secret).await) });
+            }
+            _ if then_close.is_some() => respond(refuse("not_enrolled", "enrol first")),
+            CaptureRequest::Refresh { held_version } => match terminal {
+                Some(terminal) => {
+                    tokio::task::spawn_blocking(move || {
+                        let venue = &terminal.certificate.venue;
+                        respond(match service.bundle(venue, directory.as_ref(), held_version) {
+                            Ok(bundle) => CaptureResponse::Bundle { bundle: bundle.map(Box::new) },
+                            Err(error) => refuse("internal", &format!("{error:#}")),
+                        })
+                    });
+                }
+                None => respond(refuse("not_a_terminal", "only enrolled terminals receive the bundle")),
+            },
+            CaptureRequest::Push { captures } if captures.len() > MAX_CAPTURES_PER_REQUEST => {
+                respond(refuse("too_many", "too many captures in one push"))
+            }
+            CaptureRequest::Push { captures } => match terminal {
+                Some(terminal) => {
+                    tokio::spawn(async move {
+                        let venue = terminal.certificate.venue.clone();
+                        respond(service.push(&peer.to_string(), &venue, captures).await)
+                    });
+                }
+                None => respond(refuse("not_a_terminal", "only enrolled terminals push captures")),
+            },
+            CaptureRequest::Forward { captures } if captures.len() > MAX_CAPTURES_PER_REQUEST => {
+                respond(refuse("too_many", "too many captures in one forward"))
+            }
+            CaptureRequest::Forward { captures } if municipal_peer => {
+                tokio::spawn(async move { respond(service.forwarded(&peer.to_string(), captures).await) });
+            }
+            CaptureRequest::Forward { .. } => {
+                respond(refuse("not_a_municipal_node", "only municipal nodes in the directory forward captures"))
+            }
+        }
+    }
+
+    /// Sends the forward outbox to the owners' nodes, one request per owner at a time.
+    fn forward(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let Some(service) = self.options.captures.clone() else { return };
+        if Instant::now() < self.forward_next {
+            return;
+        }
+        self.forward_next = Instant::now() + Duration::from_millis(200);
+        let outbox = match service.outbox(MAX_CAPTURES_PER_REQUEST) {
+            Ok(outbox) => outbox,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the forward outbox");
+                return;
+            }
+        };
+        for (owner, captures) in outbox {
+            if self.forwarding.contains_key(&owner) {
+                continue;
+            }
+            let Some(entry) = self.directory.as_ref().and_then(|d| d.directory.primary_of(owner)).cloned() else {
+                continue;
+            };
+            let Ok(peer) = entry.peer_id.parse::<PeerId>() else { continue };
+            if !self.connected.contains(&peer) {
+                let addresses = entry.addresses.iter().filter_map(|a| a.parse().ok()).collect();
+                self.dial(swarm, peer, addresses);
+                continue;
+            }
+            let id = swarm.behaviour_mut().capture.send_request(&peer, CaptureRequest::Forward { captures });
+            self.forwarding.insert(owner, Some(id));
         }
     }
 

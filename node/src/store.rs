@@ -49,11 +49,37 @@ pub const IDX_KANA: TableDefinition<(&str, &str), ()> = TableDefinition::new("id
 pub const IDENTITY_DIGEST: TableDefinition<&str, &[u8]> = TableDefinition::new("identity_digest");
 /// lot number → JSON of [`Lot`].
 pub const LOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("lots");
+/// `number.generation` → JSON of [`protocol::terminal::BlockedCoupon`]: coupon generations
+/// that terminals must refuse (revoked, or superseded by a reissue).
+pub const BLOCKED_COUPONS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocked_coupons");
+/// Enrolled terminals: peer id → JSON of [`crate::terminals::TerminalRecord`].
+pub const TERMINALS: TableDefinition<&str, &[u8]> = TableDefinition::new("terminals");
+/// Outstanding enrolment tokens: SHA-256 (hex) of the secret → JSON of
+/// [`crate::terminals::Enrolment`].
+pub const ENROLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrolments");
+/// Captures of other municipalities' coupons waiting for their owner: event id → JSON of
+/// [`crate::terminals::Outgoing`]. Removed once the owner has answered.
+pub const FORWARD_OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("forward_outbox");
+/// The owner's answer to a forwarded capture, until the terminal has fetched it: event id →
+/// JSON of [`protocol::terminal::CaptureState`].
+pub const FORWARD_RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("forward_results");
+/// A terminal's capture log: event id → JSON of [`crate::terminal::LoggedCapture`].
+pub const TERMINAL_LOG: TableDefinition<&str, &[u8]> = TableDefinition::new("terminal_log");
+/// A terminal's captures not yet answered finally: sequence → event id.
+pub const TERMINAL_PENDING: TableDefinition<u64, &str> = TableDefinition::new("terminal_pending");
+/// A terminal's coupons already used here: 18-digit code → event id.
+pub const TERMINAL_USED: TableDefinition<&str, &str> = TableDefinition::new("terminal_used");
+/// A terminal's state: `bundle` and `certificate` → JSON.
+pub const TERMINAL_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("terminal_state");
 /// Counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// `META` key: the last change-feed sequence used.
 pub const META_CHANGE_SEQ: &str = "change_seq";
+/// `META` key: bumped whenever what terminals receive (lots, blocked coupons) changes.
+pub const META_BUNDLE_SEQ: &str = "bundle_seq";
+/// `META` key: bumped whenever the enrolled terminals or enrolment tokens change.
+pub const META_TERMINALS_SEQ: &str = "terminals_seq";
 /// `META` key: the last coupon serial used.
 pub const META_COUPON_SERIAL: &str = "coupon_serial";
 
@@ -99,6 +125,15 @@ impl Store {
             txn.open_table(IDENTITY_DIGEST)?;
             txn.open_table(LOTS)?;
             txn.open_table(META)?;
+            txn.open_table(BLOCKED_COUPONS)?;
+            txn.open_table(TERMINALS)?;
+            txn.open_table(ENROLMENTS)?;
+            txn.open_table(FORWARD_OUTBOX)?;
+            txn.open_table(FORWARD_RESULTS)?;
+            txn.open_table(TERMINAL_LOG)?;
+            txn.open_table(TERMINAL_PENDING)?;
+            txn.open_table(TERMINAL_USED)?;
+            txn.open_table(TERMINAL_STATE)?;
             txn.open_table(crate::audit::AUDIT)?;
             txn.open_table(crate::audit::AUDIT_CHECKPOINTS)?;
             txn.open_table(crate::auth::USERS)?;
@@ -121,6 +156,7 @@ impl Store {
         for lot in lots {
             txn.open_table(LOTS)?.insert(lot.lot.as_str(), serde_json::to_vec(lot)?.as_slice())?;
         }
+        bump(&txn, META_BUNDLE_SEQ)?;
         txn.commit()?;
         Ok(())
     }
@@ -255,6 +291,39 @@ impl ReadView {
     /// A counter from `META`.
     pub fn meta(&self, key: &str) -> anyhow::Result<u64> {
         Ok(self.txn.open_table(META)?.get(key)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// One JSON value of a table.
+    pub fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> anyhow::Result<Option<T>> {
+        get_json(&self.txn.open_table(table)?, key)
+    }
+
+    /// Every JSON value of a table, in key order.
+    pub fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> anyhow::Result<Vec<(String, T)>> {
+        all_json(&self.txn.open_table(table)?)
+    }
+
+    /// Rows of a table.
+    pub fn count(&self, table: TableDefinition<&str, &[u8]>) -> anyhow::Result<u64> {
+        Ok(self.txn.open_table(table)?.len()?)
+    }
+
+    /// The first `limit` entries of a terminal's pending queue: (sequence, event id).
+    pub fn terminal_pending(&self, limit: usize) -> anyhow::Result<Vec<(u64, String)>> {
+        let table = self.txn.open_table(TERMINAL_PENDING)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.take(limit) {
+            let (seq, id) = row?;
+            out.push((seq.value(), id.value().to_owned()));
+        }
+        Ok(out)
     }
 
     /// Every resident id, in id order, from `after` (exclusive), at most `limit`.
@@ -429,7 +498,25 @@ impl<'a> Mutation<'a> {
         apply_event(&mut loaded.doc, event, at)?;
         let chunk = loaded.doc.save_after(&heads);
         let n_chunks = store_chunk(self.txn, resident_id, loaded, &chunk)?;
+        match event {
+            ResidentEvent::CouponIssued { entry, supersedes: Some(old) } => {
+                self.block_coupon(old, true, &entry.generation.to_string())?
+            }
+            ResidentEvent::CouponRevoked { key, reason } => self.block_coupon(key, false, reason)?,
+            _ => {}
+        }
         self.bump_feed(resident_id, n_chunks)
+    }
+
+    /// Adds a coupon generation to the list terminals refuse.
+    fn block_coupon(&self, key: &str, superseded: bool, reason: &str) -> anyhow::Result<()> {
+        let entry = protocol::terminal::BlockedCoupon { superseded, reason: reason.to_owned() };
+        let bytes = serde_json::to_vec(&entry)?;
+        let previous = self.txn.open_table(BLOCKED_COUPONS)?.insert(key, bytes.as_slice())?.map(|v| v.value().to_vec());
+        if previous.as_deref() != Some(bytes.as_slice()) {
+            bump(self.txn, META_BUNDLE_SEQ)?;
+        }
+        Ok(())
     }
 
     /// Stores an event chunk built elsewhere (bulk issuance); `loaded` is the document after it.
@@ -501,8 +588,24 @@ impl<'a> Mutation<'a> {
         }
         kana_index.insert((kana.as_str(), resident_id), ())?;
         drop(kana_index);
+        let newest: std::collections::HashMap<&str, u8> =
+            record.coupons.values().fold(std::collections::HashMap::new(), |mut newest, entry| {
+                let g = newest.entry(entry.code.number.as_str()).or_insert(entry.generation);
+                *g = (*g).max(entry.generation);
+                newest
+            });
         for entry in record.coupons.values() {
             self.set_index(IDX_COUPON, entry.code.number.as_str(), resident_id)?;
+            match entry.status {
+                protocol::document::CouponStatus::Superseded => {
+                    let current = newest.get(entry.code.number.as_str()).copied().unwrap_or(entry.generation);
+                    self.block_coupon(&entry.key(), true, &current.to_string())?
+                }
+                protocol::document::CouponStatus::Revoked => {
+                    self.block_coupon(&entry.key(), false, entry.status_reason.as_deref().unwrap_or(""))?
+                }
+                _ => {}
+            }
         }
         for dose in record.doses.values() {
             self.set_index(IDX_EVENT, &dose.event_id, resident_id)?;
@@ -527,6 +630,7 @@ impl<'a> Mutation<'a> {
     /// Records a lot.
     pub fn put_lot(&self, lot: &Lot) -> anyhow::Result<()> {
         self.txn.open_table(LOTS)?.insert(lot.lot.as_str(), serde_json::to_vec(lot)?.as_slice())?;
+        bump(self.txn, META_BUNDLE_SEQ)?;
         Ok(())
     }
 
@@ -534,6 +638,52 @@ impl<'a> Mutation<'a> {
     pub fn lot(&self, lot: &str) -> anyhow::Result<Option<Lot>> {
         get_lot(&self.txn.open_table(LOTS)?, lot)
     }
+}
+
+/// One JSON value of a `&str → &[u8]` table.
+pub fn get_json<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> anyhow::Result<Option<T>> {
+    match table.get(key)? {
+        Some(bytes) => Ok(Some(
+            serde_json::from_slice(bytes.value()).with_context(|| format!("stored value {key} is unreadable"))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Every JSON value of a `&str → &[u8]` table, in key order.
+pub fn all_json<T: serde::de::DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> anyhow::Result<Vec<(String, T)>> {
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (key, value) = row?;
+        let parsed = serde_json::from_slice(value.value())
+            .with_context(|| format!("stored value {} is unreadable", key.value()))?;
+        out.push((key.value().to_owned(), parsed));
+    }
+    Ok(out)
+}
+
+/// Writes one JSON value into a `&str → &[u8]` table of `txn`.
+pub fn put_json<T: serde::Serialize>(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    value: &T,
+) -> anyhow::Result<()> {
+    txn.open_table(table)?.insert(key, serde_json::to_vec(value)?.as_slice())?;
+    Ok(())
+}
+
+/// Increments a `META` counter in `txn`.
+pub fn bump(txn: &WriteTransaction, key: &str) -> anyhow::Result<u64> {
+    let mut meta = txn.open_table(META)?;
+    let next = meta.get(key)?.map(|v| v.value()).unwrap_or(0) + 1;
+    meta.insert(key, next)?;
+    Ok(next)
 }
 
 fn get_lot(

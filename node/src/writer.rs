@@ -48,6 +48,11 @@ pub struct CaptureCommand {
     pub event_id: Option<String>,
     /// Who.
     pub recorded_by: String,
+    /// When a terminal stored it (the node's clock when absent).
+    pub captured_at: Option<OffsetDateTime>,
+    /// The lot as the venue's municipality registered it, for a capture forwarded from
+    /// another municipality; used when this node has not registered the lot itself.
+    pub forwarded_lot: Option<Lot>,
 }
 
 /// What a capture became.
@@ -544,14 +549,14 @@ fn capture_one(
     {
         return Ok(Err(CaptureError::EventIdReused { event_id }.into()));
     }
-    let lot = m.lot(&capture.scans.vial.lot)?;
+    let lot = m.lot(&capture.scans.vial.lot)?.or_else(|| capture.forwarded_lot.clone());
     let today = japan_today();
     let input = CaptureInput {
         scans: &capture.scans,
         vaccinated_on: capture.vaccinated_on.unwrap_or(today),
         venue: &capture.venue,
         event_id: &event_id,
-        captured_at: now,
+        captured_at: capture.captured_at.unwrap_or(now),
         recorded_by: &capture.recorded_by,
     };
     let validation = CaptureContext {

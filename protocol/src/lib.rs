@@ -13,4 +13,5 @@ pub mod gs1;
 pub mod municipality;
 pub mod person;
 pub mod replication;
+pub mod terminal;
 pub mod validation;

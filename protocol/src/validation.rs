@@ -458,7 +458,7 @@ pub fn validate_capture(
     }
 
     let vial = &input.scans.vial;
-    check_date(input.vaccinated_on, context)?;
+    check_date(input.vaccinated_on, context.today, context.campaign_start)?;
     let product = context
         .catalogue
         .product(&vial.gtin)
@@ -520,17 +520,17 @@ fn replay_or_used(
     })
 }
 
-fn check_date(date: Date, context: &CaptureContext<'_>) -> Result<(), CaptureError> {
-    if date > context.today {
-        return Err(CaptureError::DateInFuture { date, today: context.today });
+pub(crate) fn check_date(date: Date, today: Date, campaign_start: Date) -> Result<(), CaptureError> {
+    if date > today {
+        return Err(CaptureError::DateInFuture { date, today });
     }
-    if date < context.campaign_start {
-        return Err(CaptureError::DateBeforeCampaign { date, campaign_start: context.campaign_start });
+    if date < campaign_start {
+        return Err(CaptureError::DateBeforeCampaign { date, campaign_start });
     }
     Ok(())
 }
 
-fn check_lot(
+pub(crate) fn check_lot(
     lot_number: &str,
     vial: &VialBarcode,
     vaccinated_on: Date,
@@ -731,7 +731,7 @@ pub fn validate_amendment(
             .find(|p| p.code == amended.product_code)
             .ok_or_else(|| CaptureError::ProductUnknown { gtin: amended.gtin.to_string() })?
     };
-    check_date(amended.vaccinated_on, context)?;
+    check_date(amended.vaccinated_on, context.today, context.campaign_start)?;
     if amendment.vial.is_none() && amended.expiry < amended.vaccinated_on {
         return Err(CaptureError::LotExpired {
             lot: amended.lot.clone(),

@@ -1,0 +1,467 @@
+//! The municipal node's side of venue terminals and of vaccination away from home:
+//! enrolment tokens, enrolled terminals, the bundle a terminal validates with, captures
+//! pushed by terminals, and captures forwarded to or from other municipalities.
+//!
+//! A capture of this municipality's coupon goes straight to the writer, which checks it
+//! against the resident's document. A capture of another municipality's coupon is stored in
+//! the forward outbox (one durable commit), forwarded to the owner's node, and removed once
+//! the owner has answered; the answer (no personal data) waits for the terminal to fetch it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use protocol::catalogue::Catalogue;
+use protocol::directory::SignedDirectory;
+use protocol::municipality::MunicipalityCode;
+use protocol::person::hex_lower;
+use protocol::terminal::{
+    CaptureResponse, CaptureState, ForwardedCapture, TerminalBundle, TerminalCapture, TerminalCertificate,
+};
+use protocol::validation::{CaptureError, authenticate_coupon, decode_scans};
+use redb::ReadableTable;
+use ring::rand::SystemRandom;
+use ring::signature::Ed25519KeyPair;
+use serde::{Deserialize, Serialize};
+use time::{Date, OffsetDateTime};
+
+use crate::config::{random_bytes, sha256_hex};
+use crate::problem::Problem;
+use crate::store::{
+    ENROLMENTS, FORWARD_OUTBOX, FORWARD_RESULTS, META_BUNDLE_SEQ, META_TERMINALS_SEQ, Store, TERMINALS, bump,
+    get_json, put_json,
+};
+use crate::writer::{CaptureCommand, Command, Who, WriterHandle};
+
+/// Prefix of enrolment tokens.
+pub const ENROLMENT_PREFIX: &str = "vrs_e_";
+
+/// An enrolment token waiting for its terminal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Enrolment {
+    /// The venue the terminal will be bound to.
+    pub venue: String,
+    /// Who made it.
+    pub created_by: String,
+    /// When it stops working.
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    /// The terminal that used it, once used.
+    pub used_by: Option<String>,
+}
+
+/// An enrolled terminal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TerminalRecord {
+    /// Its certificate (venue, peer id, time, signature).
+    pub certificate: TerminalCertificate,
+    /// Revoked terminals are disconnected and refused.
+    pub revoked: bool,
+}
+
+/// A capture waiting in the forward outbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// The coupon's municipality.
+    pub owner: MunicipalityCode,
+    /// The capture and its lot.
+    pub forwarded: ForwardedCapture,
+}
+
+/// The three parts of an enrolment token: `vrs_e_<secret>@<node address>/p2p/<peer id>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrolmentToken {
+    /// The secret (64 hex digits).
+    pub secret: String,
+    /// The node's libp2p address, ending in `/p2p/<peer id>`.
+    pub node: String,
+}
+
+impl EnrolmentToken {
+    /// Parses a token as the administrator copied it.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let text = text.trim();
+        let rest = text.strip_prefix(ENROLMENT_PREFIX).with_context(|| {
+            format!("an enrolment token starts with {ENROLMENT_PREFIX}; 登録トークンは {ENROLMENT_PREFIX} で始まります")
+        })?;
+        let (secret, node) = rest.split_once('@').context(
+            "the enrolment token has no node address after @; 登録トークンに @ 以降のノードアドレスがありません",
+        )?;
+        anyhow::ensure!(
+            secret.len() == 64 && secret.bytes().all(|b| b.is_ascii_hexdigit()),
+            "the enrolment token's secret must be 64 hex digits; 登録トークンの秘密部分が不正です"
+        );
+        anyhow::ensure!(
+            node.contains("/p2p/"),
+            "the enrolment token's node address must end in /p2p/<peer id>; ノードアドレスが不正です"
+        );
+        Ok(Self { secret: secret.to_owned(), node: node.to_owned() })
+    }
+
+    /// The text shown to the administrator.
+    pub fn to_text(&self) -> String {
+        format!("{ENROLMENT_PREFIX}{}@{}", self.secret, self.node)
+    }
+}
+
+/// Creates an enrolment token for `venue`, valid for `valid_hours`, in `txn`.
+pub fn add_enrolment(
+    txn: &redb::WriteTransaction,
+    venue: &str,
+    valid_hours: u32,
+    created_by: &str,
+    node_address: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<(EnrolmentToken, Enrolment)> {
+    let secret = hex_lower(&random_bytes(&SystemRandom::new(), 32)?);
+    let enrolment = Enrolment {
+        venue: venue.to_owned(),
+        created_by: created_by.to_owned(),
+        expires_at: now + time::Duration::hours(i64::from(valid_hours.clamp(1, 24 * 14))),
+        used_by: None,
+    };
+    put_json(txn, ENROLMENTS, &sha256_hex(secret.as_bytes()), &enrolment)?;
+    bump(txn, META_TERMINALS_SEQ)?;
+    Ok((EnrolmentToken { secret, node: node_address.to_owned() }, enrolment))
+}
+
+/// Uses an enrolment secret for `certificate`'s peer: `Ok(Err(reason))` when refused.
+pub fn enrol(
+    txn: &redb::WriteTransaction,
+    secret: &str,
+    certificate: &TerminalCertificate,
+    now: OffsetDateTime,
+) -> anyhow::Result<Result<(), Problem>> {
+    let key = sha256_hex(secret.as_bytes());
+    let enrolment: Option<Enrolment> = get_json(&txn.open_table(ENROLMENTS)?, &key)?;
+    let refuse = |code: &str, en: &str, ja: &str| {
+        Ok(Err(Problem::new(axum::http::StatusCode::FORBIDDEN, code, None, en.to_owned(), ja.to_owned())))
+    };
+    let Some(mut enrolment) = enrolment else {
+        return refuse("enrolment_unknown", "no such enrolment token", "この登録トークンは存在しません");
+    };
+    if let Some(used_by) = &enrolment.used_by {
+        if *used_by == certificate.peer_id {
+            return Ok(Ok(()));
+        }
+        return refuse("enrolment_used", "this enrolment token was used already", "この登録トークンは使用済みです");
+    }
+    if enrolment.expires_at <= now {
+        return refuse("enrolment_expired", "this enrolment token has expired", "この登録トークンは期限切れです");
+    }
+    if enrolment.venue != certificate.venue {
+        return refuse("enrolment_venue", "the certificate names another venue", "会場が一致しません");
+    }
+    enrolment.used_by = Some(certificate.peer_id.clone());
+    put_json(txn, ENROLMENTS, &key, &enrolment)?;
+    let record = TerminalRecord { certificate: certificate.clone(), revoked: false };
+    put_json(txn, TERMINALS, &certificate.peer_id, &record)?;
+    bump(txn, META_TERMINALS_SEQ)?;
+    Ok(Ok(()))
+}
+
+/// Revokes an enrolled terminal: the node disconnects it and refuses it from then on.
+pub fn revoke(txn: &redb::WriteTransaction, peer_id: &str) -> anyhow::Result<Result<(), Problem>> {
+    let Some(mut record) = get_json::<TerminalRecord>(&txn.open_table(TERMINALS)?, peer_id)? else {
+        return Ok(Err(Problem::not_found("terminal", "端末", peer_id)));
+    };
+    record.revoked = true;
+    put_json(txn, TERMINALS, peer_id, &record)?;
+    bump(txn, META_TERMINALS_SEQ)?;
+    Ok(Ok(()))
+}
+
+/// The address terminals dial: `[p2p] advertise` (or `listen`) and this node's peer id.
+pub fn p2p_address(files: &crate::config::NodeFiles) -> anyhow::Result<String> {
+    let keypair = crate::p2p::load_or_create_identity(&files.dir.join("keys/p2p-identity.key"))?;
+    let p2p = &files.config.p2p;
+    let address = p2p.advertise.clone().unwrap_or_else(|| p2p.listen.clone());
+    anyhow::ensure!(
+        !address.contains("/0.0.0.0/") && !address.ends_with("/tcp/0"),
+        "[p2p] listen {address} is not an address a terminal can dial: set [p2p] advertise in node.toml; \
+         端末が接続できるアドレスを [p2p] advertise に設定してください"
+    );
+    Ok(format!("{address}/p2p/{}", keypair.public().to_peer_id()))
+}
+
+/// The venue an enrolment secret is for, if it is usable now.
+pub fn enrolment_venue(store: &Store, secret: &str, now: OffsetDateTime) -> anyhow::Result<Option<String>> {
+    let enrolment: Option<Enrolment> = store.read()?.json(ENROLMENTS, &sha256_hex(secret.as_bytes()))?;
+    Ok(enrolment.filter(|e| e.expires_at > now).map(|e| e.venue))
+}
+
+/// Enrolled terminals not revoked, and whether an enrolment token is usable now.
+pub fn terminal_peers(store: &Store, now: OffsetDateTime) -> anyhow::Result<(Vec<TerminalRecord>, bool)> {
+    let view = store.read()?;
+    let terminals =
+        view.all::<TerminalRecord>(TERMINALS)?.into_iter().map(|(_, t)| t).filter(|t| !t.revoked).collect();
+    let open = view
+        .all::<Enrolment>(ENROLMENTS)?
+        .into_iter()
+        .any(|(_, e)| e.used_by.is_none() && e.expires_at > now);
+    Ok((terminals, open))
+}
+
+/// What the node puts into every terminal's bundle.
+pub struct CaptureService {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The writer.
+    pub writer: WriterHandle,
+    /// This municipality.
+    pub municipality: MunicipalityCode,
+    /// Signs terminal certificates (the coupon key).
+    pub signing_key: Arc<Ed25519KeyPair>,
+    /// Verifies this municipality's coupons.
+    pub coupon_public_key: Vec<u8>,
+    /// The catalogue.
+    pub catalogue: Catalogue,
+    /// First day of the campaign.
+    pub campaign_start: Date,
+    /// The national directory key (hex).
+    pub national_key: String,
+}
+
+impl CaptureService {
+    /// The bundle for a terminal of `venue`, if newer than `held_version`.
+    pub fn bundle(
+        &self,
+        venue: &str,
+        directory: Option<&SignedDirectory>,
+        held_version: u64,
+    ) -> anyhow::Result<Option<TerminalBundle>> {
+        let view = self.store.read()?;
+        let directory_version = directory.map_or(0, |d| d.directory.version);
+        let version = (view.meta(META_BUNDLE_SEQ)? << 24) + directory_version;
+        if version == held_version && held_version != 0 {
+            return Ok(None);
+        }
+        let lots = view.lots()?.into_iter().map(|lot| (lot.lot.clone(), lot)).collect();
+        let blocked = view.all(crate::store::BLOCKED_COUPONS)?.into_iter().collect();
+        Ok(Some(TerminalBundle {
+            version,
+            municipality: self.municipality,
+            venue: venue.to_owned(),
+            campaign_start: self.campaign_start,
+            national_key: self.national_key.clone(),
+            directory: directory.cloned(),
+            own_coupon_key: hex_lower(&self.coupon_public_key),
+            catalogue: self.catalogue.clone(),
+            lots,
+            blocked,
+        }))
+    }
+
+    /// Signs a certificate for a terminal of `venue` and stores the enrolment.
+    pub async fn enrol(&self, peer: &str, secret: &str) -> CaptureResponse {
+        let now = OffsetDateTime::now_utc();
+        let venue = match enrolment_venue(&self.store, secret, now) {
+            Ok(Some(venue)) => venue,
+            Ok(None) => {
+                return refused("enrolment_refused", "the enrolment token is unknown, used or expired");
+            }
+            Err(error) => return refused("internal", &format!("{error:#}")),
+        };
+        let issued_at = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let certificate =
+            TerminalCertificate::sign(self.municipality, &venue, peer, &issued_at, &self.signing_key);
+        let who = Who { actor: format!("terminal:{peer}"), role: "terminal".into(), request_id: "-".into() };
+        let secret = secret.to_owned();
+        let written = certificate.clone();
+        let result = self
+            .writer
+            .call(&who, |reply| Command::Apply {
+                action: "terminal.enrol".into(),
+                subject: format!("venue:{venue}"),
+                op: Box::new(move |txn, now| Ok(enrol(txn, &secret, &written, now)?.map(|()| serde_json::Value::Null))),
+                reply,
+            })
+            .await;
+        match result {
+            Ok(_) => CaptureResponse::Enrolled { certificate },
+            Err(problem) => refused(&problem.code, &problem.message_en),
+        }
+    }
+
+    /// Captures pushed by an enrolled terminal of `venue`.
+    pub async fn push(&self, peer: &str, venue: &str, captures: Vec<TerminalCapture>) -> CaptureResponse {
+        let futures = captures.into_iter().map(|capture| self.push_one(peer, venue, capture));
+        let states = libp2p::futures::future::join_all(futures).await;
+        CaptureResponse::States { states }
+    }
+
+    async fn push_one(&self, peer: &str, venue: &str, capture: TerminalCapture) -> (String, CaptureState) {
+        let event_id = capture.event_id.clone();
+        let state = if capture.venue != venue || capture.venue_municipality != self.municipality {
+            self.refusal(
+                "venue_not_allowed",
+                "この端末はこの会場の記録をできません",
+                &format!("this terminal records for venue {venue} only"),
+            )
+        } else {
+            match self.owner_of(&capture) {
+                Ok(owner) if owner == self.municipality => self.record(peer, capture, None).await,
+                Ok(owner) => self.queue_forward(peer, owner, capture).await,
+                Err(error) => self.refusal(error.code(), &error.message_ja(), &error.to_string()),
+            }
+        };
+        (event_id, state)
+    }
+
+    fn owner_of(&self, capture: &TerminalCapture) -> Result<MunicipalityCode, CaptureError> {
+        let scans = decode_scans(&capture.coupon, &capture.vial)?;
+        Ok(scans.coupon.code().municipality)
+    }
+
+    fn refusal(&self, code: &str, ja: &str, en: &str) -> CaptureState {
+        CaptureState::Refused {
+            owner: self.municipality,
+            code: code.to_owned(),
+            message_ja: ja.to_owned(),
+            message_en: en.to_owned(),
+        }
+    }
+
+    /// Records a capture of this municipality's coupon through the writer.
+    async fn record(&self, peer: &str, capture: TerminalCapture, lot: Option<protocol::catalogue::Lot>) -> CaptureState {
+        let scans = match decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
+            let key = self.coupon_public_key.clone();
+            let own = self.municipality;
+            authenticate_coupon(&scans.coupon, |m| (m == own).then(|| key.clone())).map(|()| scans)
+        }) {
+            Ok(scans) => scans,
+            Err(error) => return self.refusal(error.code(), &error.message_ja(), &error.to_string()),
+        };
+        let venue = if capture.venue_municipality == self.municipality {
+            capture.venue.clone()
+        } else {
+            format!("{}/{}", capture.venue_municipality, capture.venue)
+        };
+        let command = CaptureCommand {
+            scans,
+            vaccinated_on: Some(capture.vaccinated_on),
+            venue,
+            event_id: Some(capture.event_id.clone()),
+            recorded_by: format!("{}@{}", capture.recorded_by, peer),
+            captured_at: Some(capture.captured_at),
+            forwarded_lot: lot,
+        };
+        let who = Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };
+        match self.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await {
+            Ok(outcome) => CaptureState::Recorded {
+                owner: self.municipality,
+                dose_number: outcome.event.dose_number,
+                replay: outcome.replay,
+            },
+            Err(problem) => CaptureState::Refused {
+                owner: self.municipality,
+                code: problem.code.clone(),
+                message_ja: problem.message_ja.clone(),
+                message_en: problem.message_en.clone(),
+            },
+        }
+    }
+
+    /// Stores a capture of another municipality's coupon for forwarding, or answers with
+    /// the owner's answer if it has come.
+    async fn queue_forward(&self, peer: &str, owner: MunicipalityCode, capture: TerminalCapture) -> CaptureState {
+        let event_id = capture.event_id.clone();
+        let lot_number = decode_scans(&capture.coupon, &capture.vial).map(|s| s.vial.lot).unwrap_or_default();
+        let lot = match self.store.read().and_then(|view| view.lot(&lot_number)) {
+            Ok(lot) => lot,
+            Err(error) => return self.refusal("internal", "内部エラー", &format!("{error:#}")),
+        };
+        let outgoing = Outgoing { owner, forwarded: ForwardedCapture { capture, lot } };
+        let who = Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: event_id.clone() };
+        let id = event_id.clone();
+        let result = self
+            .writer
+            .call(&who, |reply| Command::Apply {
+                action: "capture.forward".into(),
+                subject: format!("municipality:{owner}"),
+                op: Box::new(move |txn, _now| {
+                    // An answer already here: hand it over once, then forget it.
+                    let mut results = txn.open_table(FORWARD_RESULTS)?;
+                    if let Some(state) = get_json::<CaptureState>(&results, &id)? {
+                        results.remove(id.as_str())?;
+                        return Ok(Ok(serde_json::to_value(state)?));
+                    }
+                    drop(results);
+                    if txn.open_table(FORWARD_OUTBOX)?.get(id.as_str())?.is_none() {
+                        put_json(txn, FORWARD_OUTBOX, &id, &outgoing)?;
+                    }
+                    Ok(Ok(serde_json::to_value(CaptureState::Forwarded { owner })?))
+                }),
+                reply,
+            })
+            .await;
+        match result.map(serde_json::from_value::<CaptureState>) {
+            Ok(Ok(state)) => state,
+            Ok(Err(error)) => self.refusal("internal", "内部エラー", &error.to_string()),
+            Err(problem) => self.refusal(&problem.code, &problem.message_ja, &problem.message_en),
+        }
+    }
+
+    /// Captures forwarded by the node of municipality `from`.
+    pub async fn forwarded(&self, peer: &str, captures: Vec<ForwardedCapture>) -> CaptureResponse {
+        let futures = captures.into_iter().map(|f| async move {
+            let event_id = f.capture.event_id.clone();
+            let state = match self.owner_of(&f.capture) {
+                Ok(owner) if owner == self.municipality => self.record(peer, f.capture, f.lot).await,
+                Ok(owner) => self.refusal(
+                    "not_owner",
+                    &format!("この接種券は {owner} のもので、このノードでは記録できません"),
+                    &format!("the coupon belongs to {owner}, not to this node"),
+                ),
+                Err(error) => self.refusal(error.code(), &error.message_ja(), &error.to_string()),
+            };
+            (event_id, state)
+        });
+        CaptureResponse::States { states: libp2p::futures::future::join_all(futures).await }
+    }
+
+    /// The outbox, grouped by owner: at most `limit` captures per owner.
+    pub fn outbox(&self, limit: usize) -> anyhow::Result<BTreeMap<MunicipalityCode, Vec<ForwardedCapture>>> {
+        let mut by_owner: BTreeMap<MunicipalityCode, Vec<ForwardedCapture>> = BTreeMap::new();
+        for (_, outgoing) in self.store.read()?.all::<Outgoing>(FORWARD_OUTBOX)? {
+            let list = by_owner.entry(outgoing.owner).or_default();
+            if list.len() < limit {
+                list.push(outgoing.forwarded);
+            }
+        }
+        Ok(by_owner)
+    }
+
+    /// Takes the owner's answers: final ones leave the outbox (with the personal data they
+    /// carried) and wait, without it, for the terminal.
+    pub async fn answered(&self, owner_peer: &str, states: Vec<(String, CaptureState)>) -> Result<(), Problem> {
+        let finals: Vec<(String, CaptureState)> = states.into_iter().filter(|(_, s)| s.is_final()).collect();
+        if finals.is_empty() {
+            return Ok(());
+        }
+        let who = Who { actor: format!("peer:{owner_peer}"), role: "municipal_node".into(), request_id: "-".into() };
+        let n = finals.len();
+        self.writer
+            .call(&who, |reply| Command::Apply {
+                action: "capture.forward.answered".into(),
+                subject: format!("captures:{n}"),
+                op: Box::new(move |txn, _now| {
+                    let mut outbox = txn.open_table(FORWARD_OUTBOX)?;
+                    let mut results = txn.open_table(FORWARD_RESULTS)?;
+                    for (id, state) in &finals {
+                        if outbox.remove(id.as_str())?.is_some() {
+                            results.insert(id.as_str(), serde_json::to_vec(state)?.as_slice())?;
+                        }
+                    }
+                    Ok(Ok(serde_json::Value::Null))
+                }),
+                reply,
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+fn refused(code: &str, message: &str) -> CaptureResponse {
+    CaptureResponse::Refused { code: code.to_owned(), message: message.to_owned() }
+}
