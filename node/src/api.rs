@@ -726,7 +726,8 @@ async fn capture(
             Err(problem) => {
                 if problem.status != StatusCode::INTERNAL_SERVER_ERROR {
                     let outcome = format!("refused:{}", problem.code);
-                    audit_refusal(&state, &who, "capture", format!("venue:{}", capture.venue), &outcome).await;
+                    audit_refusal(&state, &who, "capture", format!("venue:{}", capture.venue), &outcome)
+                        .await;
                 }
                 Err(problem)
             }
@@ -762,7 +763,13 @@ async fn capture(
 
 async fn terminal_captures(State(state): State<AppState>, Extension(who): Extension<Who>) -> ApiResult {
     let Some(terminal) = &state.terminal else {
-        return Err(Problem::new(StatusCode::NOT_FOUND, "no_route", None, "no such route", "そのURLはありません"));
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            None,
+            "no such route",
+            "そのURLはありません",
+        ));
     };
     let log = terminal.log(500).map_err(|e| Problem::internal(&e))?;
     audit_reads(&state, &who, "terminal.captures.read", vec![format!("venue:{}", terminal.venue)]).await?;

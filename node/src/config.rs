@@ -323,7 +323,9 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
         ),
         Role::National => bail!("the national node is created with `vrs-node federation init-national`"),
         Role::Terminal if options.terminal.is_some() => {}
-        Role::Terminal => bail!("a terminal is created with --enroll TOKEN (from `vrs-node terminal enrol-token`)"),
+        Role::Terminal => {
+            bail!("a terminal is created with --enroll TOKEN (from `vrs-node terminal enrol-token`)")
+        }
     }
     if !options.municipality.is_known() {
         bail!("{} is not one of Japan's 1,741 municipalities", options.municipality);

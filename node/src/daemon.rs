@@ -86,7 +86,9 @@ pub async fn serve(
     let terminal_sync = match (&files.config.terminal, files.config.role) {
         (Some(t), crate::config::Role::Terminal) => Some((
             crate::terminal::identity(&files.dir)?,
-            t.node.parse::<libp2p::Multiaddr>().with_context(|| format!("[terminal] node {} is not a multiaddr", t.node))?,
+            t.node
+                .parse::<libp2p::Multiaddr>()
+                .with_context(|| format!("[terminal] node {} is not a multiaddr", t.node))?,
         )),
         _ => None,
     };
@@ -128,7 +130,8 @@ fn capture_service(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Opti
     if files.config.role != crate::config::Role::Municipal {
         return Ok(None);
     }
-    let pkcs8 = std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
+    let pkcs8 =
+        std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
     let signing_key = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
         .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8 is not an Ed25519 key: {e}"))?;
     let store = store.clone();

@@ -476,7 +476,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--enroll goes with --role terminal, and a terminal needs --enroll TOKEN");
             }
             if data.join("node.toml").exists() {
-                anyhow::bail!("{} already holds a node (node.toml exists); refusing to overwrite", data.display());
+                anyhow::bail!(
+                    "{} already holds a node (node.toml exists); refusing to overwrite",
+                    data.display()
+                );
             }
             // A terminal enrols first: nothing is written unless the node accepts it.
             let enrolled = match &enroll {
@@ -485,8 +488,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let runtime = tokio::runtime::Runtime::new()?;
                     let (keypair, certificate, bundle) =
                         runtime.block_on(node::terminal::enrol(&token, municipality))?;
-                    let config =
-                        node::terminal::TerminalConfig { venue: certificate.venue.clone(), node: token.node.clone() };
+                    let config = node::terminal::TerminalConfig {
+                        venue: certificate.venue.clone(),
+                        node: token.node.clone(),
+                    };
                     Some((config, keypair, certificate, bundle))
                 }
                 None => None,
@@ -810,7 +815,9 @@ fn run_terminal(command: TerminalCommands) -> anyhow::Result<()> {
                 .expires_at
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
-            println!("登録トークン（一度だけ表示、{until} まで有効）/ enrolment token (shown once, valid until {until}):");
+            println!(
+                "登録トークン（一度だけ表示、{until} まで有効）/ enrolment token (shown once, valid until {until}):"
+            );
             println!("{}", token.to_text());
             Ok(())
         }

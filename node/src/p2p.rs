@@ -24,12 +24,12 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux,
 };
-use protocol::terminal::{CaptureRequest, CaptureResponse, MAX_CAPTURES_PER_REQUEST};
 use protocol::directory::{Directory, DirectoryEntry, NodeRole, SignedDirectory, may_replicate_residents};
 use protocol::municipality::MunicipalityCode;
 use protocol::replication::{
     MemoryDocs, PullStep, Puller, ReplicationRequest, ReplicationResponse, answer_changes, answer_sync,
 };
+use protocol::terminal::{CaptureRequest, CaptureResponse, MAX_CAPTURES_PER_REQUEST};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -369,6 +369,7 @@ pub async fn run(
         forward_done,
         forward_next: Instant::now(),
     };
+    node.apply_gate(&mut swarm, HashSet::new());
     node.refresh_terminals(&mut swarm);
     if let Some(directory) = directory {
         node.install(&mut swarm, directory);
@@ -393,6 +394,9 @@ pub async fn run(
             Some((generation, result)) = stored_rx.recv() => node.on_stored(&mut swarm, generation, result),
             Some(answer) = capture_answers_rx.recv() => {
                 let enrolled = matches!(answer.response, CaptureResponse::Enrolled { .. });
+                if let Some(peer) = answer.then_close {
+                    tracing::info!(%peer, enrolled, "answered an enrolment");
+                }
                 let _ = swarm.behaviour_mut().capture.send_response(answer.channel, answer.response);
                 match answer.then_close {
                     Some(peer) if enrolled => {
@@ -468,6 +472,7 @@ impl Node {
                     .filter_map(|t| Some((t.certificate.peer_id.parse().ok()?, t)))
                     .collect();
                 swarm.behaviour_mut().gate.set_enrolment_open(open);
+                tracing::debug!(terminals = self.terminals.len(), open, sequence, "terminals read");
                 if self.terminals_read.is_none_or(|(_, seen)| seen != sequence) {
                     self.apply_gate(swarm, old);
                 }
@@ -770,9 +775,10 @@ impl Node {
             CaptureRequest::Forward { captures } if municipal_peer => {
                 tokio::spawn(async move { respond(service.forwarded(&peer.to_string(), captures).await) });
             }
-            CaptureRequest::Forward { .. } => {
-                respond(refuse("not_a_municipal_node", "only municipal nodes in the directory forward captures"))
-            }
+            CaptureRequest::Forward { .. } => respond(refuse(
+                "not_a_municipal_node",
+                "only municipal nodes in the directory forward captures",
+            )),
         }
     }
 
@@ -794,7 +800,8 @@ impl Node {
             if self.forwarding.contains_key(&owner) {
                 continue;
             }
-            let Some(entry) = self.directory.as_ref().and_then(|d| d.directory.primary_of(owner)).cloned() else {
+            let Some(entry) = self.directory.as_ref().and_then(|d| d.directory.primary_of(owner)).cloned()
+            else {
                 continue;
             };
             let Ok(peer) = entry.peer_id.parse::<PeerId>() else { continue };

@@ -512,7 +512,8 @@ impl<'a> Mutation<'a> {
     fn block_coupon(&self, key: &str, superseded: bool, reason: &str) -> anyhow::Result<()> {
         let entry = protocol::terminal::BlockedCoupon { superseded, reason: reason.to_owned() };
         let bytes = serde_json::to_vec(&entry)?;
-        let previous = self.txn.open_table(BLOCKED_COUPONS)?.insert(key, bytes.as_slice())?.map(|v| v.value().to_vec());
+        let previous =
+            self.txn.open_table(BLOCKED_COUPONS)?.insert(key, bytes.as_slice())?.map(|v| v.value().to_vec());
         if previous.as_deref() != Some(bytes.as_slice()) {
             bump(self.txn, META_BUNDLE_SEQ)?;
         }
@@ -647,7 +648,8 @@ pub fn get_json<T: serde::de::DeserializeOwned>(
 ) -> anyhow::Result<Option<T>> {
     match table.get(key)? {
         Some(bytes) => Ok(Some(
-            serde_json::from_slice(bytes.value()).with_context(|| format!("stored value {key} is unreadable"))?,
+            serde_json::from_slice(bytes.value())
+                .with_context(|| format!("stored value {key} is unreadable"))?,
         )),
         None => Ok(None),
     }

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use redb::ReadableTable;
 use axum::http::StatusCode;
 use libp2p::futures::StreamExt;
 use libp2p::identity::Keypair;
@@ -27,13 +26,16 @@ use protocol::terminal::{
     TerminalCertificate, check_offline,
 };
 use protocol::validation::decode_scans;
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::{Date, OffsetDateTime};
 
 use crate::clock::{japan_today, new_id};
 use crate::problem::Problem;
-use crate::store::{Store, TERMINAL_LOG, TERMINAL_PENDING, TERMINAL_STATE, TERMINAL_USED, get_json, put_json};
+use crate::store::{
+    Store, TERMINAL_LOG, TERMINAL_PENDING, TERMINAL_STATE, TERMINAL_USED, get_json, put_json,
+};
 use crate::terminals::EnrolmentToken;
 use crate::writer::{Command, Who, WriterHandle};
 
@@ -154,7 +156,8 @@ impl TerminalRuntime {
         let today = japan_today();
         let vaccinated_on = vaccinated_on.unwrap_or(today);
         {
-            let bundle = self.bundle.read().map_err(|_| Problem::internal(&anyhow::anyhow!("bundle lock")))?;
+            let bundle =
+                self.bundle.read().map_err(|_| Problem::internal(&anyhow::anyhow!("bundle lock")))?;
             let Some(bundle) = bundle.as_ref() else {
                 return Err(Problem::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -186,7 +189,8 @@ impl TerminalRuntime {
                 reply,
             })
             .await?;
-        let status = if value["replay"].as_bool() == Some(true) { StatusCode::OK } else { StatusCode::CREATED };
+        let status =
+            if value["replay"].as_bool() == Some(true) { StatusCode::OK } else { StatusCode::CREATED };
         Ok((status, value))
     }
 }
@@ -214,7 +218,8 @@ fn store_capture(
     if let Some(previous) = used
         && let Some(logged) = get_json::<LoggedCapture>(&txn.open_table(TERMINAL_LOG)?, &previous)?
     {
-        let same = logged.capture.vial == capture.vial && logged.capture.vaccinated_on == capture.vaccinated_on;
+        let same =
+            logged.capture.vial == capture.vial && logged.capture.vaccinated_on == capture.vaccinated_on;
         if same {
             return Ok(Ok(answer(&logged, true)));
         }
@@ -235,7 +240,11 @@ fn store_capture(
 
 /// Applies the node's answers to the log: final ones leave the pending queue; a refused
 /// capture frees its coupon for another scan; another municipality's scanned texts go.
-fn store_states(txn: &redb::WriteTransaction, states: &[(String, CaptureState)], own: MunicipalityCode) -> anyhow::Result<()> {
+fn store_states(
+    txn: &redb::WriteTransaction,
+    states: &[(String, CaptureState)],
+    own: MunicipalityCode,
+) -> anyhow::Result<()> {
     for (event_id, state) in states {
         let Some(mut logged) = get_json::<LoggedCapture>(&txn.open_table(TERMINAL_LOG)?, event_id)? else {
             continue;
@@ -253,7 +262,9 @@ fn store_states(txn: &redb::WriteTransaction, states: &[(String, CaptureState)],
                 _ => own,
             };
             let away = owner != own;
-            if (refused || away) && used.get(logged.coupon_code.as_str())?.is_some_and(|v| v.value() == event_id) {
+            if (refused || away)
+                && used.get(logged.coupon_code.as_str())?.is_some_and(|v| v.value() == event_id)
+            {
                 used.remove(logged.coupon_code.as_str())?;
             }
             drop(used);
@@ -300,22 +311,29 @@ pub async fn enrol(
             SwarmEvent::OutgoingConnectionError { error, .. } => {
                 anyhow::bail!("cannot connect to the node at {node}: {error}; ノードに接続できません");
             }
-            SwarmEvent::Behaviour(crate::p2p::BehaviourEvent::Capture(request_response::Event::Message {
-                message: request_response::Message::Response { response, .. },
-                ..
-            })) => match response {
+            SwarmEvent::Behaviour(crate::p2p::BehaviourEvent::Capture(
+                request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                },
+            )) => match response {
                 CaptureResponse::Enrolled { certificate: issued } => {
                     anyhow::ensure!(
                         issued.peer_id == me.to_string() && issued.municipality == municipality,
                         "the node answered with a certificate for another terminal or municipality"
                     );
                     certificate = Some(issued);
-                    swarm.behaviour_mut().capture.send_request(&node_peer, CaptureRequest::Refresh { held_version: 0 });
+                    swarm
+                        .behaviour_mut()
+                        .capture
+                        .send_request(&node_peer, CaptureRequest::Refresh { held_version: 0 });
                 }
                 CaptureResponse::Bundle { bundle: Some(bundle) } => {
                     let certificate = certificate.context("a bundle came before the certificate")?;
                     anyhow::ensure!(
-                        certificate.verify(&protocol::person::hex_decode(&bundle.own_coupon_key).unwrap_or_default()),
+                        certificate.verify(
+                            &protocol::person::hex_decode(&bundle.own_coupon_key).unwrap_or_default()
+                        ),
                         "the certificate does not verify with the municipality's key"
                     );
                     return Ok((keypair, certificate, *bundle));
@@ -325,10 +343,12 @@ pub async fn enrol(
                 }
                 other => anyhow::bail!("unexpected answer from the node: {other:?}"),
             },
-            SwarmEvent::Behaviour(crate::p2p::BehaviourEvent::Capture(request_response::Event::OutboundFailure {
-                error,
-                ..
-            })) => anyhow::bail!("the enrolment request failed: {error}"),
+            SwarmEvent::Behaviour(crate::p2p::BehaviourEvent::Capture(
+                request_response::Event::OutboundFailure { error, .. },
+            )) => anyhow::bail!(
+                "the node closed the connection ({error}): no enrolment is open there — the token was used, \
+                 has expired or was never issued; ノードが接続を閉じました（登録トークンが使用済み・期限切れ・無効です）"
+            ),
             _ => {}
         }
     }
@@ -367,7 +387,8 @@ pub async fn run_sync(
         node.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect();
     let mut swarm = crate::p2p::build_swarm(keypair)?;
     swarm.behaviour_mut().gate.set_allowed(HashSet::from([node_peer]));
-    let who = Who { actor: format!("node:{node_peer}"), role: "terminal_sync".into(), request_id: "-".into() };
+    let who =
+        Who { actor: format!("node:{node_peer}"), role: "terminal_sync".into(), request_id: "-".into() };
     let mut connected = false;
     let mut next_dial = Instant::now();
     let mut backoff = Duration::from_millis(250);
@@ -528,7 +549,12 @@ async fn take_bundle(
         })
         .await
         .map_err(|p| anyhow::anyhow!("{}", p.message_en))?;
-    tracing::info!(version = bundle.version, lots = bundle.lots.len(), blocked = bundle.blocked.len(), "bundle installed");
+    tracing::info!(
+        version = bundle.version,
+        lots = bundle.lots.len(),
+        blocked = bundle.blocked.len(),
+        "bundle installed"
+    );
     *runtime.bundle.write().map_err(|_| anyhow::anyhow!("bundle lock poisoned"))? = Some(bundle);
     Ok(())
 }

@@ -144,10 +144,18 @@ pub fn enrol(
         if *used_by == certificate.peer_id {
             return Ok(Ok(()));
         }
-        return refuse("enrolment_used", "this enrolment token was used already", "この登録トークンは使用済みです");
+        return refuse(
+            "enrolment_used",
+            "this enrolment token was used already",
+            "この登録トークンは使用済みです",
+        );
     }
     if enrolment.expires_at <= now {
-        return refuse("enrolment_expired", "this enrolment token has expired", "この登録トークンは期限切れです");
+        return refuse(
+            "enrolment_expired",
+            "this enrolment token has expired",
+            "この登録トークンは期限切れです",
+        );
     }
     if enrolment.venue != certificate.venue {
         return refuse("enrolment_venue", "the certificate names another venue", "会場が一致しません");
@@ -273,7 +281,9 @@ impl CaptureService {
             .call(&who, |reply| Command::Apply {
                 action: "terminal.enrol".into(),
                 subject: format!("venue:{venue}"),
-                op: Box::new(move |txn, now| Ok(enrol(txn, &secret, &written, now)?.map(|()| serde_json::Value::Null))),
+                op: Box::new(move |txn, now| {
+                    Ok(enrol(txn, &secret, &written, now)?.map(|()| serde_json::Value::Null))
+                }),
                 reply,
             })
             .await;
@@ -323,7 +333,12 @@ impl CaptureService {
     }
 
     /// Records a capture of this municipality's coupon through the writer.
-    async fn record(&self, peer: &str, capture: TerminalCapture, lot: Option<protocol::catalogue::Lot>) -> CaptureState {
+    async fn record(
+        &self,
+        peer: &str,
+        capture: TerminalCapture,
+        lot: Option<protocol::catalogue::Lot>,
+    ) -> CaptureState {
         let scans = match decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
             let key = self.coupon_public_key.clone();
             let own = self.municipality;
@@ -346,7 +361,8 @@ impl CaptureService {
             captured_at: Some(capture.captured_at),
             forwarded_lot: lot,
         };
-        let who = Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };
+        let who =
+            Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };
         match self.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await {
             Ok(outcome) => CaptureState::Recorded {
                 owner: self.municipality,
@@ -364,7 +380,12 @@ impl CaptureService {
 
     /// Stores a capture of another municipality's coupon for forwarding, or answers with
     /// the owner's answer if it has come.
-    async fn queue_forward(&self, peer: &str, owner: MunicipalityCode, capture: TerminalCapture) -> CaptureState {
+    async fn queue_forward(
+        &self,
+        peer: &str,
+        owner: MunicipalityCode,
+        capture: TerminalCapture,
+    ) -> CaptureState {
         let event_id = capture.event_id.clone();
         let lot_number = decode_scans(&capture.coupon, &capture.vial).map(|s| s.vial.lot).unwrap_or_default();
         let lot = match self.store.read().and_then(|view| view.lot(&lot_number)) {
@@ -372,7 +393,8 @@ impl CaptureService {
             Err(error) => return self.refusal("internal", "内部エラー", &format!("{error:#}")),
         };
         let outgoing = Outgoing { owner, forwarded: ForwardedCapture { capture, lot } };
-        let who = Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: event_id.clone() };
+        let who =
+            Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: event_id.clone() };
         let id = event_id.clone();
         let result = self
             .writer
@@ -434,12 +456,20 @@ impl CaptureService {
 
     /// Takes the owner's answers: final ones leave the outbox (with the personal data they
     /// carried) and wait, without it, for the terminal.
-    pub async fn answered(&self, owner_peer: &str, states: Vec<(String, CaptureState)>) -> Result<(), Problem> {
+    pub async fn answered(
+        &self,
+        owner_peer: &str,
+        states: Vec<(String, CaptureState)>,
+    ) -> Result<(), Problem> {
         let finals: Vec<(String, CaptureState)> = states.into_iter().filter(|(_, s)| s.is_final()).collect();
         if finals.is_empty() {
             return Ok(());
         }
-        let who = Who { actor: format!("peer:{owner_peer}"), role: "municipal_node".into(), request_id: "-".into() };
+        let who = Who {
+            actor: format!("peer:{owner_peer}"),
+            role: "municipal_node".into(),
+            request_id: "-".into(),
+        };
         let n = finals.len();
         self.writer
             .call(&who, |reply| Command::Apply {

@@ -214,7 +214,12 @@ pub struct TerminalCertificate {
     pub signature: String,
 }
 
-fn certificate_message(municipality: MunicipalityCode, venue: &str, peer_id: &str, issued_at: &str) -> Vec<u8> {
+fn certificate_message(
+    municipality: MunicipalityCode,
+    venue: &str,
+    peer_id: &str,
+    issued_at: &str,
+) -> Vec<u8> {
     format!("vrs-terminal-certificate/1\n{municipality}\n{venue}\n{peer_id}\n{issued_at}").into_bytes()
 }
 

@@ -139,7 +139,7 @@ impl Node {
         let child = Command::new(vrs_node())
             .args(["run", "--data"])
             .arg(&self.data)
-            .env("VRS_LOG", "warn")
+            .env("VRS_LOG", std::env::var("VRS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -297,4 +297,68 @@ pub fn write_shift_jis(path: &Path, text: &str) -> anyhow::Result<()> {
     }
     std::fs::write(path, bytes)?;
     Ok(())
+}
+
+/// A TCP proxy on loopback that can cut the link: the partition of the end-to-end tests.
+/// While blocked it closes every open connection and drops new ones at once.
+pub struct Proxy {
+    /// The port it listens on.
+    pub port: u16,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    /// Starts forwarding `127.0.0.1:port` (a new port) to `target`.
+    pub fn start(target: std::net::SocketAddr) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (blocked_in, open_in) = (blocked.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if blocked_in.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                let pipes =
+                    [(client.try_clone(), server.try_clone()), (server.try_clone(), client.try_clone())];
+                if let Ok(mut open) = open_in.lock() {
+                    open.extend(client.try_clone());
+                    open.extend(server.try_clone());
+                }
+                for pipe in pipes {
+                    if let (Ok(mut from), Ok(mut to)) = pipe {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        Ok(Self { port, blocked, open })
+    }
+
+    /// Cuts the link: open connections are closed, new ones refused.
+    pub fn block(&self) {
+        self.blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut open) = self.open.lock() {
+            for stream in open.drain(..) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Heals the link.
+    pub fn heal(&self) {
+        self.blocked.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }

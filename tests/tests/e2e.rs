@@ -11,6 +11,7 @@ use tests::{Node, PrintedCoupon, TempDir, read_print_shop, write_shift_jis};
 
 mod federation;
 mod security;
+mod terminals;
 mod tidy;
 
 fn my_number(serial: u64) -> String {

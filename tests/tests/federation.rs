@@ -11,7 +11,7 @@ use tests::{Node, TempDir, free_port, vrs_node};
 
 use super::{COMIRNATY, capture, coupon_of, days_from_today, ok, raw_vial, set_up_fixture};
 
-struct National {
+pub(super) struct National {
     data: std::path::PathBuf,
     address: String,
     key: String,
@@ -19,7 +19,7 @@ struct National {
 }
 
 impl National {
-    fn init(dir: &std::path::Path) -> Self {
+    pub(super) fn init(dir: &std::path::Path) -> Self {
         let data = dir.join("national");
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
         let out = ok(&Command::new(vrs_node())
@@ -35,7 +35,7 @@ impl National {
         National { data, address, key, child: None }
     }
 
-    fn start(&mut self) {
+    pub(super) fn start(&mut self) {
         let child = Command::new(vrs_node())
             .args(["run", "--data"])
             .arg(&self.data)
@@ -46,7 +46,7 @@ impl National {
         self.child = Some(child);
     }
 
-    fn approve(&self, request: &std::path::Path) -> String {
+    pub(super) fn approve(&self, request: &std::path::Path) -> String {
         ok(&Command::new(vrs_node())
             .args(["federation", "approve", "--data"])
             .arg(&self.data)
@@ -65,7 +65,7 @@ impl Drop for National {
     }
 }
 
-fn join(node: &Node, national: &National, name: &str) -> std::path::PathBuf {
+pub(super) fn join(node: &Node, national: &National, name: &str) -> std::path::PathBuf {
     let request = node.data.parent().unwrap().join(format!("{name}-join.json"));
     ok(&node.cli(&[
         "federation",
@@ -80,14 +80,14 @@ fn join(node: &Node, national: &National, name: &str) -> std::path::PathBuf {
     request
 }
 
-fn status(node: &Node) -> Value {
+pub(super) fn status(node: &Node) -> Value {
     let (code, body) = node.get("/api/v1/status").unwrap();
     assert_eq!(code, 200, "{body}");
     body
 }
 
 /// Waits until the standby holds as many residents and dose events as the primary.
-fn wait_converged(primary: &Node, standby: &Node, within: Duration) -> Duration {
+pub(super) fn wait_converged(primary: &Node, standby: &Node, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
         let (p, s) = (status(primary), status(standby));
@@ -99,14 +99,14 @@ fn wait_converged(primary: &Node, standby: &Node, within: Duration) -> Duration 
     }
 }
 
-fn history(node: &Node, resident: &str) -> Value {
+pub(super) fn history(node: &Node, resident: &str) -> Value {
     let (code, body) = node.get(&format!("/api/v1/residents/{resident}")).unwrap();
     assert_eq!(code, 200, "{body}");
     body["history"].clone()
 }
 
 /// A standby of 141003 in `dir/name`, with the primary's keys.
-fn standby_of(dir: &std::path::Path, name: &str, keys: &std::path::Path) -> Node {
+pub(super) fn standby_of(dir: &std::path::Path, name: &str, keys: &std::path::Path) -> Node {
     std::fs::create_dir_all(dir.join(name)).unwrap();
     let p2p = format!("/ip4/127.0.0.1/tcp/{}", free_port());
     let keys = keys.to_str().unwrap();

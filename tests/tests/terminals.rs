@@ -1,0 +1,275 @@
+//! Venue terminals and vaccination away from home, with real processes on loopback: a
+//! national node, Yokohama (141003) with a standby, Chiyoda (131016), a terminal of each.
+//! Terminals enrol with a one-time token, capture offline, survive kill -9, refuse a
+//! revoked coupon once synced; a Yokohama coupon scanned in Chiyoda reaches Yokohama's
+//! node through a partition that opens and heals, and Chiyoda keeps none of it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::{Node, PrintedCoupon, Proxy, TempDir, free_port};
+
+use super::federation::{National, history, join, standby_of, status, wait_converged};
+use super::{COMIRNATY, coupon_of, days_from_today, ok, raw_vial, set_up_fixture};
+
+const YOKOHAMA_VENUE: &str = "naka-kumin-kaikan";
+const CHIYODA_VENUE: &str = "chiyoda-kumin-hall";
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `within`.
+fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn enrol_token(node: &Node, venue: &str) -> String {
+    let out = ok(&node.cli(&["terminal", "enrol-token", "--venue", venue]));
+    out.lines().find(|l| l.starts_with("vrs_e_")).expect("a token line").to_owned()
+}
+
+fn terminal(dir: &std::path::Path, name: &str, municipality: &str, token: &str) -> Node {
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    Node::init_with(&dir.join(name), municipality, &["--plain-http", "--role", "terminal", "--enroll", token])
+        .unwrap()
+}
+
+fn scan(terminal: &Node, coupon: &PrintedCoupon, vial: &str, venue: &str) -> (u16, Value) {
+    terminal
+        .post("/api/v1/captures", &json!({"coupon": coupon.qr_text, "vial": vial, "venue": venue}))
+        .unwrap()
+}
+
+/// The terminal's log by event id.
+fn log(terminal: &Node) -> BTreeMap<String, Value> {
+    let (code, body) = terminal.get("/api/v1/terminal/captures").unwrap();
+    assert_eq!(code, 200, "{body}");
+    body["captures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["capture"]["event_id"].as_str().unwrap().to_owned(), c.clone()))
+        .collect()
+}
+
+fn state_of(terminal: &Node, event_id: &str) -> Value {
+    log(terminal).get(event_id).map(|c| c["state"].clone()).unwrap_or(Value::Null)
+}
+
+fn resident_id(node: &Node, atena: &str) -> String {
+    let (code, body) = node.get(&format!("/api/v1/residents?atena={atena}")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    body["residents"][0]["resident_id"].as_str().unwrap().to_owned()
+}
+
+/// How many times each event id appears in the resident's history.
+fn events_of(node: &Node, resident: &str) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for dose in history(node, resident).as_array().unwrap() {
+        *seen.entry(dose["event_id"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+    }
+    seen
+}
+
+fn p2p() -> (String, u16) {
+    let port = free_port();
+    (format!("/ip4/127.0.0.1/tcp/{port}"), port)
+}
+
+#[test]
+fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_through_a_partition() {
+    let dir = TempDir::new("terminals");
+    let mut national = National::init(dir.path());
+    national.start();
+
+    // Yokohama, reached by other nodes only through a proxy that the test can cut.
+    let (listen, port) = p2p();
+    let proxy = Proxy::start(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    let mut yokohama =
+        Node::init_with(&dir.path().join("a"), "141003", &["--plain-http", "--p2p-listen", &listen]).unwrap();
+    let config = yokohama.data.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let advertised = format!("[p2p]\nadvertise = \"/ip4/127.0.0.1/tcp/{}\"\n", proxy.port);
+    std::fs::write(&config, text.replacen("[p2p]\n", &advertised, 1)).unwrap();
+    let coupons = set_up_fixture(&yokohama, dir.path());
+    national.approve(&join(&yokohama, &national, "a"));
+    let mut standby = standby_of(dir.path(), "s", &yokohama.data.join("keys"));
+    national.approve(&join(&standby, &national, "s"));
+
+    // Chiyoda registers a lot Yokohama never saw.
+    let (listen, port) = p2p();
+    std::fs::create_dir_all(dir.path().join("c")).unwrap();
+    let mut chiyoda =
+        Node::init_with(&dir.path().join("c"), "131016", &["--plain-http", "--p2p-listen", &listen]).unwrap();
+    let config = chiyoda.data.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let advertised = format!("[p2p]\nadvertise = \"/ip4/127.0.0.1/tcp/{port}\"\n");
+    std::fs::write(&config, text.replacen("[p2p]\n", &advertised, 1)).unwrap();
+    let lot = ["lots", "add", "--lot", "CHY0001", "--gtin", COMIRNATY, "--expiry", &days_from_today(90)];
+    ok(&chiyoda.cli(&lot));
+    national.approve(&join(&chiyoda, &national, "c"));
+
+    let token_a = enrol_token(&yokohama, YOKOHAMA_VENUE);
+    let token_c = enrol_token(&chiyoda, CHIYODA_VENUE);
+    yokohama.start().unwrap();
+    standby.start().unwrap();
+    chiyoda.start().unwrap();
+
+    // Enrolment: one terminal per token; a second use is refused and writes nothing.
+    let mut terminal_a = terminal(dir.path(), "ta", "141003", &token_a);
+    let mut terminal_c = terminal(dir.path(), "tc", "131016", &token_c);
+    std::fs::create_dir_all(dir.path().join("tx")).unwrap();
+    let again = Node::init_with(
+        &dir.path().join("tx"),
+        "141003",
+        &["--plain-http", "--role", "terminal", "--enroll", &token_a],
+    );
+    let refusal = again.err().expect("a used enrolment token is refused").to_string();
+    assert!(refusal.contains("登録トークンが使用済み"), "{refusal}");
+    assert!(!dir.path().join("tx/node/node.toml").exists(), "a refused enrolment left a node behind");
+    terminal_a.start().unwrap();
+    terminal_c.start().unwrap();
+    // Chiyoda's terminal needs the directory (Yokohama's coupon key) from its bundle.
+    wait_for("Chiyoda's terminal to hold the directory", Duration::from_secs(30), || {
+        let body = status(&terminal_c);
+        (body["directory_version"].as_u64() >= Some(4)).then_some(())
+    });
+
+    // A terminal holds no resident documents and serves no resident routes.
+    let (code, _) = terminal_a.get("/api/v1/residents?atena=0000000101").unwrap();
+    assert_eq!(code, 404, "a terminal has no resident routes");
+
+    // 1. Online at home.
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = scan(&terminal_a, coupon_of(&coupons, "0000000101", 1), &vial, YOKOHAMA_VENUE);
+    assert_eq!(code, 201, "{body}");
+    let first = body["event_id"].as_str().unwrap().to_owned();
+    let state = wait_for("the first capture to be recorded", Duration::from_secs(20), || {
+        let state = state_of(&terminal_a, &first);
+        (state["state"] == "recorded").then_some(state)
+    });
+    assert_eq!((state["owner"].as_str(), state["dose_number"].as_u64()), (Some("141003"), Some(1)));
+    let r101 = resident_id(&yokohama, "0000000101");
+    assert_eq!(events_of(&yokohama, &r101).get(&first), Some(&1));
+
+    // 2. Away from home: a Yokohama coupon in Chiyoda, with Chiyoda's lot.
+    let chiyoda_vial = raw_vial(COMIRNATY, "CHY0001");
+    let (code, body) = scan(&terminal_c, coupon_of(&coupons, "0000000102", 1), &chiyoda_vial, CHIYODA_VENUE);
+    assert_eq!(code, 201, "{body}");
+    let away = body["event_id"].as_str().unwrap().to_owned();
+    let state = wait_for("the away-from-home capture to reach Yokohama", Duration::from_secs(30), || {
+        let state = state_of(&terminal_c, &away);
+        (state["state"] == "recorded").then_some(state)
+    });
+    assert_eq!(state["owner"], "141003", "{state}");
+    let r102 = resident_id(&yokohama, "0000000102");
+    let dose = history(&yokohama, &r102)[0].clone();
+    assert_eq!(dose["event_id"], away.as_str());
+    assert_eq!(dose["venue"], format!("131016/{CHIYODA_VENUE}"));
+    assert_eq!(dose["lot"], "CHY0001");
+    // Chiyoda keeps nothing of it once Yokohama has answered: no outbox entry, and its
+    // terminal forgot the scanned texts.
+    assert_eq!(status(&chiyoda)["forward_outbox"], 0);
+    let logged = &log(&terminal_c)[&away];
+    assert_eq!(logged["capture"]["coupon"], "", "{logged}");
+    assert_eq!(logged["coupon_code"], "", "{logged}");
+
+    // 3. A partition between Chiyoda and Yokohama: the capture waits at Chiyoda, durably.
+    proxy.block();
+    let (code, body) = scan(&terminal_c, coupon_of(&coupons, "0000000104", 1), &chiyoda_vial, CHIYODA_VENUE);
+    assert_eq!(code, 201, "{body}");
+    let partitioned = body["event_id"].as_str().unwrap().to_owned();
+    wait_for("the capture to wait in Chiyoda's outbox", Duration::from_secs(20), || {
+        (status(&chiyoda)["forward_outbox"] == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(state_of(&terminal_c, &partitioned)["state"], "forwarded");
+    let r104 = resident_id(&yokohama, "0000000104");
+    assert!(events_of(&yokohama, &r104).is_empty(), "nothing crossed the partition");
+    // Chiyoda is killed while the link is cut: the outbox survives.
+    chiyoda.kill9();
+    chiyoda.start().unwrap();
+    proxy.heal();
+    wait_for("the partitioned capture after healing", Duration::from_secs(60), || {
+        (state_of(&terminal_c, &partitioned)["state"] == "recorded").then_some(())
+    });
+    assert_eq!(events_of(&yokohama, &r104).get(&partitioned), Some(&1));
+    assert_eq!(status(&chiyoda)["forward_outbox"], 0);
+
+    // 4. A revoked coupon is refused by a terminal that has synced, offline.
+    let c108 = coupon_of(&coupons, "0000000108", 1);
+    let number = &c108.code[8..18];
+    let (code, body) =
+        yokohama.post(&format!("/api/v1/coupons/{number}/revoke"), &json!({"reason": "紛失届"})).unwrap();
+    assert_eq!(code, 200, "{body}");
+    wait_for("the terminal to learn of the revocation", Duration::from_secs(20), || {
+        (status(&terminal_a)["blocked_coupons"] == 1).then_some(())
+    });
+    yokohama.stop().unwrap();
+    let (code, body) = scan(&terminal_a, c108, &vial, YOKOHAMA_VENUE);
+    assert_eq!((code, body["code"].as_str()), (422, Some("coupon_revoked")), "{body}");
+
+    // 5. Offline: the node is down; captures are acknowledged once stored on the terminal,
+    // and a kill -9 of the terminal mid-capture loses none of the acknowledged ones.
+    let mut acknowledged: Vec<(String, String)> = Vec::new();
+    for atena in ["0000000105", "0000000106"] {
+        let (code, body) = scan(&terminal_a, coupon_of(&coupons, atena, 1), &vial, YOKOHAMA_VENUE);
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["state"]["state"], "pending", "{body}");
+        acknowledged.push((atena.to_owned(), body["event_id"].as_str().unwrap().to_owned()));
+    }
+    let url = terminal_a.url("/api/v1/captures");
+    let (token, agent) = (terminal_a.token.clone(), terminal_a.agent().clone());
+    let qr = coupon_of(&coupons, "0000000107", 1).qr_text.clone();
+    let vial_107 = vial.clone();
+    let racer = std::thread::spawn(move || {
+        let body = json!({"coupon": qr, "vial": vial_107, "venue": YOKOHAMA_VENUE});
+        agent
+            .post(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(&body)
+            .ok()
+            .and_then(|r| tests::read(r).ok())
+    });
+    std::thread::sleep(Duration::from_millis(3));
+    terminal_a.kill9();
+    if let Some((201, body)) = racer.join().unwrap() {
+        acknowledged.push(("0000000107".into(), body["event_id"].as_str().unwrap().to_owned()));
+    }
+    terminal_a.start().unwrap();
+    // The same scan again is the same capture, not a second one.
+    let (code, body) = scan(&terminal_a, coupon_of(&coupons, "0000000105", 1), &vial, YOKOHAMA_VENUE);
+    assert_eq!((code, body["event_id"].as_str()), (200, Some(acknowledged[0].1.as_str())), "{body}");
+    // 107 may or may not have been stored before the kill; either way one scan settles it.
+    let (code, body) = scan(&terminal_a, coupon_of(&coupons, "0000000107", 1), &vial, YOKOHAMA_VENUE);
+    assert!(code == 200 || code == 201, "{body}");
+    if code == 201 {
+        acknowledged.push(("0000000107".into(), body["event_id"].as_str().unwrap().to_owned()));
+    }
+    assert!(acknowledged.iter().filter(|(a, _)| a == "0000000107").count() <= 1);
+    yokohama.start().unwrap();
+
+    // After healing: every acknowledged capture is in the owner's document exactly once.
+    for (atena, event_id) in &acknowledged {
+        wait_for("the offline captures to be recorded", Duration::from_secs(30), || {
+            (state_of(&terminal_a, event_id)["state"] == "recorded").then_some(())
+        });
+        let resident = resident_id(&yokohama, atena);
+        assert_eq!(events_of(&yokohama, &resident).get(event_id), Some(&1), "{atena}");
+        assert_eq!(events_of(&yokohama, &resident).len(), 1, "{atena}: one dose, no duplicate");
+    }
+    assert_eq!(status(&terminal_a)["pending"], 0);
+
+    // The standby holds the same documents as the primary.
+    wait_converged(&yokohama, &standby, Duration::from_secs(30));
+    for atena in ["0000000101", "0000000102", "0000000104", "0000000105", "0000000106"] {
+        let resident = resident_id(&yokohama, atena);
+        assert_eq!(history(&yokohama, &resident), history(&standby, &resident), "{atena}");
+    }
+}
