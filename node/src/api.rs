@@ -710,17 +710,15 @@ async fn capture(
         None => None,
     };
     if let Some(terminal) = &state.terminal {
-        let result = terminal
-            .capture(
-                &state.writer,
-                &who,
-                (capture.coupon, capture.vial),
-                vaccinated_on,
-                capture.venue.clone(),
-                capture.event_id,
-                recorded_by,
-            )
-            .await;
+        let scan = crate::terminal::Scan {
+            coupon: capture.coupon,
+            vial: capture.vial,
+            vaccinated_on,
+            venue: capture.venue.clone(),
+            event_id: capture.event_id,
+            recorded_by,
+        };
+        let result = terminal.capture(&state.writer, &who, scan).await;
         return match result {
             Ok((code, value)) => Ok((code, Json(value)).into_response()),
             Err(problem) => {

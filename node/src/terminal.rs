@@ -61,6 +61,22 @@ pub struct LoggedCapture {
     pub coupon_code: String,
 }
 
+/// What the operator's scanner sent.
+pub struct Scan {
+    /// The coupon text.
+    pub coupon: String,
+    /// The vial text.
+    pub vial: String,
+    /// Date of vaccination (today if absent).
+    pub vaccinated_on: Option<Date>,
+    /// The venue named in the request.
+    pub venue: String,
+    /// A client event id (retries reuse it).
+    pub event_id: Option<String>,
+    /// Who scanned.
+    pub recorded_by: String,
+}
+
 /// What the terminal's API and sync loop share.
 pub struct TerminalRuntime {
     /// The terminal's store.
@@ -136,12 +152,9 @@ impl TerminalRuntime {
         &self,
         writer: &WriterHandle,
         who: &Who,
-        texts: (String, String),
-        vaccinated_on: Option<Date>,
-        venue: String,
-        event_id: Option<String>,
-        recorded_by: String,
+        scan: Scan,
     ) -> Result<(StatusCode, serde_json::Value), Problem> {
+        let Scan { coupon, vial, vaccinated_on, venue, event_id, recorded_by } = scan;
         if venue != self.venue {
             return Err(Problem::new(
                 StatusCode::FORBIDDEN,
@@ -151,7 +164,6 @@ impl TerminalRuntime {
                 format!("この端末で記録できる会場は {} だけです", self.venue),
             ));
         }
-        let (coupon, vial) = texts;
         let scans = decode_scans(&coupon, &vial)?;
         let today = japan_today();
         let vaccinated_on = vaccinated_on.unwrap_or(today);

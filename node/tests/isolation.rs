@@ -53,6 +53,7 @@ fn make_node(label: &str, municipality: &str, residents: u64) -> TestNode {
         tls_names: Vec::new(),
         p2p_listen: None,
         keys_from: None,
+        terminal: None,
     };
     let admin = init_data_dir(&dir, &options).unwrap();
     // Thousands of refused calls from one (unknown) address in a few seconds.

@@ -35,6 +35,7 @@ impl Fixture {
             tls_names: Vec::new(),
             p2p_listen: None,
             keys_from: None,
+            terminal: None,
         };
         let token = init_data_dir(&dir, &options).unwrap();
         Self { dir, token }
