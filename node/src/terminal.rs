@@ -89,6 +89,8 @@ pub struct TerminalRuntime {
     pub bundle: RwLock<Option<TerminalBundle>>,
     /// Connection and sync figures for `/api/v1/status`.
     pub sync: Mutex<SyncStatus>,
+    /// Wakes the sync loop when a capture is stored.
+    pub captured: tokio::sync::Notify,
 }
 
 /// The terminal's view of its link to the node.
@@ -116,6 +118,7 @@ impl TerminalRuntime {
             venue: venue.to_owned(),
             bundle: RwLock::new(bundle),
             sync: Mutex::new(SyncStatus::default()),
+            captured: tokio::sync::Notify::new(),
         }))
     }
 
@@ -203,6 +206,7 @@ impl TerminalRuntime {
             .await?;
         let status =
             if value["replay"].as_bool() == Some(true) { StatusCode::OK } else { StatusCode::CREATED };
+        self.captured.notify_one();
         Ok((status, value))
     }
 }
@@ -481,6 +485,18 @@ pub async fn run_sync(
                 }
                 _ => {}
             },
+            _ = runtime.captured.notified() => {
+                // A new capture: push it now rather than at the next tick.
+                if connected && push.is_none() {
+                    match pending_batch(&runtime.store) {
+                        Ok(captures) if !captures.is_empty() => {
+                            let request = CaptureRequest::Push { captures };
+                            push = Some(swarm.behaviour_mut().capture.send_request(&node_peer, request));
+                        }
+                        _ => {}
+                    }
+                }
+            }
             _ = tick.tick() => {
                 let now = Instant::now();
                 if !connected {

@@ -4,6 +4,7 @@
 //! cargo run --release -p tests --bin vrs-bench -- import  --residents 1000000 [--keep DIR]
 //! cargo run --release -p tests --bin vrs-bench -- capture --data DIR --clients 64 --captures 50000
 //! cargo run --release -p tests --bin vrs-bench -- standby --residents 100000
+//! cargo run --release -p tests --bin vrs-bench -- terminal --captures 500
 //! ```
 //!
 //! Results and the commands are recorded in docs/benchmarks.md.
@@ -41,6 +42,10 @@ fn main() -> anyhow::Result<()> {
             let residents: u64 = flag("--residents").unwrap_or_else(|| "100000".into()).parse()?;
             bench_standby(residents)
         }
+        Some("terminal") => {
+            let captures: usize = flag("--captures").unwrap_or_else(|| "500".into()).parse()?;
+            bench_terminal(captures)
+        }
         Some("fsync") => {
             let dir = std::env::temp_dir();
             let (rate, p50) = fdatasync_rate(&dir, Duration::from_secs(3))?;
@@ -48,7 +53,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | fsync"
+            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | terminal [--captures N] | fsync"
         ),
     }
 }
@@ -475,6 +480,146 @@ fn bench_standby(residents: u64) -> anyhow::Result<()> {
         "in-sync check (caught up, nothing changed): {} requests in 3 s, {:.0} B payload each way per check, independent of the {residents} documents held",
         requests,
         (delta("bytes_sent") + delta("bytes_received")) as f64 / requests as f64
+    );
+    for mut child in children {
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let _ = child.wait();
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Waits until `url` answers 200.
+fn wait_healthy(agent: &ureq::Agent, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.get(url).call().is_ok_and(|r| r.status() == 200) {
+        anyhow::ensure!(Instant::now() < deadline, "{url} did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Scan at a terminal → visible in the owner's document, one capture at a time, everything
+/// connected: a municipal node and an enrolled terminal as processes on loopback.
+fn bench_terminal(captures: usize) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("vrs-bench-terminal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let binary = vrs_node();
+    let residents = (captures as u64 * 2).max(100);
+    let csv = dir.join("residents.csv");
+    let status = Command::new(binary)
+        .args(["generate", "--residents", &residents.to_string(), "--encoding", "utf8", "--out"])
+        .arg(&csv)
+        .status()?;
+    anyhow::ensure!(status.success(), "generate failed");
+    let node = dir.join("node");
+    let node_http = format!("127.0.0.1:{}", free_port());
+    let p2p = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let out = cli_ok(
+        &["init", "--municipality", "141003", "--plain-http", "--listen", &node_http, "--p2p-listen", &p2p],
+        &node,
+    )?;
+    let node_token = out.lines().find(|l| l.starts_with("vrs_")).context("no token")?.to_owned();
+    cli_ok(&["import", "--issue-coupons", csv.to_str().unwrap_or_default()], &node)?;
+    let expiry = (time::OffsetDateTime::now_utc().date() + time::Duration::days(180)).to_string();
+    cli_ok(&["lots", "add", "--lot", "FA5765", "--gtin", "04987000001014", "--expiry", &expiry], &node)?;
+    let print = dir.join("print");
+    cli_ok(&["coupons", "export", "--no-qr-images", "--out", print.to_str().unwrap_or_default()], &node)?;
+    let coupons = read_print_shop(&print.join("coupons.csv"))?;
+    let out = cli_ok(&["terminal", "enrol-token", "--venue", "bench-hall"], &node)?;
+    let token = out.lines().find(|l| l.starts_with("vrs_e_")).context("no enrolment token")?.to_owned();
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let mut children =
+        vec![Command::new(binary).args(["run", "--data"]).arg(&node).env("VRS_LOG", "warn").spawn()?];
+    wait_healthy(&agent, &format!("http://{node_http}/healthz"))?;
+    let terminal = dir.join("terminal");
+    let terminal_http = format!("127.0.0.1:{}", free_port());
+    let out = cli_ok(
+        &[
+            "init",
+            "--role",
+            "terminal",
+            "--municipality",
+            "141003",
+            "--plain-http",
+            "--listen",
+            &terminal_http,
+            "--enroll",
+            &token,
+        ],
+        &terminal,
+    )?;
+    let terminal_token = out.lines().find(|l| l.starts_with("vrs_t_")).context("no token")?.to_owned();
+    children
+        .push(Command::new(binary).args(["run", "--data"]).arg(&terminal).env("VRS_LOG", "warn").spawn()?);
+    wait_healthy(&agent, &format!("http://{terminal_http}/healthz"))?;
+    let dose_events = || -> anyhow::Result<u64> {
+        let response = agent
+            .get(format!("http://{node_http}/api/v1/status"))
+            .header("Authorization", format!("Bearer {node_token}"))
+            .call()?;
+        let body: serde_json::Value = response.into_body().read_json()?;
+        body["dose_events"].as_u64().context("no dose_events")
+    };
+    // Wait for the terminal's link (its first push of nothing, and its bundle).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = agent
+            .get(format!("http://{terminal_http}/api/v1/status"))
+            .header("Authorization", format!("Bearer {terminal_token}"))
+            .call()?;
+        let body: serde_json::Value = response.into_body().read_json()?;
+        if body["sync"]["connected"] == true {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the terminal did not connect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vial = "]d2010498700000101417301231\u{1d}10FA5765".to_owned();
+    let mut acknowledged = Vec::new();
+    let mut visible = Vec::new();
+    let mut recorded = dose_events()?;
+    // Adults only: the bench measures delivery, not the refusal of a child's dose.
+    for coupon in coupons.iter().filter(|c| c.dose == 1 && c.birth_date.as_str() < "2008").take(captures) {
+        let body = json!({"coupon": coupon.qr_text, "vial": vial, "venue": "bench-hall"});
+        let start = Instant::now();
+        let response = agent
+            .post(format!("http://{terminal_http}/api/v1/captures"))
+            .header("Authorization", format!("Bearer {terminal_token}"))
+            .send_json(&body)?;
+        anyhow::ensure!(response.status() == 201, "capture refused: {}", response.status());
+        acknowledged.push(start.elapsed());
+        loop {
+            let now = dose_events()?;
+            if now > recorded {
+                recorded = now;
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let log = agent
+                    .get(format!("http://{terminal_http}/api/v1/terminal/captures"))
+                    .header("Authorization", format!("Bearer {terminal_token}"))
+                    .call()?
+                    .into_body()
+                    .read_to_string()?;
+                bail!("capture not visible in the owner's document after 30 s; the terminal's log: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        visible.push(start.elapsed());
+    }
+    acknowledged.sort();
+    visible.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "terminal → owner, {} captures one at a time: stored at the terminal p50 {:.1} ms p99 {:.1} ms; visible in the owner's document p50 {:.1} ms p99 {:.1} ms (target p99 ≤ 1,000 ms: ratio {:.2}×)",
+        visible.len(),
+        ms(percentile(&acknowledged, 0.50)),
+        ms(percentile(&acknowledged, 0.99)),
+        ms(percentile(&visible, 0.50)),
+        ms(percentile(&visible, 0.99)),
+        1000.0 / ms(percentile(&visible, 0.99)).max(0.001)
     );
     for mut child in children {
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
