@@ -288,6 +288,25 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(scenario(&app, &token, &coupons))?;
     runtime.block_on(security_scenario(&app, &token, &coupons))?;
+    // The demo node stops here and comes back as a process of the federation.
+    drop(app);
+    drop(started.state);
+    started.writer_thread.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    if !plain {
+        println!(
+            "(連携のデモはループバックの平文HTTPでのみ動きます / the federation part runs on a loopback address only)"
+        );
+        return Ok(());
+    }
+    // An adult's coupon the scenario left unused, for a vaccination away from home.
+    let rows = read_print_rows(&print_dir.join("coupons.csv"))?;
+    let away = rows.iter().skip(6).find(|(_, _, birth)| birth.as_str() < "2008").map(|(_, qr, _)| qr.clone());
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let root = dir.with_file_name(format!("{name}-federation"));
+    let federation = match away {
+        Some(coupon) => crate::demo_federation::run(&root, &dir, listen, &token, &coupon)?,
+        None => anyhow::bail!("the demo population has no adult coupon left"),
+    };
     println!();
     println!("API: {scheme}://{listen}   トークン / token: {token}");
     if let Some(spare) = coupons.get(5) {
@@ -302,23 +321,29 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         );
     }
     if exit {
-        drop(app);
-        drop(started.state);
-        started.writer_thread.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+        drop(federation);
         return Ok(());
     }
-    drop(app);
-    runtime.block_on(crate::daemon::serve_started(started, listen, None))
+    println!("停止は Ctrl-C / stop with Ctrl-C");
+    runtime.block_on(crate::daemon::shutdown_signal());
+    drop(federation);
+    Ok(())
 }
 
 /// (18-digit code, QR text) of every coupon in a print-shop file.
 fn read_print_shop(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(read_print_rows(path)?.into_iter().map(|(code, qr, _)| (code, qr)).collect())
+}
+
+/// (18-digit code, QR text, birth date) of every coupon in a print-shop file.
+fn read_print_rows(path: &Path) -> anyhow::Result<Vec<(String, String, String)>> {
     let text = std::fs::read_to_string(path)?;
     let mut reader = csv::Reader::from_reader(text.trim_start_matches('\u{feff}').as_bytes());
     let mut out = Vec::new();
     for record in reader.records() {
         let record = record?;
-        out.push((record.get(0).unwrap_or("").to_owned(), record.get(8).unwrap_or("").to_owned()));
+        let field = |i: usize| record.get(i).unwrap_or("").to_owned();
+        out.push((field(0), field(8), field(6)));
     }
     Ok(out)
 }

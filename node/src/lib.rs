@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod demo_federation;
 pub mod federation;
 mod gate;
 pub mod import;

@@ -424,7 +424,7 @@ enum LotCommands {
 
 fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VRS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -481,21 +481,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     data.display()
                 );
             }
-            // A terminal enrols first: nothing is written unless the node accepts it.
-            let enrolled = match &enroll {
-                Some(text) => {
-                    let token = node::terminals::EnrolmentToken::parse(text)?;
-                    let runtime = tokio::runtime::Runtime::new()?;
-                    let (keypair, certificate, bundle) =
-                        runtime.block_on(node::terminal::enrol(&token, municipality))?;
-                    let config = node::terminal::TerminalConfig {
-                        venue: certificate.venue.clone(),
-                        node: token.node.clone(),
-                    };
-                    Some((config, keypair, certificate, bundle))
-                }
-                None => None,
-            };
             let options = InitOptions {
                 role,
                 municipality,
@@ -507,19 +492,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tls_names: tls_name,
                 p2p_listen,
                 keys_from,
-                terminal: enrolled.as_ref().map(|(config, keypair, _, _)| (config.clone(), keypair.clone())),
+                terminal: None,
             };
-            let token = init_data_dir(&data, &options)?;
-            if let Some((config, keypair, certificate, bundle)) = &enrolled {
-                let store = Store::open(&NodeFiles::load(&data)?.store_path())?;
-                node::terminal::store_enrolment(&store, certificate, bundle)?;
-                println!(
-                    "端末を登録しました / terminal enrolled: 会場 venue {} — peer {} — ノード node {}",
-                    config.venue,
-                    keypair.public().to_peer_id(),
-                    config.node
-                );
-            }
+            let token = match &enroll {
+                // A terminal enrols first: nothing is written unless the node accepts it.
+                Some(text) => {
+                    let (token, config, peer) = node::terminal::init_enrolled(&data, options, text)?;
+                    println!(
+                        "端末を登録しました / terminal enrolled: 会場 venue {} — peer {peer} — ノード node {}",
+                        config.venue, config.node
+                    );
+                    token
+                }
+                None => init_data_dir(&data, &options)?,
+            };
             let name = protocol::municipality::lookup_municipality(municipality)
                 .map(|m| format!("{}{}", m.prefecture, m.name))
                 .unwrap_or_default();

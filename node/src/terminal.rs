@@ -370,6 +370,26 @@ pub async fn enrol(
     }
 }
 
+/// `init --role terminal --enroll TOKEN`: enrols first (nothing is written unless the node
+/// accepts), then makes the data directory. Returns the local admin token, the terminal's
+/// configuration and its peer id.
+pub fn init_enrolled(
+    dir: &Path,
+    mut options: crate::config::InitOptions,
+    token: &str,
+) -> anyhow::Result<(String, TerminalConfig, PeerId)> {
+    let token = EnrolmentToken::parse(token)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (keypair, certificate, bundle) = runtime.block_on(enrol(&token, options.municipality))?;
+    let config = TerminalConfig { venue: certificate.venue.clone(), node: token.node.clone() };
+    let peer = keypair.public().to_peer_id();
+    options.terminal = Some((config.clone(), keypair));
+    let admin = crate::config::init_data_dir(dir, &options)?;
+    let store = Store::open(&crate::config::NodeFiles::load(dir)?.store_path())?;
+    store_enrolment(&store, &certificate, &bundle)?;
+    Ok((admin, config, peer))
+}
+
 /// Writes what enrolment brought into a new terminal's store.
 pub fn store_enrolment(
     store: &Store,
