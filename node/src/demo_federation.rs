@@ -236,7 +236,8 @@ pub fn run(
         token: terminal_token,
     };
 
-    println!("   {:<44} {:<22} {}", "ノード / node", "HTTP", "data");
+    let (node_header, http_header) = ("ノード / node", "HTTP");
+    println!("   {node_header:<44} {http_header:<22} data");
     println!("   {:<44} {:<22} {}", "国 / national", "-", national.display());
     for member in [&yokohama, &standby, &chiyoda, &terminal] {
         println!(
