@@ -321,6 +321,10 @@ struct Node {
     forwarding: HashMap<MunicipalityCode, Option<OutboundRequestId>>,
     forward_done: mpsc::Sender<MunicipalityCode>,
     forward_next: Instant,
+    /// A standby's bundle request to its primary (for the lots), and when it was sent.
+    bundle_request: Option<OutboundRequestId>,
+    bundle_asked: Option<Instant>,
+    bundle_version: u64,
 }
 
 /// An answer on the capture protocol, computed off the event loop.
@@ -368,6 +372,9 @@ pub async fn run(
         forwarding: HashMap::new(),
         forward_done,
         forward_next: Instant::now(),
+        bundle_request: None,
+        bundle_asked: None,
+        bundle_version: 0,
     };
     node.apply_gate(&mut swarm, HashSet::new());
     node.refresh_terminals(&mut swarm);
@@ -569,6 +576,15 @@ impl Node {
         if self.pull.as_ref().is_some_and(|p| p.peer != peer) {
             self.pull = None;
         }
+        // The lots come with the bundle a terminal gets; a standby asks for it too.
+        if self.connected.contains(&peer)
+            && self.bundle_request.is_none()
+            && self.bundle_asked.is_none_or(|at| at.elapsed() > Duration::from_secs(2))
+        {
+            self.bundle_asked = Some(Instant::now());
+            let request = CaptureRequest::Refresh { held_version: self.bundle_version };
+            self.bundle_request = Some(swarm.behaviour_mut().capture.send_request(&peer, request));
+        }
         if self.pull.is_none() {
             let checkpoint = self.stored_checkpoint(&peer);
             self.pull = Some(PullState {
@@ -678,6 +694,11 @@ impl Node {
                 message: request_response::Message::Response { request_id, response },
                 ..
             } => {
+                if self.bundle_request == Some(request_id) {
+                    self.bundle_request = None;
+                    self.take_lots(response);
+                    return;
+                }
                 let Some(owner) = self.forward_owner(request_id) else { return };
                 let Some(service) = self.options.captures.clone() else { return };
                 match response {
@@ -708,6 +729,39 @@ impl Node {
         }
     }
 
+    /// A standby stores the lots of its primary's bundle.
+    fn take_lots(&mut self, response: CaptureResponse) {
+        let CaptureResponse::Bundle { bundle: Some(bundle) } = response else { return };
+        let Some(writer) = self.options.writer.clone() else { return };
+        self.bundle_version = bundle.version;
+        let lots: Vec<protocol::catalogue::Lot> = bundle.lots.into_values().collect();
+        tokio::spawn(async move {
+            let who = Who {
+                actor: "node:primary".into(),
+                role: "standby_replication".into(),
+                request_id: "-".into(),
+            };
+            let n = lots.len();
+            let result = writer
+                .call(&who, |reply| Command::Apply {
+                    action: "lots.replicate".into(),
+                    subject: format!("lots:{n}"),
+                    op: Box::new(move |txn, _| {
+                        let mut table = txn.open_table(crate::store::LOTS)?;
+                        for lot in &lots {
+                            table.insert(lot.lot.as_str(), serde_json::to_vec(lot)?.as_slice())?;
+                        }
+                        Ok(Ok(serde_json::Value::Null))
+                    }),
+                    reply,
+                })
+                .await;
+            if let Err(problem) = result {
+                tracing::error!(error = %problem.message_en, "cannot store the primary's lots");
+            }
+        });
+    }
+
     fn forward_owner(&self, request_id: OutboundRequestId) -> Option<MunicipalityCode> {
         self.forwarding.iter().find(|(_, id)| **id == Some(request_id)).map(|(owner, _)| *owner)
     }
@@ -734,6 +788,23 @@ impl Node {
             return;
         };
         let terminal = self.terminals.get(&peer).cloned();
+        // A standby of this municipality receives the bundle too (for the lots).
+        let standby = (|| {
+            let entry = self.entry(&peer)?;
+            let own = self.options.municipality?;
+            (entry.role == NodeRole::Standby && entry.municipality == Some(own)).then(|| {
+                crate::terminals::TerminalRecord {
+                    certificate: protocol::terminal::TerminalCertificate {
+                        municipality: own,
+                        venue: String::new(),
+                        peer_id: peer.to_string(),
+                        issued_at: String::new(),
+                        signature: String::new(),
+                    },
+                    revoked: false,
+                }
+            })
+        })();
         let municipal_peer = self.entry(&peer).is_some_and(|e| e.role == NodeRole::Municipal);
         let directory = self.directory.clone();
         let then_close = (!swarm.behaviour().gate.is_allowed(&peer)).then_some(peer);
@@ -745,7 +816,7 @@ impl Node {
                 tokio::spawn(async move { respond(service.enrol(&peer.to_string(), &secret).await) });
             }
             _ if then_close.is_some() => respond(refuse("not_enrolled", "enrol first")),
-            CaptureRequest::Refresh { held_version } => match terminal {
+            CaptureRequest::Refresh { held_version } => match terminal.or(standby) {
                 Some(terminal) => {
                     tokio::task::spawn_blocking(move || {
                         let venue = &terminal.certificate.venue;

@@ -194,9 +194,11 @@ fn a_standby_follows_its_primary_over_libp2p_survives_kill_9_and_takes_over() {
     let out = national.approve(&promotion);
     assert!(out.contains("Municipal"), "{out}");
     standby.start().unwrap();
-    // Lots are not replicated yet: the operator registers the venue's lots again.
-    let lot = serde_json::json!({"lot": "FA5765", "gtin": COMIRNATY, "expiry": days_from_today(180)});
-    assert_eq!(standby.post("/api/v1/lots", &lot).unwrap().0, 201);
+    // The primary's lots came with replication: the promoted node knows FA5765.
+    let (code, lots) = standby.get("/api/v1/lots").unwrap();
+    assert_eq!(code, 200, "{lots}");
+    let lots = lots.to_string();
+    assert!(lots.contains("FA5765") && lots.contains(&days_from_today(180)), "{lots}");
     let (code, body) = standby
         .post("/api/v1/captures", &capture(&coupon_of(&coupons, "0000000108", 1).qr_text, &vial, None))
         .unwrap();

@@ -253,6 +253,11 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
         acknowledged.push(("0000000107".into(), body["event_id"].as_str().unwrap().to_owned()));
     }
     assert!(acknowledged.iter().filter(|(a, _)| a == "0000000107").count() <= 1);
+    // The node comes back and is killed again while the terminal pushes and the standby
+    // pulls; what it acknowledged survives, the rest is pushed again.
+    yokohama.start().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    yokohama.kill9();
     yokohama.start().unwrap();
 
     // After healing: every acknowledged capture is in the owner's document exactly once.
