@@ -27,7 +27,7 @@ use libp2p::{
 use protocol::directory::{Directory, DirectoryEntry, NodeRole, SignedDirectory, may_replicate_residents};
 use protocol::municipality::MunicipalityCode;
 use protocol::replication::{
-    MemoryDocs, PullStep, Puller, ReplicationRequest, ReplicationResponse, answer_changes, answer_sync,
+    PageDocs, PullStep, Puller, ReplicationRequest, ReplicationResponse, answer_changes, answer_sync,
 };
 use protocol::terminal::{CaptureRequest, CaptureResponse, MAX_CAPTURES_PER_REQUEST};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,8 @@ pub const REPLICATION_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/repli
 pub const CAPTURE_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/capture/1");
 /// How long an unknown peer may stay connected to present an enrolment token.
 pub const ENROLMENT_WINDOW: Duration = Duration::from_secs(20);
+/// Unknown peers connected at once to enrol; more are closed.
+pub const MAX_ENROLLING: usize = 8;
 /// The directory protocol.
 pub const DIRECTORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/directory/1");
 /// Largest request accepted.
@@ -213,10 +215,45 @@ pub(crate) fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> 
     Ok(swarm)
 }
 
+/// The page's documents on the pulling side. A document this node does not hold that
+/// arrives whole is kept as bytes only: it is loaded once, off the event loop, when the
+/// page is stored.
+#[derive(Default)]
+struct PulledDocs {
+    docs: HashMap<String, automerge::Automerge>,
+    whole: HashMap<String, Vec<u8>>,
+}
+
+impl PageDocs for PulledDocs {
+    fn doc_mut(&mut self, doc_id: &str) -> &mut automerge::Automerge {
+        if let Some(bytes) = self.whole.remove(doc_id) {
+            // Asked about again after arriving whole: load it now.
+            let loaded = automerge::Automerge::load(&bytes).unwrap_or_default();
+            self.docs.insert(doc_id.to_owned(), loaded);
+        }
+        self.docs.entry(doc_id.to_owned()).or_default()
+    }
+
+    fn put_whole(&mut self, doc_id: &str, bytes: Vec<u8>) -> Result<(), String> {
+        match self.docs.get_mut(doc_id) {
+            // Never let a peer's copy replace local history: merge it.
+            Some(doc) if !doc.get_heads().is_empty() => {
+                let mut incoming = automerge::Automerge::load(&bytes).map_err(|e| e.to_string())?;
+                doc.merge(&mut incoming).map_err(|e| e.to_string())?;
+            }
+            _ => {
+                self.docs.remove(doc_id);
+                self.whole.insert(doc_id.to_owned(), bytes);
+            }
+        }
+        Ok(())
+    }
+}
+
 struct PullState {
     peer: PeerId,
     puller: Puller,
-    docs: MemoryDocs,
+    docs: PulledDocs,
     in_flight: Option<OutboundRequestId>,
     /// Pages handed to the store task and not yet stored.
     storing: u32,
@@ -231,8 +268,35 @@ struct StorePage {
     generation: u64,
     peer: PeerId,
     checkpoint: u64,
-    /// Each document, and its bytes if it arrived whole (stored as they are).
-    docs: Vec<(String, automerge::Automerge, Option<Vec<u8>>)>,
+    /// Each document: merged here, or its bytes as they arrived whole (stored as they are).
+    docs: Vec<(String, Option<automerge::Automerge>, Option<Vec<u8>>)>,
+}
+
+/// Reads the record of each pulled document (loading those that arrived whole) and saves
+/// the merged ones.
+fn prepare(
+    docs: Vec<(String, Option<automerge::Automerge>, Option<Vec<u8>>)>,
+) -> anyhow::Result<Vec<crate::writer::ReplicatedDoc>> {
+    docs.into_iter()
+        .map(|(id, doc, whole)| {
+            let (doc, saved) = match (doc, whole) {
+                (Some(doc), Some(bytes)) => (doc, bytes),
+                (Some(doc), None) => {
+                    let saved = doc.save_nocompress();
+                    (doc, saved)
+                }
+                (None, Some(bytes)) => {
+                    let doc = automerge::Automerge::load(&bytes)
+                        .with_context(|| format!("replicated document {id} does not load"))?;
+                    (doc, bytes)
+                }
+                (None, None) => anyhow::bail!("replicated document {id} arrived empty"),
+            };
+            let record = protocol::document::read_record(&doc)
+                .with_context(|| format!("replicated document {id} is not a resident"))?;
+            Ok(crate::writer::ReplicatedDoc { id, saved, record })
+        })
+        .collect()
 }
 
 /// Stores pages one after another (so checkpoints are stored in feed order): saves and
@@ -256,14 +320,15 @@ async fn store_pages(
         let StorePage { generation, peer, checkpoint, docs } = page;
         let count = docs.len();
         let prepared = tokio::task::spawn_blocking(move || {
-            docs.into_iter()
-                .map(|(id, doc, whole)| {
-                    let record = protocol::document::read_record(&doc)
-                        .with_context(|| format!("replicated document {id} is not a resident"))?;
-                    let saved = whole.unwrap_or_else(|| doc.save_nocompress());
-                    Ok(crate::writer::ReplicatedDoc { id, saved, record })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()
+            // Two halves on two threads: loading documents is most of a page's work.
+            let mut docs = docs;
+            let second = docs.split_off(docs.len() / 2);
+            std::thread::scope(|scope| {
+                let other = scope.spawn(|| prepare(second));
+                let mut first = prepare(docs)?;
+                first.extend(other.join().map_err(|_| anyhow::anyhow!("a page thread panicked"))??);
+                Ok(first)
+            })
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -317,14 +382,15 @@ struct Node {
     /// Unknown peers connected to enrol, and when they must be gone.
     enrolling: HashMap<PeerId, Instant>,
     capture_answers: mpsc::Sender<CaptureAnswer>,
-    /// Forward requests in flight, by owner municipality.
-    forwarding: HashMap<MunicipalityCode, Option<OutboundRequestId>>,
+    /// Forward requests in flight, by owner municipality: the request and the outbox key of
+    /// each capture sent, by event id.
+    forwarding: HashMap<MunicipalityCode, (Option<OutboundRequestId>, HashMap<String, String>)>,
     forward_done: mpsc::Sender<MunicipalityCode>,
     forward_next: Instant,
     /// A standby's bundle request to its primary (for the lots), and when it was sent.
     bundle_request: Option<OutboundRequestId>,
     bundle_asked: Option<Instant>,
-    bundle_version: u64,
+    bundle_version: Arc<AtomicU64>,
 }
 
 /// An answer on the capture protocol, computed off the event loop.
@@ -374,7 +440,7 @@ pub async fn run(
         forward_next: Instant::now(),
         bundle_request: None,
         bundle_asked: None,
-        bundle_version: 0,
+        bundle_version: Arc::new(AtomicU64::new(0)),
     };
     node.apply_gate(&mut swarm, HashSet::new());
     node.refresh_terminals(&mut swarm);
@@ -408,9 +474,13 @@ pub async fn run(
                 match answer.then_close {
                     Some(peer) if enrolled => {
                         // Stored already: let the new terminal in for good at once.
-                        node.enrolling.remove(&peer);
                         node.terminals_read = None;
                         node.refresh_terminals(&mut swarm);
+                        if swarm.behaviour().gate.is_allowed(&peer) {
+                            node.enrolling.remove(&peer);
+                        } else {
+                            node.enrolling.insert(peer, Instant::now() + Duration::from_millis(500));
+                        }
                     }
                     Some(peer) => {
                         node.enrolling.insert(peer, Instant::now() + Duration::from_millis(500));
@@ -582,7 +652,8 @@ impl Node {
             && self.bundle_asked.is_none_or(|at| at.elapsed() > Duration::from_secs(2))
         {
             self.bundle_asked = Some(Instant::now());
-            let request = CaptureRequest::Refresh { held_version: self.bundle_version };
+            let request =
+                CaptureRequest::Refresh { held_version: self.bundle_version.load(Ordering::Relaxed) };
             self.bundle_request = Some(swarm.behaviour_mut().capture.send_request(&peer, request));
         }
         if self.pull.is_none() {
@@ -590,7 +661,7 @@ impl Node {
             self.pull = Some(PullState {
                 peer,
                 puller: Puller::new(checkpoint, PAGE_SIZE),
-                docs: MemoryDocs::default(),
+                docs: PulledDocs::default(),
                 in_flight: None,
                 storing: 0,
                 generation: 0,
@@ -604,7 +675,7 @@ impl Node {
             && pull.storing < 2
             && Instant::now() >= pull.next_at
         {
-            pull.docs = MemoryDocs::default();
+            pull.docs = PulledDocs::default();
             let request = pull.puller.ask_changes();
             PULLED_BYTES_SENT.fetch_add(request_payload(&request), Ordering::Relaxed);
             PULL_REQUESTS.fetch_add(1, Ordering::Relaxed);
@@ -622,8 +693,13 @@ impl Node {
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 tracing::info!(peer = %peer_id, "connected");
                 if !swarm.behaviour().gate.is_allowed(&peer_id) {
-                    // Let in only to present an enrolment token.
-                    self.enrolling.insert(peer_id, Instant::now() + ENROLMENT_WINDOW);
+                    // Let in only to present an enrolment token, a few at a time.
+                    if self.enrolling.len() >= MAX_ENROLLING && !self.enrolling.contains_key(&peer_id) {
+                        tracing::warn!(peer = %peer_id, "too many peers enrolling at once; closed");
+                        let _ = swarm.disconnect_peer_id(peer_id);
+                    } else {
+                        self.enrolling.insert(peer_id, Instant::now() + ENROLMENT_WINDOW);
+                    }
                 }
                 self.connected.insert(peer_id);
                 self.dialing.remove(&peer_id);
@@ -701,11 +777,13 @@ impl Node {
                 }
                 let Some(owner) = self.forward_owner(request_id) else { return };
                 let Some(service) = self.options.captures.clone() else { return };
+                let sent =
+                    self.forwarding.get_mut(&owner).map(|(_, sent)| std::mem::take(sent)).unwrap_or_default();
                 match response {
                     CaptureResponse::States { states } => {
                         let done = self.forward_done.clone();
                         tokio::spawn(async move {
-                            if let Err(problem) = service.answered(&peer.to_string(), states).await {
+                            if let Err(problem) = service.answered(&peer.to_string(), sent, states).await {
                                 tracing::error!(error = %problem.message_en, "cannot store forwarded answers");
                             }
                             let _ = done.send(owner).await;
@@ -733,7 +811,8 @@ impl Node {
     fn take_lots(&mut self, response: CaptureResponse) {
         let CaptureResponse::Bundle { bundle: Some(bundle) } = response else { return };
         let Some(writer) = self.options.writer.clone() else { return };
-        self.bundle_version = bundle.version;
+        let version = bundle.version;
+        let stored_version = self.bundle_version.clone();
         let lots: Vec<protocol::catalogue::Lot> = bundle.lots.into_values().collect();
         tokio::spawn(async move {
             let who = Who {
@@ -756,14 +835,17 @@ impl Node {
                     reply,
                 })
                 .await;
-            if let Err(problem) = result {
-                tracing::error!(error = %problem.message_en, "cannot store the primary's lots");
+            match result {
+                Ok(_) => stored_version.store(version, Ordering::Relaxed),
+                Err(problem) => {
+                    tracing::error!(error = %problem.message_en, "cannot store the primary's lots")
+                }
             }
         });
     }
 
     fn forward_owner(&self, request_id: OutboundRequestId) -> Option<MunicipalityCode> {
-        self.forwarding.iter().find(|(_, id)| **id == Some(request_id)).map(|(owner, _)| *owner)
+        self.forwarding.iter().find(|(_, (id, _))| *id == Some(request_id)).map(|(owner, _)| *owner)
     }
 
     /// Answers a capture-protocol request off the event loop: enrolment from anyone let in
@@ -805,7 +887,8 @@ impl Node {
                 }
             })
         })();
-        let municipal_peer = self.entry(&peer).is_some_and(|e| e.role == NodeRole::Municipal);
+        let municipal_peer =
+            self.entry(&peer).filter(|e| e.role == NodeRole::Municipal).and_then(|e| e.municipality);
         let directory = self.directory.clone();
         let then_close = (!swarm.behaviour().gate.is_allowed(&peer)).then_some(peer);
         let respond = move |response| {
@@ -835,7 +918,7 @@ impl Node {
                 Some(terminal) => {
                     tokio::spawn(async move {
                         let venue = terminal.certificate.venue.clone();
-                        respond(service.push(&peer.to_string(), &venue, captures).await)
+                        respond(service.push(&peer.to_string(), &venue, captures, directory.as_ref()).await)
                     });
                 }
                 None => respond(refuse("not_a_terminal", "only enrolled terminals push captures")),
@@ -843,8 +926,11 @@ impl Node {
             CaptureRequest::Forward { captures } if captures.len() > MAX_CAPTURES_PER_REQUEST => {
                 respond(refuse("too_many", "too many captures in one forward"))
             }
-            CaptureRequest::Forward { captures } if municipal_peer => {
-                tokio::spawn(async move { respond(service.forwarded(&peer.to_string(), captures).await) });
+            CaptureRequest::Forward { captures } if municipal_peer.is_some() => {
+                let from = municipal_peer.unwrap_or(service.municipality);
+                tokio::spawn(
+                    async move { respond(service.forwarded(&peer.to_string(), from, captures).await) },
+                );
             }
             CaptureRequest::Forward { .. } => respond(refuse(
                 "not_a_municipal_node",
@@ -881,8 +967,11 @@ impl Node {
                 self.dial(swarm, peer, addresses);
                 continue;
             }
+            let sent: HashMap<String, String> =
+                captures.iter().map(|(key, f)| (f.capture.event_id.clone(), key.clone())).collect();
+            let captures = captures.into_iter().map(|(_, f)| f).collect();
             let id = swarm.behaviour_mut().capture.send_request(&peer, CaptureRequest::Forward { captures });
-            self.forwarding.insert(owner, Some(id));
+            self.forwarding.insert(owner, (Some(id), sent));
         }
     }
 
@@ -996,7 +1085,8 @@ impl Node {
                     .into_iter()
                     .filter_map(|id| {
                         let bytes = whole.remove(&id);
-                        held.remove(&id).map(|doc| (id, doc, bytes))
+                        let doc = held.remove(&id);
+                        (doc.is_some() || bytes.is_some()).then_some((id, doc, bytes))
                     })
                     .collect();
                 if !more {
@@ -1041,7 +1131,7 @@ impl Node {
             pull.generation += 1;
             pull.puller = Puller::new(checkpoint, PAGE_SIZE);
             pull.in_flight = None;
-            pull.docs = MemoryDocs::default();
+            pull.docs = PulledDocs::default();
             pull.next_at = Instant::now() + pause;
         }
     }

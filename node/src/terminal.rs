@@ -228,7 +228,15 @@ fn store_capture(
         })
     };
     if let Some(logged) = get_json::<LoggedCapture>(&txn.open_table(TERMINAL_LOG)?, &capture.event_id)? {
-        return Ok(Ok(answer(&logged, true)));
+        let same = logged.coupon_code == code
+            && logged.capture.vaccinated_on == capture.vaccinated_on
+            && (logged.capture.vial == capture.vial || logged.capture.vial.is_empty());
+        if same {
+            return Ok(Ok(answer(&logged, true)));
+        }
+        return Ok(Err(
+            protocol::validation::CaptureError::EventIdReused { event_id: capture.event_id }.into()
+        ));
     }
     let used: Option<String> = txn.open_table(TERMINAL_USED)?.get(code)?.map(|v| v.value().to_owned());
     if let Some(previous) = used
@@ -432,6 +440,7 @@ pub async fn run_sync(
     let mut refreshed_at: Option<Instant> = None;
     let mut push: Option<OutboundRequestId> = None;
     let mut next_push = Instant::now();
+    let mut asked_forwarded: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
@@ -508,7 +517,7 @@ pub async fn run_sync(
             _ = runtime.captured.notified() => {
                 // A new capture: push it now rather than at the next tick.
                 if connected && push.is_none() {
-                    match pending_batch(&runtime.store) {
+                    match pending_batch(&runtime.store, false) {
                         Ok(captures) if !captures.is_empty() => {
                             let request = CaptureRequest::Push { captures };
                             push = Some(swarm.behaviour_mut().capture.send_request(&node_peer, request));
@@ -537,7 +546,11 @@ pub async fn run_sync(
                     refresh = Some(swarm.behaviour_mut().capture.send_request(&node_peer, CaptureRequest::Refresh { held_version: held }));
                 }
                 if push.is_none() && now >= next_push {
-                    match pending_batch(&runtime.store) {
+                    let with_forwarded = asked_forwarded.is_none_or(|at| at.elapsed() > Duration::from_secs(2));
+                    if with_forwarded {
+                        asked_forwarded = Some(now);
+                    }
+                    match pending_batch(&runtime.store, with_forwarded) {
                         Ok(captures) if !captures.is_empty() => {
                             push = Some(swarm.behaviour_mut().capture.send_request(&node_peer, CaptureRequest::Push { captures }));
                         }
@@ -553,11 +566,19 @@ pub async fn run_sync(
     }
 }
 
-fn pending_batch(store: &Store) -> anyhow::Result<Vec<TerminalCapture>> {
+/// The next captures to push, oldest first: those not yet answered; those held by the node
+/// for another municipality only when `with_forwarded` (they are asked about less often, so
+/// they never hold back the venue's own captures).
+fn pending_batch(store: &Store, with_forwarded: bool) -> anyhow::Result<Vec<TerminalCapture>> {
     let view = store.read()?;
     let mut captures = Vec::new();
-    for (_, event_id) in view.terminal_pending(MAX_CAPTURES_PER_REQUEST)? {
-        if let Some(logged) = view.json::<LoggedCapture>(TERMINAL_LOG, &event_id)? {
+    for (_, event_id) in view.terminal_pending(usize::MAX)? {
+        if captures.len() >= MAX_CAPTURES_PER_REQUEST {
+            break;
+        }
+        if let Some(logged) = view.json::<LoggedCapture>(TERMINAL_LOG, &event_id)?
+            && (with_forwarded || !matches!(logged.state, CaptureState::Forwarded { .. }))
+        {
             captures.push(logged.capture);
         }
     }
@@ -580,6 +601,11 @@ async fn take_bundle(
         bundle.municipality == runtime.municipality && bundle.venue == runtime.venue,
         "the bundle is for another municipality or venue"
     );
+    let held = runtime.bundle.read().ok().and_then(|b| b.as_ref().map(|b| b.version)).unwrap_or(0);
+    if bundle.version < held {
+        tracing::warn!(held, offered = bundle.version, "an older bundle was offered; kept the newer one");
+        return Ok(());
+    }
     if let Some(directory) = &bundle.directory {
         let key = protocol::person::hex_decode(&bundle.national_key).context("national key is not hex")?;
         directory.verify(&key).context("the bundle's directory does not verify")?;

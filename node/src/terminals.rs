@@ -7,7 +7,7 @@
 //! the forward outbox (one durable commit), forwarded to the owner's node, and removed once
 //! the owner has answered; the answer (no personal data) waits for the terminal to fetch it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -141,7 +141,9 @@ pub fn enrol(
         return refuse("enrolment_unknown", "no such enrolment token", "この登録トークンは存在しません");
     };
     if let Some(used_by) = &enrolment.used_by {
-        if *used_by == certificate.peer_id {
+        let revoked =
+            get_json::<TerminalRecord>(&txn.open_table(TERMINALS)?, used_by)?.is_none_or(|t| t.revoked);
+        if *used_by == certificate.peer_id && !revoked {
             return Ok(Ok(()));
         }
         return refuse(
@@ -293,14 +295,27 @@ impl CaptureService {
         }
     }
 
-    /// Captures pushed by an enrolled terminal of `venue`.
-    pub async fn push(&self, peer: &str, venue: &str, captures: Vec<TerminalCapture>) -> CaptureResponse {
-        let futures = captures.into_iter().map(|capture| self.push_one(peer, venue, capture));
+    /// Captures pushed by an enrolled terminal of `venue`. `directory` gives the other
+    /// municipalities' coupon keys.
+    pub async fn push(
+        &self,
+        peer: &str,
+        venue: &str,
+        captures: Vec<TerminalCapture>,
+        directory: Option<&SignedDirectory>,
+    ) -> CaptureResponse {
+        let futures = captures.into_iter().map(|capture| self.push_one(peer, venue, capture, directory));
         let states = libp2p::futures::future::join_all(futures).await;
         CaptureResponse::States { states }
     }
 
-    async fn push_one(&self, peer: &str, venue: &str, capture: TerminalCapture) -> (String, CaptureState) {
+    async fn push_one(
+        &self,
+        peer: &str,
+        venue: &str,
+        capture: TerminalCapture,
+        directory: Option<&SignedDirectory>,
+    ) -> (String, CaptureState) {
         let event_id = capture.event_id.clone();
         let state = if capture.venue != venue || capture.venue_municipality != self.municipality {
             self.refusal(
@@ -311,11 +326,45 @@ impl CaptureService {
         } else {
             match self.owner_of(&capture) {
                 Ok(owner) if owner == self.municipality => self.record(peer, capture, None).await,
-                Ok(owner) => self.queue_forward(peer, owner, capture).await,
+                Ok(owner) => match self.check_foreign(&capture, owner, directory) {
+                    Ok(()) => self.queue_forward(peer, owner, capture).await,
+                    Err(state) => state,
+                },
                 Err(error) => self.refusal(error.code(), &error.message_ja(), &error.to_string()),
             }
         };
         (event_id, state)
+    }
+
+    /// Before holding another municipality's coupon: the owner is in the directory and the
+    /// coupon carries its signature (what the terminal checked, checked again here).
+    fn check_foreign(
+        &self,
+        capture: &TerminalCapture,
+        owner: MunicipalityCode,
+        directory: Option<&SignedDirectory>,
+    ) -> Result<(), CaptureState> {
+        let key = directory
+            .and_then(|d| d.directory.primary_of(owner))
+            .and_then(|e| protocol::person::hex_decode(&e.coupon_key));
+        let Some(key) = key else {
+            return Err(self.refusal(
+                "owner_unknown",
+                &format!("接種券の自治体 {owner} は連携名簿にありません"),
+                &format!("municipality {owner} is not in the federation directory"),
+            ));
+        };
+        let scans = decode_scans(&capture.coupon, &capture.vial)
+            .map_err(|e| self.refusal(e.code(), &e.message_ja(), &e.to_string()))?;
+        if !matches!(scans.coupon, protocol::coupon::ScannedCoupon::Signed(_)) {
+            return Err(self.refusal(
+                "unsigned_away_coupon",
+                "他の自治体の接種券は署名付きQRコードで読み取ってください",
+                "scan another municipality's coupon by its signed QR code",
+            ));
+        }
+        authenticate_coupon(&scans.coupon, |m| (m == owner).then(|| key.clone()))
+            .map_err(|e| self.refusal(e.code(), &e.message_ja(), &e.to_string()))
     }
 
     fn owner_of(&self, capture: &TerminalCapture) -> Result<MunicipalityCode, CaptureError> {
@@ -329,6 +378,21 @@ impl CaptureService {
             code: code.to_owned(),
             message_ja: ja.to_owned(),
             message_en: en.to_owned(),
+        }
+    }
+
+    /// The state a writer's refusal stands for: a refusal of the capture is final; a
+    /// failure of this node (5xx) is not, and the capture is pushed again.
+    fn from_problem(&self, problem: &Problem) -> CaptureState {
+        if problem.status.is_server_error() {
+            tracing::error!(code = %problem.code, "a capture could not be stored; the terminal will push it again");
+            return CaptureState::Pending;
+        }
+        CaptureState::Refused {
+            owner: self.municipality,
+            code: problem.code.clone(),
+            message_ja: problem.message_ja.clone(),
+            message_en: problem.message_en.clone(),
         }
     }
 
@@ -347,6 +411,8 @@ impl CaptureService {
             Ok(scans) => scans,
             Err(error) => return self.refusal(error.code(), &error.message_ja(), &error.to_string()),
         };
+        // A forwarded lot stands only for the vial it was registered for.
+        let lot = lot.filter(|l| l.lot == scans.vial.lot && l.gtin == scans.vial.gtin);
         let venue = if capture.venue_municipality == self.municipality {
             capture.venue.clone()
         } else {
@@ -369,33 +435,45 @@ impl CaptureService {
                 dose_number: outcome.event.dose_number,
                 replay: outcome.replay,
             },
-            Err(problem) => CaptureState::Refused {
-                owner: self.municipality,
-                code: problem.code.clone(),
-                message_ja: problem.message_ja.clone(),
-                message_en: problem.message_en.clone(),
-            },
+            Err(problem) => self.from_problem(&problem),
         }
     }
 
     /// Stores a capture of another municipality's coupon for forwarding, or answers with
-    /// the owner's answer if it has come.
+    /// the owner's answer if it has come. Keys are the terminal's peer id and the event id.
     async fn queue_forward(
         &self,
         peer: &str,
         owner: MunicipalityCode,
         capture: TerminalCapture,
     ) -> CaptureState {
-        let event_id = capture.event_id.clone();
+        let key = outbox_key(peer, &capture.event_id);
+        // Still waiting for the owner: answered from a read, without a write.
+        match self.store.read().and_then(|view| view.json::<Outgoing>(FORWARD_OUTBOX, &key)) {
+            Ok(Some(held)) if held.forwarded.capture == capture => return CaptureState::Forwarded { owner },
+            Ok(Some(_)) => {
+                return self.refusal(
+                    "event_id_reused",
+                    "この記録IDは別の読み取りで使われています",
+                    "this event id names another capture",
+                );
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(%error, "cannot read the forward outbox");
+                return CaptureState::Pending;
+            }
+        }
         let lot_number = decode_scans(&capture.coupon, &capture.vial).map(|s| s.vial.lot).unwrap_or_default();
         let lot = match self.store.read().and_then(|view| view.lot(&lot_number)) {
             Ok(lot) => lot,
-            Err(error) => return self.refusal("internal", "内部エラー", &format!("{error:#}")),
+            Err(error) => {
+                tracing::error!(%error, "cannot read lots");
+                return CaptureState::Pending;
+            }
         };
         let outgoing = Outgoing { owner, forwarded: ForwardedCapture { capture, lot } };
-        let who =
-            Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: event_id.clone() };
-        let id = event_id.clone();
+        let who = Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: key.clone() };
         let result = self
             .writer
             .call(&who, |reply| Command::Apply {
@@ -404,13 +482,13 @@ impl CaptureService {
                 op: Box::new(move |txn, _now| {
                     // An answer already here: hand it over once, then forget it.
                     let mut results = txn.open_table(FORWARD_RESULTS)?;
-                    if let Some(state) = get_json::<CaptureState>(&results, &id)? {
-                        results.remove(id.as_str())?;
+                    if let Some(state) = get_json::<CaptureState>(&results, &key)? {
+                        results.remove(key.as_str())?;
                         return Ok(Ok(serde_json::to_value(state)?));
                     }
                     drop(results);
-                    if txn.open_table(FORWARD_OUTBOX)?.get(id.as_str())?.is_none() {
-                        put_json(txn, FORWARD_OUTBOX, &id, &outgoing)?;
+                    if txn.open_table(FORWARD_OUTBOX)?.get(key.as_str())?.is_none() {
+                        put_json(txn, FORWARD_OUTBOX, &key, &outgoing)?;
                     }
                     Ok(Ok(serde_json::to_value(CaptureState::Forwarded { owner })?))
                 }),
@@ -419,16 +497,33 @@ impl CaptureService {
             .await;
         match result.map(serde_json::from_value::<CaptureState>) {
             Ok(Ok(state)) => state,
-            Ok(Err(error)) => self.refusal("internal", "内部エラー", &error.to_string()),
-            Err(problem) => self.refusal(&problem.code, &problem.message_ja, &problem.message_en),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "unreadable forward state");
+                CaptureState::Pending
+            }
+            Err(problem) => self.from_problem(&problem),
         }
     }
 
-    /// Captures forwarded by the node of municipality `from`.
-    pub async fn forwarded(&self, peer: &str, captures: Vec<ForwardedCapture>) -> CaptureResponse {
+    /// Captures forwarded by `peer`, the primary node of municipality `from`: its own
+    /// venues' captures of this municipality's coupons.
+    pub async fn forwarded(
+        &self,
+        peer: &str,
+        from: MunicipalityCode,
+        captures: Vec<ForwardedCapture>,
+    ) -> CaptureResponse {
         let futures = captures.into_iter().map(|f| async move {
             let event_id = f.capture.event_id.clone();
             let state = match self.owner_of(&f.capture) {
+                _ if f.capture.venue_municipality != from || from == self.municipality => self.refusal(
+                    "venue_municipality_mismatch",
+                    "転送元の自治体と会場の自治体が一致しません",
+                    &format!(
+                        "a node of {from} forwarded a capture made at a venue of {}",
+                        f.capture.venue_municipality
+                    ),
+                ),
                 Ok(owner) if owner == self.municipality => self.record(peer, f.capture, f.lot).await,
                 Ok(owner) => self.refusal(
                     "not_owner",
@@ -442,26 +537,40 @@ impl CaptureService {
         CaptureResponse::States { states: libp2p::futures::future::join_all(futures).await }
     }
 
-    /// The outbox, grouped by owner: at most `limit` captures per owner.
-    pub fn outbox(&self, limit: usize) -> anyhow::Result<BTreeMap<MunicipalityCode, Vec<ForwardedCapture>>> {
-        let mut by_owner: BTreeMap<MunicipalityCode, Vec<ForwardedCapture>> = BTreeMap::new();
-        for (_, outgoing) in self.store.read()?.all::<Outgoing>(FORWARD_OUTBOX)? {
+    /// The outbox, grouped by owner: at most `limit` captures per owner, each with its key.
+    /// Reads nothing but the row count when the outbox is empty.
+    pub fn outbox(
+        &self,
+        limit: usize,
+    ) -> anyhow::Result<BTreeMap<MunicipalityCode, Vec<(String, ForwardedCapture)>>> {
+        let view = self.store.read()?;
+        let mut by_owner: BTreeMap<MunicipalityCode, Vec<(String, ForwardedCapture)>> = BTreeMap::new();
+        if view.count(FORWARD_OUTBOX)? == 0 {
+            return Ok(by_owner);
+        }
+        for (key, outgoing) in view.all::<Outgoing>(FORWARD_OUTBOX)? {
             let list = by_owner.entry(outgoing.owner).or_default();
             if list.len() < limit {
-                list.push(outgoing.forwarded);
+                list.push((key, outgoing.forwarded));
             }
         }
         Ok(by_owner)
     }
 
-    /// Takes the owner's answers: final ones leave the outbox (with the personal data they
-    /// carried) and wait, without it, for the terminal.
+    /// Takes the owner's answers to the captures sent (`sent`: outbox keys by event id):
+    /// final ones leave the outbox, with the personal data they carried, and wait without
+    /// it for the terminal. Answers about anything not sent are ignored.
     pub async fn answered(
         &self,
         owner_peer: &str,
+        sent: HashMap<String, String>,
         states: Vec<(String, CaptureState)>,
     ) -> Result<(), Problem> {
-        let finals: Vec<(String, CaptureState)> = states.into_iter().filter(|(_, s)| s.is_final()).collect();
+        let finals: Vec<(String, CaptureState)> = states
+            .into_iter()
+            .filter(|(_, s)| s.is_final())
+            .filter_map(|(id, s)| sent.get(&id).map(|key| (key.clone(), s)))
+            .collect();
         if finals.is_empty() {
             return Ok(());
         }
@@ -478,9 +587,9 @@ impl CaptureService {
                 op: Box::new(move |txn, _now| {
                     let mut outbox = txn.open_table(FORWARD_OUTBOX)?;
                     let mut results = txn.open_table(FORWARD_RESULTS)?;
-                    for (id, state) in &finals {
-                        if outbox.remove(id.as_str())?.is_some() {
-                            results.insert(id.as_str(), serde_json::to_vec(state)?.as_slice())?;
+                    for (key, state) in &finals {
+                        if outbox.remove(key.as_str())?.is_some() {
+                            results.insert(key.as_str(), serde_json::to_vec(state)?.as_slice())?;
                         }
                     }
                     Ok(Ok(serde_json::Value::Null))
@@ -490,6 +599,11 @@ impl CaptureService {
             .await
             .map(|_| ())
     }
+}
+
+/// The key of a forwarded capture at the forwarding node: the terminal and its event id.
+fn outbox_key(terminal_peer: &str, event_id: &str) -> String {
+    format!("{terminal_peer}/{event_id}")
 }
 
 fn refused(code: &str, message: &str) -> CaptureResponse {

@@ -157,6 +157,11 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     assert_eq!((state["owner"].as_str(), state["dose_number"].as_u64()), (Some("141003"), Some(1)));
     let r101 = resident_id(&yokohama, "0000000101");
     assert_eq!(events_of(&yokohama, &r101).get(&first), Some(&1));
+    // A client's event id names one capture: reused for another coupon, it is refused.
+    let other = coupon_of(&coupons, "0000000106", 1);
+    let body = json!({"coupon": other.qr_text, "vial": vial, "venue": YOKOHAMA_VENUE, "event_id": first});
+    let (code, body) = terminal_a.post("/api/v1/captures", &body).unwrap();
+    assert_eq!((code, body["code"].as_str()), (409, Some("event_id_reused")), "{body}");
 
     // 2. Away from home: a Yokohama coupon in Chiyoda, with Chiyoda's lot.
     let chiyoda_vial = raw_vial(COMIRNATY, "CHY0001");
