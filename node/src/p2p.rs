@@ -299,41 +299,46 @@ fn prepare(
         .collect()
 }
 
-/// Stores pages one after another (so checkpoints are stored in feed order): saves and
-/// reads each document off the async workers, then one writer command per page. After a
-/// failure it drops the rest of that generation, which the puller will fetch again.
+/// Stores pages one after another (so checkpoints are stored in feed order), in two
+/// stages that overlap: page n+1 is loaded and read (off the async workers, on two threads)
+/// while page n is written (one writer command per page). After a failure it drops the
+/// rest of that generation, which the puller will fetch again.
 async fn store_pages(
     writer: WriterHandle,
     mut pages: mpsc::Receiver<StorePage>,
     stored: mpsc::Sender<(u64, anyhow::Result<()>)>,
 ) {
-    let mut failed_generation = None;
-    while let Some(page) = pages.recv().await {
-        if failed_generation == Some(page.generation) {
-            // Dropped: tell the loop, so its count of queued pages stays right.
-            let skipped = Err(anyhow::anyhow!("dropped after an earlier page failed"));
-            if stored.send((page.generation, skipped)).await.is_err() {
+    type Prepared = (u64, PeerId, u64, usize, anyhow::Result<Vec<crate::writer::ReplicatedDoc>>);
+    let (ready, mut ready_rx) = mpsc::channel::<Prepared>(1);
+    let preparer = tokio::spawn(async move {
+        while let Some(StorePage { generation, peer, checkpoint, docs }) = pages.recv().await {
+            let count = docs.len();
+            let prepared = tokio::task::spawn_blocking(move || {
+                // Two halves on two threads: loading documents is most of a page's work.
+                let mut docs = docs;
+                let second = docs.split_off(docs.len() / 2);
+                std::thread::scope(|scope| {
+                    let other = scope.spawn(|| prepare(second));
+                    let mut first = prepare(docs)?;
+                    first.extend(other.join().map_err(|_| anyhow::anyhow!("a page thread panicked"))??);
+                    Ok(first)
+                })
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|r| r);
+            if ready.send((generation, peer, checkpoint, count, prepared)).await.is_err() {
                 break;
             }
-            continue;
         }
-        let StorePage { generation, peer, checkpoint, docs } = page;
-        let count = docs.len();
-        let prepared = tokio::task::spawn_blocking(move || {
-            // Two halves on two threads: loading documents is most of a page's work.
-            let mut docs = docs;
-            let second = docs.split_off(docs.len() / 2);
-            std::thread::scope(|scope| {
-                let other = scope.spawn(|| prepare(second));
-                let mut first = prepare(docs)?;
-                first.extend(other.join().map_err(|_| anyhow::anyhow!("a page thread panicked"))??);
-                Ok(first)
-            })
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .and_then(|r| r);
+    });
+    let mut failed_generation = None;
+    while let Some((generation, peer, checkpoint, count, prepared)) = ready_rx.recv().await {
         let result = match prepared {
+            // Dropped: tell the loop, so its count of queued pages stays right.
+            _ if failed_generation == Some(generation) => {
+                Err(anyhow::anyhow!("dropped after an earlier page failed"))
+            }
             Ok(docs) => {
                 let who = Who {
                     actor: format!("peer:{peer}"),
@@ -362,6 +367,7 @@ async fn store_pages(
             break;
         }
     }
+    preparer.abort();
 }
 
 /// Everything the event loop holds.
@@ -672,7 +678,7 @@ impl Node {
         if let Some(pull) = self.pull.as_mut()
             && connected
             && pull.in_flight.is_none()
-            && pull.storing < 2
+            && pull.storing < 3
             && Instant::now() >= pull.next_at
         {
             pull.docs = PulledDocs::default();
@@ -703,6 +709,10 @@ impl Node {
                 }
                 self.connected.insert(peer_id);
                 self.dialing.remove(&peer_id);
+                if self.upstream().is_some_and(|(upstream, _)| upstream == peer_id) {
+                    // Start pulling at once.
+                    self.maintain(swarm);
+                }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 tracing::info!(peer = %peer_id, "disconnected");
@@ -747,7 +757,11 @@ impl Node {
                 let Some(signed) = response.directory else { return };
                 let held = self.directory.as_ref().map(|d| d.directory.version);
                 match signed.accept(&self.options.national_key, held) {
-                    Ok(_) => self.install(swarm, signed),
+                    Ok(_) => {
+                        self.install(swarm, signed);
+                        // Dial whom the new directory names now, not at the next tick.
+                        self.maintain(swarm);
+                    }
                     Err(error) => tracing::warn!(%peer, %error, "directory refused"),
                 }
             }
@@ -1101,6 +1115,9 @@ impl Node {
                     tracing::error!("the store queue is full; pulling again from the stored checkpoint");
                     pull.storing -= 1;
                     self.restart_pull(Duration::from_secs(1));
+                } else if more {
+                    // Ask for the next page now rather than at the next tick.
+                    self.maintain(swarm);
                 }
             }
             Err(error) => {

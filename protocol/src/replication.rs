@@ -20,7 +20,7 @@ use automerge::{Automerge, ChangeHash, ReadDoc};
 use serde::{Deserialize, Serialize};
 
 /// Most documents in one sync request.
-pub const MAX_BATCH_DOCS: usize = 1024;
+pub const MAX_BATCH_DOCS: usize = 4096;
 /// Most feed entries in one answer.
 pub const MAX_FEED_PAGE: u32 = 4096;
 /// Sync rounds for one page before the puller gives up (a healthy page needs one or two).

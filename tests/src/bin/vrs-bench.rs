@@ -441,11 +441,15 @@ fn bench_standby(residents: u64) -> anyhow::Result<()> {
             .ok()?;
         response.into_body().read_json().ok()
     };
+    let mut first_stored: Option<Instant> = None;
     let caught_up = loop {
-        if let Some(status) = read_status()
-            && status["residents"].as_u64() == Some(residents)
-        {
-            break status;
+        if let Some(status) = read_status() {
+            if first_stored.is_none() && status["residents"].as_u64().is_some_and(|n| n > 0) {
+                first_stored = Some(Instant::now());
+            }
+            if status["residents"].as_u64() == Some(residents) {
+                break status;
+            }
         }
         if start.elapsed() > Duration::from_secs(1800) {
             bail!("the standby did not catch up within 30 minutes");
@@ -461,6 +465,13 @@ fn bench_standby(residents: u64) -> anyhow::Result<()> {
         elapsed.as_secs_f64(),
         rate / 20_000.0
     );
+    if let Some(first) = first_stored {
+        let steady = first.elapsed().as_secs_f64();
+        println!(
+            "  of which from the first stored page to the last: {steady:.1} s; start-up (process, directory, dial, first page) {:.1} s",
+            elapsed.as_secs_f64() - steady
+        );
+    }
     println!(
         "payload received {:.0} B/document, sent {:.0} B/document; stored size {:.0} B/document: received ÷ stored = {:.2} (target ≤ 1.2)",
         received as f64 / residents as f64,
