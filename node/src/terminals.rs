@@ -383,7 +383,7 @@ impl CaptureService {
 
     /// The state a writer's refusal stands for: a refusal of the capture is final; a
     /// failure of this node (5xx) is not, and the capture is pushed again.
-    fn from_problem(&self, problem: &Problem) -> CaptureState {
+    fn state_for(&self, problem: &Problem) -> CaptureState {
         if problem.status.is_server_error() {
             tracing::error!(code = %problem.code, "a capture could not be stored; the terminal will push it again");
             return CaptureState::Pending;
@@ -435,7 +435,7 @@ impl CaptureService {
                 dose_number: outcome.event.dose_number,
                 replay: outcome.replay,
             },
-            Err(problem) => self.from_problem(&problem),
+            Err(problem) => self.state_for(&problem),
         }
     }
 
@@ -501,7 +501,7 @@ impl CaptureService {
                 tracing::error!(%error, "unreadable forward state");
                 CaptureState::Pending
             }
-            Err(problem) => self.from_problem(&problem),
+            Err(problem) => self.state_for(&problem),
         }
     }
 
