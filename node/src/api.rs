@@ -869,14 +869,16 @@ async fn resident(
     Path(resident_id): Path<String>,
 ) -> ApiResult {
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
-    let record = view.record(&resident_id).map_err(|e| Problem::internal(&e))?;
-    let Some(record) = record else {
+    let found = view.record_and_heads(&resident_id).map_err(|e| Problem::internal(&e))?;
+    let Some((record, heads)) = found else {
         audit_refusal(&state, &who, "resident.read", format!("resident:{resident_id}"), "refused:not_found")
             .await;
         return Err(Problem::not_found("resident", "住民", &resident_id));
     };
     audit_reads(&state, &who, "resident.read", vec![format!("resident:{}", record.resident_id)]).await?;
-    Ok(Json(resident_view(&record)).into_response())
+    let mut view = resident_view(&record);
+    view["heads"] = json!(heads);
+    Ok(Json(view).into_response())
 }
 
 #[derive(Deserialize)]

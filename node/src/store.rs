@@ -199,6 +199,24 @@ impl ReadView {
         Ok(Some(record))
     }
 
+    /// A resident's record and its document's heads (hex, sorted): replicas of a document
+    /// hold the same history exactly when their heads are equal.
+    pub fn record_and_heads(
+        &self,
+        resident_id: &str,
+    ) -> anyhow::Result<Option<(ResidentRecord, Vec<String>)>> {
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let Some(loaded) = load_from(&docs, &chunks, resident_id)? else {
+            return Ok(None);
+        };
+        let record =
+            read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
+        let mut heads: Vec<String> = loaded.doc.get_heads().iter().map(|h| h.to_string()).collect();
+        heads.sort();
+        Ok(Some((record, heads)))
+    }
+
     /// Bytes of every stored document (full saves and chunks).
     pub fn document_bytes(&self) -> anyhow::Result<u64> {
         let mut total = 0u64;

@@ -276,10 +276,19 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     }
     assert_eq!(status(&terminal_a)["pending"], 0);
 
-    // The standby holds the same documents as the primary.
+    // The standby holds the same documents as the primary: the same heads, every resident.
     wait_converged(&yokohama, &standby, Duration::from_secs(30));
-    for atena in ["0000000101", "0000000102", "0000000104", "0000000105", "0000000106"] {
+    let heads = |node: &Node, resident: &str| {
+        let (code, body) = node.get(&format!("/api/v1/residents/{resident}")).unwrap();
+        assert_eq!(code, 200, "{body}");
+        body["heads"].clone()
+    };
+    for (atena, ..) in super::FIXTURE {
         let resident = resident_id(&yokohama, atena);
+        wait_for("the standby to hold the primary's heads", Duration::from_secs(30), || {
+            (heads(&yokohama, &resident) == heads(&standby, &resident)).then_some(())
+        });
+        assert!(heads(&yokohama, &resident).as_array().is_some_and(|h| !h.is_empty()), "{atena}");
         assert_eq!(history(&yokohama, &resident), history(&standby, &resident), "{atena}");
     }
 }
