@@ -189,14 +189,7 @@ impl ReadView {
 
     /// Reads a resident's record.
     pub fn record(&self, resident_id: &str) -> anyhow::Result<Option<ResidentRecord>> {
-        let docs = self.txn.open_table(DOCS)?;
-        let chunks = self.txn.open_table(CHUNKS)?;
-        let Some(loaded) = load_from(&docs, &chunks, resident_id)? else {
-            return Ok(None);
-        };
-        let record =
-            read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
-        Ok(Some(record))
+        Ok(self.record_and_heads(resident_id)?.map(|(record, _)| record))
     }
 
     /// A resident's record and its document's heads (hex, sorted): replicas of a document
