@@ -60,6 +60,8 @@ pub struct AppState {
     pub https: bool,
     /// A terminal's runtime (`None` on a municipal node).
     pub terminal: Option<Arc<crate::terminal::TerminalRuntime>>,
+    /// The address terminals dial (`/…/p2p/<peer id>`), when this node serves terminals.
+    pub p2p_address: Option<String>,
 }
 
 /// Who may call a route.
@@ -228,6 +230,27 @@ pub const ROUTES: &[RouteSpec] = &[
         "Issue an API token (terminals, integrations)",
     ),
     route("POST", "/api/v1/tokens/{name}/revoke", ADMIN, "APIトークンの失効", "Revoke an API token"),
+    route(
+        "GET",
+        "/api/v1/terminals",
+        ADMIN,
+        "会場端末と登録トークンの一覧",
+        "Venue terminals and enrolment tokens",
+    ),
+    route(
+        "POST",
+        "/api/v1/terminals/enrolments",
+        ADMIN,
+        "会場端末の登録トークン発行（一度だけ表示）",
+        "Issue a one-time enrolment token for a venue terminal",
+    ),
+    route(
+        "POST",
+        "/api/v1/terminals/{peer_id}/revoke",
+        ADMIN,
+        "会場端末の取消（接続を拒否）",
+        "Revoke a venue terminal (its connection is refused)",
+    ),
     route("GET", "/api/v1/audit", AUDIT, "監査ログの閲覧", "Read the audit log"),
     route(
         "GET",
@@ -256,6 +279,7 @@ pub fn terminal_routes() -> &'static [RouteSpec] {
                     && !r.path.starts_with("/api/v1/coupons")
                     && !r.path.starts_with("/api/v1/lots")
                     && r.path != "/api/v1/changes"
+                    && !r.path.starts_with("/api/v1/terminals")
             })
             .copied()
             .collect();
@@ -297,6 +321,9 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("GET", "/api/v1/tokens") => get(list_tokens),
         ("POST", "/api/v1/tokens") => post(add_token),
         ("POST", "/api/v1/tokens/{name}/revoke") => post(revoke_token),
+        ("GET", "/api/v1/terminals") => get(list_terminals),
+        ("POST", "/api/v1/terminals/enrolments") => post(add_enrolment),
+        ("POST", "/api/v1/terminals/{peer_id}/revoke") => post(revoke_terminal),
         ("GET", "/api/v1/audit") => get(audit_entries),
         ("GET", "/api/v1/audit/verify") => get(audit_verify),
         ("GET", "/api/v1/audit/export") => get(audit_export),
@@ -1304,6 +1331,87 @@ async fn revoke_token(
         .call(&who, |reply| Command::Apply { action: "token.revoke".into(), subject, op, reply })
         .await?;
     Ok(Json(record).into_response())
+}
+
+async fn list_terminals(State(state): State<AppState>) -> ApiResult {
+    let view = state.store.read().map_err(|e| Problem::internal(&e))?;
+    let terminals: Vec<crate::terminals::TerminalRecord> = view
+        .all(crate::store::TERMINALS)
+        .map_err(|e| Problem::internal(&e))?
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    // Never the secrets: only what each token is for and whether it was used.
+    let enrolments: Vec<serde_json::Value> = view
+        .all::<crate::terminals::Enrolment>(crate::store::ENROLMENTS)
+        .map_err(|e| Problem::internal(&e))?
+        .into_iter()
+        .map(|(_, e)| json!({"venue": e.venue, "expires_at": e.expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(), "used_by": e.used_by, "created_by": e.created_by}))
+        .collect();
+    Ok(Json(json!({ "terminals": terminals, "enrolments": enrolments, "p2p_address": state.p2p_address }))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct EnrolmentBody {
+    venue: String,
+    #[serde(default)]
+    valid_hours: Option<u32>,
+}
+
+async fn add_enrolment(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Extension(who): Extension<Who>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let EnrolmentBody { venue, valid_hours } = body(bytes)?;
+    check_id_field("venue", &venue)?;
+    let Some(address) = state.p2p_address.clone() else {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "p2p_not_serving",
+            None,
+            "this node does not serve terminals: set [p2p] advertise (or a specific [p2p] listen address) in node.toml and restart",
+            "このノードは端末を受け付けていません。node.toml の [p2p] advertise（または listen）を設定して再起動してください",
+        ));
+    };
+    let created_by = principal.actor();
+    let subject = format!("venue:{venue}");
+    let op: crate::writer::ApplyFn = Box::new(move |txn, now| {
+        let (token, enrolment) = crate::terminals::add_enrolment(
+            txn,
+            &venue,
+            valid_hours.unwrap_or(24),
+            &created_by,
+            &address,
+            now,
+        )?;
+        let until =
+            enrolment.expires_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        Ok(Ok(json!({"token": token.to_text(), "venue": enrolment.venue, "expires_at": until})))
+    });
+    let issued = state
+        .writer
+        .call(&who, |reply| Command::Apply { action: "terminal.enrol_token".into(), subject, op, reply })
+        .await?;
+    Ok((StatusCode::CREATED, Json(issued)).into_response())
+}
+
+async fn revoke_terminal(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(peer_id): Path<String>,
+) -> ApiResult {
+    let subject = format!("terminal:{peer_id}");
+    let op: crate::writer::ApplyFn = Box::new(move |txn, _| {
+        Ok(crate::terminals::revoke(txn, &peer_id)?.map(|()| json!({"peer_id": peer_id, "revoked": true})))
+    });
+    let revoked = state
+        .writer
+        .call(&who, |reply| Command::Apply { action: "terminal.revoke".into(), subject, op, reply })
+        .await?;
+    Ok(Json(revoked).into_response())
 }
 
 #[derive(Deserialize)]

@@ -64,6 +64,7 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
         policy: Arc::new(config.auth.clone()),
         https,
         terminal,
+        p2p_address: None,
     };
     Ok(Started { state, writer_thread, max_body_bytes: config.http.max_body_bytes, tls: None, p2p: None })
 }
@@ -93,6 +94,7 @@ pub async fn serve(
         _ => None,
     };
     let service = capture_service(&files, &store)?;
+    let address = crate::terminals::p2p_address(&files).ok();
     let mut started = start(files, store)?;
     started.tls = tls;
     if let (Some((keypair, node)), Some(runtime)) = (terminal_sync, started.state.terminal.clone()) {
@@ -104,6 +106,9 @@ pub async fn serve(
         }));
     }
     if let Some(mut options) = p2p {
+        if service.is_some() {
+            started.state.p2p_address = address;
+        }
         options.writer = Some(started.state.writer.clone());
         options.captures = service.map(|make| Arc::new(make(started.state.writer.clone())));
         started.p2p = Some(tokio::spawn(async move {
@@ -166,7 +171,13 @@ fn p2p_options(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<c
             Some(national.parse().with_context(|| format!("[p2p] national {national} is not a multiaddr"))?),
             protocol::person::hex_decode(key).context("[p2p] national_key is not hex")?,
         ),
-        _ if role == protocol::directory::NodeRole::Municipal && has_terminals(store)? => (None, Vec::new()),
+        // Outside a federation a primary serves terminals when it has some, or when the
+        // operator gave it an address they can dial.
+        _ if role == protocol::directory::NodeRole::Municipal
+            && (has_terminals(store)? || crate::terminals::p2p_address(files).is_ok()) =>
+        {
+            (None, Vec::new())
+        }
         _ => return Ok(None),
     };
     Ok(Some(crate::p2p::P2pOptions {

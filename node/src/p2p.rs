@@ -542,10 +542,14 @@ impl Node {
         let Some(store) = self.options.store.clone().filter(|_| self.options.captures.is_some()) else {
             return;
         };
-        if self.terminals_read.is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1)) {
+        // A new token or terminal shows at the next tick; expiries within a second.
+        let sequence = store.read().and_then(|v| v.meta(crate::store::META_TERMINALS_SEQ)).unwrap_or(0);
+        if self
+            .terminals_read
+            .is_some_and(|(at, seen)| seen == sequence && at.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
-        let sequence = store.read().and_then(|v| v.meta(crate::store::META_TERMINALS_SEQ)).unwrap_or(0);
         let now = time::OffsetDateTime::now_utc();
         match crate::terminals::terminal_peers(&store, now) {
             Ok((terminals, open)) => {

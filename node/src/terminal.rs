@@ -388,7 +388,19 @@ pub fn init_enrolled(
 ) -> anyhow::Result<(String, TerminalConfig, PeerId)> {
     let token = EnrolmentToken::parse(token)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let (keypair, certificate, bundle) = runtime.block_on(enrol(&token, options.municipality))?;
+    // A token issued a moment ago may not be open at the node yet: a refused connection is
+    // tried again twice, a second apart.
+    let mut attempt = 0;
+    let (keypair, certificate, bundle) = loop {
+        attempt += 1;
+        match runtime.block_on(enrol(&token, options.municipality)) {
+            Ok(enrolled) => break enrolled,
+            Err(error) if attempt < 3 && error.to_string().contains("closed the connection") => {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(error) => return Err(error),
+        }
+    };
     let config = TerminalConfig { venue: certificate.venue.clone(), node: token.node.clone() };
     let peer = keypair.public().to_peer_id();
     options.terminal = Some((config.clone(), keypair));

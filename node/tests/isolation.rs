@@ -74,7 +74,10 @@ fn make_node(label: &str, municipality: &str, residents: u64) -> TestNode {
         let lot = node::api::validate_lot(&files.catalogue, "ISO-1", "04987000001014", "2031-12-31").unwrap();
         store.put_lots(&[lot]).unwrap();
     }
-    let started = node::daemon::start(NodeFiles::load(&dir).unwrap(), store).unwrap();
+    let mut started = node::daemon::start(NodeFiles::load(&dir).unwrap(), store).unwrap();
+    // As if its p2p service ran: enrolment tokens can be issued.
+    started.state.p2p_address =
+        Some("/ip4/127.0.0.1/tcp/7400/p2p/12D3KooWAq8h7ecpu1rgmFZwrqbDCmzj1yTHbMZbuk6ddkwnzmk1".into());
     TestNode { dir, admin, started, files }
 }
 
@@ -312,7 +315,8 @@ impl World {
             .replace("{event_id}", &self.event_id)
             .replace("{coupon_number}", &self.coupon_number)
             .replace("{username}", "target")
-            .replace("{name}", "target-token");
+            .replace("{name}", "target-token")
+            .replace("{peer_id}", "12D3KooWNoSuchTerminalNoSuchTerminalNoSuchTerm");
         match path.as_str() {
             "/api/v1/residents" => format!("{path}?coupon={}", self.coupon_number),
             "/api/v1/audit/export" => format!("{path}?from=2020-01-01&to=2099-12-31"),
@@ -333,6 +337,7 @@ impl World {
             "/api/v1/users/{username}/reset-password" => json!({"password": "a new password 1"}),
             "/api/v1/tokens" => json!({"name": "intruder", "role": "municipal_admin"}),
             "/api/v1/lots" => json!({"lot": "NEW-1", "gtin": "04987000001014", "expiry": "2031-01-01"}),
+            "/api/v1/terminals/enrolments" => json!({"venue": "hall-1"}),
             p if p.ends_with("/amend") => json!({"reason": "訂正", "vaccinated_on": "2021-06-01"}),
             _ => json!({"reason": "取消の理由", "disabled": true}),
         }
@@ -362,7 +367,9 @@ impl World {
             .map(|id| serde_json::to_string(&view.record(id).unwrap()).unwrap())
             .collect();
         format!(
-            "{} {} {} {} {:?} {:?} {:?} {} {}",
+            "{} {} {} {} {} {} {:?} {:?} {:?} {} {}",
+            view.count(node::store::TERMINALS).unwrap(),
+            view.count(node::store::ENROLMENTS).unwrap(),
             view.n_residents().unwrap(),
             view.n_coupons().unwrap(),
             view.n_dose_events().unwrap(),

@@ -116,10 +116,16 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     national.approve(&join(&chiyoda, &national, "c"));
 
     let token_a = enrol_token(&yokohama, YOKOHAMA_VENUE);
-    let token_c = enrol_token(&chiyoda, CHIYODA_VENUE);
     yokohama.start().unwrap();
     standby.start().unwrap();
     chiyoda.start().unwrap();
+    // Chiyoda's administrator issues the token through the API of the running node.
+    let (code, issued) =
+        chiyoda.post("/api/v1/terminals/enrolments", &json!({"venue": CHIYODA_VENUE})).unwrap();
+    assert_eq!(code, 201, "{issued}");
+    let token_c = issued["token"].as_str().unwrap().to_owned();
+    let (_, listed) = chiyoda.get("/api/v1/terminals").unwrap();
+    assert!(!listed.to_string().contains(&token_c[6..70]), "the secret is never listed: {listed}");
 
     // Enrolment: one terminal per token; a second use is refused and writes nothing.
     let mut terminal_a = terminal(dir.path(), "ta", "141003", &token_a);
