@@ -815,6 +815,12 @@ impl Node {
                 }
             }
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                if self.bundle_request == Some(request_id) {
+                    // Asked again at the next round.
+                    tracing::debug!(%peer, %error, "bundle request to the primary failed");
+                    self.bundle_request = None;
+                    return;
+                }
                 tracing::warn!(%peer, %error, "forwarding captures failed");
                 if let Some(owner) = self.forward_owner(request_id) {
                     self.forwarding.remove(&owner);

@@ -557,6 +557,98 @@ impl<'a> Mutation<'a> {
         Ok(())
     }
 
+    /// Stores a page of documents received by replication, in feed order. Documents this
+    /// node does not hold yet (all of them during a catch-up) are written with each table
+    /// opened once for the page; the others go through [`Mutation::put_replicated`].
+    pub fn put_replicated_page<'r>(
+        &mut self,
+        docs: impl IntoIterator<Item = (&'r str, &'r [u8], &'r ResidentRecord)>,
+    ) -> anyhow::Result<()> {
+        let docs: Vec<(&str, &[u8], &ResidentRecord)> = docs.into_iter().collect();
+        let existing: std::collections::HashSet<&str> = {
+            let meta = self.txn.open_table(DOC_META)?;
+            let mut existing = std::collections::HashSet::new();
+            for (id, _, record) in &docs {
+                anyhow::ensure!(
+                    record.resident_id == *id,
+                    "document {id} holds resident {}",
+                    record.resident_id
+                );
+                if meta.get(*id)?.is_some() {
+                    existing.insert(*id);
+                }
+            }
+            existing
+        };
+        let mut seq = self.txn.open_table(META)?.get(META_CHANGE_SEQ)?.map(|v| v.value()).unwrap_or(0);
+        let mut blocked_any = false;
+        {
+            let mut doc_table = self.txn.open_table(DOCS)?;
+            let mut doc_meta = self.txn.open_table(DOC_META)?;
+            let mut changes = self.txn.open_table(CHANGES)?;
+            let mut atena = self.txn.open_table(IDX_ATENA)?;
+            let mut person = self.txn.open_table(IDX_PERSON)?;
+            let mut kana = self.txn.open_table(IDX_KANA)?;
+            let mut coupons = self.txn.open_table(IDX_COUPON)?;
+            let mut events = self.txn.open_table(IDX_EVENT)?;
+            let mut blocked = self.txn.open_table(BLOCKED_COUPONS)?;
+            for (id, saved, record) in docs.iter().filter(|(id, ..)| !existing.contains(id)) {
+                doc_table.insert(*id, *saved)?;
+                atena.insert(record.identity.atena_number.as_str(), *id)?;
+                person.insert(record.person_key.as_str(), *id)?;
+                kana.insert((normalize_kana(&record.identity.name_kana).as_str(), *id), ())?;
+                let newest = |number: &str| {
+                    record
+                        .coupons
+                        .values()
+                        .filter(|c| c.code.number.as_str() == number)
+                        .map(|c| c.generation)
+                        .max()
+                };
+                for entry in record.coupons.values() {
+                    coupons.insert(entry.code.number.as_str(), *id)?;
+                    let block = match entry.status {
+                        protocol::document::CouponStatus::Superseded => {
+                            Some(protocol::terminal::BlockedCoupon {
+                                superseded: true,
+                                reason: newest(entry.code.number.as_str())
+                                    .unwrap_or(entry.generation)
+                                    .to_string(),
+                            })
+                        }
+                        protocol::document::CouponStatus::Revoked => {
+                            Some(protocol::terminal::BlockedCoupon {
+                                superseded: false,
+                                reason: entry.status_reason.clone().unwrap_or_default(),
+                            })
+                        }
+                        _ => None,
+                    };
+                    if let Some(block) = block {
+                        blocked.insert(entry.key().as_str(), serde_json::to_vec(&block)?.as_slice())?;
+                        blocked_any = true;
+                    }
+                }
+                for dose in record.doses.values() {
+                    events.insert(dose.event_id.as_str(), *id)?;
+                }
+                seq += 1;
+                doc_meta.insert(*id, (seq, 0))?;
+                changes.insert(seq, *id)?;
+                self.cache.pop(*id);
+                self.touched.push((*id).to_owned());
+            }
+        }
+        self.set_counter(META_CHANGE_SEQ, seq)?;
+        if blocked_any {
+            bump(self.txn, META_BUNDLE_SEQ)?;
+        }
+        for (id, saved, record) in docs.iter().filter(|(id, ..)| existing.contains(id)) {
+            self.put_replicated(id, saved, record)?;
+        }
+        Ok(())
+    }
+
     /// Stores a document received by replication: saved whole (its chunks dropped), its
     /// indexes rebuilt from its record, and moved to the end of this node's own change feed.
     pub fn put_replicated(

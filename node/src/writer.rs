@@ -496,9 +496,7 @@ fn handle(
         Command::Audit(events, reply) => Ok((answer_after_commit(reply, Ok(())), events)),
         Command::Replicated { docs, checkpoint_key, checkpoint, reply } => {
             let result = (|| -> anyhow::Result<()> {
-                for doc in &docs {
-                    m.put_replicated(&doc.id, &doc.saved, &doc.record)?;
-                }
+                m.put_replicated_page(docs.iter().map(|d| (d.id.as_str(), d.saved.as_slice(), &d.record)))?;
                 m.set_counter(&checkpoint_key, checkpoint)
             })();
             match result {
