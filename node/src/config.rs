@@ -366,6 +366,13 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
         }
     }
     write_private(&dir.join("keys/person-key.secret"), hex_lower(&secret).as_bytes())?;
+    // The node's X25519 key: sealed handoffs are encrypted for it. A standby shares its
+    // primary's, so that once promoted it opens what was sent to the municipality.
+    let encryption = match &options.keys_from {
+        Some(keys) => read_hex(&keys.join("encryption.key"), 32)?,
+        None => random_bytes(&rng, 32)?,
+    };
+    write_private(&dir.join("keys/encryption.key"), hex_lower(&encryption).as_bytes())?;
     write_private(&dir.join("keys/node-actor"), hex_lower(&random_bytes(&rng, 16)?).as_bytes())?;
     let audit_pkcs8 =
         Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("key generation failed"))?;
@@ -431,6 +438,15 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
     audit.checkpoint(&txn, now)?;
     txn.commit()?;
     Ok(token)
+}
+
+/// The X25519 public key of a node's `keys/encryption.key`.
+pub fn encryption_public_key(dir: &Path) -> anyhow::Result<[u8; 32]> {
+    let secret: [u8; 32] = read_hex(&dir.join("keys/encryption.key"), 32)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("keys/encryption.key must hold 32 bytes"))?;
+    let secret = x25519_dalek::StaticSecret::from(secret);
+    Ok(x25519_dalek::PublicKey::from(&secret).to_bytes())
 }
 
 /// An audit event for work done from the command line (by whoever has the server's shell).

@@ -71,6 +71,7 @@ pub fn init_national(
         peer_id: peer.clone(),
         addresses: vec![advertise],
         coupon_key: String::new(),
+        encryption_key: String::new(),
     };
     let directory = crate::p2p::first_directory(entry, now_text());
     let signed = SignedDirectory::sign(directory, &key);
@@ -108,6 +109,7 @@ fn request_for(files: &NodeFiles) -> anyhow::Result<JoinRequest> {
             peer_id: keypair.public().to_peer_id().to_string(),
             addresses: vec![advertise],
             coupon_key: hex_lower(&files.signing_public_key()),
+            encryption_key: hex_lower(&crate::config::encryption_public_key(&files.dir)?),
         },
         requested_at: now_text(),
     })

@@ -37,6 +37,10 @@ pub struct DirectoryEntry {
     pub addresses: Vec<String>,
     /// Ed25519 public key (hex) that verifies the municipality's coupons; empty for national.
     pub coupon_key: String,
+    /// X25519 public key (hex) of the municipality's node: what is sent to it sealed (a
+    /// relocation handoff) is encrypted for this key. Empty for national.
+    #[serde(default)]
+    pub encryption_key: String,
 }
 
 /// The directory's content.

@@ -229,4 +229,15 @@ fn a_standby_follows_its_primary_over_libp2p_survives_kill_9_and_takes_over() {
         1,
         "one primary after promotion: {roles:?}"
     );
+    // Primary and standby publish the same encryption key (X25519, 32 bytes): what is sealed
+    // for the municipality opens on whichever is primary.
+    let keys: std::collections::BTreeSet<&str> = directory["directory"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["municipality"] == "141003")
+        .map(|e| e["encryption_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys.iter().all(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit())), "{keys:?}");
 }
