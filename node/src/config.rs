@@ -312,6 +312,26 @@ pub struct InitOptions {
     pub terminal: Option<(crate::terminal::TerminalConfig, libp2p::identity::Keypair)>,
 }
 
+impl InitOptions {
+    /// A node served over plain HTTP on a loopback `listen` address (tests, the demo, a
+    /// venue laptop), with everything else at its default: generated keys, no federation.
+    pub fn loopback(role: Role, municipality: MunicipalityCode, listen: &str, campaign_start: Date) -> Self {
+        Self {
+            role,
+            municipality,
+            listen: listen.to_owned(),
+            campaign_start,
+            person_key_secret: None,
+            plain_http: true,
+            tls: None,
+            tls_names: Vec::new(),
+            p2p_listen: None,
+            keys_from: None,
+            terminal: None,
+        }
+    }
+}
+
 /// Creates a data directory: keys, certificate, config, catalogue, and the store with the
 /// initial administrator's API token. Returns that token, shown once.
 pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String> {

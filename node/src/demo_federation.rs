@@ -109,19 +109,13 @@ fn start(federation: &mut Federation, name: &str, dir: &Path, logs: &Path) -> an
 fn municipal(dir: &Path, code: &str, role: Role, keys_from: Option<PathBuf>) -> anyhow::Result<Member> {
     let http = format!("127.0.0.1:{}", free_loopback()?);
     let p2p = p2p_address()?;
+    let municipality =
+        protocol::municipality::MunicipalityCode::parse(code).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let campaign_start = time::Date::from_calendar_date(2021, time::Month::February, 17)?;
     let options = InitOptions {
-        role,
-        municipality: protocol::municipality::MunicipalityCode::parse(code)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-        listen: http.clone(),
-        campaign_start: time::Date::from_calendar_date(2021, time::Month::February, 17)?,
-        person_key_secret: None,
-        plain_http: true,
-        tls: None,
-        tls_names: Vec::new(),
         p2p_listen: Some(p2p),
         keys_from,
-        terminal: None,
+        ..InitOptions::loopback(role, municipality, &http, campaign_start)
     };
     let token = init_data_dir(dir, &options)?;
     Ok(Member { name: "", dir: dir.to_owned(), http: Some(http), token })
@@ -212,19 +206,12 @@ pub fn run(
     // The terminal enrols with Chiyoda's node (a separate process from here on).
     let terminal_dir = root.join("chiyoda-terminal");
     let terminal_http = format!("127.0.0.1:{}", free_loopback()?);
-    let options = InitOptions {
-        role: Role::Terminal,
-        municipality: chiyoda_files.config.municipality,
-        listen: terminal_http.clone(),
-        campaign_start: chiyoda_files.config.campaign.start,
-        person_key_secret: None,
-        plain_http: true,
-        tls: None,
-        tls_names: Vec::new(),
-        p2p_listen: None,
-        keys_from: None,
-        terminal: None,
-    };
+    let options = InitOptions::loopback(
+        Role::Terminal,
+        chiyoda_files.config.municipality,
+        &terminal_http,
+        chiyoda_files.config.campaign.start,
+    );
     let (terminal_token, _, terminal_peer) =
         crate::terminal::init_enrolled(&terminal_dir, options, &enrolment.to_text())?;
     println!("   端末を登録 / terminal enrolled at chiyoda-kumin-hall: peer {terminal_peer}");

@@ -42,19 +42,12 @@ fn make_node(label: &str, municipality: &str, residents: u64) -> TestNode {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("vrs-isolation-{label}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let options = InitOptions {
-        role: node::config::Role::Municipal,
-        municipality: MunicipalityCode::parse(municipality).unwrap(),
-        listen: "127.0.0.1:0".into(),
-        campaign_start: time::macros::date!(2021 - 02 - 17),
-        person_key_secret: None,
-        plain_http: true,
-        tls: None,
-        tls_names: Vec::new(),
-        p2p_listen: None,
-        keys_from: None,
-        terminal: None,
-    };
+    let options = InitOptions::loopback(
+        node::config::Role::Municipal,
+        MunicipalityCode::parse(municipality).unwrap(),
+        "127.0.0.1:0",
+        time::macros::date!(2021 - 02 - 17),
+    );
     let admin = init_data_dir(&dir, &options).unwrap();
     // Thousands of refused calls from one (unknown) address in a few seconds.
     let config = std::fs::read_to_string(dir.join("node.toml")).unwrap();

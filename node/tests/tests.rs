@@ -24,19 +24,12 @@ impl Fixture {
     fn new(label: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("vrs-node-test-{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let options = InitOptions {
-            role: Role::Municipal,
-            municipality: MunicipalityCode::parse("141003").unwrap(),
-            listen: "127.0.0.1:0".into(),
-            campaign_start: time::macros::date!(2021 - 02 - 17),
-            person_key_secret: None,
-            plain_http: true,
-            tls: None,
-            tls_names: Vec::new(),
-            p2p_listen: None,
-            keys_from: None,
-            terminal: None,
-        };
+        let options = InitOptions::loopback(
+            Role::Municipal,
+            MunicipalityCode::parse("141003").unwrap(),
+            "127.0.0.1:0",
+            time::macros::date!(2021 - 02 - 17),
+        );
         let token = init_data_dir(&dir, &options).unwrap();
         Self { dir, token }
     }

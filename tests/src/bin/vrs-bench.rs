@@ -359,18 +359,24 @@ fn field(text: &str, name: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no {name:?} in {text}"))
 }
 
-/// A fresh standby catches up with a primary over libp2p on loopback.
-fn bench_standby(residents: u64) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("vrs-bench-standby-{}", std::process::id()));
+/// A new scratch directory holding a generated register extract (UTF-8) of `residents` rows.
+fn scratch_with_population(label: &str, residents: u64) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("vrs-bench-{label}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let binary = vrs_node();
     let csv = dir.join("residents.csv");
-    let status = Command::new(binary)
+    let status = Command::new(vrs_node())
         .args(["generate", "--residents", &residents.to_string(), "--encoding", "utf8", "--out"])
         .arg(&csv)
         .status()?;
     anyhow::ensure!(status.success(), "generate failed");
+    Ok((dir, csv))
+}
+
+/// A fresh standby catches up with a primary over libp2p on loopback.
+fn bench_standby(residents: u64) -> anyhow::Result<()> {
+    let (dir, csv) = scratch_with_population("standby", residents)?;
+    let binary = vrs_node();
     let national = dir.join("national");
     let p2p = |port: u16| format!("/ip4/127.0.0.1/tcp/{port}");
     let national_listen = p2p(free_port());
@@ -426,11 +432,7 @@ fn bench_standby(residents: u64) -> anyhow::Result<()> {
     let saved: u64 = field(&sizes, "document bytes")?.parse()?;
     let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
     children.push(Command::new(binary).args(["run", "--data"]).arg(&primary).env("VRS_LOG", "warn").spawn()?);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.get(format!("http://{primary_http}/healthz")).call().is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "primary did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_healthy(&agent, &format!("http://{primary_http}/healthz"))?;
     let start = Instant::now();
     children.push(Command::new(binary).args(["run", "--data"]).arg(&standby).env("VRS_LOG", "warn").spawn()?);
     let read_status = || -> Option<serde_json::Value> {
@@ -513,17 +515,8 @@ fn wait_healthy(agent: &ureq::Agent, url: &str) -> anyhow::Result<()> {
 /// Scan at a terminal → visible in the owner's document, one capture at a time, everything
 /// connected: a municipal node and an enrolled terminal as processes on loopback.
 fn bench_terminal(captures: usize) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("vrs-bench-terminal-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let (dir, csv) = scratch_with_population("terminal", (captures as u64 * 2).max(100))?;
     let binary = vrs_node();
-    let residents = (captures as u64 * 2).max(100);
-    let csv = dir.join("residents.csv");
-    let status = Command::new(binary)
-        .args(["generate", "--residents", &residents.to_string(), "--encoding", "utf8", "--out"])
-        .arg(&csv)
-        .status()?;
-    anyhow::ensure!(status.success(), "generate failed");
     let node = dir.join("node");
     let node_http = format!("127.0.0.1:{}", free_port());
     let p2p = format!("/ip4/127.0.0.1/tcp/{}", free_port());
