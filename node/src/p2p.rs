@@ -1169,7 +1169,8 @@ pub fn checkpoint_key(peer: &PeerId) -> String {
     format!("replication:{peer}")
 }
 
-fn peer_of(address: &Multiaddr) -> Option<PeerId> {
+/// The peer id at the end of a multiaddr (`…/p2p/<peer id>`).
+pub(crate) fn peer_of(address: &Multiaddr) -> Option<PeerId> {
     address.iter().find_map(|p| match p {
         libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
         _ => None,

@@ -259,18 +259,12 @@ impl ReadView {
 
     /// A lot by number.
     pub fn lot(&self, lot: &str) -> anyhow::Result<Option<Lot>> {
-        get_lot(&self.txn.open_table(LOTS)?, lot)
+        get_json(&self.txn.open_table(LOTS)?, lot)
     }
 
     /// Every lot.
     pub fn lots(&self) -> anyhow::Result<Vec<Lot>> {
-        let table = self.txn.open_table(LOTS)?;
-        let mut lots = Vec::new();
-        for entry in table.iter()? {
-            let (_, bytes) = entry?;
-            lots.push(serde_json::from_slice(bytes.value())?);
-        }
-        Ok(lots)
+        Ok(self.all::<Lot>(LOTS)?.into_iter().map(|(_, lot)| lot).collect())
     }
 
     /// Change feed entries after `since`, at most `limit`: (sequence, resident id).
@@ -326,15 +320,20 @@ impl ReadView {
         Ok(self.txn.open_table(table)?.len()?)
     }
 
-    /// The first `limit` entries of a terminal's pending queue: (sequence, event id).
-    pub fn terminal_pending(&self, limit: usize) -> anyhow::Result<Vec<(u64, String)>> {
+    /// A terminal's pending queue after sequence `after`, at most `limit` entries.
+    pub fn terminal_pending_after(&self, after: u64, limit: usize) -> anyhow::Result<Vec<(u64, String)>> {
         let table = self.txn.open_table(TERMINAL_PENDING)?;
         let mut out = Vec::new();
-        for row in table.iter()?.take(limit) {
+        for row in table.range(after.saturating_add(1)..)?.take(limit) {
             let (seq, id) = row?;
             out.push((seq.value(), id.value().to_owned()));
         }
         Ok(out)
+    }
+
+    /// How many captures a terminal has not had a final answer for.
+    pub fn terminal_pending_count(&self) -> anyhow::Result<u64> {
+        Ok(self.txn.open_table(TERMINAL_PENDING)?.len()?)
     }
 
     /// Every resident id, in id order, from `after` (exclusive), at most `limit`.
@@ -719,10 +718,7 @@ impl<'a> Mutation<'a> {
 
     /// Increments a counter and returns its new value.
     pub fn next_counter(&self, key: &str) -> anyhow::Result<u64> {
-        let mut meta = self.txn.open_table(META)?;
-        let next = meta.get(key)?.map(|v| v.value()).unwrap_or(0) + 1;
-        meta.insert(key, next)?;
-        Ok(next)
+        bump(self.txn, key)
     }
 
     /// Sets a counter.
@@ -740,7 +736,7 @@ impl<'a> Mutation<'a> {
 
     /// A lot by number, seeing this transaction's writes.
     pub fn lot(&self, lot: &str) -> anyhow::Result<Option<Lot>> {
-        get_lot(&self.txn.open_table(LOTS)?, lot)
+        get_json(&self.txn.open_table(LOTS)?, lot)
     }
 }
 
@@ -789,16 +785,6 @@ pub fn bump(txn: &WriteTransaction, key: &str) -> anyhow::Result<u64> {
     let next = meta.get(key)?.map(|v| v.value()).unwrap_or(0) + 1;
     meta.insert(key, next)?;
     Ok(next)
-}
-
-fn get_lot(
-    table: &impl ReadableTable<&'static str, &'static [u8]>,
-    lot: &str,
-) -> anyhow::Result<Option<Lot>> {
-    match table.get(lot)? {
-        Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
-        None => Ok(None),
-    }
 }
 
 /// Stores a chunk, compacting into a full save when enough have piled up. Returns the

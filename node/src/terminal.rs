@@ -132,7 +132,7 @@ impl TerminalRuntime {
             "municipality": self.municipality,
             "venue": self.venue,
             "captures": view.count(TERMINAL_LOG)?,
-            "pending": view.terminal_pending(usize::MAX)?.len(),
+            "pending": view.terminal_pending_count()?,
             "bundle_version": bundle.as_ref().map(|b| b.version),
             "directory_version": bundle.as_ref().and_then(|b| b.directory.as_ref()).map(|d| d.directory.version),
             "lots": bundle.as_ref().map_or(0, |b| b.lots.len()),
@@ -313,7 +313,7 @@ pub async fn enrol(
     let keypair = Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id();
     let node: Multiaddr = token.node.parse().with_context(|| format!("{} is not a multiaddr", token.node))?;
-    let node_peer = peer_of(&node).context("the node address has no /p2p/ part")?;
+    let node_peer = crate::p2p::peer_of(&node).context("the node address has no /p2p/ part")?;
     let mut swarm = crate::p2p::build_swarm(keypair.clone())?;
     swarm.behaviour_mut().gate.set_allowed(HashSet::from([node_peer]));
     swarm.dial(node.clone()).with_context(|| format!("cannot dial {node}"))?;
@@ -423,13 +423,6 @@ pub fn store_enrolment(
     Ok(())
 }
 
-fn peer_of(address: &Multiaddr) -> Option<PeerId> {
-    address.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
-        _ => None,
-    })
-}
-
 /// Keeps the terminal in sync with its node until the process ends: dials with backoff,
 /// refreshes the bundle every few seconds, pushes pending captures.
 pub async fn run_sync(
@@ -438,7 +431,7 @@ pub async fn run_sync(
     keypair: Keypair,
     node: Multiaddr,
 ) -> anyhow::Result<()> {
-    let node_peer = peer_of(&node).context("[terminal] node has no /p2p/ part")?;
+    let node_peer = crate::p2p::peer_of(&node).context("[terminal] node has no /p2p/ part")?;
     let dial_address: Multiaddr =
         node.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect();
     let mut swarm = crate::p2p::build_swarm(keypair)?;
@@ -584,14 +577,21 @@ pub async fn run_sync(
 fn pending_batch(store: &Store, with_forwarded: bool) -> anyhow::Result<Vec<TerminalCapture>> {
     let view = store.read()?;
     let mut captures = Vec::new();
-    for (_, event_id) in view.terminal_pending(usize::MAX)? {
-        if captures.len() >= MAX_CAPTURES_PER_REQUEST {
-            break;
-        }
-        if let Some(logged) = view.json::<LoggedCapture>(TERMINAL_LOG, &event_id)?
-            && (with_forwarded || !matches!(logged.state, CaptureState::Forwarded { .. }))
-        {
-            captures.push(logged.capture);
+    let mut after = 0;
+    // Page through the queue only as far as a batch needs.
+    while captures.len() < MAX_CAPTURES_PER_REQUEST {
+        let page = view.terminal_pending_after(after, 2 * MAX_CAPTURES_PER_REQUEST)?;
+        let Some(&(last, _)) = page.last() else { break };
+        after = last;
+        for (_, event_id) in page {
+            if captures.len() >= MAX_CAPTURES_PER_REQUEST {
+                break;
+            }
+            if let Some(logged) = view.json::<LoggedCapture>(TERMINAL_LOG, &event_id)?
+                && (with_forwarded || !matches!(logged.state, CaptureState::Forwarded { .. }))
+            {
+                captures.push(logged.capture);
+            }
         }
     }
     Ok(captures)
