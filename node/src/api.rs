@@ -202,6 +202,13 @@ pub const ROUTES: &[RouteSpec] = &[
         "Revoke a coupon (reason required)",
     ),
     route("GET", "/api/v1/lots", RECORD, "登録済みロットの一覧", "Registered lots"),
+    route(
+        "GET",
+        "/api/v1/statistics/daily",
+        COUNTS,
+        "接種日ごとの集計（国へ報告する内容）と未送信の件数",
+        "A vaccination date's figures as reported to the national node, and what is not yet sent",
+    ),
     route("POST", "/api/v1/lots", STAFF, "ロットの登録", "Register a lot"),
     route("GET", "/api/v1/catalogue", Access::AnyRole, "ワクチン製品一覧", "Vaccine catalogue"),
     route("GET", "/api/v1/changes", ADMIN, "変更フィード（複製用）", "Change feed (for replication)"),
@@ -279,6 +286,7 @@ pub fn terminal_routes() -> &'static [RouteSpec] {
                     && !r.path.starts_with("/api/v1/coupons")
                     && !r.path.starts_with("/api/v1/lots")
                     && r.path != "/api/v1/changes"
+                    && !r.path.starts_with("/api/v1/statistics")
                     && !r.path.starts_with("/api/v1/terminals")
             })
             .copied()
@@ -311,6 +319,7 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("POST", "/api/v1/coupons/{coupon_number}/reissue") => post(reissue),
         ("POST", "/api/v1/coupons/{coupon_number}/revoke") => post(revoke),
         ("GET", "/api/v1/lots") => get(list_lots),
+        ("GET", "/api/v1/statistics/daily") => get(daily_statistics),
         ("POST", "/api/v1/lots") => post(add_lot),
         ("GET", "/api/v1/catalogue") => get(catalogue),
         ("GET", "/api/v1/changes") => get(changes),
@@ -374,7 +383,13 @@ fn client_ip(request: &Request) -> IpAddr {
 }
 
 /// Outermost layer: request id, security headers, problems in the caller's language.
-async fn request_context(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+async fn request_context(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    with_request_context(request, next, state.https).await
+}
+
+/// Gives a request its id and its response the problem language asked for, the request id
+/// and the security headers (shared by the municipal and the national API).
+pub(crate) async fn with_request_context(mut request: Request, next: Next, https: bool) -> Response {
     let request_id = RequestId(new_id("req"));
     request.extensions_mut().insert(request_id.clone());
     let english = prefers_english(request.headers());
@@ -400,14 +415,14 @@ async fn request_context(State(state): State<AppState>, mut request: Request, ne
         HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if state.https {
+    if https {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
     }
     response
 }
 
 /// The credential a request presents: `Authorization: Bearer …`, else the session cookie.
-fn presented_credential(headers: &HeaderMap) -> Option<(String, bool)> {
+pub(crate) fn presented_credential(headers: &HeaderMap) -> Option<(String, bool)> {
     if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         return value.strip_prefix("Bearer ").map(|t| (t.trim().to_owned(), false));
     }
@@ -422,7 +437,7 @@ fn presented_credential(headers: &HeaderMap) -> Option<(String, bool)> {
     None
 }
 
-fn too_many(wait: std::time::Duration) -> Response {
+pub(crate) fn too_many(wait: std::time::Duration) -> Response {
     let mut response = Problem::new(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
@@ -1003,6 +1018,24 @@ async fn revoke(
     let ReasonBody { reason } = body(bytes)?;
     let entry = state.writer.call(&who, |reply| Command::Revoke { number, reason, reply }).await?;
     Ok(Json(entry).into_response())
+}
+
+#[derive(Deserialize)]
+struct DailyQuery {
+    date: String,
+}
+
+async fn daily_statistics(State(state): State<AppState>, Query(query): Query<DailyQuery>) -> ApiResult {
+    let date = parse_date_field("date", &query.date)?;
+    let view = state.store.read().map_err(|e| Problem::internal(&e))?;
+    let doc = crate::statistics::daily(view.txn(), state.municipality, date, 0, String::new())
+        .map_err(|e| Problem::internal(&e))?;
+    let unsent = view.txn().open_table(crate::store::STATS_DIRTY).and_then(|t| {
+        use redb::ReadableTableMetadata;
+        Ok(t.len()?)
+    });
+    let unsent = unsent.map_err(|e| Problem::internal(&anyhow::Error::from(e)))?;
+    Ok(Json(json!({ "statistics": doc, "unsent_documents": unsent })).into_response())
 }
 
 async fn list_lots(State(state): State<AppState>) -> ApiResult {

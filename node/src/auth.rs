@@ -18,7 +18,7 @@ use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::http::StatusCode;
-use protocol::municipality::MunicipalityCode;
+use protocol::municipality::{MunicipalityCode, NATIONAL_ORGANISATION};
 use protocol::person::hex_lower;
 use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use ring::rand::SystemRandom;
@@ -56,11 +56,13 @@ pub enum Role {
     NationalAdmin,
     /// 国分析担当 (national node).
     NationalAnalyst,
+    /// 都道府県担当 (national node): the figures and stock of one prefecture.
+    PrefectureUser,
 }
 
 impl Role {
     /// Every role, in the order the authorization table prints them.
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 8] = [
         Role::MunicipalAdmin,
         Role::Clerk,
         Role::CallCentre,
@@ -68,6 +70,7 @@ impl Role {
         Role::Auditor,
         Role::NationalAdmin,
         Role::NationalAnalyst,
+        Role::PrefectureUser,
     ];
 
     /// The name used in files, the API and the audit log.
@@ -80,6 +83,7 @@ impl Role {
             Role::Auditor => "auditor",
             Role::NationalAdmin => "national_admin",
             Role::NationalAnalyst => "national_analyst",
+            Role::PrefectureUser => "prefecture_user",
         }
     }
 
@@ -93,12 +97,13 @@ impl Role {
             Role::Auditor => "監査担当",
             Role::NationalAdmin => "国管理者",
             Role::NationalAnalyst => "国分析担当",
+            Role::PrefectureUser => "都道府県担当",
         }
     }
 
     /// Roles of the national node.
     pub fn is_national(self) -> bool {
-        matches!(self, Role::NationalAdmin | Role::NationalAnalyst)
+        matches!(self, Role::NationalAdmin | Role::NationalAnalyst | Role::PrefectureUser)
     }
 }
 
@@ -368,15 +373,23 @@ fn check_venues(role: Role, venues: &[String]) -> Result<(), Problem> {
     }
 }
 
-fn check_role_for_node(role: Role) -> Result<(), Problem> {
-    if role.is_national() {
-        return Err(Problem::bad_field(
-            "role",
+/// A municipality's accounts have municipal roles; the national node's have national roles,
+/// a prefecture user's organisation being its prefecture and the others' [`NATIONAL_ORGANISATION`].
+fn check_role_for(role: Role, organisation: MunicipalityCode) -> Result<(), Problem> {
+    let refuse = |en: String, ja: String| Err(Problem::bad_field("role", en, ja));
+    match (organisation.is_known(), role) {
+        (true, role) if role.is_national() => refuse(
             format!("{} is a role of the national node", role.as_str()),
             format!("{}は国のノードの役割です", role.label_ja()),
-        ));
+        ),
+        (true, _) => Ok(()),
+        (false, Role::PrefectureUser) if organisation != NATIONAL_ORGANISATION => Ok(()),
+        (false, Role::NationalAdmin | Role::NationalAnalyst) if organisation == NATIONAL_ORGANISATION => Ok(()),
+        (false, role) => refuse(
+            format!("{} is not a role for organisation {organisation}", role.as_str()),
+            format!("{}は組織 {organisation} の役割ではありません", role.label_ja()),
+        ),
     }
-    Ok(())
 }
 
 fn json<T: Serialize>(value: &T) -> anyhow::Result<Vec<u8>> {
@@ -422,7 +435,7 @@ pub fn add_user(
     now: OffsetDateTime,
 ) -> Step<UserView> {
     if let Err(problem) = check_name("username", &new.username)
-        .and_then(|()| check_role_for_node(new.role))
+        .and_then(|()| check_role_for(new.role, municipality))
         .and_then(|()| check_venues(new.role, &new.venues))
     {
         return Ok(Err(problem));
@@ -627,7 +640,7 @@ pub fn add_token(
     now: OffsetDateTime,
 ) -> Step<(String, ApiToken)> {
     if let Err(problem) = check_name("name", name)
-        .and_then(|()| check_role_for_node(role))
+        .and_then(|()| check_role_for(role, municipality))
         .and_then(|()| check_venues(role, &venues))
     {
         return Ok(Err(problem));

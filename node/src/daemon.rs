@@ -94,6 +94,7 @@ pub async fn serve(
         _ => None,
     };
     let service = capture_service(&files, &store)?;
+    let reporter_key = reporter_key(&files)?;
     let address = crate::terminals::p2p_address(&files).ok();
     let mut started = start(files, store)?;
     started.tls = tls;
@@ -111,6 +112,12 @@ pub async fn serve(
         }
         options.writer = Some(started.state.writer.clone());
         options.captures = service.map(|make| Arc::new(make(started.state.writer.clone())));
+        if let Some(key) = reporter_key {
+            let writer = started.state.writer.clone();
+            let reporter =
+                crate::statistics::Reporter::new(started.state.store.clone(), writer, key, started.state.municipality)?;
+            options.reporter = Some(Arc::new(reporter));
+        }
         started.p2p = Some(tokio::spawn(async move {
             if let Err(error) = crate::p2p::run(options, None).await {
                 tracing::error!(error = format!("{error:#}"), "the p2p service stopped");
@@ -118,6 +125,19 @@ pub async fn serve(
         }));
     }
     serve_started(started, listen, bound).await
+}
+
+/// The key a municipal primary in a federation signs its statistics with (its coupon key,
+/// which the directory publishes); `None` for other nodes.
+fn reporter_key(files: &NodeFiles) -> anyhow::Result<Option<ring::signature::Ed25519KeyPair>> {
+    if files.config.role != crate::config::Role::Municipal || files.config.p2p.national.is_none() {
+        return Ok(None);
+    }
+    let pkcs8 =
+        std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
+    let key = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
+        .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8: {e}"))?;
+    Ok(Some(key))
 }
 
 /// Whether a municipal node has terminals or enrolment tokens (its p2p service then runs
@@ -194,6 +214,8 @@ fn p2p_options(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<c
         store: Some(store.clone()),
         writer: None,
         captures: None,
+        reporter: None,
+        national_store: None,
     }))
 }
 

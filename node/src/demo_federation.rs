@@ -138,7 +138,14 @@ pub fn run(
     // The national node signs the directory.
     let national = root.join("national");
     let national_listen = p2p_address()?;
-    let (peer, key_hex) = crate::federation::init_national(&national, &national_listen, None)?;
+    let national_http = format!("127.0.0.1:{}", free_loopback()?);
+    let init = crate::federation::NationalInit {
+        p2p_listen: &national_listen,
+        advertise: None,
+        http_listen: &national_http,
+        plain_http: true,
+    };
+    let (peer, key_hex) = crate::federation::init_national(&national, &init)?;
     let national_address = format!("{national_listen}/p2p/{peer}");
     let national_key = protocol::person::hex_decode(&key_hex).context("directory key")?;
 
@@ -187,6 +194,13 @@ pub fn run(
     txn.commit()?;
     drop(chiyoda_store);
 
+    let analyst = crate::federation::add_national_token(
+        &national,
+        "demo-analyst",
+        crate::auth::Role::NationalAnalyst,
+        None,
+        None,
+    )?;
     start(&mut federation, "national", &national, &logs)?;
     for member in [&yokohama, &standby, &chiyoda] {
         start(&mut federation, member.name, &member.dir, &logs)?;
@@ -237,11 +251,47 @@ pub fn run(
     println!("   ログ / logs: {}", logs.display());
 
     runtime.block_on(walk_away_from_home(&yokohama, &standby, &chiyoda, &terminal, coupon))?;
+    runtime.block_on(national_figures(&national_http, &analyst, &yokohama))?;
     println!(
         "   トークン / tokens: standby {}  chiyoda {}  terminal {}",
         standby.token, chiyoda.token, terminal.token
     );
     Ok(federation)
+}
+
+/// Shows that the national node holds Yokohama's figures (and nothing else about anyone).
+async fn national_figures(national_http: &str, analyst: &str, yokohama: &Member) -> anyhow::Result<()> {
+    let today = crate::clock::japan_today();
+    let (_, own) = http(
+        "GET",
+        yokohama.http.as_deref().unwrap_or_default(),
+        &format!("/api/v1/statistics/daily?date={today}"),
+        &yokohama.token,
+        None,
+    )
+    .await?;
+    let own_total: u64 =
+        own["statistics"]["doses"].as_array().into_iter().flatten().filter_map(|d| d["count"].as_u64()).sum();
+    let started = Instant::now();
+    let path = format!("/api/v1/national/totals?municipality=141003&from={today}&to={today}&by=dose_number");
+    let figures = wait_for("the national figures", Duration::from_secs(60), || async {
+        let (code, body) = http("GET", national_http, &path, analyst, None).await.ok()?;
+        (code == 200 && body["total"].as_u64() == Some(own_total)).then_some(body)
+    })
+    .await?;
+    println!(
+        "== 10. 国 / the national node holds counts only: Yokohama today {} doses (by dose number {}), equal to Yokohama's own figures, seen {:.0} ms after asking",
+        figures["total"],
+        figures["rows"],
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    println!(
+        "   curl -H 'Authorization: Bearer {analyst}' 'http://{national_http}/api/v1/national/totals?from={today}&to={today}&by=product,dose_number'"
+    );
+    println!(
+        "   curl -H 'Authorization: Bearer {analyst}' 'http://{national_http}/api/v1/national/reports/daily?date={today}&encoding=shift_jis'"
+    );
+    Ok(())
 }
 
 async fn status(member: &Member) -> Option<Value> {

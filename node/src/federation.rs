@@ -32,6 +32,46 @@ pub struct NationalConfig {
     pub p2p_listen: String,
     /// The address nodes reach it at.
     pub advertise: String,
+    /// HTTP(S) API listen address.
+    #[serde(default = "default_http_listen")]
+    pub http_listen: String,
+    /// Serve plain HTTP (loopback addresses only).
+    #[serde(default)]
+    pub plain_http: bool,
+    /// TLS certificate (PEM), relative to the data directory.
+    #[serde(default = "default_tls_cert")]
+    pub tls_cert: String,
+    /// TLS key (PEM), relative to the data directory.
+    #[serde(default = "default_tls_key")]
+    pub tls_key: String,
+    /// If set, every report received is appended here as JSON Lines (for audits of what
+    /// the national node was sent).
+    #[serde(default)]
+    pub message_log: Option<String>,
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:8470".to_owned()
+}
+
+fn default_tls_cert() -> String {
+    "keys/tls-cert.pem".to_owned()
+}
+
+fn default_tls_key() -> String {
+    "keys/tls-key.pem".to_owned()
+}
+
+/// What `federation init-national` is told.
+pub struct NationalInit<'a> {
+    /// libp2p listen address.
+    pub p2p_listen: &'a str,
+    /// The address nodes reach it at (defaults to `p2p_listen`).
+    pub advertise: Option<&'a str>,
+    /// HTTP(S) API listen address.
+    pub http_listen: &'a str,
+    /// Plain HTTP on a loopback address instead of HTTPS.
+    pub plain_http: bool,
 }
 
 fn now_text() -> String {
@@ -45,13 +85,13 @@ fn signing_key(dir: &Path) -> anyhow::Result<Ed25519KeyPair> {
 }
 
 /// Creates the national node; returns its peer id and directory key (hex).
-pub fn init_national(
-    dir: &Path,
-    p2p_listen: &str,
-    advertise: Option<&str>,
-) -> anyhow::Result<(String, String)> {
+pub fn init_national(dir: &Path, init: &NationalInit<'_>) -> anyhow::Result<(String, String)> {
+    let NationalInit { p2p_listen, advertise, http_listen, plain_http } = *init;
     if dir.join(NATIONAL_CONFIG).exists() || dir.join("node.toml").exists() {
         bail!("{} already holds a node; refusing to overwrite", dir.display());
+    }
+    if plain_http && !crate::config::is_loopback_listen(http_listen) {
+        bail!("plain HTTP is allowed on a loopback address only, not {http_listen}");
     }
     std::fs::create_dir_all(dir.join("keys")).with_context(|| format!("cannot create {}", dir.display()))?;
     let keypair = load_or_create_identity(&dir.join("keys/p2p-identity.key"))?;
@@ -63,7 +103,20 @@ pub fn init_national(
     let public = hex_lower(key.public_key().as_ref());
     std::fs::write(dir.join("keys/directory-signing.pub"), format!("{public}\n"))?;
     let advertise = advertise.unwrap_or(p2p_listen).to_owned();
-    let config = NationalConfig { p2p_listen: p2p_listen.to_owned(), advertise: advertise.clone() };
+    let config = NationalConfig {
+        p2p_listen: p2p_listen.to_owned(),
+        advertise: advertise.clone(),
+        http_listen: http_listen.to_owned(),
+        plain_http,
+        tls_cert: default_tls_cert(),
+        tls_key: default_tls_key(),
+        message_log: None,
+    };
+    if !plain_http {
+        let (cert, key) = crate::tls::self_signed(http_listen, &[])?;
+        std::fs::write(dir.join(&config.tls_cert), cert)?;
+        write_private(&dir.join(&config.tls_key), key.as_bytes())?;
+    }
     std::fs::write(dir.join(NATIONAL_CONFIG), toml::to_string(&config)?)?;
     let entry = DirectoryEntry {
         municipality: None,
@@ -151,14 +204,31 @@ pub fn promote(dir: &Path) -> anyhow::Result<JoinRequest> {
     write_config(dir, &files.config)?;
     let store = crate::store::Store::open(&files.store_path())?;
     files.audit_cli(&store, "node.promote", "role:municipal", "ok")?;
+    // Replicated documents did not move the standby's statistics counters: count them now,
+    // so that what it reports replaces the old primary's figures with whole ones.
+    let counters = crate::statistics::rebuild(&store)?;
+    files.audit_cli(&store, "statistics.rebuild", &format!("counters:{counters}"), "ok")?;
     request_for(&files)
 }
 
-/// Runs the national node: the p2p service that hands out the directory.
+/// Runs the national node: the p2p service (directory, reports) and the national API.
 pub async fn run_national(dir: &Path) -> anyhow::Result<()> {
+    run_national_with(dir, None).await
+}
+
+/// Runs the national node; `bound` learns the API's address.
+pub async fn run_national_with(
+    dir: &Path,
+    bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(dir.join(NATIONAL_CONFIG))?;
     let config: NationalConfig = toml::from_str(&text).context("national.toml is invalid")?;
+    if config.plain_http && !crate::config::is_loopback_listen(&config.http_listen) {
+        bail!("plain HTTP is allowed on a loopback address only, not {}", config.http_listen);
+    }
     let key = signing_key(dir)?;
+    let message_log = config.message_log.as_ref().map(|p| dir.join(p));
+    let store = std::sync::Arc::new(crate::national::NationalStore::open(dir, message_log.as_deref())?);
     let options = P2pOptions {
         keypair: load_or_create_identity(&dir.join("keys/p2p-identity.key"))?,
         listen: config.p2p_listen.parse().context("p2p_listen is not a multiaddr")?,
@@ -170,9 +240,70 @@ pub async fn run_national(dir: &Path) -> anyhow::Result<()> {
         store: None,
         writer: None,
         captures: None,
+        reporter: None,
+        national_store: Some(store.clone()),
+    };
+    let tls = if config.plain_http {
+        None
+    } else {
+        Some(crate::tls::load_server_config(&dir.join(&config.tls_cert), &dir.join(&config.tls_key))?)
+    };
+    let state = crate::national_api::NationalState {
+        store,
+        https: tls.is_some(),
+        limiter: std::sync::Arc::new(crate::auth::RateLimiter::new(60)),
+    };
+    let app = crate::national_api::national_router(state)
+        .into_make_service_with_connect_info::<crate::tls::PeerAddr>();
+    let listener = tokio::net::TcpListener::bind(&config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+    let address = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("国API待受中 / national API listening on {scheme}://{address}");
+    if let Some(bound) = bound {
+        let _ = bound.send(address);
+    }
+    let http = async move {
+        match tls {
+            Some(tls) => {
+                let listener = crate::tls::TlsListener::new(listener, tls)?;
+                axum::serve(listener, app).await?;
+            }
+            None => axum::serve(listener, app).await?,
+        }
+        anyhow::Ok(())
     };
     tokio::select! {
         result = crate::p2p::run(options, None) => result,
+        result = http => result,
         () = crate::daemon::shutdown_signal() => Ok(()),
     }
+}
+
+/// Creates an API token for a national user: `national_admin` and `national_analyst` belong
+/// to the state, a `prefecture_user` to one prefecture (1–47). Prints nothing; returns the
+/// token, which is shown once.
+pub fn add_national_token(
+    dir: &Path,
+    name: &str,
+    role: crate::auth::Role,
+    prefecture: Option<u8>,
+    expires_days: Option<i64>,
+) -> anyhow::Result<String> {
+    let organisation = match (role, prefecture) {
+        (crate::auth::Role::PrefectureUser, Some(p)) => protocol::municipality::prefecture_organisation(p)
+            .with_context(|| format!("{p} is not a prefecture code (1–47)"))?,
+        (crate::auth::Role::PrefectureUser, None) => bail!("a prefecture user needs --prefecture"),
+        (_, Some(_)) => bail!("--prefecture is for the prefecture_user role only"),
+        (_, None) => protocol::municipality::NATIONAL_ORGANISATION,
+    };
+    let store = crate::national::NationalStore::open(dir, None)?;
+    let now = OffsetDateTime::now_utc();
+    let expires = expires_days.map(|days| now + time::Duration::days(days));
+    let txn = store.db().begin_write()?;
+    let (token, _) = crate::auth::add_token(&txn, organisation, name, role, Vec::new(), expires, now)?
+        .map_err(|problem| anyhow::anyhow!("{}", problem.message_ja))?;
+    txn.commit()?;
+    Ok(token)
 }

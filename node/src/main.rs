@@ -77,6 +77,11 @@ enum Commands {
         #[command(subcommand)]
         command: FederationCommands,
     },
+    /// 統計 / Statistics counters: check them against the documents, or rebuild them.
+    Statistics {
+        #[command(subcommand)]
+        command: StatisticsCommands,
+    },
     /// 予備系の昇格 / Make a standby the primary (node stopped); prints the directory request.
     Promote {
         /// Data directory.
@@ -203,6 +208,31 @@ enum CouponCommands {
 }
 
 #[derive(Subcommand)]
+enum StatisticsCommands {
+    /// 照合 / Recount doses and population from the documents and compare with the counters.
+    Verify {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+    },
+    /// 再集計 / Recount the counters from the documents (node stopped) and report them all again.
+    Rebuild {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+    },
+    /// 表示 / Print the municipality's figures for a date (JSON), as it reports them.
+    Show {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// Vaccination date (YYYY-MM-DD).
+        #[arg(long)]
+        date: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum FederationCommands {
     /// 国ノード作成 / Create the national node: directory-signing key, libp2p identity, first directory.
     InitNational {
@@ -215,6 +245,30 @@ enum FederationCommands {
         /// The address other nodes reach it at (defaults to --p2p-listen).
         #[arg(long)]
         advertise: Option<String>,
+        /// The national API's listen address.
+        #[arg(long, default_value = "127.0.0.1:8470")]
+        http_listen: String,
+        /// Serve the API over plain HTTP (loopback addresses only) instead of HTTPS.
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// 国APIトークン発行 / Create an API token for a national user (shown once).
+    Token {
+        /// Data directory of the national node.
+        #[arg(long)]
+        data: PathBuf,
+        /// Token name, e.g. analyst-tanaka.
+        #[arg(long)]
+        name: String,
+        /// national_admin, national_analyst or prefecture_user.
+        #[arg(long)]
+        role: node::auth::Role,
+        /// The prefecture (1–47) of a prefecture user.
+        #[arg(long)]
+        prefecture: Option<u8>,
+        /// Days until it stops working (none: until revoked).
+        #[arg(long)]
+        expires_days: Option<i64>,
     },
     /// 参加申請 / Ask to join: records the national node and writes the request for its administrator.
     Join {
@@ -637,6 +691,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Federation { command } => run_federation(command),
+        Commands::Statistics { command } => run_statistics(command),
         Commands::Promote { data, out } => {
             let request = node::federation::promote(&data)?;
             std::fs::write(&out, serde_json::to_vec_pretty(&request)?)?;
@@ -945,14 +1000,63 @@ fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
     }
 }
 
+fn run_statistics(command: StatisticsCommands) -> anyhow::Result<()> {
+    match command {
+        StatisticsCommands::Verify { data } => {
+            let (_, store) = open(&data)?;
+            let differences = node::statistics::verify(&store)?;
+            for (key, stored, expected) in &differences {
+                println!("{key}\tstored {stored}\texpected {expected}");
+            }
+            if differences.is_empty() {
+                println!("統計は記録と一致しています / the counters agree with the documents");
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "{} 件の集計が記録と一致しません / {} counters disagree with the documents",
+                    differences.len(),
+                    differences.len()
+                )
+            }
+        }
+        StatisticsCommands::Rebuild { data } => {
+            let (files, store) = open(&data)?;
+            let n = node::statistics::rebuild(&store)?;
+            files.audit_cli(&store, "statistics.rebuild", &format!("counters:{n}"), "ok")?;
+            println!("{n} 件を再集計しました / recounted {n} counters; every date will be reported again");
+            Ok(())
+        }
+        StatisticsCommands::Show { data, date } => {
+            let (files, store) = open(&data)?;
+            let date = time::Date::parse(&date, &time::format_description::well_known::Iso8601::DATE)
+                .with_context(|| format!("--date {date} is not a date (YYYY-MM-DD)"))?;
+            let view = store.read()?;
+            let doc = node::statistics::daily(view.txn(), files.config.municipality, date, 0, String::new())?;
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(())
+        }
+    }
+}
+
 fn run_federation(command: FederationCommands) -> anyhow::Result<()> {
     use node::federation;
     match command {
-        FederationCommands::InitNational { data, p2p_listen, advertise } => {
-            let (peer, key) = federation::init_national(&data, &p2p_listen, advertise.as_deref())?;
+        FederationCommands::InitNational { data, p2p_listen, advertise, http_listen, plain_http } => {
+            let init = federation::NationalInit {
+                p2p_listen: &p2p_listen,
+                advertise: advertise.as_deref(),
+                http_listen: &http_listen,
+                plain_http,
+            };
+            let (peer, key) = federation::init_national(&data, &init)?;
             println!("国ノードを作成しました / national node created in {}", data.display());
             println!("peer id: {peer}");
             println!("名簿署名公開鍵 / directory key: {key}");
+            Ok(())
+        }
+        FederationCommands::Token { data, name, role, prefecture, expires_days } => {
+            let token = federation::add_national_token(&data, &name, role, prefecture, expires_days)?;
+            println!("トークン（一度だけ表示） / token (shown once): {token}");
             Ok(())
         }
         FederationCommands::Join { data, national, national_key, out } => {

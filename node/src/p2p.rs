@@ -29,6 +29,7 @@ use protocol::municipality::MunicipalityCode;
 use protocol::replication::{
     PageDocs, PullStep, Puller, ReplicationRequest, ReplicationResponse, answer_changes, answer_sync,
 };
+use protocol::statistics::{ReportRequest, ReportResponse};
 use protocol::terminal::{CaptureRequest, CaptureResponse, MAX_CAPTURES_PER_REQUEST};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -46,6 +47,13 @@ pub const ENROLMENT_WINDOW: Duration = Duration::from_secs(20);
 pub const MAX_ENROLLING: usize = 8;
 /// The directory protocol.
 pub const DIRECTORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/directory/1");
+/// Municipal statistics and audit checkpoints to the national node.
+pub const REPORT_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/report/1");
+/// How often a municipal primary looks for statistics to report.
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+/// An empty report (a heartbeat) at least this often, so the national node sees the
+/// municipality is alive even on a day without doses.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
 /// Largest request accepted.
 pub const MAX_REQUEST_BYTES: u64 = 4 * 1024 * 1024;
 /// Largest answer accepted.
@@ -108,6 +116,7 @@ pub(crate) struct Behaviour {
     replication: request_response::cbor::Behaviour<ReplicationRequest, ReplicationResponse>,
     directory: request_response::cbor::Behaviour<DirectoryRequest, DirectoryResponse>,
     pub(crate) capture: request_response::cbor::Behaviour<CaptureRequest, CaptureResponse>,
+    report: request_response::cbor::Behaviour<ReportRequest, ReportResponse>,
 }
 
 /// Reads or makes the node's libp2p identity (`keys/p2p-identity.key`, protobuf encoding).
@@ -145,6 +154,10 @@ pub struct P2pOptions {
     pub writer: Option<WriterHandle>,
     /// Terminals and forwarded captures (a municipal primary).
     pub captures: Option<Arc<crate::terminals::CaptureService>>,
+    /// Statistics and checkpoints to report (a municipal primary in a federation).
+    pub reporter: Option<Arc<crate::statistics::Reporter>>,
+    /// Where reports are kept (the national node).
+    pub national_store: Option<Arc<crate::national::NationalStore>>,
 }
 
 /// Loads the newest verified directory from disk.
@@ -206,6 +219,11 @@ pub(crate) fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> 
                 capture: request_response::Behaviour::with_codec(
                     codec(),
                     [(CAPTURE_PROTOCOL, ProtocolSupport::Full)],
+                    config.clone(),
+                ),
+                report: request_response::Behaviour::with_codec(
+                    codec(),
+                    [(REPORT_PROTOCOL, ProtocolSupport::Full)],
                     config,
                 ),
             }
@@ -397,6 +415,31 @@ struct Node {
     bundle_request: Option<OutboundRequestId>,
     bundle_asked: Option<Instant>,
     bundle_version: Arc<AtomicU64>,
+    /// A report being built or sent, and when the last one went.
+    report: ReportState,
+    report_events: mpsc::Sender<ReportEvent>,
+    report_answers: mpsc::Sender<(ResponseChannel<ReportResponse>, ReportResponse)>,
+}
+
+#[derive(Default)]
+enum ReportPhase {
+    #[default]
+    Idle,
+    Building,
+    Sent(OutboundRequestId, Box<crate::statistics::Report>),
+    Acknowledging,
+}
+
+#[derive(Default)]
+struct ReportState {
+    phase: ReportPhase,
+    next_at: Option<Instant>,
+    last_sent: Option<Instant>,
+}
+
+enum ReportEvent {
+    Built(anyhow::Result<crate::statistics::Report>),
+    Acknowledged(anyhow::Result<()>),
 }
 
 /// An answer on the capture protocol, computed off the event loop.
@@ -420,6 +463,8 @@ pub async fn run(
     let (answers, mut answers_rx) = mpsc::channel(256);
     let (capture_answers, mut capture_answers_rx) = mpsc::channel::<CaptureAnswer>(256);
     let (forward_done, mut forward_done_rx) = mpsc::channel(64);
+    let (report_events, mut report_events_rx) = mpsc::channel(4);
+    let (report_answers, mut report_answers_rx) = mpsc::channel(64);
     let (stored, mut stored_rx) = mpsc::channel(4);
     let pages = options.writer.clone().map(|writer| {
         let (pages, pages_rx) = mpsc::channel(2);
@@ -447,6 +492,9 @@ pub async fn run(
         bundle_request: None,
         bundle_asked: None,
         bundle_version: Arc::new(AtomicU64::new(0)),
+        report: ReportState::default(),
+        report_events,
+        report_answers,
     };
     node.apply_gate(&mut swarm, HashSet::new());
     node.refresh_terminals(&mut swarm);
@@ -496,6 +544,10 @@ pub async fn run(
             }
             Some(owner) = forward_done_rx.recv() => {
                 node.forwarding.remove(&owner);
+            }
+            Some(event) = report_events_rx.recv() => node.on_report_event(&mut swarm, event),
+            Some((channel, response)) = report_answers_rx.recv() => {
+                let _ = swarm.behaviour_mut().report.send_response(channel, response);
             }
             _ = tick.tick() => node.maintain(&mut swarm),
         }
@@ -620,6 +672,7 @@ impl Node {
             }
         }
         self.forward(swarm);
+        self.report(swarm);
         if self.options.role == NodeRole::National {
             // The national administrator approves with the CLI, which rewrites the file.
             let modified = std::fs::metadata(&self.options.directory_path).and_then(|m| m.modified()).ok();
@@ -733,6 +786,7 @@ impl Node {
             SwarmEvent::Behaviour(BehaviourEvent::Directory(event)) => self.on_directory(swarm, event),
             SwarmEvent::Behaviour(BehaviourEvent::Replication(event)) => self.on_replication(swarm, event),
             SwarmEvent::Behaviour(BehaviourEvent::Capture(event)) => self.on_capture(swarm, event),
+            SwarmEvent::Behaviour(BehaviourEvent::Report(event)) => self.on_report(event),
             _ => {}
         }
     }
@@ -960,6 +1014,134 @@ impl Node {
                 "not_a_municipal_node",
                 "only municipal nodes in the directory forward captures",
             )),
+        }
+    }
+
+    /// Starts building a report when one is due: due statistics or checkpoints are sent
+    /// as soon as they are found, an empty report once a minute.
+    fn report(&mut self, _swarm: &mut Swarm<Behaviour>) {
+        let Some(reporter) = self.options.reporter.clone() else { return };
+        let Some(national) = self.national_peer() else { return };
+        if !self.connected.contains(&national)
+            || !matches!(self.report.phase, ReportPhase::Idle)
+            || self.report.next_at.is_some_and(|at| Instant::now() < at)
+        {
+            return;
+        }
+        self.report.phase = ReportPhase::Building;
+        let events = self.report_events.clone();
+        tokio::spawn(async move {
+            let built = tokio::task::spawn_blocking(move || {
+                reporter.build(time::OffsetDateTime::now_utc(), crate::clock::japan_today())
+            })
+            .await
+            .unwrap_or_else(|error| Err(anyhow::anyhow!("report builder failed: {error}")));
+            let _ = events.send(ReportEvent::Built(built)).await;
+        });
+    }
+
+    fn on_report_event(&mut self, swarm: &mut Swarm<Behaviour>, event: ReportEvent) {
+        let retry = Instant::now() + Duration::from_secs(2);
+        match event {
+            ReportEvent::Built(Ok(report)) => {
+                let heartbeat_due = self.report.last_sent.is_none_or(|at| at.elapsed() >= HEARTBEAT_EVERY);
+                match self.national_peer().filter(|peer| self.connected.contains(peer)) {
+                    Some(peer) if !report.is_empty() || heartbeat_due => {
+                        let id = swarm.behaviour_mut().report.send_request(&peer, report.request.clone());
+                        self.report.phase = ReportPhase::Sent(id, Box::new(report));
+                        self.report.last_sent = Some(Instant::now());
+                    }
+                    _ => {
+                        self.report.phase = ReportPhase::Idle;
+                        self.report.next_at = Some(Instant::now() + REPORT_EVERY);
+                    }
+                }
+            }
+            ReportEvent::Built(Err(error)) => {
+                tracing::error!(error = format!("{error:#}"), "cannot build the statistics report");
+                self.report.phase = ReportPhase::Idle;
+                self.report.next_at = Some(retry);
+            }
+            ReportEvent::Acknowledged(result) => {
+                if let Err(error) = result {
+                    tracing::warn!(error = format!("{error:#}"), "cannot record the report as sent");
+                }
+                self.report.phase = ReportPhase::Idle;
+                // More may be due already (a backlog, or doses recorded meanwhile).
+                self.report.next_at = None;
+                self.report(swarm);
+            }
+        }
+    }
+
+    fn on_report(&mut self, event: request_response::Event<ReportRequest, ReportResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let answers = self.report_answers.clone();
+                let (Some(store), Some(entry)) = (self.options.national_store.clone(), self.entry(&peer).cloned())
+                else {
+                    let refusal = ReportResponse::Refused {
+                        code: "not_national".into(),
+                        message: "reports go to the national node, from nodes in its directory".into(),
+                    };
+                    let _ = answers.try_send((channel, refusal));
+                    return;
+                };
+                tokio::spawn(async move {
+                    let response = tokio::task::spawn_blocking(move || {
+                        store.log_message(&peer.to_string(), "report", &request);
+                        store.ingest(&entry, &request)
+                    })
+                    .await
+                    .unwrap_or_else(|error| ReportResponse::Refused {
+                        code: "internal".into(),
+                        message: format!("the national node failed: {error}"),
+                    });
+                    let _ = answers.send((channel, response)).await;
+                });
+            }
+            request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => {
+                let phase = std::mem::take(&mut self.report.phase);
+                let ReportPhase::Sent(sent, report) = phase else {
+                    self.report.phase = phase;
+                    return;
+                };
+                if sent != request_id {
+                    self.report.phase = ReportPhase::Sent(sent, report);
+                    return;
+                }
+                match response {
+                    ReportResponse::Stored { statistics, checkpoints } => {
+                        tracing::debug!(statistics, checkpoints, "report stored by the national node");
+                        let Some(reporter) = self.options.reporter.clone() else { return };
+                        self.report.phase = ReportPhase::Acknowledging;
+                        let events = self.report_events.clone();
+                        tokio::spawn(async move {
+                            let result = reporter.acknowledged(*report).await;
+                            let _ = events.send(ReportEvent::Acknowledged(result)).await;
+                        });
+                    }
+                    ReportResponse::Refused { code, message } => {
+                        tracing::warn!(%code, %message, "the national node refused the report");
+                        self.report.next_at = Some(Instant::now() + Duration::from_secs(5));
+                    }
+                }
+            }
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                if matches!(&self.report.phase, ReportPhase::Sent(sent, _) if *sent == request_id) {
+                    tracing::debug!(%error, "report not delivered; sent again later");
+                    self.report.phase = ReportPhase::Idle;
+                    self.report.next_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+            _ => {}
         }
     }
 

@@ -21,6 +21,7 @@ use automerge::{ActorId, Automerge, ChangeHash};
 use lru::LruCache;
 use protocol::catalogue::Lot;
 use protocol::document::{ResidentEvent, ResidentRecord, apply_event, new_resident_document, read_record};
+use protocol::statistics::{Cell, event_delta, record_cells};
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -71,6 +72,11 @@ pub const TERMINAL_PENDING: TableDefinition<u64, &str> = TableDefinition::new("t
 pub const TERMINAL_USED: TableDefinition<&str, &str> = TableDefinition::new("terminal_used");
 /// A terminal's state: `bundle` and `certificate` → JSON.
 pub const TERMINAL_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("terminal_state");
+/// Statistics counters: [`protocol::statistics::Cell::key`] → count.
+pub const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
+/// Statistics documents still to send to the national node: slot (`daily/2026-11-20`,
+/// `population`) → the number of the change that last touched it.
+pub const STATS_DIRTY: TableDefinition<&str, u64> = TableDefinition::new("stats_dirty");
 /// Counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -82,6 +88,13 @@ pub const META_BUNDLE_SEQ: &str = "bundle_seq";
 pub const META_TERMINALS_SEQ: &str = "terminals_seq";
 /// `META` key: the last coupon serial used.
 pub const META_COUPON_SERIAL: &str = "coupon_serial";
+
+/// `META` key: the last number given to a statistics change.
+pub const META_STATS_SEQ: &str = "stats_seq";
+/// `META` key: the newest statistics version the national node acknowledged.
+pub const META_STATS_VERSION: &str = "stats_version";
+/// `META` key: the newest audit checkpoint deposited at the national node.
+pub const META_ANCHORED: &str = "audit_anchored";
 
 /// redb page cache of a running node.
 pub const DEFAULT_CACHE_BYTES: usize = 512 * 1024 * 1024;
@@ -134,6 +147,8 @@ impl Store {
             txn.open_table(TERMINAL_PENDING)?;
             txn.open_table(TERMINAL_USED)?;
             txn.open_table(TERMINAL_STATE)?;
+            txn.open_table(STATS)?;
+            txn.open_table(STATS_DIRTY)?;
             txn.open_table(crate::audit::AUDIT)?;
             txn.open_table(crate::audit::AUDIT_CHECKPOINTS)?;
             txn.open_table(crate::auth::USERS)?;
@@ -475,6 +490,7 @@ impl<'a> Mutation<'a> {
         self.touched.push(id.to_owned());
         self.bump_feed(id, 0)?;
         self.cache.put(id.to_owned(), LoadedDoc { doc, n_chunks: 0 });
+        count_cells(self.txn, &record_cells(record))?;
         Ok(())
     }
 
@@ -489,7 +505,7 @@ impl<'a> Mutation<'a> {
             .insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
         self.touched.push(id.to_owned());
         self.bump_feed(id, 0)?;
-        Ok(())
+        count_cells(self.txn, &record_cells(record))
     }
 
     /// Appends one event to a resident's document as one commit and one stored chunk.
@@ -504,6 +520,13 @@ impl<'a> Mutation<'a> {
         }
         self.touched.push(resident_id.to_owned());
         let loaded = self.cache.get_mut(resident_id).context("cache lost a document")?;
+        let counts = !matches!(event, ResidentEvent::CouponIssued { .. } | ResidentEvent::CouponRevoked { .. });
+        let delta = if counts {
+            let before = read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
+            event_delta(&before, event, at)
+        } else {
+            Vec::new()
+        };
         let heads: Vec<ChangeHash> = loaded.doc.get_heads();
         apply_event(&mut loaded.doc, event, at)?;
         let chunk = loaded.doc.save_after(&heads);
@@ -515,6 +538,7 @@ impl<'a> Mutation<'a> {
             ResidentEvent::CouponRevoked { key, reason } => self.block_coupon(key, false, reason)?,
             _ => {}
         }
+        count_cells(self.txn, &delta)?;
         self.bump_feed(resident_id, n_chunks)
     }
 
@@ -776,6 +800,38 @@ pub fn put_json<T: serde::Serialize>(
     value: &T,
 ) -> anyhow::Result<()> {
     txn.open_table(table)?.insert(key, serde_json::to_vec(value)?.as_slice())?;
+    Ok(())
+}
+
+/// Adds changes to the statistics counters in `txn` and marks the documents they fall in
+/// as due for the national node.
+pub fn count_cells(txn: &WriteTransaction, cells: &[(Cell, i64)]) -> anyhow::Result<()> {
+    if cells.is_empty() {
+        return Ok(());
+    }
+    let seq = bump(txn, META_STATS_SEQ)?;
+    let mut stats = txn.open_table(STATS)?;
+    let mut dirty = txn.open_table(STATS_DIRTY)?;
+    for (cell, change) in cells {
+        let key = cell.key();
+        let current = stats.get(key.as_str())?.map_or(0, |v| v.value());
+        let next = current.checked_add_signed(*change).unwrap_or_else(|| {
+            // Only counters rebuilt from fewer documents than they count can get here
+            // (`vrs-node statistics rebuild` puts them right).
+            tracing::warn!(%key, current, change, "a statistics counter would go below zero");
+            0
+        });
+        if next == 0 {
+            stats.remove(key.as_str())?;
+        } else {
+            stats.insert(key.as_str(), next)?;
+        }
+        let slot = match cell.date() {
+            Some(date) => format!("daily/{date}"),
+            None => "population".to_owned(),
+        };
+        dirty.insert(slot.as_str(), seq)?;
+    }
     Ok(())
 }
 

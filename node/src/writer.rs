@@ -20,6 +20,7 @@ use axum::http::StatusCode;
 use protocol::catalogue::{Catalogue, Lot};
 use protocol::coupon::{CouponNumber, SignedCoupon};
 use protocol::document::{CouponEntry, CouponStatus, DoseEvent, ResidentEvent, coupon_key};
+use protocol::statistics::Cell;
 use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, ScannedCapture,
     VoidRequest, validate_amendment, validate_capture, validate_void,
@@ -427,7 +428,13 @@ fn handle(
     }
     match command {
         Command::Capture(capture, reply) => {
-            let result = capture_one(m, context, &capture, now);
+            let mut result = capture_one(m, context, &capture, now);
+            if let Ok(Err(problem)) = &result {
+                let rejected = Cell::Rejected { date: japan_today(), reason: problem.code.clone() };
+                if let Err(error) = crate::store::count_cells(m.txn(), &[(rejected, 1)]) {
+                    result = Err(error);
+                }
+            }
             let coupon = format!("coupon:{}", capture.scans.coupon.code().number);
             let audit = |result: &Result<CaptureOutcome, Problem>| {
                 let subject = match result {

@@ -13,5 +13,6 @@ pub mod gs1;
 pub mod municipality;
 pub mod person;
 pub mod replication;
+pub mod statistics;
 pub mod terminal;
 pub mod validation;

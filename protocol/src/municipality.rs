@@ -61,6 +61,26 @@ impl MunicipalityCodeError {
     }
 }
 
+/// The organisation code of the national node's own accounts (国). It is not a JIS X 0402
+/// code of any municipality or prefecture (their first two digits are 01–47).
+pub const NATIONAL_ORGANISATION: MunicipalityCode = MunicipalityCode(*b"000001");
+
+/// The JIS X 0402 organisation code of a prefecture (`130001` for 東京都), 1..=47.
+pub fn prefecture_organisation(prefecture: u8) -> Option<MunicipalityCode> {
+    if !(1..=47).contains(&prefecture) {
+        return None;
+    }
+    let digits = [prefecture / 10, prefecture % 10, 0, 0, 0];
+    let check = crate::checkdigit::jis_x0402_check_digit(&digits);
+    let [a, b, c, d, e] = digits.map(|digit| digit + b'0');
+    MunicipalityCode::from_ascii_digits([a, b, c, d, e, check + b'0']).ok()
+}
+
+/// The name of prefecture 1..=47 (北海道, 東京都, …).
+pub fn prefecture_name(prefecture: u8) -> Option<&'static str> {
+    all_municipalities().iter().find(|m| m.prefecture_code == prefecture).map(|m| m.prefecture)
+}
+
 impl MunicipalityCode {
     /// Parses six ASCII digits (surrounding whitespace ignored) and checks the check digit.
     /// The code need not belong to an existing municipality; see [`Self::is_known`].

@@ -18,7 +18,8 @@ use protocol::coupon::{
 };
 use protocol::gs1::{Gs1Error, Gtin, GtinError, MAX_VIAL_TEXT_BYTES, VialBarcode, parse_vial_barcode};
 use protocol::municipality::{
-    MunicipalityCode, MunicipalityCodeError, MunicipalityKind, all_municipalities, lookup_municipality,
+    MunicipalityCode, MunicipalityCodeError, MunicipalityKind, NATIONAL_ORGANISATION, all_municipalities,
+    lookup_municipality, prefecture_name, prefecture_organisation,
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use time::Date;
@@ -103,7 +104,18 @@ fn jis_x0402_rule_holds_for_every_embedded_code() {
     for code in prefecture_codes {
         let parsed = MunicipalityCode::parse(code).unwrap_or_else(|error| panic!("{code}: {error}"));
         assert!(!parsed.is_known(), "prefecture {code} is not a municipality");
+        assert_eq!(prefecture_organisation(parsed.prefecture_code()), Some(parsed));
+        assert_ne!(parsed, NATIONAL_ORGANISATION);
     }
+    for line in prefectures.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').collect();
+        let number: u8 = fields[1].parse().unwrap();
+        assert_eq!(prefecture_name(number), Some(fields[2]), "{line}");
+    }
+    assert_eq!(prefecture_organisation(0), None);
+    assert_eq!(prefecture_organisation(48), None);
+    assert!(!NATIONAL_ORGANISATION.is_known());
+    assert_eq!(MunicipalityCode::parse(NATIONAL_ORGANISATION.as_str()), Ok(NATIONAL_ORGANISATION));
     let municipalities = include_str!("../data/municipalities.csv");
     let mut count = 0;
     for line in municipalities.lines().skip(1) {

@@ -14,13 +14,16 @@ use automerge::{ActorId, Automerge};
 use protocol::catalogue::{Catalogue, Lot, Product};
 use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon};
 use protocol::document::{
-    CorrectionKind, CouponEntry, CouponStatus, DoseEvent, DoseStatus, Identity, ResidentEvent,
+    Correction, CorrectionKind, CouponEntry, CouponStatus, DoseEvent, DoseStatus, Identity, ResidentEvent,
     ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex, apply_event, coupon_key, new_resident_document,
     read_record,
 };
 use protocol::gs1::{Gtin, parse_vial_barcode};
 use protocol::municipality::MunicipalityCode;
 use protocol::person::PersonKeySecret;
+use protocol::statistics::{
+    AgeBand, Cell, SignedStatistics, Statistics, StatisticsError, daily_from_cells, event_delta, record_cells,
+};
 use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, VoidRequest,
     age_on, authenticate_coupon, decode_scans, validate_amendment, validate_capture, validate_void,
@@ -1149,4 +1152,121 @@ fn replicas_merge_concurrent_doses() {
     assert_eq!(terminal_1.get_heads(), heads);
     assert_eq!(terminal_1.get_changes(&[]).len(), count);
     assert_eq!(read_record(&terminal_1).unwrap(), merged);
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------
+
+/// Adds `cells` into `totals`, dropping counters that return to zero.
+fn add_cells(totals: &mut BTreeMap<Cell, i64>, cells: Vec<(Cell, i64)>) {
+    for (cell, change) in cells {
+        let count = totals.entry(cell.clone()).or_default();
+        *count += change;
+        if *count == 0 {
+            totals.remove(&cell);
+        }
+    }
+}
+
+#[test]
+fn statistics_follow_the_record_through_captures_voids_amendments_and_moves() {
+    let recorded_at = NOW;
+    let mut record = resident();
+    let mut totals = BTreeMap::new();
+    add_cells(&mut totals, record_cells(&record));
+    let mut lags = 0;
+    let mut step = |record: &mut ResidentRecord, totals: &mut BTreeMap<Cell, i64>, event: ResidentEvent| {
+        let delta = event_delta(record, &event, recorded_at);
+        lags += delta.iter().filter(|(cell, _)| matches!(cell, Cell::Lag { .. })).count();
+        add_cells(totals, delta.into_iter().filter(|(cell, _)| !matches!(cell, Cell::Lag { .. })).collect());
+        *record = applied(record, &event);
+        let mut expected = BTreeMap::new();
+        add_cells(&mut expected, record_cells(record));
+        assert_eq!(*totals, expected, "after {}", event.kind());
+    };
+
+    let first = dose("ev-1", coupon(1, 101), date!(2026 - 10 - 01));
+    step(&mut record, &mut totals, ResidentEvent::DoseRecorded(first.clone()));
+    // Away from home: the venue names Chiyoda.
+    let entry = coupon_entry(coupon(2, 102), 0);
+    step(&mut record, &mut totals, ResidentEvent::CouponIssued { entry, supersedes: None });
+    let second = DoseEvent { venue: "131016/budokan".to_owned(), ..dose("ev-2", coupon(2, 102), date!(2026 - 10 - 22)) };
+    step(&mut record, &mut totals, ResidentEvent::DoseRecorded(second.clone()));
+    assert!(totals.keys().any(|cell| matches!(cell, Cell::Dose { venue_municipality, .. } if venue_municipality.as_str() == "131016")));
+    // An amendment moves the dose to another date; a void removes it.
+    let amended = DoseEvent { vaccinated_on: date!(2026 - 10 - 23), ..second.clone() };
+    let correction = |id: &str, event_id: &str| Correction {
+        correction_id: id.to_owned(),
+        event_id: event_id.to_owned(),
+        kind: CorrectionKind::Amend,
+        reason: "日付の誤り".to_owned(),
+        actor: STAFF.to_owned(),
+        at: NOW,
+        before: BTreeMap::new(),
+        after: BTreeMap::new(),
+    };
+    step(&mut record, &mut totals, ResidentEvent::DoseAmended { amended, correction: correction("c-1", "ev-2") });
+    let void = Correction { kind: CorrectionKind::Void, ..correction("c-2", "ev-1") };
+    step(&mut record, &mut totals, ResidentEvent::DoseVoided { correction: void, reopen_coupon: None });
+    // A corrected birth date moves the remaining dose to another age band; moving out
+    // leaves the population but not the dose counts.
+    let older = Identity { birth_date: date!(1950 - 01 - 01), ..record.identity.clone() };
+    step(&mut record, &mut totals, ResidentEvent::IdentityUpdated(older));
+    let moved = Identity { status: ResidentStatus::MovedOut, ..record.identity.clone() };
+    step(&mut record, &mut totals, ResidentEvent::IdentityUpdated(moved));
+    assert_eq!(lags, 2, "one entry-lag count per dose recorded");
+
+    let doses: Vec<_> = totals.iter().filter(|(cell, _)| matches!(cell, Cell::Dose { .. })).collect();
+    assert_eq!(doses.len(), 1, "{doses:?}");
+    let (Cell::Dose { date, age_band, .. }, 1) = (doses[0].0, *doses[0].1) else { panic!("{doses:?}") };
+    assert_eq!((*date, age_band.label()), (date!(2026 - 10 - 23), "70-79".to_owned()));
+    assert!(!totals.keys().any(|cell| matches!(cell, Cell::Population { .. })), "moved out: not counted");
+
+    // Every key reads back as the cell it was made from.
+    for cell in totals.keys() {
+        assert_eq!(Cell::parse(&cell.key()).as_ref(), Some(cell));
+    }
+}
+
+#[test]
+fn statistics_documents_are_signed_by_their_municipality() {
+    let cells = [(
+        Cell::Dose {
+            date: VACCINATED_ON,
+            product: "comirnaty-30".to_owned(),
+            dose_number: 1,
+            age_band: AgeBand::of(date!(1990 - 06 - 15), VACCINATED_ON),
+            sex: Sex::Female,
+            venue_municipality: municipality(YOKOHAMA),
+        },
+        3,
+    )];
+    let daily = daily_from_cells(
+        municipality(YOKOHAMA),
+        VACCINATED_ON,
+        7,
+        "2026-11-20T10:00:00Z".to_owned(),
+        cells.iter().map(|(cell, count)| (cell, *count)),
+    );
+    assert_eq!(daily.doses.len(), 1);
+    assert_eq!(daily.doses[0].age_band.label(), "30-39");
+    let signed = SignedStatistics::sign(&Statistics::Daily(daily.clone()), &signing_key());
+    let public = signing_key().public_key().as_ref().to_vec();
+    assert_eq!(signed.open(&public), Ok(Statistics::Daily(daily)));
+    assert_eq!(signed.open(forger_key().public_key().as_ref()), Err(StatisticsError::BadSignature));
+    let tampered = SignedStatistics { body: signed.body.replace("\"count\":3", "\"count\":30"), ..signed };
+    assert_eq!(tampered.open(&public), Err(StatisticsError::BadSignature));
+}
+
+#[test]
+fn age_bands_cover_every_age_once() {
+    let labels: Vec<String> = AgeBand::all().map(AgeBand::label).collect();
+    assert_eq!(labels.first().map(String::as_str), Some("0-4"));
+    assert_eq!(labels.last().map(String::as_str), Some("90+"));
+    assert_eq!(AgeBand::of(date!(1961 - 11 - 21), date!(2026 - 11 - 20)).label(), "65-69", "65 the day before the birthday");
+    assert_eq!(AgeBand::of(date!(1961 - 11 - 22), date!(2026 - 11 - 20)).label(), "60-64");
+    for label in labels {
+        assert_eq!(AgeBand::try_from(label.clone()).map(AgeBand::label), Ok(label));
+    }
 }
