@@ -12,9 +12,11 @@ use tests::{Node, TempDir, free_port, vrs_node};
 use super::{COMIRNATY, capture, coupon_of, days_from_today, ok, raw_vial, set_up_fixture};
 
 pub(super) struct National {
-    data: std::path::PathBuf,
+    pub(super) data: std::path::PathBuf,
     address: String,
     key: String,
+    /// The national API (plain HTTP on loopback).
+    pub(super) http: String,
     child: Option<Child>,
 }
 
@@ -22,17 +24,54 @@ impl National {
     pub(super) fn init(dir: &std::path::Path) -> Self {
         let data = dir.join("national");
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let http = format!("127.0.0.1:{}", free_port());
         let out = ok(&Command::new(vrs_node())
-            .args(["federation", "init-national", "--p2p-listen", &listen, "--data"])
+            .args(["federation", "init-national", "--p2p-listen", &listen, "--http-listen", &http, "--plain-http"])
+            .arg("--data")
             .arg(&data)
             .output()
             .unwrap());
+        // Every report the national node receives is kept, for the personal-data check.
+        let config = data.join("national.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}message_log = \"received.jsonl\"\n")).unwrap();
         let field = |name: &str| {
             out.lines().find_map(|l| l.split_once(name).map(|(_, v)| v.trim().to_owned())).unwrap()
         };
         let address = format!("{listen}/p2p/{}", field("peer id:"));
         let key = field("directory key:");
-        National { data, address, key, child: None }
+        National { data, address, key, http, child: None }
+    }
+
+    /// A national API token (made while the node is stopped: the CLI opens its store).
+    pub(super) fn token(&self, name: &str, role: &str, prefecture: Option<u8>) -> String {
+        let mut command = Command::new(vrs_node());
+        command.args(["federation", "token", "--name", name, "--role", role, "--data"]).arg(&self.data);
+        if let Some(p) = prefecture {
+            command.args(["--prefecture", &p.to_string()]);
+        }
+        let out = ok(&command.output().unwrap());
+        out.split_whitespace().find(|w| w.starts_with("vrs_t_")).expect("a token").to_owned()
+    }
+
+    /// GET on the national API.
+    pub(super) fn get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let agent = tests::agent_trusting(None).unwrap();
+        let mut request = agent.get(&format!("http://{}{path}", self.http));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut response = request.call().unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.body_mut().read_to_vec().unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// GET on the national API, as JSON.
+    pub(super) fn json(&self, path: &str, token: &str) -> Value {
+        let (status, body) = self.get(path, Some(token));
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
     }
 
     pub(super) fn start(&mut self) {

@@ -85,6 +85,9 @@ fn p2p() -> (String, u16) {
 fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_through_a_partition() {
     let dir = TempDir::new("terminals");
     let mut national = National::init(dir.path());
+    let analyst = national.token("analyst", "national_analyst", None);
+    let kanagawa = national.token("kanagawa", "prefecture_user", Some(14));
+    let tokyo = national.token("tokyo", "prefecture_user", Some(13));
     national.start();
 
     // Yokohama, reached by other nodes only through a proxy that the test can cut.
@@ -296,5 +299,186 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
         });
         assert!(heads(&yokohama, &resident).as_array().is_some_and(|h| !h.is_empty()), "{atena}");
         assert_eq!(history(&yokohama, &resident), history(&standby, &resident), "{atena}");
+    }
+
+    // 6. The national node: counts only, equal to what the municipalities hold, after a
+    // void and an amendment too — and not one byte about a fixture resident.
+    let (code, body) = yokohama
+        .post(&format!("/api/v1/residents/{r101}/doses/{first}/void"), &json!({"reason": "別人の接種券で記録"}))
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (_, event_105) = acknowledged.iter().find(|(atena, _)| atena == "0000000105").unwrap();
+    let r105 = resident_id(&yokohama, "0000000105");
+    let amend = json!({"reason": "接種日の誤入力", "vaccinated_on": days_from_today(-1)});
+    let (code, body) =
+        yokohama.post(&format!("/api/v1/residents/{r105}/doses/{event_105}/amend"), &amend).unwrap();
+    assert_eq!(code, 200, "{body}");
+    national_holds_counts_only(
+        &national,
+        (&analyst, &kanagawa, &tokyo),
+        &yokohama,
+        &chiyoda,
+        &coupons,
+    );
+}
+
+/// Valid doses per vaccination date, from the residents' documents themselves.
+fn doses_by_date(node: &Node) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (atena, ..) in super::FIXTURE {
+        for dose in history(node, &resident_id(node, atena)).as_array().unwrap() {
+            if dose["status"] == "valid" {
+                *out.entry(dose["vaccinated_on"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+type Breakdown = BTreeMap<(String, u64, String, String), u64>;
+
+/// A municipality's own figures for a date, by product, dose number, age band and sex.
+fn own_figures(node: &Node, date: &str) -> (Breakdown, u64) {
+    let (code, body) = node.get(&format!("/api/v1/statistics/daily?date={date}")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let mut out = Breakdown::new();
+    for row in body["statistics"]["doses"].as_array().unwrap() {
+        let key = (
+            row["product"].as_str().unwrap().to_owned(),
+            row["dose_number"].as_u64().unwrap(),
+            row["age_band"].as_str().unwrap().to_owned(),
+            row["sex"].as_str().unwrap().to_owned(),
+        );
+        *out.entry(key).or_insert(0) += row["count"].as_u64().unwrap();
+    }
+    (out, body["unsent_documents"].as_u64().unwrap())
+}
+
+fn national_figures(national: &National, token: &str, scope: &str, date: &str) -> Breakdown {
+    let path = format!("/api/v1/national/totals?{scope}&from={date}&to={date}&by=product,dose_number,age_band,sex");
+    let body = national.json(&path, token);
+    body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let key = (
+                row["product"].as_str().unwrap().to_owned(),
+                row["dose_number"].as_u64().unwrap(),
+                row["age_band"].as_str().unwrap().to_owned(),
+                row["sex"].as_str().unwrap().to_owned(),
+            );
+            (key, row["count"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+fn national_holds_counts_only(
+    national: &National,
+    (analyst, kanagawa, tokyo): (&str, &str, &str),
+    yokohama: &Node,
+    chiyoda: &Node,
+    coupons: &[PrintedCoupon],
+) {
+    let held = doses_by_date(yokohama);
+    let today = days_from_today(0);
+    let yesterday = days_from_today(-1);
+    assert_eq!(held.get(&yesterday), Some(&1), "the amended dose moved to yesterday: {held:?}");
+    for date in [&yesterday, &today] {
+        let (own, _) = own_figures(yokohama, date);
+        assert_eq!(own.values().sum::<u64>(), held.get(date).copied().unwrap_or(0), "{date}: counters = documents");
+        let reached = wait_for("the national figures to equal Yokohama's", Duration::from_secs(30), || {
+            let (own, unsent) = own_figures(yokohama, date);
+            (unsent == 0 && national_figures(national, analyst, "municipality=141003", date) == own).then_some(own)
+        });
+        // National and prefecture totals are the sums over the municipalities.
+        let (chiyoda_own, _) = own_figures(chiyoda, date);
+        assert!(chiyoda_own.is_empty(), "Chiyoda recorded nothing of its own: {chiyoda_own:?}");
+        assert_eq!(national_figures(national, analyst, "", date), reached, "{date}");
+        assert_eq!(national_figures(national, kanagawa, "prefecture=14", date), reached, "{date}");
+        assert!(national_figures(national, tokyo, "prefecture=13", date).is_empty(), "{date}");
+    }
+    // A prefecture user sees its prefecture only (by default, and when it asks); nobody sees
+    // anything without a token.
+    let own = national.json(&format!("/api/v1/national/totals?from={today}&to={today}"), kanagawa);
+    assert_eq!(own["scope"]["prefecture"], 14, "{own}");
+    for (token, path) in [
+        (kanagawa, format!("/api/v1/national/totals?prefecture=13&from={today}&to={today}")),
+        (kanagawa, format!("/api/v1/national/coverage?municipality=131016")),
+        (tokyo, format!("/api/v1/national/totals?municipality=141003&from={today}&to={today}")),
+        (tokyo, "/api/v1/national/anchors/131016".to_owned()),
+    ] {
+        let (code, body) = national.get(&path, Some(token));
+        assert_eq!(code, 403, "{path}: {body}");
+    }
+    let (code, _) = national.get("/api/v1/national/status", None);
+    assert_eq!(code, 401);
+    let (code, body) = national.get("/api/v1/national/totals?from=2026-13-01&to=2026-12-01", Some(analyst));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("from"), "{body}");
+    // Freshness: Yokohama reported just now; Kanagawa's other municipalities never did.
+    let fresh = national.json("/api/v1/national/freshness?stale_after_minutes=5", kanagawa);
+    assert_eq!(fresh["municipalities"], 33, "Kanagawa has 33 municipalities");
+    let rows = fresh["rows"].as_array().unwrap();
+    let yokohama_row = rows.iter().find(|r| r["municipality"] == "141003").unwrap();
+    assert_eq!(yokohama_row["stale"], false, "{yokohama_row}");
+    assert_eq!(fresh["stale"], 32);
+    // Yokohama deposited its audit checkpoints.
+    let anchors = national.json("/api/v1/national/anchors/141003", analyst);
+    assert!(!anchors["checkpoints"].as_array().unwrap().is_empty(), "{anchors}");
+    // The V-SYS-style daily report, in Shift_JIS.
+    let (code, _) = national.get(&format!("/api/v1/national/reports/daily?date={today}&encoding=shift_jis"), Some(analyst));
+    assert_eq!(code, 200);
+    let agent = tests::agent_trusting(None).unwrap();
+    let url = format!("http://{}/api/v1/national/reports/daily?date={today}&encoding=shift_jis", national.http);
+    let mut response = agent.get(&url).header("Authorization", format!("Bearer {analyst}")).call().unwrap();
+    let bytes = response.body_mut().read_to_vec().unwrap();
+    let (text, _, malformed) = encoding_rs::SHIFT_JIS.decode(&bytes);
+    assert!(!malformed);
+    assert!(text.starts_with("都道府県コード,"), "{text}");
+    let total_today: u64 = national_figures(national, analyst, "", &today).values().sum();
+    let reported: u64 = text
+        .lines()
+        .filter(|l| l.contains(",横浜市,"))
+        .map(|l| l.rsplit(',').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(reported, total_today, "{text}");
+
+    // Every byte the national node stored and every message it received.
+    let mut stored: Vec<u8> = Vec::new();
+    let mut files = vec![national.data.clone()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            stored.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    let received = std::fs::read_to_string(national.data.join("received.jsonl")).unwrap();
+    assert!(received.lines().count() >= 2, "the national node received reports: {received}");
+    assert!(received.contains("141003") && received.contains("doses"), "{received}");
+    let mut personal: Vec<String> = Vec::new();
+    for (i, (atena, name, kana, birth, _, address)) in super::FIXTURE.iter().enumerate() {
+        personal.extend([atena, name, kana, birth, address].map(|s| (*s).to_owned()));
+        personal.push(name.replace('　', " "));
+        let digits: String = birth.chars().filter(char::is_ascii_digit).collect();
+        personal.push(format!("{}-{}-{}", &digits[..4], &digits[4..6], &digits[6..]));
+        personal.push(digits);
+        personal.push(super::my_number(i as u64 + 1));
+    }
+    for coupon in coupons {
+        personal.push(coupon.code.clone());
+        personal.push(coupon.code[8..18].to_owned());
+    }
+    // Bytes as Latin-1 characters, so that std's substring search (optimized even in a
+    // debug build) finds byte sequences exactly.
+    let latin1 = |bytes: &[u8]| -> String { bytes.iter().map(|&b| char::from(b)).collect() };
+    let haystack = latin1(&stored);
+    assert!(haystack.contains("141003"), "the check reads the national node's data");
+    for needle in &personal {
+        let (sjis, _, _) = encoding_rs::SHIFT_JIS.encode(needle);
+        for form in [needle.as_bytes(), &sjis] {
+            assert!(!haystack.contains(&latin1(form)), "the national node's files hold {needle:?}");
+        }
     }
 }
