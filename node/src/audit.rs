@@ -451,6 +451,49 @@ pub fn verify_store(
     Ok(report)
 }
 
+/// Checks the store's log against the checkpoints the municipality deposited at the
+/// national node (`GET /api/v1/national/anchors/{municipality}`): each must be signed with
+/// the audit key, and the entry it names must still hash to what it says. A log rewritten
+/// and re-signed locally still differs from what was deposited before the rewrite. Returns
+/// the findings and how many anchors were checked.
+pub fn verify_anchors(
+    txn: &ReadTransaction,
+    municipality: MunicipalityCode,
+    public_key: &[u8],
+    anchors: &[protocol::statistics::AnchoredCheckpoint],
+) -> anyhow::Result<(Vec<Finding>, u64)> {
+    let entries = txn.open_table(AUDIT)?;
+    let key = UnparsedPublicKey::new(&ED25519, public_key);
+    let mut findings = Vec::new();
+    for anchor in anchors {
+        let at = format!("anchor {}", anchor.seq);
+        let message = checkpoint_message(municipality, anchor.seq, &anchor.hash, &anchor.at);
+        let signed = hex_decode(&anchor.signature).is_some_and(|sig| key.verify(&message, &sig).is_ok());
+        if anchor.municipality != municipality || !signed {
+            findings.push(finding(
+                at,
+                "the deposited checkpoint is not signed by this municipality's audit key",
+                "預けたチェックポイントの署名がこの市区町村の監査鍵と一致しません",
+            ));
+            continue;
+        }
+        match entries.get(anchor.seq)? {
+            None => findings.push(finding(
+                at,
+                format!("entry {} was deposited at the national node but is gone from the log", anchor.seq),
+                format!("国に預けた記録 {} が監査ログにありません（削除）", anchor.seq),
+            )),
+            Some(bytes) if hex_lower(&sha256(bytes.value())) != anchor.hash => findings.push(finding(
+                at,
+                format!("entry {} differs from what was deposited at the national node (rewritten)", anchor.seq),
+                format!("記録 {} が国に預けた内容と異なります（書き換え）", anchor.seq),
+            )),
+            Some(_) => {}
+        }
+    }
+    Ok((findings, anchors.len() as u64))
+}
+
 #[derive(Deserialize)]
 struct ExportHeader {
     format: String,

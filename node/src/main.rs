@@ -433,6 +433,10 @@ enum AuditCommands {
         /// The node's audit public key: 64 hex digits, or a file holding them (keys/audit-signing.pub).
         #[arg(long)]
         public_key: Option<String>,
+        /// The checkpoints deposited at the national node (the JSON of
+        /// GET /api/v1/national/anchors/{municipality}), checked against the store's log.
+        #[arg(long, conflicts_with = "file")]
+        anchors: Option<PathBuf>,
     },
     /// 出力 / Export the entries between two days (JST, inclusive) or RFC 3339 instants, sealed.
     Export {
@@ -958,7 +962,7 @@ fn print_report(report: &node::audit::VerifyReport) -> anyhow::Result<()> {
 
 fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
     match command {
-        AuditCommands::Verify { data, file, public_key } => {
+        AuditCommands::Verify { data, file, public_key, anchors } => {
             if let Some(file) = file {
                 let key = public_key_arg(public_key.as_deref().unwrap_or_default())?;
                 let bytes =
@@ -971,12 +975,29 @@ fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
                 Some(text) => public_key_arg(&text)?,
                 None => files.audit_public_key(),
             };
-            let report = node::audit::verify_store(
+            let mut report = node::audit::verify_store(
                 store.read()?.txn(),
                 files.config.municipality,
                 &key,
                 files.config.auth.audit_checkpoint_every,
             )?;
+            if let Some(path) = anchors {
+                #[derive(serde::Deserialize)]
+                struct Deposited {
+                    checkpoints: Vec<protocol::statistics::AnchoredCheckpoint>,
+                }
+                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let deposited: Deposited = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not the national node's list of checkpoints", path.display()))?;
+                let (findings, n) = node::audit::verify_anchors(
+                    store.read()?.txn(),
+                    files.config.municipality,
+                    &key,
+                    &deposited.checkpoints,
+                )?;
+                println!("国に預けたチェックポイント / checkpoints deposited at the national node: {n}");
+                report.findings.extend(findings);
+            }
             print_report(&report)
         }
         AuditCommands::Export { data, from, to, out } => {

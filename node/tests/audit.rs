@@ -2,8 +2,10 @@
 //! entries changed, removed, inserted, reordered or cut off inside a store.
 
 use node::audit::{
-    AUDIT, AUDIT_CHECKPOINTS, AuditEvent, AuditLog, GENESIS, verify_chain, verify_export, verify_store,
+    AUDIT, AUDIT_CHECKPOINTS, AuditEvent, AuditLog, Checkpoint, GENESIS, verify_anchors, verify_chain,
+    verify_export, verify_store,
 };
+use protocol::statistics::AnchoredCheckpoint;
 use node::store::Store;
 use protocol::municipality::MunicipalityCode;
 use redb::ReadableTable;
@@ -26,17 +28,22 @@ impl Drop for Log {
 
 /// A log of `n` entries with a checkpoint every 4, the newest one checkpointed.
 fn small_log(label: &str, n: u64) -> Log {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    log_signed_by(label, n, pkcs8.as_ref(), |_, _| {})
+}
+
+/// Like [`small_log`], signed with a given key, each event passed through `edit` first.
+fn log_signed_by(label: &str, n: u64, pkcs8: &[u8], edit: impl Fn(u64, &mut AuditEvent)) -> Log {
     let dir = std::env::temp_dir().join(format!("vrs-audit-{label}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let store = Store::open(&dir.join("store.redb")).unwrap();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
     let municipality = MunicipalityCode::parse("141003").unwrap();
-    let log = AuditLog::new(Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap(), municipality, 4);
-    let start = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let log = AuditLog::new(Ed25519KeyPair::from_pkcs8(pkcs8).unwrap(), municipality, 4);
+    let start = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
     for i in 0..n {
         let txn = store.begin_write().unwrap();
-        let event = AuditEvent {
+        let mut event = AuditEvent {
             actor: format!("user:clerk{}", i % 3),
             role: "clerk".into(),
             action: if i % 2 == 0 { "resident.read" } else { "capture" }.into(),
@@ -44,18 +51,19 @@ fn small_log(label: &str, n: u64) -> Log {
             outcome: "ok".into(),
             request_id: format!("req-{i}"),
         };
+        edit(i, &mut event);
         log.append(&txn, &event, start + time::Duration::seconds(i as i64)).unwrap();
         txn.commit().unwrap();
     }
     let txn = store.begin_write().unwrap();
-    log.checkpoint(&txn, OffsetDateTime::now_utc()).unwrap();
+    log.checkpoint(&txn, start + time::Duration::days(1)).unwrap();
     txn.commit().unwrap();
     Log { dir, store, log, municipality }
 }
 
 fn export(log: &Log) -> Vec<u8> {
     let now = OffsetDateTime::now_utc();
-    log.log.export(log.store.read().unwrap().txn(), now - time::Duration::days(1), now, now).unwrap()
+    log.log.export(log.store.read().unwrap().txn(), OffsetDateTime::UNIX_EPOCH, now, now).unwrap()
 }
 
 #[test]
@@ -228,4 +236,66 @@ fn removed_checkpoints_are_detected() {
     let report =
         verify_store(log.store.read().unwrap().txn(), log.municipality, &log.log.public_key(), 4).unwrap();
     assert!(report.findings.iter().any(|f| f.at == "entries 5–12"), "{:?}", report.findings);
+}
+
+/// The checkpoints of a log, as the municipality deposits them at the national node.
+fn deposited(log: &Log) -> Vec<AnchoredCheckpoint> {
+    let view = log.store.read().unwrap();
+    let table = view.txn().open_table(AUDIT_CHECKPOINTS).unwrap();
+    table
+        .iter()
+        .unwrap()
+        .map(|row| {
+            let checkpoint: Checkpoint = serde_json::from_slice(row.unwrap().1.value()).unwrap();
+            AnchoredCheckpoint {
+                municipality: log.municipality,
+                seq: checkpoint.seq,
+                hash: checkpoint.hash,
+                at: checkpoint.at,
+                signature: checkpoint.signature,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_log_rewritten_and_re_signed_with_the_municipalitys_own_key_differs_from_the_national_copy() {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    let original = log_signed_by("anchored", 12, pkcs8.as_ref(), |_, _| {});
+    let anchors = deposited(&original);
+    assert_eq!(anchors.len(), 3, "checkpoints at 4, 8 and 12");
+    let key = original.log.public_key();
+    let check = |log: &Log| {
+        let (findings, n) = verify_anchors(log.store.read().unwrap().txn(), log.municipality, &key, &anchors).unwrap();
+        assert_eq!(n, 3);
+        findings.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(check(&original), Vec::<String>::new(), "the original agrees with its deposit");
+
+    // The municipality rewrites entry 6 (a read of a resident it wants hidden) and signs the
+    // whole log again with its own key: the store alone cannot tell.
+    let rewritten = log_signed_by("rewritten", 12, pkcs8.as_ref(), |i, event| {
+        if i == 5 {
+            event.subject = "resident:141003-someone-else".into();
+        }
+    });
+    let local = verify_store(rewritten.store.read().unwrap().txn(), rewritten.municipality, &key, 4).unwrap();
+    assert!(local.is_intact(), "re-signed, the rewritten log verifies on its own: {:?}", local.findings);
+    // The copy at the national node does: entries 8 and 12 chain through entry 6.
+    let findings = check(&rewritten);
+    assert_eq!(findings.len(), 2, "{findings:?}");
+    assert!(findings.iter().all(|f| f.contains("書き換え")), "{findings:?}");
+
+    // A log cut short after its deposit misses what was deposited.
+    let cut = log_signed_by("cut", 8, pkcs8.as_ref(), |_, _| {});
+    let findings = check(&cut);
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert!(findings[0].contains("anchor 12") && findings[0].contains("削除"), "{findings:?}");
+
+    // A forged deposit (another key) is reported, not trusted.
+    let other = small_log("forged", 12);
+    let forged = deposited(&other);
+    let (findings, _) =
+        verify_anchors(original.store.read().unwrap().txn(), original.municipality, &key, &forged).unwrap();
+    assert_eq!(findings.len(), 3, "{findings:?}");
 }

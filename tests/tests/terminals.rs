@@ -320,6 +320,21 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
         &chiyoda,
         &coupons,
     );
+
+    // An auditor checks Yokohama's log against the checkpoints deposited at the national node.
+    yokohama.stop().unwrap();
+    let anchors = national.json("/api/v1/national/anchors/141003", &analyst);
+    let file = dir.path().join("anchors-141003.json");
+    std::fs::write(&file, anchors.to_string()).unwrap();
+    let out = ok(&yokohama.cli(&["audit", "verify", "--anchors", file.to_str().unwrap()]));
+    assert!(out.contains("audit log intact"), "{out}");
+    let n: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("国に預けたチェックポイント / checkpoints deposited at the national node: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n >= 1, "{out}");
 }
 
 /// Valid doses per vaccination date, from the residents' documents themselves.
