@@ -1569,5 +1569,24 @@ pub fn authorization_table_markdown() -> String {
         }
         out.push('\n');
     }
+    out.push_str("\n国ノード / national node (`node/src/national_api.rs`):\n\n| method | path | 内容 / what |");
+    let national = [Role::NationalAdmin, Role::NationalAnalyst, Role::PrefectureUser];
+    for role in national {
+        out.push_str(&format!(" {} |", role.as_str()));
+    }
+    out.push_str("\n|---|---|---|:-:|:-:|:-:|\n");
+    for spec in crate::national_api::NATIONAL_ROUTES {
+        out.push_str(&format!("| {} | `{}` | {} |", spec.method, spec.path, spec.summary_ja));
+        for role in national {
+            let cell = match spec.access {
+                Access::Public => "公開",
+                _ if spec.access.allows(role) && role == Role::PrefectureUser => "✔ 自都道府県のみ",
+                _ if spec.access.allows(role) => "✔",
+                _ => "—",
+            };
+            out.push_str(&format!(" {cell} |"));
+        }
+        out.push('\n');
+    }
     out
 }

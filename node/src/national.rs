@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use anyhow::Context;
 use protocol::directory::{DirectoryEntry, NodeRole};
@@ -207,9 +207,128 @@ pub struct FreshnessRow {
 
 /// The national node's store.
 pub struct NationalStore {
-    db: Database,
-    aggregates: RwLock<Aggregates>,
+    db: Arc<Database>,
+    aggregates: Arc<RwLock<Aggregates>>,
     message_log: Option<Mutex<std::fs::File>>,
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for NationalStore {
+    /// Stops the writer (after what it holds) and waits for it, so the file is closed.
+    fn drop(&mut self) {
+        if let Ok(mut writer) = self.writer.lock() {
+            writer.take();
+        }
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A verified report waiting for the writer.
+struct Job {
+    municipality: MunicipalityCode,
+    documents: Vec<(SignedStatistics, Statistics)>,
+    checkpoints: Vec<AnchoredCheckpoint>,
+    reply: mpsc::Sender<anyhow::Result<(u32, u32)>>,
+}
+
+/// Most reports in one commit.
+const GROUP_COMMIT_MAX: usize = 512;
+
+/// The single writer: reports that arrive together share one commit (one fsync), and each
+/// is answered only after it.
+fn run_writer(db: &Database, aggregates: &RwLock<Aggregates>, jobs: &mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match store_batch(db, &batch) {
+            Ok(results) => {
+                if let Ok(mut aggregates) = aggregates.write() {
+                    for (job, (replaced, freshness, _)) in batch.iter().zip(&results) {
+                        for (old, new) in replaced {
+                            aggregates.apply(old.as_ref(), new);
+                        }
+                        aggregates.freshness.insert(job.municipality, freshness.clone());
+                    }
+                }
+                for (job, (replaced, _, kept)) in batch.into_iter().zip(results) {
+                    let n = u32::try_from(replaced.len()).unwrap_or(u32::MAX);
+                    let _ = job.reply.send(Ok((n, kept)));
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), reports = batch.len(), "cannot store reports");
+                for job in batch {
+                    let _ = job.reply.send(Err(anyhow::anyhow!("the commit failed")));
+                }
+            }
+        }
+    }
+}
+
+type Stored = (Vec<(Option<Statistics>, Statistics)>, Freshness, u32);
+
+fn store_batch(db: &Database, batch: &[Job]) -> anyhow::Result<Vec<Stored>> {
+    let now = OffsetDateTime::now_utc();
+    let txn = db.begin_write()?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut table = txn.open_table(STATISTICS)?;
+        let mut anchors = txn.open_table(ANCHORS)?;
+        let mut reports = txn.open_table(REPORTS)?;
+        for job in batch {
+            let code = job.municipality.as_str();
+            let mut replaced: Vec<(Option<Statistics>, Statistics)> = Vec::new();
+            for (signed, doc) in &job.documents {
+                let slot = doc.slot();
+                // What is held, seeing this batch's own writes.
+                let held: Option<Statistics> = match table.get((code, slot.as_str()))? {
+                    Some(bytes) => Some(serde_json::from_slice::<SignedStatistics>(bytes.value())?.read_unchecked()?),
+                    None => None,
+                };
+                if held.as_ref().is_some_and(|h| h.version() >= doc.version()) {
+                    continue;
+                }
+                table.insert((code, slot.as_str()), serde_json::to_vec(signed)?.as_slice())?;
+                replaced.push((held, doc.clone()));
+            }
+            let mut kept = 0;
+            for checkpoint in &job.checkpoints {
+                if anchors.get((code, checkpoint.seq))?.is_none() {
+                    anchors.insert((code, checkpoint.seq), serde_json::to_vec(checkpoint)?.as_slice())?;
+                    kept += 1;
+                }
+            }
+            let mut freshness: Freshness = match reports.get(code)? {
+                Some(bytes) => serde_json::from_slice(bytes.value())?,
+                None => Freshness::default(),
+            };
+            freshness.last_report_at = Some(now_text(now));
+            for (old, doc) in &replaced {
+                freshness.last_version = freshness.last_version.max(doc.version());
+                if old.is_none() {
+                    freshness.documents += 1;
+                }
+            }
+            if let Some((_, doc)) = replaced.last() {
+                freshness.last_generated_at = Some(match doc {
+                    Statistics::Daily(d) => d.generated_at.clone(),
+                    Statistics::Population(p) => p.generated_at.clone(),
+                });
+            }
+            reports.insert(code, serde_json::to_vec(&freshness)?.as_slice())?;
+            results.push((replaced, freshness, kept));
+        }
+    }
+    txn.commit()?;
+    Ok(results)
 }
 
 fn now_text(at: OffsetDateTime) -> String {
@@ -264,7 +383,20 @@ impl NationalStore {
             )),
             None => None,
         };
-        Ok(NationalStore { db, aggregates: RwLock::new(aggregates), message_log })
+        let db = Arc::new(db);
+        let aggregates = Arc::new(RwLock::new(aggregates));
+        let (sender, receiver) = mpsc::channel();
+        let (writer_db, writer_aggregates) = (db.clone(), aggregates.clone());
+        let thread = std::thread::Builder::new()
+            .name("national-writer".into())
+            .spawn(move || run_writer(&writer_db, &writer_aggregates, &receiver))?;
+        Ok(NationalStore {
+            db,
+            aggregates,
+            message_log,
+            writer: Mutex::new(Some(sender)),
+            writer_thread: Some(thread),
+        })
     }
 
     /// The database (accounts live in it too).
@@ -326,82 +458,25 @@ impl NationalStore {
                 format!("checkpoint {} is of {}, not {municipality}", checkpoint.seq, checkpoint.municipality),
             );
         }
-        match self.store_report(municipality, &documents, &request.checkpoints) {
-            Ok((statistics, checkpoints)) => ReportResponse::Stored { statistics, checkpoints },
-            Err(error) => {
-                tracing::error!(error = format!("{error:#}"), %municipality, "cannot store a report");
+        let (reply, answer) = mpsc::channel();
+        let job = Job {
+            municipality,
+            documents: documents.into_iter().map(|(signed, doc)| (signed.clone(), doc)).collect(),
+            checkpoints: request.checkpoints.clone(),
+            reply,
+        };
+        let sent = self
+            .writer
+            .lock()
+            .map_err(|_| ())
+            .and_then(|writer| writer.as_ref().ok_or(())?.send(job).map_err(|_| ()));
+        match sent.ok().and_then(|()| answer.recv().ok()) {
+            Some(Ok((statistics, checkpoints))) => ReportResponse::Stored { statistics, checkpoints },
+            _ => {
+                tracing::error!(%municipality, "cannot store a report");
                 refused("internal", "the national node could not store the report; send it again".into())
             }
         }
-    }
-
-    fn store_report(
-        &self,
-        municipality: MunicipalityCode,
-        documents: &[(&SignedStatistics, Statistics)],
-        checkpoints: &[AnchoredCheckpoint],
-    ) -> anyhow::Result<(u32, u32)> {
-        let code = municipality.as_str();
-        let now = OffsetDateTime::now_utc();
-        let mut replaced: Vec<(Option<Statistics>, Statistics)> = Vec::new();
-        let mut kept = 0;
-        let txn = self.db.begin_write()?;
-        let freshness = {
-            let mut table = txn.open_table(STATISTICS)?;
-            for (signed, doc) in documents {
-                let slot = doc.slot();
-                let held: Option<Statistics> = match table.get((code, slot.as_str()))? {
-                    Some(bytes) => Some(serde_json::from_slice::<SignedStatistics>(bytes.value())?.read_unchecked()?),
-                    None => None,
-                };
-                // The newest of this report counts too: a slot may come twice in one report.
-                let newest_here = replaced.iter().rev().find(|(_, d)| d.slot() == slot).map(|(_, d)| d.version());
-                let current = newest_here.or(held.as_ref().map(Statistics::version));
-                if current.is_some_and(|v| v >= doc.version()) {
-                    continue;
-                }
-                table.insert((code, slot.as_str()), serde_json::to_vec(signed)?.as_slice())?;
-                let old = match newest_here {
-                    Some(_) => replaced.iter().rev().find(|(_, d)| d.slot() == slot).map(|(_, d)| d.clone()),
-                    None => held,
-                };
-                replaced.push((old, doc.clone()));
-            }
-            let mut anchors = txn.open_table(ANCHORS)?;
-            for checkpoint in checkpoints {
-                if anchors.get((code, checkpoint.seq))?.is_none() {
-                    anchors.insert((code, checkpoint.seq), serde_json::to_vec(checkpoint)?.as_slice())?;
-                    kept += 1;
-                }
-            }
-            let mut reports = txn.open_table(REPORTS)?;
-            let mut freshness: Freshness = match reports.get(code)? {
-                Some(bytes) => serde_json::from_slice(bytes.value())?,
-                None => Freshness::default(),
-            };
-            freshness.last_report_at = Some(now_text(now));
-            for (old, doc) in &replaced {
-                freshness.last_version = freshness.last_version.max(doc.version());
-                if old.is_none() {
-                    freshness.documents += 1;
-                }
-            }
-            if let Some((_, doc)) = replaced.last() {
-                freshness.last_generated_at = Some(match doc {
-                    Statistics::Daily(d) => d.generated_at.clone(),
-                    Statistics::Population(p) => p.generated_at.clone(),
-                });
-            }
-            reports.insert(code, serde_json::to_vec(&freshness)?.as_slice())?;
-            freshness
-        };
-        txn.commit()?;
-        let mut aggregates = self.aggregates.write().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
-        for (old, new) in &replaced {
-            aggregates.apply(old.as_ref(), new);
-        }
-        aggregates.freshness.insert(municipality, freshness);
-        Ok((u32::try_from(replaced.len()).unwrap_or(u32::MAX), kept))
     }
 
     /// Dose totals of `scope` from `from` to `to` (inclusive), broken down by `by`.

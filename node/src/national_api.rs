@@ -48,7 +48,7 @@ const fn route(
 /// Every route of the national node, with who may call it.
 pub const NATIONAL_ROUTES: &[RouteSpec] = &[
     route("GET", "/healthz", Access::Public, "稼働確認", "Liveness check"),
-    route("GET", "/api/v1/national/status", FIGURES, "国ノードの状態", "National node status"),
+    route("GET", "/api/v1/national/status", NATIONAL_STAFF, "国ノードの状態", "National node status"),
     route(
         "GET",
         "/api/v1/national/totals",

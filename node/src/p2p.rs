@@ -50,7 +50,7 @@ pub const DIRECTORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/directo
 /// Municipal statistics and audit checkpoints to the national node.
 pub const REPORT_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/report/1");
 /// How often a municipal primary looks for statistics to report.
-const REPORT_EVERY: Duration = Duration::from_millis(250);
+const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// An empty report (a heartbeat) at least this often, so the national node sees the
 /// municipality is alive even on a day without doses.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
@@ -503,6 +503,7 @@ pub async fn run(
     }
     let mut bound = bound;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut report_tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
             event = swarm.select_next_some() => {
@@ -550,6 +551,7 @@ pub async fn run(
                 let _ = swarm.behaviour_mut().report.send_response(channel, response);
             }
             _ = tick.tick() => node.maintain(&mut swarm),
+            _ = report_tick.tick(), if node.options.reporter.is_some() => node.report(&mut swarm),
         }
     }
 }

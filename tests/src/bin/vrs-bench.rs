@@ -4,7 +4,8 @@
 //! cargo run --release -p tests --bin vrs-bench -- import  --residents 1000000 [--keep DIR]
 //! cargo run --release -p tests --bin vrs-bench -- capture --data DIR --clients 64 --captures 50000
 //! cargo run --release -p tests --bin vrs-bench -- standby --residents 100000
-//! cargo run --release -p tests --bin vrs-bench -- terminal --captures 500
+//! cargo run --release -p tests --bin vrs-bench -- terminal --captures 500 [--national]
+//! cargo run --release -p tests --bin vrs-bench -- national --days 365
 //! ```
 //!
 //! Results and the commands are recorded in docs/benchmarks.md.
@@ -44,7 +45,12 @@ fn main() -> anyhow::Result<()> {
         }
         Some("terminal") => {
             let captures: usize = flag("--captures").unwrap_or_else(|| "500".into()).parse()?;
-            bench_terminal(captures)
+            bench_terminal(captures, args.iter().any(|a| a == "--national"))
+        }
+        Some("national") => {
+            let days: u32 = flag("--days").unwrap_or_else(|| "365".into()).parse()?;
+            let senders: usize = flag("--senders").unwrap_or_else(|| "64".into()).parse()?;
+            bench_national(days, senders)
         }
         Some("fsync") => {
             let dir = std::env::temp_dir();
@@ -53,7 +59,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | terminal [--captures N] | fsync"
+            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | terminal [--captures N] [--national] | national [--days N] [--senders N] | fsync"
         ),
     }
 }
@@ -514,7 +520,24 @@ fn wait_healthy(agent: &ureq::Agent, url: &str) -> anyhow::Result<()> {
 
 /// Scan at a terminal → visible in the owner's document, one capture at a time, everything
 /// connected: a municipal node and an enrolled terminal as processes on loopback.
-fn bench_terminal(captures: usize) -> anyhow::Result<()> {
+/// A national node on loopback with an analyst token: (data dir, p2p address with peer id,
+/// directory key, HTTP address, token).
+fn national_node(dir: &Path) -> anyhow::Result<(PathBuf, String, String, String, String)> {
+    let data = dir.join("national");
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let out =
+        cli_ok(&["federation", "init-national", "--p2p-listen", &listen, "--http-listen", &http, "--plain-http"], &data)?;
+    let address = format!("{listen}/p2p/{}", field(&out, "peer id:")?);
+    let key = field(&out, "directory key:")?;
+    let out = cli_ok(&["federation", "token", "--name", "bench", "--role", "national_analyst"], &data)?;
+    let token = out.split_whitespace().find(|w| w.starts_with("vrs_t_")).context("no national token")?.to_owned();
+    Ok((data, address, key, http, token))
+}
+
+/// Scans at a terminal one at a time and times each until the owner's node holds it — and,
+/// with `national`, until the national node's figures count it.
+fn bench_terminal(captures: usize, national: bool) -> anyhow::Result<()> {
     let (dir, csv) = scratch_with_population("terminal", (captures as u64 * 2).max(100))?;
     let binary = vrs_node();
     let node = dir.join("node");
@@ -531,12 +554,36 @@ fn bench_terminal(captures: usize) -> anyhow::Result<()> {
     let print = dir.join("print");
     cli_ok(&["coupons", "export", "--no-qr-images", "--out", print.to_str().unwrap_or_default()], &node)?;
     let coupons = read_print_shop(&print.join("coupons.csv"))?;
+    let mut children = Vec::new();
+    let national = match national {
+        true => {
+            let (data, address, key, http, token) = national_node(&dir)?;
+            let request = dir.join("join.json");
+            let join = ["federation", "join", "--national", &address, "--national-key", &key, "--out"];
+            let mut args: Vec<&str> = join.to_vec();
+            args.push(request.to_str().unwrap_or_default());
+            cli_ok(&args, &node)?;
+            cli_ok(&["federation", "approve", request.to_str().unwrap_or_default()], &data)?;
+            children.push(Command::new(binary).args(["run", "--data"]).arg(&data).env("VRS_LOG", "warn").spawn()?);
+            Some((http, token))
+        }
+        false => None,
+    };
     let out = cli_ok(&["terminal", "enrol-token", "--venue", "bench-hall"], &node)?;
     let token = out.lines().find(|l| l.starts_with("vrs_e_")).context("no enrolment token")?.to_owned();
     let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
-    let mut children =
-        vec![Command::new(binary).args(["run", "--data"]).arg(&node).env("VRS_LOG", "warn").spawn()?];
+    children.push(Command::new(binary).args(["run", "--data"]).arg(&node).env("VRS_LOG", "warn").spawn()?);
     wait_healthy(&agent, &format!("http://{node_http}/healthz"))?;
+    let today = crate_today();
+    let national_total = || -> anyhow::Result<u64> {
+        let Some((http, token)) = &national else { return Ok(0) };
+        let response = agent
+            .get(format!("http://{http}/api/v1/national/totals?from={today}&to={today}"))
+            .header("Authorization", format!("Bearer {token}"))
+            .call()?;
+        let body: serde_json::Value = response.into_body().read_json()?;
+        Ok(body["total"].as_u64().unwrap_or(0))
+    };
     let terminal = dir.join("terminal");
     let terminal_http = format!("127.0.0.1:{}", free_port());
     let out = cli_ok(
@@ -583,7 +630,9 @@ fn bench_terminal(captures: usize) -> anyhow::Result<()> {
     let vial = "]d2010498700000101417301231\u{1d}10FA5765".to_owned();
     let mut acknowledged = Vec::new();
     let mut visible = Vec::new();
+    let mut nationally = Vec::new();
     let mut recorded = dose_events()?;
+    let mut counted = national_total()?;
     // Adults only: the bench measures delivery, not the refusal of a child's dose.
     for coupon in coupons.iter().filter(|c| c.dose == 1 && c.birth_date.as_str() < "2008").take(captures) {
         let body = json!({"coupon": coupon.qr_text, "vial": vial, "venue": "bench-hall"});
@@ -612,9 +661,22 @@ fn bench_terminal(captures: usize) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(1));
         }
         visible.push(start.elapsed());
+        if national.is_some() {
+            loop {
+                let now = national_total()?;
+                if now > counted {
+                    counted = now;
+                    break;
+                }
+                anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "not in the national figures after 30 s");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            nationally.push(start.elapsed());
+        }
     }
     acknowledged.sort();
     visible.sort();
+    nationally.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "terminal → owner, {} captures one at a time: stored at the terminal p50 {:.1} ms p99 {:.1} ms; visible in the owner's document p50 {:.1} ms p99 {:.1} ms (target p99 ≤ 1,000 ms: p99 ÷ target = {:.3})",
@@ -625,10 +687,175 @@ fn bench_terminal(captures: usize) -> anyhow::Result<()> {
         ms(percentile(&visible, 0.99)),
         ms(percentile(&visible, 0.99)) / 1000.0
     );
+    if national.is_some() {
+        println!(
+            "terminal → national figures, {} captures: p50 {:.1} ms p99 {:.1} ms (the owner looks for due statistics every 100 ms)",
+            nationally.len(),
+            ms(percentile(&nationally, 0.50)),
+            ms(percentile(&nationally, 0.99)),
+        );
+    }
     for mut child in children {
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let _ = child.wait();
     }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Today in Japan.
+fn crate_today() -> time::Date {
+    time::OffsetDateTime::now_utc().to_offset(time::UtcOffset::from_hms(9, 0, 0).unwrap_or(time::UtcOffset::UTC)).date()
+}
+
+/// A small deterministic generator (SplitMix64), so every run builds the same statistics.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// One municipality's figures for a day: 12–48 cells of two products, the dose numbers in
+/// use that season, every age band and sex, a few given away from home.
+fn day_of(code: protocol::municipality::MunicipalityCode, date: time::Date, version: u64, rng: &mut SplitMix) -> protocol::statistics::Statistics {
+    use protocol::document::Sex;
+    use protocol::statistics::{AgeBand, Cell, daily_from_cells};
+    let n = 12 + (rng.next() % 37) as usize;
+    let mut cells = std::collections::BTreeMap::new();
+    let bands: Vec<AgeBand> = AgeBand::all().collect();
+    for _ in 0..n {
+        let cell = Cell::Dose {
+            date,
+            product: if rng.next() % 3 == 0 { "spikevax" } else { "comirnaty-30" }.to_owned(),
+            dose_number: 1 + (rng.next() % 3) as u8,
+            age_band: bands[(rng.next() % bands.len() as u64) as usize],
+            sex: if rng.next() % 2 == 0 { Sex::Male } else { Sex::Female },
+            venue_municipality: code,
+        };
+        *cells.entry(cell).or_insert(0u64) += 1 + rng.next() % 400;
+    }
+    let doc = daily_from_cells(code, date, version, "2021-06-01T00:00:00Z".into(), cells.iter().map(|(c, n)| (c, *n)));
+    protocol::statistics::Statistics::Daily(doc)
+}
+
+fn bench_national(days: u32, senders: usize) -> anyhow::Result<()> {
+    use node::national::{GroupBy, NationalStore, Scope};
+    use protocol::directory::{DirectoryEntry, NodeRole};
+    use protocol::statistics::{ReportRequest, ReportResponse, SignedStatistics};
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    let dir = std::env::temp_dir().join(format!("vrs-bench-national-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let municipalities = protocol::municipality::all_municipalities();
+    let rng = ring::rand::SystemRandom::new();
+    let mut members = Vec::new();
+    for m in municipalities {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("keygen"))?;
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("key"))?;
+        let entry = DirectoryEntry {
+            municipality: Some(m.code),
+            role: NodeRole::Municipal,
+            peer_id: String::new(),
+            addresses: Vec::new(),
+            coupon_key: protocol::person::hex_lower(key.public_key().as_ref()),
+            encryption_key: String::new(),
+        };
+        members.push((m.code, key, entry));
+    }
+    let store = Arc::new(NationalStore::open(&dir, None)?);
+    let first = time::Date::from_calendar_date(2021, time::Month::February, 17)?;
+    let mut day_times = Vec::new();
+    let mut documents = 0u64;
+    for day in 0..days {
+        let date = first + time::Duration::days(i64::from(day));
+        // What every municipality sends that day (their work, not timed here).
+        let mut rng = SplitMix(u64::from(day) * 7919);
+        let reports: Vec<(usize, ReportRequest)> = members
+            .iter()
+            .enumerate()
+            .map(|(i, (code, key, _))| {
+                let doc = day_of(*code, date, u64::from(day) + 1, &mut rng);
+                (i, ReportRequest { statistics: vec![SignedStatistics::sign(&doc, key)], checkpoints: Vec::new() })
+            })
+            .collect();
+        documents += reports.len() as u64;
+        // All 1,741 arrive at once, from `senders` connections in parallel.
+        let queue = Arc::new(Mutex::new(reports));
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..senders {
+                let (queue, store, members) = (queue.clone(), store.clone(), &members);
+                scope.spawn(move || {
+                    while let Some((i, request)) = queue.lock().ok().and_then(|mut q| q.pop()) {
+                        let response = store.ingest(&members[i].2, &request);
+                        assert!(matches!(response, ReportResponse::Stored { statistics: 1, .. }), "{response:?}");
+                    }
+                });
+            }
+        });
+        day_times.push(start.elapsed());
+        if day % 30 == 0 || day + 1 == days {
+            println!("day {day}: {date} ingested in {:.0} ms ({documents} documents held)", day_times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0));
+        }
+    }
+    let last = first + time::Duration::days(i64::from(days) - 1);
+    let mut sorted = day_times.clone();
+    sorted.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "ingest: one day of {} municipalities ({} senders, verify + store + totals): median {:.0} ms, p99 {:.0} ms, max {:.0} ms over {days} days (target ≤ 5,000 ms: median ÷ target = {:.3})",
+        members.len(),
+        senders,
+        ms(percentile(&sorted, 0.5)),
+        ms(percentile(&sorted, 0.99)),
+        ms(*sorted.last().unwrap_or(&Duration::ZERO)),
+        ms(percentile(&sorted, 0.5)) / 5000.0
+    );
+    let all = GroupBy { product: true, dose_number: true, age_band: true, ..GroupBy::default() };
+    let by_date = GroupBy { date: true, ..GroupBy::default() };
+    let yokohama = protocol::municipality::MunicipalityCode::parse("141003")?;
+    let queries: Vec<(&str, Box<dyn Fn() -> anyhow::Result<usize>>)> = vec![
+        ("national, all days, by product × dose × age band", Box::new(|| Ok(store.totals(Scope::National, first, last, all)?.len()))),
+        ("national, all days, by date", Box::new(|| Ok(store.totals(Scope::National, first, last, by_date)?.len()))),
+        ("prefecture 13, all days, by product × dose × age band", Box::new(|| Ok(store.totals(Scope::Prefecture(13), first, last, all)?.len()))),
+        ("municipality 141003, all days, by product × dose × age band", Box::new(|| Ok(store.totals(Scope::Municipality(yokohama), first, last, all)?.len()))),
+        ("national coverage by age band", Box::new(|| Ok(store.coverage(Scope::National, last, true)?.len()))),
+        ("freshness of all municipalities", Box::new(|| Ok(store.freshness(Scope::National, time::Duration::hours(1))?.len()))),
+    ];
+    for (name, query) in &queries {
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for _ in 0..200 {
+            let start = Instant::now();
+            rows = query()?;
+            times.push(start.elapsed());
+        }
+        times.sort();
+        println!(
+            "query {name}: {rows} rows, p50 {:.2} ms, p99 {:.2} ms (target p99 ≤ 50 ms: p99 ÷ target = {:.3})",
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.99)),
+            ms(percentile(&times, 0.99)) / 50.0
+        );
+    }
+    drop(queries);
+    let size = std::fs::metadata(dir.join("national.redb"))?.len();
+    drop(store);
+    let start = Instant::now();
+    let reopened = NationalStore::open(&dir, None)?;
+    println!(
+        "restart: {documents} documents ({:.0} MiB) read back into the totals in {:.1} s",
+        mib(size),
+        start.elapsed().as_secs_f64()
+    );
+    drop(reopened);
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
