@@ -1569,7 +1569,9 @@ pub fn authorization_table_markdown() -> String {
         }
         out.push('\n');
     }
-    out.push_str("\n国ノード / national node (`node/src/national_api.rs`):\n\n| method | path | 内容 / what |");
+    out.push_str(
+        "\n国ノード / national node (`node/src/national_api.rs`):\n\n| method | path | 内容 / what |",
+    );
     let national = [Role::NationalAdmin, Role::NationalAnalyst, Role::PrefectureUser];
     for role in national {
         out.push_str(&format!(" {} |", role.as_str()));

@@ -485,7 +485,10 @@ pub fn verify_anchors(
             )),
             Some(bytes) if hex_lower(&sha256(bytes.value())) != anchor.hash => findings.push(finding(
                 at,
-                format!("entry {} differs from what was deposited at the national node (rewritten)", anchor.seq),
+                format!(
+                    "entry {} differs from what was deposited at the national node (rewritten)",
+                    anchor.seq
+                ),
                 format!("記録 {} が国に預けた内容と異なります（書き換え）", anchor.seq),
             )),
             Some(_) => {}

@@ -384,7 +384,9 @@ fn check_role_for(role: Role, organisation: MunicipalityCode) -> Result<(), Prob
         ),
         (true, _) => Ok(()),
         (false, Role::PrefectureUser) if organisation != NATIONAL_ORGANISATION => Ok(()),
-        (false, Role::NationalAdmin | Role::NationalAnalyst) if organisation == NATIONAL_ORGANISATION => Ok(()),
+        (false, Role::NationalAdmin | Role::NationalAnalyst) if organisation == NATIONAL_ORGANISATION => {
+            Ok(())
+        }
         (false, role) => refuse(
             format!("{} is not a role for organisation {organisation}", role.as_str()),
             format!("{}は組織 {organisation} の役割ではありません", role.label_ja()),

@@ -114,8 +114,12 @@ pub async fn serve(
         options.captures = service.map(|make| Arc::new(make(started.state.writer.clone())));
         if let Some(key) = reporter_key {
             let writer = started.state.writer.clone();
-            let reporter =
-                crate::statistics::Reporter::new(started.state.store.clone(), writer, key, started.state.municipality)?;
+            let reporter = crate::statistics::Reporter::new(
+                started.state.store.clone(),
+                writer,
+                key,
+                started.state.municipality,
+            )?;
             options.reporter = Some(Arc::new(reporter));
         }
         started.p2p = Some(tokio::spawn(async move {

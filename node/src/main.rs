@@ -986,9 +986,11 @@ fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
                 struct Deposited {
                     checkpoints: Vec<protocol::statistics::AnchoredCheckpoint>,
                 }
-                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let deposited: Deposited = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not the national node's list of checkpoints", path.display()))?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let deposited: Deposited = serde_json::from_str(&text).with_context(|| {
+                    format!("{} is not the national node's list of checkpoints", path.display())
+                })?;
                 let (findings, n) = node::audit::verify_anchors(
                     store.read()?.txn(),
                     files.config.municipality,

@@ -290,7 +290,9 @@ fn store_batch(db: &Database, batch: &[Job]) -> anyhow::Result<Vec<Stored>> {
                 let slot = doc.slot();
                 // What is held, seeing this batch's own writes.
                 let held: Option<Statistics> = match table.get((code, slot.as_str()))? {
-                    Some(bytes) => Some(serde_json::from_slice::<SignedStatistics>(bytes.value())?.read_unchecked()?),
+                    Some(bytes) => {
+                        Some(serde_json::from_slice::<SignedStatistics>(bytes.value())?.read_unchecked()?)
+                    }
                     None => None,
                 };
                 if held.as_ref().is_some_and(|h| h.version() >= doc.version()) {
@@ -455,7 +457,10 @@ impl NationalStore {
         if let Some(checkpoint) = request.checkpoints.iter().find(|c| c.municipality != municipality) {
             return refused(
                 "wrong_municipality",
-                format!("checkpoint {} is of {}, not {municipality}", checkpoint.seq, checkpoint.municipality),
+                format!(
+                    "checkpoint {} is of {}, not {municipality}",
+                    checkpoint.seq, checkpoint.municipality
+                ),
             );
         }
         let (reply, answer) = mpsc::channel();
@@ -492,7 +497,8 @@ impl NationalStore {
                 }
             }
             Scope::National | Scope::Prefecture(_) => {
-                let aggregates = self.aggregates.read().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
+                let aggregates =
+                    self.aggregates.read().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
                 let series = match scope {
                     Scope::Prefecture(p) => aggregates.prefecture.get(&p),
                     _ => Some(&aggregates.national),
@@ -521,7 +527,9 @@ impl NationalStore {
         let mut out = Vec::new();
         for row in table.range((code, low.as_str())..=(code, high.as_str()))? {
             let (_, bytes) = row?;
-            if let Statistics::Daily(doc) = serde_json::from_slice::<SignedStatistics>(bytes.value())?.read_unchecked()? {
+            if let Statistics::Daily(doc) =
+                serde_json::from_slice::<SignedStatistics>(bytes.value())?.read_unchecked()?
+            {
                 out.push(doc);
             }
         }
@@ -550,7 +558,13 @@ impl NationalStore {
                 let dose_number = row.dose_number?;
                 let denominator = population.get(&row.age_band).copied().unwrap_or(0);
                 let rate = if denominator == 0 { 0.0 } else { row.count as f64 / denominator as f64 };
-                Some(CoverageRow { dose_number, age_band: row.age_band, vaccinated: row.count, population: denominator, rate })
+                Some(CoverageRow {
+                    dose_number,
+                    age_band: row.age_band,
+                    vaccinated: row.count,
+                    population: denominator,
+                    rate,
+                })
             })
             .collect())
     }
@@ -566,7 +580,9 @@ impl NationalStore {
                 let last = aggregates.freshness.get(&m.code).and_then(|f| f.last_report_at.clone());
                 let since = last
                     .as_deref()
-                    .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+                    .and_then(|t| {
+                        OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+                    })
                     .map(|at| now - at);
                 FreshnessRow {
                     municipality: m.code,

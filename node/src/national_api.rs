@@ -10,8 +10,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use axum::{Extension, Json, Router};
-use redb::ReadableDatabase;
 use protocol::municipality::MunicipalityCode;
+use redb::ReadableDatabase;
 use serde::Deserialize;
 use time::{Date, OffsetDateTime};
 
@@ -105,7 +105,9 @@ pub fn national_router(state: NationalState) -> Router {
         .fallback(|| async {
             Problem::new(StatusCode::NOT_FOUND, "no_route", None, "no such route", "そのURLはありません")
         })
-        .layer(middleware::from_fn(move |request: Request, next: Next| with_request_context(request, next, https)))
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            with_request_context(request, next, https)
+        }))
         .with_state(state)
 }
 
@@ -285,7 +287,9 @@ fn group_by(text: Option<&str>) -> Result<GroupBy, Problem> {
                 return Err(Problem::bad_field(
                     "by",
                     format!("by: {other:?} is not one of date, product, dose_number, age_band, sex"),
-                    format!("by: 「{other}」は date, product, dose_number, age_band, sex のいずれでもありません"),
+                    format!(
+                        "by: 「{other}」は date, product, dose_number, age_band, sex のいずれでもありません"
+                    ),
                 ));
             }
         }
@@ -436,13 +440,14 @@ async fn daily_report(
 }
 
 async fn anchors(State(state): State<NationalState>, Path(municipality): Path<String>) -> ApiResult {
-    let code = MunicipalityCode::parse(&municipality).ok().filter(MunicipalityCode::is_known).ok_or_else(|| {
-        Problem::bad_field(
-            "municipality",
-            format!("{municipality:?} is not one of the 1,741 municipality codes"),
-            format!("「{municipality}」は市区町村コードではありません"),
-        )
-    })?;
+    let code =
+        MunicipalityCode::parse(&municipality).ok().filter(MunicipalityCode::is_known).ok_or_else(|| {
+            Problem::bad_field(
+                "municipality",
+                format!("{municipality:?} is not one of the 1,741 municipality codes"),
+                format!("「{municipality}」は市区町村コードではありません"),
+            )
+        })?;
     let checkpoints = state.store.anchors(code).map_err(internal)?;
     Ok(Json(serde_json::json!({"municipality": code, "checkpoints": checkpoints})).into_response())
 }

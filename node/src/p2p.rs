@@ -1084,7 +1084,8 @@ impl Node {
                 ..
             } => {
                 let answers = self.report_answers.clone();
-                let (Some(store), Some(entry)) = (self.options.national_store.clone(), self.entry(&peer).cloned())
+                let (Some(store), Some(entry)) =
+                    (self.options.national_store.clone(), self.entry(&peer).cloned())
                 else {
                     let refusal = ReportResponse::Refused {
                         code: "not_national".into(),

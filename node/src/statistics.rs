@@ -181,7 +181,13 @@ impl Reporter {
             version = self.next_version(now);
             let document = if slot == "population" {
                 population_as_of = Some(today);
-                Statistics::Population(population(txn, self.municipality, today, version, generated_at.clone())?)
+                Statistics::Population(population(
+                    txn,
+                    self.municipality,
+                    today,
+                    version,
+                    generated_at.clone(),
+                )?)
             } else {
                 let date = slot
                     .strip_prefix("daily/")
@@ -199,7 +205,8 @@ impl Reporter {
         }
         let anchored = txn.open_table(META)?.get(META_ANCHORED)?.map_or(0, |v| v.value());
         let mut checkpoints = Vec::new();
-        for row in txn.open_table(AUDIT_CHECKPOINTS)?.range(anchored + 1..)?.take(MAX_CHECKPOINTS_PER_REPORT) {
+        for row in txn.open_table(AUDIT_CHECKPOINTS)?.range(anchored + 1..)?.take(MAX_CHECKPOINTS_PER_REPORT)
+        {
             let (_, bytes) = row?;
             let checkpoint: Checkpoint = serde_json::from_slice(bytes.value())?;
             checkpoints.push(AnchoredCheckpoint {

@@ -520,9 +520,11 @@ impl<'a> Mutation<'a> {
         }
         self.touched.push(resident_id.to_owned());
         let loaded = self.cache.get_mut(resident_id).context("cache lost a document")?;
-        let counts = !matches!(event, ResidentEvent::CouponIssued { .. } | ResidentEvent::CouponRevoked { .. });
+        let counts =
+            !matches!(event, ResidentEvent::CouponIssued { .. } | ResidentEvent::CouponRevoked { .. });
         let delta = if counts {
-            let before = read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
+            let before =
+                read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
             event_delta(&before, event, at)
         } else {
             Vec::new()

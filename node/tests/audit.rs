@@ -5,9 +5,9 @@ use node::audit::{
     AUDIT, AUDIT_CHECKPOINTS, AuditEvent, AuditLog, Checkpoint, GENESIS, verify_anchors, verify_chain,
     verify_export, verify_store,
 };
-use protocol::statistics::AnchoredCheckpoint;
 use node::store::Store;
 use protocol::municipality::MunicipalityCode;
+use protocol::statistics::AnchoredCheckpoint;
 use redb::ReadableTable;
 use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
@@ -266,7 +266,8 @@ fn a_log_rewritten_and_re_signed_with_the_municipalitys_own_key_differs_from_the
     assert_eq!(anchors.len(), 3, "checkpoints at 4, 8 and 12");
     let key = original.log.public_key();
     let check = |log: &Log| {
-        let (findings, n) = verify_anchors(log.store.read().unwrap().txn(), log.municipality, &key, &anchors).unwrap();
+        let (findings, n) =
+            verify_anchors(log.store.read().unwrap().txn(), log.municipality, &key, &anchors).unwrap();
         assert_eq!(n, 3);
         findings.iter().map(ToString::to_string).collect::<Vec<_>>()
     };

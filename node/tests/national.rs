@@ -147,9 +147,13 @@ fn reports_are_stored_whole_from_the_primary_signed_and_newer_or_not_at_all() {
 #[test]
 fn a_national_node_has_no_municipal_accounts_and_a_prefecture_user_needs_a_prefecture() {
     let national = national("accounts");
-    for (role, prefecture) in [(Role::Clerk, None), (Role::PrefectureUser, None), (Role::NationalAnalyst, Some(13))]
+    for (role, prefecture) in
+        [(Role::Clerk, None), (Role::PrefectureUser, None), (Role::NationalAnalyst, Some(13))]
     {
-        assert!(add_national_token(&national.dir, "x", role, prefecture, None).is_err(), "{role:?} {prefecture:?}");
+        assert!(
+            add_national_token(&national.dir, "x", role, prefecture, None).is_err(),
+            "{role:?} {prefecture:?}"
+        );
     }
     assert!(add_national_token(&national.dir, "p", Role::PrefectureUser, Some(48), None).is_err());
 }
@@ -176,13 +180,16 @@ async fn every_national_route_refuses_what_the_table_forbids() {
     let store = Arc::new(NationalStore::open(&national.dir, None).unwrap());
     let yokohama = member("141003", NodeRole::Municipal);
     store.ingest(&yokohama.entry, &report(&yokohama, &[daily("141003", 1, 3)]));
-    let app = national_router(NationalState { store, https: false, limiter: Arc::new(RateLimiter::new(100_000)) });
+    let app =
+        national_router(NationalState { store, https: false, limiter: Arc::new(RateLimiter::new(100_000)) });
 
     // Each route with a Kanagawa (141003) scope, where it takes one.
     let probe = |path: &str| -> String {
         match path {
             "/api/v1/national/totals" => format!("{path}?municipality=141003&from=2026-11-01&to=2026-11-30"),
-            "/api/v1/national/coverage" | "/api/v1/national/freshness" => format!("{path}?municipality=141003"),
+            "/api/v1/national/coverage" | "/api/v1/national/freshness" => {
+                format!("{path}?municipality=141003")
+            }
             "/api/v1/national/reports/daily" => format!("{path}?municipality=141003&date=2026-11-20"),
             p => p.replace("{municipality}", "141003"),
         }
@@ -214,7 +221,10 @@ async fn every_national_route_refuses_what_the_table_forbids() {
     }
     assert_eq!(checked, NATIONAL_ROUTES.len() * credentials.len());
     // Prefecture users: the nation and another prefecture are out of reach; their own is the default.
-    for path in ["/api/v1/national/totals?from=2026-11-20&to=2026-11-20&prefecture=13", "/api/v1/national/freshness?prefecture=1"] {
+    for path in [
+        "/api/v1/national/totals?from=2026-11-20&to=2026-11-20&prefecture=13",
+        "/api/v1/national/freshness?prefecture=1",
+    ] {
         assert_eq!(status_of(&app, path, Some(&kanagawa)).await, StatusCode::FORBIDDEN, "{path}");
     }
     assert_eq!(

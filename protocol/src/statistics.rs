@@ -216,9 +216,15 @@ impl Cell {
                 sex: parse_sex(sex)?,
                 venue_municipality: MunicipalityCode::parse(venue).ok()?,
             }),
-            ["l", date, bucket] => Some(Cell::Lag { date: parse_date(date)?, bucket: LagBucket::parse(bucket)? }),
-            ["r", date, reason] => Some(Cell::Rejected { date: parse_date(date)?, reason: (*reason).to_owned() }),
-            ["p", birth, sex] => Some(Cell::Population { birth_date: parse_date(birth)?, sex: parse_sex(sex)? }),
+            ["l", date, bucket] => {
+                Some(Cell::Lag { date: parse_date(date)?, bucket: LagBucket::parse(bucket)? })
+            }
+            ["r", date, reason] => {
+                Some(Cell::Rejected { date: parse_date(date)?, reason: (*reason).to_owned() })
+            }
+            ["p", birth, sex] => {
+                Some(Cell::Population { birth_date: parse_date(birth)?, sex: parse_sex(sex)? })
+            }
             _ => None,
         }
     }
@@ -235,10 +241,7 @@ impl Cell {
 /// The municipality of a dose's venue: `131016/…` names another municipality (a dose given
 /// away from home); any other venue is the owner's.
 pub fn venue_municipality(venue: &str, owner: MunicipalityCode) -> MunicipalityCode {
-    venue
-        .split_once('/')
-        .and_then(|(code, _)| MunicipalityCode::parse(code).ok())
-        .unwrap_or(owner)
+    venue.split_once('/').and_then(|(code, _)| MunicipalityCode::parse(code).ok()).unwrap_or(owner)
 }
 
 fn dose_cell(dose: &DoseEvent, identity: &Identity, owner: MunicipalityCode) -> Cell {
@@ -282,7 +285,11 @@ pub fn record_cells(record: &ResidentRecord) -> Vec<(Cell, i64)> {
 /// How `event`, applied to the record `before` at `recorded_at`, changes the counters.
 /// Summed over a record's history from registration ([`record_cells`] of the new record)
 /// this equals [`record_cells`] of the record as it ends, plus one lag cell per dose recorded.
-pub fn event_delta(before: &ResidentRecord, event: &ResidentEvent, recorded_at: OffsetDateTime) -> Vec<(Cell, i64)> {
+pub fn event_delta(
+    before: &ResidentRecord,
+    event: &ResidentEvent,
+    recorded_at: OffsetDateTime,
+) -> Vec<(Cell, i64)> {
     let owner = before.municipality;
     let identity = &before.identity;
     let mut delta = Vec::new();

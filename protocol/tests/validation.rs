@@ -1191,7 +1191,10 @@ fn statistics_follow_the_record_through_captures_voids_amendments_and_moves() {
     // Away from home: the venue names Chiyoda.
     let entry = coupon_entry(coupon(2, 102), 0);
     step(&mut record, &mut totals, ResidentEvent::CouponIssued { entry, supersedes: None });
-    let second = DoseEvent { venue: "131016/budokan".to_owned(), ..dose("ev-2", coupon(2, 102), date!(2026 - 10 - 22)) };
+    let second = DoseEvent {
+        venue: "131016/budokan".to_owned(),
+        ..dose("ev-2", coupon(2, 102), date!(2026 - 10 - 22))
+    };
     step(&mut record, &mut totals, ResidentEvent::DoseRecorded(second.clone()));
     assert!(totals.keys().any(|cell| matches!(cell, Cell::Dose { venue_municipality, .. } if venue_municipality.as_str() == "131016")));
     // An amendment moves the dose to another date; a void removes it.
@@ -1206,7 +1209,11 @@ fn statistics_follow_the_record_through_captures_voids_amendments_and_moves() {
         before: BTreeMap::new(),
         after: BTreeMap::new(),
     };
-    step(&mut record, &mut totals, ResidentEvent::DoseAmended { amended, correction: correction("c-1", "ev-2") });
+    step(
+        &mut record,
+        &mut totals,
+        ResidentEvent::DoseAmended { amended, correction: correction("c-1", "ev-2") },
+    );
     let void = Correction { kind: CorrectionKind::Void, ..correction("c-2", "ev-1") };
     step(&mut record, &mut totals, ResidentEvent::DoseVoided { correction: void, reopen_coupon: None });
     // A corrected birth date moves the remaining dose to another age band; moving out
@@ -1264,7 +1271,11 @@ fn age_bands_cover_every_age_once() {
     let labels: Vec<String> = AgeBand::all().map(AgeBand::label).collect();
     assert_eq!(labels.first().map(String::as_str), Some("0-4"));
     assert_eq!(labels.last().map(String::as_str), Some("90+"));
-    assert_eq!(AgeBand::of(date!(1961 - 11 - 21), date!(2026 - 11 - 20)).label(), "65-69", "65 the day before the birthday");
+    assert_eq!(
+        AgeBand::of(date!(1961 - 11 - 21), date!(2026 - 11 - 20)).label(),
+        "65-69",
+        "65 the day before the birthday"
+    );
     assert_eq!(AgeBand::of(date!(1961 - 11 - 22), date!(2026 - 11 - 20)).label(), "60-64");
     for label in labels {
         assert_eq!(AgeBand::try_from(label.clone()).map(AgeBand::label), Ok(label));

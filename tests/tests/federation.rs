@@ -26,7 +26,15 @@ impl National {
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
         let http = format!("127.0.0.1:{}", free_port());
         let out = ok(&Command::new(vrs_node())
-            .args(["federation", "init-national", "--p2p-listen", &listen, "--http-listen", &http, "--plain-http"])
+            .args([
+                "federation",
+                "init-national",
+                "--p2p-listen",
+                &listen,
+                "--http-listen",
+                &http,
+                "--plain-http",
+            ])
             .arg("--data")
             .arg(&data)
             .output()

@@ -304,7 +304,10 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     // 6. The national node: counts only, equal to what the municipalities hold, after a
     // void and an amendment too — and not one byte about a fixture resident.
     let (code, body) = yokohama
-        .post(&format!("/api/v1/residents/{r101}/doses/{first}/void"), &json!({"reason": "別人の接種券で記録"}))
+        .post(
+            &format!("/api/v1/residents/{r101}/doses/{first}/void"),
+            &json!({"reason": "別人の接種券で記録"}),
+        )
         .unwrap();
     assert_eq!(code, 200, "{body}");
     let (_, event_105) = acknowledged.iter().find(|(atena, _)| atena == "0000000105").unwrap();
@@ -313,13 +316,7 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     let (code, body) =
         yokohama.post(&format!("/api/v1/residents/{r105}/doses/{event_105}/amend"), &amend).unwrap();
     assert_eq!(code, 200, "{body}");
-    national_holds_counts_only(
-        &national,
-        (&analyst, &kanagawa, &tokyo),
-        &yokohama,
-        &chiyoda,
-        &coupons,
-    );
+    national_holds_counts_only(&national, (&analyst, &kanagawa, &tokyo), &yokohama, &chiyoda, &coupons);
 
     // An auditor checks Yokohama's log against the checkpoints deposited at the national node.
     yokohama.stop().unwrap();
@@ -330,7 +327,9 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     assert!(out.contains("audit log intact"), "{out}");
     let n: u64 = out
         .lines()
-        .find_map(|l| l.strip_prefix("国に預けたチェックポイント / checkpoints deposited at the national node: "))
+        .find_map(|l| {
+            l.strip_prefix("国に預けたチェックポイント / checkpoints deposited at the national node: ")
+        })
         .unwrap()
         .parse()
         .unwrap();
@@ -370,7 +369,8 @@ fn own_figures(node: &Node, date: &str) -> (Breakdown, u64) {
 }
 
 fn national_figures(national: &National, token: &str, scope: &str, date: &str) -> Breakdown {
-    let path = format!("/api/v1/national/totals?{scope}&from={date}&to={date}&by=product,dose_number,age_band,sex");
+    let path =
+        format!("/api/v1/national/totals?{scope}&from={date}&to={date}&by=product,dose_number,age_band,sex");
     let body = national.json(&path, token);
     body["rows"]
         .as_array()
@@ -401,10 +401,15 @@ fn national_holds_counts_only(
     assert_eq!(held.get(&yesterday), Some(&1), "the amended dose moved to yesterday: {held:?}");
     for date in [&yesterday, &today] {
         let (own, _) = own_figures(yokohama, date);
-        assert_eq!(own.values().sum::<u64>(), held.get(date).copied().unwrap_or(0), "{date}: counters = documents");
+        assert_eq!(
+            own.values().sum::<u64>(),
+            held.get(date).copied().unwrap_or(0),
+            "{date}: counters = documents"
+        );
         let reached = wait_for("the national figures to equal Yokohama's", Duration::from_secs(30), || {
             let (own, unsent) = own_figures(yokohama, date);
-            (unsent == 0 && national_figures(national, analyst, "municipality=141003", date) == own).then_some(own)
+            (unsent == 0 && national_figures(national, analyst, "municipality=141003", date) == own)
+                .then_some(own)
         });
         // National and prefecture totals are the sums over the municipalities.
         let (chiyoda_own, _) = own_figures(chiyoda, date);
@@ -419,7 +424,7 @@ fn national_holds_counts_only(
     assert_eq!(own["scope"]["prefecture"], 14, "{own}");
     for (token, path) in [
         (kanagawa, format!("/api/v1/national/totals?prefecture=13&from={today}&to={today}")),
-        (kanagawa, format!("/api/v1/national/coverage?municipality=131016")),
+        (kanagawa, "/api/v1/national/coverage?municipality=131016".to_owned()),
         (tokyo, format!("/api/v1/national/totals?municipality=141003&from={today}&to={today}")),
         (tokyo, "/api/v1/national/anchors/131016".to_owned()),
     ] {
@@ -442,10 +447,12 @@ fn national_holds_counts_only(
     let anchors = national.json("/api/v1/national/anchors/141003", analyst);
     assert!(!anchors["checkpoints"].as_array().unwrap().is_empty(), "{anchors}");
     // The V-SYS-style daily report, in Shift_JIS.
-    let (code, _) = national.get(&format!("/api/v1/national/reports/daily?date={today}&encoding=shift_jis"), Some(analyst));
+    let (code, _) = national
+        .get(&format!("/api/v1/national/reports/daily?date={today}&encoding=shift_jis"), Some(analyst));
     assert_eq!(code, 200);
     let agent = tests::agent_trusting(None).unwrap();
-    let url = format!("http://{}/api/v1/national/reports/daily?date={today}&encoding=shift_jis", national.http);
+    let url =
+        format!("http://{}/api/v1/national/reports/daily?date={today}&encoding=shift_jis", national.http);
     let mut response = agent.get(&url).header("Authorization", format!("Bearer {analyst}")).call().unwrap();
     let bytes = response.body_mut().read_to_vec().unwrap();
     let (text, _, malformed) = encoding_rs::SHIFT_JIS.decode(&bytes);

@@ -526,12 +526,15 @@ fn national_node(dir: &Path) -> anyhow::Result<(PathBuf, String, String, String,
     let data = dir.join("national");
     let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
     let http = format!("127.0.0.1:{}", free_port());
-    let out =
-        cli_ok(&["federation", "init-national", "--p2p-listen", &listen, "--http-listen", &http, "--plain-http"], &data)?;
+    let out = cli_ok(
+        &["federation", "init-national", "--p2p-listen", &listen, "--http-listen", &http, "--plain-http"],
+        &data,
+    )?;
     let address = format!("{listen}/p2p/{}", field(&out, "peer id:")?);
     let key = field(&out, "directory key:")?;
     let out = cli_ok(&["federation", "token", "--name", "bench", "--role", "national_analyst"], &data)?;
-    let token = out.split_whitespace().find(|w| w.starts_with("vrs_t_")).context("no national token")?.to_owned();
+    let token =
+        out.split_whitespace().find(|w| w.starts_with("vrs_t_")).context("no national token")?.to_owned();
     Ok((data, address, key, http, token))
 }
 
@@ -564,7 +567,9 @@ fn bench_terminal(captures: usize, national: bool) -> anyhow::Result<()> {
             args.push(request.to_str().unwrap_or_default());
             cli_ok(&args, &node)?;
             cli_ok(&["federation", "approve", request.to_str().unwrap_or_default()], &data)?;
-            children.push(Command::new(binary).args(["run", "--data"]).arg(&data).env("VRS_LOG", "warn").spawn()?);
+            children.push(
+                Command::new(binary).args(["run", "--data"]).arg(&data).env("VRS_LOG", "warn").spawn()?,
+            );
             Some((http, token))
         }
         false => None,
@@ -668,7 +673,10 @@ fn bench_terminal(captures: usize, national: bool) -> anyhow::Result<()> {
                     counted = now;
                     break;
                 }
-                anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "not in the national figures after 30 s");
+                anyhow::ensure!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "not in the national figures after 30 s"
+                );
                 std::thread::sleep(Duration::from_millis(2));
             }
             nationally.push(start.elapsed());
@@ -705,7 +713,9 @@ fn bench_terminal(captures: usize, national: bool) -> anyhow::Result<()> {
 
 /// Today in Japan.
 fn crate_today() -> time::Date {
-    time::OffsetDateTime::now_utc().to_offset(time::UtcOffset::from_hms(9, 0, 0).unwrap_or(time::UtcOffset::UTC)).date()
+    time::OffsetDateTime::now_utc()
+        .to_offset(time::UtcOffset::from_hms(9, 0, 0).unwrap_or(time::UtcOffset::UTC))
+        .date()
 }
 
 /// A small deterministic generator (SplitMix64), so every run builds the same statistics.
@@ -723,7 +733,12 @@ impl SplitMix {
 
 /// One municipality's figures for a day: 12–48 cells of two products, the dose numbers in
 /// use that season, every age band and sex, a few given away from home.
-fn day_of(code: protocol::municipality::MunicipalityCode, date: time::Date, version: u64, rng: &mut SplitMix) -> protocol::statistics::Statistics {
+fn day_of(
+    code: protocol::municipality::MunicipalityCode,
+    date: time::Date,
+    version: u64,
+    rng: &mut SplitMix,
+) -> protocol::statistics::Statistics {
     use protocol::document::Sex;
     use protocol::statistics::{AgeBand, Cell, daily_from_cells};
     let n = 12 + (rng.next() % 37) as usize;
@@ -732,15 +747,21 @@ fn day_of(code: protocol::municipality::MunicipalityCode, date: time::Date, vers
     for _ in 0..n {
         let cell = Cell::Dose {
             date,
-            product: if rng.next() % 3 == 0 { "spikevax" } else { "comirnaty-30" }.to_owned(),
+            product: if rng.next().is_multiple_of(3) { "spikevax" } else { "comirnaty-30" }.to_owned(),
             dose_number: 1 + (rng.next() % 3) as u8,
             age_band: bands[(rng.next() % bands.len() as u64) as usize],
-            sex: if rng.next() % 2 == 0 { Sex::Male } else { Sex::Female },
+            sex: if rng.next().is_multiple_of(2) { Sex::Male } else { Sex::Female },
             venue_municipality: code,
         };
         *cells.entry(cell).or_insert(0u64) += 1 + rng.next() % 400;
     }
-    let doc = daily_from_cells(code, date, version, "2021-06-01T00:00:00Z".into(), cells.iter().map(|(c, n)| (c, *n)));
+    let doc = daily_from_cells(
+        code,
+        date,
+        version,
+        "2021-06-01T00:00:00Z".into(),
+        cells.iter().map(|(c, n)| (c, *n)),
+    );
     protocol::statistics::Statistics::Daily(doc)
 }
 
@@ -782,7 +803,13 @@ fn bench_national(days: u32, senders: usize) -> anyhow::Result<()> {
             .enumerate()
             .map(|(i, (code, key, _))| {
                 let doc = day_of(*code, date, u64::from(day) + 1, &mut rng);
-                (i, ReportRequest { statistics: vec![SignedStatistics::sign(&doc, key)], checkpoints: Vec::new() })
+                (
+                    i,
+                    ReportRequest {
+                        statistics: vec![SignedStatistics::sign(&doc, key)],
+                        checkpoints: Vec::new(),
+                    },
+                )
             })
             .collect();
         documents += reports.len() as u64;
@@ -795,14 +822,20 @@ fn bench_national(days: u32, senders: usize) -> anyhow::Result<()> {
                 scope.spawn(move || {
                     while let Some((i, request)) = queue.lock().ok().and_then(|mut q| q.pop()) {
                         let response = store.ingest(&members[i].2, &request);
-                        assert!(matches!(response, ReportResponse::Stored { statistics: 1, .. }), "{response:?}");
+                        assert!(
+                            matches!(response, ReportResponse::Stored { statistics: 1, .. }),
+                            "{response:?}"
+                        );
                     }
                 });
             }
         });
         day_times.push(start.elapsed());
         if day % 30 == 0 || day + 1 == days {
-            println!("day {day}: {date} ingested in {:.0} ms ({documents} documents held)", day_times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0));
+            println!(
+                "day {day}: {date} ingested in {:.0} ms ({documents} documents held)",
+                day_times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            );
         }
     }
     let last = first + time::Duration::days(i64::from(days) - 1);
@@ -821,13 +854,32 @@ fn bench_national(days: u32, senders: usize) -> anyhow::Result<()> {
     let all = GroupBy { product: true, dose_number: true, age_band: true, ..GroupBy::default() };
     let by_date = GroupBy { date: true, ..GroupBy::default() };
     let yokohama = protocol::municipality::MunicipalityCode::parse("141003")?;
-    let queries: Vec<(&str, Box<dyn Fn() -> anyhow::Result<usize>>)> = vec![
-        ("national, all days, by product × dose × age band", Box::new(|| Ok(store.totals(Scope::National, first, last, all)?.len()))),
-        ("national, all days, by date", Box::new(|| Ok(store.totals(Scope::National, first, last, by_date)?.len()))),
-        ("prefecture 13, all days, by product × dose × age band", Box::new(|| Ok(store.totals(Scope::Prefecture(13), first, last, all)?.len()))),
-        ("municipality 141003, all days, by product × dose × age band", Box::new(|| Ok(store.totals(Scope::Municipality(yokohama), first, last, all)?.len()))),
-        ("national coverage by age band", Box::new(|| Ok(store.coverage(Scope::National, last, true)?.len()))),
-        ("freshness of all municipalities", Box::new(|| Ok(store.freshness(Scope::National, time::Duration::hours(1))?.len()))),
+    type Query<'a> = Box<dyn Fn() -> anyhow::Result<usize> + 'a>;
+    let queries: Vec<(&str, Query<'_>)> = vec![
+        (
+            "national, all days, by product × dose × age band",
+            Box::new(|| Ok(store.totals(Scope::National, first, last, all)?.len())),
+        ),
+        (
+            "national, all days, by date",
+            Box::new(|| Ok(store.totals(Scope::National, first, last, by_date)?.len())),
+        ),
+        (
+            "prefecture 13, all days, by product × dose × age band",
+            Box::new(|| Ok(store.totals(Scope::Prefecture(13), first, last, all)?.len())),
+        ),
+        (
+            "municipality 141003, all days, by product × dose × age band",
+            Box::new(|| Ok(store.totals(Scope::Municipality(yokohama), first, last, all)?.len())),
+        ),
+        (
+            "national coverage by age band",
+            Box::new(|| Ok(store.coverage(Scope::National, last, true)?.len())),
+        ),
+        (
+            "freshness of all municipalities",
+            Box::new(|| Ok(store.freshness(Scope::National, time::Duration::hours(1))?.len())),
+        ),
     ];
     for (name, query) in &queries {
         let mut times = Vec::new();
