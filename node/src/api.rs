@@ -202,6 +202,14 @@ pub const ROUTES: &[RouteSpec] = &[
         "Revoke a coupon (reason required)",
     ),
     route("GET", "/api/v1/lots", RECORD, "登録済みロットの一覧", "Registered lots"),
+    route("GET", "/api/v1/venues", Access::AnyRole, "接種会場の一覧", "The municipality's venues"),
+    route(
+        "POST",
+        "/api/v1/venues/{venue}",
+        ADMIN,
+        "接種会場の登録・更新（国の公開一覧に掲載）",
+        "Add or change a venue (published in the national public listing)",
+    ),
     route(
         "GET",
         "/api/v1/statistics/daily",
@@ -287,6 +295,7 @@ pub fn terminal_routes() -> &'static [RouteSpec] {
                     && !r.path.starts_with("/api/v1/lots")
                     && r.path != "/api/v1/changes"
                     && !r.path.starts_with("/api/v1/statistics")
+                    && !r.path.starts_with("/api/v1/venues")
                     && !r.path.starts_with("/api/v1/terminals")
             })
             .copied()
@@ -320,6 +329,8 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("POST", "/api/v1/coupons/{coupon_number}/revoke") => post(revoke),
         ("GET", "/api/v1/lots") => get(list_lots),
         ("GET", "/api/v1/statistics/daily") => get(daily_statistics),
+        ("GET", "/api/v1/venues") => get(list_venues),
+        ("POST", "/api/v1/venues/{venue}") => post(put_venue),
         ("POST", "/api/v1/lots") => post(add_lot),
         ("GET", "/api/v1/catalogue") => get(catalogue),
         ("GET", "/api/v1/changes") => get(changes),
@@ -1018,6 +1029,40 @@ async fn revoke(
     let ReasonBody { reason } = body(bytes)?;
     let entry = state.writer.call(&who, |reply| Command::Revoke { number, reason, reply }).await?;
     Ok(Json(entry).into_response())
+}
+
+async fn list_venues(State(state): State<AppState>) -> ApiResult {
+    let venues = state
+        .store
+        .read()
+        .and_then(|v| v.all::<crate::statistics::VenueRecord>(crate::store::VENUES))
+        .map_err(|e| Problem::internal(&e))?;
+    let venues: Vec<_> = venues.into_iter().map(|(_, record)| record).collect();
+    Ok(Json(json!({ "venues": venues })).into_response())
+}
+
+async fn put_venue(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(venue): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let body: crate::statistics::VenueBody = body(bytes)?;
+    let record = crate::statistics::check_venue(&venue, body, &state.catalogue)?;
+    let stored = state
+        .writer
+        .call(&who, |reply| Command::Apply {
+            action: "venue.put".into(),
+            subject: format!("venue:{venue}"),
+            op: Box::new(move |txn, _now| {
+                crate::store::put_json(txn, crate::store::VENUES, &record.venue.id, &record)?;
+                crate::store::mark_due(txn, "venues")?;
+                Ok(Ok(serde_json::to_value(&record)?))
+            }),
+            reply,
+        })
+        .await?;
+    Ok(Json(stored).into_response())
 }
 
 #[derive(Deserialize)]

@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex, RwLock, mpsc};
 use anyhow::Context;
 use protocol::directory::{DirectoryEntry, NodeRole};
 use protocol::document::Sex;
-use protocol::municipality::{MunicipalityCode, all_municipalities, lookup_municipality, prefecture_name};
+use protocol::municipality::{MunicipalityCode, all_municipalities, lookup_municipality};
 use protocol::person::hex_decode;
 use protocol::statistics::{
     AgeBand, AnchoredCheckpoint, DailyStatistics, MAX_CHECKPOINTS_PER_REPORT, MAX_STATISTICS_PER_REPORT,
-    PopulationCount, ReportRequest, ReportResponse, SignedStatistics, Statistics,
+    PopulationCount, PublicVenue, ReportRequest, ReportResponse, SignedStatistics, Statistics,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,7 @@ struct Aggregates {
     national: Series,
     prefecture: HashMap<u8, Series>,
     population: HashMap<MunicipalityCode, Vec<PopulationCount>>,
+    venues: HashMap<MunicipalityCode, Vec<PublicVenue>>,
     freshness: HashMap<MunicipalityCode, Freshness>,
 }
 
@@ -84,6 +85,9 @@ impl Aggregates {
                 }
                 Some(Statistics::Population(population)) if sign > 0 => {
                     self.population.insert(municipality, population.cells.clone());
+                }
+                Some(Statistics::Venues(listing)) if sign > 0 => {
+                    self.venues.insert(municipality, listing.venues.clone());
                 }
                 _ => {}
             }
@@ -320,10 +324,7 @@ fn store_batch(db: &Database, batch: &[Job]) -> anyhow::Result<Vec<Stored>> {
                 }
             }
             if let Some((_, doc)) = replaced.last() {
-                freshness.last_generated_at = Some(match doc {
-                    Statistics::Daily(d) => d.generated_at.clone(),
-                    Statistics::Population(p) => p.generated_at.clone(),
-                });
+                freshness.last_generated_at = Some(doc.generated_at().to_owned());
             }
             reports.insert(code, serde_json::to_vec(&freshness)?.as_slice())?;
             results.push((replaced, freshness, kept));
@@ -644,6 +645,31 @@ impl NationalStore {
         Ok(String::from_utf8(writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?)
     }
 
+    /// The venues listed in `scope`, offering `product` if one is named, with their
+    /// municipality.
+    pub fn venues(&self, scope: Scope, product: Option<&str>) -> anyhow::Result<Vec<serde_json::Value>> {
+        let aggregates = self.aggregates.read().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
+        let mut listed: Vec<(&MunicipalityCode, &Vec<PublicVenue>)> =
+            aggregates.venues.iter().filter(|(m, _)| scope.contains(**m)).collect();
+        listed.sort_by_key(|(m, _)| **m);
+        let mut out = Vec::new();
+        for (municipality, venues) in listed {
+            let known = lookup_municipality(*municipality);
+            for venue in venues {
+                if product.is_some_and(|p| !venue.products.iter().any(|q| q == p)) {
+                    continue;
+                }
+                out.push(serde_json::json!({
+                    "municipality": municipality,
+                    "municipality_name": known.map(|m| m.name),
+                    "prefecture": known.map(|m| m.prefecture),
+                    "venue": venue,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
     /// How many municipalities reported, and documents held.
     pub fn summary(&self) -> anyhow::Result<serde_json::Value> {
         let aggregates = self.aggregates.read().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
@@ -653,16 +679,5 @@ impl NationalStore {
             "documents": documents,
             "dates": aggregates.national.len(),
         }))
-    }
-}
-
-/// A municipality's name and prefecture for display.
-pub fn describe(code: MunicipalityCode) -> String {
-    match lookup_municipality(code) {
-        Some(m) => format!("{} {}{}", m.code, m.prefecture, m.name),
-        None => match prefecture_name(code.prefecture_code()) {
-            Some(name) => format!("{code} {name}"),
-            None => code.to_string(),
-        },
     }
 }

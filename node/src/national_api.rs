@@ -48,6 +48,13 @@ const fn route(
 /// Every route of the national node, with who may call it.
 pub const NATIONAL_ROUTES: &[RouteSpec] = &[
     route("GET", "/healthz", Access::Public, "稼働確認", "Liveness check"),
+    route(
+        "GET",
+        "/api/v1/public/venues",
+        Access::Public,
+        "接種会場の一覧（市民向け、ログイン不要）",
+        "Venues offering vaccination (for citizens, no login)",
+    ),
     route("GET", "/api/v1/national/status", NATIONAL_STAFF, "国ノードの状態", "National node status"),
     route(
         "GET",
@@ -83,6 +90,7 @@ pub const NATIONAL_ROUTES: &[RouteSpec] = &[
 fn handler_for(spec: &RouteSpec) -> MethodRouter<NationalState> {
     match spec.path {
         "/healthz" => get(|| async { "ok" }),
+        "/api/v1/public/venues" => get(public_venues),
         "/api/v1/national/status" => get(status),
         "/api/v1/national/totals" => get(totals),
         "/api/v1/national/coverage" => get(coverage),
@@ -123,10 +131,15 @@ async fn guard(
     mut request: Request,
     next: Next,
 ) -> Response {
+    let ip = client_ip(&request);
     if spec.is_public() {
+        if spec.path != "/healthz"
+            && let Err(wait) = state.limiter.check(ip)
+        {
+            return too_many(wait);
+        }
         return next.run(request).await;
     }
-    let ip = client_ip(&request);
     let principal = match presented_credential(request.headers()) {
         Some((token, _)) => {
             match state
@@ -198,7 +211,27 @@ struct ScopeQuery {
 /// The scope asked for, checked against the caller: a prefecture user is held to their
 /// prefecture (and gets it when they name none).
 fn scope_of(query: &ScopeQuery, principal: &Principal) -> Result<Scope, Problem> {
-    let asked = match (&query.prefecture, &query.municipality) {
+    let asked = asked_scope(query)?;
+    if principal.role == Role::PrefectureUser {
+        let own = principal.municipality.prefecture_code();
+        let scope = asked.unwrap_or(Scope::Prefecture(own));
+        if !scope.within_prefecture(own) {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "outside_prefecture",
+                None,
+                format!("a prefecture user of prefecture {own} sees only that prefecture"),
+                format!("都道府県担当は自分の都道府県（{own}）のみ参照できます"),
+            ));
+        }
+        return Ok(scope);
+    }
+    Ok(asked.unwrap_or(Scope::National))
+}
+
+/// The `prefecture` or `municipality` parameter, if one is given.
+fn asked_scope(query: &ScopeQuery) -> Result<Option<Scope>, Problem> {
+    Ok(match (&query.prefecture, &query.municipality) {
         (Some(_), Some(_)) => {
             return Err(Problem::bad_field(
                 "prefecture",
@@ -227,22 +260,7 @@ fn scope_of(query: &ScopeQuery, principal: &Principal) -> Result<Scope, Problem>
             }
         },
         (None, None) => None,
-    };
-    if principal.role == Role::PrefectureUser {
-        let own = principal.municipality.prefecture_code();
-        let scope = asked.unwrap_or(Scope::Prefecture(own));
-        if !scope.within_prefecture(own) {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "outside_prefecture",
-                None,
-                format!("a prefecture user of prefecture {own} sees only that prefecture"),
-                format!("都道府県担当は自分の都道府県（{own}）のみ参照できます"),
-            ));
-        }
-        return Ok(scope);
-    }
-    Ok(asked.unwrap_or(Scope::National))
+    })
 }
 
 fn scope_json(scope: Scope) -> serde_json::Value {
@@ -450,4 +468,17 @@ async fn anchors(State(state): State<NationalState>, Path(municipality): Path<St
         })?;
     let checkpoints = state.store.anchors(code).map_err(internal)?;
     Ok(Json(serde_json::json!({"municipality": code, "checkpoints": checkpoints})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct VenuesQuery {
+    #[serde(flatten)]
+    scope: ScopeQuery,
+    product: Option<String>,
+}
+
+async fn public_venues(State(state): State<NationalState>, Query(query): Query<VenuesQuery>) -> ApiResult {
+    let scope = asked_scope(&query.scope)?.unwrap_or(Scope::National);
+    let venues = state.store.venues(scope, query.product.as_deref()).map_err(internal)?;
+    Ok(Json(serde_json::json!({"scope": scope_json(scope), "venues": venues})).into_response())
 }

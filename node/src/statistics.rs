@@ -15,15 +15,18 @@ use anyhow::Context;
 use protocol::municipality::MunicipalityCode;
 use protocol::statistics::{
     AnchoredCheckpoint, Cell, DailyStatistics, MAX_CHECKPOINTS_PER_REPORT, MAX_STATISTICS_PER_REPORT,
-    PopulationStatistics, ReportRequest, SignedStatistics, Statistics, daily_from_cells,
-    population_from_cells, record_cells,
+    PopulationStatistics, PublicVenue, ReportRequest, SignedStatistics, Statistics, VenueListing, WEEKDAYS,
+    daily_from_cells, population_from_cells, record_cells,
 };
+use protocol::catalogue::Catalogue;
+use serde::{Deserialize, Serialize};
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 use ring::signature::Ed25519KeyPair;
 use time::{Date, OffsetDateTime};
 
 use crate::audit::{AUDIT_CHECKPOINTS, Checkpoint};
-use crate::store::{META, META_ANCHORED, META_STATS_VERSION, STATS, STATS_DIRTY, Store};
+use crate::problem::Problem;
+use crate::store::{META, META_ANCHORED, META_STATS_VERSION, STATS, STATS_DIRTY, Store, VENUES, all_json};
 use crate::writer::{Command, Who, WriterHandle};
 
 /// A report stops taking documents past this size (the p2p request limit is 4 MiB).
@@ -80,6 +83,93 @@ pub fn dates(txn: &ReadTransaction) -> anyhow::Result<Vec<Date>> {
         }
     }
     Ok(dates.into_iter().collect())
+}
+
+/// A venue as the municipality keeps it: what the public listing shows, and whether it is
+/// listed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VenueRecord {
+    /// What is published.
+    pub venue: PublicVenue,
+    /// Shown in the national public listing.
+    pub listed: bool,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+}
+
+/// The body of `POST /api/v1/venues/{venue}`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct VenueBody {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Catalogue product codes.
+    pub products: Vec<String>,
+    /// `mon` … `sun` or `YYYY-MM-DD`.
+    pub opening_days: Vec<String>,
+    /// A note for citizens.
+    #[serde(default)]
+    pub note: String,
+    /// Listed publicly (default true).
+    #[serde(default = "listed_by_default")]
+    pub listed: bool,
+}
+
+fn listed_by_default() -> bool {
+    true
+}
+
+/// Checks a venue: the name, address and note are plain text of bounded length, every
+/// product is in the catalogue, every opening day is a weekday name or a date.
+pub fn check_venue(id: &str, body: VenueBody, catalogue: &Catalogue) -> Result<VenueRecord, Problem> {
+    crate::api::check_id_field("venue", id)?;
+    let text = |field: &str, value: &str, max: usize, required: bool| -> Result<String, Problem> {
+        let value = value.trim();
+        let n = value.chars().count();
+        if (required && n == 0) || n > max || value.chars().any(char::is_control) {
+            return Err(Problem::bad_field(
+                field,
+                format!("{field}: 1–{max} characters of text, without control characters"),
+                format!("{field}: 制御文字を含まない {max} 文字以内の文字列を入力してください"),
+            ));
+        }
+        Ok(value.to_owned())
+    };
+    let name = text("name", &body.name, 100, true)?;
+    let address = text("address", &body.address, 200, true)?;
+    let note = text("note", &body.note, 500, false)?;
+    if body.products.is_empty() {
+        return Err(Problem::bad_field("products", "list at least one product", "ワクチンを一つ以上指定してください"));
+    }
+    for product in &body.products {
+        if !catalogue.products.iter().any(|p| &p.code == product) {
+            return Err(Problem::bad_field(
+                "products",
+                format!("products: {product:?} is not in the vaccine catalogue"),
+                format!("products: 「{product}」はワクチン一覧にありません"),
+            ));
+        }
+    }
+    for day in &body.opening_days {
+        let date = Date::parse(day, &time::format_description::well_known::Iso8601::DATE).is_ok();
+        if !date && !WEEKDAYS.contains(&day.as_str()) {
+            return Err(Problem::bad_field(
+                "opening_days",
+                format!("opening_days: {day:?} is neither a weekday (mon … sun) nor a date (YYYY-MM-DD)"),
+                format!("opening_days: 「{day}」は曜日（mon〜sun）でも日付（YYYY-MM-DD）でもありません"),
+            ));
+        }
+    }
+    let venue = PublicVenue {
+        id: id.to_owned(),
+        name,
+        address,
+        products: body.products,
+        opening_days: body.opening_days,
+        note,
+    };
+    Ok(VenueRecord { venue, listed: body.listed, updated_at: now_text(OffsetDateTime::now_utc()) })
 }
 
 /// A report being sent, and what to clear once the national node has stored it.
@@ -188,6 +278,18 @@ impl Reporter {
                     version,
                     generated_at.clone(),
                 )?)
+            } else if slot == "venues" {
+                let venues = all_json::<VenueRecord>(&txn.open_table(VENUES)?)?
+                    .into_iter()
+                    .filter(|(_, record)| record.listed)
+                    .map(|(_, record)| record.venue)
+                    .collect();
+                Statistics::Venues(VenueListing {
+                    municipality: self.municipality,
+                    version,
+                    generated_at: generated_at.clone(),
+                    venues,
+                })
             } else {
                 let date = slot
                     .strip_prefix("daily/")

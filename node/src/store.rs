@@ -77,6 +77,8 @@ pub const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
 /// Statistics documents still to send to the national node: slot (`daily/2026-11-20`,
 /// `population`) → the number of the change that last touched it.
 pub const STATS_DIRTY: TableDefinition<&str, u64> = TableDefinition::new("stats_dirty");
+/// Venues: id → JSON of [`crate::statistics::VenueRecord`].
+pub const VENUES: TableDefinition<&str, &[u8]> = TableDefinition::new("venues");
 /// Counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -149,6 +151,7 @@ impl Store {
             txn.open_table(TERMINAL_STATE)?;
             txn.open_table(STATS)?;
             txn.open_table(STATS_DIRTY)?;
+            txn.open_table(VENUES)?;
             txn.open_table(crate::audit::AUDIT)?;
             txn.open_table(crate::audit::AUDIT_CHECKPOINTS)?;
             txn.open_table(crate::auth::USERS)?;
@@ -834,6 +837,14 @@ pub fn count_cells(txn: &WriteTransaction, cells: &[(Cell, i64)]) -> anyhow::Res
         };
         dirty.insert(slot.as_str(), seq)?;
     }
+    Ok(())
+}
+
+/// Marks a statistics slot (`venues`, `population`, `daily/<date>`) as due for the
+/// national node.
+pub fn mark_due(txn: &WriteTransaction, slot: &str) -> anyhow::Result<()> {
+    let seq = bump(txn, META_STATS_SEQ)?;
+    txn.open_table(STATS_DIRTY)?.insert(slot, seq)?;
     Ok(())
 }
 

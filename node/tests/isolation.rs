@@ -309,7 +309,8 @@ impl World {
             .replace("{coupon_number}", &self.coupon_number)
             .replace("{username}", "target")
             .replace("{name}", "target-token")
-            .replace("{peer_id}", "12D3KooWNoSuchTerminalNoSuchTerminalNoSuchTerm");
+            .replace("{peer_id}", "12D3KooWNoSuchTerminalNoSuchTerminalNoSuchTerm")
+            .replace("{venue}", "hall-1");
         match path.as_str() {
             "/api/v1/residents" => format!("{path}?coupon={}", self.coupon_number),
             "/api/v1/audit/export" => format!("{path}?from=2020-01-01&to=2099-12-31"),
@@ -331,6 +332,9 @@ impl World {
             "/api/v1/tokens" => json!({"name": "intruder", "role": "municipal_admin"}),
             "/api/v1/lots" => json!({"lot": "NEW-1", "gtin": "04987000001014", "expiry": "2031-01-01"}),
             "/api/v1/terminals/enrolments" => json!({"venue": "hall-1"}),
+            "/api/v1/venues/{venue}" => json!({
+                "name": "会場", "address": "横浜市中区", "products": ["comirnaty-30"], "opening_days": ["mon"]
+            }),
             p if p.ends_with("/amend") => json!({"reason": "訂正", "vaccinated_on": "2021-06-01"}),
             _ => json!({"reason": "取消の理由", "disabled": true}),
         }
@@ -360,7 +364,8 @@ impl World {
             .map(|id| serde_json::to_string(&view.record(id).unwrap()).unwrap())
             .collect();
         format!(
-            "{} {} {} {} {} {} {:?} {:?} {:?} {} {}",
+            "{} {} {} {} {} {} {} {:?} {:?} {:?} {} {}",
+            view.count(node::store::VENUES).unwrap(),
             view.count(node::store::TERMINALS).unwrap(),
             view.count(node::store::ENROLMENTS).unwrap(),
             view.n_residents().unwrap(),

@@ -417,6 +417,40 @@ pub struct PopulationCount {
     pub count: u64,
 }
 
+/// A venue as the public sees it (V-SYS published the institutions offering vaccination).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicVenue {
+    /// The venue id the municipality uses (`naka-kumin-kaikan`).
+    pub id: String,
+    /// Name (中区民会館).
+    pub name: String,
+    /// Address of the venue (a public building, not a person's).
+    pub address: String,
+    /// Catalogue product codes offered.
+    pub products: Vec<String>,
+    /// Opening days: weekdays (`mon` … `sun`) or dates (`2026-12-01`).
+    pub opening_days: Vec<String>,
+    /// A note for citizens (booking, access).
+    #[serde(default)]
+    pub note: String,
+}
+
+/// The weekday names opening days may use.
+pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// A municipality's listed venues. A newer version replaces the whole list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VenueListing {
+    /// The municipality.
+    pub municipality: MunicipalityCode,
+    /// Strictly increasing across every document the municipality publishes.
+    pub version: u64,
+    /// When the node built it (RFC 3339).
+    pub generated_at: String,
+    /// The venues it lists, by id.
+    pub venues: Vec<PublicVenue>,
+}
+
 /// A statistics document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -425,6 +459,8 @@ pub enum Statistics {
     Daily(DailyStatistics),
     /// The population.
     Population(PopulationStatistics),
+    /// The public venue listing.
+    Venues(VenueListing),
 }
 
 impl Statistics {
@@ -433,6 +469,7 @@ impl Statistics {
         match self {
             Statistics::Daily(d) => d.municipality,
             Statistics::Population(p) => p.municipality,
+            Statistics::Venues(v) => v.municipality,
         }
     }
 
@@ -441,14 +478,25 @@ impl Statistics {
         match self {
             Statistics::Daily(d) => d.version,
             Statistics::Population(p) => p.version,
+            Statistics::Venues(v) => v.version,
         }
     }
 
-    /// `daily/2021-06-01` or `population`: which earlier document it replaces.
+    /// `daily/2021-06-01`, `population` or `venues`: which earlier document it replaces.
     pub fn slot(&self) -> String {
         match self {
             Statistics::Daily(d) => format!("daily/{}", d.date),
             Statistics::Population(_) => "population".to_owned(),
+            Statistics::Venues(_) => "venues".to_owned(),
+        }
+    }
+
+    /// When the node built it.
+    pub fn generated_at(&self) -> &str {
+        match self {
+            Statistics::Daily(d) => &d.generated_at,
+            Statistics::Population(p) => &p.generated_at,
+            Statistics::Venues(v) => &v.generated_at,
         }
     }
 }

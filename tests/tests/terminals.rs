@@ -466,6 +466,27 @@ fn national_holds_counts_only(
         .sum();
     assert_eq!(reported, total_today, "{text}");
 
+    // The public venue listing: what Yokohama lists, readable without a login.
+    let venue = json!({
+        "name": "中区民会館", "address": "神奈川県横浜市中区日本大通1", "products": ["comirnaty-30"],
+        "opening_days": ["sat", "sun"], "note": "予約制"
+    });
+    let (code, body) = yokohama.post("/api/v1/venues/naka-kumin-kaikan", &venue).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let hidden = json!({"name": "職員用", "address": "横浜市役所", "products": ["comirnaty-30"], "opening_days": [], "listed": false});
+    assert_eq!(yokohama.post("/api/v1/venues/staff-only", &hidden).unwrap().0, 200);
+    let bad = json!({"name": "会場", "address": "横浜市", "products": ["no-such-vaccine"], "opening_days": ["mon"]});
+    let (code, body) = yokohama.post("/api/v1/venues/bad", &bad).unwrap();
+    assert_eq!((code, body["field"].as_str()), (400, Some("products")), "{body}");
+    let listing = wait_for("the venue in the public listing", Duration::from_secs(30), || {
+        let (code, body) = national.get("/api/v1/public/venues?prefecture=14&product=comirnaty-30", None);
+        (code == 200 && body.contains("naka-kumin-kaikan")).then_some(body)
+    });
+    assert!(listing.contains("中区民会館") && listing.contains("横浜市"), "{listing}");
+    assert!(!listing.contains("staff-only") && !listing.contains("\"bad\""), "{listing}");
+    let (_, none) = national.get("/api/v1/public/venues?product=spikevax", None);
+    assert!(!none.contains("naka-kumin-kaikan"), "{none}");
+
     // Every byte the national node stored and every message it received.
     let mut stored: Vec<u8> = Vec::new();
     let mut files = vec![national.data.clone()];
