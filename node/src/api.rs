@@ -204,6 +204,20 @@ pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/api/v1/lots", RECORD, "登録済みロットの一覧", "Registered lots"),
     route("GET", "/api/v1/venues", Access::AnyRole, "接種会場の一覧", "The municipality's venues"),
     route(
+        "GET",
+        "/api/v1/stock",
+        Access::AnyRole,
+        "会場ごとの在庫（配分・納入・使用・廃棄）と残日数",
+        "Stock per venue (allocated, delivered, used, wasted) and days of supply",
+    ),
+    route(
+        "POST",
+        "/api/v1/stock/entries",
+        RECORD,
+        "在庫の記録（会場への配分は管理者、納入・廃棄は会場担当も）",
+        "Record stock: allocation to a venue (administrators), delivery or wastage",
+    ),
+    route(
         "POST",
         "/api/v1/venues/{venue}",
         ADMIN,
@@ -296,6 +310,7 @@ pub fn terminal_routes() -> &'static [RouteSpec] {
                     && r.path != "/api/v1/changes"
                     && !r.path.starts_with("/api/v1/statistics")
                     && !r.path.starts_with("/api/v1/venues")
+                    && !r.path.starts_with("/api/v1/stock")
                     && !r.path.starts_with("/api/v1/terminals")
             })
             .copied()
@@ -330,6 +345,8 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("GET", "/api/v1/lots") => get(list_lots),
         ("GET", "/api/v1/statistics/daily") => get(daily_statistics),
         ("GET", "/api/v1/venues") => get(list_venues),
+        ("GET", "/api/v1/stock") => get(stock),
+        ("POST", "/api/v1/stock/entries") => post(add_stock_entry),
         ("POST", "/api/v1/venues/{venue}") => post(put_venue),
         ("POST", "/api/v1/lots") => post(add_lot),
         ("GET", "/api/v1/catalogue") => get(catalogue),
@@ -1029,6 +1046,123 @@ async fn revoke(
     let ReasonBody { reason } = body(bytes)?;
     let entry = state.writer.call(&who, |reply| Command::Revoke { number, reason, reply }).await?;
     Ok(Json(entry).into_response())
+}
+
+#[derive(Deserialize)]
+struct StockBody {
+    kind: crate::statistics::StockKind,
+    venue: String,
+    product: String,
+    doses: u64,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn add_stock_entry(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Extension(principal): Extension<Principal>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    use crate::statistics::{StockEntry, StockKind, check_stock_entry};
+    let entry: StockBody = body(bytes)?;
+    check_stock_entry(
+        entry.kind,
+        &entry.venue,
+        &entry.product,
+        entry.doses,
+        &entry.reason,
+        &state.catalogue,
+    )?;
+    if entry.kind == StockKind::Allocation && principal.role != Role::MunicipalAdmin {
+        audit_refusal(&state, &who, "stock.allocate", format!("venue:{}", entry.venue), "denied:forbidden")
+            .await;
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            Some("kind"),
+            "only a municipal administrator allocates doses to venues",
+            "会場への配分は市区町村管理者のみ行えます",
+        ));
+    }
+    if principal.role == Role::VenueOperator && !principal.venues.contains(&entry.venue) {
+        audit_refusal(&state, &who, "stock.record", format!("venue:{}", entry.venue), "denied:venue").await;
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "venue_not_allowed",
+            Some("venue"),
+            format!("this credential records for {:?} only, not {}", principal.venues, entry.venue),
+            format!(
+                "この認証情報で記録できる会場は {} だけです（{} は不可）",
+                principal.venues.join("・"),
+                entry.venue
+            ),
+        ));
+    }
+    let record = StockEntry {
+        kind: entry.kind,
+        venue: entry.venue,
+        product: entry.product,
+        doses: entry.doses,
+        reason: entry.reason.trim().to_owned(),
+        by: who.actor.clone(),
+        at: OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    };
+    let subject = format!("venue:{}", record.venue);
+    let stored = state
+        .writer
+        .call(&who, |reply| Command::Apply {
+            action: "stock.record".into(),
+            subject,
+            op: Box::new(move |txn, _now| {
+                let seq = crate::store::bump(txn, crate::store::META_STOCK_SEQ)?;
+                crate::store::put_json(txn, crate::store::STOCK, &format!("{seq:020}"), &record)?;
+                crate::store::mark_due(txn, "stock")?;
+                Ok(Ok(serde_json::to_value(&record)?))
+            }),
+            reply,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(stored)).into_response())
+}
+
+async fn stock(State(state): State<AppState>) -> ApiResult {
+    let today = crate::clock::japan_today();
+    let view = state.store.read().map_err(|e| Problem::internal(&e))?;
+    let ledger = crate::statistics::venue_stock(view.txn()).map_err(|e| Problem::internal(&e))?;
+    let mut usage = crate::statistics::venue_usage(view.txn(), today).map_err(|e| Problem::internal(&e))?;
+    let mut rows = Vec::new();
+    for row in ledger {
+        let (used, week) = usage.remove(&(row.venue.clone(), row.product.clone())).unwrap_or_default();
+        rows.push(stock_row(&row.venue, &row.product, row.allocated, row.delivered, row.wasted, used, week));
+    }
+    for ((venue, product), (used, week)) in usage {
+        rows.push(stock_row(&venue, &product, 0, 0, 0, used, week));
+    }
+    Ok(Json(json!({ "as_of": today, "venues": rows })).into_response())
+}
+
+/// One venue's stock of one product: on hand is what was delivered less what was used and
+/// wasted; days of supply divide it by the last seven days' average use.
+fn stock_row(
+    venue: &str,
+    product: &str,
+    allocated: u64,
+    delivered: u64,
+    wasted: u64,
+    used: u64,
+    week: u64,
+) -> serde_json::Value {
+    let on_hand = i128::from(delivered) - i128::from(used) - i128::from(wasted);
+    let daily = week as f64 / 7.0;
+    let days = (daily > 0.0).then(|| (on_hand.max(0) as f64 / daily * 10.0).round() / 10.0);
+    json!({
+        "venue": venue, "product": product, "allocated": allocated, "delivered": delivered,
+        "used": used, "wasted": wasted, "on_hand": on_hand, "awaiting_delivery": i128::from(allocated) - i128::from(delivered),
+        "daily_use_7d": (daily * 10.0).round() / 10.0, "days_of_supply": days,
+    })
 }
 
 async fn list_venues(State(state): State<AppState>) -> ApiResult {

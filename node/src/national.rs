@@ -21,7 +21,7 @@ use protocol::municipality::{MunicipalityCode, all_municipalities, lookup_munici
 use protocol::person::hex_decode;
 use protocol::statistics::{
     AgeBand, AnchoredCheckpoint, DailyStatistics, MAX_CHECKPOINTS_PER_REPORT, MAX_STATISTICS_PER_REPORT,
-    PopulationCount, PublicVenue, ReportRequest, ReportResponse, SignedStatistics, Statistics,
+    PopulationCount, PublicVenue, ReportRequest, ReportResponse, SignedStatistics, Statistics, VenueStock,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,8 @@ use time::{Date, OffsetDateTime};
 const STATISTICS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("national_statistics");
 /// municipality → JSON of [`Freshness`].
 const REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("national_reports");
+/// seq → JSON of an [`Allocation`].
+const ALLOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("national_allocations");
 /// (municipality, seq) → JSON of the [`AnchoredCheckpoint`] deposited first.
 const ANCHORS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("national_anchors");
 
@@ -59,6 +61,62 @@ struct Aggregates {
     population: HashMap<MunicipalityCode, Vec<PopulationCount>>,
     venues: HashMap<MunicipalityCode, Vec<PublicVenue>>,
     freshness: HashMap<MunicipalityCode, Freshness>,
+    /// Doses given at the venues of each municipality, by date and product.
+    used: HashMap<MunicipalityCode, BTreeMap<Date, HashMap<String, u64>>>,
+    /// Each municipality's venue stock report.
+    stock: HashMap<MunicipalityCode, Vec<VenueStock>>,
+    allocations: Vec<Allocation>,
+}
+
+/// Vaccine doses (接種回数分) passed down a level: from the state to a prefecture, or from a
+/// prefecture to one of its municipalities.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Allocation {
+    /// Number in the ledger.
+    pub id: u64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who (`token:<name>`).
+    pub by: String,
+    /// To a prefecture (by the state).
+    pub to_prefecture: Option<u8>,
+    /// To a municipality (by its prefecture).
+    pub to_municipality: Option<MunicipalityCode>,
+    /// Product code.
+    pub product: String,
+    /// Doses.
+    pub doses: u64,
+}
+
+/// Why an allocation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllocationRefusal {
+    /// The prefecture holds fewer undistributed doses of the product.
+    Insufficient {
+        /// What it holds.
+        available: u64,
+    },
+}
+
+/// Stock of one product in a scope.
+#[derive(Clone, Debug, Serialize)]
+pub struct StockRow {
+    /// Product code.
+    pub product: String,
+    /// Allocated into the scope from the level above (for the nation: to all prefectures).
+    pub received: u64,
+    /// Passed on to the level below (prefecture → municipalities, municipality → venues).
+    pub passed_on: Option<u64>,
+    /// Given at the scope's venues, up to `as_of`.
+    pub used: u64,
+    /// Reported wasted at the scope's venues.
+    pub wasted: u64,
+    /// received − used − wasted (negative: more used than allocated).
+    pub on_hand: i64,
+    /// Average daily use over the seven days up to `as_of`.
+    pub daily_use_7d: f64,
+    /// on_hand ÷ daily use.
+    pub days_of_supply: Option<f64>,
 }
 
 fn add_doc(series: &mut Series, doc: &DailyStatistics, sign: i64) {
@@ -82,6 +140,20 @@ impl Aggregates {
                 Some(Statistics::Daily(daily)) => {
                     add_doc(&mut self.national, daily, sign);
                     add_doc(self.prefecture.entry(prefecture).or_default(), daily, sign);
+                    for row in &daily.doses {
+                        let day = self
+                            .used
+                            .entry(row.venue_municipality)
+                            .or_default()
+                            .entry(daily.date)
+                            .or_default();
+                        let count = day.entry(row.product.clone()).or_default();
+                        *count =
+                            count.saturating_add_signed(sign * i64::try_from(row.count).unwrap_or(i64::MAX));
+                    }
+                }
+                Some(Statistics::Stock(report)) if sign > 0 => {
+                    self.stock.insert(municipality, report.venues.clone());
                 }
                 Some(Statistics::Population(population)) if sign > 0 => {
                     self.population.insert(municipality, population.cells.clone());
@@ -353,6 +425,7 @@ impl NationalStore {
             txn.open_table(STATISTICS)?;
             txn.open_table(REPORTS)?;
             txn.open_table(ANCHORS)?;
+            txn.open_table(ALLOCATIONS)?;
             txn.open_table(crate::auth::USERS)?;
             txn.open_table(crate::auth::SESSIONS)?;
             txn.open_table(crate::auth::API_TOKENS)?;
@@ -369,6 +442,9 @@ impl NationalStore {
                     .read_unchecked()
                     .with_context(|| format!("stored statistics {:?} are unreadable", key.value()))?;
                 aggregates.apply(None, &doc);
+            }
+            for row in read.open_table(ALLOCATIONS)?.iter()? {
+                aggregates.allocations.push(serde_json::from_slice(row?.1.value())?);
             }
             for row in read.open_table(REPORTS)?.iter()? {
                 let (key, bytes) = row?;
@@ -668,6 +744,139 @@ impl NationalStore {
             }
         }
         Ok(out)
+    }
+
+    /// Records an allocation. A prefecture's allocation to a municipality is refused beyond
+    /// what the prefecture holds undistributed (checked in the same transaction).
+    pub fn allocate(
+        &self,
+        by: &str,
+        to_prefecture: Option<u8>,
+        to_municipality: Option<MunicipalityCode>,
+        product: &str,
+        doses: u64,
+    ) -> anyhow::Result<Result<Allocation, AllocationRefusal>> {
+        let mut aggregates = self.aggregates.write().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
+        if let Some(municipality) = to_municipality {
+            let prefecture = municipality.prefecture_code();
+            let sum = |filter: &dyn Fn(&Allocation) -> bool| -> u64 {
+                aggregates
+                    .allocations
+                    .iter()
+                    .filter(|a| a.product == product && filter(a))
+                    .map(|a| a.doses)
+                    .sum()
+            };
+            let received = sum(&|a| a.to_prefecture == Some(prefecture));
+            let passed = sum(&|a| a.to_municipality.is_some_and(|m| m.prefecture_code() == prefecture));
+            let available = received.saturating_sub(passed);
+            if doses > available {
+                return Ok(Err(AllocationRefusal::Insufficient { available }));
+            }
+        }
+        let txn = self.db.begin_write()?;
+        let allocation = {
+            let mut table = txn.open_table(ALLOCATIONS)?;
+            let id = table.last()?.map_or(0, |(k, _)| k.value()) + 1;
+            let allocation = Allocation {
+                id,
+                at: now_text(OffsetDateTime::now_utc()),
+                by: by.to_owned(),
+                to_prefecture,
+                to_municipality,
+                product: product.to_owned(),
+                doses,
+            };
+            table.insert(id, serde_json::to_vec(&allocation)?.as_slice())?;
+            allocation
+        };
+        txn.commit()?;
+        aggregates.allocations.push(allocation.clone());
+        Ok(Ok(allocation))
+    }
+
+    /// Allocations into `scope` or below it.
+    pub fn allocations(&self, scope: Scope) -> anyhow::Result<Vec<Allocation>> {
+        let aggregates = self.aggregates.read().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
+        Ok(aggregates
+            .allocations
+            .iter()
+            .filter(|a| match (scope, a.to_prefecture, a.to_municipality) {
+                (Scope::National, ..) => true,
+                (Scope::Prefecture(p), Some(q), _) => p == q,
+                (scope, _, Some(m)) => scope.contains(m),
+                _ => false,
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// Stock per product in `scope` as of `as_of`.
+    pub fn stock(&self, scope: Scope, as_of: Date) -> anyhow::Result<Vec<StockRow>> {
+        let aggregates = self.aggregates.read().map_err(|_| anyhow::anyhow!("aggregates poisoned"))?;
+        let mut rows: BTreeMap<String, (u64, u64, u64, u64, u64)> = BTreeMap::new();
+        for a in &aggregates.allocations {
+            let row = rows.entry(a.product.clone()).or_default();
+            let into = match (scope, a.to_prefecture, a.to_municipality) {
+                (Scope::National, Some(_), _) => true,
+                (Scope::Prefecture(p), Some(q), _) => p == q,
+                (Scope::Municipality(m), _, Some(n)) => m == n,
+                _ => false,
+            };
+            let onward = matches!((scope, a.to_municipality), (Scope::Prefecture(p), Some(m)) if m.prefecture_code() == p);
+            if into {
+                row.0 += a.doses;
+            }
+            if onward {
+                row.1 += a.doses;
+            }
+        }
+        let week_start = as_of - time::Duration::days(6);
+        for (municipality, days) in &aggregates.used {
+            if !scope.contains(*municipality) {
+                continue;
+            }
+            for (date, products) in days.range(..=as_of) {
+                for (product, count) in products {
+                    let row = rows.entry(product.clone()).or_default();
+                    row.2 += count;
+                    if *date >= week_start {
+                        row.3 += count;
+                    }
+                }
+            }
+        }
+        for (municipality, venues) in &aggregates.stock {
+            if !scope.contains(*municipality) {
+                continue;
+            }
+            for venue in venues {
+                let row = rows.entry(venue.product.clone()).or_default();
+                row.4 += venue.wasted;
+                if matches!(scope, Scope::Municipality(_)) {
+                    row.1 += venue.allocated;
+                }
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(product, (received, passed_on, used, week, wasted))| {
+                let on_hand = i64::try_from(received).unwrap_or(i64::MAX)
+                    - i64::try_from(used + wasted).unwrap_or(i64::MAX);
+                let daily = week as f64 / 7.0;
+                StockRow {
+                    product,
+                    received,
+                    passed_on: (!matches!(scope, Scope::National)).then_some(passed_on),
+                    used,
+                    wasted,
+                    on_hand,
+                    daily_use_7d: (daily * 10.0).round() / 10.0,
+                    days_of_supply: (daily > 0.0)
+                        .then(|| (on_hand.max(0) as f64 / daily * 10.0).round() / 10.0),
+                }
+            })
+            .collect())
     }
 
     /// How many municipalities reported, and documents held.

@@ -34,6 +34,7 @@ pub struct NationalState {
 use Role::{NationalAdmin, NationalAnalyst, PrefectureUser};
 const FIGURES: Access = Access::Roles(&[NationalAdmin, NationalAnalyst, PrefectureUser]);
 const NATIONAL_STAFF: Access = Access::Roles(&[NationalAdmin, NationalAnalyst]);
+const ALLOCATE: Access = Access::Roles(&[NationalAdmin, PrefectureUser]);
 
 const fn route(
     method: &'static str,
@@ -80,6 +81,21 @@ pub const NATIONAL_ROUTES: &[RouteSpec] = &[
     ),
     route(
         "GET",
+        "/api/v1/national/stock",
+        FIGURES,
+        "ワクチンの在庫と残日数（全国・都道府県・市区町村）",
+        "Vaccine stock and days of supply (national, prefecture, municipality)",
+    ),
+    route("GET", "/api/v1/national/allocations", FIGURES, "配分の一覧", "Allocations"),
+    route(
+        "POST",
+        "/api/v1/national/allocations",
+        ALLOCATE,
+        "ワクチンの配分（国→都道府県、都道府県→市区町村）",
+        "Allocate doses (state → prefecture, prefecture → municipality)",
+    ),
+    route(
+        "GET",
         "/api/v1/national/anchors/{municipality}",
         NATIONAL_STAFF,
         "市区町村が預けた監査チェックポイント",
@@ -88,8 +104,13 @@ pub const NATIONAL_ROUTES: &[RouteSpec] = &[
 ];
 
 fn handler_for(spec: &RouteSpec) -> MethodRouter<NationalState> {
+    if spec.method == "POST" {
+        return axum::routing::post(allocate);
+    }
     match spec.path {
         "/healthz" => get(|| async { "ok" }),
+        "/api/v1/national/stock" => get(stock),
+        "/api/v1/national/allocations" => get(allocations),
         "/api/v1/public/venues" => get(public_venues),
         "/api/v1/national/status" => get(status),
         "/api/v1/national/totals" => get(totals),
@@ -481,4 +502,136 @@ async fn public_venues(State(state): State<NationalState>, Query(query): Query<V
     let scope = asked_scope(&query.scope)?.unwrap_or(Scope::National);
     let venues = state.store.venues(scope, query.product.as_deref()).map_err(internal)?;
     Ok(Json(serde_json::json!({"scope": scope_json(scope), "venues": venues})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct StockQuery {
+    #[serde(flatten)]
+    scope: ScopeQuery,
+    as_of: Option<String>,
+}
+
+async fn stock(
+    State(state): State<NationalState>,
+    Extension(principal): Extension<Principal>,
+    Query(query): Query<StockQuery>,
+) -> ApiResult {
+    let scope = scope_of(&query.scope, &principal)?;
+    let as_of = match &query.as_of {
+        Some(text) => parse_date("as_of", text)?,
+        None => crate::clock::japan_today(),
+    };
+    let rows = state.store.stock(scope, as_of).map_err(internal)?;
+    Ok(Json(serde_json::json!({"scope": scope_json(scope), "as_of": as_of, "products": rows}))
+        .into_response())
+}
+
+async fn allocations(
+    State(state): State<NationalState>,
+    Extension(principal): Extension<Principal>,
+    Query(query): Query<ScopeQuery>,
+) -> ApiResult {
+    let scope = scope_of(&query, &principal)?;
+    let rows = state.store.allocations(scope).map_err(internal)?;
+    Ok(Json(serde_json::json!({"scope": scope_json(scope), "allocations": rows})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct AllocationBody {
+    prefecture: Option<u8>,
+    municipality: Option<String>,
+    product: String,
+    doses: u64,
+}
+
+async fn allocate(
+    State(state): State<NationalState>,
+    Extension(principal): Extension<Principal>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body: AllocationBody = serde_json::from_slice(&body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            None,
+            format!("the body is not an allocation {{prefecture | municipality, product, doses}}: {e}"),
+            format!("配分の形式（prefecture または municipality, product, doses）ではありません: {e}"),
+        )
+    })?;
+    let product_ok = (1..=40).contains(&body.product.len())
+        && body.product.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !product_ok {
+        return Err(Problem::bad_field(
+            "product",
+            "product: a catalogue product code (a–z, 0–9, -)",
+            "product: ワクチンの製品コード（英小文字・数字・-）を指定してください",
+        ));
+    }
+    if body.doses == 0 || body.doses > 100_000_000 {
+        return Err(Problem::bad_field(
+            "doses",
+            "doses: 1 to 100,000,000",
+            "doses: 1〜1億回分で指定してください",
+        ));
+    }
+    let (to_prefecture, to_municipality) = match (principal.role, body.prefecture, &body.municipality) {
+        (Role::NationalAdmin, Some(p), None) if (1..=47).contains(&p) => (Some(p), None),
+        (Role::NationalAdmin, ..) => {
+            return Err(Problem::bad_field(
+                "prefecture",
+                "the state allocates to a prefecture (1–47); prefectures allocate to municipalities",
+                "国は都道府県（1〜47）に配分します。市区町村への配分は都道府県が行います",
+            ));
+        }
+        (_, None, Some(text)) => {
+            let code =
+                MunicipalityCode::parse(text).ok().filter(MunicipalityCode::is_known).ok_or_else(|| {
+                    Problem::bad_field(
+                        "municipality",
+                        format!("municipality: {text:?} is not one of the 1,741 municipality codes"),
+                        format!("municipality: 「{text}」は市区町村コードではありません"),
+                    )
+                })?;
+            let own = principal.municipality.prefecture_code();
+            if code.prefecture_code() != own {
+                return Err(Problem::new(
+                    StatusCode::FORBIDDEN,
+                    "outside_prefecture",
+                    Some("municipality"),
+                    format!("a prefecture user of prefecture {own} allocates to its own municipalities only"),
+                    format!("都道府県担当は自分の都道府県（{own}）の市区町村にのみ配分できます"),
+                ));
+            }
+            (None, Some(code))
+        }
+        _ => {
+            return Err(Problem::bad_field(
+                "municipality",
+                "a prefecture allocates to one of its municipalities",
+                "都道府県は管内の市区町村に配分します",
+            ));
+        }
+    };
+    let store = state.store.clone();
+    let product = body.product.clone();
+    let by = principal.actor();
+    let result = tokio::task::spawn_blocking(move || {
+        store.allocate(&by, to_prefecture, to_municipality, &product, body.doses)
+    })
+    .await
+    .map_err(|e| internal(e.into()))?
+    .map_err(internal)?;
+    match result {
+        Ok(allocation) => {
+            tracing::info!(who = %principal.actor(), id = allocation.id, doses = allocation.doses, "allocation");
+            Ok((StatusCode::CREATED, Json(allocation)).into_response())
+        }
+        Err(crate::national::AllocationRefusal::Insufficient { available }) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "insufficient_stock",
+            Some("doses"),
+            format!("the prefecture holds {available} undistributed doses of {}", body.product),
+            format!("都道府県の未配分の在庫は {available} 回分です（{}）", body.product),
+        )),
+    }
 }

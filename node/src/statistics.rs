@@ -12,21 +12,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
+use protocol::catalogue::Catalogue;
 use protocol::municipality::MunicipalityCode;
 use protocol::statistics::{
     AnchoredCheckpoint, Cell, DailyStatistics, MAX_CHECKPOINTS_PER_REPORT, MAX_STATISTICS_PER_REPORT,
     PopulationStatistics, PublicVenue, ReportRequest, SignedStatistics, Statistics, VenueListing, WEEKDAYS,
     daily_from_cells, population_from_cells, record_cells,
 };
-use protocol::catalogue::Catalogue;
-use serde::{Deserialize, Serialize};
 use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 use ring::signature::Ed25519KeyPair;
+use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 
 use crate::audit::{AUDIT_CHECKPOINTS, Checkpoint};
 use crate::problem::Problem;
-use crate::store::{META, META_ANCHORED, META_STATS_VERSION, STATS, STATS_DIRTY, Store, VENUES, all_json};
+use crate::store::{
+    META, META_ANCHORED, META_STATS_VERSION, STATS, STATS_DIRTY, STOCK, Store, VENUES, all_json,
+};
 use crate::writer::{Command, Who, WriterHandle};
 
 /// A report stops taking documents past this size (the p2p request limit is 4 MiB).
@@ -140,7 +142,11 @@ pub fn check_venue(id: &str, body: VenueBody, catalogue: &Catalogue) -> Result<V
     let address = text("address", &body.address, 200, true)?;
     let note = text("note", &body.note, 500, false)?;
     if body.products.is_empty() {
-        return Err(Problem::bad_field("products", "list at least one product", "ワクチンを一つ以上指定してください"));
+        return Err(Problem::bad_field(
+            "products",
+            "list at least one product",
+            "ワクチンを一つ以上指定してください",
+        ));
     }
     for product in &body.products {
         if !catalogue.products.iter().any(|p| &p.code == product) {
@@ -278,6 +284,13 @@ impl Reporter {
                     version,
                     generated_at.clone(),
                 )?)
+            } else if slot == "stock" {
+                Statistics::Stock(protocol::statistics::StockReport {
+                    municipality: self.municipality,
+                    version,
+                    generated_at: generated_at.clone(),
+                    venues: venue_stock(txn)?,
+                })
             } else if slot == "venues" {
                 let venues = all_json::<VenueRecord>(&txn.open_table(VENUES)?)?
                     .into_iter()
@@ -378,6 +391,117 @@ impl Reporter {
     }
 }
 
+/// A line of a municipality's stock ledger (doses, 接種回数分).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StockEntry {
+    /// `allocation` (municipality → venue), `delivery` (received at the venue) or `wastage`.
+    pub kind: StockKind,
+    /// Venue id.
+    pub venue: String,
+    /// Catalogue product code.
+    pub product: String,
+    /// Doses.
+    pub doses: u64,
+    /// Why (wastage: broken vial, expired, left over at closing…).
+    #[serde(default)]
+    pub reason: String,
+    /// Who recorded it.
+    pub by: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// What a stock entry records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StockKind {
+    /// The municipality allocates doses to a venue.
+    Allocation,
+    /// Doses arrived at the venue.
+    Delivery,
+    /// Doses lost at the venue.
+    Wastage,
+}
+
+/// Checks a stock entry's fields (the caller checks who may record which kind).
+pub fn check_stock_entry(
+    kind: StockKind,
+    venue: &str,
+    product: &str,
+    doses: u64,
+    reason: &str,
+    catalogue: &Catalogue,
+) -> Result<(), Problem> {
+    crate::api::check_id_field("venue", venue)?;
+    if !catalogue.products.iter().any(|p| p.code == product) {
+        return Err(Problem::bad_field(
+            "product",
+            format!("product: {product:?} is not in the vaccine catalogue"),
+            format!("product: 「{product}」はワクチン一覧にありません"),
+        ));
+    }
+    if doses == 0 || doses > 1_000_000 {
+        return Err(Problem::bad_field(
+            "doses",
+            "doses: 1 to 1,000,000",
+            "doses: 1〜1,000,000 回分で入力してください",
+        ));
+    }
+    if kind == StockKind::Wastage && reason.trim().is_empty() {
+        return Err(Problem::bad_field("reason", "wastage needs a reason", "廃棄には理由が必要です"));
+    }
+    if reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+        return Err(Problem::bad_field(
+            "reason",
+            "reason: up to 200 characters of text",
+            "reason: 200 文字以内の文字列",
+        ));
+    }
+    Ok(())
+}
+
+/// The ledger summed per venue and product.
+pub fn venue_stock(txn: &ReadTransaction) -> anyhow::Result<Vec<protocol::statistics::VenueStock>> {
+    let mut sums: BTreeMap<(String, String), protocol::statistics::VenueStock> = BTreeMap::new();
+    for (_, entry) in all_json::<StockEntry>(&txn.open_table(STOCK)?)? {
+        let row = sums.entry((entry.venue.clone(), entry.product.clone())).or_insert_with(|| {
+            protocol::statistics::VenueStock {
+                venue: entry.venue.clone(),
+                product: entry.product.clone(),
+                allocated: 0,
+                delivered: 0,
+                wasted: 0,
+            }
+        });
+        match entry.kind {
+            StockKind::Allocation => row.allocated += entry.doses,
+            StockKind::Delivery => row.delivered += entry.doses,
+            StockKind::Wastage => row.wasted += entry.doses,
+        }
+    }
+    Ok(sums.into_values().collect())
+}
+
+/// Doses used at each of the municipality's venues by product, in all and over the seven
+/// days up to `today`.
+pub fn venue_usage(
+    txn: &ReadTransaction,
+    today: Date,
+) -> anyhow::Result<BTreeMap<(String, String), (u64, u64)>> {
+    let week_start = today - time::Duration::days(6);
+    let mut out: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for (cell, n) in cells_with_prefix(txn, "u|")? {
+        if let Cell::Used { date, venue, product } = cell {
+            let entry = out.entry((venue, product)).or_default();
+            entry.0 += n;
+            if (week_start..=today).contains(&date) {
+                entry.1 += n;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// What the documents say the dose and population counters should be.
 fn recount(store: &Store) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
@@ -400,7 +524,7 @@ fn recount(store: &Store) -> anyhow::Result<BTreeMap<String, u64>> {
 /// The dose and population counters as stored.
 fn stored_counts(txn: &ReadTransaction) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut out = BTreeMap::new();
-    for prefix in ["d|", "p|"] {
+    for prefix in ["d|", "p|", "u|"] {
         for (cell, n) in cells_with_prefix(txn, prefix)? {
             out.insert(cell.key(), n);
         }
@@ -435,7 +559,7 @@ pub fn rebuild(store: &Store) -> anyhow::Result<usize> {
         let mut stale = Vec::new();
         for row in stats.iter()? {
             let (key, _) = row?;
-            if key.value().starts_with("d|") || key.value().starts_with("p|") {
+            if ["d|", "p|", "u|"].iter().any(|prefix| key.value().starts_with(prefix)) {
                 stale.push(key.value().to_owned());
             }
         }

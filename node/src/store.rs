@@ -79,6 +79,8 @@ pub const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
 pub const STATS_DIRTY: TableDefinition<&str, u64> = TableDefinition::new("stats_dirty");
 /// Venues: id → JSON of [`crate::statistics::VenueRecord`].
 pub const VENUES: TableDefinition<&str, &[u8]> = TableDefinition::new("venues");
+/// The stock ledger: `<20-digit seq>` → JSON of [`crate::statistics::StockEntry`].
+pub const STOCK: TableDefinition<&str, &[u8]> = TableDefinition::new("stock_ledger");
 /// Counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -95,6 +97,8 @@ pub const META_COUPON_SERIAL: &str = "coupon_serial";
 pub const META_STATS_SEQ: &str = "stats_seq";
 /// `META` key: the newest statistics version the national node acknowledged.
 pub const META_STATS_VERSION: &str = "stats_version";
+/// `META` key: the last stock ledger entry's number.
+pub const META_STOCK_SEQ: &str = "stock_seq";
 /// `META` key: the newest audit checkpoint deposited at the national node.
 pub const META_ANCHORED: &str = "audit_anchored";
 
@@ -152,6 +156,7 @@ impl Store {
             txn.open_table(STATS)?;
             txn.open_table(STATS_DIRTY)?;
             txn.open_table(VENUES)?;
+            txn.open_table(STOCK)?;
             txn.open_table(crate::audit::AUDIT)?;
             txn.open_table(crate::audit::AUDIT_CHECKPOINTS)?;
             txn.open_table(crate::auth::USERS)?;

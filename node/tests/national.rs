@@ -159,11 +159,15 @@ fn a_national_node_has_no_municipal_accounts_and_a_prefecture_user_needs_a_prefe
 }
 
 async fn status_of(app: &axum::Router, path: &str, token: Option<&str>) -> StatusCode {
-    let mut request = Request::builder().uri(path);
+    call(app, "GET", path, token, "").await
+}
+
+async fn call(app: &axum::Router, method: &str, path: &str, token: Option<&str>, body: &str) -> StatusCode {
+    let mut request = Request::builder().method(method).uri(path);
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
-    app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap().status()
+    app.clone().oneshot(request.body(Body::from(body.to_owned())).unwrap()).await.unwrap().status()
 }
 
 #[tokio::test]
@@ -180,16 +184,20 @@ async fn every_national_route_refuses_what_the_table_forbids() {
     let store = Arc::new(NationalStore::open(&national.dir, None).unwrap());
     let yokohama = member("141003", NodeRole::Municipal);
     store.ingest(&yokohama.entry, &report(&yokohama, &[daily("141003", 1, 3)]));
+    // The state allocates to Kanagawa, so that Kanagawa can allocate to Yokohama.
+    store.allocate("token:admin", Some(14), None, "comirnaty-30", 100).unwrap().unwrap();
     let app =
         national_router(NationalState { store, https: false, limiter: Arc::new(RateLimiter::new(100_000)) });
+    let allocation = r#"{"municipality": "141003", "product": "comirnaty-30", "doses": 1}"#;
 
     // Each route with a Kanagawa (141003) scope, where it takes one.
     let probe = |path: &str| -> String {
         match path {
             "/api/v1/national/totals" => format!("{path}?municipality=141003&from=2026-11-01&to=2026-11-30"),
-            "/api/v1/national/coverage" | "/api/v1/national/freshness" => {
-                format!("{path}?municipality=141003")
-            }
+            "/api/v1/national/coverage"
+            | "/api/v1/national/freshness"
+            | "/api/v1/national/stock"
+            | "/api/v1/national/allocations" => format!("{path}?municipality=141003"),
             "/api/v1/national/reports/daily" => format!("{path}?municipality=141003&date=2026-11-20"),
             p => p.replace("{municipality}", "141003"),
         }
@@ -207,15 +215,25 @@ async fn every_national_route_refuses_what_the_table_forbids() {
     for spec in NATIONAL_ROUTES {
         let path = probe(spec.path);
         for (name, token, role) in credentials {
+            let post = spec.method == "POST";
             let expected = match role {
                 _ if spec.is_public() => StatusCode::OK,
                 None => StatusCode::UNAUTHORIZED,
                 Some(role) if !spec.access.allows(role) => StatusCode::FORBIDDEN,
-                // Tokyo's prefecture user asking about a Kanagawa municipality.
+                // Tokyo's prefecture user asking about (or allocating to) a Kanagawa municipality.
                 Some(Role::PrefectureUser) if name == "prefecture 13" => StatusCode::FORBIDDEN,
+                // The state allocates to prefectures, not to a municipality.
+                Some(Role::NationalAdmin) if post => StatusCode::BAD_REQUEST,
+                Some(_) if post => StatusCode::CREATED,
                 Some(_) => StatusCode::OK,
             };
-            assert_eq!(status_of(&app, &path, token).await, expected, "{name} → {} {path}", spec.method);
+            let body = if post { allocation } else { "" };
+            assert_eq!(
+                call(&app, spec.method, &path, token, body).await,
+                expected,
+                "{name} → {} {path}",
+                spec.method
+            );
             checked += 1;
         }
     }
@@ -241,4 +259,33 @@ async fn every_national_route_refuses_what_the_table_forbids() {
     ] {
         assert_eq!(status_of(&app, path, Some(&analyst)).await, StatusCode::BAD_REQUEST, "{path}");
     }
+}
+
+#[test]
+fn a_prefecture_allocates_no_more_than_it_holds_and_stock_counts_use_at_the_venues() {
+    let national = national("stock");
+    let store = NationalStore::open(&national.dir, None).unwrap();
+    let yokohama = MunicipalityCode::parse("141003").unwrap();
+    let kawasaki = MunicipalityCode::parse("141305").unwrap();
+    store.allocate("token:admin", Some(14), None, "comirnaty-30", 1000).unwrap().unwrap();
+    store.allocate("token:kanagawa", None, Some(yokohama), "comirnaty-30", 700).unwrap().unwrap();
+    let refused = store.allocate("token:kanagawa", None, Some(kawasaki), "comirnaty-30", 301).unwrap();
+    assert_eq!(refused.unwrap_err(), node::national::AllocationRefusal::Insufficient { available: 300 });
+    store.allocate("token:kanagawa", None, Some(kawasaki), "comirnaty-30", 300).unwrap().unwrap();
+
+    // Yokohama reports 5 doses given at its venues on 2026-11-20.
+    let member = member("141003", NodeRole::Municipal);
+    store.ingest(&member.entry, &report(&member, &[daily("141003", 1, 5)]));
+    let row = |scope| store.stock(scope, date!(2026 - 11 - 20)).unwrap().into_iter().next().unwrap();
+    let yokohama_row = row(Scope::Municipality(yokohama));
+    assert_eq!((yokohama_row.received, yokohama_row.used, yokohama_row.on_hand), (700, 5, 695));
+    assert!((yokohama_row.daily_use_7d - 0.7).abs() < 1e-9, "{yokohama_row:?}");
+    assert_eq!(yokohama_row.days_of_supply, Some(973.0), "695 on hand ÷ (5 ÷ 7) a day");
+    let kanagawa = row(Scope::Prefecture(14));
+    assert_eq!(
+        (kanagawa.received, kanagawa.passed_on, kanagawa.used, kanagawa.on_hand),
+        (1000, Some(1000), 5, 995)
+    );
+    let nation = row(Scope::National);
+    assert_eq!((nation.received, nation.passed_on), (1000, None));
 }

@@ -162,6 +162,16 @@ pub enum Cell {
         /// The refusal's code, e.g. `interval_too_short`.
         reason: String,
     },
+    /// Valid doses given at one of the municipality's own venues on a date, by product (the
+    /// venue's stock usage).
+    Used {
+        /// 接種日.
+        date: Date,
+        /// The venue id.
+        venue: String,
+        /// Catalogue product code.
+        product: String,
+    },
     /// Registered residents born on a date.
     Population {
         /// 生年月日.
@@ -192,7 +202,8 @@ fn parse_date(text: &str) -> Option<Date> {
 
 impl Cell {
     /// The counter's key in the store: `d|date|product|dose|band|sex|venue municipality`,
-    /// `l|date|bucket`, `r|date|reason`, `p|birth date|sex`. Dated keys sort by date.
+    /// `l|date|bucket`, `r|date|reason`, `u|date|venue|product`, `p|birth date|sex`. Dated
+    /// keys sort by date.
     pub fn key(&self) -> String {
         match self {
             Cell::Dose { date, product, dose_number, age_band, sex, venue_municipality } => {
@@ -200,6 +211,7 @@ impl Cell {
             }
             Cell::Lag { date, bucket } => format!("l|{date}|{}", bucket.as_str()),
             Cell::Rejected { date, reason } => format!("r|{date}|{reason}"),
+            Cell::Used { date, venue, product } => format!("u|{date}|{venue}|{product}"),
             Cell::Population { birth_date, sex } => format!("p|{birth_date}|{}", sex_str(*sex)),
         }
     }
@@ -222,6 +234,11 @@ impl Cell {
             ["r", date, reason] => {
                 Some(Cell::Rejected { date: parse_date(date)?, reason: (*reason).to_owned() })
             }
+            ["u", date, venue, product] => Some(Cell::Used {
+                date: parse_date(date)?,
+                venue: (*venue).to_owned(),
+                product: (*product).to_owned(),
+            }),
             ["p", birth, sex] => {
                 Some(Cell::Population { birth_date: parse_date(birth)?, sex: parse_sex(sex)? })
             }
@@ -232,7 +249,10 @@ impl Cell {
     /// The vaccination (or refusal) date a daily document carries this cell under.
     pub fn date(&self) -> Option<Date> {
         match self {
-            Cell::Dose { date, .. } | Cell::Lag { date, .. } | Cell::Rejected { date, .. } => Some(*date),
+            Cell::Dose { date, .. }
+            | Cell::Lag { date, .. }
+            | Cell::Rejected { date, .. }
+            | Cell::Used { date, .. } => Some(*date),
             Cell::Population { .. } => None,
         }
     }
@@ -253,6 +273,23 @@ fn dose_cell(dose: &DoseEvent, identity: &Identity, owner: MunicipalityCode) -> 
         sex: identity.sex,
         venue_municipality: venue_municipality(&dose.venue, owner),
     }
+}
+
+/// The stock-usage cell of a dose given at one of the owner's own venues (a venue named
+/// `131016/…` belongs to another municipality, whose stock it used).
+fn used_cell(dose: &DoseEvent) -> Option<Cell> {
+    (!dose.venue.contains('/')).then(|| Cell::Used {
+        date: dose.vaccinated_on,
+        venue: dose.venue.clone(),
+        product: dose.product_code.clone(),
+    })
+}
+
+/// A valid dose's cells: its count, and its venue's usage when the venue is the owner's.
+fn dose_cells(dose: &DoseEvent, identity: &Identity, owner: MunicipalityCode, sign: i64) -> Vec<(Cell, i64)> {
+    let mut cells = vec![(dose_cell(dose, identity, owner), sign)];
+    cells.extend(used_cell(dose).map(|cell| (cell, sign)));
+    cells
 }
 
 fn population_cell(identity: &Identity) -> Option<Cell> {
@@ -277,7 +314,7 @@ fn given_at(dose: &DoseEvent) -> OffsetDateTime {
 pub fn record_cells(record: &ResidentRecord) -> Vec<(Cell, i64)> {
     let mut cells: Vec<(Cell, i64)> = population_cell(&record.identity).map(|c| (c, 1)).into_iter().collect();
     for dose in record.doses.values().filter(|d| d.status == DoseStatus::Valid) {
-        cells.push((dose_cell(dose, &record.identity, record.municipality), 1));
+        cells.extend(dose_cells(dose, &record.identity, record.municipality, 1));
     }
     cells
 }
@@ -312,25 +349,25 @@ pub fn event_delta(
         ResidentEvent::CouponIssued { .. } | ResidentEvent::CouponRevoked { .. } => {}
         ResidentEvent::DoseRecorded(dose) => {
             if let Some(old) = valid_before(&dose.event_id) {
-                delta.push((dose_cell(old, identity, owner), -1));
+                delta.extend(dose_cells(old, identity, owner, -1));
             }
             if dose.status == DoseStatus::Valid {
-                delta.push((dose_cell(dose, identity, owner), 1));
+                delta.extend(dose_cells(dose, identity, owner, 1));
             }
             let bucket = LagBucket::of(recorded_at - given_at(dose));
             delta.push((Cell::Lag { date: dose.vaccinated_on, bucket }, 1));
         }
         ResidentEvent::DoseVoided { correction, .. } => {
             if let Some(old) = valid_before(&correction.event_id) {
-                delta.push((dose_cell(old, identity, owner), -1));
+                delta.extend(dose_cells(old, identity, owner, -1));
             }
         }
         ResidentEvent::DoseAmended { amended, .. } => {
             if let Some(old) = valid_before(&amended.event_id) {
-                delta.push((dose_cell(old, identity, owner), -1));
+                delta.extend(dose_cells(old, identity, owner, -1));
             }
             if amended.status == DoseStatus::Valid {
-                delta.push((dose_cell(amended, identity, owner), 1));
+                delta.extend(dose_cells(amended, identity, owner, 1));
             }
         }
     }
@@ -451,6 +488,34 @@ pub struct VenueListing {
     pub venues: Vec<PublicVenue>,
 }
 
+/// One venue's stock of one product, in doses (接種回数分), as its municipality keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VenueStock {
+    /// Venue id.
+    pub venue: String,
+    /// Catalogue product code.
+    pub product: String,
+    /// Allocated to the venue by the municipality.
+    pub allocated: u64,
+    /// Reported delivered at the venue.
+    pub delivered: u64,
+    /// Reported wasted at the venue.
+    pub wasted: u64,
+}
+
+/// A municipality's venue stock. A newer version replaces the whole report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockReport {
+    /// The municipality.
+    pub municipality: MunicipalityCode,
+    /// Strictly increasing across every document the municipality publishes.
+    pub version: u64,
+    /// When the node built it (RFC 3339).
+    pub generated_at: String,
+    /// Per venue and product, sorted.
+    pub venues: Vec<VenueStock>,
+}
+
 /// A statistics document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -461,6 +526,8 @@ pub enum Statistics {
     Population(PopulationStatistics),
     /// The public venue listing.
     Venues(VenueListing),
+    /// The venues' stock.
+    Stock(StockReport),
 }
 
 impl Statistics {
@@ -470,6 +537,7 @@ impl Statistics {
             Statistics::Daily(d) => d.municipality,
             Statistics::Population(p) => p.municipality,
             Statistics::Venues(v) => v.municipality,
+            Statistics::Stock(s) => s.municipality,
         }
     }
 
@@ -479,15 +547,18 @@ impl Statistics {
             Statistics::Daily(d) => d.version,
             Statistics::Population(p) => p.version,
             Statistics::Venues(v) => v.version,
+            Statistics::Stock(s) => s.version,
         }
     }
 
-    /// `daily/2021-06-01`, `population` or `venues`: which earlier document it replaces.
+    /// `daily/2021-06-01`, `population`, `venues` or `stock`: which earlier document it
+    /// replaces.
     pub fn slot(&self) -> String {
         match self {
             Statistics::Daily(d) => format!("daily/{}", d.date),
             Statistics::Population(_) => "population".to_owned(),
             Statistics::Venues(_) => "venues".to_owned(),
+            Statistics::Stock(_) => "stock".to_owned(),
         }
     }
 
@@ -497,6 +568,7 @@ impl Statistics {
             Statistics::Daily(d) => &d.generated_at,
             Statistics::Population(p) => &p.generated_at,
             Statistics::Venues(v) => &v.generated_at,
+            Statistics::Stock(s) => &s.generated_at,
         }
     }
 }
@@ -528,7 +600,7 @@ pub fn daily_from_cells<'a>(
             }
             Cell::Lag { bucket, .. } => doc.entry_lag.push(LagCount { bucket, count }),
             Cell::Rejected { reason, .. } => doc.rejected.push(RejectedCount { reason, count }),
-            Cell::Population { .. } => {}
+            Cell::Used { .. } | Cell::Population { .. } => {}
         }
     }
     doc.doses.sort();

@@ -1230,10 +1230,18 @@ fn statistics_follow_the_record_through_captures_voids_amendments_and_moves() {
     assert_eq!((*date, age_band.label()), (date!(2026 - 10 - 23), "70-79".to_owned()));
     assert!(!totals.keys().any(|cell| matches!(cell, Cell::Population { .. })), "moved out: not counted");
 
-    // Every key reads back as the cell it was made from.
-    for cell in totals.keys() {
-        assert_eq!(Cell::parse(&cell.key()).as_ref(), Some(cell));
+    // Every key reads back as the cell it was made from, of every kind.
+    let on = date!(2026 - 10 - 23);
+    let kinds = [
+        Cell::Lag { date: on, bucket: protocol::statistics::LagBucket::Week },
+        Cell::Rejected { date: on, reason: "interval_too_short".into() },
+        Cell::Used { date: on, venue: VENUE.into(), product: "comirnaty-30".into() },
+        Cell::Population { birth_date: date!(1950 - 01 - 01), sex: Sex::Female },
+    ];
+    for cell in totals.keys().chain(&kinds) {
+        assert_eq!(Cell::parse(&cell.key()).as_ref(), Some(cell), "{}", cell.key());
     }
+    assert!(totals.keys().any(|c| matches!(c, Cell::Dose { .. })));
 }
 
 #[test]

@@ -75,6 +75,17 @@ impl National {
         (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// POST on the national API.
+    pub(super) fn post(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        let agent = tests::agent_trusting(None).unwrap();
+        let response = agent
+            .post(&format!("http://{}{path}", self.http))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(body)
+            .unwrap();
+        tests::read(response).unwrap()
+    }
+
     /// GET on the national API, as JSON.
     pub(super) fn json(&self, path: &str, token: &str) -> Value {
         let (status, body) = self.get(path, Some(token));

@@ -86,6 +86,7 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     let dir = TempDir::new("terminals");
     let mut national = National::init(dir.path());
     let analyst = national.token("analyst", "national_analyst", None);
+    let admin = national.token("admin", "national_admin", None);
     let kanagawa = national.token("kanagawa", "prefecture_user", Some(14));
     let tokyo = national.token("tokyo", "prefecture_user", Some(13));
     national.start();
@@ -318,6 +319,8 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     assert_eq!(code, 200, "{body}");
     national_holds_counts_only(&national, (&analyst, &kanagawa, &tokyo), &yokohama, &chiyoda, &coupons);
 
+    stock_from_the_state_to_the_venue(&national, (&admin, &kanagawa, &tokyo), &yokohama);
+
     // An auditor checks Yokohama's log against the checkpoints deposited at the national node.
     yokohama.stop().unwrap();
     let anchors = national.json("/api/v1/national/anchors/141003", &analyst);
@@ -524,4 +527,81 @@ fn national_holds_counts_only(
             assert!(!haystack.contains(&latin1(form)), "the national node's files hold {needle:?}");
         }
     }
+}
+
+/// Allocation and stock: the state → Kanagawa → Yokohama → a venue; deliveries, wastage and
+/// the doses given there; each level sees its stock and days of supply.
+fn stock_from_the_state_to_the_venue(
+    national: &National,
+    (admin, kanagawa, tokyo): (&str, &str, &str),
+    yokohama: &Node,
+) {
+    let allocate = |token: &str, body: Value| national.post("/api/v1/national/allocations", token, &body);
+    let (code, body) = allocate(admin, json!({"prefecture": 14, "product": "comirnaty-30", "doses": 1000}));
+    assert_eq!(code, 201, "{body}");
+    let (code, body) =
+        allocate(kanagawa, json!({"municipality": "141003", "product": "comirnaty-30", "doses": 600}));
+    assert_eq!(code, 201, "{body}");
+    let (code, body) =
+        allocate(kanagawa, json!({"municipality": "141305", "product": "comirnaty-30", "doses": 500}));
+    assert_eq!((code, body["code"].as_str()), (409, Some("insufficient_stock")), "{body}");
+    assert!(body["detail_ja"].as_str().unwrap_or_default().contains("400"), "{body}");
+    let (code, _) = allocate(tokyo, json!({"municipality": "141003", "product": "comirnaty-30", "doses": 1}));
+    assert_eq!(code, 403, "Tokyo's user cannot allocate to Yokohama");
+    let (code, _) = allocate(admin, json!({"municipality": "141003", "product": "comirnaty-30", "doses": 1}));
+    assert_eq!(code, 400, "the state allocates to prefectures");
+
+    // Yokohama gives 300 to its venue, which receives them and breaks a vial (6 doses).
+    for (kind, doses, reason) in
+        [("allocation", 300, ""), ("delivery", 300, ""), ("wastage", 6, "バイアル破損")]
+    {
+        let entry = json!({"kind": kind, "venue": YOKOHAMA_VENUE, "product": "comirnaty-30", "doses": doses, "reason": reason});
+        let (code, body) = yokohama.post("/api/v1/stock/entries", &entry).unwrap();
+        assert_eq!(code, 201, "{body}");
+    }
+    let bad = json!({"kind": "wastage", "venue": YOKOHAMA_VENUE, "product": "comirnaty-30", "doses": 1});
+    let (code, body) = yokohama.post("/api/v1/stock/entries", &bad).unwrap();
+    assert_eq!((code, body["field"].as_str()), (400, Some("reason")), "wastage needs a reason: {body}");
+    // Doses given at the venue, from the documents.
+    let used_at_venue: u64 = super::FIXTURE
+        .iter()
+        .flat_map(|(atena, ..)| history(yokohama, &resident_id(yokohama, atena)).as_array().unwrap().clone())
+        .filter(|d| d["status"] == "valid" && d["venue"] == YOKOHAMA_VENUE)
+        .count() as u64;
+    assert!(used_at_venue >= 3, "{used_at_venue}");
+    let (code, body) = yokohama.get("/api/v1/stock").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let venue =
+        body["venues"].as_array().unwrap().iter().find(|v| v["venue"] == YOKOHAMA_VENUE).unwrap().clone();
+    assert_eq!(
+        (venue["delivered"].as_u64(), venue["used"].as_u64(), venue["wasted"].as_u64()),
+        (Some(300), Some(used_at_venue), Some(6)),
+        "{venue}"
+    );
+    assert_eq!(venue["on_hand"].as_i64(), Some(300 - used_at_venue as i64 - 6), "{venue}");
+    assert!(venue["days_of_supply"].as_f64().is_some_and(|d| d > 0.0), "{venue}");
+
+    // The national node sees Yokohama's stock once its report arrives: received 600, passed
+    // on 300 to the venue, the doses given at Yokohama's venues, the wastage.
+    let row = wait_for("Yokohama's stock at the national node", Duration::from_secs(30), || {
+        let body = national.json("/api/v1/national/stock?municipality=141003", kanagawa);
+        let row = body["products"].as_array()?.iter().find(|p| p["product"] == "comirnaty-30")?.clone();
+        (row["wasted"] == 6 && row["passed_on"] == 300).then_some(row)
+    });
+    assert_eq!(row["received"], 600, "{row}");
+    assert_eq!(row["used"].as_u64(), Some(used_at_venue), "{row}");
+    assert_eq!(row["on_hand"].as_i64(), Some(600 - used_at_venue as i64 - 6), "{row}");
+    let prefecture = national.json("/api/v1/national/stock", kanagawa);
+    let row = &prefecture["products"][0];
+    assert_eq!(
+        (row["received"].as_u64(), row["passed_on"].as_u64()),
+        (Some(1000), Some(600)),
+        "{prefecture}"
+    );
+    // Doses given in Chiyoda came from Chiyoda's stock, which received none: negative on hand.
+    let chiyoda = national.json("/api/v1/national/stock?municipality=131016", tokyo);
+    let row = &chiyoda["products"][0];
+    assert!(row["on_hand"].as_i64().is_some_and(|n| n < 0), "{chiyoda}");
+    let listed = national.json("/api/v1/national/allocations", kanagawa);
+    assert_eq!(listed["allocations"].as_array().unwrap().len(), 2, "Kanagawa's and Yokohama's: {listed}");
 }
