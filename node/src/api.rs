@@ -724,7 +724,7 @@ struct CaptureBody {
     event_id: Option<String>,
 }
 
-fn parse_date_field(field: &str, text: &str) -> Result<Date, Problem> {
+pub(crate) fn parse_date_field(field: &str, text: &str) -> Result<Date, Problem> {
     Date::parse(text, &time::format_description::well_known::Iso8601::DATE).map_err(|_| {
         Problem::bad_field(
             field,

@@ -118,11 +118,11 @@ pub struct HttpConfig {
     pub tls_key: String,
 }
 
-fn default_tls_cert() -> String {
+pub(crate) fn default_tls_cert() -> String {
     "keys/tls-cert.pem".into()
 }
 
-fn default_tls_key() -> String {
+pub(crate) fn default_tls_key() -> String {
     "keys/tls-key.pem".into()
 }
 

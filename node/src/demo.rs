@@ -90,11 +90,13 @@ const WARDS: &[&str] = &[
     "瀬谷区",
 ];
 
-/// A small deterministic generator (SplitMix64): the same seed gives the same population.
-struct SplitMix(u64);
+/// A small deterministic generator (SplitMix64): the same seed gives the same population
+/// (and the same benchmark data).
+pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -103,7 +105,7 @@ impl SplitMix {
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {

@@ -39,10 +39,10 @@ pub struct NationalConfig {
     #[serde(default)]
     pub plain_http: bool,
     /// TLS certificate (PEM), relative to the data directory.
-    #[serde(default = "default_tls_cert")]
+    #[serde(default = "crate::config::default_tls_cert")]
     pub tls_cert: String,
     /// TLS key (PEM), relative to the data directory.
-    #[serde(default = "default_tls_key")]
+    #[serde(default = "crate::config::default_tls_key")]
     pub tls_key: String,
     /// If set, every report received is appended here as JSON Lines (for audits of what
     /// the national node was sent).
@@ -52,14 +52,6 @@ pub struct NationalConfig {
 
 fn default_http_listen() -> String {
     "127.0.0.1:8470".to_owned()
-}
-
-fn default_tls_cert() -> String {
-    "keys/tls-cert.pem".to_owned()
-}
-
-fn default_tls_key() -> String {
-    "keys/tls-key.pem".to_owned()
 }
 
 /// What `federation init-national` is told.
@@ -108,8 +100,8 @@ pub fn init_national(dir: &Path, init: &NationalInit<'_>) -> anyhow::Result<(Str
         advertise: advertise.clone(),
         http_listen: http_listen.to_owned(),
         plain_http,
-        tls_cert: default_tls_cert(),
-        tls_key: default_tls_key(),
+        tls_cert: crate::config::default_tls_cert(),
+        tls_key: crate::config::default_tls_key(),
         message_log: None,
     };
     if !plain_http {

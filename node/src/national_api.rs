@@ -13,7 +13,7 @@ use axum::{Extension, Json, Router};
 use protocol::municipality::MunicipalityCode;
 use redb::ReadableDatabase;
 use serde::Deserialize;
-use time::{Date, OffsetDateTime};
+use time::OffsetDateTime;
 
 use crate::api::{Access, RouteSpec, presented_credential, too_many, with_request_context};
 use crate::auth::{Principal, RateLimiter, Role};
@@ -212,16 +212,6 @@ fn internal(error: anyhow::Error) -> Problem {
     Problem::internal(&error)
 }
 
-fn parse_date(field: &str, text: &str) -> Result<Date, Problem> {
-    Date::parse(text, &time::format_description::well_known::Iso8601::DATE).map_err(|_| {
-        Problem::bad_field(
-            field,
-            format!("{field}: {text:?} is not a date (YYYY-MM-DD)"),
-            format!("{field}: 「{text}」は日付（YYYY-MM-DD）ではありません"),
-        )
-    })
-}
-
 /// `prefecture` / `municipality` query parameters.
 #[derive(Debug, Default, Deserialize)]
 struct ScopeQuery {
@@ -342,7 +332,8 @@ async fn totals(
     Query(query): Query<TotalsQuery>,
 ) -> ApiResult {
     let scope = scope_of(&query.scope, &principal)?;
-    let (from, to) = (parse_date("from", &query.from)?, parse_date("to", &query.to)?);
+    let (from, to) =
+        (crate::api::parse_date_field("from", &query.from)?, crate::api::parse_date_field("to", &query.to)?);
     if from > to {
         return Err(Problem::bad_field("from", "from is after to", "from が to より後です"));
     }
@@ -378,7 +369,7 @@ async fn coverage(
 ) -> ApiResult {
     let scope = scope_of(&query.scope, &principal)?;
     let as_of = match &query.as_of {
-        Some(text) => parse_date("as_of", text)?,
+        Some(text) => crate::api::parse_date_field("as_of", text)?,
         None => crate::clock::japan_today(),
     };
     let by_age_band = match query.by.as_deref() {
@@ -445,7 +436,7 @@ async fn daily_report(
     Query(query): Query<ReportQuery>,
 ) -> ApiResult {
     let scope = scope_of(&query.scope, &principal)?;
-    let date = parse_date("date", &query.date)?;
+    let date = crate::api::parse_date_field("date", &query.date)?;
     let shift_jis = match query.encoding.as_deref().map(str::to_ascii_lowercase).as_deref() {
         None | Some("utf-8") | Some("utf8") => false,
         Some("shift_jis") | Some("sjis") | Some("cp932") => true,
@@ -518,7 +509,7 @@ async fn stock(
 ) -> ApiResult {
     let scope = scope_of(&query.scope, &principal)?;
     let as_of = match &query.as_of {
-        Some(text) => parse_date("as_of", text)?,
+        Some(text) => crate::api::parse_date_field("as_of", text)?,
         None => crate::clock::japan_today(),
     };
     let rows = state.store.stock(scope, as_of).map_err(internal)?;

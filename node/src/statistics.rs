@@ -99,20 +99,13 @@ pub struct VenueRecord {
     pub updated_at: String,
 }
 
-/// The body of `POST /api/v1/venues/{venue}`.
+/// The body of `POST /api/v1/venues/{venue}`: the venue's public fields (its id comes from
+/// the path) and whether it is listed.
 #[derive(Clone, Debug, Deserialize)]
 pub struct VenueBody {
-    /// Name.
-    pub name: String,
-    /// Address.
-    pub address: String,
-    /// Catalogue product codes.
-    pub products: Vec<String>,
-    /// `mon` … `sun` or `YYYY-MM-DD`.
-    pub opening_days: Vec<String>,
-    /// A note for citizens.
-    #[serde(default)]
-    pub note: String,
+    /// What the listing shows.
+    #[serde(flatten)]
+    pub venue: PublicVenue,
     /// Listed publicly (default true).
     #[serde(default = "listed_by_default")]
     pub listed: bool,
@@ -138,17 +131,18 @@ pub fn check_venue(id: &str, body: VenueBody, catalogue: &Catalogue) -> Result<V
         }
         Ok(value.to_owned())
     };
-    let name = text("name", &body.name, 100, true)?;
-    let address = text("address", &body.address, 200, true)?;
-    let note = text("note", &body.note, 500, false)?;
-    if body.products.is_empty() {
+    let VenueBody { venue, listed } = body;
+    let name = text("name", &venue.name, 100, true)?;
+    let address = text("address", &venue.address, 200, true)?;
+    let note = text("note", &venue.note, 500, false)?;
+    if venue.products.is_empty() {
         return Err(Problem::bad_field(
             "products",
             "list at least one product",
             "ワクチンを一つ以上指定してください",
         ));
     }
-    for product in &body.products {
+    for product in &venue.products {
         if !catalogue.products.iter().any(|p| &p.code == product) {
             return Err(Problem::bad_field(
                 "products",
@@ -157,7 +151,7 @@ pub fn check_venue(id: &str, body: VenueBody, catalogue: &Catalogue) -> Result<V
             ));
         }
     }
-    for day in &body.opening_days {
+    for day in &venue.opening_days {
         let date = Date::parse(day, &time::format_description::well_known::Iso8601::DATE).is_ok();
         if !date && !WEEKDAYS.contains(&day.as_str()) {
             return Err(Problem::bad_field(
@@ -167,15 +161,8 @@ pub fn check_venue(id: &str, body: VenueBody, catalogue: &Catalogue) -> Result<V
             ));
         }
     }
-    let venue = PublicVenue {
-        id: id.to_owned(),
-        name,
-        address,
-        products: body.products,
-        opening_days: body.opening_days,
-        note,
-    };
-    Ok(VenueRecord { venue, listed: body.listed, updated_at: now_text(OffsetDateTime::now_utc()) })
+    let venue = PublicVenue { id: id.to_owned(), name, address, note, ..venue };
+    Ok(VenueRecord { venue, listed, updated_at: now_text(OffsetDateTime::now_utc()) })
 }
 
 /// A report being sent, and what to clear once the national node has stored it.

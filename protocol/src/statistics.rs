@@ -458,6 +458,7 @@ pub struct PopulationCount {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublicVenue {
     /// The venue id the municipality uses (`naka-kumin-kaikan`).
+    #[serde(default)]
     pub id: String,
     /// Name (中区民会館).
     pub name: String,

@@ -718,42 +718,29 @@ fn crate_today() -> time::Date {
         .date()
 }
 
-/// A small deterministic generator (SplitMix64), so every run builds the same statistics.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// One municipality's figures for a day: 12–48 cells of two products, the dose numbers in
 /// use that season, every age band and sex, a few given away from home.
 fn day_of(
     code: protocol::municipality::MunicipalityCode,
     date: time::Date,
     version: u64,
-    rng: &mut SplitMix,
+    rng: &mut node::demo::SplitMix,
 ) -> protocol::statistics::Statistics {
     use protocol::document::Sex;
     use protocol::statistics::{AgeBand, Cell, daily_from_cells};
-    let n = 12 + (rng.next() % 37) as usize;
+    let n = 12 + (rng.next_u64() % 37) as usize;
     let mut cells = std::collections::BTreeMap::new();
     let bands: Vec<AgeBand> = AgeBand::all().collect();
     for _ in 0..n {
         let cell = Cell::Dose {
             date,
-            product: if rng.next().is_multiple_of(3) { "spikevax" } else { "comirnaty-30" }.to_owned(),
-            dose_number: 1 + (rng.next() % 3) as u8,
-            age_band: bands[(rng.next() % bands.len() as u64) as usize],
-            sex: if rng.next().is_multiple_of(2) { Sex::Male } else { Sex::Female },
+            product: if rng.next_u64().is_multiple_of(3) { "spikevax" } else { "comirnaty-30" }.to_owned(),
+            dose_number: 1 + (rng.next_u64() % 3) as u8,
+            age_band: bands[(rng.next_u64() % bands.len() as u64) as usize],
+            sex: if rng.next_u64().is_multiple_of(2) { Sex::Male } else { Sex::Female },
             venue_municipality: code,
         };
-        *cells.entry(cell).or_insert(0u64) += 1 + rng.next() % 400;
+        *cells.entry(cell).or_insert(0u64) += 1 + rng.next_u64() % 400;
     }
     let doc = daily_from_cells(
         code,
@@ -797,7 +784,7 @@ fn bench_national(days: u32, senders: usize) -> anyhow::Result<()> {
     for day in 0..days {
         let date = first + time::Duration::days(i64::from(day));
         // What every municipality sends that day (their work, not timed here).
-        let mut rng = SplitMix(u64::from(day) * 7919);
+        let mut rng = node::demo::SplitMix(u64::from(day) * 7919);
         let reports: Vec<(usize, ReportRequest)> = members
             .iter()
             .enumerate()
