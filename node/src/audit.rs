@@ -454,18 +454,27 @@ pub fn verify_store(
 /// Checks the store's log against the checkpoints the municipality deposited at the
 /// national node (`GET /api/v1/national/anchors/{municipality}`): each must be signed with
 /// the audit key, and the entry it names must still hash to what it says. A log rewritten
-/// and re-signed locally still differs from what was deposited before the rewrite. Returns
-/// the findings and how many anchors were checked.
+/// and re-signed locally still differs from what was deposited before the rewrite.
+/// Checkpoints of another log of the municipality (the old primary's, before a failover)
+/// are left aside. Returns the findings, how many anchors were checked and how many were
+/// of another log.
 pub fn verify_anchors(
     txn: &ReadTransaction,
     municipality: MunicipalityCode,
     public_key: &[u8],
     anchors: &[protocol::statistics::AnchoredCheckpoint],
-) -> anyhow::Result<(Vec<Finding>, u64)> {
+) -> anyhow::Result<(Vec<Finding>, u64, u64)> {
     let entries = txn.open_table(AUDIT)?;
     let key = UnparsedPublicKey::new(&ED25519, public_key);
+    let own = hex_lower(public_key);
     let mut findings = Vec::new();
+    let (mut checked, mut other) = (0, 0);
     for anchor in anchors {
+        if !anchor.log_key.is_empty() && anchor.log_key != own {
+            other += 1;
+            continue;
+        }
+        checked += 1;
         let at = format!("anchor {}", anchor.seq);
         let message = checkpoint_message(municipality, anchor.seq, &anchor.hash, &anchor.at);
         let signed = hex_decode(&anchor.signature).is_some_and(|sig| key.verify(&message, &sig).is_ok());
@@ -494,7 +503,7 @@ pub fn verify_anchors(
             Some(_) => {}
         }
     }
-    Ok((findings, anchors.len() as u64))
+    Ok((findings, checked, other))
 }
 
 #[derive(Deserialize)]

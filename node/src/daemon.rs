@@ -95,6 +95,15 @@ pub async fn serve(
     };
     let service = capture_service(&files, &store)?;
     let reporter_key = reporter_key(&files)?;
+    let audit_public_key = files.audit_public_key();
+    if files.config.role == crate::config::Role::Municipal
+        && store.read()?.meta(crate::store::META_STATS_COUNTED)? == 0
+    {
+        // A store from before the counters existed: count its documents once.
+        let n = crate::statistics::rebuild(&store)?;
+        files.audit_cli(&store, "statistics.rebuild", &format!("counters:{n}"), "ok")?;
+        tracing::info!(counters = n, "statistics counted from the documents");
+    }
     let address = crate::terminals::p2p_address(&files).ok();
     let mut started = start(files, store)?;
     started.tls = tls;
@@ -119,6 +128,7 @@ pub async fn serve(
                 writer,
                 key,
                 started.state.municipality,
+                &audit_public_key,
             )?;
             options.reporter = Some(Arc::new(reporter));
         }

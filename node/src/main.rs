@@ -991,13 +991,18 @@ fn run_audit(command: AuditCommands) -> anyhow::Result<()> {
                 let deposited: Deposited = serde_json::from_str(&text).with_context(|| {
                     format!("{} is not the national node's list of checkpoints", path.display())
                 })?;
-                let (findings, n) = node::audit::verify_anchors(
+                let (findings, n, other) = node::audit::verify_anchors(
                     store.read()?.txn(),
                     files.config.municipality,
                     &key,
                     &deposited.checkpoints,
                 )?;
                 println!("国に預けたチェックポイント / checkpoints deposited at the national node: {n}");
+                if other > 0 {
+                    println!(
+                        "（他のログ（切替前の本番系など）のもの {other} 件は対象外 / {other} of another log, e.g. the primary before a failover, left aside）"
+                    );
+                }
                 report.findings.extend(findings);
             }
             print_report(&report)

@@ -33,8 +33,8 @@ const STATISTICS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("n
 const REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("national_reports");
 /// seq → JSON of an [`Allocation`].
 const ALLOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("national_allocations");
-/// (municipality, seq) → JSON of the [`AnchoredCheckpoint`] deposited first.
-const ANCHORS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("national_anchors");
+/// (municipality, audit log key, seq) → JSON of the [`AnchoredCheckpoint`] deposited first.
+const ANCHORS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("national_anchors");
 
 /// What national totals are kept by.
 type Dim = (String, u8, AgeBand, Sex);
@@ -307,7 +307,7 @@ struct Job {
     municipality: MunicipalityCode,
     documents: Vec<(SignedStatistics, Statistics)>,
     checkpoints: Vec<AnchoredCheckpoint>,
-    reply: mpsc::Sender<anyhow::Result<(u32, u32)>>,
+    reply: mpsc::Sender<anyhow::Result<(u32, u32, u64)>>,
 }
 
 /// Most reports in one commit.
@@ -334,9 +334,9 @@ fn run_writer(db: &Database, aggregates: &RwLock<Aggregates>, jobs: &mpsc::Recei
                         aggregates.freshness.insert(job.municipality, freshness.clone());
                     }
                 }
-                for (job, (replaced, _, kept)) in batch.into_iter().zip(results) {
+                for (job, (replaced, freshness, kept)) in batch.into_iter().zip(results) {
                     let n = u32::try_from(replaced.len()).unwrap_or(u32::MAX);
-                    let _ = job.reply.send(Ok((n, kept)));
+                    let _ = job.reply.send(Ok((n, kept, freshness.last_version)));
                 }
             }
             Err(error) => {
@@ -379,8 +379,9 @@ fn store_batch(db: &Database, batch: &[Job]) -> anyhow::Result<Vec<Stored>> {
             }
             let mut kept = 0;
             for checkpoint in &job.checkpoints {
-                if anchors.get((code, checkpoint.seq))?.is_none() {
-                    anchors.insert((code, checkpoint.seq), serde_json::to_vec(checkpoint)?.as_slice())?;
+                let key = (code, checkpoint.log_key.as_str(), checkpoint.seq);
+                if anchors.get(key)?.is_none() {
+                    anchors.insert(key, serde_json::to_vec(checkpoint)?.as_slice())?;
                     kept += 1;
                 }
             }
@@ -553,7 +554,9 @@ impl NationalStore {
             .map_err(|_| ())
             .and_then(|writer| writer.as_ref().ok_or(())?.send(job).map_err(|_| ()));
         match sent.ok().and_then(|()| answer.recv().ok()) {
-            Some(Ok((statistics, checkpoints))) => ReportResponse::Stored { statistics, checkpoints },
+            Some(Ok((statistics, checkpoints, held_version))) => {
+                ReportResponse::Stored { statistics, checkpoints, held_version }
+            }
             _ => {
                 tracing::error!(%municipality, "cannot store a report");
                 refused("internal", "the national node could not store the report; send it again".into())
@@ -679,8 +682,12 @@ impl NationalStore {
         let table = read.open_table(ANCHORS)?;
         let code = municipality.as_str();
         let mut out = Vec::new();
-        for row in table.range((code, 0)..=(code, u64::MAX))? {
-            out.push(serde_json::from_slice(row?.1.value())?);
+        for row in table.range((code, "", 0)..)? {
+            let (key, value) = row?;
+            if key.value().0 != code {
+                break;
+            }
+            out.push(serde_json::from_slice(value.value())?);
         }
         Ok(out)
     }
@@ -831,7 +838,7 @@ impl NationalStore {
                 row.1 += a.doses;
             }
         }
-        let week_start = as_of - time::Duration::days(6);
+        let week_start = as_of.checked_sub(time::Duration::days(6)).unwrap_or(Date::MIN);
         for (municipality, days) in &aggregates.used {
             if !scope.contains(*municipality) {
                 continue;

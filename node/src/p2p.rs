@@ -1121,13 +1121,13 @@ impl Node {
                     return;
                 }
                 match response {
-                    ReportResponse::Stored { statistics, checkpoints } => {
+                    ReportResponse::Stored { statistics, checkpoints, held_version } => {
                         tracing::debug!(statistics, checkpoints, "report stored by the national node");
                         let Some(reporter) = self.options.reporter.clone() else { return };
                         self.report.phase = ReportPhase::Acknowledging;
                         let events = self.report_events.clone();
                         tokio::spawn(async move {
-                            let result = reporter.acknowledged(*report).await;
+                            let result = reporter.acknowledged(*report, statistics, held_version).await;
                             let _ = events.send(ReportEvent::Acknowledged(result)).await;
                         });
                     }

@@ -192,6 +192,8 @@ pub struct Reporter {
     writer: WriterHandle,
     key: Ed25519KeyPair,
     municipality: MunicipalityCode,
+    /// The node's audit public key (hex), naming its log in deposited checkpoints.
+    audit_key: String,
     last_version: AtomicU64,
     /// Day (Julian) of the population last acknowledged; the population is re-sent daily
     /// because ages move with the date.
@@ -209,6 +211,7 @@ impl Reporter {
         writer: WriterHandle,
         key: Ed25519KeyPair,
         municipality: MunicipalityCode,
+        audit_public_key: &[u8],
     ) -> anyhow::Result<Reporter> {
         let last = store.read()?.meta(META_STATS_VERSION)?;
         Ok(Reporter {
@@ -216,6 +219,7 @@ impl Reporter {
             writer,
             key,
             municipality,
+            audit_key: protocol::person::hex_lower(audit_public_key),
             last_version: AtomicU64::new(last),
             population_day: AtomicU64::new(0),
         })
@@ -241,7 +245,8 @@ impl Reporter {
         let view = self.store.read()?;
         let txn = view.txn();
         let mut slots: Vec<(String, u64)> = Vec::new();
-        for row in txn.open_table(STATS_DIRTY)?.iter()?.take(MAX_STATISTICS_PER_REPORT) {
+        // One place is kept for the population, which is due every day without a mark.
+        for row in txn.open_table(STATS_DIRTY)?.iter()?.take(MAX_STATISTICS_PER_REPORT - 1) {
             let (slot, seq) = row?;
             slots.push((slot.value().to_owned(), seq.value()));
         }
@@ -313,6 +318,7 @@ impl Reporter {
             let checkpoint: Checkpoint = serde_json::from_slice(bytes.value())?;
             checkpoints.push(AnchoredCheckpoint {
                 municipality: self.municipality,
+                log_key: self.audit_key.clone(),
                 seq: checkpoint.seq,
                 hash: checkpoint.hash,
                 at: checkpoint.at,
@@ -330,9 +336,26 @@ impl Reporter {
     }
 
     /// The national node stored `report`: clears the slots nothing has touched since, and
-    /// remembers the version and the checkpoints deposited.
-    pub async fn acknowledged(&self, report: Report) -> anyhow::Result<()> {
-        if let Some(as_of) = report.population_as_of {
+    /// remembers the version and the checkpoints deposited. If it kept fewer documents than
+    /// were sent, some versions were not newer than what it holds (a promoted standby whose
+    /// clock is behind the old primary's): the slots stay due and the next versions start
+    /// above `held_version`.
+    pub async fn acknowledged(&self, report: Report, accepted: u32, held_version: u64) -> anyhow::Result<()> {
+        let sent = report.request.statistics.len();
+        let behind = (accepted as usize) < sent;
+        self.last_version.fetch_max(held_version, Ordering::Relaxed);
+        if behind {
+            tracing::warn!(
+                sent,
+                accepted,
+                held_version,
+                "the national node holds newer versions; sending again above them"
+            );
+        }
+        let slots = if behind { Vec::new() } else { report.slots.clone() };
+        let version = report.version.max(held_version);
+        let report = Report { slots, version, ..report };
+        if let Some(as_of) = report.population_as_of.filter(|_| !behind) {
             let day = u64::try_from(as_of.to_julian_day()).unwrap_or(0);
             self.population_day.store(day, Ordering::Relaxed);
         }
@@ -475,7 +498,7 @@ pub fn venue_usage(
     txn: &ReadTransaction,
     today: Date,
 ) -> anyhow::Result<BTreeMap<(String, String), (u64, u64)>> {
-    let week_start = today - time::Duration::days(6);
+    let week_start = today.checked_sub(time::Duration::days(6)).unwrap_or(Date::MIN);
     let mut out: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
     for (cell, n) in cells_with_prefix(txn, "u|")? {
         if let Cell::Used { date, venue, product } = cell {
@@ -543,9 +566,13 @@ pub fn rebuild(store: &Store) -> anyhow::Result<usize> {
     {
         let seq = crate::store::bump(&txn, crate::store::META_STATS_SEQ)?;
         let mut stats = txn.open_table(STATS)?;
+        // Every date with a counter before or after: a date whose counters all went must be
+        // reported again too, or the national node would keep its old figures.
+        let mut dates = std::collections::BTreeSet::new();
         let mut stale = Vec::new();
         for row in stats.iter()? {
             let (key, _) = row?;
+            dates.extend(Cell::parse(key.value()).and_then(|c| c.date()));
             if ["d|", "p|", "u|"].iter().any(|prefix| key.value().starts_with(prefix)) {
                 stale.push(key.value().to_owned());
             }
@@ -555,19 +582,18 @@ pub fn rebuild(store: &Store) -> anyhow::Result<usize> {
         }
         for (key, n) in &expected {
             stats.insert(key.as_str(), *n)?;
+            dates.extend(Cell::parse(key).and_then(|c| c.date()));
         }
         drop(stats);
         let mut dirty = txn.open_table(STATS_DIRTY)?;
-        dirty.insert("population", seq)?;
-        let read = txn.open_table(STATS)?;
-        let mut dates = std::collections::BTreeSet::new();
-        for row in read.iter()? {
-            let (key, _) = row?;
-            dates.extend(Cell::parse(key.value()).and_then(|c| c.date()));
+        for slot in ["population", "venues", "stock"] {
+            dirty.insert(slot, seq)?;
         }
         for date in dates {
             dirty.insert(format!("daily/{date}").as_str(), seq)?;
         }
+        drop(dirty);
+        txn.open_table(META)?.insert(crate::store::META_STATS_COUNTED, 1)?;
     }
     txn.commit()?;
     Ok(expected.len())

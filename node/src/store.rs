@@ -97,6 +97,9 @@ pub const META_COUPON_SERIAL: &str = "coupon_serial";
 pub const META_STATS_SEQ: &str = "stats_seq";
 /// `META` key: the newest statistics version the national node acknowledged.
 pub const META_STATS_VERSION: &str = "stats_version";
+/// `META` key: 1 once the statistics counters count every document (a new store, or after
+/// `statistics::rebuild`); a store from before counters existed has 0.
+pub const META_STATS_COUNTED: &str = "stats_counted";
 /// `META` key: the last stock ledger entry's number.
 pub const META_STOCK_SEQ: &str = "stock_seq";
 /// `META` key: the newest audit checkpoint deposited at the national node.
@@ -163,6 +166,10 @@ impl Store {
             txn.open_table(crate::auth::SESSIONS)?;
             txn.open_table(crate::auth::API_TOKENS)?;
             txn.open_table(crate::auth::TOKEN_NAMES)?;
+            // A store without documents has nothing left uncounted.
+            if txn.open_table(DOC_META)?.is_empty()? {
+                txn.open_table(META)?.insert(META_STATS_COUNTED, 1)?;
+            }
         }
         txn.commit()?;
         Ok(Arc::new(Store { db }))

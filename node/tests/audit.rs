@@ -249,6 +249,7 @@ fn deposited(log: &Log) -> Vec<AnchoredCheckpoint> {
             let checkpoint: Checkpoint = serde_json::from_slice(row.unwrap().1.value()).unwrap();
             AnchoredCheckpoint {
                 municipality: log.municipality,
+                log_key: String::new(),
                 seq: checkpoint.seq,
                 hash: checkpoint.hash,
                 at: checkpoint.at,
@@ -266,9 +267,9 @@ fn a_log_rewritten_and_re_signed_with_the_municipalitys_own_key_differs_from_the
     assert_eq!(anchors.len(), 3, "checkpoints at 4, 8 and 12");
     let key = original.log.public_key();
     let check = |log: &Log| {
-        let (findings, n) =
+        let (findings, n, other) =
             verify_anchors(log.store.read().unwrap().txn(), log.municipality, &key, &anchors).unwrap();
-        assert_eq!(n, 3);
+        assert_eq!((n, other), (3, 0));
         findings.iter().map(ToString::to_string).collect::<Vec<_>>()
     };
     assert_eq!(check(&original), Vec::<String>::new(), "the original agrees with its deposit");
@@ -296,7 +297,16 @@ fn a_log_rewritten_and_re_signed_with_the_municipalitys_own_key_differs_from_the
     // A forged deposit (another key) is reported, not trusted.
     let other = small_log("forged", 12);
     let forged = deposited(&other);
-    let (findings, _) =
+    let (findings, ..) =
         verify_anchors(original.store.read().unwrap().txn(), original.municipality, &key, &forged).unwrap();
     assert_eq!(findings.len(), 3, "{findings:?}");
+    // Checkpoints of another log (named by its key) are left aside, not reported.
+    let of_other_log: Vec<AnchoredCheckpoint> = forged
+        .into_iter()
+        .map(|a| AnchoredCheckpoint { log_key: protocol::person::hex_lower(&other.log.public_key()), ..a })
+        .collect();
+    let (findings, n, other_logs) =
+        verify_anchors(original.store.read().unwrap().txn(), original.municipality, &key, &of_other_log)
+            .unwrap();
+    assert_eq!((findings.len(), n, other_logs), (0, 0, 3));
 }

@@ -108,7 +108,11 @@ fn reports_are_stored_whole_from_the_primary_signed_and_newer_or_not_at_all() {
     store.ingest(&yokohama.entry, &report(&yokohama, &[daily("141003", 12, 4)]));
     for old in [daily("141003", 11, 9), daily("141003", 12, 4)] {
         let answer = store.ingest(&yokohama.entry, &report(&yokohama, &[old]));
-        assert!(matches!(answer, ReportResponse::Stored { statistics: 0, .. }), "{answer:?}");
+        // Ignored, and the sender learns the version to continue above.
+        assert!(
+            matches!(answer, ReportResponse::Stored { statistics: 0, held_version: 12, .. }),
+            "{answer:?}"
+        );
     }
     assert_eq!(total(&store, Scope::National), 4);
 

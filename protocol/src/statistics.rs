@@ -692,6 +692,10 @@ impl SignedStatistics {
 pub struct AnchoredCheckpoint {
     /// The municipality.
     pub municipality: MunicipalityCode,
+    /// The audit public key (hex) of the log it covers: a promoted standby keeps a log of
+    /// its own, numbered from 1 again.
+    #[serde(default)]
+    pub log_key: String,
     /// The entry covered.
     pub seq: u64,
     /// SHA-256 (hex) of that entry.
@@ -720,6 +724,11 @@ pub enum ReportResponse {
         statistics: u32,
         /// Checkpoints newly kept.
         checkpoints: u32,
+        /// The newest version the national node holds from this municipality. A document
+        /// not newer than what is held for its slot is ignored; a sender whose versions fell
+        /// behind (a promoted standby with a slower clock) continues above this one.
+        #[serde(default)]
+        held_version: u64,
     },
     /// Refused as a whole; nothing was stored.
     Refused {

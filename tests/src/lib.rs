@@ -59,12 +59,24 @@ impl Drop for TempDir {
     }
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port for a process to listen on later. It is taken from 20000–32767,
+/// below Linux's ephemeral range (32768–60999): a port the kernel hands out for binding to
+/// port 0 is also what outgoing connections use, so one chosen that way can be taken by a
+/// dial (libp2p, HTTP clients) before the process that should listen on it starts. Each
+/// port is handed out once per test process, and only if it can be bound now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Spread runs of the test process apart so that leftovers of an earlier run are missed.
+    let start = 20_000 + (std::process::id() % 1_000) * 12;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(20_000 + (start - 20_000 + offset) % 12_768).expect("port below 32768");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+        assert!(offset < 12_768, "no free port in 20000–32767");
+    }
 }
 
 /// A node's data directory and, while running, its process.
