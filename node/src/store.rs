@@ -530,6 +530,28 @@ impl<'a> Mutation<'a> {
         event: &ResidentEvent,
         at: OffsetDateTime,
     ) -> anyhow::Result<()> {
+        self.apply_to(resident_id, event, at, None)
+    }
+
+    /// [`Self::apply`] for a caller that has just read the record (`before`, in this
+    /// transaction): the statistics delta is computed from it instead of reading it again.
+    pub fn apply_after(
+        &mut self,
+        resident_id: &str,
+        event: &ResidentEvent,
+        at: OffsetDateTime,
+        before: &ResidentRecord,
+    ) -> anyhow::Result<()> {
+        self.apply_to(resident_id, event, at, Some(before))
+    }
+
+    fn apply_to(
+        &mut self,
+        resident_id: &str,
+        event: &ResidentEvent,
+        at: OffsetDateTime,
+        before: Option<&ResidentRecord>,
+    ) -> anyhow::Result<()> {
         if !self.ensure_loaded(resident_id)? {
             bail!("resident {resident_id} does not exist");
         }
@@ -537,12 +559,14 @@ impl<'a> Mutation<'a> {
         let loaded = self.cache.get_mut(resident_id).context("cache lost a document")?;
         let counts =
             !matches!(event, ResidentEvent::CouponIssued { .. } | ResidentEvent::CouponRevoked { .. });
-        let delta = if counts {
-            let before =
-                read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
-            event_delta(&before, event, at)
-        } else {
-            Vec::new()
+        let delta = match before {
+            _ if !counts => Vec::new(),
+            Some(before) => event_delta(before, event, at),
+            None => {
+                let before =
+                    read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
+                event_delta(&before, event, at)
+            }
         };
         let heads: Vec<ChangeHash> = loaded.doc.get_heads();
         apply_event(&mut loaded.doc, event, at)?;

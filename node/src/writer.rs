@@ -574,7 +574,7 @@ fn capture_one(
         Err(refusal) => Ok(Err(refusal.into())),
         Ok(CaptureDecision::Replay(event)) => Ok(Ok(CaptureOutcome { replay: true, resident_id, event })),
         Ok(CaptureDecision::Record(event)) => {
-            m.apply(&resident_id, &ResidentEvent::DoseRecorded(event.clone()), now)?;
+            m.apply_after(&resident_id, &ResidentEvent::DoseRecorded(event.clone()), now, &record)?;
             m.set_index(IDX_EVENT, &event.event_id, &resident_id)?;
             Ok(Ok(CaptureOutcome { replay: false, resident_id, event }))
         }
@@ -598,7 +598,7 @@ fn void_one(
         Err(refusal) => Ok(Err(refusal.into())),
         Ok((correction, reopen_coupon)) => {
             let event = ResidentEvent::DoseVoided { correction: correction.clone(), reopen_coupon };
-            m.apply(resident_id, &event, now)?;
+            m.apply_after(resident_id, &event, now, &record)?;
             Ok(Ok(correction))
         }
     }
@@ -634,7 +634,7 @@ fn amend_one(
         Err(refusal) => Ok(Err(refusal.into())),
         Ok((amended, correction)) => {
             let event = ResidentEvent::DoseAmended { amended, correction: correction.clone() };
-            m.apply(resident_id, &event, now)?;
+            m.apply_after(resident_id, &event, now, &record)?;
             Ok(Ok(correction))
         }
     }
