@@ -853,6 +853,7 @@ pub fn count_cells(txn: &WriteTransaction, cells: &[(Cell, i64)]) -> anyhow::Res
     let seq = bump(txn, META_STATS_SEQ)?;
     let mut stats = txn.open_table(STATS)?;
     let mut dirty = txn.open_table(STATS_DIRTY)?;
+    let mut slots = std::collections::BTreeSet::new();
     for (cell, change) in cells {
         let key = cell.key();
         let current = stats.get(key.as_str())?.map_or(0, |v| v.value());
@@ -867,7 +868,10 @@ pub fn count_cells(txn: &WriteTransaction, cells: &[(Cell, i64)]) -> anyhow::Res
         } else {
             stats.insert(key.as_str(), next)?;
         }
-        let slot = match cell.date() {
+        slots.insert(cell.date());
+    }
+    for date in slots {
+        let slot = match date {
             Some(date) => format!("daily/{date}"),
             None => "population".to_owned(),
         };
