@@ -1721,47 +1721,44 @@ async fn audit_export(
 /// The authorization table (route × role) as Markdown, printed from [`ROUTES`] into
 /// `docs/security.md` (`vrs-node authz-table`); a test keeps the document equal to it.
 pub fn authorization_table_markdown() -> String {
+    let mut out = route_table(
+        ROUTES,
+        &Role::ALL,
+        |spec, role| role == Role::VenueOperator && spec.path == "/api/v1/captures",
+        "✔ 担当会場のみ",
+    );
+    out.push_str("\n国ノード / national node (`node/src/national_api.rs`):\n\n");
+    let national = [Role::NationalAdmin, Role::NationalAnalyst, Role::PrefectureUser];
+    out.push_str(&route_table(
+        crate::national_api::NATIONAL_ROUTES,
+        &national,
+        |_, role| role == Role::PrefectureUser,
+        "✔ 自都道府県のみ",
+    ));
+    out
+}
+
+/// One Markdown table: a row per route, a column per role; `limited` marks the cells where
+/// the role passes only for part of the data (its venues, its prefecture).
+fn route_table(
+    routes: &[RouteSpec],
+    roles: &[Role],
+    limited: impl Fn(&RouteSpec, Role) -> bool,
+    limited_mark: &str,
+) -> String {
     let mut out = String::from("| method | path | 内容 / what |");
-    for role in Role::ALL {
+    for role in roles {
         out.push_str(&format!(" {} |", role.as_str()));
     }
     out.push_str("\n|---|---|---|");
-    for _ in Role::ALL {
-        out.push_str(":-:|");
-    }
+    out.push_str(&":-:|".repeat(roles.len()));
     out.push('\n');
-    for spec in ROUTES {
+    for spec in routes {
         out.push_str(&format!("| {} | `{}` | {} |", spec.method, spec.path, spec.summary_ja));
-        for role in Role::ALL {
+        for &role in roles {
             let cell = match spec.access {
                 Access::Public => "公開",
-                _ if spec.access.allows(role)
-                    && role == Role::VenueOperator
-                    && spec.path == "/api/v1/captures" =>
-                {
-                    "✔ 担当会場のみ"
-                }
-                _ if spec.access.allows(role) => "✔",
-                _ => "—",
-            };
-            out.push_str(&format!(" {cell} |"));
-        }
-        out.push('\n');
-    }
-    out.push_str(
-        "\n国ノード / national node (`node/src/national_api.rs`):\n\n| method | path | 内容 / what |",
-    );
-    let national = [Role::NationalAdmin, Role::NationalAnalyst, Role::PrefectureUser];
-    for role in national {
-        out.push_str(&format!(" {} |", role.as_str()));
-    }
-    out.push_str("\n|---|---|---|:-:|:-:|:-:|\n");
-    for spec in crate::national_api::NATIONAL_ROUTES {
-        out.push_str(&format!("| {} | `{}` | {} |", spec.method, spec.path, spec.summary_ja));
-        for role in national {
-            let cell = match spec.access {
-                Access::Public => "公開",
-                _ if spec.access.allows(role) && role == Role::PrefectureUser => "✔ 自都道府県のみ",
+                _ if spec.access.allows(role) && limited(spec, role) => limited_mark,
                 _ if spec.access.allows(role) => "✔",
                 _ => "—",
             };
