@@ -1106,9 +1106,7 @@ async fn add_stock_entry(
         doses: entry.doses,
         reason: entry.reason.trim().to_owned(),
         by: who.actor.clone(),
-        at: OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
+        at: crate::clock::rfc3339(OffsetDateTime::now_utc()),
     };
     let subject = format!("venue:{}", record.venue);
     let stored = state

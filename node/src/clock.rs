@@ -15,6 +15,11 @@ pub fn japan_today() -> Date {
     OffsetDateTime::now_utc().to_offset(JST).date()
 }
 
+/// An instant as RFC 3339 text (`2026-11-20T10:00:00Z`), as records and reports carry it.
+pub fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
 /// A new globally unique id: `prefix-` and 128 random bits in hex.
 pub fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 16];

@@ -389,7 +389,7 @@ fn store_batch(db: &Database, batch: &[Job]) -> anyhow::Result<Vec<Stored>> {
                 Some(bytes) => serde_json::from_slice(bytes.value())?,
                 None => Freshness::default(),
             };
-            freshness.last_report_at = Some(now_text(now));
+            freshness.last_report_at = Some(crate::clock::rfc3339(now));
             for (old, doc) in &replaced {
                 freshness.last_version = freshness.last_version.max(doc.version());
                 if old.is_none() {
@@ -405,10 +405,6 @@ fn store_batch(db: &Database, batch: &[Job]) -> anyhow::Result<Vec<Stored>> {
     }
     txn.commit()?;
     Ok(results)
-}
-
-fn now_text(at: OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 fn refused(code: &str, message: String) -> ReportResponse {
@@ -488,7 +484,7 @@ impl NationalStore {
     pub fn log_message(&self, peer: &str, kind: &str, message: &impl Serialize) {
         let Some(log) = &self.message_log else { return };
         let line = serde_json::json!({
-            "received_at": now_text(OffsetDateTime::now_utc()),
+            "received_at": crate::clock::rfc3339(OffsetDateTime::now_utc()),
             "peer": peer,
             "kind": kind,
             "message": message,
@@ -787,7 +783,7 @@ impl NationalStore {
             let id = table.last()?.map_or(0, |(k, _)| k.value()) + 1;
             let allocation = Allocation {
                 id,
-                at: now_text(OffsetDateTime::now_utc()),
+                at: crate::clock::rfc3339(OffsetDateTime::now_utc()),
                 by: by.to_owned(),
                 to_prefecture,
                 to_municipality,

@@ -162,7 +162,7 @@ pub fn check_venue(id: &str, body: VenueBody, catalogue: &Catalogue) -> Result<V
         }
     }
     let venue = PublicVenue { id: id.to_owned(), name, address, note, ..venue };
-    Ok(VenueRecord { venue, listed, updated_at: now_text(OffsetDateTime::now_utc()) })
+    Ok(VenueRecord { venue, listed, updated_at: crate::clock::rfc3339(OffsetDateTime::now_utc()) })
 }
 
 /// A report being sent, and what to clear once the national node has stored it.
@@ -198,10 +198,6 @@ pub struct Reporter {
     /// Day (Julian) of the population last acknowledged; the population is re-sent daily
     /// because ages move with the date.
     population_day: AtomicU64,
-}
-
-fn now_text(at: OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 impl Reporter {
@@ -255,7 +251,7 @@ impl Reporter {
         if population_due && !slots.iter().any(|(slot, _)| slot == "population") {
             slots.push(("population".to_owned(), 0));
         }
-        let generated_at = now_text(now);
+        let generated_at = crate::clock::rfc3339(now);
         let mut statistics = Vec::with_capacity(slots.len());
         let mut version = 0;
         let mut population_as_of = None;

@@ -104,10 +104,6 @@ pub struct SyncStatus {
     pub last_bundle_check: Option<String>,
 }
 
-fn rfc3339(at: OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
 impl TerminalRuntime {
     /// Loads the runtime from a terminal's store.
     pub fn open(store: Arc<Store>, municipality: MunicipalityCode, venue: &str) -> anyhow::Result<Arc<Self>> {
@@ -493,7 +489,7 @@ pub async fn run_sync(
                                 if let Err(problem) = result {
                                     tracing::error!(error = %problem.message_en, "cannot store the node's answers");
                                 }
-                                runtime.sync.lock().map(|mut s| s.last_push = Some(rfc3339(OffsetDateTime::now_utc()))).ok();
+                                runtime.sync.lock().map(|mut s| s.last_push = Some(crate::clock::rfc3339(OffsetDateTime::now_utc()))).ok();
                                 // Only captures waiting for another municipality: ask again later.
                                 next_push = Instant::now()
                                     + if all_waiting { Duration::from_millis(500) } else { Duration::ZERO };
@@ -603,7 +599,11 @@ async fn take_bundle(
     who: &Who,
     response: CaptureResponse,
 ) -> anyhow::Result<()> {
-    runtime.sync.lock().map(|mut s| s.last_bundle_check = Some(rfc3339(OffsetDateTime::now_utc()))).ok();
+    runtime
+        .sync
+        .lock()
+        .map(|mut s| s.last_bundle_check = Some(crate::clock::rfc3339(OffsetDateTime::now_utc())))
+        .ok();
     let bundle = match response {
         CaptureResponse::Bundle { bundle: Some(bundle) } => *bundle,
         CaptureResponse::Bundle { bundle: None } => return Ok(()),
