@@ -62,6 +62,8 @@ pub struct AppState {
     pub terminal: Option<Arc<crate::terminal::TerminalRuntime>>,
     /// The address terminals dial (`/…/p2p/<peer id>`), when this node serves terminals.
     pub p2p_address: Option<String>,
+    /// Relocation handoffs (a municipal primary in a federation).
+    pub handoffs: Option<Arc<crate::handoff::HandoffService>>,
 }
 
 /// Who may call a route.
@@ -186,6 +188,34 @@ pub const ROUTES: &[RouteSpec] = &[
         STAFF,
         "接種記録の訂正（理由必須）",
         "Amend a dose event (reason required)",
+    ),
+    route(
+        "POST",
+        "/api/v1/residents/{resident_id}/move-out",
+        ADMIN,
+        "転出：住民の記録を転出先へ引き継ぐ（暗号化して全国ノード経由）",
+        "Move a resident out: hand their record, sealed, to the new municipality",
+    ),
+    route(
+        "GET",
+        "/api/v1/handoffs",
+        ADMIN,
+        "転出・転入の引き継ぎ一覧",
+        "Relocation handoffs sent, received and asked for",
+    ),
+    route(
+        "POST",
+        "/api/v1/handoffs/requests",
+        ADMIN,
+        "転入：個人番号で前住所地に接種歴を求める",
+        "Register a newcomer and ask the federation for their history",
+    ),
+    route(
+        "POST",
+        "/api/v1/handoffs/{handoff_id}/accept",
+        ADMIN,
+        "受け取った引き継ぎを受け入れる（住民登録・次回接種券の発行）",
+        "Accept a received handoff (creates the resident, issues the next coupon)",
     ),
     route(
         "POST",
@@ -340,6 +370,10 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("GET", "/api/v1/residents/{resident_id}") => get(resident),
         ("POST", "/api/v1/residents/{resident_id}/doses/{event_id}/void") => post(void_dose),
         ("POST", "/api/v1/residents/{resident_id}/doses/{event_id}/amend") => post(amend_dose),
+        ("POST", "/api/v1/residents/{resident_id}/move-out") => post(move_out),
+        ("GET", "/api/v1/handoffs") => get(list_handoffs),
+        ("POST", "/api/v1/handoffs/requests") => post(ask_history),
+        ("POST", "/api/v1/handoffs/{handoff_id}/accept") => post(accept_handoff),
         ("POST", "/api/v1/coupons/{coupon_number}/reissue") => post(reissue),
         ("POST", "/api/v1/coupons/{coupon_number}/revoke") => post(revoke),
         ("GET", "/api/v1/lots") => get(list_lots),
@@ -823,6 +857,7 @@ async fn capture(
         recorded_by,
         captured_at: None,
         forwarded_lot: None,
+        transferred_from: None,
     };
     let outcome = state.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await?;
     let code = if outcome.replay { StatusCode::OK } else { StatusCode::CREATED };
@@ -930,6 +965,7 @@ fn resident_view(record: &ResidentRecord) -> serde_json::Value {
         "history": doses,
         "coupons": record.coupons,
         "corrections": record.corrections,
+        "transfer": record.transfer,
     })
 }
 
@@ -949,6 +985,135 @@ async fn resident(
     let mut view = resident_view(&record);
     view["heads"] = json!(heads);
     Ok(Json(view).into_response())
+}
+
+fn handoffs(state: &AppState) -> Result<Arc<crate::handoff::HandoffService>, Problem> {
+    state.handoffs.clone().ok_or_else(|| {
+        Problem::new(
+            StatusCode::CONFLICT,
+            "not_in_federation",
+            None,
+            "this node is not a municipal primary in a federation; handoffs go through the national node",
+            "この本番系ノードは連携（全国ノード）に参加していないため、引き継ぎできません",
+        )
+    })
+}
+
+fn municipality_field(field: &str, text: &str) -> Result<MunicipalityCode, Problem> {
+    MunicipalityCode::parse(text.trim()).ok().filter(|code| code.is_known()).ok_or_else(|| {
+        Problem::bad_field(
+            field,
+            format!("{text:?} is not a municipality code"),
+            format!("{text} は市区町村コードではありません"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveOutBody {
+    to: String,
+    reason: String,
+}
+
+async fn move_out(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(resident_id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let service = handoffs(&state)?;
+    let MoveOutBody { to, reason } = body(bytes)?;
+    let to = municipality_field("to", &to)?;
+    let mut entry = service.move_out(&who, &resident_id, to, &reason).await?;
+    entry.sealed = None;
+    Ok((StatusCode::CREATED, Json(entry)).into_response())
+}
+
+async fn list_handoffs(State(state): State<AppState>, Extension(who): Extension<Who>) -> ApiResult {
+    let view = state.store.read().map_err(|e| Problem::internal(&e))?;
+    let internal = |e: anyhow::Error| Problem::internal(&e);
+    let mut outgoing: Vec<crate::handoff::OutEntry> =
+        view.all(crate::store::HANDOFF_OUT).map_err(internal)?.into_iter().map(|(_, e)| e).collect();
+    let mut incoming: Vec<crate::handoff::InEntry> =
+        view.all(crate::store::HANDOFF_IN).map_err(internal)?.into_iter().map(|(_, e)| e).collect();
+    let asks: Vec<crate::handoff::AskEntry> =
+        view.all(crate::store::HANDOFF_ASKS).map_err(internal)?.into_iter().map(|(_, e)| e).collect();
+    drop(view);
+    outgoing.iter_mut().for_each(|e| e.sealed = None);
+    incoming.iter_mut().for_each(|e| e.sealed = None);
+    outgoing.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+    incoming.sort_by(|a, b| a.received_at.cmp(&b.received_at));
+    let subjects: Vec<String> = outgoing
+        .iter()
+        .map(|e| format!("resident:{}", e.resident_id))
+        .chain(incoming.iter().filter_map(|e| e.resident_id.as_ref().map(|id| format!("resident:{id}"))))
+        .collect();
+    if !subjects.is_empty() {
+        audit_reads(&state, &who, "handoff.list", subjects).await?;
+    }
+    Ok(Json(json!({ "outgoing": outgoing, "incoming": incoming, "asks": asks })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskBody {
+    my_number: String,
+    atena_number: String,
+    address: String,
+    #[serde(default)]
+    previous: Option<String>,
+}
+
+async fn ask_history(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let service = handoffs(&state)?;
+    let ask: AskBody = body(bytes)?;
+    let previous = match ask.previous.as_deref().filter(|p| !p.trim().is_empty()) {
+        Some(text) => Some(municipality_field("previous", text)?),
+        None => None,
+    };
+    let entry = service.ask(&who, &ask.my_number, &ask.atena_number, &ask.address, previous).await?;
+    Ok((StatusCode::ACCEPTED, Json(entry)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AcceptBody {
+    #[serde(default)]
+    atena_number: Option<String>,
+    #[serde(default)]
+    address: Option<String>,
+}
+
+async fn accept_handoff(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(handoff_id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let service = handoffs(&state)?;
+    let accept: AcceptBody = match &bytes {
+        Ok(b) if b.is_empty() => AcceptBody::default(),
+        _ => body(bytes)?,
+    };
+    if let Some(atena) = &accept.atena_number
+        && (atena.is_empty()
+            || atena.len() > 20
+            || !atena.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
+        return Err(Problem::bad_field(
+            "atena_number",
+            "atena number must be 1–20 ASCII letters or digits",
+            "宛名番号は1〜20桁の英数字です",
+        ));
+    }
+    let mut entry = service.accept(&who, &handoff_id, accept.atena_number, accept.address).await?;
+    entry.sealed = None;
+    Ok(Json(entry).into_response())
 }
 
 #[derive(Deserialize)]

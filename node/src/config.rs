@@ -75,6 +75,30 @@ pub struct NodeConfig {
     /// A terminal's venue and node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<crate::terminal::TerminalConfig>,
+    /// Relocation handoffs.
+    #[serde(default)]
+    pub handoff: HandoffConfig,
+}
+
+/// `[handoff]`
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HandoffConfig {
+    /// Whether a handoff received from another municipality is accepted at once (`auto`,
+    /// the default: the move was registered by the municipality the resident left, or
+    /// asked for here) or waits for an admin (`manual`).
+    #[serde(default)]
+    pub accept: HandoffAccept,
+}
+
+/// How received handoffs are accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoffAccept {
+    /// At once, by policy.
+    #[default]
+    Auto,
+    /// By an admin, through the API.
+    Manual,
 }
 
 /// `[p2p]`
@@ -431,6 +455,7 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
         campaign: CampaignConfig { start: options.campaign_start },
         storage: StorageConfig::default(),
         auth: AuthPolicy::default(),
+        handoff: HandoffConfig::default(),
         p2p: P2pConfig {
             listen: options.p2p_listen.clone().unwrap_or_else(|| P2pConfig::default().listen),
             ..P2pConfig::default()

@@ -65,6 +65,7 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
         https,
         terminal,
         p2p_address: None,
+        handoffs: None,
     };
     Ok(Started { state, writer_thread, max_body_bytes: config.http.max_body_bytes, tls: None, p2p: None })
 }
@@ -95,6 +96,7 @@ pub async fn serve(
     };
     let service = capture_service(&files, &store)?;
     let reporter_key = reporter_key(&files)?;
+    let handoff_parts = handoff_parts(&files)?;
     let audit_public_key = files.audit_public_key();
     if files.config.role == crate::config::Role::Municipal
         && store.read()?.meta(crate::store::META_STATS_COUNTED)? == 0
@@ -132,6 +134,19 @@ pub async fn serve(
             )?;
             options.reporter = Some(Arc::new(reporter));
         }
+        if let Some((secret, encryption_secret, auto_accept, directory)) = handoff_parts {
+            let handoffs = Arc::new(crate::handoff::HandoffService::new(
+                started.state.store.clone(),
+                started.state.writer.clone(),
+                started.state.municipality,
+                protocol::person::PersonKeySecret::new(&secret),
+                encryption_secret,
+                auto_accept,
+                directory,
+            ));
+            started.state.handoffs = Some(handoffs.clone());
+            options.handoffs = Some(handoffs);
+        }
         started.p2p = Some(tokio::spawn(async move {
             if let Err(error) = crate::p2p::run(options, None).await {
                 tracing::error!(error = format!("{error:#}"), "the p2p service stopped");
@@ -152,6 +167,31 @@ fn reporter_key(files: &NodeFiles) -> anyhow::Result<Option<ring::signature::Ed2
     let key = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
         .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8: {e}"))?;
     Ok(Some(key))
+}
+
+type HandoffParts = ([u8; 32], [u8; 32], bool, Option<protocol::directory::SignedDirectory>);
+
+/// What the relocation service of a municipal primary in a federation needs: the person-key
+/// secret, the node's X25519 secret, the acceptance policy and the directory held.
+fn handoff_parts(files: &NodeFiles) -> anyhow::Result<Option<HandoffParts>> {
+    let (crate::config::Role::Municipal, Some(key)) = (files.config.role, &files.config.p2p.national_key)
+    else {
+        return Ok(None);
+    };
+    let read32 = |name: &str| -> anyhow::Result<[u8; 32]> {
+        let text = std::fs::read_to_string(files.dir.join(name)).with_context(|| name.to_owned())?;
+        protocol::person::hex_decode(text.trim())
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .with_context(|| format!("{name} must hold 32 bytes of hex"))
+    };
+    let national_key = protocol::person::hex_decode(key).context("[p2p] national_key is not hex")?;
+    let directory = crate::p2p::load_directory(&files.dir.join("directory.json"), &national_key)?;
+    Ok(Some((
+        read32("keys/person-key.secret")?,
+        read32("keys/encryption.key")?,
+        files.config.handoff.accept == crate::config::HandoffAccept::Auto,
+        directory,
+    )))
 }
 
 /// Whether a municipal node has terminals or enrolment tokens (its p2p service then runs
@@ -230,6 +270,7 @@ fn p2p_options(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Option<c
         captures: None,
         reporter: None,
         national_store: None,
+        handoffs: None,
     }))
 }
 

@@ -234,6 +234,7 @@ pub async fn run_national_with(
         captures: None,
         reporter: None,
         national_store: Some(store.clone()),
+        handoffs: None,
     };
     let tls = if config.plain_http {
         None

@@ -150,7 +150,7 @@ impl Columns {
     }
 }
 
-fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv::Reader<Box<dyn Read>>> {
+pub(crate) fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv::Reader<Box<dyn Read>>> {
     let chosen = match encoding {
         Encoding::Auto => detect(path)?,
         other => other,
@@ -578,6 +578,7 @@ fn prepare_batch(
                 coupons: Default::default(),
                 doses: Default::default(),
                 corrections: Default::default(),
+                transfer: None,
             };
             let digest = identity_digest(&record.identity, &record.person_key);
             Planned { record, digest }
@@ -634,6 +635,11 @@ fn write_batch(
         for plan in &changed {
             let id = plan.record.resident_id.as_str();
             let old = view.record(id)?.context("resident vanished during import")?;
+            if old.transfer.is_some() {
+                // Handed to another municipality: the record stays as it left, read-only.
+                report.unchanged += 1;
+                continue;
+            }
             if old.identity.name_kana != plan.record.identity.name_kana {
                 let mut kana = txn.open_table(IDX_KANA)?;
                 kana.remove((normalize_kana(&old.identity.name_kana).as_str(), id))?;

@@ -72,6 +72,11 @@ enum Commands {
         #[command(subcommand)]
         command: TerminalCommands,
     },
+    /// 転出入 / Relocation handoffs: move many residents out from a CSV (node stopped).
+    Handoff {
+        #[command(subcommand)]
+        command: HandoffCommands,
+    },
     /// 連携 / Federation: the national directory, joining it, approving members.
     Federation {
         #[command(subcommand)]
@@ -352,6 +357,23 @@ enum UserCommands {
         /// Data directory.
         #[arg(long, env = "VRS_DATA")]
         data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum HandoffCommands {
+    /// 転出者一覧の一括処理 / Seal a handoff for every row of a movers CSV (宛名番号, 転出先,
+    /// 理由), with a per-row result file. The node must be stopped; the handoffs leave when it
+    /// runs.
+    MoveOutFile {
+        /// Data directory.
+        #[arg(long, env = "VRS_DATA")]
+        data: PathBuf,
+        /// The movers CSV (UTF-8 or Shift_JIS).
+        file: PathBuf,
+        /// Where to write one result row per mover (CSV).
+        #[arg(long)]
+        results: PathBuf,
     },
 }
 
@@ -695,6 +717,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Commands::Federation { command } => run_federation(command),
+        Commands::Handoff { command: HandoffCommands::MoveOutFile { data, file, results } } => {
+            let (files, store) = open_bulk(&data)?;
+            match node::movers::move_out_file(files, store, &file, &results)? {
+                node::movers::MoversOutcome::Rejected(errors) => {
+                    for error in &errors {
+                        eprintln!("{error}");
+                    }
+                    anyhow::bail!(
+                        "{} 行に誤りがあるため、何も処理していません / {} bad rows: nothing was done",
+                        errors.len(),
+                        errors.len()
+                    )
+                }
+                node::movers::MoversOutcome::Done(report) => {
+                    println!(
+                        "転出の引き継ぎ / handoffs sealed: {} of {} rows (refused {}); results in {}",
+                        report.sealed,
+                        report.rows,
+                        report.refused,
+                        results.display()
+                    );
+                    println!("ノードを起動すると全国ノードへ送られます / they leave when the node runs");
+                    Ok(())
+                }
+            }
+        }
         Commands::Statistics { command } => run_statistics(command),
         Commands::Promote { data, out } => {
             let request = node::federation::promote(&data)?;

@@ -429,6 +429,7 @@ impl NationalStore {
             txn.open_table(crate::auth::TOKEN_NAMES)?;
         }
         txn.commit()?;
+        crate::ledger::create_tables(&db)?;
         let mut aggregates = Aggregates::default();
         {
             let read = db.begin_read()?;

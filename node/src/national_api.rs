@@ -35,6 +35,7 @@ use Role::{NationalAdmin, NationalAnalyst, PrefectureUser};
 const FIGURES: Access = Access::Roles(&[NationalAdmin, NationalAnalyst, PrefectureUser]);
 const NATIONAL_STAFF: Access = Access::Roles(&[NationalAdmin, NationalAnalyst]);
 const ALLOCATE: Access = Access::Roles(&[NationalAdmin, PrefectureUser]);
+const ADMIN: Access = Access::Roles(&[NationalAdmin]);
 
 const fn route(
     method: &'static str,
@@ -101,6 +102,13 @@ pub const NATIONAL_ROUTES: &[RouteSpec] = &[
         "市区町村が預けた監査チェックポイント",
         "Audit checkpoints a municipality deposited",
     ),
+    route(
+        "GET",
+        "/api/v1/national/handoffs",
+        ADMIN,
+        "転出入の引き継ぎ台帳（仮名の個人キー・市区町村・状態のみ）",
+        "The relocation ledger (pseudonymous person key, municipalities, state)",
+    ),
 ];
 
 fn handler_for(spec: &RouteSpec) -> MethodRouter<NationalState> {
@@ -117,6 +125,7 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<NationalState> {
         "/api/v1/national/coverage" => get(coverage),
         "/api/v1/national/freshness" => get(freshness),
         "/api/v1/national/reports/daily" => get(daily_report),
+        "/api/v1/national/handoffs" => get(ledger),
         _ => get(anchors),
     }
 }
@@ -480,6 +489,34 @@ async fn anchors(State(state): State<NationalState>, Path(municipality): Path<St
         })?;
     let checkpoints = state.store.anchors(code).map_err(internal)?;
     Ok(Json(serde_json::json!({"municipality": code, "checkpoints": checkpoints})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerQuery {
+    municipality: Option<String>,
+    person_key: Option<String>,
+}
+
+async fn ledger(State(state): State<NationalState>, Query(query): Query<LedgerQuery>) -> ApiResult {
+    let municipality = match query.municipality.as_deref() {
+        Some(text) => {
+            Some(MunicipalityCode::parse(text).ok().filter(MunicipalityCode::is_known).ok_or_else(|| {
+                Problem::bad_field(
+                    "municipality",
+                    format!("{text:?} is not one of the 1,741 municipality codes"),
+                    format!("「{text}」は市区町村コードではありません"),
+                )
+            })?)
+        }
+        None => None,
+    };
+    let mut entries = crate::ledger::entries(state.store.db(), municipality).map_err(internal)?;
+    if let Some(key) = &query.person_key {
+        entries.retain(|e| &e.person_key == key);
+    }
+    let in_transit = entries.iter().filter(|e| e.state == protocol::handoff::LedgerState::InTransit).count();
+    Ok(Json(serde_json::json!({"handoffs": entries, "in_transit": in_transit})).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -25,6 +25,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux,
 };
 use protocol::directory::{Directory, DirectoryEntry, NodeRole, SignedDirectory, may_replicate_residents};
+use protocol::handoff::{HandoffResponse, HandoffSync};
 use protocol::municipality::MunicipalityCode;
 use protocol::replication::{
     PageDocs, PullStep, Puller, ReplicationRequest, ReplicationResponse, answer_changes, answer_sync,
@@ -49,6 +50,11 @@ pub const MAX_ENROLLING: usize = 8;
 pub const DIRECTORY_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/directory/1");
 /// Municipal statistics and audit checkpoints to the national node.
 pub const REPORT_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/report/1");
+/// Relocation handoffs between a municipal primary and the national ledger.
+pub const HANDOFF_PROTOCOL: StreamProtocol = StreamProtocol::new("/vrs/handoff/1");
+/// How often a municipal primary asks the national ledger for handoffs when it has nothing
+/// to send (it asks at once when it has).
+pub const HANDOFF_POLL: Duration = Duration::from_millis(250);
 /// How often a municipal primary looks for statistics to report.
 const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// An empty report (a heartbeat) at least this often, so the national node sees the
@@ -117,6 +123,7 @@ pub(crate) struct Behaviour {
     directory: request_response::cbor::Behaviour<DirectoryRequest, DirectoryResponse>,
     pub(crate) capture: request_response::cbor::Behaviour<CaptureRequest, CaptureResponse>,
     report: request_response::cbor::Behaviour<ReportRequest, ReportResponse>,
+    handoff: request_response::cbor::Behaviour<HandoffSync, HandoffResponse>,
 }
 
 /// Reads or makes the node's libp2p identity (`keys/p2p-identity.key`, protobuf encoding).
@@ -158,6 +165,8 @@ pub struct P2pOptions {
     pub reporter: Option<Arc<crate::statistics::Reporter>>,
     /// Where reports are kept (the national node).
     pub national_store: Option<Arc<crate::national::NationalStore>>,
+    /// Relocation handoffs (a municipal primary in a federation).
+    pub handoffs: Option<Arc<crate::handoff::HandoffService>>,
 }
 
 /// Loads the newest verified directory from disk.
@@ -224,6 +233,11 @@ pub(crate) fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> 
                 report: request_response::Behaviour::with_codec(
                     codec(),
                     [(REPORT_PROTOCOL, ProtocolSupport::Full)],
+                    config.clone(),
+                ),
+                handoff: request_response::Behaviour::with_codec(
+                    codec(),
+                    [(HANDOFF_PROTOCOL, ProtocolSupport::Full)],
                     config,
                 ),
             }
@@ -419,6 +433,13 @@ struct Node {
     report: ReportState,
     report_events: mpsc::Sender<ReportEvent>,
     report_answers: mpsc::Sender<(ResponseChannel<ReportResponse>, ReportResponse)>,
+    /// The handoff sync in flight (what was sent), and when the next may go.
+    handoff_sent: Option<(Option<OutboundRequestId>, Box<HandoffSync>)>,
+    handoff_next: Instant,
+    handoff_done: mpsc::Sender<bool>,
+    handoff_answers: mpsc::Sender<(ResponseChannel<HandoffResponse>, HandoffResponse)>,
+    /// The directory shared with the ledger's blocking tasks.
+    shared_directory: Option<Arc<SignedDirectory>>,
 }
 
 #[derive(Default)]
@@ -465,6 +486,8 @@ pub async fn run(
     let (forward_done, mut forward_done_rx) = mpsc::channel(64);
     let (report_events, mut report_events_rx) = mpsc::channel(4);
     let (report_answers, mut report_answers_rx) = mpsc::channel(64);
+    let (handoff_done, mut handoff_done_rx) = mpsc::channel(4);
+    let (handoff_answers, mut handoff_answers_rx) = mpsc::channel(256);
     let (stored, mut stored_rx) = mpsc::channel(4);
     let pages = options.writer.clone().map(|writer| {
         let (pages, pages_rx) = mpsc::channel(2);
@@ -495,6 +518,11 @@ pub async fn run(
         report: ReportState::default(),
         report_events,
         report_answers,
+        handoff_sent: None,
+        handoff_next: Instant::now(),
+        handoff_done,
+        handoff_answers,
+        shared_directory: None,
     };
     node.apply_gate(&mut swarm, HashSet::new());
     node.refresh_terminals(&mut swarm);
@@ -550,8 +578,21 @@ pub async fn run(
             Some((channel, response)) = report_answers_rx.recv() => {
                 let _ = swarm.behaviour_mut().report.send_response(channel, response);
             }
+            Some(busy) = handoff_done_rx.recv() => {
+                node.handoff_sent = None;
+                node.handoff_next = if busy { Instant::now() } else { Instant::now() + HANDOFF_POLL };
+                node.sync_handoffs(&mut swarm);
+            }
+            Some((channel, response)) = handoff_answers_rx.recv() => {
+                let _ = swarm.behaviour_mut().handoff.send_response(channel, response);
+            }
             _ = tick.tick() => node.maintain(&mut swarm),
-            _ = report_tick.tick(), if node.options.reporter.is_some() => node.report(&mut swarm),
+            _ = report_tick.tick(), if node.options.reporter.is_some() || node.options.handoffs.is_some() => {
+                if node.options.reporter.is_some() {
+                    node.report(&mut swarm);
+                }
+                node.sync_handoffs(&mut swarm);
+            }
         }
     }
 }
@@ -578,6 +619,11 @@ impl Node {
             peers = signed.directory.entries.len(),
             "directory installed"
         );
+        let shared = Arc::new(signed.clone());
+        if let Some(handoffs) = &self.options.handoffs {
+            handoffs.set_directory(shared.clone());
+        }
+        self.shared_directory = Some(shared);
         self.directory = Some(signed);
         self.apply_gate(swarm, old);
     }
@@ -789,6 +835,7 @@ impl Node {
             SwarmEvent::Behaviour(BehaviourEvent::Replication(event)) => self.on_replication(swarm, event),
             SwarmEvent::Behaviour(BehaviourEvent::Capture(event)) => self.on_capture(swarm, event),
             SwarmEvent::Behaviour(BehaviourEvent::Report(event)) => self.on_report(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Handoff(event)) => self.on_handoff(event),
             _ => {}
         }
     }
@@ -1008,9 +1055,9 @@ impl Node {
             }
             CaptureRequest::Forward { captures } if municipal_peer.is_some() => {
                 let from = municipal_peer.unwrap_or(service.municipality);
-                tokio::spawn(
-                    async move { respond(service.forwarded(&peer.to_string(), from, captures).await) },
-                );
+                tokio::spawn(async move {
+                    respond(service.forwarded(&peer.to_string(), from, captures, directory.as_ref()).await)
+                });
             }
             CaptureRequest::Forward { .. } => respond(refuse(
                 "not_a_municipal_node",
@@ -1142,6 +1189,115 @@ impl Node {
                     tracing::debug!(%error, "report not delivered; sent again later");
                     self.report.phase = ReportPhase::Idle;
                     self.report.next_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends the national ledger what this primary has for it and asks what waits for it:
+    /// at once when something is due, otherwise every [`HANDOFF_POLL`].
+    fn sync_handoffs(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let Some(service) = self.options.handoffs.clone() else { return };
+        let due = service.due.load(std::sync::atomic::Ordering::Acquire);
+        if self.handoff_sent.is_some() || (!due && Instant::now() < self.handoff_next) {
+            return;
+        }
+        let Some(national) = self.national_peer().filter(|peer| self.connected.contains(peer)) else {
+            return;
+        };
+        service.due.store(false, std::sync::atomic::Ordering::Release);
+        let sync = match service.build_sync() {
+            Ok(sync) => sync,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "cannot read the handoffs to send");
+                self.handoff_next = Instant::now() + Duration::from_secs(2);
+                return;
+            }
+        };
+        let id = swarm.behaviour_mut().handoff.send_request(&national, sync.clone());
+        self.handoff_sent = Some((Some(id), Box::new(sync)));
+    }
+
+    fn on_handoff(&mut self, event: request_response::Event<HandoffSync, HandoffResponse>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let answers = self.handoff_answers.clone();
+                let sender =
+                    self.entry(&peer).filter(|e| e.role == NodeRole::Municipal).and_then(|e| e.municipality);
+                let (Some(store), Some(sender), Some(directory)) =
+                    (self.options.national_store.clone(), sender, self.shared_directory.clone())
+                else {
+                    let refusal = HandoffResponse::Refused {
+                        code: "not_a_municipal_node".into(),
+                        message:
+                            "handoffs go to the national node, from municipal primaries in its directory"
+                                .into(),
+                    };
+                    let _ = answers.try_send((channel, refusal));
+                    return;
+                };
+                tokio::spawn(async move {
+                    let response = tokio::task::spawn_blocking(move || {
+                        if !crate::handoff::HandoffService::is_empty(&request) {
+                            store.log_message(&peer.to_string(), "handoff", &request);
+                        }
+                        crate::ledger::sync(
+                            store.db(),
+                            &directory.directory,
+                            sender,
+                            &request,
+                            time::OffsetDateTime::now_utc(),
+                        )
+                    })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the ledger task failed: {e}"))
+                    .and_then(|r| r)
+                    .unwrap_or_else(|error| {
+                        tracing::error!(error = format!("{error:#}"), "cannot handle a handoff sync");
+                        HandoffResponse::Refused {
+                            code: "internal".into(),
+                            message: "the national node failed".into(),
+                        }
+                    });
+                    let _ = answers.send((channel, response)).await;
+                });
+            }
+            request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => {
+                let Some((Some(sent_id), sent)) = self.handoff_sent.take() else { return };
+                if sent_id != request_id {
+                    self.handoff_sent = Some((Some(sent_id), sent));
+                    return;
+                }
+                self.handoff_sent = Some((None, sent.clone()));
+                let Some(service) = self.options.handoffs.clone() else { return };
+                let done = self.handoff_done.clone();
+                tokio::spawn(async move {
+                    let busy = match service.apply_response(&sent, response).await {
+                        Ok(busy) => busy,
+                        Err(error) => {
+                            tracing::warn!(error = format!("{error:#}"), "handoff sync not applied; retried");
+                            false
+                        }
+                    };
+                    let _ = done.send(busy).await;
+                });
+            }
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                if matches!(&self.handoff_sent, Some((Some(sent), _)) if *sent == request_id) {
+                    tracing::debug!(%error, "handoff sync not delivered; sent again later");
+                    self.handoff_sent = None;
+                    self.handoff_next = Instant::now() + Duration::from_secs(1);
+                    if let Some(service) = &self.options.handoffs {
+                        service.due.store(true, std::sync::atomic::Ordering::Release);
+                    }
                 }
             }
             _ => {}

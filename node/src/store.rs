@@ -20,8 +20,11 @@ use anyhow::{Context, bail};
 use automerge::{ActorId, Automerge, ChangeHash};
 use lru::LruCache;
 use protocol::catalogue::Lot;
-use protocol::document::{ResidentEvent, ResidentRecord, apply_event, new_resident_document, read_record};
+use protocol::document::{
+    CouponStatus, ResidentEvent, ResidentRecord, apply_event, new_resident_document, read_record,
+};
 use protocol::statistics::{Cell, event_delta, record_cells};
+use protocol::terminal::BlockedCoupon;
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -81,6 +84,17 @@ pub const STATS_DIRTY: TableDefinition<&str, u64> = TableDefinition::new("stats_
 pub const VENUES: TableDefinition<&str, &[u8]> = TableDefinition::new("venues");
 /// The stock ledger: `<20-digit seq>` → JSON of [`crate::statistics::StockEntry`].
 pub const STOCK: TableDefinition<&str, &[u8]> = TableDefinition::new("stock_ledger");
+/// Relocation handoffs this node sealed: handoff id → JSON of
+/// [`crate::handoff::OutEntry`].
+pub const HANDOFF_OUT: TableDefinition<&str, &[u8]> = TableDefinition::new("handoff_out");
+/// Relocation handoffs received: handoff id → JSON of [`crate::handoff::InEntry`].
+pub const HANDOFF_IN: TableDefinition<&str, &[u8]> = TableDefinition::new("handoff_in");
+/// Newcomers whose history this node asked for: person key → JSON of
+/// [`crate::handoff::AskEntry`].
+pub const HANDOFF_ASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("handoff_asks");
+/// Coupons of a previous municipality carried in by a handoff: 18-digit code → resident id
+/// here (a dose captured against one is forwarded here by that municipality).
+pub const IDX_HANDOFF_COUPON: TableDefinition<&str, &str> = TableDefinition::new("idx_handoff_coupon");
 /// Counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -160,6 +174,10 @@ impl Store {
             txn.open_table(STATS_DIRTY)?;
             txn.open_table(VENUES)?;
             txn.open_table(STOCK)?;
+            txn.open_table(HANDOFF_OUT)?;
+            txn.open_table(HANDOFF_IN)?;
+            txn.open_table(HANDOFF_ASKS)?;
+            txn.open_table(IDX_HANDOFF_COUPON)?;
             txn.open_table(crate::audit::AUDIT)?;
             txn.open_table(crate::audit::AUDIT_CHECKPOINTS)?;
             txn.open_table(crate::auth::USERS)?;
@@ -577,6 +595,12 @@ impl<'a> Mutation<'a> {
                 self.block_coupon(old, true, &entry.generation.to_string())?
             }
             ResidentEvent::CouponRevoked { key, reason } => self.block_coupon(key, false, reason)?,
+            ResidentEvent::TransferredOut(transfer) => {
+                let record = read_record(&self.cache.get(resident_id).context("cache lost a document")?.doc)?;
+                for entry in record.coupons.values().filter(|c| c.status == CouponStatus::Transferred) {
+                    self.block(&entry.key(), BlockedCoupon::transferred(transfer.to))?;
+                }
+            }
             _ => {}
         }
         count_cells(self.txn, &delta)?;
@@ -585,7 +609,10 @@ impl<'a> Mutation<'a> {
 
     /// Adds a coupon generation to the list terminals refuse.
     fn block_coupon(&self, key: &str, superseded: bool, reason: &str) -> anyhow::Result<()> {
-        let entry = protocol::terminal::BlockedCoupon { superseded, reason: reason.to_owned() };
+        self.block(key, BlockedCoupon { superseded, reason: reason.to_owned(), moved_to: None })
+    }
+
+    fn block(&self, key: &str, entry: BlockedCoupon) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(&entry)?;
         let previous =
             self.txn.open_table(BLOCKED_COUPONS)?.insert(key, bytes.as_slice())?.map(|v| v.value().to_vec());
@@ -672,19 +699,20 @@ impl<'a> Mutation<'a> {
                 for entry in record.coupons.values() {
                     coupons.insert(entry.code.number.as_str(), *id)?;
                     let block = match entry.status {
-                        protocol::document::CouponStatus::Superseded => {
-                            Some(protocol::terminal::BlockedCoupon {
-                                superseded: true,
-                                reason: newest(entry.code.number.as_str())
-                                    .unwrap_or(entry.generation)
-                                    .to_string(),
-                            })
-                        }
-                        protocol::document::CouponStatus::Revoked => {
-                            Some(protocol::terminal::BlockedCoupon {
-                                superseded: false,
-                                reason: entry.status_reason.clone().unwrap_or_default(),
-                            })
+                        CouponStatus::Superseded => Some(BlockedCoupon {
+                            superseded: true,
+                            reason: newest(entry.code.number.as_str())
+                                .unwrap_or(entry.generation)
+                                .to_string(),
+                            moved_to: None,
+                        }),
+                        CouponStatus::Revoked => Some(BlockedCoupon {
+                            superseded: false,
+                            reason: entry.status_reason.clone().unwrap_or_default(),
+                            moved_to: None,
+                        }),
+                        CouponStatus::Transferred => {
+                            record.transfer.as_ref().map(|t| BlockedCoupon::transferred(t.to))
                         }
                         _ => None,
                     };

@@ -325,7 +325,16 @@ impl CaptureService {
             )
         } else {
             match self.owner_of(&capture) {
-                Ok(owner) if owner == self.municipality => self.record(peer, capture, None).await,
+                Ok(owner) if owner == self.municipality => {
+                    let state = self.record(peer, capture.clone(), None, None).await;
+                    match self.moved_to(&capture, &state) {
+                        // The resident moved away and the terminal did not know yet: the
+                        // dose goes to their new municipality, like a dose given away
+                        // from home.
+                        Some(to) => self.queue_forward(peer, to, capture).await,
+                        None => state,
+                    }
+                }
                 Ok(owner) => match self.check_foreign(&capture, owner, directory) {
                     Ok(()) => self.queue_forward(peer, owner, capture).await,
                     Err(state) => state,
@@ -402,11 +411,20 @@ impl CaptureService {
         peer: &str,
         capture: TerminalCapture,
         lot: Option<protocol::catalogue::Lot>,
+        transferred_from: Option<(MunicipalityCode, Option<&SignedDirectory>)>,
     ) -> CaptureState {
+        let (issuer, key) = match transferred_from {
+            None => (self.municipality, Some(self.coupon_public_key.clone())),
+            Some((from, directory)) => (
+                from,
+                directory
+                    .and_then(|d| d.directory.primary_of(from))
+                    .and_then(|e| protocol::person::hex_decode(&e.coupon_key)),
+            ),
+        };
         let scans = match decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
-            let key = self.coupon_public_key.clone();
-            let own = self.municipality;
-            authenticate_coupon(&scans.coupon, |m| (m == own).then(|| key.clone())).map(|()| scans)
+            authenticate_coupon(&scans.coupon, |m| if m == issuer { key.clone() } else { None })
+                .map(|()| scans)
         }) {
             Ok(scans) => scans,
             Err(error) => return self.refusal(error.code(), &error.message_ja(), &error.to_string()),
@@ -426,6 +444,7 @@ impl CaptureService {
             recorded_by: format!("{}@{}", capture.recorded_by, peer),
             captured_at: Some(capture.captured_at),
             forwarded_lot: lot,
+            transferred_from: transferred_from.map(|(from, _)| from),
         };
         let who =
             Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };
@@ -437,6 +456,29 @@ impl CaptureService {
             },
             Err(problem) => self.state_for(&problem),
         }
+    }
+
+    /// The municipality a resident moved to, when `state` refused their coupon because the
+    /// record was handed there.
+    fn moved_to(&self, capture: &TerminalCapture, state: &CaptureState) -> Option<MunicipalityCode> {
+        let CaptureState::Refused { code, .. } = state else { return None };
+        if code != "coupon_transferred" {
+            return None;
+        }
+        let scans = decode_scans(&capture.coupon, &capture.vial).ok()?;
+        let view = self.store.read().ok()?;
+        let resident = view.index(crate::store::IDX_COUPON, scans.coupon.code().number.as_str()).ok()??;
+        view.record(&resident).ok()??.transfer.map(|t| t.to)
+    }
+
+    /// Whether a handoff carried this coupon here.
+    fn carries_coupon_of(&self, capture: &TerminalCapture) -> bool {
+        let Ok(scans) = decode_scans(&capture.coupon, &capture.vial) else { return false };
+        let code = scans.coupon.code().to_string();
+        self.store
+            .read()
+            .and_then(|view| view.index(crate::store::IDX_HANDOFF_COUPON, &code))
+            .is_ok_and(|found| found.is_some())
     }
 
     /// Stores a capture of another municipality's coupon for forwarding, or answers with
@@ -512,6 +554,7 @@ impl CaptureService {
         peer: &str,
         from: MunicipalityCode,
         captures: Vec<ForwardedCapture>,
+        directory: Option<&SignedDirectory>,
     ) -> CaptureResponse {
         let futures = captures.into_iter().map(|f| async move {
             let event_id = f.capture.event_id.clone();
@@ -524,7 +567,12 @@ impl CaptureService {
                         f.capture.venue_municipality
                     ),
                 ),
-                Ok(owner) if owner == self.municipality => self.record(peer, f.capture, f.lot).await,
+                Ok(owner) if owner == self.municipality => self.record(peer, f.capture, f.lot, None).await,
+                // A coupon of the forwarding municipality, carried here by a handoff: the
+                // resident moved here after that municipality's terminal recorded it.
+                Ok(owner) if owner == from && self.carries_coupon_of(&f.capture) => {
+                    self.record(peer, f.capture, f.lot, Some((from, directory))).await
+                }
                 Ok(owner) => self.refusal(
                     "not_owner",
                     &format!("この接種券は {owner} のもので、このノードでは記録できません"),

@@ -54,6 +54,9 @@ pub struct CaptureCommand {
     /// The lot as the venue's municipality registered it, for a capture forwarded from
     /// another municipality; used when this node has not registered the lot itself.
     pub forwarded_lot: Option<Lot>,
+    /// The coupon is the resident's previous municipality's, transferred with their record;
+    /// that municipality forwarded the capture (its terminal had not learnt of the move).
+    pub transferred_from: Option<protocol::municipality::MunicipalityCode>,
 }
 
 /// What a capture became.
@@ -171,6 +174,10 @@ pub enum Command {
     Audit(Vec<AuditEvent>, Reply<()>),
     /// Sign a checkpoint at the newest audit entry, if it has none.
     Checkpoint(Reply<Option<u64>>),
+    /// Seal a resident's record for the municipality they moved to.
+    TransferOut(Box<crate::handoff::TransferOut>, Reply<crate::handoff::OutEntry>),
+    /// Create the resident a received handoff carries.
+    AcceptHandoff(Box<crate::handoff::AcceptHandoff>, Reply<crate::handoff::InEntry>),
     /// Store a page pulled from a peer and the new checkpoint, together.
     Replicated {
         /// The page's documents.
@@ -332,6 +339,8 @@ fn fail(command: Command, problem: Problem) {
         Command::Audit(_, reply) => drop(reply.send(Err(problem))),
         Command::Checkpoint(reply) => drop(reply.send(Err(problem))),
         Command::Replicated { reply, .. } => drop(reply.send(Err(problem))),
+        Command::TransferOut(_, reply) => drop(reply.send(Err(problem))),
+        Command::AcceptHandoff(_, reply) => drop(reply.send(Err(problem))),
     }
 }
 
@@ -346,6 +355,8 @@ impl Command {
                 | Command::Reissue { .. }
                 | Command::Revoke { .. }
                 | Command::PutLot(..)
+                | Command::TransferOut(..)
+                | Command::AcceptHandoff(..)
         )
     }
 
@@ -361,6 +372,8 @@ impl Command {
             Command::Audit(..) => "audit",
             Command::Checkpoint(..) => "audit.checkpoint",
             Command::Replicated { .. } => "replication.pull",
+            Command::TransferOut(..) => "handoff.export",
+            Command::AcceptHandoff(..) => "handoff.import",
         }
     }
 }
@@ -521,6 +534,28 @@ fn handle(
                 Err(error) => Err((error, Command::Replicated { docs, checkpoint_key, checkpoint, reply })),
             }
         }
+        Command::TransferOut(transfer, reply) => {
+            let result = crate::handoff::transfer_one(m, context, &transfer, now);
+            let audit = |result: &Result<crate::handoff::OutEntry, Problem>| {
+                let subject = format!(
+                    "resident:{} handoff:{} to:{}",
+                    transfer.resident_id, transfer.handoff_id, transfer.to
+                );
+                vec![audit_fact(who, "handoff.export", subject, result)]
+            };
+            run!(reply, result, |reply| Command::TransferOut(transfer, reply), audit)
+        }
+        Command::AcceptHandoff(accept, reply) => {
+            let result = crate::handoff::accept_one(m, context, &accept, now);
+            let audit = |result: &Result<crate::handoff::InEntry, Problem>| {
+                let subject = format!(
+                    "resident:{} handoff:{} from:{}",
+                    accept.resident_id, accept.payload.handoff_id, accept.payload.from
+                );
+                vec![audit_fact(who, "handoff.import", subject, result)]
+            };
+            run!(reply, result, |reply| Command::AcceptHandoff(accept, reply), audit)
+        }
         Command::Checkpoint(reply) => match context.audit.checkpoint(m.txn(), now) {
             Ok(seq) => Ok((answer_after_commit(reply, Ok(seq)), Vec::new())),
             Err(error) => Err((error, Command::Checkpoint(reply))),
@@ -529,7 +564,7 @@ fn handle(
 }
 
 /// Outer `Err`: internal failure. Inner `Err`: refused, nothing written.
-type Step<T> = anyhow::Result<Result<T, Problem>>;
+pub(crate) type Step<T> = anyhow::Result<Result<T, Problem>>;
 
 fn capture_one(
     m: &mut Mutation<'_>,
@@ -539,7 +574,11 @@ fn capture_one(
 ) -> Step<CaptureOutcome> {
     let code = *capture.scans.coupon.code();
     let number = code.number.to_string();
-    let Some(resident_id) = m.index(IDX_COUPON, &number)? else {
+    let resident = match capture.transferred_from {
+        Some(_) => m.index(crate::store::IDX_HANDOFF_COUPON, &code.to_string())?,
+        None => m.index(IDX_COUPON, &number)?,
+    };
+    let Some(resident_id) = resident else {
         return Ok(Err(CaptureError::CouponNotIssued { number }.into()));
     };
     let Some(record) = m.record(&resident_id)? else {
@@ -569,6 +608,7 @@ fn capture_one(
         campaign_start: context.campaign_start,
         catalogue: &context.catalogue,
         lot: lot.as_ref(),
+        accept_transferred: capture.transferred_from.is_some(),
     };
     match validate_capture(&input, &record, &validation) {
         Err(refusal) => Ok(Err(refusal.into())),
@@ -592,6 +632,9 @@ fn void_one(
     let Some(record) = m.record(resident_id)? else {
         return Ok(Err(Problem::not_found("resident", "住民", resident_id)));
     };
+    if let Some(refusal) = crate::handoff::read_only(&record) {
+        return Ok(Err(refusal));
+    }
     let correction_id = new_id("corr");
     let request = VoidRequest { event_id, reason, actor, correction_id: &correction_id, at: now };
     match validate_void(&record, &request) {
@@ -618,6 +661,9 @@ fn amend_one(
     let Some(record) = m.record(resident_id)? else {
         return Ok(Err(Problem::not_found("resident", "住民", resident_id)));
     };
+    if let Some(refusal) = crate::handoff::read_only(&record) {
+        return Ok(Err(refusal));
+    }
     let lot = match &amendment.vial {
         Some(vial) => m.lot(&vial.lot)?,
         None => None,
@@ -629,6 +675,7 @@ fn amend_one(
         campaign_start: context.campaign_start,
         catalogue: &context.catalogue,
         lot: lot.as_ref(),
+        accept_transferred: false,
     };
     match validate_amendment(&record, &request, &validation) {
         Err(refusal) => Ok(Err(refusal.into())),
@@ -656,6 +703,9 @@ fn reissue_one(
     let Some(record) = m.record(&resident_id)? else {
         anyhow::bail!("index names resident {resident_id}, which has no document");
     };
+    if let Some(refusal) = crate::handoff::read_only(&record) {
+        return Ok(Err(refusal));
+    }
     let Some(newest) = record.coupon_generations(&number).last().copied().cloned() else {
         anyhow::bail!("resident {resident_id} has no generation of coupon {number}");
     };
@@ -702,6 +752,9 @@ fn revoke_one(
     let Some(record) = m.record(&resident_id)? else {
         anyhow::bail!("index names resident {resident_id}, which has no document");
     };
+    if let Some(refusal) = crate::handoff::read_only(&record) {
+        return Ok(Err(refusal));
+    }
     let Some(newest) = record.coupon_generations(&number).last().copied().cloned() else {
         anyhow::bail!("resident {resident_id} has no generation of coupon {number}");
     };

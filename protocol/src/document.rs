@@ -7,7 +7,8 @@
 //!   identity:    "<JSON of Identity>",
 //!   coupons:     { "<coupon number>.<generation>": "<JSON of CouponEntry>" },
 //!   doses:       { "<event id>": "<JSON of DoseEvent>" },
-//!   corrections: { "<correction id>": "<JSON of Correction>" } }
+//!   corrections: { "<correction id>": "<JSON of Correction>" },
+//!   transfer:    "<JSON of Transfer>" }          (only once the resident moved away)
 //! ```
 //!
 //! Each entry is one scalar under its own key, so concurrent writers (the node and its
@@ -90,6 +91,10 @@ pub enum CouponStatus {
     Revoked,
     /// A dose was recorded against it.
     Used,
+    /// Issued by a municipality the resident has since left: refused, except for a dose a
+    /// terminal of that municipality recorded before it learnt of the move, which the old
+    /// municipality forwards to the new one.
+    Transferred,
 }
 
 /// One generation of a coupon held by a resident.
@@ -200,6 +205,21 @@ pub struct Correction {
     pub after: BTreeMap<String, String>,
 }
 
+/// Where a resident's record went: written once, when the handoff leaves, after which the
+/// record is kept read-only for audit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The municipality the resident moved to.
+    pub to: MunicipalityCode,
+    /// The handoff that carries the record there.
+    pub handoff_id: String,
+    /// When it was sealed.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Who triggered it (an admin, or the new municipality's request).
+    pub actor: String,
+}
+
 /// A resident's whole record, as read from the document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResidentRecord {
@@ -222,6 +242,9 @@ pub struct ResidentRecord {
     /// Corrections by id.
     #[serde(default)]
     pub corrections: BTreeMap<String, Correction>,
+    /// Set once the resident's record was handed to another municipality.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
 }
 
 impl ResidentRecord {
@@ -294,6 +317,10 @@ pub enum ResidentEvent {
         /// The correction, with reason, actor, before and after.
         correction: Correction,
     },
+    /// The resident moved to another municipality and the record was handed over: status
+    /// moved out, every valid coupon transferred, the transfer noted. The record is
+    /// read-only from then on.
+    TransferredOut(Transfer),
 }
 
 impl ResidentEvent {
@@ -306,6 +333,7 @@ impl ResidentEvent {
             ResidentEvent::DoseRecorded(_) => "dose-recorded",
             ResidentEvent::DoseVoided { .. } => "dose-voided",
             ResidentEvent::DoseAmended { .. } => "dose-amended",
+            ResidentEvent::TransferredOut(_) => "transferred-out",
         }
     }
 }
@@ -356,6 +384,9 @@ pub fn new_resident_document(
         let corrections = tx.put_object(&ROOT, "corrections", ObjType::Map)?;
         for (key, correction) in &record.corrections {
             put_entry(tx, &corrections, key, correction)?;
+        }
+        if let Some(transfer) = &record.transfer {
+            put_entry(tx, &ROOT, "transfer", transfer)?;
         }
         Ok(())
     })?;
@@ -417,6 +448,22 @@ pub fn apply_event(
             let corrections = child_map(tx, &ROOT, "corrections")?;
             put_entry(tx, &corrections, &correction.correction_id, correction)
         }
+        ResidentEvent::TransferredOut(transfer) => {
+            let mut identity: Identity = get_entry(tx, &ROOT, "identity")?;
+            identity.status = ResidentStatus::MovedOut;
+            put_entry(tx, &ROOT, "identity", &identity)?;
+            let coupons = child_map(tx, &ROOT, "coupons")?;
+            let keys: Vec<String> = tx.keys(&coupons).collect();
+            for key in keys {
+                let mut coupon: CouponEntry = get_entry(tx, &coupons, &key)?;
+                if coupon.status == CouponStatus::Valid {
+                    coupon.status = CouponStatus::Transferred;
+                    coupon.status_reason = Some(format!("transferred:{}", transfer.to));
+                    put_entry(tx, &coupons, &key, &coupon)?;
+                }
+            }
+            put_entry(tx, &ROOT, "transfer", transfer)
+        }
     })
 }
 
@@ -444,6 +491,10 @@ pub fn read_record(doc: &Automerge) -> Result<ResidentRecord, DocumentError> {
         coupons: map_entries(doc, "coupons")?,
         doses: map_entries(doc, "doses")?,
         corrections: map_entries(doc, "corrections")?,
+        transfer: match doc.get(&ROOT, "transfer")? {
+            Some(_) => Some(get_entry(doc, &ROOT, "transfer")?),
+            None => None,
+        },
     })
 }
 

@@ -10,6 +10,7 @@ pub mod coupon;
 pub mod directory;
 pub mod document;
 pub mod gs1;
+pub mod handoff;
 pub mod municipality;
 pub mod person;
 pub mod replication;

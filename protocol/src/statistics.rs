@@ -311,10 +311,17 @@ fn given_at(dose: &DoseEvent) -> OffsetDateTime {
 /// What a resident's record contributes to the counters: their population cell (while
 /// registered here) and one dose cell per valid dose. Entry lags and refusals are facts
 /// about events, not about the record, and are not part of it.
+///
+/// A record handed to another municipality keeps only the stock its doses used at this
+/// municipality's venues: the doses themselves are counted by the new owner.
 pub fn record_cells(record: &ResidentRecord) -> Vec<(Cell, i64)> {
     let mut cells: Vec<(Cell, i64)> = population_cell(&record.identity).map(|c| (c, 1)).into_iter().collect();
     for dose in record.doses.values().filter(|d| d.status == DoseStatus::Valid) {
-        cells.extend(dose_cells(dose, &record.identity, record.municipality, 1));
+        if record.transfer.is_some() {
+            cells.extend(used_cell(dose).map(|cell| (cell, 1)));
+        } else {
+            cells.extend(dose_cells(dose, &record.identity, record.municipality, 1));
+        }
     }
     cells
 }
@@ -370,6 +377,17 @@ pub fn event_delta(
                 delta.extend(dose_cells(amended, identity, owner, 1));
             }
         }
+        ResidentEvent::TransferredOut(_) if before.transfer.is_none() => {
+            // The person and their doses are counted by the new owner from now on; the
+            // stock their doses used at this municipality's venues stays used here.
+            if let Some(cell) = population_cell(identity) {
+                delta.push((cell, -1));
+            }
+            for dose in before.doses.values().filter(|d| d.status == DoseStatus::Valid) {
+                delta.push((dose_cell(dose, identity, owner), -1));
+            }
+        }
+        ResidentEvent::TransferredOut(_) => {}
     }
     delta
 }

@@ -161,6 +161,16 @@ pub struct BlockedCoupon {
     pub superseded: bool,
     /// The revocation reason, or the newest generation's number for a superseded one.
     pub reason: String,
+    /// The resident moved to this municipality: the terminal says where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<MunicipalityCode>,
+}
+
+impl BlockedCoupon {
+    /// A coupon of a resident who moved to `to`.
+    pub fn transferred(to: MunicipalityCode) -> Self {
+        Self { superseded: false, reason: format!("transferred:{to}"), moved_to: Some(to) }
+    }
 }
 
 /// What a terminal needs to check captures offline.
@@ -269,7 +279,9 @@ pub fn check_offline(
         && let ScannedCoupon::Signed(signed) = &scans.coupon
         && let Some(entry) = bundle.blocked.get(&crate::document::coupon_key(&code.number, signed.generation))
     {
-        return Err(if entry.superseded {
+        return Err(if let Some(to) = entry.moved_to {
+            CaptureError::CouponTransferred { to }
+        } else if entry.superseded {
             CaptureError::CouponSuperseded {
                 generation: signed.generation,
                 current: entry.reason.parse().unwrap_or(signed.generation.saturating_add(1)),

@@ -72,6 +72,12 @@ pub enum CaptureError {
         /// Why it was revoked.
         reason: String,
     },
+    /// The resident moved to another municipality, whose coupons they now use.
+    #[error("coupon: the resident moved to {} ({to}); use a coupon of the new municipality", municipality_name(*to))]
+    CouponTransferred {
+        /// The new municipality.
+        to: MunicipalityCode,
+    },
     /// The coupon already has a dose recorded against it.
     #[error("coupon: already used for dose {dose_number} on {vaccinated_on} (event {event_id})")]
     CouponAlreadyUsed {
@@ -212,6 +218,7 @@ impl CaptureError {
             E::CouponNotIssued { .. } => "coupon_not_issued",
             E::CouponSuperseded { .. } => "coupon_superseded",
             E::CouponRevoked { .. } => "coupon_revoked",
+            E::CouponTransferred { .. } => "coupon_transferred",
             E::CouponAlreadyUsed { .. } => "coupon_already_used",
             E::ResidentNotActive { .. } => "resident_not_active",
             E::DoseOutOfOrder { .. } => "dose_out_of_order",
@@ -257,6 +264,7 @@ impl CaptureError {
         matches!(
             self,
             CaptureError::CouponAlreadyUsed { .. }
+                | CaptureError::CouponTransferred { .. }
                 | CaptureError::DoseAlreadyVoided { .. }
                 | CaptureError::EventIdReused { .. }
         )
@@ -281,6 +289,10 @@ impl CaptureError {
                 format!("この接種券（第{generation}版）は再発行により無効です。最新は第{current}版です")
             }
             E::CouponRevoked { reason } => format!("この接種券は取り消されています（理由: {reason}）"),
+            E::CouponTransferred { to } => format!(
+                "この方は{}（{to}）に転出しました。転出先の接種券で接種してください",
+                municipality_name(*to)
+            ),
             E::CouponAlreadyUsed { event_id, dose_number, vaccinated_on } => format!(
                 "この接種券は {vaccinated_on} の{dose_number}回目接種で使用済みです（記録 {event_id}）"
             ),
@@ -374,6 +386,14 @@ pub struct CaptureContext<'a> {
     pub catalogue: &'a Catalogue,
     /// The lot registered under the scanned lot number, if any.
     pub lot: Option<&'a Lot>,
+    /// A capture the resident's previous municipality forwarded: its coupon, transferred
+    /// with the record, is accepted, and the dose takes the next number in the history.
+    pub accept_transferred: bool,
+}
+
+/// A municipality's name for messages (the code when it is not in the embedded list).
+pub fn municipality_name(code: MunicipalityCode) -> String {
+    crate::municipality::lookup_municipality(code).map_or_else(|| code.to_string(), |m| m.name.to_owned())
 }
 
 /// The request to record a dose, decoded and authenticated.
@@ -447,7 +467,16 @@ pub fn validate_capture(
                 reason: entry.status_reason.clone().unwrap_or_default(),
             });
         }
-        CouponStatus::Valid | CouponStatus::Used => {}
+        CouponStatus::Transferred if !context.accept_transferred => {
+            let to = entry
+                .status_reason
+                .as_deref()
+                .and_then(|r| r.strip_prefix("transferred:"))
+                .and_then(|code| MunicipalityCode::parse(code).ok())
+                .unwrap_or(record.municipality);
+            return Err(CaptureError::CouponTransferred { to });
+        }
+        CouponStatus::Valid | CouponStatus::Used | CouponStatus::Transferred => {}
     }
     if record.identity.status != ResidentStatus::Active {
         let status = serde_json::to_value(record.identity.status)
@@ -467,7 +496,9 @@ pub fn validate_capture(
     check_age(record, product, input.vaccinated_on)?;
 
     let next_dose = record.next_dose_number();
-    if code.dose_round != next_dose {
+    if code.dose_round != next_dose
+        && !(context.accept_transferred && entry.status == CouponStatus::Transferred)
+    {
         return Err(CaptureError::DoseOutOfOrder { coupon_dose: code.dose_round, next_dose });
     }
     check_interval(record, product, next_dose, input.vaccinated_on, None)?;

@@ -217,6 +217,7 @@ fn resident() -> ResidentRecord {
         coupons: BTreeMap::from([(entry.key(), entry)]),
         doses: BTreeMap::new(),
         corrections: BTreeMap::new(),
+        transfer: None,
     }
 }
 
@@ -315,6 +316,7 @@ impl Situation {
             campaign_start: CAMPAIGN_START,
             catalogue: &catalogue,
             lot: self.lots.iter().find(|lot| lot.lot == scans.vial.lot),
+            accept_transferred: false,
         };
         let input = CaptureInput {
             scans: &scans,
@@ -855,7 +857,7 @@ fn amend_request<'a>(event_id: &'a str, amendment: &'a Amendment, reason: &'a st
 }
 
 fn context<'a>(catalogue: &'a Catalogue, lot: Option<&'a Lot>) -> CaptureContext<'a> {
-    CaptureContext { today: TODAY, campaign_start: CAMPAIGN_START, catalogue, lot }
+    CaptureContext { today: TODAY, campaign_start: CAMPAIGN_START, catalogue, lot, accept_transferred: false }
 }
 
 fn date_to(on: Date) -> Amendment {

@@ -89,6 +89,8 @@ pub struct Node {
     pub address: String,
     /// `https` (the default) or `http` (`--plain-http`).
     pub scheme: &'static str,
+    /// Extra environment for `run` (e.g. `VRS_CRASH_AT`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     agent: ureq::Agent,
 }
@@ -128,7 +130,7 @@ impl Node {
         let scheme = if plain { "http" } else { "https" };
         let cert = data.join("keys/tls-cert.pem");
         let agent = agent_trusting((!plain).then_some(cert.as_path()))?;
-        Ok(Self { data, token, address, scheme, child: None, agent })
+        Ok(Self { data, token, address, scheme, env: Vec::new(), child: None, agent })
     }
 
     /// `scheme://address/path`.
@@ -152,6 +154,7 @@ impl Node {
             .args(["run", "--data"])
             .arg(&self.data)
             .env("VRS_LOG", std::env::var("VRS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -179,6 +182,21 @@ impl Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Waits until the process has exited by itself (a crash point); `false` after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(Child::try_wait) {
+                None | Some(Ok(Some(_))) | Some(Err(_)) => {
+                    self.child = None;
+                    return true;
+                }
+                Some(Ok(None)) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        false
     }
 
     /// SIGTERM and wait for a clean exit.

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tests::{Node, PrintedCoupon, TempDir, read_print_shop, write_shift_jis};
 
 mod federation;
+mod handoff;
 mod security;
 mod terminals;
 mod tidy;

@@ -17,6 +17,8 @@ pub(super) struct National {
     key: String,
     /// The national API (plain HTTP on loopback).
     pub(super) http: String,
+    /// Extra environment for `run` (e.g. `VRS_CRASH_AT`).
+    pub(super) env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -48,7 +50,7 @@ impl National {
         };
         let address = format!("{listen}/p2p/{}", field("peer id:"));
         let key = field("directory key:");
-        National { data, address, key, http, child: None }
+        National { data, address, key, http, env: Vec::new(), child: None }
     }
 
     /// A national API token (made while the node is stopped: the CLI opens its store).
@@ -98,10 +100,37 @@ impl National {
             .args(["run", "--data"])
             .arg(&self.data)
             .env("VRS_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
         self.child = Some(child);
+        // Up when its API answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tests::agent_trusting(None)
+            .unwrap()
+            .get(&format!("http://{}/healthz", self.http))
+            .call()
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the national node did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the process has exited by itself (a crash point).
+    pub(super) fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.child.as_mut().map(Child::try_wait) {
+                None | Some(Ok(Some(_))) | Some(Err(_)) => {
+                    self.child = None;
+                    return true;
+                }
+                Some(Ok(None)) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        false
     }
 
     pub(super) fn approve(&self, request: &std::path::Path) -> String {

@@ -17,7 +17,7 @@ const YOKOHAMA_VENUE: &str = "naka-kumin-kaikan";
 const CHIYODA_VENUE: &str = "chiyoda-kumin-hall";
 
 /// Polls `check` every 100 ms until it returns `Some`, or fails after `within`.
-fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub(super) fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(value) = check() {
@@ -28,25 +28,25 @@ fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T
     }
 }
 
-fn enrol_token(node: &Node, venue: &str) -> String {
+pub(super) fn enrol_token(node: &Node, venue: &str) -> String {
     let out = ok(&node.cli(&["terminal", "enrol-token", "--venue", venue]));
     out.lines().find(|l| l.starts_with("vrs_e_")).expect("a token line").to_owned()
 }
 
-fn terminal(dir: &std::path::Path, name: &str, municipality: &str, token: &str) -> Node {
+pub(super) fn terminal(dir: &std::path::Path, name: &str, municipality: &str, token: &str) -> Node {
     std::fs::create_dir_all(dir.join(name)).unwrap();
     Node::init_with(&dir.join(name), municipality, &["--plain-http", "--role", "terminal", "--enroll", token])
         .unwrap()
 }
 
-fn scan(terminal: &Node, coupon: &PrintedCoupon, vial: &str, venue: &str) -> (u16, Value) {
+pub(super) fn scan(terminal: &Node, coupon: &PrintedCoupon, vial: &str, venue: &str) -> (u16, Value) {
     terminal
         .post("/api/v1/captures", &json!({"coupon": coupon.qr_text, "vial": vial, "venue": venue}))
         .unwrap()
 }
 
 /// The terminal's log by event id.
-fn log(terminal: &Node) -> BTreeMap<String, Value> {
+pub(super) fn log(terminal: &Node) -> BTreeMap<String, Value> {
     let (code, body) = terminal.get("/api/v1/terminal/captures").unwrap();
     assert_eq!(code, 200, "{body}");
     body["captures"]
@@ -57,18 +57,18 @@ fn log(terminal: &Node) -> BTreeMap<String, Value> {
         .collect()
 }
 
-fn state_of(terminal: &Node, event_id: &str) -> Value {
+pub(super) fn state_of(terminal: &Node, event_id: &str) -> Value {
     log(terminal).get(event_id).map(|c| c["state"].clone()).unwrap_or(Value::Null)
 }
 
-fn resident_id(node: &Node, atena: &str) -> String {
+pub(super) fn resident_id(node: &Node, atena: &str) -> String {
     let (code, body) = node.get(&format!("/api/v1/residents?atena={atena}")).unwrap();
     assert_eq!(code, 200, "{body}");
     body["residents"][0]["resident_id"].as_str().unwrap().to_owned()
 }
 
 /// How many times each event id appears in the resident's history.
-fn events_of(node: &Node, resident: &str) -> BTreeMap<String, usize> {
+pub(super) fn events_of(node: &Node, resident: &str) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for dose in history(node, resident).as_array().unwrap() {
         *seen.entry(dose["event_id"].as_str().unwrap().to_owned()).or_insert(0) += 1;
@@ -76,7 +76,7 @@ fn events_of(node: &Node, resident: &str) -> BTreeMap<String, usize> {
     seen
 }
 
-fn p2p() -> (String, u16) {
+pub(super) fn p2p() -> (String, u16) {
     let port = free_port();
     (format!("/ip4/127.0.0.1/tcp/{port}"), port)
 }
@@ -490,9 +490,15 @@ fn national_holds_counts_only(
     let (_, none) = national.get("/api/v1/public/venues?product=spikevax", None);
     assert!(!none.contains("naka-kumin-kaikan"), "{none}");
 
-    // Every byte the national node stored and every message it received.
+    assert_no_personal_data(&national.data, coupons);
+}
+
+/// Every byte the national node stored and every message it received (`received.jsonl`)
+/// is searched for every fixture resident's name (both spacings), kana, birth date (three
+/// forms), address, atena number, 個人番号 and coupon codes, in UTF-8 and Shift_JIS.
+pub(super) fn assert_no_personal_data(national_data: &std::path::Path, coupons: &[PrintedCoupon]) {
     let mut stored: Vec<u8> = Vec::new();
-    let mut files = vec![national.data.clone()];
+    let mut files = vec![national_data.to_path_buf()];
     while let Some(path) = files.pop() {
         if path.is_dir() {
             files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
@@ -500,7 +506,7 @@ fn national_holds_counts_only(
             stored.extend(std::fs::read(&path).unwrap());
         }
     }
-    let received = std::fs::read_to_string(national.data.join("received.jsonl")).unwrap();
+    let received = std::fs::read_to_string(national_data.join("received.jsonl")).unwrap();
     assert!(received.lines().count() >= 2, "the national node received reports: {received}");
     assert!(received.contains("141003") && received.contains("doses"), "{received}");
     let mut personal: Vec<String> = Vec::new();

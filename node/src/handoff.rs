@@ -1,0 +1,982 @@
+//! Relocation handoff at a municipal node: moving a resident out (転出), asking for a
+//! newcomer's history (転入), receiving and accepting what another municipality sealed for
+//! this one, and the exchange with the national node's ledger that carries it.
+//!
+//! Every step is one durable commit, and each is safe to repeat, so a node killed between
+//! any two steps resumes from what it stored:
+//!
+//! 1. the sender's writer marks the record transferred, revokes its coupons for terminals,
+//!    seals the handoff and stores it in `handoff_out` — one commit, one audit entry
+//!    (`handoff.export`);
+//! 2. the sync loop deposits it at the national node until the ledger says stored
+//!    (re-depositing a stored handoff changes nothing);
+//! 3. the receiver's sync loop fetches what is addressed to it and stores it in
+//!    `handoff_in` (fetching it again changes nothing);
+//! 4. the receiver accepts it (automatically, or by an admin): opens it, creates the
+//!    resident with the whole history and a coupon for the next dose — one commit, one
+//!    audit entry (`handoff.import`); accepting again returns what was done;
+//! 5. the receiver tells the ledger, which marks the person held by the receiver; the
+//!    sender sees that and marks its copy completed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use axum::http::StatusCode;
+use protocol::coupon::SignedCoupon;
+use protocol::directory::SignedDirectory;
+use protocol::document::{ResidentEvent, ResidentStatus, Transfer};
+use protocol::handoff::{
+    AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk,
+    HistoryRequest, LedgerState, MAX_HANDOFFS_PER_MESSAGE, SealedHandoff, received_record, seal,
+};
+use protocol::municipality::MunicipalityCode;
+use protocol::person::{PersonKeySecret, hex_decode};
+use protocol::validation::municipality_name;
+use redb::ReadableTable;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::clock::{new_id, rfc3339};
+use crate::problem::Problem;
+use crate::store::{
+    HANDOFF_ASKS, HANDOFF_IN, HANDOFF_OUT, IDX_COUPON, IDX_EVENT, IDX_HANDOFF_COUPON, IDX_PERSON,
+    META_COUPON_SERIAL, Mutation, Store, get_json, put_json,
+};
+use crate::writer::{Command, Step, Who, WriterContext, WriterHandle};
+
+/// The environment variable that names a crash point (tests only).
+pub const CRASH_ENV: &str = "VRS_CRASH_AT";
+
+/// Kills this process with SIGKILL — no destructor, no flush, exactly `kill -9` — when
+/// `VRS_CRASH_AT` names this point. The multi-process tests use it to stop a node between
+/// two steps of the handoff protocol.
+pub fn crash_point(name: &str) {
+    static AT: OnceLock<Option<String>> = OnceLock::new();
+    if AT.get_or_init(|| std::env::var(CRASH_ENV).ok()).as_deref() == Some(name) {
+        eprintln!("crash point {name}: kill -9 of this process ({CRASH_ENV})");
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+        std::process::abort();
+    }
+}
+
+/// A handoff this node sealed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutEntry {
+    /// The handoff.
+    pub handoff_id: String,
+    /// The resident here (their record is kept, read-only).
+    pub resident_id: String,
+    /// Their person key.
+    pub person_key: String,
+    /// Where they moved.
+    pub to: MunicipalityCode,
+    /// Where the handoff stands.
+    pub state: OutState,
+    /// Why (the admin's words, or the newcomer request it answers).
+    pub reason: String,
+    /// Who triggered it.
+    pub actor: String,
+    /// When it was sealed.
+    pub created_at: String,
+    /// When the state last changed.
+    pub updated_at: String,
+    /// The national node's refusal, if it refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// The sealed envelope, until the receiver accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<SealedHandoff>,
+}
+
+/// Where an outgoing handoff stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutState {
+    /// Sealed here, not yet stored by the national node.
+    Sealed,
+    /// In the national ledger, waiting for the receiver.
+    Deposited,
+    /// Accepted by the receiver.
+    Completed,
+    /// Refused by the national node (see `refusal`).
+    Refused,
+}
+
+/// A handoff received.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InEntry {
+    /// The handoff.
+    pub handoff_id: String,
+    /// Where the resident came from.
+    pub from: MunicipalityCode,
+    /// Their person key.
+    pub person_key: String,
+    /// Where it stands.
+    pub state: InState,
+    /// When it arrived.
+    pub received_at: String,
+    /// When the state last changed.
+    pub updated_at: String,
+    /// The resident created here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_id: Option<String>,
+    /// The 18-digit code of the coupon issued here for the next dose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coupon: Option<String>,
+    /// Its QR text, to print.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qr_text: Option<String>,
+    /// Who accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_by: Option<String>,
+    /// Whether the national ledger knows it was accepted.
+    #[serde(default)]
+    pub acked: bool,
+    /// Why it could not be accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The sealed envelope, until accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<SealedHandoff>,
+}
+
+/// Where an incoming handoff stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InState {
+    /// Stored here, waiting for acceptance.
+    Received,
+    /// The resident was created here.
+    Accepted,
+    /// It cannot be accepted as it is (see `error`); an admin may retry.
+    Failed,
+}
+
+/// A newcomer registered here (転入) whose history was asked for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AskEntry {
+    /// Their person key.
+    pub person_key: String,
+    /// The atena number given here.
+    pub atena_number: String,
+    /// Their address here.
+    pub address: String,
+    /// The municipality on their 転出証明書, if given.
+    pub previous: Option<MunicipalityCode>,
+    /// Where the ask stands.
+    pub state: AskLocal,
+    /// Who holds them, per the ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<MunicipalityCode>,
+    /// The handoff that answers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_id: Option<String>,
+    /// Who asked.
+    pub actor: String,
+    /// When.
+    pub asked_at: String,
+    /// When the state last changed.
+    pub updated_at: String,
+}
+
+/// Where an ask stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AskLocal {
+    /// Not yet seen by the national node.
+    Asking,
+    /// Relayed to the municipality holding the person.
+    Waiting,
+    /// That municipality sent the handoff.
+    Sent,
+    /// The handoff arrived and was accepted.
+    Received,
+    /// Nobody holds a person with this key.
+    NotFound,
+}
+
+/// The writer's part of moving a resident out.
+#[derive(Debug)]
+pub struct TransferOut {
+    /// The resident.
+    pub resident_id: String,
+    /// Where they moved.
+    pub to: MunicipalityCode,
+    /// The receiver's X25519 key, from the directory.
+    pub recipient_key: [u8; 32],
+    /// Fresh random bytes for the ephemeral key.
+    pub ephemeral: [u8; 32],
+    /// The new handoff's id.
+    pub handoff_id: String,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub actor: String,
+}
+
+/// The writer's part of accepting a handoff (opened already, off the writer thread).
+#[derive(Debug)]
+pub struct AcceptHandoff {
+    /// What was sealed.
+    pub payload: HandoffPayload,
+    /// The resident id here.
+    pub resident_id: String,
+    /// The atena number here.
+    pub atena_number: String,
+    /// The address here, if known.
+    pub address: Option<String>,
+    /// Who accepted.
+    pub actor: String,
+}
+
+fn conflict(code: &str, en: String, ja: String) -> Problem {
+    Problem::new(StatusCode::CONFLICT, code, None, en, ja)
+}
+
+/// Seals a resident's record for another municipality: runs in the writer's transaction.
+pub(crate) fn transfer_one(
+    m: &mut Mutation<'_>,
+    context: &WriterContext,
+    command: &TransferOut,
+    now: OffsetDateTime,
+) -> Step<OutEntry> {
+    let Some(record) = m.record(&command.resident_id)? else {
+        return Ok(Err(Problem::not_found("resident", "住民", &command.resident_id)));
+    };
+    if let Some(transfer) = &record.transfer {
+        return Ok(Err(conflict(
+            "already_transferred",
+            format!(
+                "the resident was already handed to {} ({})",
+                municipality_name(transfer.to),
+                transfer.to
+            ),
+            format!("この住民は既に{}（{}）へ引き継ぎ済みです", municipality_name(transfer.to), transfer.to),
+        )));
+    }
+    if record.identity.status != ResidentStatus::Active {
+        return Ok(Err(conflict(
+            "resident_not_active",
+            "only an active resident can be moved out".into(),
+            "在住の住民のみ転出の引き継ぎができます".into(),
+        )));
+    }
+    if command.to == record.municipality {
+        return Ok(Err(Problem::bad_field(
+            "to",
+            "the resident cannot move to the municipality they live in",
+            "転出先が現在の市区町村と同じです",
+        )));
+    }
+    let transfer = Transfer {
+        to: command.to,
+        handoff_id: command.handoff_id.clone(),
+        at: now,
+        actor: command.actor.clone(),
+    };
+    m.apply_after(&command.resident_id, &ResidentEvent::TransferredOut(transfer), now, &record)?;
+    let after = m.record(&command.resident_id)?.ok_or_else(|| anyhow::anyhow!("the record vanished"))?;
+    let payload = HandoffPayload {
+        handoff_id: command.handoff_id.clone(),
+        from: record.municipality,
+        to: command.to,
+        person_key: record.person_key.clone(),
+        record: after,
+        sealed_at: rfc3339(now),
+    };
+    let sealed = seal(&payload, &context.signing_key, &command.recipient_key, command.ephemeral)
+        .map_err(|e| anyhow::anyhow!("cannot seal the handoff: {e}"))?;
+    let entry = OutEntry {
+        handoff_id: command.handoff_id.clone(),
+        resident_id: command.resident_id.clone(),
+        person_key: record.person_key.clone(),
+        to: command.to,
+        state: OutState::Sealed,
+        reason: command.reason.clone(),
+        actor: command.actor.clone(),
+        created_at: rfc3339(now),
+        updated_at: rfc3339(now),
+        refusal: None,
+        sealed: Some(sealed),
+    };
+    put_json(m.txn(), HANDOFF_OUT, &entry.handoff_id, &entry)?;
+    Ok(Ok(entry))
+}
+
+/// Creates the resident a handoff carries: runs in the writer's transaction.
+pub(crate) fn accept_one(
+    m: &mut Mutation<'_>,
+    context: &WriterContext,
+    command: &AcceptHandoff,
+    now: OffsetDateTime,
+) -> Step<InEntry> {
+    let payload = &command.payload;
+    let Some(mut entry) = get_json::<InEntry>(&m.txn().open_table(HANDOFF_IN)?, &payload.handoff_id)? else {
+        return Ok(Err(Problem::not_found("handoff", "引き継ぎ", &payload.handoff_id)));
+    };
+    if entry.state == InState::Accepted {
+        return Ok(Ok(entry));
+    }
+    if let Some(existing) = m.index(IDX_PERSON, &payload.person_key)?
+        && let Some(held) = m.record(&existing)?
+        && held.transfer.is_none()
+        && held.identity.status == ResidentStatus::Active
+    {
+        return Ok(Err(conflict(
+            "already_registered",
+            format!("resident {existing} here already has this person key"),
+            format!("この方は既に住民 {existing} として登録されています"),
+        )));
+    }
+    if m.record(&command.resident_id)?.is_some() {
+        return Ok(Err(conflict(
+            "atena_number_taken",
+            format!("atena number {} is another resident's", command.atena_number),
+            format!("宛名番号 {} は別の住民に使われています", command.atena_number),
+        )));
+    }
+    let record = received_record(
+        payload,
+        command.resident_id.clone(),
+        command.atena_number.clone(),
+        command.address.clone(),
+    );
+    m.create_resident(&record, now)?;
+    for dose in record.doses.values() {
+        m.set_index(IDX_EVENT, &dose.event_id, &record.resident_id)?;
+    }
+    for coupon in record.coupons.values() {
+        m.set_index(IDX_HANDOFF_COUPON, &coupon.code.to_string(), &record.resident_id)?;
+    }
+    let next = record.next_dose_number();
+    if next <= 9 {
+        let serial = u32::try_from(m.next_counter(META_COUPON_SERIAL)?)?;
+        let coupon = crate::issuance::new_coupon(record.municipality, next, serial, now)?;
+        m.apply(
+            &record.resident_id,
+            &ResidentEvent::CouponIssued { entry: coupon.clone(), supersedes: None },
+            now,
+        )?;
+        m.set_index(IDX_COUPON, coupon.code.number.as_str(), &record.resident_id)?;
+        entry.coupon = Some(coupon.code.to_string());
+        entry.qr_text = Some(SignedCoupon::sign(coupon.code, 0, &context.signing_key).to_qr_text());
+    }
+    entry.state = InState::Accepted;
+    entry.resident_id = Some(record.resident_id.clone());
+    entry.accepted_by = Some(command.actor.clone());
+    entry.updated_at = rfc3339(now);
+    entry.error = None;
+    entry.sealed = None;
+    put_json(m.txn(), HANDOFF_IN, &entry.handoff_id, &entry)?;
+    let asks = m.txn().open_table(HANDOFF_ASKS)?;
+    let ask = get_json::<AskEntry>(&asks, &payload.person_key)?;
+    drop(asks);
+    if let Some(mut ask) = ask {
+        ask.state = AskLocal::Received;
+        ask.handoff_id = Some(payload.handoff_id.clone());
+        ask.updated_at = rfc3339(now);
+        put_json(m.txn(), HANDOFF_ASKS, &payload.person_key, &ask)?;
+    }
+    Ok(Ok(entry))
+}
+
+/// The municipal node's side of relocation.
+pub struct HandoffService {
+    /// The store (reads).
+    pub store: Arc<Store>,
+    /// The writer.
+    pub writer: WriterHandle,
+    /// This municipality.
+    pub municipality: MunicipalityCode,
+    /// Person keys and resident ids.
+    pub person_secret: PersonKeySecret,
+    /// This node's X25519 secret (opens what is sealed for it).
+    pub encryption_secret: [u8; 32],
+    /// Accept incoming handoffs without an admin.
+    pub auto_accept: bool,
+    directory: RwLock<Option<Arc<SignedDirectory>>>,
+    /// Something is waiting to be sent: sync now rather than at the next poll.
+    pub due: AtomicBool,
+    /// Answers to history requests, sent with the next sync.
+    answers: Mutex<Vec<AskAnswer>>,
+}
+
+fn who_federation(asked_by: MunicipalityCode) -> Who {
+    Who { actor: format!("federation:{asked_by}"), role: "federation".into(), request_id: new_id("req") }
+}
+
+fn who_sync() -> Who {
+    Who { actor: "node:handoff".into(), role: "system".into(), request_id: new_id("req") }
+}
+
+impl HandoffService {
+    /// A service; the directory comes from the p2p service (or `directory.json`).
+    pub fn new(
+        store: Arc<Store>,
+        writer: WriterHandle,
+        municipality: MunicipalityCode,
+        person_secret: PersonKeySecret,
+        encryption_secret: [u8; 32],
+        auto_accept: bool,
+        directory: Option<SignedDirectory>,
+    ) -> Self {
+        Self {
+            store,
+            writer,
+            municipality,
+            person_secret,
+            encryption_secret,
+            auto_accept,
+            directory: RwLock::new(directory.map(Arc::new)),
+            due: AtomicBool::new(true),
+            answers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Installs a newer directory.
+    pub fn set_directory(&self, directory: Arc<SignedDirectory>) {
+        if let Ok(mut held) = self.directory.write() {
+            *held = Some(directory);
+        }
+    }
+
+    fn directory(&self) -> Option<Arc<SignedDirectory>> {
+        self.directory.read().ok().and_then(|d| d.clone())
+    }
+
+    /// The X25519 key of a municipality's node, from the directory.
+    fn encryption_key_of(&self, to: MunicipalityCode) -> Result<[u8; 32], Problem> {
+        let not_in = || {
+            conflict(
+                "receiver_not_in_federation",
+                format!(
+                    "{} ({to}) has no node with an encryption key in the federation directory",
+                    municipality_name(to)
+                ),
+                format!("{}（{to}）は連携名簿に暗号鍵付きのノードがありません", municipality_name(to)),
+            )
+        };
+        let directory = self.directory().ok_or_else(not_in)?;
+        let entry = directory.directory.primary_of(to).ok_or_else(not_in)?;
+        hex_decode(&entry.encryption_key).and_then(|k| <[u8; 32]>::try_from(k).ok()).ok_or_else(not_in)
+    }
+
+    fn coupon_key_of(&self, municipality: MunicipalityCode) -> Option<Vec<u8>> {
+        let directory = self.directory()?;
+        directory.directory.primary_of(municipality).and_then(|e| hex_decode(&e.coupon_key))
+    }
+
+    /// Moves a resident out to `to` (転出): seals their record for it.
+    pub async fn move_out(
+        &self,
+        who: &Who,
+        resident_id: &str,
+        to: MunicipalityCode,
+        reason: &str,
+    ) -> Result<OutEntry, Problem> {
+        if reason.trim().is_empty() || reason.chars().count() > 500 {
+            return Err(Problem::bad_field(
+                "reason",
+                "a reason of 1–500 characters is required",
+                "理由（1〜500文字）を入力してください",
+            ));
+        }
+        if !to.is_known() {
+            return Err(Problem::bad_field(
+                "to",
+                format!("{to} is not a municipality"),
+                format!("{to} は市区町村ではありません"),
+            ));
+        }
+        let recipient_key = self.encryption_key_of(to)?;
+        let mut ephemeral = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut ephemeral)
+            .map_err(|_| Problem::internal(&anyhow::anyhow!("no randomness")))?;
+        let command = TransferOut {
+            resident_id: resident_id.to_owned(),
+            to,
+            recipient_key,
+            ephemeral,
+            handoff_id: new_id("ho"),
+            reason: reason.trim().to_owned(),
+            actor: who.actor.clone(),
+        };
+        let entry = self.writer.call(who, |reply| Command::TransferOut(Box::new(command), reply)).await?;
+        crash_point("handoff.sealed");
+        self.due.store(true, Ordering::Release);
+        Ok(entry)
+    }
+
+    /// Registers a newcomer (転入) and asks the federation for their history.
+    pub async fn ask(
+        &self,
+        who: &Who,
+        my_number: &str,
+        atena_number: &str,
+        address: &str,
+        previous: Option<MunicipalityCode>,
+    ) -> Result<AskEntry, Problem> {
+        let person_key = self.person_secret.person_key(my_number).map_err(|_| {
+            Problem::bad_field(
+                "my_number",
+                "not a valid 個人番号 (12 digits with check digit)",
+                "個人番号が正しくありません（12桁・検査用数字）",
+            )
+        })?;
+        if atena_number.is_empty()
+            || atena_number.len() > 20
+            || !atena_number.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(Problem::bad_field(
+                "atena_number",
+                "atena number must be 1–20 ASCII letters or digits",
+                "宛名番号は1〜20桁の英数字です",
+            ));
+        }
+        if address.trim().is_empty() || address.chars().count() > 200 {
+            return Err(Problem::bad_field(
+                "address",
+                "an address of 1–200 characters is required",
+                "住所（1〜200文字）を入力してください",
+            ));
+        }
+        if previous == Some(self.municipality) {
+            return Err(Problem::bad_field(
+                "previous",
+                "the previous municipality is this one",
+                "前住所の市区町村がこの市区町村です",
+            ));
+        }
+        let view = self.store.read().map_err(|e| Problem::internal(&e))?;
+        if let Some(existing) = view.index(IDX_PERSON, &person_key).map_err(|e| Problem::internal(&e))?
+            && let Some(record) = view.record(&existing).map_err(|e| Problem::internal(&e))?
+            && record.transfer.is_none()
+            && record.identity.status == ResidentStatus::Active
+        {
+            return Err(conflict(
+                "already_registered",
+                format!("this person is already resident {existing} here"),
+                format!("この方は既に住民 {existing} として登録されています"),
+            ));
+        }
+        drop(view);
+        let now = rfc3339(OffsetDateTime::now_utc());
+        let ask = AskEntry {
+            person_key: person_key.clone(),
+            atena_number: atena_number.to_owned(),
+            address: address.trim().to_owned(),
+            previous,
+            state: AskLocal::Asking,
+            holder: None,
+            handoff_id: None,
+            actor: who.actor.clone(),
+            asked_at: now.clone(),
+            updated_at: now,
+        };
+        let value = self
+            .writer
+            .call(who, |reply| Command::Apply {
+                action: "handoff.ask".into(),
+                subject: format!("person:{person_key}"),
+                op: Box::new(move |txn, _| {
+                    let table = txn.open_table(HANDOFF_ASKS)?;
+                    let held = get_json::<AskEntry>(&table, &ask.person_key)?;
+                    drop(table);
+                    match held {
+                        Some(held) if held.state != AskLocal::NotFound => Ok(Ok(serde_json::to_value(held)?)),
+                        _ => {
+                            put_json(txn, HANDOFF_ASKS, &ask.person_key, &ask)?;
+                            Ok(Ok(serde_json::to_value(ask)?))
+                        }
+                    }
+                }),
+                reply,
+            })
+            .await?;
+        self.due.store(true, Ordering::Release);
+        serde_json::from_value(value).map_err(|e| Problem::internal(&e.into()))
+    }
+
+    /// Accepts a received handoff: creates the resident here with their whole history.
+    pub async fn accept(
+        &self,
+        who: &Who,
+        handoff_id: &str,
+        atena_number: Option<String>,
+        address: Option<String>,
+    ) -> Result<InEntry, Problem> {
+        let view = self.store.read().map_err(|e| Problem::internal(&e))?;
+        let entry: InEntry = view
+            .json(HANDOFF_IN, handoff_id)
+            .map_err(|e| Problem::internal(&e))?
+            .ok_or_else(|| Problem::not_found("handoff", "引き継ぎ", handoff_id))?;
+        if entry.state == InState::Accepted {
+            return Ok(entry);
+        }
+        let ask: Option<AskEntry> =
+            view.json(HANDOFF_ASKS, &entry.person_key).map_err(|e| Problem::internal(&e))?;
+        drop(view);
+        let Some(sealed) = entry.sealed.clone() else {
+            return Err(Problem::internal(&anyhow::anyhow!("handoff {handoff_id} has no envelope")));
+        };
+        let opened = match self.coupon_key_of(entry.from) {
+            None => Err(format!("{} is not in the federation directory", entry.from)),
+            Some(key) => sealed.open(&key, &self.encryption_secret).map_err(|e| e.to_string()),
+        };
+        let payload = match opened {
+            Ok(payload) => payload,
+            Err(error) => {
+                self.mark_failed(who, handoff_id, &error).await?;
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "handoff_unreadable",
+                    None,
+                    format!("the handoff cannot be opened: {error}"),
+                    format!("引き継ぎデータを開けません: {error}"),
+                ));
+            }
+        };
+        let atena_number = atena_number
+            .or_else(|| ask.as_ref().map(|a| a.atena_number.clone()))
+            .unwrap_or_else(|| provisional_atena(handoff_id));
+        let address = address.or_else(|| ask.as_ref().map(|a| a.address.clone()));
+        let resident_id = self.person_secret.resident_id(self.municipality, &atena_number);
+        let command = AcceptHandoff { payload, resident_id, atena_number, address, actor: who.actor.clone() };
+        let entry = match self
+            .writer
+            .call(who, |reply| Command::AcceptHandoff(Box::new(command), reply))
+            .await
+        {
+            Ok(entry) => entry,
+            Err(problem) => {
+                if problem.status.is_client_error() {
+                    // Kept for an admin, not retried by policy on every poll.
+                    self.mark_failed(who, handoff_id, &format!("{}: {}", problem.code, problem.message_en))
+                        .await?;
+                }
+                return Err(problem);
+            }
+        };
+        crash_point("handoff.accepted");
+        self.due.store(true, Ordering::Release);
+        Ok(entry)
+    }
+
+    async fn mark_failed(&self, who: &Who, handoff_id: &str, error: &str) -> Result<(), Problem> {
+        let id = handoff_id.to_owned();
+        let error = error.to_owned();
+        self.writer
+            .call(who, |reply| Command::Apply {
+                action: "handoff.refuse".into(),
+                subject: format!("handoff:{id}"),
+                op: Box::new(move |txn, now| {
+                    let table = txn.open_table(HANDOFF_IN)?;
+                    let held = get_json::<InEntry>(&table, &id)?;
+                    drop(table);
+                    if let Some(mut entry) = held.filter(|e| e.state != InState::Accepted) {
+                        entry.state = InState::Failed;
+                        entry.error = Some(error);
+                        entry.updated_at = rfc3339(now);
+                        put_json(txn, HANDOFF_IN, &id, &entry)?;
+                    }
+                    Ok(Ok(serde_json::Value::Null))
+                }),
+                reply,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// What to send the national node now.
+    pub fn build_sync(&self) -> anyhow::Result<HandoffSync> {
+        let view = self.store.read()?;
+        let mut sync = HandoffSync {
+            deposits: Vec::new(),
+            accepted: Vec::new(),
+            watching: Vec::new(),
+            asks: Vec::new(),
+            answered: std::mem::take(&mut *self.answers.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
+        };
+        for (_, entry) in view.all::<OutEntry>(HANDOFF_OUT)? {
+            match entry.state {
+                OutState::Sealed if sync.deposits.len() < MAX_HANDOFFS_PER_MESSAGE => {
+                    sync.deposits.extend(entry.sealed);
+                }
+                OutState::Deposited if sync.watching.len() < 4 * MAX_HANDOFFS_PER_MESSAGE => {
+                    sync.watching.push(entry.handoff_id)
+                }
+                _ => {}
+            }
+        }
+        for (_, entry) in view.all::<InEntry>(HANDOFF_IN)? {
+            if entry.state == InState::Accepted
+                && !entry.acked
+                && sync.accepted.len() < 4 * MAX_HANDOFFS_PER_MESSAGE
+            {
+                sync.accepted.push(entry.handoff_id);
+            }
+        }
+        for (_, ask) in view.all::<AskEntry>(HANDOFF_ASKS)? {
+            if matches!(ask.state, AskLocal::Asking | AskLocal::Waiting | AskLocal::Sent)
+                && sync.asks.len() < MAX_HANDOFFS_PER_MESSAGE
+            {
+                sync.asks.push(HistoryAsk { person_key: ask.person_key, previous: ask.previous });
+            }
+        }
+        Ok(sync)
+    }
+
+    /// Whether a sync has anything to say beyond "anything for me?".
+    pub fn is_empty(sync: &HandoffSync) -> bool {
+        sync.deposits.is_empty()
+            && sync.accepted.is_empty()
+            && sync.watching.is_empty()
+            && sync.asks.is_empty()
+            && sync.answered.is_empty()
+    }
+
+    /// Applies the national node's answer to `sent`. Returns whether more work is waiting
+    /// (sync again at once).
+    pub async fn apply_response(
+        &self,
+        sent: &HandoffSync,
+        response: HandoffResponse,
+    ) -> anyhow::Result<bool> {
+        let (deposits, inbound, states, asks, requests) = match response {
+            HandoffResponse::Synced { deposits, inbound, states, asks, requests } => {
+                (deposits, inbound, states, asks, requests)
+            }
+            HandoffResponse::Refused { code, message } => {
+                anyhow::bail!("the national node refused the handoff sync: {code}: {message}")
+            }
+        };
+        let accepted_acked = sent.accepted.clone();
+        let busy = !deposits.is_empty() || !requests.is_empty() || !accepted_acked.is_empty();
+        let completed: Vec<String> =
+            states.iter().filter(|(_, s)| *s == LedgerState::Accepted).map(|(id, _)| id.clone()).collect();
+        let busy = busy || !completed.is_empty();
+        let completed_any = !completed.is_empty();
+        let inbound_ids: Vec<String> = inbound.iter().map(|s| s.handoff_id.clone()).collect();
+        // Write (and audit) only what changes something here.
+        let (inbound, asks) = {
+            let view = self.store.read()?;
+            let mut new_inbound = Vec::new();
+            for sealed in inbound {
+                if view.json::<InEntry>(HANDOFF_IN, &sealed.handoff_id)?.is_none() {
+                    new_inbound.push(sealed);
+                }
+            }
+            let mut changed_asks = Vec::new();
+            for (person_key, state) in asks {
+                let Some(ask) = view.json::<AskEntry>(HANDOFF_ASKS, &person_key)? else { continue };
+                let now = match &state {
+                    AskState::Waiting { .. } => AskLocal::Waiting,
+                    AskState::Sent { .. } => AskLocal::Sent,
+                    AskState::NotFound => AskLocal::NotFound,
+                };
+                if ask.state != now && !matches!(ask.state, AskLocal::Received | AskLocal::NotFound) {
+                    changed_asks.push((person_key, state));
+                }
+            }
+            (new_inbound, changed_asks)
+        };
+        let writes = !deposits.is_empty()
+            || !completed.is_empty()
+            || !accepted_acked.is_empty()
+            || !inbound.is_empty()
+            || !asks.is_empty();
+        let own = self.municipality;
+        if writes {
+            self.writer
+                .call(&who_sync(), |reply| Command::Apply {
+                    action: "handoff.sync".into(),
+                    subject: format!("national:deposits={},received={}", deposits.len(), inbound.len()),
+                    op: Box::new(move |txn, now| {
+                        let at = rfc3339(now);
+                        let mut out = txn.open_table(HANDOFF_OUT)?;
+                        for (id, outcome) in &deposits {
+                            if let Some(mut entry) = get_json::<OutEntry>(&out, id)?
+                                && entry.state == OutState::Sealed
+                            {
+                                match outcome {
+                                    DepositOutcome::Stored => entry.state = OutState::Deposited,
+                                    DepositOutcome::Refused { code, message } => {
+                                        entry.state = OutState::Refused;
+                                        entry.refusal = Some(format!("{code}: {message}"));
+                                    }
+                                }
+                                entry.updated_at = at.clone();
+                                out.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
+                            }
+                        }
+                        for id in &completed {
+                            if let Some(mut entry) = get_json::<OutEntry>(&out, id)?
+                                && entry.state != OutState::Completed
+                            {
+                                entry.state = OutState::Completed;
+                                entry.sealed = None;
+                                entry.updated_at = at.clone();
+                                out.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
+                            }
+                        }
+                        drop(out);
+                        let mut incoming = txn.open_table(HANDOFF_IN)?;
+                        for id in &accepted_acked {
+                            if let Some(mut entry) = get_json::<InEntry>(&incoming, id)?
+                                && !entry.acked
+                            {
+                                entry.acked = true;
+                                incoming.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
+                            }
+                        }
+                        for sealed in inbound {
+                            if sealed.to != own || incoming.get(sealed.handoff_id.as_str())?.is_some() {
+                                continue;
+                            }
+                            let entry = InEntry {
+                                handoff_id: sealed.handoff_id.clone(),
+                                from: sealed.from,
+                                person_key: sealed.person_key.clone(),
+                                state: InState::Received,
+                                received_at: at.clone(),
+                                updated_at: at.clone(),
+                                resident_id: None,
+                                coupon: None,
+                                qr_text: None,
+                                accepted_by: None,
+                                acked: false,
+                                error: None,
+                                sealed: Some(sealed),
+                            };
+                            incoming
+                                .insert(entry.handoff_id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
+                        }
+                        drop(incoming);
+                        let mut table = txn.open_table(HANDOFF_ASKS)?;
+                        for (person_key, state) in &asks {
+                            let Some(mut ask) = get_json::<AskEntry>(&table, person_key)? else { continue };
+                            if matches!(ask.state, AskLocal::Received | AskLocal::NotFound) {
+                                continue;
+                            }
+                            match state {
+                                AskState::Waiting { holder } => {
+                                    ask.state = AskLocal::Waiting;
+                                    ask.holder = Some(*holder);
+                                }
+                                AskState::Sent { handoff_id } => {
+                                    ask.state = AskLocal::Sent;
+                                    ask.handoff_id = Some(handoff_id.clone());
+                                }
+                                AskState::NotFound => ask.state = AskLocal::NotFound,
+                            }
+                            ask.updated_at = at.clone();
+                            table.insert(person_key.as_str(), serde_json::to_vec(&ask)?.as_slice())?;
+                        }
+                        Ok(Ok(serde_json::Value::Null))
+                    }),
+                    reply,
+                })
+                .await
+                .map_err(|p| anyhow::anyhow!("{}: {}", p.code, p.message_en))?;
+        }
+        if !sent.deposits.is_empty() {
+            crash_point("handoff.deposited");
+        }
+        if !inbound_ids.is_empty() {
+            crash_point("handoff.received");
+        }
+        if !sent.accepted.is_empty() {
+            crash_point("handoff.acked");
+        }
+        if completed_any {
+            crash_point("handoff.completed");
+        }
+        if self.auto_accept {
+            let who =
+                Who { actor: "policy:auto-accept".into(), role: "system".into(), request_id: new_id("req") };
+            let view = self.store.read()?;
+            let mut waiting = Vec::new();
+            for id in &inbound_ids {
+                if view.json::<InEntry>(HANDOFF_IN, id)?.is_some_and(|e| e.state == InState::Received) {
+                    waiting.push(id.clone());
+                }
+            }
+            drop(view);
+            let inbound_ids = waiting;
+            let accepts = inbound_ids.iter().map(|id| self.accept(&who, id, None, None));
+            for (id, result) in inbound_ids.iter().zip(libp2p::futures::future::join_all(accepts).await) {
+                match result {
+                    // Tell the ledger at once.
+                    Ok(_) => self.due.store(true, Ordering::Release),
+                    Err(problem) => {
+                        tracing::warn!(handoff = %id, code = %problem.code, "a received handoff was not accepted")
+                    }
+                }
+            }
+        }
+        let answers =
+            libp2p::futures::future::join_all(requests.iter().map(|r| self.answer_request(r))).await;
+        if let Ok(mut held) = self.answers.lock() {
+            held.extend(answers);
+        }
+        Ok(busy)
+    }
+
+    /// Deals with a newcomer request from another municipality: hands the person over if
+    /// they are resident here.
+    async fn answer_request(&self, request: &HistoryRequest) -> AskAnswer {
+        let mut answer = AskAnswer {
+            person_key: request.person_key.clone(),
+            asked_by: request.asked_by,
+            handoff_id: None,
+        };
+        let found = self.store.read().and_then(|view| {
+            let Some(id) = view.index(IDX_PERSON, &request.person_key)? else { return Ok(None) };
+            Ok(view.record(&id)?.map(|record| (id, record)))
+        });
+        match found {
+            Ok(Some((_, record))) if record.transfer.is_some() => {
+                answer.handoff_id =
+                    record.transfer.filter(|t| t.to == request.asked_by).map(|t| t.handoff_id);
+            }
+            Ok(Some((id, record))) if record.identity.status == ResidentStatus::Active => {
+                let reason = format!("転入届（{}）による引き継ぎ", municipality_name(request.asked_by));
+                match self.move_out(&who_federation(request.asked_by), &id, request.asked_by, &reason).await {
+                    Ok(entry) => answer.handoff_id = Some(entry.handoff_id),
+                    Err(problem) => {
+                        tracing::warn!(code = %problem.code, "a history request was not answered")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(error = format!("{error:#}"), "cannot read for a history request"),
+        }
+        answer
+    }
+
+    /// The resident here who holds a coupon of `code` carried in by a handoff.
+    pub fn resident_of_carried_coupon(&self, code: &str) -> anyhow::Result<Option<String>> {
+        self.store.read()?.index(IDX_HANDOFF_COUPON, code)
+    }
+}
+
+/// The refusal of any change to a record handed to another municipality (kept read-only
+/// for audit), or `None`.
+pub fn read_only(record: &protocol::document::ResidentRecord) -> Option<Problem> {
+    let transfer = record.transfer.as_ref()?;
+    let name = municipality_name(transfer.to);
+    Some(conflict(
+        "resident_transferred",
+        format!("the resident moved to {name} ({}); their record there is the one to change", transfer.to),
+        format!("この住民は{name}（{}）へ転出し、記録は引き継ぎ済みです（この記録は閲覧のみ）", transfer.to),
+    ))
+}
+
+/// The atena number given to a resident accepted without one (automatic acceptance of a
+/// move the old municipality triggered): `T` and 19 characters of the handoff id.
+pub fn provisional_atena(handoff_id: &str) -> String {
+    let tail: String = handoff_id.trim_start_matches("ho-").chars().take(19).collect();
+    format!("T{tail}")
+}

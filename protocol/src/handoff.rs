@@ -1,0 +1,386 @@
+//! Relocation handoff: a resident's record, sealed by the municipality they leave for the
+//! municipality they move to, relayed by the national node, which can read only the
+//! envelope.
+//!
+//! Sealing (version 1):
+//!
+//! 1. an ephemeral X25519 key pair (the caller passes the 32 random bytes, so the simulator
+//!    can replay it) is agreed with the receiving node's X25519 key from the directory;
+//! 2. HKDF-SHA-256 (salt `vrs-handoff/1`, info = ephemeral public key ‖ receiver's key)
+//!    turns the shared secret into a ChaCha20-Poly1305 key, used once (nonce zero);
+//! 3. the payload's JSON is encrypted with the envelope's header as associated data, so a
+//!    ciphertext cannot be moved under another header;
+//! 4. the sender signs header ‖ ephemeral key ‖ ciphertext with its Ed25519 coupon key
+//!    (the key the directory publishes), so the national node and the receiver both know
+//!    who sent it, and nobody can swap the ciphertext.
+//!
+//! The header holds what the national ledger needs and nothing more: the handoff id, the two
+//! municipality codes, the pseudonymous person key and the time.
+
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use ring::hkdf::{HKDF_SHA256, Salt};
+use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::document::{ResidentRecord, ResidentStatus};
+use crate::municipality::MunicipalityCode;
+use crate::person::{hex_decode, hex_lower};
+
+/// The version tag bound into every key derivation and signature.
+const CONTEXT: &[u8] = b"vrs-handoff/1";
+
+/// Most sealed handoffs in one message, either way.
+pub const MAX_HANDOFFS_PER_MESSAGE: usize = 256;
+
+/// What the sending municipality seals: the whole record, as it left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffPayload {
+    /// Unique id of the handoff.
+    pub handoff_id: String,
+    /// The municipality the resident left.
+    pub from: MunicipalityCode,
+    /// The municipality they moved to.
+    pub to: MunicipalityCode,
+    /// Their person key (the same in every municipality).
+    pub person_key: String,
+    /// Their record as it is after the transfer: identity, coupons, doses, corrections.
+    pub record: ResidentRecord,
+    /// When it was sealed (RFC 3339).
+    pub sealed_at: String,
+}
+
+/// The envelope: a clear header, the sealed payload, the sender's signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedHandoff {
+    /// Unique id of the handoff.
+    pub handoff_id: String,
+    /// Sender.
+    pub from: MunicipalityCode,
+    /// Receiver.
+    pub to: MunicipalityCode,
+    /// The person key.
+    pub person_key: String,
+    /// When it was sealed (RFC 3339).
+    pub sealed_at: String,
+    /// The ephemeral X25519 public key (hex).
+    pub ephemeral_key: String,
+    /// ChaCha20-Poly1305 ciphertext of the payload's JSON, tag appended.
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// Ed25519 signature (hex) by the sender's coupon key.
+    pub signature: String,
+}
+
+/// Why a handoff could not be sealed or opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandoffError {
+    /// The envelope is not well formed.
+    #[error("malformed handoff: {0}")]
+    Malformed(String),
+    /// The signature does not verify with the sender's key.
+    #[error("the handoff's signature does not verify with the key of {0}")]
+    BadSignature(MunicipalityCode),
+    /// The ciphertext does not decrypt with this node's key (not for us, or altered).
+    #[error("the handoff does not decrypt with this node's key")]
+    Undecryptable,
+    /// The decrypted payload contradicts its envelope.
+    #[error("the payload does not match its envelope: {0}")]
+    Mismatch(String),
+}
+
+impl HandoffError {
+    /// A stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HandoffError::Malformed(_) => "malformed_handoff",
+            HandoffError::BadSignature(_) => "bad_signature",
+            HandoffError::Undecryptable => "undecryptable",
+            HandoffError::Mismatch(_) => "payload_mismatch",
+        }
+    }
+}
+
+impl SealedHandoff {
+    fn header(&self) -> Vec<u8> {
+        header(&self.handoff_id, self.from, self.to, &self.person_key, &self.sealed_at)
+    }
+
+    fn signed_message(&self, ephemeral: &[u8]) -> Vec<u8> {
+        let mut message = self.header();
+        message.extend_from_slice(ephemeral);
+        message.extend_from_slice(&self.ciphertext);
+        message
+    }
+
+    /// Checks the envelope's shape and the sender's signature (`sender_key`: the sender's
+    /// Ed25519 coupon key from the directory). What the national node checks.
+    pub fn verify(&self, sender_key: &[u8]) -> Result<(), HandoffError> {
+        if !is_handoff_id(&self.handoff_id) {
+            return Err(HandoffError::Malformed(format!("handoff id {:?}", self.handoff_id)));
+        }
+        if self.from == self.to {
+            return Err(HandoffError::Malformed("sender and receiver are the same municipality".into()));
+        }
+        if self.person_key.is_empty() || self.person_key.len() > 64 || !self.person_key.is_ascii() {
+            return Err(HandoffError::Malformed("person key".into()));
+        }
+        if self.sealed_at.len() > 40 {
+            return Err(HandoffError::Malformed("sealed_at".into()));
+        }
+        let ephemeral = self.ephemeral()?;
+        let signature = hex_decode(&self.signature)
+            .ok_or_else(|| HandoffError::Malformed("signature is not hex".into()))?;
+        UnparsedPublicKey::new(&ED25519, sender_key)
+            .verify(&self.signed_message(&ephemeral), &signature)
+            .map_err(|_| HandoffError::BadSignature(self.from))
+    }
+
+    fn ephemeral(&self) -> Result<[u8; 32], HandoffError> {
+        hex_decode(&self.ephemeral_key)
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .ok_or_else(|| HandoffError::Malformed("ephemeral key is not 32 bytes of hex".into()))
+    }
+
+    /// Verifies, decrypts with this node's X25519 secret and checks the payload against the
+    /// envelope. What the receiving node does.
+    pub fn open(
+        &self,
+        sender_key: &[u8],
+        recipient_secret: &[u8; 32],
+    ) -> Result<HandoffPayload, HandoffError> {
+        self.verify(sender_key)?;
+        let ephemeral = self.ephemeral()?;
+        let secret = x25519_dalek::StaticSecret::from(*recipient_secret);
+        let recipient_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(ephemeral));
+        if !shared.was_contributory() {
+            return Err(HandoffError::Undecryptable);
+        }
+        let key = aead_key(shared.as_bytes(), &ephemeral, &recipient_public)?;
+        let mut buffer = self.ciphertext.clone();
+        let plain = key
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(self.header()), &mut buffer)
+            .map_err(|_| HandoffError::Undecryptable)?;
+        let payload: HandoffPayload =
+            serde_json::from_slice(plain).map_err(|e| HandoffError::Mismatch(format!("payload: {e}")))?;
+        let same = payload.handoff_id == self.handoff_id
+            && payload.from == self.from
+            && payload.to == self.to
+            && payload.person_key == self.person_key
+            && payload.sealed_at == self.sealed_at;
+        if !same {
+            return Err(HandoffError::Mismatch("header fields differ".into()));
+        }
+        if payload.record.person_key != payload.person_key || payload.record.municipality != payload.from {
+            return Err(HandoffError::Mismatch("the record is of another person or municipality".into()));
+        }
+        Ok(payload)
+    }
+}
+
+/// Seals `payload` for the node whose X25519 public key is `recipient_key`, signed with the
+/// sender's coupon key. `ephemeral_secret` must be 32 fresh random bytes.
+pub fn seal(
+    payload: &HandoffPayload,
+    signer: &Ed25519KeyPair,
+    recipient_key: &[u8; 32],
+    ephemeral_secret: [u8; 32],
+) -> Result<SealedHandoff, HandoffError> {
+    let secret = x25519_dalek::StaticSecret::from(ephemeral_secret);
+    let ephemeral = x25519_dalek::PublicKey::from(&secret).to_bytes();
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*recipient_key));
+    if !shared.was_contributory() {
+        return Err(HandoffError::Malformed("the receiver's encryption key is not usable".into()));
+    }
+    let key = aead_key(shared.as_bytes(), &ephemeral, recipient_key)?;
+    let mut ciphertext =
+        serde_json::to_vec(payload).map_err(|e| HandoffError::Malformed(format!("payload: {e}")))?;
+    let header =
+        header(&payload.handoff_id, payload.from, payload.to, &payload.person_key, &payload.sealed_at);
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(header), &mut ciphertext)
+        .map_err(|_| HandoffError::Malformed("encryption failed".into()))?;
+    let mut sealed = SealedHandoff {
+        handoff_id: payload.handoff_id.clone(),
+        from: payload.from,
+        to: payload.to,
+        person_key: payload.person_key.clone(),
+        sealed_at: payload.sealed_at.clone(),
+        ephemeral_key: hex_lower(&ephemeral),
+        ciphertext,
+        signature: String::new(),
+    };
+    sealed.signature = hex_lower(signer.sign(&sealed.signed_message(&ephemeral)).as_ref());
+    Ok(sealed)
+}
+
+fn header(
+    handoff_id: &str,
+    from: MunicipalityCode,
+    to: MunicipalityCode,
+    person_key: &str,
+    at: &str,
+) -> Vec<u8> {
+    let mut header = CONTEXT.to_vec();
+    header.extend_from_slice(format!("\n{handoff_id}\n{from}\n{to}\n{person_key}\n{at}\n").as_bytes());
+    header
+}
+
+fn aead_key(shared: &[u8], ephemeral: &[u8; 32], recipient: &[u8; 32]) -> Result<LessSafeKey, HandoffError> {
+    let info: [&[u8]; 2] = [ephemeral, recipient];
+    let prk = Salt::new(HKDF_SHA256, CONTEXT).extract(shared);
+    let okm = prk
+        .expand(&info, &CHACHA20_POLY1305)
+        .map_err(|_| HandoffError::Malformed("key derivation failed".into()))?;
+    Ok(LessSafeKey::new(UnboundKey::from(okm)))
+}
+
+/// Handoff ids: `ho-` and 1–61 ASCII letters, digits or dashes.
+pub fn is_handoff_id(id: &str) -> bool {
+    id.len() <= 64
+        && id.strip_prefix("ho-").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The record the receiving municipality creates from a handoff: the same person, history
+/// and corrections, under the receiver's id, atena number and address, active. Venues of
+/// the old municipality are named with its code (`141003/venue-1`), as for a dose given
+/// away from home, so the doses count where they were given and use no stock here.
+pub fn received_record(
+    payload: &HandoffPayload,
+    resident_id: String,
+    atena_number: String,
+    address: Option<String>,
+) -> ResidentRecord {
+    let mut record = payload.record.clone();
+    record.resident_id = resident_id;
+    record.municipality = payload.to;
+    record.identity.atena_number = atena_number;
+    if let Some(address) = address {
+        record.identity.address = address;
+    }
+    record.identity.status = ResidentStatus::Active;
+    record.transfer = None;
+    for dose in record.doses.values_mut() {
+        if !dose.venue.contains('/') {
+            dose.venue = format!("{}/{}", payload.from, dose.venue);
+        }
+    }
+    record
+}
+
+/// What a municipal node sends the national node, and what it receives, on
+/// `/vrs/handoff/1`. The national node never calls a municipality: each municipal primary
+/// asks every few hundred milliseconds (at once when it has something to send), so a node
+/// that was down picks up where it left off.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffSync {
+    /// Sealed handoffs this node sends (each may be sent again until stored).
+    pub deposits: Vec<SealedHandoff>,
+    /// Handoffs this node has accepted, durably.
+    pub accepted: Vec<String>,
+    /// Handoffs this node sent and waits to see accepted.
+    pub watching: Vec<String>,
+    /// Newcomers this node registered (転入) whose history it asks for.
+    pub asks: Vec<HistoryAsk>,
+    /// Requests for history this node has dealt with.
+    pub answered: Vec<AskAnswer>,
+}
+
+/// A newcomer's history, asked for by person key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryAsk {
+    /// The newcomer's person key.
+    pub person_key: String,
+    /// The municipality they came from, from the 転出証明書, when known.
+    pub previous: Option<MunicipalityCode>,
+}
+
+/// A request, relayed to the municipality that holds the person, to hand them over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    /// The person key.
+    pub person_key: String,
+    /// The municipality that registered them as a newcomer.
+    pub asked_by: MunicipalityCode,
+}
+
+/// What the holder did with a [`HistoryRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AskAnswer {
+    /// The person key.
+    pub person_key: String,
+    /// Who asked.
+    pub asked_by: MunicipalityCode,
+    /// The handoff sent, or `None`: no active resident with this key here.
+    pub handoff_id: Option<String>,
+}
+
+/// Where a handoff stands in the national ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerState {
+    /// Stored at the national node, not yet accepted by the receiver.
+    InTransit,
+    /// Accepted: the receiver holds the person now.
+    Accepted,
+    /// The ledger has no such handoff.
+    Unknown,
+}
+
+/// The national node's answer to a deposit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DepositOutcome {
+    /// Stored (or already stored).
+    Stored,
+    /// Refused: will never be stored as it is.
+    Refused {
+        /// Stable code.
+        code: String,
+        /// Why, in English.
+        message: String,
+    },
+}
+
+/// Where an ask stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AskState {
+    /// Relayed to the municipality that holds the person; waiting for its handoff.
+    Waiting {
+        /// Who holds the person.
+        holder: MunicipalityCode,
+    },
+    /// The holder sent the handoff.
+    Sent {
+        /// The handoff.
+        handoff_id: String,
+    },
+    /// Nobody holds the person (not in the ledger and no previous municipality given, or
+    /// the previous municipality has no active resident with the key).
+    NotFound,
+}
+
+/// The national node's answer to a [`HandoffSync`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandoffResponse {
+    /// Everything in the sync was committed.
+    Synced {
+        /// One per deposit, in order.
+        deposits: Vec<(String, DepositOutcome)>,
+        /// Handoffs addressed to the asking node, not yet accepted.
+        inbound: Vec<SealedHandoff>,
+        /// The ledger state of each watched handoff.
+        states: Vec<(String, LedgerState)>,
+        /// Each ask's state, by person key.
+        asks: Vec<(String, AskState)>,
+        /// Requests to hand over a person this node holds.
+        requests: Vec<HistoryRequest>,
+    },
+    /// The whole sync was refused (not a municipal primary, too large).
+    Refused {
+        /// Stable code.
+        code: String,
+        /// Why.
+        message: String,
+    },
+}

@@ -1,0 +1,426 @@
+//! Relocation with real processes: Yokohama (141003) hands residents to Chiyoda (131016)
+//! through the national node, which relays sealed envelopes it cannot read. Each handoff is
+//! done once whatever is killed between two of its steps; a newcomer registered in Chiyoda
+//! fetches their history; a terminal of Yokohama refuses a moved resident's coupon, or, if it
+//! was offline, its dose is forwarded to Chiyoda; a movers file is processed in one go.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::{Node, PrintedCoupon, Proxy, TempDir, free_port};
+
+use super::federation::{National, join};
+use super::terminals::{
+    assert_no_personal_data, enrol_token, events_of, p2p, resident_id, scan, state_of, terminal, wait_for,
+};
+use super::{COMIRNATY, add_comirnaty_lot, capture, coupon_of, my_number, ok, raw_vial, set_up_fixture};
+
+const YOKOHAMA: &str = "141003";
+const CHIYODA: &str = "131016";
+const VENUE: &str = "naka-kumin-kaikan";
+
+struct Federation {
+    dir: TempDir,
+    national: National,
+    admin: String,
+    a: Node,
+    b: Node,
+    coupons: Vec<PrintedCoupon>,
+    /// Yokohama's p2p address as others dial it, through a proxy the test can cut.
+    proxy: Proxy,
+}
+
+/// National, Yokohama (the fixture, with coupons and a lot; reached through a proxy) and
+/// Chiyoda, approved into the directory. Nothing runs yet.
+fn federation(label: &str) -> Federation {
+    let dir = TempDir::new(label);
+    let national = National::init(dir.path());
+    let admin = national.token("admin", "national_admin", None);
+    let (listen, port) = p2p();
+    let proxy = Proxy::start(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    let a =
+        Node::init_with(&dir.path().join("a"), YOKOHAMA, &["--plain-http", "--p2p-listen", &listen]).unwrap();
+    let config = a.data.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let advertised = format!("[p2p]\nadvertise = \"/ip4/127.0.0.1/tcp/{}\"\n", proxy.port);
+    std::fs::write(&config, text.replacen("[p2p]\n", &advertised, 1)).unwrap();
+    let coupons = set_up_fixture(&a, &dir.path().join("a"));
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    // The federation's person-key secret is shared by every municipality: the same 個人番号
+    // gives the same person key everywhere.
+    let secret = a.data.join("keys/person-key.secret");
+    let b = Node::init_with(
+        &dir.path().join("b"),
+        CHIYODA,
+        &["--plain-http", "--p2p-listen", &listen, "--person-key-secret", secret.to_str().unwrap()],
+    )
+    .unwrap();
+    add_comirnaty_lot(&b);
+    national.approve(&join(&a, &national, "a"));
+    national.approve(&join(&b, &national, "b"));
+    Federation { dir, national, admin, a, b, coupons, proxy }
+}
+
+fn start_all(f: &mut Federation) {
+    f.national.start();
+    f.a.start().unwrap();
+    f.b.start().unwrap();
+}
+
+/// Moves the resident with `atena` out of Yokohama to Chiyoda once Yokohama's directory
+/// names Chiyoda; `None` when the node died answering (a crash point).
+fn move_out(a: &Node, atena: &str) -> Option<(u16, Value)> {
+    let resident = resident_id(a, atena);
+    let path = format!("/api/v1/residents/{resident}/move-out");
+    let body = json!({"to": CHIYODA, "reason": "転出届（千代田区）"});
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match a.post(&path, &body) {
+            Ok((409, answer)) if answer["code"] == "receiver_not_in_federation" => {
+                assert!(std::time::Instant::now() < deadline, "Yokohama never learnt Chiyoda's key");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(answer) => return Some(answer),
+            Err(_) => return None,
+        }
+    }
+}
+
+fn handoffs(node: &Node) -> Value {
+    let (code, body) = node.get("/api/v1/handoffs").unwrap();
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+fn ledger(f: &Federation, person_key: &str) -> Vec<Value> {
+    let body = f.national.json(&format!("/api/v1/national/handoffs?person_key={person_key}"), &f.admin);
+    body["handoffs"].as_array().unwrap().clone()
+}
+
+fn record(node: &Node, resident: &str) -> Value {
+    let (code, body) = node.get(&format!("/api/v1/residents/{resident}")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// Waits until the handoff of `person_key` is accepted at Chiyoda, acknowledged in the
+/// ledger and completed at Yokohama; returns Chiyoda's incoming entry.
+fn settled(f: &Federation, person_key: &str) -> Value {
+    wait_for("the handoff to settle", Duration::from_secs(60), || {
+        let incoming = handoffs(&f.b)["incoming"].as_array().unwrap().clone();
+        let entry = incoming.into_iter().find(|e| e["person_key"] == person_key)?;
+        let outgoing = handoffs(&f.a)["outgoing"].as_array().unwrap().clone();
+        let completed = outgoing.iter().any(|e| e["person_key"] == person_key && e["state"] == "completed");
+        let ledger = ledger(f, person_key);
+        let accepted = ledger.iter().any(|e| e["state"] == "accepted");
+        (entry["state"] == "accepted" && entry["acked"] == true && completed && accepted).then_some(entry)
+    })
+}
+
+/// Exactly one handoff, one active owner, the same history on both sides.
+fn assert_moved_once(f: &Federation, atena: &str) -> (String, String) {
+    let old = resident_id(&f.a, atena);
+    let at_a = wait_for("Yokohama to hand the record over", Duration::from_secs(30), || {
+        let at_a = record(&f.a, &old);
+        (!at_a["transfer"].is_null()).then_some(at_a)
+    });
+    assert_eq!(at_a["transfer"]["to"], CHIYODA, "{at_a}");
+    assert_eq!(at_a["identity"]["status"], "moved_out");
+    assert!(at_a["valid_coupons"].as_array().unwrap().is_empty(), "no valid coupon stays at Yokohama");
+    let person_key = handoffs(&f.a)["outgoing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resident_id"] == old.as_str())
+        .map(|e| e["person_key"].as_str().unwrap().to_owned())
+        .expect("an outgoing handoff");
+    let entry = settled(f, &person_key);
+    let outgoing: Vec<Value> = handoffs(&f.a)["outgoing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["person_key"] == person_key.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(outgoing.len(), 1, "one handoff sealed: {outgoing:?}");
+    let incoming: Vec<Value> = handoffs(&f.b)["incoming"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["person_key"] == person_key.as_str())
+        .cloned()
+        .collect();
+    assert_eq!(incoming.len(), 1, "one handoff received: {incoming:?}");
+    let ledger = ledger(f, &person_key);
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    assert_eq!(ledger[0]["from"], YOKOHAMA);
+    assert_eq!(ledger[0]["to"], CHIYODA);
+    assert!(ledger[0].get("sealed").is_none(), "the ledger drops the envelope once accepted");
+    let new = entry["resident_id"].as_str().unwrap().to_owned();
+    let at_b = record(&f.b, &new);
+    assert_eq!(at_b["identity"]["status"], "active");
+    assert_eq!(at_b["municipality"], CHIYODA);
+    assert_eq!(events_of(&f.b, &new), events_of(&f.a, &old), "the same history, each dose once");
+    let next = at_b["next_dose"].as_u64().unwrap();
+    let valid = at_b["valid_coupons"].as_array().unwrap();
+    assert_eq!(valid.len(), 1, "one valid coupon at Chiyoda: {valid:?}");
+    let code = valid[0]["code"].as_str().unwrap();
+    assert_eq!(&code[1..2], next.to_string(), "the new coupon continues the count");
+    assert_eq!(&code[2..8], CHIYODA);
+    assert_eq!(entry["coupon"].as_str(), Some(code));
+    for dose in at_b["history"].as_array().unwrap() {
+        assert!(dose["venue"].as_str().unwrap().starts_with("141003/"), "{dose}");
+    }
+    (old, new)
+}
+
+#[test]
+fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
+    let mut f = federation("handoff");
+    let token = enrol_token(&f.a, VENUE);
+    start_all(&mut f);
+    let mut kiosk = terminal(f.dir.path(), "t", YOKOHAMA, &token);
+    kiosk.start().unwrap();
+
+    // 山田 is vaccinated in Yokohama, then moves to Chiyoda.
+    let yamada = coupon_of(&f.coupons, "0000000101", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&yamada.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = move_out(&f.a, "0000000101").unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["state"], "sealed");
+    assert!(body.get("sealed").is_none(), "the API never shows the envelope");
+    let (old, new) = assert_moved_once(&f, "0000000101");
+    let history = record(&f.b, &new)["history"].clone();
+    assert_eq!(history.as_array().unwrap().len(), 1);
+    assert_eq!(history[0]["dose_number"], 1);
+
+    // Done once: moving again, or registering them again at Chiyoda, is refused.
+    let (code, body) = move_out(&f.a, "0000000101").unwrap();
+    assert_eq!((code, body["code"].as_str()), (409, Some("already_transferred")), "{body}");
+    let again =
+        json!({"my_number": my_number(1), "atena_number": "C-0001", "address": "東京都千代田区九段南1-2-1"});
+    let (code, body) = f.b.post("/api/v1/handoffs/requests", &again).unwrap();
+    assert_eq!((code, body["code"].as_str()), (409, Some("already_registered")), "{body} {}", handoffs(&f.b));
+    // Yokohama's record is kept, read-only.
+    let void = json!({"reason": "誤登録"});
+    let event = history[0]["event_id"].as_str().unwrap();
+    let (code, body) = f.a.post(&format!("/api/v1/residents/{old}/doses/{event}/void"), &void).unwrap();
+    assert_eq!((code, body["code"].as_str()), (409, Some("resident_transferred")), "{body}");
+
+    // 伊藤 moves with an unused coupon: Yokohama refuses it, naming Chiyoda — at the node and
+    // at a terminal that synced after the move.
+    let ito = coupon_of(&f.coupons, "0000000106", 1).clone();
+    let blocked_before = kiosk.get("/api/v1/status").unwrap().1["blocked_coupons"].as_u64().unwrap();
+    assert_eq!(move_out(&f.a, "0000000106").unwrap().0, 201);
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&ito.qr_text, &vial, None)).unwrap();
+    assert_eq!((code, body["code"].as_str()), (409, Some("coupon_transferred")), "{body}");
+    assert!(body["title"].as_str().unwrap().contains("千代田区"), "{body}");
+    wait_for("the terminal to learn of the move", Duration::from_secs(30), || {
+        let blocked = kiosk.get("/api/v1/status").unwrap().1["blocked_coupons"].as_u64().unwrap();
+        (blocked > blocked_before).then_some(())
+    });
+    let (code, body) = scan(&kiosk, &ito, &vial, VENUE);
+    assert_eq!((code, body["code"].as_str()), (409, Some("coupon_transferred")), "{body}");
+    assert!(body["title"].as_str().unwrap().contains("千代田区（131016）"), "{body}");
+    assert_moved_once(&f, "0000000106");
+
+    // 中村 is vaccinated at a Yokohama terminal that is offline and never heard of the
+    // move: the dose reaches Chiyoda's record once the terminal is back.
+    let nakamura = coupon_of(&f.coupons, "0000000107", 1).clone();
+    f.proxy.block();
+    assert_eq!(move_out(&f.a, "0000000107").unwrap().0, 201);
+    let (_, new_nakamura) = assert_moved_once(&f, "0000000107");
+    let (code, body) = scan(&kiosk, &nakamura, &vial, VENUE);
+    assert_eq!(code, 201, "offline, the terminal records it: {body}");
+    let event = body["event_id"].as_str().unwrap().to_owned();
+    f.proxy.heal();
+    let mut state = Value::Null;
+    for _ in 0..600 {
+        state = state_of(&kiosk, &event);
+        if state["state"] == "recorded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state["state"], "recorded", "the offline dose reached Chiyoda: {state}");
+    assert_eq!(state["owner"], CHIYODA, "{state}");
+    let events = events_of(&f.b, &new_nakamura);
+    assert_eq!(events.get(&event), Some(&1), "the dose is in the record once: {events:?}");
+    let dose = record(&f.b, &new_nakamura)["history"][0].clone();
+    assert_eq!(dose["venue"], "141003/naka-kumin-kaikan", "{dose}");
+
+    // 鈴木 registers in Chiyoda (転入) with their 転出証明書: Chiyoda asks, Yokohama hands
+    // them over by itself, Chiyoda keeps the atena number it gave.
+    let ask = json!({"my_number": my_number(4), "atena_number": "C-0004", "address": "東京都千代田区九段南1-2-1", "previous": YOKOHAMA});
+    let (code, body) = f.b.post("/api/v1/handoffs/requests", &ask).unwrap();
+    assert_eq!(code, 202, "{body}");
+    let (_, new_suzuki) = assert_moved_once(&f, "0000000104");
+    let suzuki = record(&f.b, &new_suzuki);
+    assert_eq!(suzuki["identity"]["atena_number"], "C-0004");
+    assert_eq!(suzuki["identity"]["address"], "東京都千代田区九段南1-2-1");
+    let asks = handoffs(&f.b)["asks"].clone();
+    assert!(asks.as_array().unwrap().iter().any(|a| a["state"] == "received"), "{asks}");
+    // Nobody holds a person the ledger never saw, without a previous municipality.
+    let nobody = json!({"my_number": my_number(99), "atena_number": "C-0099", "address": "東京都千代田区"});
+    assert_eq!(f.b.post("/api/v1/handoffs/requests", &nobody).unwrap().0, 202);
+    wait_for("the unknown newcomer to be answered", Duration::from_secs(30), || {
+        let asks = handoffs(&f.b)["asks"].clone();
+        asks.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["atena_number"] == "C-0099" && a["state"] == "not_found")
+            .then_some(())
+    });
+
+    // 山田 moves back to Yokohama, which registers them without naming Chiyoda: the ledger
+    // knows Chiyoda holds them and the history comes back, with the dose given in Yokohama.
+    let back = json!({"my_number": my_number(1), "atena_number": "0000000201", "address": "神奈川県横浜市中区山下町1-1"});
+    let (code, body) = f.a.post("/api/v1/handoffs/requests", &back).unwrap();
+    assert_eq!(code, 202, "{body}");
+    let returned = wait_for("山田's history to come back", Duration::from_secs(60), || {
+        let incoming = handoffs(&f.a)["incoming"].as_array().unwrap().clone();
+        incoming
+            .into_iter()
+            .find(|e| e["state"] == "accepted")
+            .map(|e| e["resident_id"].as_str().unwrap().to_owned())
+    });
+    let yamada_again = record(&f.a, &returned);
+    assert_eq!(yamada_again["identity"]["status"], "active");
+    assert_eq!(events_of(&f.a, &returned), events_of(&f.a, &old), "the same dose, once");
+    assert_eq!(record(&f.b, &new)["transfer"]["to"], YOKOHAMA);
+
+    // Both sides wrote the export/import pair to their audit logs, which still verify.
+    kiosk.kill9();
+    f.a.stop().unwrap();
+    f.b.stop().unwrap();
+    let today = super::days_from_today(0);
+    for (node, name) in [(&f.a, "a"), (&f.b, "b")] {
+        let out = f.dir.path().join(format!("audit-{name}.json"));
+        ok(&node.cli(&["audit", "export", "--from", &today, "--to", &today, "--out", out.to_str().unwrap()]));
+        let text = std::fs::read_to_string(&out).unwrap();
+        for action in ["handoff.export", "handoff.import"] {
+            assert!(text.contains(action), "{name} logged {action}");
+        }
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+
+    // The national node relayed every envelope and stored the ledger, and holds no name,
+    // birth date, address, 個人番号 or coupon number of anyone.
+    let received = std::fs::read_to_string(f.national.data.join("received.jsonl")).unwrap();
+    assert!(received.contains("\"handoff\"") && received.contains("ciphertext"), "the envelopes were logged");
+    assert_no_personal_data(&f.national.data, &f.coupons);
+}
+
+/// One relocation with one process killed (`kill -9` of itself) right after the named step
+/// has committed; it is restarted and the handoff completes exactly once.
+fn survives(point: &str, victim: &str) {
+    let mut f = federation(&format!("handoff-{}", point.replace('.', "-")));
+    let crash = vec![(node::handoff::CRASH_ENV.to_owned(), point.to_owned())];
+    match victim {
+        "a" => f.a.env = crash,
+        "b" => f.b.env = crash,
+        _ => f.national.env = crash,
+    }
+    start_all(&mut f);
+    let takahashi = coupon_of(&f.coupons, "0000000102", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&takahashi.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let answered = move_out(&f.a, "0000000102");
+    let died = match victim {
+        "a" => f.a.wait_exit(Duration::from_secs(30)),
+        "b" => f.b.wait_exit(Duration::from_secs(30)),
+        _ => f.national.wait_exit(Duration::from_secs(30)),
+    };
+    assert!(died, "{victim} reached crash point {point}");
+    if point == "handoff.sealed" {
+        assert!(answered.is_none(), "killed before answering");
+    }
+    match victim {
+        "a" => {
+            f.a.env.clear();
+            f.a.start().unwrap();
+        }
+        "b" => {
+            f.b.env.clear();
+            f.b.start().unwrap();
+        }
+        _ => {
+            f.national.env.clear();
+            f.national.start();
+        }
+    }
+    assert_moved_once(&f, "0000000102");
+    f.a.stop().unwrap();
+    assert!(ok(&f.a.cli(&["audit", "verify"])).contains("intact"));
+}
+
+#[test]
+fn relocation_survives_kill_9_between_every_two_steps() {
+    for (point, victim) in [
+        ("handoff.sealed", "a"),
+        ("ledger.deposited", "national"),
+        ("handoff.deposited", "a"),
+        ("handoff.received", "b"),
+        ("handoff.accepted", "b"),
+        ("ledger.accepted", "national"),
+        ("handoff.acked", "b"),
+        ("handoff.completed", "a"),
+    ] {
+        survives(point, victim);
+    }
+}
+
+#[test]
+fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
+    let mut f = federation("movers");
+    start_all(&mut f);
+    // Yokohama learns the directory, then stops for the batch.
+    wait_for("Yokohama to hold the directory", Duration::from_secs(30), || {
+        f.a.data.join("directory.json").exists().then_some(())
+    });
+    wait_for("the directory to name Chiyoda", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(f.a.data.join("directory.json")).ok()?;
+        text.contains(CHIYODA).then_some(())
+    });
+    f.a.stop().unwrap();
+    let bad = f.dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "宛名番号,転出先,理由\n0000000103,131016,転出\n9999999999,131016,転出\n0000000108,999999,転出\n",
+    )
+    .unwrap();
+    let results = f.dir.path().join("results.csv");
+    let out =
+        f.a.cli(&["handoff", "move-out-file", bad.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("3行目") && stderr.contains("4行目"), "every bad row is named: {stderr}");
+    assert!(!stderr.contains("2行目"), "{stderr}");
+    assert!(!results.exists(), "nothing was done");
+
+    let good = f.dir.path().join("movers.csv");
+    tests::write_shift_jis(
+        &good,
+        "宛名番号,転出先,理由\r\n0000000103,131016,転出届\r\n0000000108,131016,転出届\r\n",
+    )
+    .unwrap();
+    let out = ok(&f.a.cli(&[
+        "handoff",
+        "move-out-file",
+        good.to_str().unwrap(),
+        "--results",
+        results.to_str().unwrap(),
+    ]));
+    assert!(out.contains("2"), "{out}");
+    let rows = std::fs::read_to_string(&results).unwrap();
+    assert_eq!(rows.lines().count(), 3, "{rows}");
+    assert!(rows.lines().skip(1).all(|l| l.contains(",sealed,ho-")), "{rows}");
+    f.a.start().unwrap();
+    assert_moved_once(&f, "0000000103");
+    assert_moved_once(&f, "0000000108");
+}
