@@ -10,6 +10,7 @@ use node::config::{InitOptions, NodeFiles, Role, init_data_dir};
 
 mod audit;
 mod isolation;
+mod ledger;
 mod national;
 use node::import::{Encoding, ImportOutcome, import_file};
 use node::store::Store;

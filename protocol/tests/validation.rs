@@ -290,6 +290,8 @@ struct Situation {
     event_id: String,
     lots: Vec<Lot>,
     keys: BTreeMap<MunicipalityCode, Vec<u8>>,
+    /// Forwarded by the municipality the resident left (see `CaptureContext`).
+    accept_transferred: bool,
 }
 
 impl Situation {
@@ -303,6 +305,7 @@ impl Situation {
             event_id: "ev-0001".to_owned(),
             lots: lots(),
             keys: BTreeMap::from([(municipality(YOKOHAMA), signing_key().public_key().as_ref().to_vec())]),
+            accept_transferred: false,
         }
     }
 
@@ -316,7 +319,7 @@ impl Situation {
             campaign_start: CAMPAIGN_START,
             catalogue: &catalogue,
             lot: self.lots.iter().find(|lot| lot.lot == scans.vial.lot),
-            accept_transferred: false,
+            accept_transferred: self.accept_transferred,
         };
         let input = CaptureInput {
             scans: &scans,
@@ -1290,4 +1293,142 @@ fn age_bands_cover_every_age_once() {
     for label in labels {
         assert_eq!(AgeBand::try_from(label.clone()).map(AgeBand::label), Ok(label));
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Relocation handoff
+// ---------------------------------------------------------------------------------------
+
+fn transfer_to(to: &str) -> protocol::document::Transfer {
+    protocol::document::Transfer {
+        to: municipality(to),
+        handoff_id: "ho-0001".to_owned(),
+        at: NOW,
+        actor: "user:admin".to_owned(),
+    }
+}
+
+/// Yokohama's resident with one dose, after the transfer to Chiyoda, as Yokohama seals it.
+fn moved_payload() -> protocol::handoff::HandoffPayload {
+    let mut situation = Situation::new();
+    situation.apply(ResidentEvent::DoseRecorded(dose("ev-1", coupon(1, 101), date!(2026 - 10 - 01))));
+    situation.issue(coupon(2, 102));
+    situation.apply(ResidentEvent::TransferredOut(transfer_to(CHIYODA)));
+    protocol::handoff::HandoffPayload {
+        handoff_id: "ho-0001".to_owned(),
+        from: municipality(YOKOHAMA),
+        to: municipality(CHIYODA),
+        person_key: situation.record.person_key.clone(),
+        record: situation.record,
+        sealed_at: "2026-11-25T01:00:00Z".to_owned(),
+    }
+}
+
+fn x25519_public(secret: [u8; 32]) -> [u8; 32] {
+    x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(secret)).to_bytes()
+}
+
+#[test]
+fn a_handoff_opens_only_for_its_receiver_and_any_change_is_detected() {
+    use protocol::handoff::{HandoffError, seal};
+    let payload = moved_payload();
+    let chiyoda_secret = [0x31; 32];
+    let sealed = seal(&payload, &signing_key(), &x25519_public(chiyoda_secret), [0x77; 32]).unwrap();
+    let yokohama = signing_key().public_key().as_ref().to_vec();
+    assert_eq!(sealed.open(&yokohama, &chiyoda_secret).unwrap(), payload);
+    // The envelope names the person only by their key.
+    let json = serde_json::to_string(&sealed).unwrap();
+    for secret in ["山田", "000123456", "1990-06-15", "横浜市中区本町", "0000000101", "0000001010"] {
+        assert!(!json.contains(secret), "the envelope shows {secret}");
+    }
+    // The national node (or anyone but Chiyoda) cannot open it.
+    assert_eq!(sealed.open(&yokohama, &[0x99; 32]), Err(HandoffError::Undecryptable));
+    // A flipped byte, another receiver or a forged signature is refused before decrypting.
+    let mut flipped = sealed.clone();
+    flipped.ciphertext[10] ^= 1;
+    assert_eq!(flipped.verify(&yokohama), Err(HandoffError::BadSignature(municipality(YOKOHAMA))));
+    let elsewhere = protocol::handoff::SealedHandoff { to: municipality("271004"), ..sealed.clone() };
+    assert!(matches!(elsewhere.open(&yokohama, &chiyoda_secret), Err(HandoffError::BadSignature(_))));
+    let forger = forger_key().public_key().as_ref().to_vec();
+    assert!(matches!(sealed.verify(&forger), Err(HandoffError::BadSignature(_))));
+    // Re-signed by the forger over the same ciphertext under another header: the AEAD binds
+    // the header, so it still does not open.
+    let mut resigned = protocol::handoff::SealedHandoff { person_key: "pk1-other".to_owned(), ..sealed.clone() };
+    let mut message = format!(
+        "vrs-handoff/1\n{}\n{}\n{}\n{}\n{}\n",
+        resigned.handoff_id, resigned.from, resigned.to, resigned.person_key, resigned.sealed_at
+    )
+    .into_bytes();
+    message.extend_from_slice(&protocol::person::hex_decode(&resigned.ephemeral_key).unwrap());
+    message.extend_from_slice(&resigned.ciphertext);
+    resigned.signature = protocol::person::hex_lower(forger_key().sign(&message).as_ref());
+    assert!(resigned.verify(&forger).is_ok(), "the forger's own signature verifies with its key");
+    assert_eq!(resigned.open(&forger, &chiyoda_secret), Err(HandoffError::Undecryptable));
+    // Malformed envelopes say what is wrong.
+    let bad_id = protocol::handoff::SealedHandoff { handoff_id: "x".to_owned(), ..sealed.clone() };
+    assert!(matches!(bad_id.verify(&yokohama), Err(HandoffError::Malformed(_))));
+    let same = protocol::handoff::SealedHandoff { to: municipality(YOKOHAMA), ..sealed };
+    assert!(matches!(same.verify(&yokohama), Err(HandoffError::Malformed(_))));
+}
+
+#[test]
+fn a_transfer_moves_the_counts_and_leaves_a_read_only_record() {
+    let payload = moved_payload();
+    let before = {
+        let mut record = payload.record.clone();
+        record.transfer = None;
+        record.identity.status = ResidentStatus::Active;
+        for coupon in record.coupons.values_mut() {
+            if coupon.status == CouponStatus::Transferred {
+                coupon.status = CouponStatus::Valid;
+                coupon.status_reason = None;
+            }
+        }
+        record
+    };
+    // At Yokohama: the event's delta equals the change of the record's cells; only the
+    // stock its dose used at Yokohama's venue stays.
+    let delta = event_delta(&before, &ResidentEvent::TransferredOut(transfer_to(CHIYODA)), NOW);
+    let mut totals = BTreeMap::new();
+    add_cells(&mut totals, record_cells(&before));
+    add_cells(&mut totals, delta);
+    let mut expected = BTreeMap::new();
+    add_cells(&mut expected, record_cells(&payload.record));
+    assert_eq!(totals, expected);
+    assert!(expected.keys().all(|cell| matches!(cell, Cell::Used { .. })), "{expected:?}");
+    assert!(payload.record.coupons.values().all(|c| c.status != CouponStatus::Valid));
+    // At Chiyoda: the same person and doses, counted there, at Yokohama's venue.
+    let received = protocol::handoff::received_record(&payload, "131016-x".to_owned(), "C-1".to_owned(), None);
+    assert_eq!(received.identity.status, ResidentStatus::Active);
+    assert_eq!(received.doses.keys().collect::<Vec<_>>(), before.doses.keys().collect::<Vec<_>>());
+    let doses_of = |cells: Vec<(Cell, i64)>| -> Vec<(Cell, i64)> {
+        cells.into_iter().filter(|(c, _)| matches!(c, Cell::Dose { .. })).collect()
+    };
+    assert_eq!(doses_of(record_cells(&received)), doses_of(record_cells(&before)), "the national sum is unchanged");
+    assert!(!record_cells(&received).iter().any(|(c, _)| matches!(c, Cell::Used { .. })), "no stock used at Chiyoda");
+    assert!(received.doses.values().all(|d| d.venue == format!("{YOKOHAMA}/{VENUE}")));
+}
+
+#[test]
+fn a_moved_residents_old_coupon_is_refused_except_when_forwarded_by_the_old_municipality() {
+    let mut situation = Situation::new();
+    situation.apply(ResidentEvent::TransferredOut(transfer_to(CHIYODA)));
+    let refusal = situation.capture().unwrap_err();
+    assert_eq!(refusal, CaptureError::CouponTransferred { to: municipality(CHIYODA) });
+    assert!(refusal.message_ja().contains("千代田区（131016）"), "{}", refusal.message_ja());
+    check_messages("coupon_transferred", &refusal);
+    // At Chiyoda, the capture Yokohama forwards lands as the next dose.
+    let payload = protocol::handoff::HandoffPayload {
+        handoff_id: "ho-0002".to_owned(),
+        from: municipality(YOKOHAMA),
+        to: municipality(CHIYODA),
+        person_key: situation.record.person_key.clone(),
+        record: situation.record.clone(),
+        sealed_at: "2026-11-25T01:00:00Z".to_owned(),
+    };
+    situation.record = protocol::handoff::received_record(&payload, "131016-y".to_owned(), "C-2".to_owned(), None);
+    assert!(matches!(situation.capture(), Err(CaptureError::CouponTransferred { .. })), "not without forwarding");
+    situation.accept_transferred = true;
+    let Ok(CaptureDecision::Record(event)) = situation.capture() else { panic!("recorded at Chiyoda") };
+    assert_eq!(event.dose_number, 1);
 }
