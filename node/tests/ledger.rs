@@ -6,8 +6,8 @@ use node::ledger::{entries, holder, sync};
 use protocol::directory::{Directory, DirectoryEntry, NodeRole};
 use protocol::document::{Identity, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex};
 use protocol::handoff::{
-    AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk, LedgerState,
-    SealedHandoff, seal,
+    AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk,
+    LedgerState, SealedHandoff, seal,
 };
 use protocol::municipality::MunicipalityCode;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -176,7 +176,8 @@ fn the_ledger_keeps_one_holder_per_person_through_repeats_and_reordering() {
     assert_eq!((request[0].person_key.as_str(), request[0].asked_by), (q, c.code));
     let sent = sealed("ho-6", q, &a, &c);
     let answered = AskAnswer { person_key: q.into(), asked_by: c.code, handoff_id: Some("ho-6".into()) };
-    let answer = run(&db, &dir, &a, HandoffSync { deposits: vec![sent], answered: vec![answered], ..empty() });
+    let answer =
+        run(&db, &dir, &a, HandoffSync { deposits: vec![sent], answered: vec![answered], ..empty() });
     assert_eq!(code_of(&answer.deposits[0].1), "stored");
     assert!(answer.requests.is_empty(), "the request is done");
     let after = run(&db, &dir, &c, HandoffSync { asks: vec![ask], ..empty() });

@@ -1353,7 +1353,8 @@ fn a_handoff_opens_only_for_its_receiver_and_any_change_is_detected() {
     assert!(matches!(sealed.verify(&forger), Err(HandoffError::BadSignature(_))));
     // Re-signed by the forger over the same ciphertext under another header: the AEAD binds
     // the header, so it still does not open.
-    let mut resigned = protocol::handoff::SealedHandoff { person_key: "pk1-other".to_owned(), ..sealed.clone() };
+    let mut resigned =
+        protocol::handoff::SealedHandoff { person_key: "pk1-other".to_owned(), ..sealed.clone() };
     let mut message = format!(
         "vrs-handoff/1\n{}\n{}\n{}\n{}\n{}\n",
         resigned.handoff_id, resigned.from, resigned.to, resigned.person_key, resigned.sealed_at
@@ -1398,14 +1399,22 @@ fn a_transfer_moves_the_counts_and_leaves_a_read_only_record() {
     assert!(expected.keys().all(|cell| matches!(cell, Cell::Used { .. })), "{expected:?}");
     assert!(payload.record.coupons.values().all(|c| c.status != CouponStatus::Valid));
     // At Chiyoda: the same person and doses, counted there, at Yokohama's venue.
-    let received = protocol::handoff::received_record(&payload, "131016-x".to_owned(), "C-1".to_owned(), None);
+    let received =
+        protocol::handoff::received_record(&payload, "131016-x".to_owned(), "C-1".to_owned(), None);
     assert_eq!(received.identity.status, ResidentStatus::Active);
     assert_eq!(received.doses.keys().collect::<Vec<_>>(), before.doses.keys().collect::<Vec<_>>());
     let doses_of = |cells: Vec<(Cell, i64)>| -> Vec<(Cell, i64)> {
         cells.into_iter().filter(|(c, _)| matches!(c, Cell::Dose { .. })).collect()
     };
-    assert_eq!(doses_of(record_cells(&received)), doses_of(record_cells(&before)), "the national sum is unchanged");
-    assert!(!record_cells(&received).iter().any(|(c, _)| matches!(c, Cell::Used { .. })), "no stock used at Chiyoda");
+    assert_eq!(
+        doses_of(record_cells(&received)),
+        doses_of(record_cells(&before)),
+        "the national sum is unchanged"
+    );
+    assert!(
+        !record_cells(&received).iter().any(|(c, _)| matches!(c, Cell::Used { .. })),
+        "no stock used at Chiyoda"
+    );
     assert!(received.doses.values().all(|d| d.venue == format!("{YOKOHAMA}/{VENUE}")));
 }
 
@@ -1426,8 +1435,12 @@ fn a_moved_residents_old_coupon_is_refused_except_when_forwarded_by_the_old_muni
         record: situation.record.clone(),
         sealed_at: "2026-11-25T01:00:00Z".to_owned(),
     };
-    situation.record = protocol::handoff::received_record(&payload, "131016-y".to_owned(), "C-2".to_owned(), None);
-    assert!(matches!(situation.capture(), Err(CaptureError::CouponTransferred { .. })), "not without forwarding");
+    situation.record =
+        protocol::handoff::received_record(&payload, "131016-y".to_owned(), "C-2".to_owned(), None);
+    assert!(
+        matches!(situation.capture(), Err(CaptureError::CouponTransferred { .. })),
+        "not without forwarding"
+    );
     situation.accept_transferred = true;
     let Ok(CaptureDecision::Record(event)) = situation.capture() else { panic!("recorded at Chiyoda") };
     assert_eq!(event.dose_number, 1);

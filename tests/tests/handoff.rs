@@ -11,7 +11,8 @@ use tests::{Node, PrintedCoupon, Proxy, TempDir, free_port};
 
 use super::federation::{National, join};
 use super::terminals::{
-    assert_no_personal_data, enrol_token, events_of, p2p, resident_id, scan, state_of, terminal, wait_for,
+    assert_no_personal_data, enrol_token, events_of, national_figures, own_figures, p2p, resident_id, scan,
+    state_of, terminal, wait_for,
 };
 use super::{COMIRNATY, add_comirnaty_lot, capture, coupon_of, my_number, ok, raw_vial, set_up_fixture};
 
@@ -23,6 +24,7 @@ struct Federation {
     dir: TempDir,
     national: National,
     admin: String,
+    analyst: String,
     a: Node,
     b: Node,
     coupons: Vec<PrintedCoupon>,
@@ -36,6 +38,7 @@ fn federation(label: &str) -> Federation {
     let dir = TempDir::new(label);
     let national = National::init(dir.path());
     let admin = national.token("admin", "national_admin", None);
+    let analyst = national.token("analyst", "national_analyst", None);
     let (listen, port) = p2p();
     let proxy = Proxy::start(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
     std::fs::create_dir_all(dir.path().join("a")).unwrap();
@@ -60,7 +63,7 @@ fn federation(label: &str) -> Federation {
     add_comirnaty_lot(&b);
     national.approve(&join(&a, &national, "a"));
     national.approve(&join(&b, &national, "b"));
-    Federation { dir, national, admin, a, b, coupons, proxy }
+    Federation { dir, national, admin, analyst, a, b, coupons, proxy }
 }
 
 fn start_all(f: &mut Federation) {
@@ -293,11 +296,25 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     assert_eq!(events_of(&f.a, &returned), events_of(&f.a, &old), "the same dose, once");
     assert_eq!(record(&f.b, &new)["transfer"]["to"], YOKOHAMA);
 
+    // The doses moved with the people: each municipality's counters still equal its
+    // documents' doses, and the national figures equal each municipality's own.
+    let today = super::days_from_today(0);
+    for (node, code) in [(&f.a, YOKOHAMA), (&f.b, CHIYODA)] {
+        wait_for("the national figures to equal the municipality's", Duration::from_secs(30), || {
+            let (own, unsent) = own_figures(node, &today);
+            let national = national_figures(&f.national, &f.analyst, &format!("municipality={code}"), &today);
+            (unsent == 0 && national == own).then_some(())
+        });
+    }
+    let (chiyoda_own, _) = own_figures(&f.b, &today);
+    assert_eq!(chiyoda_own.values().sum::<u64>(), 1, "中村's dose counts at Chiyoda: {chiyoda_own:?}");
+    let (yokohama_own, _) = own_figures(&f.a, &today);
+    assert_eq!(yokohama_own.values().sum::<u64>(), 1, "山田 came back with their dose: {yokohama_own:?}");
+
     // Both sides wrote the export/import pair to their audit logs, which still verify.
     kiosk.kill9();
     f.a.stop().unwrap();
     f.b.stop().unwrap();
-    let today = super::days_from_today(0);
     for (node, name) in [(&f.a, "a"), (&f.b, "b")] {
         let out = f.dir.path().join(format!("audit-{name}.json"));
         ok(&node.cli(&["audit", "export", "--from", &today, "--to", &today, "--out", out.to_str().unwrap()]));
@@ -306,6 +323,10 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
             assert!(text.contains(action), "{name} logged {action}");
         }
         assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+        assert!(
+            ok(&node.cli(&["statistics", "verify"])).contains("一致"),
+            "{name}'s counters equal its documents"
+        );
     }
 
     // The national node relayed every envelope and stored the ledger, and holds no name,
@@ -378,6 +399,12 @@ fn relocation_survives_kill_9_between_every_two_steps() {
 #[test]
 fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
     let mut f = federation("movers");
+    // Chiyoda accepts by hand.
+    let config = f.b.data.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("[handoff]\naccept = \"auto\""), "{text}");
+    std::fs::write(&config, text.replace("[handoff]\naccept = \"auto\"", "[handoff]\naccept = \"manual\""))
+        .unwrap();
     start_all(&mut f);
     // Yokohama learns the directory, then stops for the batch.
     wait_for("Yokohama to hold the directory", Duration::from_secs(30), || {
@@ -421,6 +448,34 @@ fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
     assert_eq!(rows.lines().count(), 3, "{rows}");
     assert!(rows.lines().skip(1).all(|l| l.contains(",sealed,ho-")), "{rows}");
     f.a.start().unwrap();
+    let received = wait_for("both handoffs to wait at Chiyoda", Duration::from_secs(60), || {
+        let incoming = handoffs(&f.b)["incoming"].as_array().unwrap().clone();
+        (incoming.len() == 2 && incoming.iter().all(|e| e["state"] == "received")).then_some(incoming)
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        handoffs(&f.b)["incoming"].as_array().unwrap().iter().all(|e| e["state"] == "received"),
+        "not by itself"
+    );
+    let (first, second) =
+        (received[0]["handoff_id"].as_str().unwrap(), received[1]["handoff_id"].as_str().unwrap());
+    let bad = json!({"atena_number": "宛名"});
+    let (code, body) = f.b.post(&format!("/api/v1/handoffs/{first}/accept"), &bad).unwrap();
+    assert_eq!((code, body["field"].as_str()), (400, Some("atena_number")), "{body}");
+    let (code, body) =
+        f.b.post(&format!("/api/v1/handoffs/{first}/accept"), &json!({"atena_number": "C-0200"})).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(record(&f.b, body["resident_id"].as_str().unwrap())["identity"]["atena_number"], "C-0200");
+    let (code, body) = f.b.post(&format!("/api/v1/handoffs/{second}/accept"), &json!({})).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let again = f.b.post(&format!("/api/v1/handoffs/{second}/accept"), &json!({})).unwrap();
+    assert_eq!(
+        (again.0, &again.1["resident_id"]),
+        (200, &body["resident_id"]),
+        "accepting twice is one acceptance"
+    );
+    let (code, _) = f.b.post("/api/v1/handoffs/ho-unknown/accept", &json!({})).unwrap();
+    assert_eq!(code, 404);
     assert_moved_once(&f, "0000000103");
     assert_moved_once(&f, "0000000108");
 }

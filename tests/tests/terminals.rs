@@ -352,10 +352,10 @@ fn doses_by_date(node: &Node) -> BTreeMap<String, u64> {
     out
 }
 
-type Breakdown = BTreeMap<(String, u64, String, String), u64>;
+pub(super) type Breakdown = BTreeMap<(String, u64, String, String), u64>;
 
 /// A municipality's own figures for a date, by product, dose number, age band and sex.
-fn own_figures(node: &Node, date: &str) -> (Breakdown, u64) {
+pub(super) fn own_figures(node: &Node, date: &str) -> (Breakdown, u64) {
     let (code, body) = node.get(&format!("/api/v1/statistics/daily?date={date}")).unwrap();
     assert_eq!(code, 200, "{body}");
     let mut out = Breakdown::new();
@@ -371,7 +371,7 @@ fn own_figures(node: &Node, date: &str) -> (Breakdown, u64) {
     (out, body["unsent_documents"].as_u64().unwrap())
 }
 
-fn national_figures(national: &National, token: &str, scope: &str, date: &str) -> Breakdown {
+pub(super) fn national_figures(national: &National, token: &str, scope: &str, date: &str) -> Breakdown {
     let path =
         format!("/api/v1/national/totals?{scope}&from={date}&to={date}&by=product,dose_number,age_band,sex");
     let body = national.json(&path, token);
