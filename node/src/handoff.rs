@@ -40,10 +40,15 @@ use time::OffsetDateTime;
 use crate::clock::{new_id, rfc3339};
 use crate::problem::Problem;
 use crate::store::{
-    HANDOFF_ASKS, HANDOFF_IN, HANDOFF_OUT, IDX_COUPON, IDX_EVENT, IDX_HANDOFF_COUPON, IDX_PERSON,
-    META_COUPON_SERIAL, Mutation, Store, get_json, put_json,
+    HANDOFF_ASKS, HANDOFF_DUE, HANDOFF_IN, HANDOFF_OUT, IDX_COUPON, IDX_EVENT, IDX_HANDOFF_COUPON,
+    IDX_PERSON, META_COUPON_SERIAL, META_HANDOFF_SEQ, Mutation, Store, get_json, put_json,
 };
 use crate::writer::{Command, Step, Who, WriterContext, WriterHandle};
+
+/// `handoff_due` values.
+const DUE_DEPOSIT: u8 = 1;
+const DUE_WATCH: u8 = 2;
+const DUE_ACK: u8 = 3;
 
 /// The environment variable that names a crash point (tests only).
 pub const CRASH_ENV: &str = "VRS_CRASH_AT";
@@ -87,6 +92,9 @@ pub struct OutEntry {
     /// The sealed envelope, until the receiver accepted it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<SealedHandoff>,
+    /// Its key in `handoff_due` while the sync has something to do with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_key: Option<String>,
 }
 
 /// Where an outgoing handoff stands.
@@ -130,6 +138,9 @@ pub struct InEntry {
     /// Who accepted it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_by: Option<String>,
+    /// When.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_at: Option<String>,
     /// Whether the national ledger knows it was accepted.
     #[serde(default)]
     pub acked: bool,
@@ -139,6 +150,9 @@ pub struct InEntry {
     /// The sealed envelope, until accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<SealedHandoff>,
+    /// Its key in `handoff_due` until the ledger knows it was accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_key: Option<String>,
 }
 
 /// Where an incoming handoff stands.
@@ -299,8 +313,12 @@ pub(crate) fn transfer_one(
         updated_at: rfc3339(now),
         refusal: None,
         sealed: Some(sealed),
+        due_key: Some(format!("out/{:020}/{}", m.next_counter(META_HANDOFF_SEQ)?, command.handoff_id)),
     };
     put_json(m.txn(), HANDOFF_OUT, &entry.handoff_id, &entry)?;
+    if let Some(key) = &entry.due_key {
+        m.txn().open_table(HANDOFF_DUE)?.insert(key.as_str(), DUE_DEPOSIT)?;
+    }
     Ok(Ok(entry))
 }
 
@@ -363,11 +381,15 @@ pub(crate) fn accept_one(
         entry.qr_text = Some(SignedCoupon::sign(coupon.code, 0, &context.signing_key).to_qr_text());
     }
     entry.state = InState::Accepted;
+    entry.accepted_at = Some(rfc3339(now));
     entry.resident_id = Some(record.resident_id.clone());
     entry.accepted_by = Some(command.actor.clone());
     entry.updated_at = rfc3339(now);
     entry.error = None;
     entry.sealed = None;
+    let due_key = format!("in/{:020}/{}", m.next_counter(META_HANDOFF_SEQ)?, entry.handoff_id);
+    m.txn().open_table(HANDOFF_DUE)?.insert(due_key.as_str(), DUE_ACK)?;
+    entry.due_key = Some(due_key);
     put_json(m.txn(), HANDOFF_IN, &entry.handoff_id, &entry)?;
     let asks = m.txn().open_table(HANDOFF_ASKS)?;
     let ask = get_json::<AskEntry>(&asks, &payload.person_key)?;
@@ -699,25 +721,22 @@ impl HandoffService {
             asks: Vec::new(),
             answered: std::mem::take(&mut *self.answers.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
         };
-        for (_, entry) in view.all::<OutEntry>(HANDOFF_OUT)? {
-            match entry.state {
-                OutState::Sealed if sync.deposits.len() < MAX_HANDOFFS_PER_MESSAGE => {
-                    sync.deposits.extend(entry.sealed);
+        let due = view.txn().open_table(HANDOFF_DUE)?;
+        for row in due.iter()? {
+            let (key, state) = row?;
+            let (key, state) = (key.value(), state.value());
+            let id = key.rsplit('/').next().unwrap_or_default();
+            if key.starts_with("out/") {
+                if state == DUE_DEPOSIT && sync.deposits.len() < MAX_HANDOFFS_PER_MESSAGE {
+                    sync.deposits.extend(view.json::<OutEntry>(HANDOFF_OUT, id)?.and_then(|e| e.sealed));
+                } else if state == DUE_WATCH && sync.watching.len() < 4 * MAX_HANDOFFS_PER_MESSAGE {
+                    sync.watching.push(id.to_owned());
                 }
-                OutState::Deposited if sync.watching.len() < 4 * MAX_HANDOFFS_PER_MESSAGE => {
-                    sync.watching.push(entry.handoff_id)
-                }
-                _ => {}
+            } else if key.starts_with("in/") && sync.accepted.len() < 4 * MAX_HANDOFFS_PER_MESSAGE {
+                sync.accepted.push(id.to_owned());
             }
         }
-        for (_, entry) in view.all::<InEntry>(HANDOFF_IN)? {
-            if entry.state == InState::Accepted
-                && !entry.acked
-                && sync.accepted.len() < 4 * MAX_HANDOFFS_PER_MESSAGE
-            {
-                sync.accepted.push(entry.handoff_id);
-            }
-        }
+        drop(due);
         for (_, ask) in view.all::<AskEntry>(HANDOFF_ASKS)? {
             if matches!(ask.state, AskLocal::Asking | AskLocal::Waiting | AskLocal::Sent)
                 && sync.asks.len() < MAX_HANDOFFS_PER_MESSAGE
@@ -795,16 +814,23 @@ impl HandoffService {
                     subject: format!("national:deposits={},received={}", deposits.len(), inbound.len()),
                     op: Box::new(move |txn, now| {
                         let at = rfc3339(now);
+                        let mut due = txn.open_table(HANDOFF_DUE)?;
                         let mut out = txn.open_table(HANDOFF_OUT)?;
                         for (id, outcome) in &deposits {
                             if let Some(mut entry) = get_json::<OutEntry>(&out, id)?
                                 && entry.state == OutState::Sealed
                             {
+                                let due_key = entry.due_key.clone().unwrap_or_default();
                                 match outcome {
-                                    DepositOutcome::Stored => entry.state = OutState::Deposited,
+                                    DepositOutcome::Stored => {
+                                        entry.state = OutState::Deposited;
+                                        due.insert(due_key.as_str(), DUE_WATCH)?;
+                                    }
                                     DepositOutcome::Refused { code, message } => {
                                         entry.state = OutState::Refused;
                                         entry.refusal = Some(format!("{code}: {message}"));
+                                        due.remove(due_key.as_str())?;
+                                        entry.due_key = None;
                                     }
                                 }
                                 entry.updated_at = at.clone();
@@ -817,6 +843,9 @@ impl HandoffService {
                             {
                                 entry.state = OutState::Completed;
                                 entry.sealed = None;
+                                if let Some(key) = entry.due_key.take() {
+                                    due.remove(key.as_str())?;
+                                }
                                 entry.updated_at = at.clone();
                                 out.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
                             }
@@ -829,6 +858,9 @@ impl HandoffService {
                             {
                                 entry.acked = true;
                                 incoming.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
+                                if let Some(key) = entry.due_key.take() {
+                                    due.remove(key.as_str())?;
+                                }
                             }
                         }
                         for sealed in inbound {
@@ -846,9 +878,11 @@ impl HandoffService {
                                 coupon: None,
                                 qr_text: None,
                                 accepted_by: None,
+                                accepted_at: None,
                                 acked: false,
                                 error: None,
                                 sealed: Some(sealed),
+                                due_key: None,
                             };
                             incoming
                                 .insert(entry.handoff_id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;

@@ -24,8 +24,10 @@ use time::OffsetDateTime;
 pub const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_handoffs");
 /// person key → JSON of [`PersonHolder`].
 pub const LEDGER_PERSONS: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_persons");
-/// (receiver, handoff id): handoffs waiting for their receiver.
-pub const LEDGER_INBOX: TableDefinition<(&str, &str), ()> = TableDefinition::new("ledger_inbox");
+/// (receiver, sequence) → handoff id: handoffs waiting for their receiver, oldest first.
+pub const LEDGER_INBOX: TableDefinition<(&str, u64), &str> = TableDefinition::new("ledger_inbox");
+/// Counters (`inbox_seq`).
+pub const LEDGER_META: TableDefinition<&str, u64> = TableDefinition::new("ledger_meta");
 /// (person key, asking municipality) → JSON of [`AskRecord`].
 pub const LEDGER_ASKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("ledger_asks");
 /// (holder, person key, asking municipality): requests waiting for the holder.
@@ -52,6 +54,9 @@ pub struct LedgerEntry {
     /// The envelope (ciphertext), until accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<SealedHandoff>,
+    /// Its place in the receiver's inbox, until accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox_seq: Option<u64>,
 }
 
 /// Who holds a person, per the ledger.
@@ -80,6 +85,7 @@ pub fn create_tables(db: &Database) -> anyhow::Result<()> {
     txn.open_table(LEDGER)?;
     txn.open_table(LEDGER_PERSONS)?;
     txn.open_table(LEDGER_INBOX)?;
+    txn.open_table(LEDGER_META)?;
     txn.open_table(LEDGER_ASKS)?;
     txn.open_table(LEDGER_REQUESTS)?;
     txn.commit()?;
@@ -136,10 +142,12 @@ pub fn sync(
             let mut ledger = txn.open_table(LEDGER)?;
             let mut persons = txn.open_table(LEDGER_PERSONS)?;
             let mut inbox = txn.open_table(LEDGER_INBOX)?;
+            let mut meta = txn.open_table(LEDGER_META)?;
             let mut ask_table = txn.open_table(LEDGER_ASKS)?;
             let mut requests = txn.open_table(LEDGER_REQUESTS)?;
             for sealed in &request.deposits {
-                let outcome = deposit(directory, sender, sealed, &at, &mut ledger, &mut persons, &mut inbox)?;
+                let mut tables = Tables { ledger: &mut ledger, persons: &mut persons, inbox: &mut inbox, meta: &mut meta };
+                let outcome = deposit(directory, sender, sealed, &at, &mut tables)?;
                 if outcome == DepositOutcome::Stored {
                     // A newcomer request this handoff answers.
                     let key = (sealed.person_key.as_str(), sealed.to.as_str());
@@ -160,8 +168,10 @@ pub fn sync(
                 entry.state = LedgerState::Accepted;
                 entry.accepted_at = Some(at.clone());
                 entry.sealed = None;
+                if let Some(seq) = entry.inbox_seq.take() {
+                    inbox.remove((own, seq))?;
+                }
                 ledger.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
-                inbox.remove((own, id.as_str()))?;
                 let holder = PersonHolder { holder: sender, in_transit: None };
                 persons.insert(entry.person_key.as_str(), serde_json::to_vec(&holder)?.as_slice())?;
             }
@@ -222,13 +232,12 @@ pub fn sync(
     let ledger = txn.open_table(LEDGER)?;
     let inbox_table = txn.open_table(LEDGER_INBOX)?;
     let mut inbound = Vec::new();
-    for row in inbox_table.range((own, "")..)? {
-        let (key, _) = row?;
-        let (to, id) = key.value();
-        if to != own || inbound.len() >= MAX_HANDOFFS_PER_MESSAGE {
+    for row in inbox_table.range((own, 0)..=(own, u64::MAX))? {
+        let (_, id) = row?;
+        if inbound.len() >= MAX_HANDOFFS_PER_MESSAGE {
             break;
         }
-        if let Some(sealed) = get::<LedgerEntry>(&ledger, id)?.and_then(|e| e.sealed) {
+        if let Some(sealed) = get::<LedgerEntry>(&ledger, id.value())?.and_then(|e| e.sealed) {
             inbound.push(sealed);
         }
     }
@@ -255,15 +264,22 @@ pub fn sync(
     Ok(HandoffResponse::Synced { deposits, inbound, states, asks, requests })
 }
 
+/// The ledger's tables, open in one write transaction.
+struct Tables<'a, 't> {
+    ledger: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
+    persons: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
+    inbox: &'a mut redb::Table<'t, (&'static str, u64), &'static str>,
+    meta: &'a mut redb::Table<'t, &'static str, u64>,
+}
+
 fn deposit(
     directory: &Directory,
     sender: MunicipalityCode,
     sealed: &SealedHandoff,
     at: &str,
-    ledger: &mut redb::Table<&str, &[u8]>,
-    persons: &mut redb::Table<&str, &[u8]>,
-    inbox: &mut redb::Table<(&str, &str), ()>,
+    tables: &mut Tables<'_, '_>,
 ) -> anyhow::Result<DepositOutcome> {
+    let Tables { ledger, persons, inbox, meta } = tables;
     if sealed.from != sender {
         return Ok(refused(
             "wrong_municipality",
@@ -279,7 +295,7 @@ fn deposit(
     if directory.primary_of(sealed.to).is_none_or(|e| e.encryption_key.is_empty()) {
         return Ok(refused("unknown_receiver", format!("{} is not in the directory", sealed.to)));
     }
-    if let Some(held) = get::<LedgerEntry>(ledger, &sealed.handoff_id)? {
+    if let Some(held) = get::<LedgerEntry>(&**ledger, &sealed.handoff_id)? {
         let same = held.from == sealed.from && held.to == sealed.to && held.person_key == sealed.person_key;
         return Ok(if same {
             DepositOutcome::Stored
@@ -287,7 +303,7 @@ fn deposit(
             refused("id_reused", format!("handoff id {} names another handoff", sealed.handoff_id))
         });
     }
-    if let Some(held) = get::<PersonHolder>(persons, &sealed.person_key)? {
+    if let Some(held) = get::<PersonHolder>(&**persons, &sealed.person_key)? {
         if let Some(other) = &held.in_transit {
             return Ok(refused(
                 "in_transit",
@@ -307,11 +323,14 @@ fn deposit(
         deposited_at: at.to_owned(),
         accepted_at: None,
         sealed: Some(sealed.clone()),
+        inbox_seq: Some(meta.get("inbox_seq")?.map_or(0, |v| v.value()) + 1),
     };
+    let seq = entry.inbox_seq.unwrap_or_default();
+    meta.insert("inbox_seq", seq)?;
     ledger.insert(sealed.handoff_id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
     let holder = PersonHolder { holder: sealed.to, in_transit: Some(sealed.handoff_id.clone()) };
     persons.insert(sealed.person_key.as_str(), serde_json::to_vec(&holder)?.as_slice())?;
-    inbox.insert((sealed.to.as_str(), sealed.handoff_id.as_str()), ())?;
+    inbox.insert((sealed.to.as_str(), seq), sealed.handoff_id.as_str())?;
     Ok(DepositOutcome::Stored)
 }
 

@@ -87,6 +87,10 @@ pub const STOCK: TableDefinition<&str, &[u8]> = TableDefinition::new("stock_ledg
 /// Relocation handoffs this node sealed: handoff id → JSON of
 /// [`crate::handoff::OutEntry`].
 pub const HANDOFF_OUT: TableDefinition<&str, &[u8]> = TableDefinition::new("handoff_out");
+/// What the handoff sync still has to send, oldest first: `out/<seq>/<id>` → 1 (sealed, to
+/// deposit) or 2 (deposited, to watch); `in/<seq>/<id>` → 3 (accepted, to tell the ledger).
+/// Small, so a sync never reads the handoffs that are done.
+pub const HANDOFF_DUE: TableDefinition<&str, u8> = TableDefinition::new("handoff_due");
 /// Relocation handoffs received: handoff id → JSON of [`crate::handoff::InEntry`].
 pub const HANDOFF_IN: TableDefinition<&str, &[u8]> = TableDefinition::new("handoff_in");
 /// Newcomers whose history this node asked for: person key → JSON of
@@ -98,6 +102,8 @@ pub const IDX_HANDOFF_COUPON: TableDefinition<&str, &str> = TableDefinition::new
 /// Counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// `META` key: the last `handoff_due` sequence used.
+pub const META_HANDOFF_SEQ: &str = "handoff_seq";
 /// `META` key: the last change-feed sequence used.
 pub const META_CHANGE_SEQ: &str = "change_seq";
 /// `META` key: bumped whenever what terminals receive (lots, blocked coupons) changes.
@@ -176,6 +182,7 @@ impl Store {
             txn.open_table(STOCK)?;
             txn.open_table(HANDOFF_OUT)?;
             txn.open_table(HANDOFF_IN)?;
+            txn.open_table(HANDOFF_DUE)?;
             txn.open_table(HANDOFF_ASKS)?;
             txn.open_table(IDX_HANDOFF_COUPON)?;
             txn.open_table(crate::audit::AUDIT)?;

@@ -6,6 +6,7 @@
 //! cargo run --release -p tests --bin vrs-bench -- standby --residents 100000
 //! cargo run --release -p tests --bin vrs-bench -- terminal --captures 500 [--national]
 //! cargo run --release -p tests --bin vrs-bench -- national --days 365
+//! cargo run --release -p tests --bin vrs-bench -- handoff --count 10000 [--clients 64] [--rate 250]
 //! ```
 //!
 //! Results and the commands are recorded in docs/benchmarks.md.
@@ -52,6 +53,12 @@ fn main() -> anyhow::Result<()> {
             let senders: usize = flag("--senders").unwrap_or_else(|| "64".into()).parse()?;
             bench_national(days, senders)
         }
+        Some("handoff") => {
+            let count: usize = flag("--count").unwrap_or_else(|| "10000".into()).parse()?;
+            let clients: usize = flag("--clients").unwrap_or_else(|| "64".into()).parse()?;
+            let rate: Option<f64> = flag("--rate").map(|r| r.parse()).transpose()?;
+            bench_handoff(count, clients, rate)
+        }
         Some("fsync") => {
             let dir = std::env::temp_dir();
             let (rate, p50) = fdatasync_rate(&dir, Duration::from_secs(3))?;
@@ -59,7 +66,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | terminal [--captures N] [--national] | national [--days N] [--senders N] | fsync"
+            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | terminal [--captures N] [--national] | national [--days N] [--senders N] | handoff [--count N] [--clients N] [--rate PER_S] | fsync"
         ),
     }
 }
@@ -895,6 +902,180 @@ fn bench_national(days: u32, senders: usize) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     drop(reopened);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Relocation at scale: a national node, Yokohama and Chiyoda as processes on loopback, all
+/// connected. `clients` admins at Yokohama move `count` residents out at once; each handoff
+/// is timed from the move-out request to Chiyoda's acceptance (its `accepted_at`, same
+/// machine clock). With `rate`, requests are spread evenly at that many per second (an
+/// offered load); without, the clients send as fast as Yokohama answers.
+fn bench_handoff(count: usize, clients: usize, rate: Option<f64>) -> anyhow::Result<()> {
+    let (dir, csv) = scratch_with_population("handoff", count as u64 + 10)?;
+    let binary = vrs_node();
+    let (national, address, key, _, _) = national_node(&dir)?;
+    let mut children =
+        vec![Command::new(binary).args(["run", "--data"]).arg(&national).env("VRS_LOG", "warn").spawn()?];
+    let init = |name: &str, code: &str, extra: &[&str]| -> anyhow::Result<(PathBuf, String, String)> {
+        let data = dir.join(name);
+        let http = format!("127.0.0.1:{}", free_port());
+        let p2p = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let mut args =
+            vec!["init", "--municipality", code, "--plain-http", "--listen", &http, "--p2p-listen", &p2p];
+        args.extend(extra);
+        let out = cli_ok(&args, &data)?;
+        let token = out.lines().find(|l| l.starts_with("vrs_")).context("no token")?.to_owned();
+        let request = dir.join(format!("{name}-join.json"));
+        let join = ["federation", "join", "--national", &address, "--national-key", &key, "--out"];
+        let mut args: Vec<&str> = join.to_vec();
+        args.push(request.to_str().unwrap_or_default());
+        cli_ok(&args, &data)?;
+        cli_ok(&["federation", "approve", request.to_str().unwrap_or_default()], &national)?;
+        Ok((data, http, token))
+    };
+    let (a, a_http, a_token) = init("yokohama", "141003", &[])?;
+    let secret = a.join("keys/person-key.secret");
+    let (b, b_http, b_token) =
+        init("chiyoda", "131016", &["--person-key-secret", secret.to_str().unwrap_or_default()])?;
+    let started = Instant::now();
+    cli_ok(&["import", csv.to_str().unwrap_or_default()], &a)?;
+    println!("imported {count} residents into Yokohama in {:.1} s", started.elapsed().as_secs_f64());
+    for data in [&a, &b] {
+        children.push(Command::new(binary).args(["run", "--data"]).arg(data).env("VRS_LOG", "warn").spawn()?);
+    }
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    wait_healthy(&agent, &format!("http://{a_http}/healthz"))?;
+    wait_healthy(&agent, &format!("http://{b_http}/healthz"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(a.join("directory.json")).is_ok_and(|t| t.contains("131016")) {
+        anyhow::ensure!(Instant::now() < deadline, "Yokohama never received a directory naming Chiyoda");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The residents' ids, before the clock starts.
+    let text = std::fs::read_to_string(&csv)?;
+    let atenas: Vec<String> = text
+        .lines()
+        .skip(1)
+        .take(count)
+        .map(|l| l.split(',').next().unwrap_or_default().to_owned())
+        .collect();
+    let mut ids = Vec::with_capacity(count);
+    for atena in &atenas {
+        let response = agent
+            .get(format!("http://{a_http}/api/v1/residents?atena={atena}"))
+            .header("Authorization", format!("Bearer {a_token}"))
+            .call()?;
+        let body: serde_json::Value = response.into_body().read_json()?;
+        ids.push(body["residents"][0]["resident_id"].as_str().context("resident not found")?.to_owned());
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let sent: Arc<Mutex<Vec<(String, time::OffsetDateTime, Duration)>>> = Arc::new(Mutex::new(Vec::new()));
+    let ids = Arc::new(ids);
+    let begin = Instant::now();
+    if let Some(rate) = rate {
+        println!("offered load: {rate:.0} move-outs/s");
+    }
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (next, sent, ids, agent) = (next.clone(), sent.clone(), ids.clone(), agent.clone());
+            let (url, token) = (format!("http://{a_http}"), a_token.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(id) = ids.get(i) else { return Ok(()) };
+                    if let Some(rate) = rate {
+                        let due = begin + Duration::from_secs_f64(i as f64 / rate);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    }
+                    let at = time::OffsetDateTime::now_utc();
+                    let start = Instant::now();
+                    let response = agent
+                        .post(format!("{url}/api/v1/residents/{id}/move-out"))
+                        .header("Authorization", format!("Bearer {token}"))
+                        .send_json(json!({"to": "131016", "reason": "転出届"}))?;
+                    let status = response.status().as_u16();
+                    let body: serde_json::Value = response.into_body().read_json()?;
+                    anyhow::ensure!(status == 201, "move-out answered {status}: {body}");
+                    let handoff = body["handoff_id"].as_str().context("no handoff id")?.to_owned();
+                    sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push((
+                        handoff,
+                        at,
+                        start.elapsed(),
+                    ));
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().map_err(|_| anyhow::anyhow!("a client panicked"))??;
+    }
+    let sealing = begin.elapsed();
+    println!(
+        "sealed {count} handoffs at Yokohama in {:.2} s ({:.0}/s, {clients} clients)",
+        sealing.as_secs_f64(),
+        count as f64 / sealing.as_secs_f64()
+    );
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let accepted: std::collections::HashMap<String, time::OffsetDateTime> = loop {
+        let response = agent
+            .get(format!("http://{b_http}/api/v1/handoffs"))
+            .header("Authorization", format!("Bearer {b_token}"))
+            .call()?;
+        let body: serde_json::Value = response.into_body().read_json()?;
+        let done: std::collections::HashMap<String, time::OffsetDateTime> = body["incoming"]
+            .as_array()
+            .context("no incoming list")?
+            .iter()
+            .filter_map(|e| {
+                let at = e["accepted_at"].as_str()?;
+                let at =
+                    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
+                Some((e["handoff_id"].as_str()?.to_owned(), at))
+            })
+            .collect();
+        if done.len() >= count {
+            break done;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {} of {count} handoffs accepted", done.len());
+        std::thread::sleep(Duration::from_millis(1000));
+    };
+    let sent = sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let mut end_to_end: Vec<Duration> = Vec::with_capacity(count);
+    let mut acknowledged: Vec<Duration> = Vec::with_capacity(count);
+    let first = sent.iter().map(|(_, at, _)| *at).min().context("nothing sent")?;
+    let mut last = first;
+    for (handoff, at, ack) in &sent {
+        let done = accepted.get(handoff).with_context(|| format!("{handoff} not accepted"))?;
+        last = last.max(*done);
+        end_to_end.push(Duration::try_from(*done - *at).unwrap_or_default());
+        acknowledged.push(*ack);
+    }
+    end_to_end.sort();
+    acknowledged.sort();
+    let span = Duration::try_from(last - first).unwrap_or_default();
+    println!(
+        "move-out acknowledged at Yokohama: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&acknowledged, 0.50).as_secs_f64() * 1e3,
+        percentile(&acknowledged, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "end to end (request at Yokohama → accepted at Chiyoda): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 ≤ 1000 ms: ratio {:.2})",
+        percentile(&end_to_end, 0.50).as_secs_f64() * 1e3,
+        percentile(&end_to_end, 0.99).as_secs_f64() * 1e3,
+        end_to_end.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        percentile(&end_to_end, 0.99).as_secs_f64()
+    );
+    println!(
+        "throughput: {count} handoffs in {:.2} s = {:.0} handoffs/s (target ≥ 200/s: ratio {:.2})",
+        span.as_secs_f64(),
+        count as f64 / span.as_secs_f64(),
+        count as f64 / span.as_secs_f64() / 200.0
+    );
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
