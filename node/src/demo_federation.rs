@@ -106,7 +106,13 @@ fn start(federation: &mut Federation, name: &str, dir: &Path, logs: &Path) -> an
     Ok(())
 }
 
-fn municipal(dir: &Path, code: &str, role: Role, keys_from: Option<PathBuf>) -> anyhow::Result<Member> {
+fn municipal(
+    dir: &Path,
+    code: &str,
+    role: Role,
+    keys_from: Option<PathBuf>,
+    person_key_secret: Option<PathBuf>,
+) -> anyhow::Result<Member> {
     let http = format!("127.0.0.1:{}", free_loopback()?);
     let p2p = p2p_address()?;
     let municipality =
@@ -115,6 +121,7 @@ fn municipal(dir: &Path, code: &str, role: Role, keys_from: Option<PathBuf>) -> 
     let options = InitOptions {
         p2p_listen: Some(p2p),
         keys_from,
+        person_key_secret,
         ..InitOptions::loopback(role, municipality, &http, campaign_start)
     };
     let token = init_data_dir(dir, &options)?;
@@ -159,10 +166,18 @@ pub fn run(
         http: Some(yokohama_listen.to_owned()),
         token: yokohama_token.to_owned(),
     };
-    let mut standby =
-        municipal(&root.join("yokohama-standby"), "141003", Role::Standby, Some(yokohama_dir.join("keys")))?;
+    let mut standby = municipal(
+        &root.join("yokohama-standby"),
+        "141003",
+        Role::Standby,
+        Some(yokohama_dir.join("keys")),
+        None,
+    )?;
     standby.name = "横浜市 141003 (standby)";
-    let mut chiyoda = municipal(&root.join("chiyoda"), "131016", Role::Municipal, None)?;
+    // Every municipality of a federation shares the person-key secret (a 個人番号 gives the
+    // same person key everywhere, which relocation needs).
+    let secret = yokohama_dir.join("keys/person-key.secret");
+    let mut chiyoda = municipal(&root.join("chiyoda"), "131016", Role::Municipal, None, Some(secret))?;
     chiyoda.name = "千代田区 131016";
     let chiyoda_files = NodeFiles::load(&chiyoda.dir)?;
     let lot = crate::api::validate_lot(
@@ -198,6 +213,13 @@ pub fn run(
         &national,
         "demo-analyst",
         crate::auth::Role::NationalAnalyst,
+        None,
+        None,
+    )?;
+    let ledger_admin = crate::federation::add_national_token(
+        &national,
+        "demo-admin",
+        crate::auth::Role::NationalAdmin,
         None,
         None,
     )?;
@@ -252,6 +274,7 @@ pub fn run(
 
     runtime.block_on(walk_away_from_home(&yokohama, &standby, &chiyoda, &terminal, coupon))?;
     runtime.block_on(national_figures(&national_http, &analyst, &yokohama))?;
+    runtime.block_on(relocation(&national_http, &ledger_admin, &yokohama, &chiyoda, coupon))?;
     println!(
         "   トークン / tokens: standby {}  chiyoda {}  terminal {}",
         standby.token, chiyoda.token, terminal.token
@@ -291,6 +314,63 @@ async fn national_figures(national_http: &str, analyst: &str, yokohama: &Member)
     println!(
         "   curl -H 'Authorization: Bearer {analyst}' 'http://{national_http}/api/v1/national/reports/daily?date={today}&encoding=shift_jis'"
     );
+    Ok(())
+}
+
+/// The resident vaccinated in Chiyoda moves there: Yokohama seals the record for Chiyoda, the
+/// national node relays it, Chiyoda accepts it with the history and a coupon for the next dose.
+async fn relocation(
+    national_http: &str,
+    admin: &str,
+    yokohama: &Member,
+    chiyoda: &Member,
+    coupon: &str,
+) -> anyhow::Result<()> {
+    let (yokohama_http, chiyoda_http) =
+        (yokohama.http.as_deref().unwrap_or_default(), chiyoda.http.as_deref().unwrap_or_default());
+    let number: String = coupon.chars().skip(8).take(10).collect();
+    let (_, found) =
+        http("GET", yokohama_http, &format!("/api/v1/residents?coupon={number}"), &yokohama.token, None)
+            .await?;
+    let resident = found["residents"][0]["resident_id"].as_str().context("no resident")?.to_owned();
+    let started = Instant::now();
+    let body = json!({"to": "131016", "reason": "転出届（千代田区へ）"});
+    let path = format!("/api/v1/residents/{resident}/move-out");
+    let (code, sealed) = http("POST", yokohama_http, &path, &yokohama.token, Some(body)).await?;
+    anyhow::ensure!(code == 201, "move-out answered {code}: {sealed}");
+    let handoff = sealed["handoff_id"].as_str().context("no handoff id")?.to_owned();
+    println!(
+        "== 11. 転出 / relocation: Yokohama seals the resident's record for Chiyoda (X25519 + ChaCha20-Poly1305, signed) → {handoff}"
+    );
+    let entry = wait_for("Chiyoda to accept the handoff", Duration::from_secs(60), || async {
+        let (_, list) = http("GET", chiyoda_http, "/api/v1/handoffs", &chiyoda.token, None).await.ok()?;
+        list["incoming"]
+            .as_array()?
+            .iter()
+            .find(|e| e["handoff_id"] == handoff.as_str() && e["state"] == "accepted")
+            .cloned()
+    })
+    .await?;
+    let new = entry["resident_id"].as_str().unwrap_or_default();
+    let (_, record) =
+        http("GET", chiyoda_http, &format!("/api/v1/residents/{new}"), &chiyoda.token, None).await?;
+    println!(
+        "   千代田区が受入 / accepted at Chiyoda in {:.0} ms: 接種歴 history {} dose(s), 次回 next dose {}, 新しい接種券 new coupon {}",
+        started.elapsed().as_secs_f64() * 1000.0,
+        record["history"].as_array().map_or(0, Vec::len),
+        record["next_dose"],
+        entry["coupon"].as_str().unwrap_or("-")
+    );
+    let (_, old) =
+        http("GET", yokohama_http, &format!("/api/v1/residents/{resident}"), &yokohama.token, None).await?;
+    println!("   横浜市の記録は閲覧のみ / Yokohama keeps the record read-only: {}", old["transfer"]);
+    let (_, ledger) =
+        http("GET", national_http, "/api/v1/national/handoffs?municipality=131016", admin, None).await?;
+    println!(
+        "   国の台帳（仮名の個人キーと市区町村のみ）/ the national ledger (pseudonymous key and codes only): {}",
+        ledger["handoffs"][0]
+    );
+    println!("   curl -H 'Authorization: Bearer {}' http://{chiyoda_http}/api/v1/handoffs", chiyoda.token);
     Ok(())
 }
 

@@ -146,7 +146,8 @@ pub fn sync(
             let mut ask_table = txn.open_table(LEDGER_ASKS)?;
             let mut requests = txn.open_table(LEDGER_REQUESTS)?;
             for sealed in &request.deposits {
-                let mut tables = Tables { ledger: &mut ledger, persons: &mut persons, inbox: &mut inbox, meta: &mut meta };
+                let mut tables =
+                    Tables { ledger: &mut ledger, persons: &mut persons, inbox: &mut inbox, meta: &mut meta };
                 let outcome = deposit(directory, sender, sealed, &at, &mut tables)?;
                 if outcome == DepositOutcome::Stored {
                     // A newcomer request this handoff answers.
