@@ -1047,7 +1047,11 @@ async fn list_handoffs(State(state): State<AppState>, Extension(who): Extension<
     let subjects: Vec<String> = outgoing
         .iter()
         .map(|e| format!("resident:{}", e.resident_id))
-        .chain(incoming.iter().filter_map(|e| e.resident_id.as_ref().map(|id| format!("resident:{id}"))))
+        .chain(incoming.iter().map(|e| match &e.resident_id {
+            Some(id) => format!("resident:{id}"),
+            None => format!("person:{}", e.person_key),
+        }))
+        .chain(asks.iter().map(|a| format!("person:{}", a.person_key)))
         .collect();
     if !subjects.is_empty() {
         audit_reads(&state, &who, "handoff.list", subjects).await?;
@@ -1059,6 +1063,7 @@ async fn list_handoffs(State(state): State<AppState>, Extension(who): Extension<
 #[serde(deny_unknown_fields)]
 struct AskBody {
     my_number: String,
+    birth_date: String,
     atena_number: String,
     address: String,
     #[serde(default)]
@@ -1076,7 +1081,9 @@ async fn ask_history(
         Some(text) => Some(municipality_field("previous", text)?),
         None => None,
     };
-    let entry = service.ask(&who, &ask.my_number, &ask.atena_number, &ask.address, previous).await?;
+    let birth_date = parse_date_field("birth_date", &ask.birth_date)?;
+    let entry =
+        service.ask(&who, &ask.my_number, birth_date, &ask.atena_number, &ask.address, previous).await?;
     Ok((StatusCode::ACCEPTED, Json(entry)).into_response())
 }
 
@@ -1110,6 +1117,9 @@ async fn accept_handoff(
             "atena number must be 1–20 ASCII letters or digits",
             "宛名番号は1〜20桁の英数字です",
         ));
+    }
+    if accept.address.as_ref().is_some_and(|a| a.trim().is_empty() || a.chars().count() > 200) {
+        return Err(Problem::bad_field("address", "an address of 1–200 characters", "住所は1〜200文字です"));
     }
     let mut entry = service.accept(&who, &handoff_id, accept.atena_number, accept.address).await?;
     entry.sealed = None;

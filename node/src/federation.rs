@@ -200,6 +200,9 @@ pub fn promote(dir: &Path) -> anyhow::Result<JoinRequest> {
     // so that what it reports replaces the old primary's figures with whole ones.
     let counters = crate::statistics::rebuild(&store)?;
     files.audit_cli(&store, "statistics.rebuild", &format!("counters:{counters}"), "ok")?;
+    // Handoff state lives beside the documents, not in them: rebuilt from them.
+    let (indexed, resealed) = crate::handoff::reconcile_after_promotion(&files, &store)?;
+    files.audit_cli(&store, "handoff.reconcile", &format!("coupons:{indexed},resealed:{resealed}"), "ok")?;
     request_for(&files)
 }
 

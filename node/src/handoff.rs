@@ -21,6 +21,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use anyhow::Context;
 use axum::http::StatusCode;
 use protocol::coupon::SignedCoupon;
 use protocol::directory::SignedDirectory;
@@ -49,6 +50,9 @@ use crate::writer::{Command, Step, Who, WriterContext, WriterHandle};
 const DUE_DEPOSIT: u8 = 1;
 const DUE_WATCH: u8 = 2;
 const DUE_ACK: u8 = 3;
+/// Envelope bytes in one sync, well under the request size limit (a record with a long
+/// history is larger; one always goes, alone if need be).
+const DEPOSIT_BUDGET: usize = 2 * 1024 * 1024;
 
 /// The environment variable that names a crash point (tests only).
 pub const CRASH_ENV: &str = "VRS_CRASH_AT";
@@ -170,8 +174,12 @@ pub enum InState {
 /// A newcomer registered here (転入) whose history was asked for.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AskEntry {
+    /// This ask's id (a new ask for the same person replaces an answered one).
+    pub ask_id: String,
     /// Their person key.
     pub person_key: String,
+    /// The keyed hash of their birth date the holder checks.
+    pub birth_check: String,
     /// The atena number given here.
     pub atena_number: String,
     /// Their address here.
@@ -341,6 +349,19 @@ pub(crate) fn accept_one(
         && held.transfer.is_none()
         && held.identity.status == ResidentStatus::Active
     {
+        if held.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id) {
+            // Accepted before, by a primary this node replaced: the record is here already.
+            entry.state = InState::Accepted;
+            entry.accepted_at = Some(rfc3339(now));
+            entry.resident_id = Some(existing);
+            entry.accepted_by = Some(command.actor.clone());
+            entry.sealed = None;
+            let due_key = format!("in/{:020}/{}", m.next_counter(META_HANDOFF_SEQ)?, entry.handoff_id);
+            m.txn().open_table(HANDOFF_DUE)?.insert(due_key.as_str(), DUE_ACK)?;
+            entry.due_key = Some(due_key);
+            put_json(m.txn(), HANDOFF_IN, &entry.handoff_id, &entry)?;
+            return Ok(Ok(entry));
+        }
         return Ok(Err(conflict(
             "already_registered",
             format!("resident {existing} here already has this person key"),
@@ -532,10 +553,12 @@ impl HandoffService {
     }
 
     /// Registers a newcomer (転入) and asks the federation for their history.
+    #[allow(clippy::too_many_arguments)]
     pub async fn ask(
         &self,
         who: &Who,
         my_number: &str,
+        birth_date: time::Date,
         atena_number: &str,
         address: &str,
         previous: Option<MunicipalityCode>,
@@ -586,6 +609,8 @@ impl HandoffService {
         drop(view);
         let now = rfc3339(OffsetDateTime::now_utc());
         let ask = AskEntry {
+            ask_id: new_id("ask"),
+            birth_check: self.person_secret.birth_check(&person_key, birth_date),
             person_key: person_key.clone(),
             atena_number: atena_number.to_owned(),
             address: address.trim().to_owned(),
@@ -607,7 +632,11 @@ impl HandoffService {
                     let held = get_json::<AskEntry>(&table, &ask.person_key)?;
                     drop(table);
                     match held {
-                        Some(held) if held.state != AskLocal::NotFound => Ok(Ok(serde_json::to_value(held)?)),
+                        // Still open: the same ask. Answered (found nobody, or the person
+                        // arrived and has since left again): a new one.
+                        Some(held) if !matches!(held.state, AskLocal::NotFound | AskLocal::Received) => {
+                            Ok(Ok(serde_json::to_value(held)?))
+                        }
                         _ => {
                             put_json(txn, HANDOFF_ASKS, &ask.person_key, &ask)?;
                             Ok(Ok(serde_json::to_value(ask)?))
@@ -722,13 +751,19 @@ impl HandoffService {
             answered: std::mem::take(&mut *self.answers.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
         };
         let due = view.txn().open_table(HANDOFF_DUE)?;
+        let mut bytes = 0usize;
         for row in due.iter()? {
             let (key, state) = row?;
             let (key, state) = (key.value(), state.value());
             let id = key.rsplit('/').next().unwrap_or_default();
             if key.starts_with("out/") {
-                if state == DUE_DEPOSIT && sync.deposits.len() < MAX_HANDOFFS_PER_MESSAGE {
-                    sync.deposits.extend(view.json::<OutEntry>(HANDOFF_OUT, id)?.and_then(|e| e.sealed));
+                if state == DUE_DEPOSIT
+                    && sync.deposits.len() < MAX_HANDOFFS_PER_MESSAGE
+                    && bytes < DEPOSIT_BUDGET
+                {
+                    let sealed = view.json::<OutEntry>(HANDOFF_OUT, id)?.and_then(|e| e.sealed);
+                    bytes += sealed.as_ref().map_or(0, |s| s.ciphertext.len() + 512);
+                    sync.deposits.extend(sealed);
                 } else if state == DUE_WATCH && sync.watching.len() < 4 * MAX_HANDOFFS_PER_MESSAGE {
                     sync.watching.push(id.to_owned());
                 }
@@ -741,19 +776,15 @@ impl HandoffService {
             if matches!(ask.state, AskLocal::Asking | AskLocal::Waiting | AskLocal::Sent)
                 && sync.asks.len() < MAX_HANDOFFS_PER_MESSAGE
             {
-                sync.asks.push(HistoryAsk { person_key: ask.person_key, previous: ask.previous });
+                sync.asks.push(HistoryAsk {
+                    ask_id: ask.ask_id,
+                    person_key: ask.person_key,
+                    birth_check: ask.birth_check,
+                    previous: ask.previous,
+                });
             }
         }
         Ok(sync)
-    }
-
-    /// Whether a sync has anything to say beyond "anything for me?".
-    pub fn is_empty(sync: &HandoffSync) -> bool {
-        sync.deposits.is_empty()
-            && sync.accepted.is_empty()
-            && sync.watching.is_empty()
-            && sync.asks.is_empty()
-            && sync.answered.is_empty()
     }
 
     /// Applies the national node's answer to `sent`. Returns whether more work is waiting
@@ -772,15 +803,29 @@ impl HandoffService {
             }
         };
         let accepted_acked = sent.accepted.clone();
-        let busy = !deposits.is_empty() || !requests.is_empty() || !accepted_acked.is_empty();
+        let settled = |outcome: &DepositOutcome| match outcome {
+            DepositOutcome::Stored => true,
+            DepositOutcome::Refused { code, .. } => !is_retryable(code),
+        };
+        // A deposit refused for the moment is sent again at the next poll, not at once.
+        let busy =
+            deposits.iter().any(|(_, o)| settled(o)) || !requests.is_empty() || !accepted_acked.is_empty();
         let completed: Vec<String> =
             states.iter().filter(|(_, s)| *s == LedgerState::Accepted).map(|(id, _)| id.clone()).collect();
         let busy = busy || !completed.is_empty();
         let completed_any = !completed.is_empty();
         let inbound_ids: Vec<String> = inbound.iter().map(|s| s.handoff_id.clone()).collect();
         // Write (and audit) only what changes something here.
-        let (inbound, asks) = {
+        let (inbound, asks, deposits) = {
             let view = self.store.read()?;
+            let mut changed_deposits = Vec::new();
+            for (id, outcome) in deposits {
+                let noted = !settled(&outcome)
+                    && view.json::<OutEntry>(HANDOFF_OUT, &id)?.is_some_and(|e| e.refusal.is_some());
+                if !noted {
+                    changed_deposits.push((id, outcome));
+                }
+            }
             let mut new_inbound = Vec::new();
             for sealed in inbound {
                 if view.json::<InEntry>(HANDOFF_IN, &sealed.handoff_id)?.is_none() {
@@ -799,7 +844,7 @@ impl HandoffService {
                     changed_asks.push((person_key, state));
                 }
             }
-            (new_inbound, changed_asks)
+            (new_inbound, changed_asks, changed_deposits)
         };
         let writes = !deposits.is_empty()
             || !completed.is_empty()
@@ -824,7 +869,14 @@ impl HandoffService {
                                 match outcome {
                                     DepositOutcome::Stored => {
                                         entry.state = OutState::Deposited;
+                                        entry.refusal = None;
                                         due.insert(due_key.as_str(), DUE_WATCH)?;
+                                    }
+                                    // Refusals that depend on the moment (another handoff of
+                                    // the person not yet accepted, a directory not yet
+                                    // updated): kept, shown, and sent again.
+                                    DepositOutcome::Refused { code, message } if is_retryable(code) => {
+                                        entry.refusal = Some(format!("{code}: {message}"));
                                     }
                                     DepositOutcome::Refused { code, message } => {
                                         entry.state = OutState::Refused;
@@ -933,7 +985,17 @@ impl HandoffService {
             let view = self.store.read()?;
             let mut waiting = Vec::new();
             for id in &inbound_ids {
-                if view.json::<InEntry>(HANDOFF_IN, id)?.is_some_and(|e| e.state == InState::Received) {
+                let Some(entry) = view.json::<InEntry>(HANDOFF_IN, id)? else { continue };
+                if entry.state != InState::Received {
+                    continue;
+                }
+                // A newcomer asked for here comes from whom the ledger or the 転出証明書
+                // named; a handoff from anyone else waits for an admin.
+                let expected = view
+                    .json::<AskEntry>(HANDOFF_ASKS, &entry.person_key)?
+                    .filter(|a| a.state != AskLocal::Received)
+                    .and_then(|a| a.holder.or(a.previous));
+                if expected.is_none_or(|from| from == entry.from) {
                     waiting.push(id.clone());
                 }
             }
@@ -975,6 +1037,12 @@ impl HandoffService {
                 answer.handoff_id =
                     record.transfer.filter(|t| t.to == request.asked_by).map(|t| t.handoff_id);
             }
+            Ok(Some((_, record)))
+                if self.person_secret.birth_check(&record.person_key, record.identity.birth_date)
+                    != request.birth_check =>
+            {
+                tracing::warn!(asked_by = %request.asked_by, "a newcomer request's birth date does not match; not handed over");
+            }
             Ok(Some((id, record))) if record.identity.status == ResidentStatus::Active => {
                 let reason = format!("転入届（{}）による引き継ぎ", municipality_name(request.asked_by));
                 match self.move_out(&who_federation(request.asked_by), &id, request.asked_by, &reason).await {
@@ -994,6 +1062,90 @@ impl HandoffService {
     pub fn resident_of_carried_coupon(&self, code: &str) -> anyhow::Result<Option<String>> {
         self.store.read()?.index(IDX_HANDOFF_COUPON, code)
     }
+}
+
+/// After a standby is promoted: what replication does not carry is rebuilt from the
+/// documents. Coupons a handoff brought are indexed again, and a record transferred by the
+/// old primary whose handoff is not in this node's outbox is sealed again under the same
+/// handoff id (the ledger stores it once, whichever copy arrives). Returns (coupons
+/// indexed, handoffs sealed again).
+pub fn reconcile_after_promotion(
+    files: &crate::config::NodeFiles,
+    store: &Store,
+) -> anyhow::Result<(u64, u64)> {
+    let national_key = files.config.p2p.national_key.as_deref().and_then(protocol::person::hex_decode);
+    let directory = match national_key {
+        Some(key) => crate::p2p::load_directory(&files.dir.join("directory.json"), &key)?,
+        None => None,
+    };
+    let (mut indexed, mut resealed) = (0u64, 0u64);
+    let mut after: Option<String> = None;
+    loop {
+        let view = store.read()?;
+        let ids = view.resident_ids(after.as_deref(), 1024)?;
+        let Some(last) = ids.last().cloned() else { break };
+        let txn = store.begin_write()?;
+        for id in &ids {
+            let Some(record) = view.record(id)? else { continue };
+            if record.arrival.is_some() {
+                let mut index = txn.open_table(IDX_HANDOFF_COUPON)?;
+                for coupon in record.coupons.values().filter(|c| c.code.municipality != record.municipality) {
+                    index.insert(coupon.code.to_string().as_str(), id.as_str())?;
+                    indexed += 1;
+                }
+            }
+            let Some(transfer) = &record.transfer else { continue };
+            if txn.open_table(HANDOFF_OUT)?.get(transfer.handoff_id.as_str())?.is_some() {
+                continue;
+            }
+            let key = directory
+                .as_ref()
+                .and_then(|d| d.directory.primary_of(transfer.to))
+                .and_then(|e| hex_decode(&e.encryption_key))
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                .with_context(|| format!("{} has no encryption key in the directory held", transfer.to))?;
+            let mut ephemeral = [0u8; 32];
+            SystemRandom::new().fill(&mut ephemeral).map_err(|_| anyhow::anyhow!("no randomness"))?;
+            let payload = HandoffPayload {
+                handoff_id: transfer.handoff_id.clone(),
+                from: record.municipality,
+                to: transfer.to,
+                person_key: record.person_key.clone(),
+                record: record.clone(),
+                sealed_at: rfc3339(transfer.at),
+            };
+            let sealed = seal(&payload, &files.signing_key, &key, ephemeral)
+                .map_err(|e| anyhow::anyhow!("cannot seal {}: {e}", transfer.handoff_id))?;
+            let seq = crate::store::bump(&txn, META_HANDOFF_SEQ)?;
+            let entry = OutEntry {
+                handoff_id: transfer.handoff_id.clone(),
+                resident_id: id.clone(),
+                person_key: record.person_key.clone(),
+                to: transfer.to,
+                state: OutState::Sealed,
+                reason: "予備系の昇格後に再封 / sealed again after promotion".into(),
+                actor: transfer.actor.clone(),
+                created_at: rfc3339(transfer.at),
+                updated_at: rfc3339(OffsetDateTime::now_utc()),
+                refusal: None,
+                sealed: Some(sealed),
+                due_key: Some(format!("out/{seq:020}/{}", transfer.handoff_id)),
+            };
+            put_json(&txn, HANDOFF_OUT, &entry.handoff_id, &entry)?;
+            if let Some(key) = &entry.due_key {
+                txn.open_table(HANDOFF_DUE)?.insert(key.as_str(), DUE_DEPOSIT)?;
+            }
+            resealed += 1;
+        }
+        txn.commit()?;
+        after = Some(last);
+    }
+    Ok((indexed, resealed))
+}
+
+/// Whether the ledger may store a refused deposit later, sent again as it is.
+pub fn is_retryable(code: &str) -> bool {
+    matches!(code, "in_transit" | "unknown_receiver" | "unknown_sender")
 }
 
 /// The refusal of any change to a record handed to another municipality (kept read-only

@@ -579,6 +579,7 @@ fn prepare_batch(
                 doses: Default::default(),
                 corrections: Default::default(),
                 transfer: None,
+                arrival: None,
             };
             let digest = identity_digest(&record.identity, &record.person_key);
             Planned { record, digest }

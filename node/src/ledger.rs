@@ -30,8 +30,10 @@ pub const LEDGER_INBOX: TableDefinition<(&str, u64), &str> = TableDefinition::ne
 pub const LEDGER_META: TableDefinition<&str, u64> = TableDefinition::new("ledger_meta");
 /// (person key, asking municipality) → JSON of [`AskRecord`].
 pub const LEDGER_ASKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("ledger_asks");
-/// (holder, person key, asking municipality): requests waiting for the holder.
-pub const LEDGER_REQUESTS: TableDefinition<(&str, &str, &str), ()> = TableDefinition::new("ledger_requests");
+/// (holder, person key, asking municipality) → the ask's birth check: requests waiting for
+/// the holder.
+pub const LEDGER_REQUESTS: TableDefinition<(&str, &str, &str), &str> =
+    TableDefinition::new("ledger_requests");
 
 /// One handoff in the ledger.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -71,6 +73,9 @@ pub struct PersonHolder {
 /// A newcomer's history asked for.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AskRecord {
+    /// The asker's id for it.
+    #[serde(default)]
+    pub ask_id: String,
     /// Who was asked to hand them over.
     pub holder: MunicipalityCode,
     /// Where it stands.
@@ -130,9 +135,24 @@ pub fn sync(
     }
     let at = crate::clock::rfc3339(now);
     let own = sender.as_str();
+    // Asks already recorded are answered from a read; only new ones are written.
+    let new_asks = {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(LEDGER_ASKS)?;
+        let mut any = false;
+        for ask in &request.asks {
+            let held = table.get((ask.person_key.as_str(), own))?;
+            let same = held
+                .map(|v| serde_json::from_slice::<AskRecord>(v.value()))
+                .transpose()?
+                .is_some_and(|r| r.ask_id == ask.ask_id);
+            any |= !same;
+        }
+        any
+    };
     let writes = !(request.deposits.is_empty()
         && request.accepted.is_empty()
-        && request.asks.is_empty()
+        && !new_asks
         && request.answered.is_empty());
     let mut deposits = Vec::with_capacity(request.deposits.len());
     let mut asks = Vec::with_capacity(request.asks.len());
@@ -145,6 +165,23 @@ pub fn sync(
             let mut meta = txn.open_table(LEDGER_META)?;
             let mut ask_table = txn.open_table(LEDGER_ASKS)?;
             let mut requests = txn.open_table(LEDGER_REQUESTS)?;
+            // Acceptances first: a handoff accepted in this sync frees the person for a
+            // deposit in the same sync.
+            for id in &request.accepted {
+                let Some(mut entry) = get::<LedgerEntry>(&ledger, id)? else { continue };
+                if entry.to != sender || entry.state == LedgerState::Accepted {
+                    continue;
+                }
+                entry.state = LedgerState::Accepted;
+                entry.accepted_at = Some(at.clone());
+                entry.sealed = None;
+                if let Some(seq) = entry.inbox_seq.take() {
+                    inbox.remove((own, seq))?;
+                }
+                ledger.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
+                let holder = PersonHolder { holder: sender, in_transit: None };
+                persons.insert(entry.person_key.as_str(), serde_json::to_vec(&holder)?.as_slice())?;
+            }
             for sealed in &request.deposits {
                 let mut tables =
                     Tables { ledger: &mut ledger, persons: &mut persons, inbox: &mut inbox, meta: &mut meta };
@@ -160,21 +197,6 @@ pub fn sync(
                     requests.remove((own, sealed.person_key.as_str(), sealed.to.as_str()))?;
                 }
                 deposits.push((sealed.handoff_id.clone(), outcome));
-            }
-            for id in &request.accepted {
-                let Some(mut entry) = get::<LedgerEntry>(&ledger, id)? else { continue };
-                if entry.to != sender || entry.state == LedgerState::Accepted {
-                    continue;
-                }
-                entry.state = LedgerState::Accepted;
-                entry.accepted_at = Some(at.clone());
-                entry.sealed = None;
-                if let Some(seq) = entry.inbox_seq.take() {
-                    inbox.remove((own, seq))?;
-                }
-                ledger.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
-                let holder = PersonHolder { holder: sender, in_transit: None };
-                persons.insert(entry.person_key.as_str(), serde_json::to_vec(&holder)?.as_slice())?;
             }
             for answer in &request.answered {
                 let key = (answer.person_key.as_str(), answer.asked_by.as_str());
@@ -194,9 +216,16 @@ pub fn sync(
             for ask in &request.asks {
                 let key = (ask.person_key.as_str(), own);
                 let held = ask_table.get(key)?.map(|v| serde_json::from_slice::<AskRecord>(v.value()));
-                if let Some(record) = held.transpose()? {
-                    asks.push((ask.person_key.clone(), record.state));
-                    continue;
+                match held.transpose()? {
+                    Some(record) if record.ask_id == ask.ask_id => {
+                        asks.push((ask.person_key.clone(), record.state));
+                        continue;
+                    }
+                    // A new ask replaces an older one (asked again, or the person returns).
+                    Some(record) => {
+                        requests.remove((record.holder.as_str(), ask.person_key.as_str(), own))?;
+                    }
+                    None => {}
                 }
                 let holder = match get::<PersonHolder>(&persons, &ask.person_key)? {
                     Some(held) if held.holder == sender => {
@@ -215,9 +244,14 @@ pub fn sync(
                     asks.push((ask.person_key.clone(), AskState::NotFound));
                     continue;
                 };
-                let record = AskRecord { holder, state: AskState::Waiting { holder }, asked_at: at.clone() };
+                let record = AskRecord {
+                    ask_id: ask.ask_id.clone(),
+                    holder,
+                    state: AskState::Waiting { holder },
+                    asked_at: at.clone(),
+                };
                 ask_table.insert(key, serde_json::to_vec(&record)?.as_slice())?;
-                requests.insert((holder.as_str(), ask.person_key.as_str(), own), ())?;
+                requests.insert((holder.as_str(), ask.person_key.as_str(), own), ask.birth_check.as_str())?;
                 asks.push((ask.person_key.clone(), record.state));
             }
         }
@@ -230,6 +264,14 @@ pub fn sync(
         }
     }
     let txn = db.begin_read()?;
+    if !writes {
+        let table = txn.open_table(LEDGER_ASKS)?;
+        for ask in &request.asks {
+            if let Some(record) = get_ask(&table, &ask.person_key, own)? {
+                asks.push((ask.person_key.clone(), record.state));
+            }
+        }
+    }
     let ledger = txn.open_table(LEDGER)?;
     let inbox_table = txn.open_table(LEDGER_INBOX)?;
     let mut inbound = Vec::new();
@@ -253,16 +295,31 @@ pub fn sync(
     let request_table = txn.open_table(LEDGER_REQUESTS)?;
     let mut requests = Vec::new();
     for row in request_table.range((own, "", "")..)? {
-        let (key, _) = row?;
+        let (key, check) = row?;
         let (holder, person_key, asked_by) = key.value();
         if holder != own || requests.len() >= MAX_HANDOFFS_PER_MESSAGE {
             break;
         }
         if let Ok(asked_by) = MunicipalityCode::parse(asked_by) {
-            requests.push(HistoryRequest { person_key: person_key.to_owned(), asked_by });
+            requests.push(HistoryRequest {
+                person_key: person_key.to_owned(),
+                birth_check: check.value().to_owned(),
+                asked_by,
+            });
         }
     }
     Ok(HandoffResponse::Synced { deposits, inbound, states, asks, requests })
+}
+
+fn get_ask(
+    table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    person_key: &str,
+    asker: &str,
+) -> anyhow::Result<Option<AskRecord>> {
+    table
+        .get((person_key, asker))?
+        .map(|v| serde_json::from_slice(v.value()).context("ledger ask"))
+        .transpose()
 }
 
 /// The ledger's tables, open in one write transaction.

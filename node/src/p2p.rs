@@ -1243,7 +1243,10 @@ impl Node {
                 };
                 tokio::spawn(async move {
                     let response = tokio::task::spawn_blocking(move || {
-                        if !crate::handoff::HandoffService::is_empty(&request) {
+                        if !request.deposits.is_empty()
+                            || !request.accepted.is_empty()
+                            || !request.answered.is_empty()
+                        {
                             store.log_message(&peer.to_string(), "handoff", &request);
                         }
                         crate::ledger::sync(
@@ -1293,10 +1296,11 @@ impl Node {
             request_response::Event::OutboundFailure { request_id, error, .. } => {
                 if matches!(&self.handoff_sent, Some((Some(sent), _)) if *sent == request_id) {
                     tracing::debug!(%error, "handoff sync not delivered; sent again later");
+                    // Sent again from the stored state after a pause that `due` does not cut.
                     self.handoff_sent = None;
                     self.handoff_next = Instant::now() + Duration::from_secs(1);
                     if let Some(service) = &self.options.handoffs {
-                        service.due.store(true, std::sync::atomic::Ordering::Release);
+                        service.due.store(false, std::sync::atomic::Ordering::Release);
                     }
                 }
             }

@@ -573,6 +573,9 @@ impl CaptureService {
                 Ok(owner) if owner == from && self.carries_coupon_of(&f.capture) => {
                     self.record(peer, f.capture, f.lot, Some((from, directory))).await
                 }
+                // The forwarding municipality's own coupon, of a resident whose handoff has
+                // not been accepted here yet: not final, so it is forwarded again.
+                Ok(owner) if owner == from => CaptureState::Pending,
                 Ok(owner) => self.refusal(
                     "not_owner",
                     &format!("この接種券は {owner} のもので、このノードでは記録できません"),

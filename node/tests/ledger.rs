@@ -65,6 +65,7 @@ fn sealed(id: &str, person_key: &str, from: &Member, to: &Member) -> SealedHando
         doses: Default::default(),
         corrections: Default::default(),
         transfer: None,
+        arrival: None,
     };
     let payload = HandoffPayload {
         handoff_id: id.to_owned(),
@@ -168,12 +169,18 @@ fn the_ledger_keeps_one_holder_per_person_through_repeats_and_reordering() {
 
     // A newcomer at C, said to come from A: relayed to A; A's handoff answers it.
     let q = "pk1-0002";
-    let ask = HistoryAsk { person_key: q.into(), previous: Some(a.code) };
+    let ask = HistoryAsk {
+        ask_id: "ask-1".into(),
+        person_key: q.into(),
+        birth_check: "bc1-x".into(),
+        previous: Some(a.code),
+    };
     let asked = run(&db, &dir, &c, HandoffSync { asks: vec![ask.clone()], ..empty() });
     assert_eq!(asked.asks, vec![(q.to_owned(), AskState::Waiting { holder: a.code })]);
     let request = run(&db, &dir, &a, empty()).requests;
     assert_eq!(request.len(), 1);
     assert_eq!((request[0].person_key.as_str(), request[0].asked_by), (q, c.code));
+    assert_eq!(request[0].birth_check, "bc1-x", "the holder gets the asker's birth check");
     let sent = sealed("ho-6", q, &a, &c);
     let answered = AskAnswer { person_key: q.into(), asked_by: c.code, handoff_id: Some("ho-6".into()) };
     let answer =
@@ -182,10 +189,26 @@ fn the_ledger_keeps_one_holder_per_person_through_repeats_and_reordering() {
     assert!(answer.requests.is_empty(), "the request is done");
     let after = run(&db, &dir, &c, HandoffSync { asks: vec![ask], ..empty() });
     assert_eq!(after.asks, vec![(q.to_owned(), AskState::Sent { handoff_id: "ho-6".into() })]);
-    // Nobody holds a person the ledger never saw when no previous municipality is given.
-    let lost = HistoryAsk { person_key: "pk1-0009".into(), previous: None };
-    let answer = run(&db, &dir, &c, HandoffSync { asks: vec![lost], ..empty() });
+    // Nobody holds a person the ledger never saw when no previous municipality is given;
+    // asked again with one (a new ask id), the ask goes to it.
+    let lost = HistoryAsk {
+        ask_id: "ask-2".into(),
+        person_key: "pk1-0009".into(),
+        birth_check: "bc1-y".into(),
+        previous: None,
+    };
+    let answer = run(&db, &dir, &c, HandoffSync { asks: vec![lost.clone()], ..empty() });
     assert_eq!(answer.asks[0].1, AskState::NotFound);
+    let again = HistoryAsk { ask_id: "ask-3".into(), previous: Some(a.code), ..lost };
+    let answer = run(&db, &dir, &c, HandoffSync { asks: vec![again.clone()], ..empty() });
+    assert_eq!(answer.asks[0].1, AskState::Waiting { holder: a.code });
+    let repeated = run(&db, &dir, &c, HandoffSync { asks: vec![again], ..empty() });
+    assert_eq!(
+        repeated.asks[0].1,
+        AskState::Waiting { holder: a.code },
+        "the same ask again changes nothing"
+    );
+    assert_eq!(run(&db, &dir, &a, empty()).requests.len(), 1);
 
     // Too much in one sync is refused whole.
     let many = HandoffSync { deposits: vec![sealed("ho-7", "pk1-7", &a, &b); 257], ..empty() };

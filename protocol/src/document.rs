@@ -8,7 +8,8 @@
 //!   coupons:     { "<coupon number>.<generation>": "<JSON of CouponEntry>" },
 //!   doses:       { "<event id>": "<JSON of DoseEvent>" },
 //!   corrections: { "<correction id>": "<JSON of Correction>" },
-//!   transfer:    "<JSON of Transfer>" }          (only once the resident moved away)
+//!   transfer:    "<JSON of Transfer>",          (only once the resident moved away)
+//!   arrival:     "<JSON of Arrival>" }          (only for a resident received by handoff)
 //! ```
 //!
 //! Each entry is one scalar under its own key, so concurrent writers (the node and its
@@ -220,6 +221,15 @@ pub struct Transfer {
     pub actor: String,
 }
 
+/// Where a resident received by handoff came from: written at creation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// The municipality they came from.
+    pub from: MunicipalityCode,
+    /// The handoff that brought the record.
+    pub handoff_id: String,
+}
+
 /// A resident's whole record, as read from the document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResidentRecord {
@@ -245,6 +255,9 @@ pub struct ResidentRecord {
     /// Set once the resident's record was handed to another municipality.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<Transfer>,
+    /// Set when the record came here by handoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival: Option<Arrival>,
 }
 
 impl ResidentRecord {
@@ -388,6 +401,9 @@ pub fn new_resident_document(
         if let Some(transfer) = &record.transfer {
             put_entry(tx, &ROOT, "transfer", transfer)?;
         }
+        if let Some(arrival) = &record.arrival {
+            put_entry(tx, &ROOT, "arrival", arrival)?;
+        }
         Ok(())
     })?;
     Ok(doc)
@@ -493,6 +509,10 @@ pub fn read_record(doc: &Automerge) -> Result<ResidentRecord, DocumentError> {
         corrections: map_entries(doc, "corrections")?,
         transfer: match doc.get(&ROOT, "transfer")? {
             Some(_) => Some(get_entry(doc, &ROOT, "transfer")?),
+            None => None,
+        },
+        arrival: match doc.get(&ROOT, "arrival")? {
+            Some(_) => Some(get_entry(doc, &ROOT, "arrival")?),
             None => None,
         },
     })

@@ -261,6 +261,8 @@ pub fn received_record(
     }
     record.identity.status = ResidentStatus::Active;
     record.transfer = None;
+    record.arrival =
+        Some(crate::document::Arrival { from: payload.from, handoff_id: payload.handoff_id.clone() });
     for dose in record.doses.values_mut() {
         if !dose.venue.contains('/') {
             dose.venue = format!("{}/{}", payload.from, dose.venue);
@@ -290,8 +292,14 @@ pub struct HandoffSync {
 /// A newcomer's history, asked for by person key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryAsk {
+    /// Unique per ask: asking again (a corrected previous municipality, a person who
+    /// returns) replaces the ledger's record of an older ask.
+    pub ask_id: String,
     /// The newcomer's person key.
     pub person_key: String,
+    /// [`crate::person::PersonKeySecret::birth_check`] of the birth date on the 転入届: the
+    /// holder hands the person over only if it matches its record.
+    pub birth_check: String,
     /// The municipality they came from, from the 転出証明書, when known.
     pub previous: Option<MunicipalityCode>,
 }
@@ -301,6 +309,8 @@ pub struct HistoryAsk {
 pub struct HistoryRequest {
     /// The person key.
     pub person_key: String,
+    /// The asker's birth check (see [`HistoryAsk::birth_check`]).
+    pub birth_check: String,
     /// The municipality that registered them as a newcomer.
     pub asked_by: MunicipalityCode,
 }

@@ -50,6 +50,16 @@ impl PersonKeySecret {
         let parts: [&[u8]; 3] = [b"resident", municipality.as_str().as_bytes(), atena_number.as_bytes()];
         format!("{}-{}", municipality, self.tag_hex(&parts, 10))
     }
+
+    /// A check that a newcomer request names the person the holder has: a keyed hash of the
+    /// person key and the birth date (生年月日 on the 転入届), which only municipalities
+    /// can make. A mistyped 個人番号 that passes its check digit names another person; their
+    /// birth date will not match.
+    pub fn birth_check(&self, person_key: &str, birth_date: time::Date) -> String {
+        let date = birth_date.to_string();
+        let parts: [&[u8]; 3] = [b"birth", person_key.as_bytes(), date.as_bytes()];
+        format!("bc1-{}", self.tag_hex(&parts, 16))
+    }
 }
 
 /// The 個人番号 failed its format or check-digit test.

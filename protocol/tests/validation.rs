@@ -218,6 +218,7 @@ fn resident() -> ResidentRecord {
         doses: BTreeMap::new(),
         corrections: BTreeMap::new(),
         transfer: None,
+        arrival: None,
     }
 }
 

@@ -204,8 +204,7 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     // Done once: moving again, or registering them again at Chiyoda, is refused.
     let (code, body) = move_out(&f.a, "0000000101").unwrap();
     assert_eq!((code, body["code"].as_str()), (409, Some("already_transferred")), "{body}");
-    let again =
-        json!({"my_number": my_number(1), "atena_number": "C-0001", "address": "東京都千代田区九段南1-2-1"});
+    let again = json!({"my_number": my_number(1), "birth_date": "1960-04-01", "atena_number": "C-0001", "address": "東京都千代田区九段南1-2-1"});
     let (code, body) = f.b.post("/api/v1/handoffs/requests", &again).unwrap();
     assert_eq!((code, body["code"].as_str()), (409, Some("already_registered")), "{body} {}", handoffs(&f.b));
     // Yokohama's record is kept, read-only.
@@ -256,9 +255,22 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     let dose = record(&f.b, &new_nakamura)["history"][0].clone();
     assert_eq!(dose["venue"], "141003/naka-kumin-kaikan", "{dose}");
 
-    // 鈴木 registers in Chiyoda (転入) with their 転出証明書: Chiyoda asks, Yokohama hands
-    // them over by itself, Chiyoda keeps the atena number it gave.
-    let ask = json!({"my_number": my_number(4), "atena_number": "C-0004", "address": "東京都千代田区九段南1-2-1", "previous": YOKOHAMA});
+    // 鈴木 registers in Chiyoda (転入) with their 転出証明書. A mistyped birth date does not
+    // match Yokohama's record: nobody is handed over. Asked again correctly, Yokohama hands
+    // them over by itself and Chiyoda keeps the atena number it gave.
+    let mut ask = json!({"my_number": my_number(4), "birth_date": "1950-01-02", "atena_number": "C-0004", "address": "東京都千代田区九段南1-2-1", "previous": YOKOHAMA});
+    let (code, body) = f.b.post("/api/v1/handoffs/requests", &ask).unwrap();
+    assert_eq!(code, 202, "{body}");
+    wait_for("the mismatched ask to be answered", Duration::from_secs(30), || {
+        let asks = handoffs(&f.b)["asks"].clone();
+        asks.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["atena_number"] == "C-0004" && a["state"] == "not_found")
+            .then_some(())
+    });
+    assert!(record(&f.a, &resident_id(&f.a, "0000000104"))["transfer"].is_null(), "still at Yokohama");
+    ask["birth_date"] = json!("1950-01-01");
     let (code, body) = f.b.post("/api/v1/handoffs/requests", &ask).unwrap();
     assert_eq!(code, 202, "{body}");
     let (_, new_suzuki) = assert_moved_once(&f, "0000000104");
@@ -268,7 +280,7 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     let asks = handoffs(&f.b)["asks"].clone();
     assert!(asks.as_array().unwrap().iter().any(|a| a["state"] == "received"), "{asks}");
     // Nobody holds a person the ledger never saw, without a previous municipality.
-    let nobody = json!({"my_number": my_number(99), "atena_number": "C-0099", "address": "東京都千代田区"});
+    let nobody = json!({"my_number": my_number(99), "birth_date": "1999-09-09", "atena_number": "C-0099", "address": "東京都千代田区"});
     assert_eq!(f.b.post("/api/v1/handoffs/requests", &nobody).unwrap().0, 202);
     wait_for("the unknown newcomer to be answered", Duration::from_secs(30), || {
         let asks = handoffs(&f.b)["asks"].clone();
@@ -281,7 +293,7 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
 
     // 山田 moves back to Yokohama, which registers them without naming Chiyoda: the ledger
     // knows Chiyoda holds them and the history comes back, with the dose given in Yokohama.
-    let back = json!({"my_number": my_number(1), "atena_number": "0000000201", "address": "神奈川県横浜市中区山下町1-1"});
+    let back = json!({"my_number": my_number(1), "birth_date": "1960-04-01", "atena_number": "0000000201", "address": "神奈川県横浜市中区山下町1-1"});
     let (code, body) = f.a.post("/api/v1/handoffs/requests", &back).unwrap();
     assert_eq!(code, 202, "{body}");
     let returned = wait_for("山田's history to come back", Duration::from_secs(60), || {
