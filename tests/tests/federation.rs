@@ -118,6 +118,14 @@ impl National {
         }
     }
 
+    /// SIGKILL.
+    pub(super) fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Waits until the process has exited by itself (a crash point).
     pub(super) fn wait_exit(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;

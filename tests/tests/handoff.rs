@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tests::{Node, PrintedCoupon, Proxy, TempDir, free_port};
 
-use super::federation::{National, join};
+use super::federation::{National, join, standby_of};
 use super::terminals::{
     assert_no_personal_data, enrol_token, events_of, national_figures, own_figures, p2p, resident_id, scan,
     state_of, terminal, wait_for,
@@ -490,4 +490,54 @@ fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
     assert_eq!(code, 404);
     assert_moved_once(&f, "0000000103");
     assert_moved_once(&f, "0000000108");
+}
+
+/// Yokohama seals a handoff while the national node is down, and is lost; its standby,
+/// promoted, finds the transferred record without a handoff in its outbox, seals it again
+/// under the same id, and Chiyoda receives it.
+#[test]
+fn a_promoted_standby_sends_the_handoff_its_lost_primary_sealed() {
+    let mut f = federation("handoff-failover");
+    let mut standby = standby_of(f.dir.path(), "s", &f.a.data.join("keys"));
+    f.national.approve(&join(&standby, &f.national, "s"));
+    start_all(&mut f);
+    standby.start().unwrap();
+    let resident = resident_id(&f.a, "0000000105");
+    wait_for("the standby to hold the residents", Duration::from_secs(30), || {
+        (standby.get(&format!("/api/v1/residents/{resident}")).unwrap().0 == 200).then_some(())
+    });
+    // Yokohama must know Chiyoda's key before the national node goes.
+    wait_for("the directory to name Chiyoda", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(f.a.data.join("directory.json")).ok()?;
+        text.contains(CHIYODA).then_some(())
+    });
+    f.national.kill9();
+    let (code, body) = move_out(&f.a, "0000000105").unwrap();
+    assert_eq!(code, 201, "{body}");
+    let handoff = body["handoff_id"].as_str().unwrap().to_owned();
+    wait_for("the standby to hold the transfer", Duration::from_secs(30), || {
+        let (_, record) = standby.get(&format!("/api/v1/residents/{resident}")).unwrap();
+        (record["transfer"]["handoff_id"] == handoff.as_str()).then_some(())
+    });
+    assert!(handoffs(&standby)["outgoing"].as_array().unwrap().is_empty(), "the outbox is not replicated");
+    f.a.kill9();
+    standby.stop().unwrap();
+    let promotion = f.dir.path().join("promote.json");
+    ok(&standby.cli(&["promote", "--out", promotion.to_str().unwrap()]));
+    f.national.start();
+    f.national.approve(&promotion);
+    standby.start().unwrap();
+    let entry = wait_for("Chiyoda to accept the handoff sealed again", Duration::from_secs(60), || {
+        let incoming = handoffs(&f.b)["incoming"].as_array().unwrap().clone();
+        incoming.into_iter().find(|e| e["handoff_id"] == handoff.as_str() && e["state"] == "accepted")
+    });
+    let new = entry["resident_id"].as_str().unwrap();
+    assert_eq!(record(&f.b, new)["identity"]["name"], "渡邊　恵子");
+    wait_for("the promoted node to see it completed", Duration::from_secs(30), || {
+        let outgoing = handoffs(&standby)["outgoing"].as_array().unwrap().clone();
+        outgoing
+            .iter()
+            .any(|e| e["handoff_id"] == handoff.as_str() && e["state"] == "completed")
+            .then_some(())
+    });
 }
