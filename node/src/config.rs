@@ -301,6 +301,12 @@ pub fn load_catalogue(path: &Path) -> anyhow::Result<Catalogue> {
     Ok(catalogue)
 }
 
+/// A 32-byte secret kept as hex in the data directory (`keys/person-key.secret`,
+/// `keys/encryption.key`).
+pub fn read_secret32(dir: &Path, name: &str) -> anyhow::Result<[u8; 32]> {
+    read_hex(&dir.join(name), 32)?.try_into().map_err(|_| anyhow::anyhow!("{name} must hold 32 bytes"))
+}
+
 fn read_hex(path: &Path, n_bytes: usize) -> anyhow::Result<Vec<u8>> {
     let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let text = text.trim();

@@ -178,17 +178,11 @@ fn handoff_parts(files: &NodeFiles) -> anyhow::Result<Option<HandoffParts>> {
     else {
         return Ok(None);
     };
-    let read32 = |name: &str| -> anyhow::Result<[u8; 32]> {
-        let text = std::fs::read_to_string(files.dir.join(name)).with_context(|| name.to_owned())?;
-        protocol::person::hex_decode(text.trim())
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .with_context(|| format!("{name} must hold 32 bytes of hex"))
-    };
     let national_key = protocol::person::hex_decode(key).context("[p2p] national_key is not hex")?;
     let directory = crate::p2p::load_directory(&files.dir.join("directory.json"), &national_key)?;
     Ok(Some((
-        read32("keys/person-key.secret")?,
-        read32("keys/encryption.key")?,
+        crate::config::read_secret32(&files.dir, "keys/person-key.secret")?,
+        crate::config::read_secret32(&files.dir, "keys/encryption.key")?,
         files.config.handoff.accept == crate::config::HandoffAccept::Auto,
         directory,
     )))

@@ -198,14 +198,11 @@ pub fn move_out_file(
     if !errors.is_empty() {
         return Ok(MoversOutcome::Rejected(errors));
     }
-    let read32 = |name: &str| -> anyhow::Result<[u8; 32]> {
-        let text = std::fs::read_to_string(files.dir.join(name)).with_context(|| name.to_owned())?;
-        protocol::person::hex_decode(text.trim())
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .with_context(|| format!("{name} must hold 32 bytes of hex"))
-    };
-    let person_secret = protocol::person::PersonKeySecret::new(&read32("keys/person-key.secret")?);
-    let encryption_secret = read32("keys/encryption.key")?;
+    let person_secret = protocol::person::PersonKeySecret::new(&crate::config::read_secret32(
+        &files.dir,
+        "keys/person-key.secret",
+    )?);
+    let encryption_secret = crate::config::read_secret32(&files.dir, "keys/encryption.key")?;
     let municipality = files.config.municipality;
     let subject = format!("file:{}", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
     files.audit_cli(&store, "handoff.move_out_file", &subject, "started")?;

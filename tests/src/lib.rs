@@ -33,6 +33,21 @@ pub fn vrs_node() -> &'static Path {
     })
 }
 
+/// Waits until `child` has exited by itself (then forgets it); `false` after `within`.
+pub fn wait_exit(child: &mut Option<Child>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match child.as_mut().map(Child::try_wait) {
+            None | Some(Ok(Some(_))) | Some(Err(_)) => {
+                *child = None;
+                return true;
+            }
+            Some(Ok(None)) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    false
+}
+
 /// A fresh directory under the system temp directory, removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -186,17 +201,7 @@ impl Node {
 
     /// Waits until the process has exited by itself (a crash point); `false` after `within`.
     pub fn wait_exit(&mut self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            match self.child.as_mut().map(Child::try_wait) {
-                None | Some(Ok(Some(_))) | Some(Err(_)) => {
-                    self.child = None;
-                    return true;
-                }
-                Some(Ok(None)) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        false
+        wait_exit(&mut self.child, within)
     }
 
     /// SIGTERM and wait for a clean exit.

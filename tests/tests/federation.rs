@@ -128,17 +128,7 @@ impl National {
 
     /// Waits until the process has exited by itself (a crash point).
     pub(super) fn wait_exit(&mut self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            match self.child.as_mut().map(Child::try_wait) {
-                None | Some(Ok(Some(_))) | Some(Err(_)) => {
-                    self.child = None;
-                    return true;
-                }
-                Some(Ok(None)) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        false
+        tests::wait_exit(&mut self.child, within)
     }
 
     pub(super) fn approve(&self, request: &std::path::Path) -> String {

@@ -97,6 +97,17 @@ fn handoffs(node: &Node) -> Value {
     body
 }
 
+/// The node's `outgoing` or `incoming` handoffs of one person.
+fn of_person(node: &Node, list: &str, person_key: &str) -> Vec<Value> {
+    handoffs(node)[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["person_key"] == person_key)
+        .cloned()
+        .collect()
+}
+
 fn ledger(f: &Federation, person_key: &str) -> Vec<Value> {
     let body = f.national.json(&format!("/api/v1/national/handoffs?person_key={person_key}"), &f.admin);
     body["handoffs"].as_array().unwrap().clone()
@@ -140,21 +151,9 @@ fn assert_moved_once(f: &Federation, atena: &str) -> (String, String) {
         .map(|e| e["person_key"].as_str().unwrap().to_owned())
         .expect("an outgoing handoff");
     let entry = settled(f, &person_key);
-    let outgoing: Vec<Value> = handoffs(&f.a)["outgoing"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["person_key"] == person_key.as_str())
-        .cloned()
-        .collect();
+    let outgoing = of_person(&f.a, "outgoing", &person_key);
     assert_eq!(outgoing.len(), 1, "one handoff sealed: {outgoing:?}");
-    let incoming: Vec<Value> = handoffs(&f.b)["incoming"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["person_key"] == person_key.as_str())
-        .cloned()
-        .collect();
+    let incoming = of_person(&f.b, "incoming", &person_key);
     assert_eq!(incoming.len(), 1, "one handoff received: {incoming:?}");
     let ledger = ledger(f, &person_key);
     assert_eq!(ledger.len(), 1, "{ledger:?}");
