@@ -351,15 +351,7 @@ pub(crate) fn accept_one(
     {
         if held.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id) {
             // Accepted before, by a primary this node replaced: the record is here already.
-            entry.state = InState::Accepted;
-            entry.accepted_at = Some(rfc3339(now));
-            entry.resident_id = Some(existing);
-            entry.accepted_by = Some(command.actor.clone());
-            entry.sealed = None;
-            let due_key = format!("in/{:020}/{}", m.next_counter(META_HANDOFF_SEQ)?, entry.handoff_id);
-            m.txn().open_table(HANDOFF_DUE)?.insert(due_key.as_str(), DUE_ACK)?;
-            entry.due_key = Some(due_key);
-            put_json(m.txn(), HANDOFF_IN, &entry.handoff_id, &entry)?;
+            mark_accepted(m, &mut entry, existing, &command.actor, now)?;
             return Ok(Ok(entry));
         }
         return Ok(Err(conflict(
@@ -401,17 +393,7 @@ pub(crate) fn accept_one(
         entry.coupon = Some(coupon.code.to_string());
         entry.qr_text = Some(SignedCoupon::sign(coupon.code, 0, &context.signing_key).to_qr_text());
     }
-    entry.state = InState::Accepted;
-    entry.accepted_at = Some(rfc3339(now));
-    entry.resident_id = Some(record.resident_id.clone());
-    entry.accepted_by = Some(command.actor.clone());
-    entry.updated_at = rfc3339(now);
-    entry.error = None;
-    entry.sealed = None;
-    let due_key = format!("in/{:020}/{}", m.next_counter(META_HANDOFF_SEQ)?, entry.handoff_id);
-    m.txn().open_table(HANDOFF_DUE)?.insert(due_key.as_str(), DUE_ACK)?;
-    entry.due_key = Some(due_key);
-    put_json(m.txn(), HANDOFF_IN, &entry.handoff_id, &entry)?;
+    mark_accepted(m, &mut entry, record.resident_id.clone(), &command.actor, now)?;
     let asks = m.txn().open_table(HANDOFF_ASKS)?;
     let ask = get_json::<AskEntry>(&asks, &payload.person_key)?;
     drop(asks);
@@ -422,6 +404,27 @@ pub(crate) fn accept_one(
         put_json(m.txn(), HANDOFF_ASKS, &payload.person_key, &ask)?;
     }
     Ok(Ok(entry))
+}
+
+/// Records an incoming handoff as accepted into `resident_id` and queues telling the ledger.
+fn mark_accepted(
+    m: &Mutation<'_>,
+    entry: &mut InEntry,
+    resident_id: String,
+    actor: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<()> {
+    entry.state = InState::Accepted;
+    entry.accepted_at = Some(rfc3339(now));
+    entry.resident_id = Some(resident_id);
+    entry.accepted_by = Some(actor.to_owned());
+    entry.updated_at = rfc3339(now);
+    entry.error = None;
+    entry.sealed = None;
+    let due_key = format!("in/{:020}/{}", m.next_counter(META_HANDOFF_SEQ)?, entry.handoff_id);
+    m.txn().open_table(HANDOFF_DUE)?.insert(due_key.as_str(), DUE_ACK)?;
+    entry.due_key = Some(due_key);
+    put_json(m.txn(), HANDOFF_IN, &entry.handoff_id, entry)
 }
 
 /// The municipal node's side of relocation.
@@ -1056,11 +1059,6 @@ impl HandoffService {
             Err(error) => tracing::error!(error = format!("{error:#}"), "cannot read for a history request"),
         }
         answer
-    }
-
-    /// The resident here who holds a coupon of `code` carried in by a handoff.
-    pub fn resident_of_carried_coupon(&self, code: &str) -> anyhow::Result<Option<String>> {
-        self.store.read()?.index(IDX_HANDOFF_COUPON, code)
     }
 }
 
