@@ -1087,7 +1087,7 @@ pub fn reconcile_after_promotion(
             let Some(record) = view.record(id)? else { continue };
             if record.arrival.is_some() {
                 let mut index = txn.open_table(IDX_HANDOFF_COUPON)?;
-                for coupon in record.coupons.values().filter(|c| c.code.municipality != record.municipality) {
+                for coupon in record.coupons.values().filter(|c| record.carried(c)) {
                     index.insert(coupon.code.to_string().as_str(), id.as_str())?;
                     indexed += 1;
                 }

@@ -21,7 +21,7 @@ use automerge::{ActorId, Automerge, ChangeHash};
 use lru::LruCache;
 use protocol::catalogue::Lot;
 use protocol::document::{
-    CouponStatus, ResidentEvent, ResidentRecord, apply_event, new_resident_document, read_record,
+    CouponEntry, CouponStatus, ResidentEvent, ResidentRecord, apply_event, new_resident_document, read_record,
 };
 use protocol::statistics::{Cell, event_delta, record_cells};
 use protocol::terminal::BlockedCoupon;
@@ -695,22 +695,20 @@ impl<'a> Mutation<'a> {
                 atena.insert(record.identity.atena_number.as_str(), *id)?;
                 person.insert(record.person_key.as_str(), *id)?;
                 kana.insert((normalize_kana(&record.identity.name_kana).as_str(), *id), ())?;
-                let newest = |number: &str| {
+                let newest = |entry: &CouponEntry| {
                     record
-                        .coupons
-                        .values()
-                        .filter(|c| c.code.number.as_str() == number)
+                        .coupon_generations(entry.code.municipality, &entry.code.number)
+                        .last()
                         .map(|c| c.generation)
-                        .max()
                 };
                 for entry in record.coupons.values() {
-                    coupons.insert(entry.code.number.as_str(), *id)?;
+                    if !record.carried(entry) {
+                        coupons.insert(entry.code.number.as_str(), *id)?;
+                    }
                     let block = match entry.status {
                         CouponStatus::Superseded => Some(BlockedCoupon {
                             superseded: true,
-                            reason: newest(entry.code.number.as_str())
-                                .unwrap_or(entry.generation)
-                                .to_string(),
+                            reason: newest(entry).unwrap_or(entry.generation).to_string(),
                             moved_to: None,
                         }),
                         CouponStatus::Revoked => Some(BlockedCoupon {
@@ -791,17 +789,16 @@ impl<'a> Mutation<'a> {
         }
         kana_index.insert((kana.as_str(), resident_id), ())?;
         drop(kana_index);
-        let newest: std::collections::HashMap<&str, u8> =
-            record.coupons.values().fold(std::collections::HashMap::new(), |mut newest, entry| {
-                let g = newest.entry(entry.code.number.as_str()).or_insert(entry.generation);
-                *g = (*g).max(entry.generation);
-                newest
-            });
         for entry in record.coupons.values() {
-            self.set_index(IDX_COUPON, entry.code.number.as_str(), resident_id)?;
+            if !record.carried(entry) {
+                self.set_index(IDX_COUPON, entry.code.number.as_str(), resident_id)?;
+            }
             match entry.status {
                 protocol::document::CouponStatus::Superseded => {
-                    let current = newest.get(entry.code.number.as_str()).copied().unwrap_or(entry.generation);
+                    let current = record
+                        .coupon_generations(entry.code.municipality, &entry.code.number)
+                        .last()
+                        .map_or(entry.generation, |c| c.generation);
                     self.block_coupon(&entry.key(), true, &current.to_string())?
                 }
                 protocol::document::CouponStatus::Revoked => {

@@ -19,7 +19,7 @@ use automerge::ActorId;
 use axum::http::StatusCode;
 use protocol::catalogue::{Catalogue, Lot};
 use protocol::coupon::{CouponNumber, SignedCoupon};
-use protocol::document::{CouponEntry, CouponStatus, DoseEvent, ResidentEvent, coupon_key};
+use protocol::document::{CouponEntry, CouponStatus, DoseEvent, ResidentEvent};
 use protocol::statistics::Cell;
 use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, ScannedCapture,
@@ -706,7 +706,8 @@ fn reissue_one(
     if let Some(refusal) = crate::handoff::read_only(&record) {
         return Ok(Err(refusal));
     }
-    let Some(newest) = record.coupon_generations(&number).last().copied().cloned() else {
+    let Some(newest) = record.coupon_generations(record.municipality, &number).last().copied().cloned()
+    else {
         anyhow::bail!("resident {resident_id} has no generation of coupon {number}");
     };
     if newest.status == CouponStatus::Used {
@@ -731,7 +732,7 @@ fn reissue_one(
         status_reason: None,
         used_by_event: None,
     };
-    let supersedes = (newest.status == CouponStatus::Valid).then(|| coupon_key(&number, newest.generation));
+    let supersedes = (newest.status == CouponStatus::Valid).then(|| newest.key());
     m.apply(&resident_id, &ResidentEvent::CouponIssued { entry: entry.clone(), supersedes }, now)?;
     let qr_text = SignedCoupon::sign(entry.code, generation, &context.signing_key).to_qr_text();
     Ok(Ok(ReissueOutcome { coupon: entry, qr_text }))
@@ -755,7 +756,8 @@ fn revoke_one(
     if let Some(refusal) = crate::handoff::read_only(&record) {
         return Ok(Err(refusal));
     }
-    let Some(newest) = record.coupon_generations(&number).last().copied().cloned() else {
+    let Some(newest) = record.coupon_generations(record.municipality, &number).last().copied().cloned()
+    else {
         anyhow::bail!("resident {resident_id} has no generation of coupon {number}");
     };
     if newest.status != CouponStatus::Valid {

@@ -1,11 +1,11 @@
 //! The resident document: one Automerge document per resident.
 //!
-//! Layout (schema 2):
+//! Layout (schema 3):
 //!
 //! ```text
 //! { header:      "<JSON: schema, resident_id, municipality, person_key>",
 //!   identity:    "<JSON of Identity>",
-//!   coupons:     { "<coupon number>.<generation>": "<JSON of CouponEntry>" },
+//!   coupons:     { "<municipality><coupon number>.<generation>": "<JSON of CouponEntry>" },
 //!   doses:       { "<event id>": "<JSON of DoseEvent>" },
 //!   corrections: { "<correction id>": "<JSON of Correction>" },
 //!   transfer:    "<JSON of Transfer>",          (only once the resident moved away)
@@ -37,7 +37,7 @@ use crate::gs1::Gtin;
 use crate::municipality::MunicipalityCode;
 
 /// The document layout version written into every resident document.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// Sex as recorded in the resident register (住民基本台帳).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -121,13 +121,16 @@ pub struct CouponEntry {
 impl CouponEntry {
     /// The key of this entry in the document's `coupons` map.
     pub fn key(&self) -> String {
-        coupon_key(&self.code.number, self.generation)
+        coupon_key(&self.code, self.generation)
     }
 }
 
-/// The key of a coupon generation in the document's `coupons` map.
-pub fn coupon_key(number: &CouponNumber, generation: u8) -> String {
-    format!("{}.{:02}", number, generation)
+/// The key of a coupon generation in the document's `coupons` map: the issuing
+/// municipality, the coupon number and the generation. The municipality is part of the key
+/// because a record received by handoff keeps the old municipality's coupons beside the
+/// ones issued here, and two municipalities number their coupons independently.
+pub fn coupon_key(code: &CouponCode, generation: u8) -> String {
+    format!("{}{}.{:02}", code.municipality, code.number, generation)
 }
 
 /// Whether a recorded dose still counts.
@@ -228,6 +231,18 @@ pub struct Arrival {
     pub from: MunicipalityCode,
     /// The handoff that brought the record.
     pub handoff_id: String,
+    /// The keys of the coupons the record carried when it arrived. They stay findable by
+    /// their full 18 digits only; the number index holds the coupons issued here, since a
+    /// carried number may equal one this municipality issued itself.
+    #[serde(default)]
+    pub carried: Vec<String>,
+}
+
+impl ResidentRecord {
+    /// Whether a coupon came with the record by handoff rather than being issued here.
+    pub fn carried(&self, entry: &CouponEntry) -> bool {
+        self.arrival.as_ref().is_some_and(|a| a.carried.contains(&entry.key()))
+    }
 }
 
 /// A resident's whole record, as read from the document.
@@ -275,10 +290,17 @@ impl ResidentRecord {
         u8::try_from(given).unwrap_or(u8::MAX).saturating_add(1)
     }
 
-    /// All generations of one coupon number, oldest first.
-    pub fn coupon_generations(&self, number: &CouponNumber) -> Vec<&CouponEntry> {
-        let mut entries: Vec<&CouponEntry> =
-            self.coupons.values().filter(|c| &c.code.number == number).collect();
+    /// All generations of one municipality's coupon number, oldest first.
+    pub fn coupon_generations(
+        &self,
+        municipality: MunicipalityCode,
+        number: &CouponNumber,
+    ) -> Vec<&CouponEntry> {
+        let mut entries: Vec<&CouponEntry> = self
+            .coupons
+            .values()
+            .filter(|c| c.code.municipality == municipality && &c.code.number == number)
+            .collect();
         entries.sort_by_key(|c| c.generation);
         entries
     }
@@ -437,7 +459,7 @@ pub fn apply_event(
             let doses = child_map(tx, &ROOT, "doses")?;
             put_entry(tx, &doses, &event.event_id, event)?;
             let coupons = child_map(tx, &ROOT, "coupons")?;
-            let key = coupon_key(&event.coupon.number, event.coupon_generation);
+            let key = coupon_key(&event.coupon, event.coupon_generation);
             let mut coupon: CouponEntry = get_entry(tx, &coupons, &key)?;
             coupon.status = CouponStatus::Used;
             coupon.used_by_event = Some(event.event_id.clone());

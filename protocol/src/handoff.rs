@@ -261,8 +261,11 @@ pub fn received_record(
     }
     record.identity.status = ResidentStatus::Active;
     record.transfer = None;
-    record.arrival =
-        Some(crate::document::Arrival { from: payload.from, handoff_id: payload.handoff_id.clone() });
+    record.arrival = Some(crate::document::Arrival {
+        from: payload.from,
+        handoff_id: payload.handoff_id.clone(),
+        carried: record.coupons.keys().cloned().collect(),
+    });
     for dose in record.doses.values_mut() {
         if !dose.venue.contains('/') {
             dose.venue = format!("{}/{}", payload.from, dose.venue);

@@ -277,7 +277,7 @@ pub fn check_offline(
     // the owner knows; the owner checks it on push.)
     if code.municipality == bundle.municipality
         && let ScannedCoupon::Signed(signed) = &scans.coupon
-        && let Some(entry) = bundle.blocked.get(&crate::document::coupon_key(&code.number, signed.generation))
+        && let Some(entry) = bundle.blocked.get(&crate::document::coupon_key(&code, signed.generation))
     {
         return Err(if let Some(to) = entry.moved_to {
             CaptureError::CouponTransferred { to }

@@ -429,7 +429,7 @@ pub fn validate_capture(
     context: &CaptureContext<'_>,
 ) -> Result<CaptureDecision, CaptureError> {
     let code = *input.scans.coupon.code();
-    let generations = record.coupon_generations(&code.number);
+    let generations = record.coupon_generations(code.municipality, &code.number);
     let newest = generations
         .last()
         .ok_or_else(|| CaptureError::CouponNotIssued { number: code.number.to_string() })?;
@@ -671,7 +671,7 @@ pub fn validate_void(
     if dose.status == DoseStatus::Voided {
         return Err(CaptureError::DoseAlreadyVoided { event_id: dose.event_id.clone() });
     }
-    let key = coupon_key(&dose.coupon.number, dose.coupon_generation);
+    let key = coupon_key(&dose.coupon, dose.coupon_generation);
     let reopen = record
         .coupons
         .get(&key)

@@ -345,7 +345,8 @@ impl Situation {
 
     /// Reissues a coupon: the next generation supersedes the newest.
     fn reissue(&mut self, code: CouponCode) {
-        let newest = self.record.coupon_generations(&code.number).last().copied().unwrap().clone();
+        let newest =
+            self.record.coupon_generations(code.municipality, &code.number).last().copied().unwrap().clone();
         self.apply(ResidentEvent::CouponIssued {
             entry: coupon_entry(code, newest.generation + 1),
             supersedes: Some(newest.key()),
@@ -353,10 +354,7 @@ impl Situation {
     }
 
     fn revoke(&mut self, code: CouponCode, reason: &str) {
-        self.apply(ResidentEvent::CouponRevoked {
-            key: coupon_key(&code.number, 0),
-            reason: reason.to_owned(),
-        });
+        self.apply(ResidentEvent::CouponRevoked { key: coupon_key(&code, 0), reason: reason.to_owned() });
     }
 
     fn set_status(&mut self, status: ResidentStatus) {
@@ -453,7 +451,7 @@ fn captures() {
                 // Written as the node writes it: one more dose, and the coupon is used by it.
                 let after = applied(record, &ResidentEvent::DoseRecorded(event.clone()));
                 assert_eq!(after.doses.len(), record.doses.len() + 1, "{name}: a dose was lost");
-                let coupon = &after.coupons[&coupon_key(&event.coupon.number, event.coupon_generation)];
+                let coupon = &after.coupons[&coupon_key(&event.coupon, event.coupon_generation)];
                 assert_eq!(coupon.status, CouponStatus::Used, "{name}");
                 assert_eq!(coupon.used_by_event.as_deref(), Some(event.event_id.as_str()), "{name}");
             }
@@ -781,9 +779,9 @@ fn voids() {
     }
 
     let record = two_doses();
-    let coupon_2 = coupon_key(&coupon(2, 102).number, 0);
+    let coupon_2 = coupon_key(&coupon(2, 102), 0);
     check("dose 2", &record, "ev-dose-2", "別人に記録した", Ok(Some(coupon_2)));
-    let coupon_1 = coupon_key(&coupon(1, 101).number, 0);
+    let coupon_1 = coupon_key(&coupon(1, 101), 0);
     check("reason with spaces", &record, "ev-dose-1", "  未接種 \n", Ok(Some(coupon_1)));
     check("empty reason", &record, "ev-dose-2", "", Err(("reason_missing", "reason")));
     check("blank reason", &record, "ev-dose-2", " \t\n", Err(("reason_missing", "reason")));
@@ -807,7 +805,7 @@ fn void_reopens_the_coupon_and_keeps_the_correction() {
     let record = two_doses();
     let request = void_request("ev-dose-2", " 別人に記録した ");
     let (correction, reopen) = validate_void(&record, &request).unwrap();
-    let key = coupon_key(&coupon(2, 102).number, 0);
+    let key = coupon_key(&coupon(2, 102), 0);
     assert_eq!(reopen.as_deref(), Some(key.as_str()));
     let event = ResidentEvent::DoseVoided { correction: correction.clone(), reopen_coupon: reopen };
     let after = applied(&record, &event);
@@ -1078,7 +1076,7 @@ fn document_reads_back_every_event() {
     // Dose 1 uses the dose-1 coupon.
     let dose_1 = dose("ev-dose-1", coupon(1, 101), date!(2026 - 10 - 01));
     expected.doses.insert(dose_1.event_id.clone(), dose_1.clone());
-    let coupon_1 = expected.coupons.get_mut(&coupon_key(&coupon(1, 101).number, 0)).unwrap();
+    let coupon_1 = expected.coupons.get_mut(&coupon_key(&coupon(1, 101), 0)).unwrap();
     coupon_1.status = CouponStatus::Used;
     coupon_1.used_by_event = Some("ev-dose-1".to_owned());
     check_event(&mut doc, &ResidentEvent::DoseRecorded(dose_1), &expected);
@@ -1110,7 +1108,7 @@ fn document_reads_back_every_event() {
 
     let (correction, reopen) = validate_void(&expected, &void_request("ev-dose-1", "未接種")).unwrap();
     expected.doses.get_mut("ev-dose-1").unwrap().status = DoseStatus::Voided;
-    let coupon_1 = expected.coupons.get_mut(&coupon_key(&coupon(1, 101).number, 0)).unwrap();
+    let coupon_1 = expected.coupons.get_mut(&coupon_key(&coupon(1, 101), 0)).unwrap();
     coupon_1.status = CouponStatus::Valid;
     coupon_1.used_by_event = None;
     expected.corrections.insert(correction.correction_id.clone(), correction.clone());
@@ -1143,7 +1141,7 @@ fn replicas_merge_concurrent_doses() {
     // Neither dose is lost: staff see both and void the wrong one.
     let doses: Vec<&DoseEvent> = merged.doses.values().collect();
     assert_eq!(doses, [&at_arena, &at_clinic]);
-    let coupon = &merged.coupons[&coupon_key(&coupon(1, 101).number, 0)];
+    let coupon = &merged.coupons[&coupon_key(&coupon(1, 101), 0)];
     assert_eq!(coupon.status, CouponStatus::Used);
     let used_by = coupon.used_by_event.as_deref().unwrap();
     assert!(["ev-terminal-1", "ev-terminal-2"].contains(&used_by), "{used_by}");
@@ -1438,6 +1436,12 @@ fn a_moved_residents_old_coupon_is_refused_except_when_forwarded_by_the_old_muni
     };
     situation.record =
         protocol::handoff::received_record(&payload, "131016-y".to_owned(), "C-2".to_owned(), None);
+    // Chiyoda numbers its coupons on its own: the coupon it issues may carry the very number
+    // of Yokohama's. Both stay, each under its municipality.
+    let own = coupon_in(CHIYODA, 1, 1, 101);
+    assert_eq!(own.number, coupon(1, 101).number);
+    situation.issue(own);
+    assert_eq!(situation.record.coupons.len(), 2, "{:?}", situation.record.coupons.keys());
     assert!(
         matches!(situation.capture(), Err(CaptureError::CouponTransferred { .. })),
         "not without forwarding"
@@ -1445,4 +1449,9 @@ fn a_moved_residents_old_coupon_is_refused_except_when_forwarded_by_the_old_muni
     situation.accept_transferred = true;
     let Ok(CaptureDecision::Record(event)) = situation.capture() else { panic!("recorded at Chiyoda") };
     assert_eq!(event.dose_number, 1);
+    assert_eq!(event.coupon.municipality, municipality(YOKOHAMA));
+    situation.apply(ResidentEvent::DoseRecorded(event));
+    let yokohama_coupon = &situation.record.coupons[&coupon_key(&coupon(1, 101), 0)];
+    assert_eq!(yokohama_coupon.status, CouponStatus::Used);
+    assert_eq!(situation.record.coupons[&coupon_key(&own, 0)].status, CouponStatus::Valid);
 }

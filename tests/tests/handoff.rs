@@ -251,8 +251,15 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     assert_eq!(state["owner"], CHIYODA, "{state}");
     let events = events_of(&f.b, &new_nakamura);
     assert_eq!(events.get(&event), Some(&1), "the dose is in the record once: {events:?}");
-    let dose = record(&f.b, &new_nakamura)["history"][0].clone();
+    let at_b = record(&f.b, &new_nakamura);
+    let dose = at_b["history"][0].clone();
     assert_eq!(dose["venue"], "141003/naka-kumin-kaikan", "{dose}");
+    // Yokohama's coupon, now used, stays beside the one Chiyoda issued, even where the two
+    // municipalities' coupon numbers coincide.
+    let old_coupon = &at_b["coupons"][format!("{}.00", &nakamura.code[2..])];
+    assert_eq!(old_coupon["status"], "used", "{}", at_b["coupons"]);
+    let own = at_b["valid_coupons"][0]["code"].as_str().unwrap();
+    assert!(at_b["coupons"].get(format!("{}.00", &own[2..])).is_some(), "{}", at_b["coupons"]);
 
     // 鈴木 registers in Chiyoda (転入) with their 転出証明書. A mistyped birth date does not
     // match Yokohama's record: nobody is handed over. Asked again correctly, Yokohama hands
