@@ -1,23 +1,14 @@
-//! The national relocation ledger and relay. It holds, per handoff, the person key, the two
-//! municipalities, the state and the times, and the sealed envelope until the receiver has
-//! accepted it — never a payload in clear: the national node has no key that opens one.
-//!
-//! One owner per person key: a handoff is stored only from the municipality the ledger says
-//! holds the person (or, for a person the ledger has never seen, from whoever first hands
-//! them on), and never while another handoff of the same person is in transit. Accepting
-//! moves the holder to the receiver. Every operation is idempotent, so a municipal node
-//! that repeats a sync after a crash changes nothing.
+//! The national relocation ledger and relay on redb: the rules of [`protocol::ledger`] (one
+//! holder per person key, idempotent syncs, envelopes kept only until accepted) over the
+//! national node's tables, one commit per sync that changes anything.
 
 use anyhow::Context;
 use protocol::directory::Directory;
-use protocol::handoff::{
-    AskState, DepositOutcome, HandoffResponse, HandoffSync, HistoryRequest, LedgerState,
-    MAX_HANDOFFS_PER_MESSAGE, SealedHandoff,
-};
+use protocol::handoff::{HandoffResponse, HandoffSync, HistoryRequest};
+use protocol::ledger::{self, AskRecord, LedgerRead, LedgerWrite};
+pub use protocol::ledger::{LedgerEntry, PersonHolder};
 use protocol::municipality::MunicipalityCode;
-use protocol::person::hex_decode;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 /// handoff id → JSON of [`LedgerEntry`].
@@ -34,55 +25,6 @@ pub const LEDGER_ASKS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::n
 /// the holder.
 pub const LEDGER_REQUESTS: TableDefinition<(&str, &str, &str), &str> =
     TableDefinition::new("ledger_requests");
-
-/// One handoff in the ledger.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LedgerEntry {
-    /// The handoff.
-    pub handoff_id: String,
-    /// The person key.
-    pub person_key: String,
-    /// Sender.
-    pub from: MunicipalityCode,
-    /// Receiver.
-    pub to: MunicipalityCode,
-    /// In transit or accepted.
-    pub state: LedgerState,
-    /// When the sender deposited it.
-    pub deposited_at: String,
-    /// When the receiver accepted it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accepted_at: Option<String>,
-    /// The envelope (ciphertext), until accepted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sealed: Option<SealedHandoff>,
-    /// Its place in the receiver's inbox, until accepted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inbox_seq: Option<u64>,
-}
-
-/// Who holds a person, per the ledger.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PersonHolder {
-    /// The municipality (the receiver of the newest handoff).
-    pub holder: MunicipalityCode,
-    /// The handoff not yet accepted, if one is in transit.
-    pub in_transit: Option<String>,
-}
-
-/// A newcomer's history asked for.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AskRecord {
-    /// The asker's id for it.
-    #[serde(default)]
-    pub ask_id: String,
-    /// Who was asked to hand them over.
-    pub holder: MunicipalityCode,
-    /// Where it stands.
-    pub state: AskState,
-    /// When asked.
-    pub asked_at: String,
-}
 
 /// Creates the ledger's tables.
 pub fn create_tables(db: &Database) -> anyhow::Result<()> {
@@ -107,13 +49,166 @@ fn get<T: serde::de::DeserializeOwned>(
         .transpose()
 }
 
-fn refused(code: &str, message: String) -> DepositOutcome {
-    DepositOutcome::Refused { code: code.to_owned(), message }
+/// The ledger's tables, read-only or open in one write transaction.
+struct Tables<L, P, I, A, R> {
+    ledger: L,
+    persons: P,
+    inbox: I,
+    asks: A,
+    requests: R,
+}
+
+impl<L, P, I, A, R> LedgerRead for Tables<L, P, I, A, R>
+where
+    L: ReadableTable<&'static str, &'static [u8]>,
+    P: ReadableTable<&'static str, &'static [u8]>,
+    I: ReadableTable<(&'static str, u64), &'static str>,
+    A: ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    R: ReadableTable<(&'static str, &'static str, &'static str), &'static str>,
+{
+    type Error = anyhow::Error;
+
+    fn entry(&self, handoff_id: &str) -> anyhow::Result<Option<LedgerEntry>> {
+        get(&self.ledger, handoff_id)
+    }
+
+    fn holder(&self, person_key: &str) -> anyhow::Result<Option<PersonHolder>> {
+        get(&self.persons, person_key)
+    }
+
+    fn ask(&self, person_key: &str, asker: MunicipalityCode) -> anyhow::Result<Option<AskRecord>> {
+        self.asks
+            .get((person_key, asker.as_str()))?
+            .map(|v| serde_json::from_slice(v.value()).context("ledger ask"))
+            .transpose()
+    }
+
+    fn inbox(&self, receiver: MunicipalityCode, limit: usize) -> anyhow::Result<Vec<String>> {
+        let own = receiver.as_str();
+        let mut ids = Vec::new();
+        for row in self.inbox.range((own, 0)..=(own, u64::MAX))?.take(limit) {
+            ids.push(row?.1.value().to_owned());
+        }
+        Ok(ids)
+    }
+
+    fn requests(&self, holder: MunicipalityCode, limit: usize) -> anyhow::Result<Vec<HistoryRequest>> {
+        let own = holder.as_str();
+        let mut requests = Vec::new();
+        for row in self.requests.range((own, "", "")..)? {
+            let (key, check) = row?;
+            let (holder, person_key, asked_by) = key.value();
+            if holder != own || requests.len() >= limit {
+                break;
+            }
+            if let Ok(asked_by) = MunicipalityCode::parse(asked_by) {
+                requests.push(HistoryRequest {
+                    person_key: person_key.to_owned(),
+                    birth_check: check.value().to_owned(),
+                    asked_by,
+                });
+            }
+        }
+        Ok(requests)
+    }
+}
+
+type WriteTables<'t> = Tables<
+    redb::Table<'t, &'static str, &'static [u8]>,
+    redb::Table<'t, &'static str, &'static [u8]>,
+    redb::Table<'t, (&'static str, u64), &'static str>,
+    redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    redb::Table<'t, (&'static str, &'static str, &'static str), &'static str>,
+>;
+
+/// The tables of a write transaction, and the inbox counter.
+struct Writer<'t> {
+    tables: WriteTables<'t>,
+    meta: redb::Table<'t, &'static str, u64>,
+}
+
+impl LedgerRead for Writer<'_> {
+    type Error = anyhow::Error;
+
+    fn entry(&self, handoff_id: &str) -> anyhow::Result<Option<LedgerEntry>> {
+        self.tables.entry(handoff_id)
+    }
+
+    fn holder(&self, person_key: &str) -> anyhow::Result<Option<PersonHolder>> {
+        self.tables.holder(person_key)
+    }
+
+    fn ask(&self, person_key: &str, asker: MunicipalityCode) -> anyhow::Result<Option<AskRecord>> {
+        self.tables.ask(person_key, asker)
+    }
+
+    fn inbox(&self, receiver: MunicipalityCode, limit: usize) -> anyhow::Result<Vec<String>> {
+        self.tables.inbox(receiver, limit)
+    }
+
+    fn requests(&self, holder: MunicipalityCode, limit: usize) -> anyhow::Result<Vec<HistoryRequest>> {
+        self.tables.requests(holder, limit)
+    }
+}
+
+impl LedgerWrite for Writer<'_> {
+    fn put_entry(&mut self, entry: &LedgerEntry) -> anyhow::Result<()> {
+        self.tables.ledger.insert(entry.handoff_id.as_str(), serde_json::to_vec(entry)?.as_slice())?;
+        Ok(())
+    }
+
+    fn put_holder(&mut self, person_key: &str, holder: &PersonHolder) -> anyhow::Result<()> {
+        self.tables.persons.insert(person_key, serde_json::to_vec(holder)?.as_slice())?;
+        Ok(())
+    }
+
+    fn put_ask(&mut self, person_key: &str, asker: MunicipalityCode, ask: &AskRecord) -> anyhow::Result<()> {
+        self.tables.asks.insert((person_key, asker.as_str()), serde_json::to_vec(ask)?.as_slice())?;
+        Ok(())
+    }
+
+    fn next_inbox_seq(&mut self) -> anyhow::Result<u64> {
+        let seq = self.meta.get("inbox_seq")?.map_or(0, |v| v.value()) + 1;
+        self.meta.insert("inbox_seq", seq)?;
+        Ok(seq)
+    }
+
+    fn inbox_insert(&mut self, receiver: MunicipalityCode, seq: u64, handoff_id: &str) -> anyhow::Result<()> {
+        self.tables.inbox.insert((receiver.as_str(), seq), handoff_id)?;
+        Ok(())
+    }
+
+    fn inbox_remove(&mut self, receiver: MunicipalityCode, seq: u64) -> anyhow::Result<()> {
+        self.tables.inbox.remove((receiver.as_str(), seq))?;
+        Ok(())
+    }
+
+    fn put_request(
+        &mut self,
+        holder: MunicipalityCode,
+        person_key: &str,
+        asker: MunicipalityCode,
+        birth_check: &str,
+    ) -> anyhow::Result<()> {
+        self.tables.requests.insert((holder.as_str(), person_key, asker.as_str()), birth_check)?;
+        Ok(())
+    }
+
+    fn remove_request(
+        &mut self,
+        holder: MunicipalityCode,
+        person_key: &str,
+        asker: MunicipalityCode,
+    ) -> anyhow::Result<()> {
+        self.tables.requests.remove((holder.as_str(), person_key, asker.as_str()))?;
+        Ok(())
+    }
 }
 
 /// Handles one sync of municipality `sender` (the caller checked the peer is its primary
-/// in `directory`): stores deposits, acceptances, asks and answers in one commit, then
-/// answers what is waiting for it.
+/// in `directory`) with the rules of [`protocol::ledger`]: what changes the ledger is
+/// stored in one commit, then the answer is read. A sync that changes nothing is answered
+/// from a read transaction alone.
 pub fn sync(
     db: &Database,
     directory: &Directory,
@@ -121,140 +216,34 @@ pub fn sync(
     request: &HandoffSync,
     now: OffsetDateTime,
 ) -> anyhow::Result<HandoffResponse> {
-    let limit = 4 * MAX_HANDOFFS_PER_MESSAGE;
-    if request.deposits.len() > MAX_HANDOFFS_PER_MESSAGE
-        || request.accepted.len() > limit
-        || request.watching.len() > limit
-        || request.asks.len() > MAX_HANDOFFS_PER_MESSAGE
-        || request.answered.len() > limit
-    {
-        return Ok(HandoffResponse::Refused {
-            code: "too_large".into(),
-            message: format!("at most {MAX_HANDOFFS_PER_MESSAGE} deposits and asks per sync"),
-        });
+    if let Some(refusal) = ledger::check_size(request) {
+        return Ok(refusal);
     }
-    let at = crate::clock::rfc3339(now);
-    let own = sender.as_str();
-    // Asks already recorded are answered from a read; only new ones are written.
-    let new_asks = {
-        let txn = db.begin_read()?;
-        let table = txn.open_table(LEDGER_ASKS)?;
-        let mut any = false;
-        for ask in &request.asks {
-            let held = table.get((ask.person_key.as_str(), own))?;
-            let same = held
-                .map(|v| serde_json::from_slice::<AskRecord>(v.value()))
-                .transpose()?
-                .is_some_and(|r| r.ask_id == ask.ask_id);
-            any |= !same;
-        }
-        any
+    let read_tables = |txn: &redb::ReadTransaction| -> anyhow::Result<_> {
+        Ok(Tables {
+            ledger: txn.open_table(LEDGER)?,
+            persons: txn.open_table(LEDGER_PERSONS)?,
+            inbox: txn.open_table(LEDGER_INBOX)?,
+            asks: txn.open_table(LEDGER_ASKS)?,
+            requests: txn.open_table(LEDGER_REQUESTS)?,
+        })
     };
-    let writes = !(request.deposits.is_empty()
-        && request.accepted.is_empty()
-        && !new_asks
-        && request.answered.is_empty());
-    let mut deposits = Vec::with_capacity(request.deposits.len());
-    let mut asks = Vec::with_capacity(request.asks.len());
-    if writes {
+    let writes = ledger::writes(&read_tables(&db.begin_read()?)?, sender, request)?;
+    let applied = if writes {
         let txn = db.begin_write()?;
-        {
-            let mut ledger = txn.open_table(LEDGER)?;
-            let mut persons = txn.open_table(LEDGER_PERSONS)?;
-            let mut inbox = txn.open_table(LEDGER_INBOX)?;
-            let mut meta = txn.open_table(LEDGER_META)?;
-            let mut ask_table = txn.open_table(LEDGER_ASKS)?;
-            let mut requests = txn.open_table(LEDGER_REQUESTS)?;
-            // Acceptances first: a handoff accepted in this sync frees the person for a
-            // deposit in the same sync.
-            for id in &request.accepted {
-                let Some(mut entry) = get::<LedgerEntry>(&ledger, id)? else { continue };
-                if entry.to != sender || entry.state == LedgerState::Accepted {
-                    continue;
-                }
-                entry.state = LedgerState::Accepted;
-                entry.accepted_at = Some(at.clone());
-                entry.sealed = None;
-                if let Some(seq) = entry.inbox_seq.take() {
-                    inbox.remove((own, seq))?;
-                }
-                ledger.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
-                let holder = PersonHolder { holder: sender, in_transit: None };
-                persons.insert(entry.person_key.as_str(), serde_json::to_vec(&holder)?.as_slice())?;
-            }
-            for sealed in &request.deposits {
-                let mut tables =
-                    Tables { ledger: &mut ledger, persons: &mut persons, inbox: &mut inbox, meta: &mut meta };
-                let outcome = deposit(directory, sender, sealed, &at, &mut tables)?;
-                if outcome == DepositOutcome::Stored {
-                    // A newcomer request this handoff answers.
-                    let key = (sealed.person_key.as_str(), sealed.to.as_str());
-                    let record = ask_table.get(key)?.map(|v| serde_json::from_slice::<AskRecord>(v.value()));
-                    if let Some(mut record) = record.transpose()? {
-                        record.state = AskState::Sent { handoff_id: sealed.handoff_id.clone() };
-                        ask_table.insert(key, serde_json::to_vec(&record)?.as_slice())?;
-                    }
-                    requests.remove((own, sealed.person_key.as_str(), sealed.to.as_str()))?;
-                }
-                deposits.push((sealed.handoff_id.clone(), outcome));
-            }
-            for answer in &request.answered {
-                let key = (answer.person_key.as_str(), answer.asked_by.as_str());
-                let record = ask_table.get(key)?.map(|v| serde_json::from_slice::<AskRecord>(v.value()));
-                if let Some(mut record) = record.transpose()?
-                    && record.holder == sender
-                    && record.state == (AskState::Waiting { holder: sender })
-                {
-                    record.state = match &answer.handoff_id {
-                        Some(id) => AskState::Sent { handoff_id: id.clone() },
-                        None => AskState::NotFound,
-                    };
-                    ask_table.insert(key, serde_json::to_vec(&record)?.as_slice())?;
-                }
-                requests.remove((own, answer.person_key.as_str(), answer.asked_by.as_str()))?;
-            }
-            for ask in &request.asks {
-                let key = (ask.person_key.as_str(), own);
-                let held = ask_table.get(key)?.map(|v| serde_json::from_slice::<AskRecord>(v.value()));
-                match held.transpose()? {
-                    Some(record) if record.ask_id == ask.ask_id => {
-                        asks.push((ask.person_key.clone(), record.state));
-                        continue;
-                    }
-                    // A new ask replaces an older one (asked again, or the person returns).
-                    Some(record) => {
-                        requests.remove((record.holder.as_str(), ask.person_key.as_str(), own))?;
-                    }
-                    None => {}
-                }
-                let holder = match get::<PersonHolder>(&persons, &ask.person_key)? {
-                    Some(held) if held.holder == sender => {
-                        // Already handed here (or on its way): the handoff answers the ask.
-                        let state = match held.in_transit {
-                            Some(id) => AskState::Sent { handoff_id: id },
-                            None => AskState::NotFound,
-                        };
-                        asks.push((ask.person_key.clone(), state));
-                        continue;
-                    }
-                    Some(held) => Some(held.holder),
-                    None => ask.previous.filter(|p| *p != sender && directory.primary_of(*p).is_some()),
-                };
-                let Some(holder) = holder else {
-                    asks.push((ask.person_key.clone(), AskState::NotFound));
-                    continue;
-                };
-                let record = AskRecord {
-                    ask_id: ask.ask_id.clone(),
-                    holder,
-                    state: AskState::Waiting { holder },
-                    asked_at: at.clone(),
-                };
-                ask_table.insert(key, serde_json::to_vec(&record)?.as_slice())?;
-                requests.insert((holder.as_str(), ask.person_key.as_str(), own), ask.birth_check.as_str())?;
-                asks.push((ask.person_key.clone(), record.state));
-            }
-        }
+        let applied = {
+            let mut writer = Writer {
+                tables: Tables {
+                    ledger: txn.open_table(LEDGER)?,
+                    persons: txn.open_table(LEDGER_PERSONS)?,
+                    inbox: txn.open_table(LEDGER_INBOX)?,
+                    asks: txn.open_table(LEDGER_ASKS)?,
+                    requests: txn.open_table(LEDGER_REQUESTS)?,
+                },
+                meta: txn.open_table(LEDGER_META)?,
+            };
+            ledger::apply(&mut writer, directory, sender, request, &crate::clock::rfc3339(now))?
+        };
         txn.commit().context("the ledger's commit failed")?;
         if !request.deposits.is_empty() {
             crate::handoff::crash_point("ledger.deposited");
@@ -262,134 +251,11 @@ pub fn sync(
         if !request.accepted.is_empty() {
             crate::handoff::crash_point("ledger.accepted");
         }
-    }
-    let txn = db.begin_read()?;
-    if !writes {
-        let table = txn.open_table(LEDGER_ASKS)?;
-        for ask in &request.asks {
-            if let Some(record) = get_ask(&table, &ask.person_key, own)? {
-                asks.push((ask.person_key.clone(), record.state));
-            }
-        }
-    }
-    let ledger = txn.open_table(LEDGER)?;
-    let inbox_table = txn.open_table(LEDGER_INBOX)?;
-    let mut inbound = Vec::new();
-    for row in inbox_table.range((own, 0)..=(own, u64::MAX))? {
-        let (_, id) = row?;
-        if inbound.len() >= MAX_HANDOFFS_PER_MESSAGE {
-            break;
-        }
-        if let Some(sealed) = get::<LedgerEntry>(&ledger, id.value())?.and_then(|e| e.sealed) {
-            inbound.push(sealed);
-        }
-    }
-    let mut states = Vec::with_capacity(request.watching.len());
-    for id in &request.watching {
-        let state = match get::<LedgerEntry>(&ledger, id)? {
-            Some(entry) if entry.from == sender => entry.state,
-            _ => LedgerState::Unknown,
-        };
-        states.push((id.clone(), state));
-    }
-    let request_table = txn.open_table(LEDGER_REQUESTS)?;
-    let mut requests = Vec::new();
-    for row in request_table.range((own, "", "")..)? {
-        let (key, check) = row?;
-        let (holder, person_key, asked_by) = key.value();
-        if holder != own || requests.len() >= MAX_HANDOFFS_PER_MESSAGE {
-            break;
-        }
-        if let Ok(asked_by) = MunicipalityCode::parse(asked_by) {
-            requests.push(HistoryRequest {
-                person_key: person_key.to_owned(),
-                birth_check: check.value().to_owned(),
-                asked_by,
-            });
-        }
-    }
-    Ok(HandoffResponse::Synced { deposits, inbound, states, asks, requests })
-}
-
-fn get_ask(
-    table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
-    person_key: &str,
-    asker: &str,
-) -> anyhow::Result<Option<AskRecord>> {
-    table
-        .get((person_key, asker))?
-        .map(|v| serde_json::from_slice(v.value()).context("ledger ask"))
-        .transpose()
-}
-
-/// The ledger's tables, open in one write transaction.
-struct Tables<'a, 't> {
-    ledger: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
-    persons: &'a mut redb::Table<'t, &'static str, &'static [u8]>,
-    inbox: &'a mut redb::Table<'t, (&'static str, u64), &'static str>,
-    meta: &'a mut redb::Table<'t, &'static str, u64>,
-}
-
-fn deposit(
-    directory: &Directory,
-    sender: MunicipalityCode,
-    sealed: &SealedHandoff,
-    at: &str,
-    tables: &mut Tables<'_, '_>,
-) -> anyhow::Result<DepositOutcome> {
-    let Tables { ledger, persons, inbox, meta } = tables;
-    if sealed.from != sender {
-        return Ok(refused(
-            "wrong_municipality",
-            format!("{sender} deposited a handoff from {}", sealed.from),
-        ));
-    }
-    let Some(key) = directory.primary_of(sender).and_then(|e| hex_decode(&e.coupon_key)) else {
-        return Ok(refused("unknown_sender", format!("{sender} has no key in the directory")));
+        Some(applied)
+    } else {
+        None
     };
-    if let Err(error) = sealed.verify(&key) {
-        return Ok(refused(error.code(), error.to_string()));
-    }
-    if directory.primary_of(sealed.to).is_none_or(|e| e.encryption_key.is_empty()) {
-        return Ok(refused("unknown_receiver", format!("{} is not in the directory", sealed.to)));
-    }
-    if let Some(held) = get::<LedgerEntry>(&**ledger, &sealed.handoff_id)? {
-        let same = held.from == sealed.from && held.to == sealed.to && held.person_key == sealed.person_key;
-        return Ok(if same {
-            DepositOutcome::Stored
-        } else {
-            refused("id_reused", format!("handoff id {} names another handoff", sealed.handoff_id))
-        });
-    }
-    if let Some(held) = get::<PersonHolder>(&**persons, &sealed.person_key)? {
-        if let Some(other) = &held.in_transit {
-            return Ok(refused(
-                "in_transit",
-                format!("this person is already being handed to {} ({other})", held.holder),
-            ));
-        }
-        if held.holder != sender {
-            return Ok(refused("not_holder", format!("the ledger says {} holds this person", held.holder)));
-        }
-    }
-    let entry = LedgerEntry {
-        handoff_id: sealed.handoff_id.clone(),
-        person_key: sealed.person_key.clone(),
-        from: sealed.from,
-        to: sealed.to,
-        state: LedgerState::InTransit,
-        deposited_at: at.to_owned(),
-        accepted_at: None,
-        sealed: Some(sealed.clone()),
-        inbox_seq: Some(meta.get("inbox_seq")?.map_or(0, |v| v.value()) + 1),
-    };
-    let seq = entry.inbox_seq.unwrap_or_default();
-    meta.insert("inbox_seq", seq)?;
-    ledger.insert(sealed.handoff_id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
-    let holder = PersonHolder { holder: sealed.to, in_transit: Some(sealed.handoff_id.clone()) };
-    persons.insert(sealed.person_key.as_str(), serde_json::to_vec(&holder)?.as_slice())?;
-    inbox.insert((sealed.to.as_str(), seq), sealed.handoff_id.as_str())?;
-    Ok(DepositOutcome::Stored)
+    ledger::answer(&read_tables(&db.begin_read()?)?, sender, request, applied)
 }
 
 /// The ledger's entries involving `municipality` (or all), newest deposit last, without

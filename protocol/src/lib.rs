@@ -11,6 +11,7 @@ pub mod directory;
 pub mod document;
 pub mod gs1;
 pub mod handoff;
+pub mod ledger;
 pub mod municipality;
 pub mod person;
 pub mod replication;

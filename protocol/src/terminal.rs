@@ -194,7 +194,8 @@ pub struct TerminalBundle {
     pub catalogue: Catalogue,
     /// Registered lots by lot number.
     pub lots: BTreeMap<String, Lot>,
-    /// Coupons of this municipality that must be refused, by `number.generation`.
+    /// Coupons of this municipality that must be refused, by their document key
+    /// ([`crate::document::coupon_key`]).
     pub blocked: BTreeMap<String, BlockedCoupon>,
 }
 
