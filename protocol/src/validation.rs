@@ -672,10 +672,14 @@ pub fn validate_void(
         return Err(CaptureError::DoseAlreadyVoided { event_id: dose.event_id.clone() });
     }
     let key = coupon_key(&dose.coupon, dose.coupon_generation);
+    // Only a coupon this municipality issued becomes usable again: one a handoff carried
+    // here stays used (the new municipality issues its own; reopening the old one would
+    // leave two valid coupons for the same dose).
     let reopen = record
         .coupons
         .get(&key)
         .filter(|c| c.status == CouponStatus::Used && c.used_by_event.as_deref() == Some(&dose.event_id))
+        .filter(|c| !record.carried(c))
         .map(|_| key);
     let correction = Correction {
         correction_id: request.correction_id.to_owned(),

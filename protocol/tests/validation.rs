@@ -1454,4 +1454,19 @@ fn a_moved_residents_old_coupon_is_refused_except_when_forwarded_by_the_old_muni
     let yokohama_coupon = &situation.record.coupons[&coupon_key(&coupon(1, 101), 0)];
     assert_eq!(yokohama_coupon.status, CouponStatus::Used);
     assert_eq!(situation.record.coupons[&coupon_key(&own, 0)].status, CouponStatus::Valid);
+    // Voided at Chiyoda, the dose does not make Yokohama's coupon valid again beside
+    // Chiyoda's own (found by the simulator, seed 26).
+    let request = VoidRequest {
+        event_id: &situation.event_id,
+        reason: "別人の記録",
+        actor: STAFF,
+        correction_id: "co-0001",
+        at: NOW,
+    };
+    let (correction, reopen_coupon) = validate_void(&situation.record, &request).unwrap();
+    assert_eq!(reopen_coupon, None);
+    situation.apply(ResidentEvent::DoseVoided { correction, reopen_coupon });
+    let valid: Vec<_> =
+        situation.record.coupons.values().filter(|c| c.status == CouponStatus::Valid).collect();
+    assert_eq!(valid.len(), 1, "{valid:?}");
 }

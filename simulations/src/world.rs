@@ -1,0 +1,2324 @@
+//! The simulated federation: a national node, municipal primaries and standbys, venue
+//! terminals, a network and disks, all advanced by one seeded event queue.
+//!
+//! What each node decides is decided by the `protocol` crate, as in `vrs-node`: capture
+//! validation (`validate_capture`, `check_offline`, `validate_void`), the resident document
+//! (`apply_event`, one Automerge commit per event), statistics (`event_delta`,
+//! `record_cells`, `daily_from_cells`, signed reports), replication (`Puller`,
+//! `answer_changes`, `answer_sync`) and relocation (`seal`, `open`, `received_record` and
+//! the national ledger's `protocol::ledger`). What is the node's own glue — routing a
+//! terminal's capture to its owner, the forward outbox, when to sync — is written again
+//! here in the node's shape, small enough to read side by side with `node/src/terminals.rs`
+//! and `node/src/handoff.rs`.
+//!
+//! Durability is modelled as the node has it: a primary or the national node collects what
+//! arrives and handles it at its next group commit (2 ms later); only then does it answer.
+//! A crash drops what was not committed and every exchange in flight, never a committed
+//! write. A terminal stores a capture before telling the operator "recorded".
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use automerge::{ActorId, Automerge, ChangeHash};
+use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon};
+use protocol::directory::{Directory, DirectoryEntry, NodeRole, SignedDirectory};
+use protocol::document::{
+    CouponEntry, CouponStatus, Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex,
+    Transfer, apply_event, new_resident_document, read_record,
+};
+use protocol::gs1::Gtin;
+use protocol::handoff::{
+    DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, LedgerState, MAX_HANDOFFS_PER_MESSAGE,
+    SealedHandoff,
+};
+use protocol::ledger::{AskRecord, LedgerEntry, LedgerRead, LedgerWrite, PersonHolder};
+use protocol::municipality::{MunicipalityCode, all_municipalities};
+use protocol::person::{PersonKeySecret, hex_decode, hex_lower};
+use protocol::replication::{
+    PageDocs, PullStep, Puller, ReplicationRequest, ReplicationResponse, SourceDocs, answer_changes,
+    answer_sync,
+};
+use protocol::statistics::{Cell, SignedStatistics, Statistics, daily_from_cells, event_delta, record_cells};
+use protocol::terminal::{
+    BlockedCoupon, CaptureState, ForwardedCapture, MAX_CAPTURES_PER_REQUEST, TerminalBundle, TerminalCapture,
+    check_offline,
+};
+use protocol::validation::{
+    CaptureContext, CaptureDecision, CaptureInput, VoidRequest, authenticate_coupon, decode_scans,
+    validate_capture, validate_void,
+};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use time::{Date, Duration, OffsetDateTime};
+
+use crate::Config;
+use crate::rng::Rng;
+
+/// Virtual milliseconds since the campaign day opened (09:00 JST).
+pub type Time = u64;
+
+/// The simulated day: 2021-06-01, the first day of mass vaccination at large venues.
+pub const DAY: Date = time::macros::date!(2021 - 06 - 01);
+const CAMPAIGN_START: Date = time::macros::date!(2021 - 02 - 17);
+/// 09:00 JST on [`DAY`].
+const OPENING: OffsetDateTime = time::macros::datetime!(2021-06-01 00:00 UTC);
+const GTIN: &str = "04987000001014";
+const PRODUCT: &str = "comirnaty-30";
+/// A primary's group-commit window.
+const COMMIT_MS: Time = 2;
+/// A request not answered within this is given up and sent again.
+const TIMEOUT_MS: Time = 2_000;
+
+/// A node's address on the simulated network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Addr {
+    /// The national node.
+    National,
+    /// A municipality's primary (index into the run's municipalities).
+    Primary(u32),
+    /// Its standby.
+    Standby(u32),
+    /// A venue terminal (index into the run's terminals).
+    Terminal(u32),
+}
+
+/// What travels: the protocol's own messages.
+#[derive(Clone, Debug)]
+pub enum Msg {
+    /// Terminal → its primary.
+    Push(Vec<TerminalCapture>),
+    /// Terminal → its primary: the bundle version held.
+    Refresh(u64),
+    /// Primary → terminal.
+    Pushed(Vec<(String, CaptureState)>),
+    /// Primary → terminal: a newer bundle.
+    Bundle(Rc<TerminalBundle>),
+    /// Venue's primary → owner's primary.
+    Forward(Vec<ForwardedCapture>),
+    /// Owner's primary → venue's primary.
+    Forwarded(Vec<(String, CaptureState)>),
+    /// Standby → primary.
+    Pull(ReplicationRequest),
+    /// Primary → standby.
+    Pulled(ReplicationResponse),
+    /// Primary → standby: something changed (the standby pulls).
+    Nudge,
+    /// Primary → national.
+    Report(Box<SignedStatistics>),
+    /// National → primary.
+    Reported(u64),
+    /// Primary → national.
+    Sync(Box<HandoffSync>),
+    /// National → primary.
+    Synced(Box<HandoffResponse>),
+}
+
+impl Msg {
+    fn kind(&self) -> &'static str {
+        match self {
+            Msg::Push(_) => "push",
+            Msg::Refresh(_) => "refresh",
+            Msg::Pushed(_) => "pushed",
+            Msg::Bundle(_) => "bundle",
+            Msg::Forward(_) => "forward",
+            Msg::Forwarded(_) => "forwarded",
+            Msg::Pull(_) => "pull",
+            Msg::Pulled(_) => "pulled",
+            Msg::Nudge => "nudge",
+            Msg::Report(_) => "report",
+            Msg::Reported(_) => "reported",
+            Msg::Sync(_) => "sync",
+            Msg::Synced(_) => "synced",
+        }
+    }
+
+    /// The bytes the node's CBOR codec would put on the wire.
+    fn encode(&self) -> Vec<u8> {
+        let buf = Vec::new();
+        let bytes = match self {
+            Msg::Push(c) => cbor4ii::serde::to_vec(buf, c),
+            Msg::Refresh(v) | Msg::Reported(v) => cbor4ii::serde::to_vec(buf, v),
+            Msg::Pushed(s) | Msg::Forwarded(s) => cbor4ii::serde::to_vec(buf, s),
+            Msg::Bundle(b) => cbor4ii::serde::to_vec(buf, &**b),
+            Msg::Forward(f) => cbor4ii::serde::to_vec(buf, f),
+            Msg::Pull(r) => cbor4ii::serde::to_vec(buf, r),
+            Msg::Pulled(r) => cbor4ii::serde::to_vec(buf, r),
+            Msg::Nudge => Ok(vec![0]),
+            Msg::Report(r) => cbor4ii::serde::to_vec(buf, &**r),
+            Msg::Sync(s) => cbor4ii::serde::to_vec(buf, &**s),
+            Msg::Synced(s) => cbor4ii::serde::to_vec(buf, &**s),
+        };
+        bytes.unwrap_or_default()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Commit,
+    Push,
+    ForwardTick,
+    Pull,
+    PullSoon,
+    Report,
+    Handoff,
+}
+
+#[derive(Clone, Copy)]
+enum Poll {
+    Handoff,
+    Bundle,
+    Report,
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver { from: Addr, to: Addr, msg: Msg },
+    Timer { node: Addr, timer: Timer, epoch: u64 },
+    Dose,
+    Relocation,
+    Void { primary: u32, resident: String, event_id: String },
+    Crash { node: Addr, down_ms: Time },
+    Restart { node: Addr },
+    Cut { primary: u32, until: Time },
+    Offline { terminal: u32, until: Time },
+    Heal,
+}
+
+/// A stored document: its saved bytes, uncompressed, as the node stores them.
+#[derive(Clone, Debug)]
+struct Disk {
+    bytes: Vec<u8>,
+}
+
+impl Disk {
+    fn of(doc: &mut Automerge) -> Self {
+        Disk { bytes: doc.save_nocompress() }
+    }
+
+    fn load(&self) -> Automerge {
+        Automerge::load(&self.bytes).expect("the simulator stored this document itself")
+    }
+
+    /// Loaded to be changed by `actor` (a loaded document otherwise gets a random actor,
+    /// and its changes would differ from one run to the next).
+    fn load_as(&self, actor: &ActorId) -> Automerge {
+        self.load().with_actor(actor.clone())
+    }
+
+    fn heads(&self) -> Vec<ChangeHash> {
+        let mut heads = self.load().get_heads();
+        heads.sort();
+        heads
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum OutState {
+    Sealed,
+    Deposited,
+    Accepted,
+    Refused(String),
+}
+
+struct OutHandoff {
+    sealed: SealedHandoff,
+    state: OutState,
+}
+
+/// A municipality's primary node.
+pub(crate) struct Primary {
+    code: MunicipalityCode,
+    pop: u64,
+    key: Ed25519KeyPair,
+    x_secret: [u8; 32],
+    actor: ActorId,
+    up: bool,
+    epoch: u64,
+    cut_until: Time,
+    // Durable.
+    docs: BTreeMap<String, Disk>,
+    by_number: BTreeMap<CouponNumber, String>,
+    carried: BTreeMap<String, String>,
+    by_person: BTreeMap<String, String>,
+    feed: BTreeMap<u64, String>,
+    feed_of: BTreeMap<String, u64>,
+    seq: u64,
+    cells: BTreeMap<Cell, i64>,
+    stats_version: u64,
+    outbox: BTreeMap<String, (MunicipalityCode, ForwardedCapture)>,
+    results: BTreeMap<String, CaptureState>,
+    out: BTreeMap<String, OutHandoff>,
+    accepted_unacked: BTreeSet<String>,
+    next_serial: u32,
+    next_handoff: u64,
+    next_correction: u64,
+    blocked: BTreeMap<String, BlockedCoupon>,
+    bundle_version: u64,
+    // Volatile.
+    bundle: Option<Rc<TerminalBundle>>,
+    pending: Vec<(Addr, Msg)>,
+    commit_at: bool,
+    forward_sent: BTreeMap<MunicipalityCode, Time>,
+    sync_sent: Option<Time>,
+    report_sent: Option<Time>,
+    acked_version: u64,
+    timers: BTreeSet<Timer>,
+    nudged: bool,
+}
+
+/// A standby replica.
+pub(crate) struct Standby {
+    up: bool,
+    epoch: u64,
+    docs: BTreeMap<String, Disk>,
+    checkpoint: u64,
+    puller: Option<Puller>,
+    page: BTreeMap<String, Automerge>,
+    whole: BTreeMap<String, Vec<u8>>,
+    sent: Option<Time>,
+    timers: BTreeSet<Timer>,
+    idle: Time,
+}
+
+/// One capture as the terminal holds it.
+struct Held {
+    capture: TerminalCapture,
+    state: CaptureState,
+}
+
+/// A venue terminal.
+pub(crate) struct Terminal {
+    primary: u32,
+    venue: String,
+    up: bool,
+    epoch: u64,
+    offline_until: Time,
+    bundle: Option<Rc<TerminalBundle>>,
+    held: BTreeMap<String, Held>,
+    open: BTreeSet<String>,
+    next: u64,
+    sent: Option<Time>,
+    timers: BTreeSet<Timer>,
+}
+
+/// The national ledger over maps, the same rules the national node runs over redb.
+#[derive(Default)]
+pub(crate) struct MemLedger {
+    entries: BTreeMap<String, LedgerEntry>,
+    persons: BTreeMap<String, PersonHolder>,
+    asks: BTreeMap<(String, MunicipalityCode), AskRecord>,
+    inbox: BTreeMap<(MunicipalityCode, u64), String>,
+    requests: BTreeMap<(MunicipalityCode, String, MunicipalityCode), String>,
+    seq: u64,
+}
+
+impl LedgerRead for MemLedger {
+    type Error = std::convert::Infallible;
+
+    fn entry(&self, id: &str) -> Result<Option<LedgerEntry>, Self::Error> {
+        Ok(self.entries.get(id).cloned())
+    }
+
+    fn holder(&self, person_key: &str) -> Result<Option<PersonHolder>, Self::Error> {
+        Ok(self.persons.get(person_key).cloned())
+    }
+
+    fn ask(&self, person_key: &str, asker: MunicipalityCode) -> Result<Option<AskRecord>, Self::Error> {
+        Ok(self.asks.get(&(person_key.to_owned(), asker)).cloned())
+    }
+
+    fn inbox(&self, receiver: MunicipalityCode, limit: usize) -> Result<Vec<String>, Self::Error> {
+        Ok(self
+            .inbox
+            .range((receiver, 0)..=(receiver, u64::MAX))
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect())
+    }
+
+    fn requests(
+        &self,
+        holder: MunicipalityCode,
+        limit: usize,
+    ) -> Result<Vec<protocol::handoff::HistoryRequest>, Self::Error> {
+        Ok(self
+            .requests
+            .iter()
+            .filter(|((h, ..), _)| *h == holder)
+            .take(limit)
+            .map(|((_, person_key, asked_by), check)| protocol::handoff::HistoryRequest {
+                person_key: person_key.clone(),
+                birth_check: check.clone(),
+                asked_by: *asked_by,
+            })
+            .collect())
+    }
+}
+
+impl LedgerWrite for MemLedger {
+    fn put_entry(&mut self, entry: &LedgerEntry) -> Result<(), Self::Error> {
+        self.entries.insert(entry.handoff_id.clone(), entry.clone());
+        Ok(())
+    }
+
+    fn put_holder(&mut self, person_key: &str, holder: &PersonHolder) -> Result<(), Self::Error> {
+        self.persons.insert(person_key.to_owned(), holder.clone());
+        Ok(())
+    }
+
+    fn put_ask(
+        &mut self,
+        person_key: &str,
+        asker: MunicipalityCode,
+        ask: &AskRecord,
+    ) -> Result<(), Self::Error> {
+        self.asks.insert((person_key.to_owned(), asker), ask.clone());
+        Ok(())
+    }
+
+    fn next_inbox_seq(&mut self) -> Result<u64, Self::Error> {
+        self.seq += 1;
+        Ok(self.seq)
+    }
+
+    fn inbox_insert(&mut self, receiver: MunicipalityCode, seq: u64, id: &str) -> Result<(), Self::Error> {
+        self.inbox.insert((receiver, seq), id.to_owned());
+        Ok(())
+    }
+
+    fn inbox_remove(&mut self, receiver: MunicipalityCode, seq: u64) -> Result<(), Self::Error> {
+        self.inbox.remove(&(receiver, seq));
+        Ok(())
+    }
+
+    fn put_request(
+        &mut self,
+        holder: MunicipalityCode,
+        person_key: &str,
+        asker: MunicipalityCode,
+        birth_check: &str,
+    ) -> Result<(), Self::Error> {
+        self.requests.insert((holder, person_key.to_owned(), asker), birth_check.to_owned());
+        Ok(())
+    }
+
+    fn remove_request(
+        &mut self,
+        holder: MunicipalityCode,
+        person_key: &str,
+        asker: MunicipalityCode,
+    ) -> Result<(), Self::Error> {
+        self.requests.remove(&(holder, person_key.to_owned(), asker));
+        Ok(())
+    }
+}
+
+/// The national node.
+pub(crate) struct National {
+    up: bool,
+    epoch: u64,
+    ledger: MemLedger,
+    reports: BTreeMap<(MunicipalityCode, String), Statistics>,
+    pending: Vec<(Addr, Msg)>,
+    commit_at: bool,
+    /// Fixture markers found in what it received (must stay empty).
+    personal: Vec<String>,
+}
+
+/// What the run counted.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// Captures a terminal stored and told the operator "recorded".
+    pub acknowledged: u64,
+    /// Scans a terminal refused on the spot.
+    pub refused_at_terminal: u64,
+    /// Captures given at a venue of another municipality.
+    pub away: u64,
+    /// Voids made by clerks.
+    pub voids: u64,
+    /// Coupons reissued.
+    pub reissues: u64,
+    /// Move-outs recorded.
+    pub relocations: u64,
+    /// Handoffs accepted by the new municipality.
+    pub accepted: u64,
+    /// Messages sent.
+    pub messages: u64,
+    /// Bytes sent (CBOR, as the node's codec encodes them).
+    pub bytes: u64,
+    /// Messages lost, duplicated by the faulty network.
+    pub lost: u64,
+    /// Duplicated messages.
+    pub duplicated: u64,
+    /// Crashes injected.
+    pub crashes: u64,
+    /// Partitions (municipality cut off) and venue outages injected.
+    pub partitions: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Messages and bytes by kind.
+    pub by_kind: BTreeMap<&'static str, (u64, u64)>,
+}
+
+/// The whole simulated federation.
+pub struct World {
+    config: Config,
+    rng: Rng,
+    net_rng: Rng,
+    now: Time,
+    seq: u64,
+    queue: BTreeMap<(Time, u64), Event>,
+    pub(crate) codes: Vec<MunicipalityCode>,
+    by_code: BTreeMap<MunicipalityCode, u32>,
+    pub(crate) primaries: Vec<Primary>,
+    pub(crate) standbys: Vec<Standby>,
+    pub(crate) terminals: Vec<Terminal>,
+    terminals_of: Vec<Vec<u32>>,
+    pub(crate) national: National,
+    national_key: Ed25519KeyPair,
+    directory: SignedDirectory,
+    person_secret: PersonKeySecret,
+    pop_cumulative: Vec<u64>,
+    /// Next resident index to vaccinate, per municipality.
+    next_resident: Vec<u64>,
+    /// Residents who were moved out (municipality, index) → where to.
+    pub(crate) moved: BTreeMap<(u32, u64), u32>,
+    /// Coupon generation the person holds, when reissued.
+    generation: BTreeMap<(u32, u64), u8>,
+    /// Captures expected to be refused (scanned with a superseded coupon).
+    pub(crate) expect_refused: BTreeSet<String>,
+    skew: BTreeMap<Addr, i64>,
+    pub(crate) healed_at: Option<Time>,
+    pub(crate) settled_at: Option<Time>,
+    pub(crate) counters: Counters,
+    doses_per_day: f64,
+    relocations_per_day: f64,
+    /// Encoded size of each bundle version (a bundle is sent to every terminal unchanged).
+    bundle_bytes: BTreeMap<(MunicipalityCode, u64), u64>,
+    digest: ring::digest::Context,
+    faults: bool,
+}
+
+fn key_from_seed(seed: [u8; 32]) -> Ed25519KeyPair {
+    Ed25519KeyPair::from_seed_unchecked(&seed).expect("32 bytes make an Ed25519 seed")
+}
+
+fn identity(index: u64, code: MunicipalityCode) -> Identity {
+    let days = (index.wrapping_mul(2_654_435_761) % 23_000) as i64;
+    Identity {
+        atena_number: format!("SIM{index:010}"),
+        name: format!("住民 {code}-{index}"),
+        name_kana: "ジュウミン".to_owned(),
+        birth_date: time::macros::date!(1940 - 01 - 01) + Duration::days(days),
+        sex: if index.is_multiple_of(2) { Sex::Female } else { Sex::Male },
+        address: format!("シミュ町{index}番地"),
+        status: ResidentStatus::Active,
+    }
+}
+
+/// The lot every venue of a municipality uses today.
+fn lot_of(code: MunicipalityCode) -> protocol::catalogue::Lot {
+    protocol::catalogue::Lot {
+        lot: format!("L{code}"),
+        gtin: Gtin::parse(GTIN).expect("a valid GTIN"),
+        expiry: time::macros::date!(2021 - 12 - 31),
+    }
+}
+
+fn vial_text(code: MunicipalityCode) -> String {
+    format!("]d201{GTIN}17211231\u{1d}10L{code}")
+}
+
+fn catalogue() -> protocol::catalogue::Catalogue {
+    protocol::catalogue::Catalogue {
+        products: vec![protocol::catalogue::Product {
+            gtin: Gtin::parse(GTIN).expect("a valid GTIN"),
+            code: PRODUCT.to_owned(),
+            name_ja: "コミナティ筋注".to_owned(),
+            name_en: "Comirnaty".to_owned(),
+            maker: "ファイザー".to_owned(),
+            doses_in_series: 2,
+            min_interval_days: vec![18, 90],
+            min_age_years: 12,
+        }],
+    }
+}
+
+impl World {
+    /// Builds the federation for `config`: keys, the signed directory, nodes, terminals.
+    pub fn new(config: Config) -> Self {
+        let mut rng = Rng::new(config.seed);
+        let net_rng = rng.fork(1);
+        let all = all_municipalities();
+        let full = crate::population::full_populations();
+        let chosen = crate::population::chosen(config.municipalities);
+        let national_key = key_from_seed(rng.bytes32());
+        let person_secret = PersonKeySecret::new(&rng.bytes32());
+        let mut primaries = Vec::new();
+        let mut entries = Vec::new();
+        for &i in &chosen {
+            let code = all[i].code;
+            let pop = ((full[i] * config.scale).round() as u64).max(10);
+            let key = key_from_seed(rng.bytes32());
+            let x_secret = rng.bytes32();
+            let x_public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(x_secret));
+            entries.push(DirectoryEntry {
+                municipality: Some(code),
+                role: NodeRole::Municipal,
+                peer_id: format!("sim-{code}"),
+                addresses: Vec::new(),
+                coupon_key: hex_lower(key.public_key().as_ref()),
+                encryption_key: hex_lower(x_public.as_bytes()),
+            });
+            primaries.push(Primary {
+                code,
+                pop,
+                key,
+                x_secret,
+                actor: ActorId::from(format!("{code}-primary").as_bytes()),
+                up: true,
+                epoch: 0,
+                cut_until: 0,
+                docs: BTreeMap::new(),
+                by_number: BTreeMap::new(),
+                carried: BTreeMap::new(),
+                by_person: BTreeMap::new(),
+                feed: BTreeMap::new(),
+                feed_of: BTreeMap::new(),
+                seq: 0,
+                cells: BTreeMap::new(),
+                stats_version: 0,
+                outbox: BTreeMap::new(),
+                results: BTreeMap::new(),
+                out: BTreeMap::new(),
+                accepted_unacked: BTreeSet::new(),
+                next_serial: u32::try_from(pop).unwrap_or(u32::MAX - 1_000_000) + 1,
+                next_handoff: 0,
+                next_correction: 0,
+                blocked: BTreeMap::new(),
+                bundle_version: 1,
+                bundle: None,
+                pending: Vec::new(),
+                commit_at: false,
+                forward_sent: BTreeMap::new(),
+                sync_sent: None,
+                report_sent: None,
+                acked_version: 0,
+                timers: BTreeSet::new(),
+                nudged: false,
+            });
+        }
+        entries.push(DirectoryEntry {
+            municipality: None,
+            role: NodeRole::National,
+            peer_id: "sim-national".to_owned(),
+            addresses: Vec::new(),
+            coupon_key: String::new(),
+            encryption_key: String::new(),
+        });
+        let directory = SignedDirectory::sign(
+            Directory { version: 1, issued_at: "2021-06-01T00:00:00Z".to_owned(), entries },
+            &national_key,
+        );
+        let codes: Vec<MunicipalityCode> = primaries.iter().map(|p| p.code).collect();
+        let by_code = codes.iter().enumerate().map(|(i, c)| (*c, i as u32)).collect();
+        let standbys = primaries
+            .iter()
+            .map(|_| Standby {
+                up: true,
+                epoch: 0,
+                docs: BTreeMap::new(),
+                checkpoint: 0,
+                puller: None,
+                page: BTreeMap::new(),
+                whole: BTreeMap::new(),
+                sent: None,
+                timers: BTreeSet::new(),
+                idle: 300_000,
+            })
+            .collect();
+        // One terminal per 100,000 residents (at least one, at most eight) per municipality.
+        let mut terminals = Vec::new();
+        let mut terminals_of = Vec::new();
+        for (p, primary) in primaries.iter().enumerate() {
+            let n = (primary.pop as f64 / config.scale / 100_000.0).ceil().clamp(1.0, 8.0) as u32;
+            let mut mine = Vec::new();
+            for t in 0..n {
+                mine.push(terminals.len() as u32);
+                terminals.push(Terminal {
+                    primary: p as u32,
+                    venue: format!("venue-{t}"),
+                    up: true,
+                    epoch: 0,
+                    offline_until: 0,
+                    bundle: None,
+                    held: BTreeMap::new(),
+                    open: BTreeSet::new(),
+                    next: 0,
+                    sent: None,
+                    timers: BTreeSet::new(),
+                });
+            }
+            terminals_of.push(mine);
+        }
+        let mut cumulative = 0;
+        let pop_cumulative = primaries
+            .iter()
+            .map(|p| {
+                cumulative += p.pop;
+                cumulative
+            })
+            .collect();
+        let n = primaries.len();
+        let mut skew = BTreeMap::new();
+        if config.faults {
+            for i in 0..n as u32 {
+                skew.insert(Addr::Primary(i), rng.between(0, 4_000) as i64 - 2_000);
+            }
+            for t in 0..terminals.len() as u32 {
+                skew.insert(Addr::Terminal(t), rng.between(0, 4_000) as i64 - 2_000);
+            }
+        }
+        let faults = config.faults;
+        let doses_per_day = config.doses_per_day();
+        let relocations_per_day = config.relocations_per_day(cumulative);
+        World {
+            doses_per_day,
+            relocations_per_day,
+            config,
+            rng,
+            net_rng,
+            now: 0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            codes,
+            by_code,
+            primaries,
+            standbys,
+            terminals,
+            terminals_of,
+            national: National {
+                up: true,
+                epoch: 0,
+                ledger: MemLedger::default(),
+                reports: BTreeMap::new(),
+                pending: Vec::new(),
+                commit_at: false,
+                personal: Vec::new(),
+            },
+            national_key,
+            directory,
+            person_secret,
+            pop_cumulative,
+            next_resident: vec![0; n],
+            moved: BTreeMap::new(),
+            generation: BTreeMap::new(),
+            expect_refused: BTreeSet::new(),
+            skew,
+            healed_at: None,
+            settled_at: None,
+            counters: Counters::default(),
+            bundle_bytes: BTreeMap::new(),
+            digest: ring::digest::Context::new(&ring::digest::SHA256),
+            faults,
+        }
+    }
+
+    /// The trace digest so far (hex).
+    pub fn digest(&self) -> String {
+        hex_lower(self.digest.clone().finish().as_ref())
+    }
+
+    /// Virtual now.
+    pub fn now(&self) -> Time {
+        self.now
+    }
+
+    /// How often an idle node polls. After healing, at the node's own pace (handoffs every
+    /// 250 ms, a terminal's bundle every 2 s, statistics every minute); during the day less
+    /// often, so that 1,741 idle municipalities do not drown the workload: a change is
+    /// still acted on at once where the node acts on it at once (a sealed handoff, a
+    /// capture to push or forward, a nudged standby).
+    fn interval(&self, poll: Poll) -> Time {
+        match (poll, self.healed_at.is_some()) {
+            (Poll::Handoff, true) => 250,
+            (Poll::Handoff, false) => 120_000,
+            (Poll::Bundle, true) => 2_000,
+            (Poll::Bundle, false) => 600_000,
+            (Poll::Report, true) => 60_000,
+            (Poll::Report, false) => 300_000,
+        }
+    }
+
+    fn clock(&self, node: Addr) -> OffsetDateTime {
+        let skew = self.skew.get(&node).copied().unwrap_or(0);
+        OPENING + Duration::milliseconds(self.now as i64 + skew)
+    }
+
+    fn schedule(&mut self, at: Time, event: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
+    }
+
+    fn timer(&mut self, node: Addr, timer: Timer, after: Time) {
+        let (epoch, timers) = match node {
+            Addr::National => (self.national.epoch, None),
+            Addr::Primary(i) => {
+                (self.primaries[i as usize].epoch, Some(&mut self.primaries[i as usize].timers))
+            }
+            Addr::Standby(i) => {
+                (self.standbys[i as usize].epoch, Some(&mut self.standbys[i as usize].timers))
+            }
+            Addr::Terminal(i) => {
+                (self.terminals[i as usize].epoch, Some(&mut self.terminals[i as usize].timers))
+            }
+        };
+        if let Some(timers) = timers
+            && !timers.insert(timer)
+        {
+            return;
+        }
+        self.schedule(self.now + after, Event::Timer { node, timer, epoch });
+    }
+
+    fn is_up(&self, node: Addr) -> bool {
+        match node {
+            Addr::National => self.national.up,
+            Addr::Primary(i) => self.primaries[i as usize].up,
+            Addr::Standby(i) => self.standbys[i as usize].up,
+            Addr::Terminal(i) => self.terminals[i as usize].up,
+        }
+    }
+
+    /// Whether a link is open now (partitions cut a municipality's primary from everyone;
+    /// a venue outage cuts one terminal).
+    fn linked(&self, a: Addr, b: Addr) -> bool {
+        let open = |n: Addr| match n {
+            Addr::Primary(i) => self.primaries[i as usize].cut_until <= self.now,
+            Addr::Terminal(i) => self.terminals[i as usize].offline_until <= self.now,
+            _ => true,
+        };
+        open(a) && open(b)
+    }
+
+    fn send(&mut self, from: Addr, to: Addr, msg: Msg) {
+        self.counters.messages += 1;
+        let before = self.counters.bytes;
+        self.count_bytes(to, &msg);
+        let kind = self.counters.by_kind.entry(msg.kind()).or_default();
+        kind.0 += 1;
+        kind.1 += self.counters.bytes - before;
+        if !self.linked(from, to) {
+            return;
+        }
+        self.deliver_later(from, to, msg);
+    }
+
+    fn count_bytes(&mut self, to: Addr, msg: &Msg) {
+        if let Msg::Bundle(bundle) = msg {
+            let key = (bundle.municipality, bundle.version);
+            let len = match self.bundle_bytes.get(&key) {
+                Some(len) => *len,
+                None => {
+                    let len = msg.encode().len() as u64;
+                    self.bundle_bytes.insert(key, len);
+                    len
+                }
+            };
+            self.counters.bytes += len;
+        } else {
+            let bytes = msg.encode();
+            self.counters.bytes += bytes.len() as u64;
+            if to == Addr::National {
+                self.scan_for_personal_data(&bytes);
+            }
+        }
+    }
+
+    fn deliver_later(&mut self, from: Addr, to: Addr, msg: Msg) {
+        let copies = if self.faults && self.healed_at.is_none() {
+            if self.net_rng.chance(self.config.loss) {
+                self.counters.lost += 1;
+                return;
+            }
+            if self.net_rng.chance(self.config.duplication) {
+                self.counters.duplicated += 1;
+                2
+            } else {
+                1
+            }
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = if self.faults && self.healed_at.is_none() {
+                if self.net_rng.chance(0.01) {
+                    self.net_rng.between(1_000, 5_000)
+                } else {
+                    self.net_rng.between(1, 200)
+                }
+            } else {
+                self.net_rng.between(1, 20)
+            };
+            self.schedule(self.now + delay, Event::Deliver { from, to, msg: msg.clone() });
+        }
+    }
+
+    fn scan_for_personal_data(&mut self, bytes: &[u8]) {
+        for marker in ["住民", "ジュウミン", "番地", "SIM0"] {
+            let needle = marker.as_bytes();
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                self.national.personal.push(marker.to_owned());
+            }
+        }
+    }
+
+    /// Runs the campaign day with faults, heals, and runs until everything settles or the
+    /// convergence budget is spent.
+    pub fn run(&mut self) {
+        let day = self.config.day_ms;
+        if self.doses_per_day > 0.0 {
+            let at = self.next_gap(self.doses_per_day);
+            self.schedule(at, Event::Dose);
+        }
+        let relocations = self.relocations_per_day;
+        if relocations > 0.0 {
+            let at = self.next_gap(relocations);
+            self.schedule(at, Event::Relocation);
+        }
+        if self.faults {
+            self.plan_faults();
+        }
+        for i in 0..self.primaries.len() as u32 {
+            self.timer(Addr::Primary(i), Timer::Handoff, 1_000 + u64::from(i % 1000));
+            self.timer(Addr::Standby(i), Timer::Pull, 1_000 + u64::from(i % 1000));
+        }
+        // Terminals fetch their bundle before the venues open.
+        for t in 0..self.terminals.len() as u32 {
+            self.timer(Addr::Terminal(t), Timer::Push, u64::from(t % 1000));
+        }
+        self.schedule(day, Event::Heal);
+        let budget = day + self.config.convergence_budget_ms;
+        while let Some(((at, _), event)) = self.queue.pop_first() {
+            if at > budget {
+                break;
+            }
+            self.now = at;
+            self.counters.events += 1;
+            self.handle(event);
+            if self.healed_at.is_some() && self.counters.events.is_multiple_of(512) && self.settled() {
+                self.settled_at = Some(self.now);
+                break;
+            }
+        }
+        if self.settled_at.is_none() && self.settled() {
+            self.settled_at = Some(self.now);
+        }
+    }
+
+    fn pop_total(&self) -> u64 {
+        self.pop_cumulative.last().copied().unwrap_or(0)
+    }
+
+    fn next_gap(&mut self, per_day: f64) -> Time {
+        let mean = self.config.day_ms as f64 / per_day;
+        self.rng.exponential(mean) as Time
+    }
+
+    fn plan_faults(&mut self) {
+        let day = self.config.day_ms;
+        let n = self.primaries.len() as u32;
+        for i in 0..n {
+            if self.rng.chance(0.10) {
+                let at = self.rng.below(day);
+                let len = self.rng.between(60_000, 1_800_000);
+                self.schedule(at, Event::Cut { primary: i, until: at + len });
+            }
+            if self.rng.chance(0.05) {
+                let at = self.rng.below(day);
+                let down = self.rng.between(5_000, 120_000);
+                self.schedule(at, Event::Crash { node: Addr::Primary(i), down_ms: down });
+            }
+            if self.rng.chance(0.05) {
+                let at = self.rng.below(day);
+                let down = self.rng.between(5_000, 120_000);
+                self.schedule(at, Event::Crash { node: Addr::Standby(i), down_ms: down });
+            }
+        }
+        for t in 0..self.terminals.len() as u32 {
+            if self.rng.chance(0.20) {
+                let at = self.rng.below(day);
+                let len = self.rng.between(300_000, 3_600_000);
+                self.schedule(at, Event::Offline { terminal: t, until: at + len });
+            }
+            if self.rng.chance(0.05) {
+                let at = self.rng.below(day);
+                let down_ms = self.rng.between(1_000, 60_000);
+                self.schedule(at, Event::Crash { node: Addr::Terminal(t), down_ms });
+            }
+        }
+        for _ in 0..2 {
+            let at = self.rng.below(day);
+            let down = self.rng.between(10_000, 60_000);
+            self.schedule(at, Event::Crash { node: Addr::National, down_ms: down });
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { from, to, msg } => {
+                if !self.is_up(to) || !self.linked(from, to) {
+                    return;
+                }
+                self.trace(&format!("{} {from:?}>{to:?} {}", self.now, msg.kind()));
+                match to {
+                    Addr::National => {
+                        self.national.pending.push((from, msg));
+                        if !self.national.commit_at {
+                            self.national.commit_at = true;
+                            let epoch = self.national.epoch;
+                            self.schedule(
+                                self.now + COMMIT_MS,
+                                Event::Timer { node: Addr::National, timer: Timer::Commit, epoch },
+                            );
+                        }
+                    }
+                    Addr::Primary(i) => {
+                        let p = &mut self.primaries[i as usize];
+                        p.pending.push((from, msg));
+                        if !p.commit_at {
+                            p.commit_at = true;
+                            self.timer(Addr::Primary(i), Timer::Commit, COMMIT_MS);
+                        }
+                    }
+                    Addr::Standby(i) => self.standby_receive(i, msg),
+                    Addr::Terminal(t) => self.terminal_receive(t, msg),
+                }
+            }
+            Event::Timer { node, timer, epoch } => {
+                match node {
+                    Addr::National => {
+                        if epoch == self.national.epoch && self.national.up {
+                            self.national.commit_at = false;
+                            self.national_commit();
+                        }
+                        return;
+                    }
+                    Addr::Primary(i) => {
+                        let p = &mut self.primaries[i as usize];
+                        if epoch != p.epoch || !p.up {
+                            return;
+                        }
+                        p.timers.remove(&timer);
+                    }
+                    Addr::Standby(i) => {
+                        let s = &mut self.standbys[i as usize];
+                        if epoch != s.epoch || !s.up {
+                            return;
+                        }
+                        s.timers.remove(&timer);
+                    }
+                    Addr::Terminal(t) => {
+                        let term = &mut self.terminals[t as usize];
+                        if epoch != term.epoch || !term.up {
+                            return;
+                        }
+                        term.timers.remove(&timer);
+                    }
+                }
+                self.on_timer(node, timer);
+            }
+            Event::Dose => {
+                self.dose();
+                let gap = self.next_gap(self.doses_per_day);
+                if self.now + gap < self.config.day_ms {
+                    self.schedule(self.now + gap, Event::Dose);
+                }
+            }
+            Event::Relocation => {
+                self.relocation();
+                let gap = self.next_gap(self.relocations_per_day);
+                if self.now + gap < self.config.day_ms {
+                    self.schedule(self.now + gap, Event::Relocation);
+                }
+            }
+            Event::Void { primary, resident, event_id } => self.void(primary, &resident, &event_id),
+            Event::Crash { node, down_ms } => {
+                if self.healed_at.is_none() && self.is_up(node) {
+                    self.counters.crashes += 1;
+                    self.crash(node);
+                    self.schedule(self.now + down_ms, Event::Restart { node });
+                }
+            }
+            Event::Restart { node } => self.restart(node),
+            Event::Cut { primary, until } => {
+                if self.healed_at.is_none() {
+                    self.counters.partitions += 1;
+                    self.primaries[primary as usize].cut_until = until;
+                }
+            }
+            Event::Offline { terminal, until } => {
+                if self.healed_at.is_none() {
+                    self.counters.partitions += 1;
+                    self.terminals[terminal as usize].offline_until = until;
+                }
+            }
+            Event::Heal => {
+                self.healed_at = Some(self.now);
+                for p in &mut self.primaries {
+                    p.cut_until = 0;
+                }
+                for t in &mut self.terminals {
+                    t.offline_until = 0;
+                }
+                let down: Vec<Addr> = self.all_nodes().into_iter().filter(|n| !self.is_up(*n)).collect();
+                for node in down {
+                    self.restart(node);
+                }
+                // Everyone gets going at once, at the node's own pace from now on.
+                for node in self.all_nodes() {
+                    match node {
+                        Addr::National => {}
+                        Addr::Primary(i) => {
+                            let p = &mut self.primaries[i as usize];
+                            p.timers.clear();
+                            p.epoch += 1;
+                            p.commit_at = false;
+                            self.timer(node, Timer::Commit, 1);
+                            for timer in [Timer::Report, Timer::ForwardTick, Timer::Handoff] {
+                                self.timer(node, timer, 1);
+                            }
+                        }
+                        Addr::Standby(i) => {
+                            self.standbys[i as usize].timers.clear();
+                            self.standbys[i as usize].epoch += 1;
+                            self.timer(node, Timer::Pull, 1);
+                        }
+                        Addr::Terminal(t) => {
+                            self.terminals[t as usize].timers.clear();
+                            self.terminals[t as usize].epoch += 1;
+                            self.timer(node, Timer::Push, 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn trace(&mut self, line: &str) {
+        self.digest.update(line.as_bytes());
+        self.digest.update(b"\n");
+        if self.config.trace {
+            println!("{line}");
+        }
+    }
+
+    fn all_nodes(&self) -> Vec<Addr> {
+        let mut nodes = vec![Addr::National];
+        for i in 0..self.primaries.len() as u32 {
+            nodes.push(Addr::Primary(i));
+            nodes.push(Addr::Standby(i));
+        }
+        nodes.extend((0..self.terminals.len() as u32).map(Addr::Terminal));
+        nodes
+    }
+
+    fn crash(&mut self, node: Addr) {
+        self.trace(&format!("{} crash {node:?}", self.now));
+        match node {
+            Addr::National => {
+                let n = &mut self.national;
+                n.up = false;
+                n.epoch += 1;
+                n.pending.clear();
+                n.commit_at = false;
+            }
+            Addr::Primary(i) => {
+                let p = &mut self.primaries[i as usize];
+                p.up = false;
+                p.epoch += 1;
+                p.pending.clear();
+                p.commit_at = false;
+                p.bundle = None;
+                p.forward_sent.clear();
+                p.sync_sent = None;
+                p.report_sent = None;
+                p.acked_version = 0;
+                p.timers.clear();
+                p.nudged = false;
+            }
+            Addr::Standby(i) => {
+                let s = &mut self.standbys[i as usize];
+                s.up = false;
+                s.epoch += 1;
+                s.puller = None;
+                s.page.clear();
+                s.whole.clear();
+                s.sent = None;
+                s.timers.clear();
+            }
+            Addr::Terminal(t) => {
+                let term = &mut self.terminals[t as usize];
+                term.up = false;
+                term.epoch += 1;
+                term.sent = None;
+                term.timers.clear();
+            }
+        }
+    }
+
+    fn restart(&mut self, node: Addr) {
+        if self.is_up(node) {
+            return;
+        }
+        self.trace(&format!("{} restart {node:?}", self.now));
+        match node {
+            Addr::National => self.national.up = true,
+            Addr::Primary(i) => {
+                self.primaries[i as usize].up = true;
+                self.timer(node, Timer::Handoff, 10);
+                self.timer(node, Timer::ForwardTick, 10);
+                self.timer(node, Timer::Report, 10);
+            }
+            Addr::Standby(i) => {
+                self.standbys[i as usize].up = true;
+                self.timer(node, Timer::Pull, 10);
+            }
+            Addr::Terminal(t) => {
+                self.terminals[t as usize].up = true;
+                self.timer(node, Timer::Push, 10);
+            }
+        }
+    }
+
+    fn on_timer(&mut self, node: Addr, timer: Timer) {
+        match (node, timer) {
+            (Addr::Primary(i), Timer::Commit) => {
+                self.primaries[i as usize].commit_at = false;
+                self.primary_commit(i);
+            }
+            (Addr::Primary(i), Timer::ForwardTick) => self.forward_tick(i),
+            (Addr::Primary(i), Timer::Report) => self.report_tick(i),
+            (Addr::Primary(i), Timer::Handoff) => self.handoff_tick(i),
+            (Addr::Standby(i), Timer::Pull) => self.pull_tick(i, true),
+            (Addr::Standby(i), Timer::PullSoon) => self.pull_tick(i, false),
+            (Addr::Terminal(t), Timer::Push) => self.push_tick(t),
+            _ => {}
+        }
+    }
+
+    // ---- Workload -------------------------------------------------------------------
+
+    fn pick_municipality(&mut self) -> u32 {
+        let total = self.pop_total();
+        let x = self.rng.below(total.max(1));
+        self.pop_cumulative.partition_point(|c| *c <= x) as u32
+    }
+
+    /// One person arrives at a venue with their coupon.
+    fn dose(&mut self) {
+        let home = self.pick_municipality();
+        let index = self.next_resident[home as usize];
+        if index >= self.primaries[home as usize].pop {
+            return;
+        }
+        self.next_resident[home as usize] += 1;
+        let code = self.codes[home as usize];
+        let mut generation = self.generation.get(&(home, index)).copied().unwrap_or(0);
+        let mut stale = false;
+        // Some people lost their coupon and were sent a new one this morning; a few bring
+        // the old one anyway.
+        if self.rng.chance(self.config.reissue_rate)
+            && self.primaries[home as usize].up
+            && self.reissue(home, index)
+        {
+            generation += 1;
+            self.generation.insert((home, index), generation);
+            stale = self.rng.chance(0.2);
+        }
+        let away = self.primaries.len() > 1 && self.rng.chance(self.config.away);
+        let venue_primary = if away {
+            let other = self.rng.below(self.primaries.len() as u64 - 1) as u32;
+            if other >= home { other + 1 } else { other }
+        } else {
+            home
+        };
+        let terminals = &self.terminals_of[venue_primary as usize];
+        let t = terminals[self.rng.below(terminals.len() as u64) as usize];
+        let coupon = CouponCode {
+            ticket_kind: 1,
+            dose_round: 1,
+            municipality: code,
+            number: CouponNumber::from_serial(index as u32 + 1).expect("serials fit"),
+        };
+        let scanned_generation = if stale { generation - 1 } else { generation };
+        let qr =
+            SignedCoupon::sign(coupon, scanned_generation, &self.primaries[home as usize].key).to_qr_text();
+        if away {
+            self.counters.away += 1;
+        }
+        self.scan(t, qr, stale);
+    }
+
+    /// A terminal scans a coupon and a vial.
+    fn scan(&mut self, t: u32, qr: String, stale: bool) {
+        let node = Addr::Terminal(t);
+        if !self.is_up(node) {
+            return;
+        }
+        let captured_at = self.clock(node);
+        let term = &self.terminals[t as usize];
+        let venue_code = self.codes[term.primary as usize];
+        let vial = vial_text(venue_code);
+        let Some(bundle) = term.bundle.clone() else {
+            // Not yet given a bundle: the terminal cannot check anything and asks first.
+            self.timer(node, Timer::Push, 1);
+            return;
+        };
+        let scans = match decode_scans(&qr, &vial) {
+            Ok(scans) => scans,
+            Err(_) => {
+                self.counters.refused_at_terminal += 1;
+                return;
+            }
+        };
+        if check_offline(&scans, DAY, DAY, &bundle).is_err() {
+            self.counters.refused_at_terminal += 1;
+            return;
+        }
+        let term = &mut self.terminals[t as usize];
+        term.next += 1;
+        let event_id = format!("ev-{venue_code}-{}-{}", term.venue, term.next);
+        let capture = TerminalCapture {
+            event_id: event_id.clone(),
+            coupon: qr,
+            vial,
+            vaccinated_on: DAY,
+            captured_at,
+            venue: term.venue.clone(),
+            venue_municipality: venue_code,
+            recorded_by: "token:sim".to_owned(),
+        };
+        term.held.insert(event_id.clone(), Held { capture, state: CaptureState::Pending });
+        term.open.insert(event_id.clone());
+        self.counters.acknowledged += 1;
+        if stale {
+            self.expect_refused.insert(event_id);
+        }
+        self.timer(node, Timer::Push, 50);
+    }
+
+    /// A clerk reissues a person's coupon (the person says they lost it). Applied at once
+    /// at the owner, as through its API; false if the owner cannot.
+    fn reissue(&mut self, home: u32, index: u64) -> bool {
+        let now = self.clock(Addr::Primary(home));
+        let p = &mut self.primaries[home as usize];
+        let rid = materialize(p, index, &self.person_secret, now);
+        let mut doc = p.docs[&rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        if record.transfer.is_some() {
+            return false;
+        }
+        let number = CouponNumber::from_serial(index as u32 + 1).expect("serials fit");
+        let Some(newest) = record.coupon_generations(p.code, &number).last().copied().cloned() else {
+            return false;
+        };
+        if newest.status != CouponStatus::Valid {
+            return false;
+        }
+        let entry = CouponEntry { generation: newest.generation + 1, issued_at: now, ..newest.clone() };
+        let event = ResidentEvent::CouponIssued { entry: entry.clone(), supersedes: Some(newest.key()) };
+        apply(p, &rid, &mut doc, &record, &event, now);
+        p.blocked.insert(
+            newest.key(),
+            BlockedCoupon { superseded: true, reason: entry.generation.to_string(), moved_to: None },
+        );
+        p.bundle_version += 1;
+        p.bundle = None;
+        self.counters.reissues += 1;
+        self.nudge(home);
+        true
+    }
+
+    /// A resident moves out: an admin of the old municipality records it.
+    fn relocation(&mut self) {
+        if self.primaries.len() < 2 {
+            return;
+        }
+        let from = self.pick_municipality();
+        if !self.primaries[from as usize].up {
+            return;
+        }
+        let index = self.rng.below(self.primaries[from as usize].pop);
+        if self.moved.contains_key(&(from, index)) {
+            return;
+        }
+        let other = self.rng.below(self.primaries.len() as u64 - 1) as u32;
+        let to = if other >= from { other + 1 } else { other };
+        let now = self.clock(Addr::Primary(from));
+        let ephemeral = self.rng.bytes32();
+        let to_code = self.codes[to as usize];
+        let Some(recipient) = self
+            .directory
+            .directory
+            .primary_of(to_code)
+            .and_then(|e| hex_decode(&e.encryption_key))
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        else {
+            return;
+        };
+        let p = &mut self.primaries[from as usize];
+        let rid = materialize(p, index, &self.person_secret, now);
+        let mut doc = p.docs[&rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        if record.transfer.is_some() || record.identity.status != ResidentStatus::Active {
+            return;
+        }
+        p.next_handoff += 1;
+        let handoff_id = format!("ho-{}-{}", p.code, p.next_handoff);
+        let transfer = Transfer {
+            to: to_code,
+            handoff_id: handoff_id.clone(),
+            at: now,
+            actor: "user:sim-admin".to_owned(),
+        };
+        let event = ResidentEvent::TransferredOut(transfer);
+        apply(p, &rid, &mut doc, &record, &event, now);
+        let after = read_record(&doc).expect("a resident document");
+        for entry in after.coupons.values().filter(|c| c.status == CouponStatus::Transferred) {
+            p.blocked.insert(entry.key(), BlockedCoupon::transferred(to_code));
+        }
+        p.bundle_version += 1;
+        p.bundle = None;
+        let payload = HandoffPayload {
+            handoff_id: handoff_id.clone(),
+            from: p.code,
+            to: to_code,
+            person_key: after.person_key.clone(),
+            record: after,
+            sealed_at: now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        };
+        let sealed = protocol::handoff::seal(&payload, &p.key, &recipient, ephemeral)
+            .expect("the simulator's keys seal");
+        p.out.insert(handoff_id, OutHandoff { sealed, state: OutState::Sealed });
+        self.moved.insert((from, index), to);
+        self.counters.relocations += 1;
+        self.nudge(from);
+        self.timer(Addr::Primary(from), Timer::Handoff, 1);
+    }
+
+    /// A clerk voids a dose recorded by mistake.
+    fn void(&mut self, primary: u32, resident: &str, event_id: &str) {
+        let node = Addr::Primary(primary);
+        if !self.is_up(node) {
+            return;
+        }
+        let now = self.clock(node);
+        let p = &mut self.primaries[primary as usize];
+        let Some(disk) = p.docs.get(resident) else { return };
+        let mut doc = disk.load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        if record.transfer.is_some() {
+            return;
+        }
+        p.next_correction += 1;
+        let correction_id = format!("co-{}-{}", p.code, p.next_correction);
+        let request = VoidRequest {
+            event_id,
+            reason: "別人の接種券で記録した",
+            actor: "user:sim-clerk",
+            correction_id: &correction_id,
+            at: now,
+        };
+        let Ok((correction, reopen_coupon)) = validate_void(&record, &request) else { return };
+        let event = ResidentEvent::DoseVoided { correction, reopen_coupon };
+        apply(p, resident, &mut doc, &record, &event, now);
+        self.counters.voids += 1;
+        self.nudge(primary);
+    }
+
+    fn nudge(&mut self, primary: u32) {
+        let p = &mut self.primaries[primary as usize];
+        if !p.nudged {
+            p.nudged = true;
+            self.send(Addr::Primary(primary), Addr::Standby(primary), Msg::Nudge);
+        }
+        let interval = self.interval(Poll::Report);
+        self.timer(Addr::Primary(primary), Timer::Report, interval);
+    }
+
+    // ---- Terminal -------------------------------------------------------------------
+
+    fn push_tick(&mut self, t: u32) {
+        let node = Addr::Terminal(t);
+        let term = &self.terminals[t as usize];
+        let primary = Addr::Primary(term.primary);
+        if term.sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+            self.timer(node, Timer::Push, TIMEOUT_MS);
+            return;
+        }
+        let held = term.bundle.as_ref().map_or(0, |b| b.version);
+        let captures: Vec<TerminalCapture> =
+            term.open.iter().take(MAX_CAPTURES_PER_REQUEST).map(|id| term.held[id].capture.clone()).collect();
+        let busy = !captures.is_empty();
+        self.terminals[t as usize].sent = Some(self.now);
+        self.send(node, primary, Msg::Refresh(held));
+        if busy {
+            self.send(node, primary, Msg::Push(captures));
+        }
+        // Connected terminals ask for a newer bundle every few seconds; with captures
+        // waiting they push again until each is final.
+        let interval = if busy { 1_000 } else { self.interval(Poll::Bundle) };
+        self.timer(node, Timer::Push, interval);
+    }
+
+    fn terminal_receive(&mut self, t: u32, msg: Msg) {
+        let term = &mut self.terminals[t as usize];
+        match msg {
+            Msg::Pushed(states) => {
+                term.sent = None;
+                for (id, state) in states {
+                    if let Some(held) = term.held.get_mut(&id)
+                        && !held.state.is_final()
+                    {
+                        if state.is_final() {
+                            term.open.remove(&id);
+                        }
+                        held.state = state;
+                    }
+                }
+            }
+            Msg::Bundle(bundle) if term.bundle.as_ref().is_none_or(|b| b.version < bundle.version) => {
+                term.bundle = Some(bundle);
+            }
+            _ => {}
+        }
+    }
+
+    // ---- Primary --------------------------------------------------------------------
+
+    fn primary_commit(&mut self, i: u32) {
+        let pending = std::mem::take(&mut self.primaries[i as usize].pending);
+        let mut replies = Vec::new();
+        for (from, msg) in pending {
+            match msg {
+                Msg::Refresh(held) => {
+                    let bundle = self.bundle(i);
+                    if bundle.version > held {
+                        replies.push((from, Msg::Bundle(bundle)));
+                    }
+                }
+                Msg::Push(captures) => {
+                    let states = captures.into_iter().map(|c| self.push_one(i, from, c)).collect();
+                    replies.push((from, Msg::Pushed(states)));
+                }
+                Msg::Forward(captures) => {
+                    let Addr::Primary(f) = from else { continue };
+                    let states = captures.into_iter().map(|c| self.forwarded_one(i, f, c)).collect();
+                    replies.push((from, Msg::Forwarded(states)));
+                }
+                Msg::Forwarded(states) => self.forward_answered(i, from, states),
+                Msg::Pull(request) => replies.push((from, Msg::Pulled(self.answer_pull(i, request)))),
+                Msg::Reported(version) => {
+                    let p = &mut self.primaries[i as usize];
+                    p.report_sent = None;
+                    p.acked_version = p.acked_version.max(version);
+                }
+                Msg::Synced(response) => self.synced(i, *response),
+                _ => {}
+            }
+        }
+        for (to, msg) in replies {
+            self.send(Addr::Primary(i), to, msg);
+        }
+    }
+
+    fn bundle(&mut self, i: u32) -> Rc<TerminalBundle> {
+        let p = &mut self.primaries[i as usize];
+        if let Some(bundle) = &p.bundle {
+            return bundle.clone();
+        }
+        let lot = lot_of(p.code);
+        let bundle = Rc::new(TerminalBundle {
+            version: p.bundle_version,
+            municipality: p.code,
+            venue: String::new(),
+            campaign_start: CAMPAIGN_START,
+            national_key: hex_lower(self.national_key.public_key().as_ref()),
+            directory: Some(self.directory.clone()),
+            own_coupon_key: hex_lower(p.key.public_key().as_ref()),
+            catalogue: catalogue(),
+            lots: BTreeMap::from([(lot.lot.clone(), lot)]),
+            blocked: p.blocked.clone(),
+        });
+        p.bundle = Some(bundle.clone());
+        bundle
+    }
+
+    /// `node/src/terminals.rs` `push_one`: record an own coupon (or forward it to where the
+    /// resident moved), forward another municipality's.
+    fn push_one(&mut self, i: u32, from: Addr, capture: TerminalCapture) -> (String, CaptureState) {
+        let event_id = capture.event_id.clone();
+        let own = self.codes[i as usize];
+        let owner = match decode_scans(&capture.coupon, &capture.vial) {
+            Ok(scans) => scans.coupon.code().municipality,
+            Err(error) => return (event_id, refusal(own, error.code(), &error.to_string())),
+        };
+        let key = format!("{from:?}/{event_id}");
+        let state = if owner == own {
+            let state = self.record(i, &capture, None, None);
+            match &state {
+                CaptureState::Refused { code, .. } if code == "coupon_transferred" => {
+                    match self.moved_to(i, &capture) {
+                        Some(to) => self.queue_forward(i, key, to, capture),
+                        None => state,
+                    }
+                }
+                _ => state,
+            }
+        } else {
+            let known = self.directory.directory.primary_of(owner).is_some();
+            if known && self.by_code.contains_key(&owner) {
+                self.queue_forward(i, key, owner, capture)
+            } else {
+                refusal(own, "owner_unknown", "municipality is not in the federation directory")
+            }
+        };
+        (event_id, state)
+    }
+
+    fn moved_to(&self, i: u32, capture: &TerminalCapture) -> Option<MunicipalityCode> {
+        let p = &self.primaries[i as usize];
+        let scans = decode_scans(&capture.coupon, &capture.vial).ok()?;
+        let rid = p.by_number.get(&scans.coupon.code().number)?;
+        read_record(&p.docs[rid].load()).ok()?.transfer.map(|t| t.to)
+    }
+
+    fn queue_forward(
+        &mut self,
+        i: u32,
+        key: String,
+        owner: MunicipalityCode,
+        capture: TerminalCapture,
+    ) -> CaptureState {
+        let p = &mut self.primaries[i as usize];
+        if let Some(state) = p.results.remove(&key) {
+            return state;
+        }
+        if !p.outbox.contains_key(&key) {
+            let lot = Some(lot_of(p.code));
+            p.outbox.insert(key, (owner, ForwardedCapture { capture, lot }));
+            self.timer(Addr::Primary(i), Timer::ForwardTick, 1);
+        }
+        CaptureState::Forwarded { owner }
+    }
+
+    /// `node/src/terminals.rs` `forwarded`.
+    fn forwarded_one(&mut self, i: u32, from: u32, forwarded: ForwardedCapture) -> (String, CaptureState) {
+        let own = self.codes[i as usize];
+        let from_code = self.codes[from as usize];
+        let capture = forwarded.capture;
+        let event_id = capture.event_id.clone();
+        let owner = match decode_scans(&capture.coupon, &capture.vial) {
+            Ok(scans) => scans.coupon.code().municipality,
+            Err(error) => return (event_id, refusal(own, error.code(), &error.to_string())),
+        };
+        let state = if capture.venue_municipality != from_code || from_code == own {
+            refusal(own, "venue_municipality_mismatch", "forwarded by another municipality than the venue's")
+        } else if owner == own {
+            self.record(i, &capture, forwarded.lot, None)
+        } else if owner == from_code {
+            let code = decode_scans(&capture.coupon, &capture.vial).map(|s| s.coupon.code().to_string());
+            let carries = code.is_ok_and(|c| self.primaries[i as usize].carried.contains_key(&c));
+            if carries {
+                self.record(i, &capture, forwarded.lot, Some(from_code))
+            } else {
+                CaptureState::Pending
+            }
+        } else {
+            refusal(own, "not_owner", "the coupon belongs to another municipality")
+        };
+        (event_id, state)
+    }
+
+    fn forward_answered(&mut self, i: u32, from: Addr, states: Vec<(String, CaptureState)>) {
+        let Addr::Primary(o) = from else { return };
+        let owner = self.codes[o as usize];
+        let p = &mut self.primaries[i as usize];
+        p.forward_sent.remove(&owner);
+        let keys: Vec<(String, String)> = p
+            .outbox
+            .iter()
+            .filter(|(_, (o, _))| *o == owner)
+            .map(|(k, (_, f))| (k.clone(), f.capture.event_id.clone()))
+            .collect();
+        for (id, state) in states {
+            if !state.is_final() {
+                continue;
+            }
+            for (key, _) in keys.iter().filter(|(_, e)| *e == id) {
+                if p.outbox.remove(key).is_some() {
+                    p.results.insert(key.clone(), state.clone());
+                }
+            }
+        }
+        if p.outbox.values().any(|(o, _)| *o == owner) {
+            self.timer(Addr::Primary(i), Timer::ForwardTick, 1_000);
+        }
+    }
+
+    fn forward_tick(&mut self, i: u32) {
+        let now = self.now;
+        let p = &mut self.primaries[i as usize];
+        let mut by_owner: BTreeMap<MunicipalityCode, Vec<ForwardedCapture>> = BTreeMap::new();
+        for (owner, forwarded) in p.outbox.values() {
+            let list = by_owner.entry(*owner).or_default();
+            if list.len() < MAX_CAPTURES_PER_REQUEST {
+                list.push(forwarded.clone());
+            }
+        }
+        if by_owner.is_empty() {
+            return;
+        }
+        let mut sends = Vec::new();
+        for (owner, captures) in by_owner {
+            if p.forward_sent.get(&owner).is_some_and(|at| now < at + TIMEOUT_MS) {
+                continue;
+            }
+            p.forward_sent.insert(owner, now);
+            sends.push((self.by_code[&owner], captures));
+        }
+        for (o, captures) in sends {
+            self.send(Addr::Primary(i), Addr::Primary(o), Msg::Forward(captures));
+        }
+        self.timer(Addr::Primary(i), Timer::ForwardTick, TIMEOUT_MS);
+    }
+
+    /// The writer's `capture_one`: find the resident, validate, record in one commit.
+    fn record(
+        &mut self,
+        i: u32,
+        capture: &TerminalCapture,
+        lot: Option<protocol::catalogue::Lot>,
+        transferred_from: Option<MunicipalityCode>,
+    ) -> CaptureState {
+        let now = self.clock(Addr::Primary(i));
+        let issuer_key = match transferred_from {
+            None => self.primaries[i as usize].key.public_key().as_ref().to_vec(),
+            Some(from) => {
+                match self.directory.directory.primary_of(from).and_then(|e| hex_decode(&e.coupon_key)) {
+                    Some(key) => key,
+                    None => return refusal(self.codes[i as usize], "owner_unknown", "no key"),
+                }
+            }
+        };
+        let issuer = transferred_from.unwrap_or(self.codes[i as usize]);
+        let p = &mut self.primaries[i as usize];
+        let own = p.code;
+        let scans = match decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
+            authenticate_coupon(&scans.coupon, |m| (m == issuer).then(|| issuer_key.clone())).map(|()| scans)
+        }) {
+            Ok(scans) => scans,
+            Err(error) => return refusal(own, error.code(), &error.to_string()),
+        };
+        let code = *scans.coupon.code();
+        let resident = match transferred_from {
+            Some(_) => p.carried.get(&code.to_string()).cloned(),
+            None => match p.by_number.get(&code.number) {
+                Some(rid) => Some(rid.clone()),
+                None => {
+                    let serial = code.number.as_str()[..9].parse::<u64>().unwrap_or(0);
+                    (serial >= 1 && serial <= p.pop)
+                        .then(|| materialize(p, serial - 1, &self.person_secret, now))
+                }
+            },
+        };
+        let Some(rid) = resident else {
+            return refusal(own, "coupon_not_issued", "not issued by this municipality");
+        };
+        let mut doc = p.docs[&rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        let own_lot = lot_of(own);
+        let lot = if own_lot.lot == scans.vial.lot {
+            Some(own_lot)
+        } else {
+            lot.filter(|l| l.lot == scans.vial.lot)
+        };
+        let catalogue = catalogue();
+        let venue = if capture.venue_municipality == own {
+            capture.venue.clone()
+        } else {
+            format!("{}/{}", capture.venue_municipality, capture.venue)
+        };
+        let input = CaptureInput {
+            scans: &scans,
+            vaccinated_on: capture.vaccinated_on,
+            venue: &venue,
+            event_id: &capture.event_id,
+            captured_at: capture.captured_at,
+            recorded_by: &capture.recorded_by,
+        };
+        let context = CaptureContext {
+            today: DAY,
+            campaign_start: CAMPAIGN_START,
+            catalogue: &catalogue,
+            lot: lot.as_ref(),
+            accept_transferred: transferred_from.is_some(),
+        };
+        match validate_capture(&input, &record, &context) {
+            Err(error) => refusal(own, error.code(), &error.to_string()),
+            Ok(CaptureDecision::Replay(event)) if self.config.bug == Some(crate::Bug::RecordReplays) => {
+                let mut again = event.clone();
+                again.event_id = format!("{}-again-{}", event.event_id, self.now);
+                apply(p, &rid, &mut doc, &record, &ResidentEvent::DoseRecorded(again), now);
+                self.nudge(i);
+                CaptureState::Recorded { owner: own, dose_number: event.dose_number, replay: true }
+            }
+            Ok(CaptureDecision::Replay(event)) => {
+                CaptureState::Recorded { owner: own, dose_number: event.dose_number, replay: true }
+            }
+            Ok(CaptureDecision::Record(event)) => {
+                let dose_number = event.dose_number;
+                let event_id = event.event_id.clone();
+                apply(p, &rid, &mut doc, &record, &ResidentEvent::DoseRecorded(event), now);
+                if self.rng.chance(self.config.void_rate) {
+                    let at = self.now + self.rng.between(60_000, 1_800_000);
+                    self.schedule(at, Event::Void { primary: i, resident: rid, event_id });
+                }
+                self.nudge(i);
+                CaptureState::Recorded { owner: own, dose_number, replay: false }
+            }
+        }
+    }
+
+    fn answer_pull(&mut self, i: u32, request: ReplicationRequest) -> ReplicationResponse {
+        let p = &mut self.primaries[i as usize];
+        p.nudged = false;
+        match request {
+            ReplicationRequest::Changes { since, limit } => {
+                let feed: Vec<(u64, String)> = p
+                    .feed
+                    .range(since + 1..)
+                    .take(limit as usize + 1)
+                    .map(|(s, id)| (*s, id.clone()))
+                    .collect();
+                answer_changes(since, limit, &feed, |_| true)
+            }
+            ReplicationRequest::Sync { docs } => match answer_sync(&docs, Source(&p.docs)) {
+                Ok(docs) => ReplicationResponse::Sync { docs },
+                Err(error) => {
+                    ReplicationResponse::Refused { code: "bad_request".into(), message: error.to_string() }
+                }
+            },
+        }
+    }
+
+    fn report_tick(&mut self, i: u32) {
+        let now = self.clock(Addr::Primary(i));
+        let p = &mut self.primaries[i as usize];
+        if p.stats_version <= p.acked_version {
+            return;
+        }
+        if p.report_sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+            self.timer(Addr::Primary(i), Timer::Report, TIMEOUT_MS);
+            return;
+        }
+        let daily = daily_from_cells(
+            p.code,
+            DAY,
+            p.stats_version,
+            now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            p.cells.iter().map(|(cell, n)| (cell, u64::try_from(*n).unwrap_or(0))),
+        );
+        let signed = SignedStatistics::sign(&Statistics::Daily(daily), &p.key);
+        p.report_sent = Some(self.now);
+        self.send(Addr::Primary(i), Addr::National, Msg::Report(Box::new(signed)));
+        let interval = self.interval(Poll::Report);
+        self.timer(Addr::Primary(i), Timer::Report, interval);
+    }
+
+    fn handoff_tick(&mut self, i: u32) {
+        let idle_poll = self.interval(Poll::Handoff);
+        let p = &mut self.primaries[i as usize];
+        if p.sync_sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+            self.timer(Addr::Primary(i), Timer::Handoff, TIMEOUT_MS);
+            return;
+        }
+        let deposits: Vec<SealedHandoff> = p
+            .out
+            .values()
+            .filter(|o| o.state == OutState::Sealed)
+            .take(MAX_HANDOFFS_PER_MESSAGE)
+            .map(|o| o.sealed.clone())
+            .collect();
+        let watching: Vec<String> =
+            p.out.iter().filter(|(_, o)| o.state == OutState::Deposited).map(|(id, _)| id.clone()).collect();
+        let sync = HandoffSync {
+            deposits,
+            accepted: p.accepted_unacked.iter().cloned().collect(),
+            watching,
+            asks: Vec::new(),
+            answered: Vec::new(),
+        };
+        p.sync_sent = Some(self.now);
+        self.send(Addr::Primary(i), Addr::National, Msg::Sync(Box::new(sync)));
+        self.timer(Addr::Primary(i), Timer::Handoff, idle_poll);
+    }
+
+    /// The national node's answer to a handoff sync: deposits stored, handoffs to accept
+    /// (accepted at once: the automatic policy), watched handoffs accepted.
+    fn synced(&mut self, i: u32, response: HandoffResponse) {
+        let now = self.clock(Addr::Primary(i));
+        let HandoffResponse::Synced { deposits, inbound, states, .. } = response else { return };
+        let sent_accepted = {
+            let p = &mut self.primaries[i as usize];
+            p.sync_sent = None;
+            for (id, outcome) in deposits {
+                if let Some(out) = p.out.get_mut(&id)
+                    && out.state == OutState::Sealed
+                {
+                    out.state = match outcome {
+                        DepositOutcome::Stored => OutState::Deposited,
+                        DepositOutcome::Refused { code, .. } if code == "in_transit" => OutState::Sealed,
+                        DepositOutcome::Refused { code, .. } => OutState::Refused(code),
+                    };
+                }
+            }
+            for (id, state) in states {
+                if state == LedgerState::Accepted
+                    && let Some(out) = p.out.get_mut(&id)
+                {
+                    out.state = OutState::Accepted;
+                }
+            }
+            std::mem::take(&mut p.accepted_unacked)
+        };
+        let _ = sent_accepted;
+        let mut more = false;
+        for sealed in inbound {
+            more |= self.accept(i, &sealed, now);
+        }
+        if more || !self.primaries[i as usize].accepted_unacked.is_empty() {
+            self.timer(Addr::Primary(i), Timer::Handoff, 1);
+        }
+    }
+
+    /// `node/src/handoff.rs` `accept_one`: open, create the resident with the whole
+    /// history, index the carried coupons, issue a coupon for the next dose.
+    fn accept(&mut self, i: u32, sealed: &SealedHandoff, now: OffsetDateTime) -> bool {
+        let Some(sender_key) =
+            self.directory.directory.primary_of(sealed.from).and_then(|e| hex_decode(&e.coupon_key))
+        else {
+            return false;
+        };
+        let p = &mut self.primaries[i as usize];
+        let Ok(payload) = sealed.open(&sender_key, &p.x_secret) else { return false };
+        if let Some(existing) = p.by_person.get(&payload.person_key).cloned() {
+            let record = read_record(&p.docs[&existing].load()).expect("a resident document");
+            if record.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id)
+                || record.transfer.is_none()
+            {
+                // Already accepted (a repeated inbox): say so again.
+                if record.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id) {
+                    p.accepted_unacked.insert(payload.handoff_id.clone());
+                }
+                return true;
+            }
+        }
+        p.next_serial += 1;
+        let serial = p.next_serial;
+        let rid = format!("{}-in-{serial}", p.code);
+        let mut record =
+            protocol::handoff::received_record(&payload, rid.clone(), format!("T{serial:09}"), None);
+        record.schema = SCHEMA_VERSION;
+        let mut doc = new_resident_document(&p.actor, &record, now).expect("a new document");
+        add_cells(p, record_cells(&record));
+        for coupon in record.coupons.values() {
+            p.carried.insert(coupon.code.to_string(), rid.clone());
+        }
+        let next = record.next_dose_number();
+        if next <= 9 {
+            let code = CouponCode {
+                ticket_kind: 1,
+                dose_round: next,
+                municipality: p.code,
+                number: CouponNumber::from_serial(serial).expect("serials fit"),
+            };
+            let entry = CouponEntry {
+                code,
+                generation: 0,
+                status: CouponStatus::Valid,
+                issued_at: now,
+                status_reason: None,
+                used_by_event: None,
+            };
+            let event = ResidentEvent::CouponIssued { entry, supersedes: None };
+            let before = record.clone();
+            apply_event(&mut doc, &event, now).expect("a coupon applies");
+            add_cells(p, event_delta(&before, &event, now));
+            p.by_number.insert(code.number, rid.clone());
+        }
+        p.by_person.insert(record.person_key.clone(), rid.clone());
+        store(p, &rid, &mut doc);
+        p.stats_version += 1;
+        p.accepted_unacked.insert(payload.handoff_id);
+        self.counters.accepted += 1;
+        self.nudge(i);
+        true
+    }
+
+    // ---- Standby --------------------------------------------------------------------
+
+    /// Asks the primary for changes. The periodic pull (`periodic`) schedules the next one;
+    /// a nudge only asks sooner.
+    fn pull_tick(&mut self, i: u32, periodic: bool) {
+        let s = &mut self.standbys[i as usize];
+        if s.sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+            if periodic {
+                self.timer(Addr::Standby(i), Timer::Pull, TIMEOUT_MS);
+            }
+            return;
+        }
+        let puller = s.puller.get_or_insert_with(|| Puller::new(s.checkpoint, 512));
+        let request = puller.ask_changes();
+        s.page.clear();
+        s.whole.clear();
+        s.sent = Some(self.now);
+        let idle = if self.healed_at.is_some() { 1_000 } else { s.idle };
+        self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(request));
+        if periodic {
+            self.timer(Addr::Standby(i), Timer::Pull, idle);
+        }
+    }
+
+    fn standby_receive(&mut self, i: u32, msg: Msg) {
+        match msg {
+            Msg::Nudge if self.standbys[i as usize].sent.is_none() => {
+                self.timer(Addr::Standby(i), Timer::PullSoon, 100);
+            }
+            Msg::Pulled(response) => {
+                let s = &mut self.standbys[i as usize];
+                let Some(puller) = s.puller.as_mut() else { return };
+                s.sent = None;
+                let mut page = Page { disk: &s.docs, loaded: &mut s.page, whole: &mut s.whole };
+                match puller.on_response(response, &mut page) {
+                    Ok(PullStep::Send(request)) => {
+                        s.sent = Some(self.now);
+                        self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(request));
+                    }
+                    Ok(PullStep::PageComplete { checkpoint, docs, more }) => {
+                        let skip = self.config.bug == Some(crate::Bug::SkipPage) && docs.len() > 1;
+                        for id in docs.into_iter().filter(|_| !skip) {
+                            if let Some(bytes) = s.whole.remove(&id) {
+                                s.docs.insert(id, Disk { bytes });
+                            } else if let Some(mut doc) = s.page.remove(&id) {
+                                s.docs.insert(id, Disk::of(&mut doc));
+                            }
+                        }
+                        s.page.clear();
+                        s.whole.clear();
+                        s.checkpoint = checkpoint;
+                        if more {
+                            let request = puller.ask_changes();
+                            s.sent = Some(self.now);
+                            self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(request));
+                        }
+                    }
+                    Err(_) => {
+                        // A reordered or duplicated answer: start the page again.
+                        s.puller = None;
+                        s.page.clear();
+                        s.whole.clear();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- National -------------------------------------------------------------------
+
+    fn national_commit(&mut self) {
+        let pending = std::mem::take(&mut self.national.pending);
+        let mut replies = Vec::new();
+        for (from, msg) in pending {
+            let Addr::Primary(i) = from else { continue };
+            let code = self.codes[i as usize];
+            match msg {
+                Msg::Report(signed) => {
+                    let Some(key) =
+                        self.directory.directory.primary_of(code).and_then(|e| hex_decode(&e.coupon_key))
+                    else {
+                        continue;
+                    };
+                    let Ok(statistics) = signed.open(&key) else { continue };
+                    if statistics.municipality() != code {
+                        continue;
+                    }
+                    let version = statistics.version();
+                    let slot = (code, statistics.slot());
+                    let newer = self.national.reports.get(&slot).is_none_or(|held| held.version() < version);
+                    if newer {
+                        let statistics = match (self.config.bug, self.national.reports.get(&slot), statistics)
+                        {
+                            (
+                                Some(crate::Bug::AddReports),
+                                Some(Statistics::Daily(held)),
+                                Statistics::Daily(mut new),
+                            ) => {
+                                new.doses.extend(held.doses.iter().cloned());
+                                Statistics::Daily(new)
+                            }
+                            (_, _, statistics) => statistics,
+                        };
+                        self.national.reports.insert(slot, statistics);
+                    }
+                    replies.push((from, Msg::Reported(version)));
+                }
+                Msg::Sync(sync) => {
+                    let response = match protocol::ledger::check_size(&sync) {
+                        Some(refusal) => refusal,
+                        None => {
+                            let ledger = &mut self.national.ledger;
+                            let writes = protocol::ledger::writes(ledger, code, &sync).unwrap_or(true);
+                            let applied = writes.then(|| {
+                                let Ok(applied) = protocol::ledger::apply(
+                                    ledger,
+                                    &self.directory.directory,
+                                    code,
+                                    &sync,
+                                    "2021-06-01T00:00:00Z",
+                                );
+                                applied
+                            });
+                            let Ok(response) = protocol::ledger::answer(ledger, code, &sync, applied);
+                            response
+                        }
+                    };
+                    replies.push((from, Msg::Synced(Box::new(response))));
+                }
+                _ => {}
+            }
+        }
+        for (to, msg) in replies {
+            self.send(Addr::National, to, msg);
+        }
+    }
+
+    // ---- Settling and checks --------------------------------------------------------
+
+    /// Everything delivered: terminals final, outboxes empty, handoffs accepted, standbys
+    /// caught up, the national node holding every municipality's newest figures.
+    pub(crate) fn settled(&self) -> bool {
+        self.terminals.iter().all(|t| t.open.is_empty())
+            && self.primaries.iter().all(|p| {
+                p.outbox.is_empty()
+                    && p.out.values().all(|o| matches!(o.state, OutState::Accepted | OutState::Refused(_)))
+                    && p.accepted_unacked.is_empty()
+                    && p.acked_version >= p.stats_version
+            })
+            && self.national.ledger.inbox.is_empty()
+            && self
+                .primaries
+                .iter()
+                .zip(&self.standbys)
+                .all(|(p, s)| s.checkpoint >= p.seq && s.sent.is_none())
+    }
+
+    /// Checks every invariant; returns what does not hold.
+    pub fn violations(&self) -> Vec<String> {
+        crate::check::violations(self)
+    }
+
+    pub(crate) fn national_personal(&self) -> &[String] {
+        &self.national.personal
+    }
+
+    pub(crate) fn national_reports(&self) -> &BTreeMap<(MunicipalityCode, String), Statistics> {
+        &self.national.reports
+    }
+
+    pub(crate) fn ledger_holder(&self, person_key: &str) -> Option<PersonHolder> {
+        self.national.ledger.persons.get(person_key).cloned()
+    }
+
+    pub(crate) fn primary_docs(
+        &self,
+        i: usize,
+    ) -> impl Iterator<Item = (&String, Automerge, Vec<ChangeHash>)> {
+        self.primaries[i].docs.iter().map(|(id, disk)| {
+            let doc = disk.load();
+            let mut heads = doc.get_heads();
+            heads.sort();
+            (id, doc, heads)
+        })
+    }
+
+    pub(crate) fn standby_heads(&self, i: usize, id: &str) -> Option<Vec<ChangeHash>> {
+        self.standbys[i].docs.get(id).map(Disk::heads)
+    }
+
+    pub(crate) fn standby_len(&self, i: usize) -> usize {
+        self.standbys[i].docs.len()
+    }
+
+    pub(crate) fn primary_cells(&self, i: usize) -> &BTreeMap<Cell, i64> {
+        &self.primaries[i].cells
+    }
+
+    pub(crate) fn captures(&self) -> impl Iterator<Item = (&String, &CaptureState)> {
+        self.terminals.iter().flat_map(|t| t.held.iter().map(|(id, h)| (id, &h.state)))
+    }
+
+    /// Adds the final state of every node to the digest.
+    pub fn finish_digest(&mut self) -> String {
+        let mut lines = Vec::new();
+        for (i, p) in self.primaries.iter().enumerate() {
+            lines.push(format!("{} docs={} seq={} v={}", i, p.docs.len(), p.seq, p.stats_version));
+            // Heads, not bytes: Automerge's saved bytes are not the same from one process
+            // to the next, the changes (and so their hashes) are.
+            for (id, disk) in &p.docs {
+                let heads: Vec<String> =
+                    disk.heads().iter().map(|h| h.to_string()[..16].to_owned()).collect();
+                lines.push(format!("{id} {}", heads.join(",")));
+            }
+        }
+        for line in lines {
+            self.trace(&line);
+        }
+        self.digest()
+    }
+}
+
+fn refusal(owner: MunicipalityCode, code: &str, message: &str) -> CaptureState {
+    CaptureState::Refused {
+        owner,
+        code: code.to_owned(),
+        message_ja: message.to_owned(),
+        message_en: message.to_owned(),
+    }
+}
+
+/// The resident `index` of the register, created on first use with the coupon issued to
+/// them (what import and bulk issuance did before the day began).
+fn materialize(p: &mut Primary, index: u64, secret: &PersonKeySecret, now: OffsetDateTime) -> String {
+    let number = CouponNumber::from_serial(index as u32 + 1).expect("serials fit");
+    if let Some(rid) = p.by_number.get(&number) {
+        return rid.clone();
+    }
+    let identity = identity(index, p.code);
+    let rid = format!("{}-{index}", p.code);
+    let person_key = secret.local_person_key(p.code, &identity.atena_number);
+    let record = ResidentRecord {
+        schema: SCHEMA_VERSION,
+        resident_id: rid.clone(),
+        municipality: p.code,
+        person_key: person_key.clone(),
+        identity,
+        coupons: BTreeMap::new(),
+        doses: BTreeMap::new(),
+        corrections: BTreeMap::new(),
+        transfer: None,
+        arrival: None,
+    };
+    let registered = OPENING - Duration::days(30);
+    let mut doc = new_resident_document(&p.actor, &record, registered).expect("a new document");
+    add_cells(p, record_cells(&record));
+    let entry = CouponEntry {
+        code: CouponCode { ticket_kind: 1, dose_round: 1, municipality: p.code, number },
+        generation: 0,
+        status: CouponStatus::Valid,
+        issued_at: registered,
+        status_reason: None,
+        used_by_event: None,
+    };
+    let event = ResidentEvent::CouponIssued { entry, supersedes: None };
+    add_cells(p, event_delta(&record, &event, now));
+    apply_event(&mut doc, &event, registered).expect("a coupon applies");
+    p.by_number.insert(number, rid.clone());
+    p.by_person.insert(person_key, rid.clone());
+    store(p, &rid, &mut doc);
+    rid
+}
+
+/// One event, one commit: the document, the counters and the change feed together.
+fn apply(
+    p: &mut Primary,
+    rid: &str,
+    doc: &mut Automerge,
+    before: &ResidentRecord,
+    event: &ResidentEvent,
+    now: OffsetDateTime,
+) {
+    apply_event(doc, event, now).expect("a validated event applies");
+    let delta = event_delta(before, event, now);
+    if delta.iter().any(|(cell, _)| matches!(cell, Cell::Dose { .. })) {
+        p.stats_version += 1;
+    }
+    add_cells(p, delta);
+    store(p, rid, doc);
+}
+
+fn add_cells(p: &mut Primary, delta: Vec<(Cell, i64)>) {
+    for (cell, n) in delta {
+        *p.cells.entry(cell).or_default() += n;
+    }
+}
+
+fn store(p: &mut Primary, rid: &str, doc: &mut Automerge) {
+    p.docs.insert(rid.to_owned(), Disk::of(doc));
+    p.seq += 1;
+    if let Some(old) = p.feed_of.insert(rid.to_owned(), p.seq) {
+        p.feed.remove(&old);
+    }
+    p.feed.insert(p.seq, rid.to_owned());
+}
+
+/// A standby's page: documents loaded from its disk as the puller asks for them, and
+/// documents that arrived whole, kept as the bytes that came (as the node stores them).
+struct Page<'a> {
+    disk: &'a BTreeMap<String, Disk>,
+    loaded: &'a mut BTreeMap<String, Automerge>,
+    whole: &'a mut BTreeMap<String, Vec<u8>>,
+}
+
+impl PageDocs for Page<'_> {
+    fn put_whole(&mut self, doc_id: &str, bytes: Vec<u8>) -> Result<(), String> {
+        let mut incoming = Automerge::load(&bytes).map_err(|e| e.to_string())?;
+        match self.loaded.get_mut(doc_id) {
+            Some(doc) if !doc.get_heads().is_empty() => {
+                doc.merge(&mut incoming).map_err(|e| e.to_string())?;
+            }
+            _ if self.disk.contains_key(doc_id) => {
+                let mut doc = self.disk[doc_id].load();
+                doc.merge(&mut incoming).map_err(|e| e.to_string())?;
+                self.loaded.insert(doc_id.to_owned(), doc);
+            }
+            _ => {
+                self.loaded.remove(doc_id);
+                self.whole.insert(doc_id.to_owned(), bytes);
+            }
+        }
+        Ok(())
+    }
+
+    fn doc_mut(&mut self, doc_id: &str) -> &mut Automerge {
+        if !self.loaded.contains_key(doc_id) {
+            let doc = self.disk.get(doc_id).map_or_else(Automerge::new, Disk::load);
+            self.loaded.insert(doc_id.to_owned(), doc);
+        }
+        self.loaded.get_mut(doc_id).expect("just loaded")
+    }
+}
+
+/// The primary's documents, answering a standby.
+struct Source<'a>(&'a BTreeMap<String, Disk>);
+
+impl SourceDocs for Source<'_> {
+    fn doc(&mut self, doc_id: &str) -> Option<Automerge> {
+        self.0.get(doc_id).map(Disk::load)
+    }
+
+    fn stored_bytes(&mut self, doc_id: &str) -> Option<Vec<u8>> {
+        self.0.get(doc_id).map(|d| d.bytes.clone())
+    }
+}

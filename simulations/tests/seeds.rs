@@ -1,0 +1,85 @@
+//! The simulator in CI: hundreds of seeds under faults, the whole country once, the same
+//! seed giving the same trace, and deliberate bugs caught by the invariants.
+
+use simulations::{Bug, Config, Report, run};
+
+/// Runs `count` seeds of the CI mix from `from`; panics with every failing seed and the
+/// command that replays it.
+fn seeds(from: u64, count: u64) {
+    let mut failures = Vec::new();
+    for seed in from..from + count {
+        let report = run(Config::stress(seed));
+        assert!(report.counters.acknowledged > 50, "seed {seed} gave too few doses to test anything");
+        if !report.violations.is_empty() {
+            failures.push(describe(&report));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {count} seeds failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+fn describe(report: &Report) -> String {
+    format!(
+        "seed {}: {}\n  replay: {}",
+        report.config.seed,
+        report.violations.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+        report.config.replay_command()
+    )
+}
+
+#[test]
+fn seeds_1_to_50_hold_every_invariant_under_faults() {
+    seeds(1, 50);
+}
+
+#[test]
+fn seeds_51_to_100_hold_every_invariant_under_faults() {
+    seeds(51, 50);
+}
+
+#[test]
+fn seeds_101_to_150_hold_every_invariant_under_faults() {
+    seeds(101, 50);
+}
+
+#[test]
+fn seeds_151_to_200_hold_every_invariant_under_faults() {
+    seeds(151, 50);
+}
+
+#[test]
+fn all_1741_municipalities_under_faults_settle_and_hold_every_invariant() {
+    let config =
+        Config { seed: 2026, municipalities: 0, scale: 0.0005, day_ms: 60 * 60_000, ..Config::default() };
+    let report = run(config);
+    assert_eq!(report.municipalities, 1741);
+    assert!(report.counters.acknowledged > 500, "{:?}", report.counters);
+    assert!(report.counters.crashes > 50 && report.counters.partitions > 100, "{:?}", report.counters);
+    assert!(report.violations.is_empty(), "{}", describe(&report));
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    let first = run(Config::stress(7));
+    let again = run(Config::stress(7));
+    let other = run(Config::stress(8));
+    assert_eq!(first.digest, again.digest);
+    assert_eq!(first.counters.messages, again.counters.messages);
+    assert_ne!(first.digest, other.digest);
+}
+
+#[test]
+fn deliberate_bugs_break_the_invariants_they_should() {
+    for (bug, expected) in [
+        (Bug::RecordReplays, "no terminal captured it"),
+        (Bug::AddReports, "national figures"),
+        (Bug::SkipPage, "standby lacks"),
+    ] {
+        let report = run(Config { bug: Some(bug), ..Config::stress(3) });
+        assert!(
+            report.violations.iter().any(|v| v.contains(expected)),
+            "{bug:?} went unnoticed: {:?}",
+            report.violations
+        );
+        assert!(report.config.replay_command().contains("--bug"), "{}", report.config.replay_command());
+    }
+}
