@@ -23,6 +23,7 @@ pub mod national;
 pub mod national_api;
 pub mod p2p;
 pub mod problem;
+pub mod smoke;
 pub mod statistics;
 pub mod store;
 pub mod terminal;

@@ -129,6 +129,16 @@ enum Commands {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// 全国規模の疎通試験 / Scale smoke test: a national node and every municipality's p2p
+    /// identity in one process over the in-memory transport; each joins and reports.
+    SmokeFederation {
+        /// How many municipalities (all 1,741 by default).
+        #[arg(long, default_value_t = 1741)]
+        municipalities: usize,
+        /// Working directory (a temporary one if absent).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// デモ / Demo: a node for Yokohama with a generated population, then the API keeps running.
     Demo {
         /// Data directory (a new one under the temp directory if absent).
@@ -502,6 +512,36 @@ enum LotCommands {
     },
 }
 
+fn smoke_federation(municipalities: usize, data: Option<PathBuf>) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("vrs-smoke-{}", std::process::id()));
+    let dir = data.clone().unwrap_or_else(|| scratch.clone());
+    let runtime = tokio::runtime::Runtime::new()?;
+    let date = node::clock::japan_today();
+    let report = runtime.block_on(node::smoke::run(&dir, municipalities, date));
+    if data.is_none() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    let report = report?;
+    println!(
+        "承認 / approved: {} municipalities in {:.1} s; directory of {} entries",
+        report.municipalities, report.approve_seconds, report.directory_entries
+    );
+    println!(
+        "参加・報告 / joined and reported: {} of {} in {:.1} s (median {} ms, slowest {} ms from dial to stored report)",
+        report.reported, report.municipalities, report.exchange_seconds, report.median_ms, report.max_ms
+    );
+    println!(
+        "国の集計 / national total for {date}: {} doses; sent {}",
+        report.national_total, report.doses_sent
+    );
+    anyhow::ensure!(
+        report.reported == report.municipalities && report.national_total == report.doses_sent,
+        "the national node does not hold what every municipality sent"
+    );
+    println!("ok");
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VRS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn"));
@@ -708,6 +748,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(node::daemon::serve(files, store, &listen, None))
         }
+        Commands::SmokeFederation { municipalities, data } => smoke_federation(municipalities, data),
         Commands::Demo { data, residents, listen, exit } => {
             node::demo::run_demo(data, residents, &listen, exit)
         }

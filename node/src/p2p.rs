@@ -120,9 +120,9 @@ pub(crate) struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     replication: request_response::cbor::Behaviour<ReplicationRequest, ReplicationResponse>,
-    directory: request_response::cbor::Behaviour<DirectoryRequest, DirectoryResponse>,
+    pub(crate) directory: request_response::cbor::Behaviour<DirectoryRequest, DirectoryResponse>,
     pub(crate) capture: request_response::cbor::Behaviour<CaptureRequest, CaptureResponse>,
-    report: request_response::cbor::Behaviour<ReportRequest, ReportResponse>,
+    pub(crate) report: request_response::cbor::Behaviour<ReportRequest, ReportResponse>,
     handoff: request_response::cbor::Behaviour<HandoffSync, HandoffResponse>,
 }
 
@@ -203,6 +203,15 @@ pub(crate) fn build_swarm(keypair: Keypair) -> anyhow::Result<Swarm<Behaviour>> 
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)?
+        // `/memory/N` addresses: the same Noise and Yamux over an in-process transport, for
+        // running many nodes in one process (`vrs-node smoke-federation`).
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            use libp2p::core::Transport as _;
+            Ok(libp2p::core::transport::MemoryTransport::default()
+                .upgrade(libp2p::core::upgrade::Version::V1)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default()))
+        })?
         .with_behaviour(|key| {
             let config = request_response::Config::default().with_request_timeout(Duration::from_secs(60));
             Behaviour {

@@ -326,3 +326,25 @@ fn a_standby_follows_its_primary_over_libp2p_survives_kill_9_and_takes_over() {
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert!(keys.iter().all(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit())), "{keys:?}");
 }
+
+#[test]
+fn every_municipality_joins_and_reports_over_libp2p_in_one_process() {
+    // All 1,741 municipalities and the national node, the node's own libp2p stack over
+    // the in-memory transport (Noise + Yamux): each is approved into the directory,
+    // fetches and verifies it, and delivers a signed statistics report.
+    let dir = TempDir::new("smoke");
+    let out = Command::new(vrs_node())
+        .args(["smoke-federation", "--data"])
+        .arg(dir.path())
+        .output()
+        .expect("vrs-node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("approved: 1741 municipalities"), "{stdout}");
+    assert!(stdout.contains("directory of 1742 entries"), "{stdout}");
+    assert!(stdout.contains("joined and reported: 1741 of 1741"), "{stdout}");
+    let total = stdout.lines().find(|l| l.contains("national total")).expect("a total line");
+    let numbers: Vec<&str> = total.split(|c: char| !c.is_ascii_digit()).filter(|s| s.len() > 3).collect();
+    // "… for YYYY-MM-DD: N doses; sent N"
+    assert_eq!(numbers[numbers.len() - 1], numbers[numbers.len() - 2], "{total}");
+}

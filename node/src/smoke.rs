@@ -1,0 +1,263 @@
+//! `vrs-node smoke-federation`: the federation's p2p layer at full size in one process.
+//!
+//! A national node is made with `federation init-national` and every municipality is
+//! admitted with `federation approve`, as an administrator would; the national node then
+//! runs its real p2p service (`p2p::run`: the directory gate, the directory and report
+//! protocols, the report store). Each municipality is a libp2p node with the node's own
+//! behaviour (gate, connection limits, identify, ping, CBOR request-response) over the
+//! in-memory transport with Noise and Yamux: it dials the national node, fetches and
+//! verifies the signed directory, finds itself in it, and delivers a signed daily
+//! statistics document. The national node's totals must equal the sum of what was sent.
+//!
+//! A municipality here is its p2p identity and keys, not a whole node with a resident
+//! store: the resident side is what `tests/` runs as real processes and the simulator runs
+//! at scale. What this checks is the part only a real network stack can: 1,742 peers
+//! connecting, authenticating and exchanging messages at once.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use libp2p::futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, Message};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId};
+use protocol::directory::{DirectoryEntry, JoinRequest, NodeRole};
+use protocol::document::Sex;
+use protocol::municipality::{MunicipalityCode, all_municipalities};
+use protocol::person::{hex_decode, hex_lower};
+use protocol::statistics::{
+    AgeBand, DailyStatistics, DoseCount, ReportRequest, ReportResponse, SignedStatistics, Statistics,
+};
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use time::Date;
+
+use crate::p2p::{BehaviourEvent, DirectoryRequest, P2pOptions};
+
+/// Where the national node listens in the process.
+const NATIONAL_ADDRESS: &str = "/memory/17410";
+/// How long a municipality may take to join and report.
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// What the smoke run measured.
+#[derive(Debug)]
+pub struct SmokeReport {
+    /// Municipal nodes started.
+    pub municipalities: usize,
+    /// Directory entries after the approvals (national included).
+    pub directory_entries: usize,
+    /// Municipalities that fetched the directory and found themselves in it.
+    pub joined: usize,
+    /// Municipalities whose report the national node stored.
+    pub reported: usize,
+    /// Doses the municipalities reported, in all.
+    pub doses_sent: u64,
+    /// Doses in the national node's totals for the day.
+    pub national_total: u64,
+    /// Seconds spent approving the municipalities.
+    pub approve_seconds: f64,
+    /// Seconds from starting the national service to the last stored report.
+    pub exchange_seconds: f64,
+    /// Median and slowest time from a municipality's dial to its stored report.
+    pub median_ms: u64,
+    /// Slowest.
+    pub max_ms: u64,
+}
+
+struct Member {
+    code: MunicipalityCode,
+    keypair: Keypair,
+    coupon_key: Ed25519KeyPair,
+    doses: u64,
+}
+
+/// Runs the smoke test with the first `count` municipalities (all 1,741 by default) in
+/// `dir` (which must be empty or absent).
+pub async fn run(dir: &Path, count: usize, date: Date) -> anyhow::Result<SmokeReport> {
+    let national_dir = dir.join("national");
+    let init = crate::federation::NationalInit {
+        p2p_listen: NATIONAL_ADDRESS,
+        advertise: None,
+        http_listen: "127.0.0.1:0",
+        plain_http: true,
+    };
+    let (national_peer, national_key) = crate::federation::init_national(&national_dir, &init)?;
+    let national_peer: PeerId = national_peer.parse()?;
+    let national_key = hex_decode(&national_key).context("the national key")?;
+    let random = SystemRandom::new();
+    let started = Instant::now();
+    let mut members = Vec::new();
+    for (i, municipality) in all_municipalities().iter().take(count).enumerate() {
+        let keypair = Keypair::generate_ed25519();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&random).map_err(|_| anyhow::anyhow!("key generation"))?;
+        let coupon_key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let entry = DirectoryEntry {
+            municipality: Some(municipality.code),
+            role: NodeRole::Municipal,
+            peer_id: keypair.public().to_peer_id().to_string(),
+            addresses: vec![format!("/memory/{}", 20_000 + i)],
+            coupon_key: hex_lower(coupon_key.public_key().as_ref()),
+            encryption_key: String::new(),
+        };
+        crate::federation::approve(&national_dir, JoinRequest { entry, requested_at: String::new() })?;
+        members.push(Member { code: municipality.code, keypair, coupon_key, doses: 1 + (i as u64 % 97) });
+    }
+    let approve_seconds = started.elapsed().as_secs_f64();
+    let directory = crate::p2p::load_directory(&national_dir.join("directory.json"), &national_key)?
+        .context("the national node's directory")?;
+    let directory_entries = directory.directory.entries.len();
+
+    let store = Arc::new(crate::national::NationalStore::open(&national_dir, None)?);
+    let options = P2pOptions {
+        keypair: crate::p2p::load_or_create_identity(&national_dir.join("keys/p2p-identity.key"))?,
+        listen: NATIONAL_ADDRESS.parse()?,
+        national: None,
+        national_key: national_key.clone(),
+        directory_path: national_dir.join("directory.json"),
+        role: NodeRole::National,
+        municipality: None,
+        store: None,
+        writer: None,
+        captures: None,
+        reporter: None,
+        national_store: Some(store.clone()),
+        handoffs: None,
+    };
+    let (bound, listening) = tokio::sync::oneshot::channel();
+    let national = tokio::spawn(crate::p2p::run(options, Some(bound)));
+    listening.await.context("the national node did not start listening")?;
+    let exchange = Instant::now();
+    let address: Multiaddr = format!("{NATIONAL_ADDRESS}/p2p/{national_peer}").parse()?;
+    let doses_sent: u64 = members.iter().map(|m| m.doses).sum();
+    let municipalities = members.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for member in members {
+        let address = address.clone();
+        let national_key = national_key.clone();
+        tasks.spawn(async move { join_and_report(member, address, national_peer, national_key, date).await });
+    }
+    let mut times = Vec::new();
+    let mut failures = Vec::new();
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome.context("a municipal task panicked")? {
+            Ok(ms) => times.push(ms),
+            Err(error) => failures.push(format!("{error:#}")),
+        }
+    }
+    let exchange_seconds = exchange.elapsed().as_secs_f64();
+    national.abort();
+    if !failures.is_empty() {
+        bail!("{} municipalities failed, first: {}", failures.len(), failures[0]);
+    }
+    times.sort_unstable();
+    let by = crate::national::GroupBy::default();
+    let national_total: u64 =
+        store.totals(crate::national::Scope::National, date, date, by)?.iter().map(|row| row.count).sum();
+    Ok(SmokeReport {
+        municipalities,
+        directory_entries,
+        joined: times.len(),
+        reported: times.len(),
+        doses_sent,
+        national_total,
+        approve_seconds,
+        exchange_seconds,
+        median_ms: times.get(times.len() / 2).copied().unwrap_or(0),
+        max_ms: times.last().copied().unwrap_or(0),
+    })
+}
+
+/// One municipality: dial, fetch and verify the directory, report; returns the
+/// milliseconds from the first dial to the stored report.
+async fn join_and_report(
+    member: Member,
+    national: Multiaddr,
+    national_peer: PeerId,
+    national_key: Vec<u8>,
+    date: Date,
+) -> anyhow::Result<u64> {
+    let code = member.code;
+    let own_peer = member.keypair.public().to_peer_id();
+    let mut swarm = crate::p2p::build_swarm(member.keypair)?;
+    swarm.behaviour_mut().gate.set_allowed(HashSet::from([national_peer]));
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    swarm.dial(national.clone())?;
+    let mut asked = false;
+    loop {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .with_context(|| format!("{code}: no report stored within {DEADLINE:?}"))?;
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == national_peer && !asked => {
+                asked = true;
+                swarm
+                    .behaviour_mut()
+                    .directory
+                    .send_request(&peer_id, DirectoryRequest { held_version: None });
+            }
+            SwarmEvent::OutgoingConnectionError { .. } => {
+                // The national node limits connections being set up at once: try again.
+                tokio::time::sleep(Duration::from_millis(50 + u64::from(code.as_str().as_bytes()[5]) * 10))
+                    .await;
+                swarm.dial(national.clone())?;
+            }
+            SwarmEvent::ConnectionClosed { peer_id, .. } if peer_id == national_peer => {
+                asked = false;
+                swarm.dial(national.clone())?;
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Directory(request_response::Event::Message {
+                message: Message::Response { response, .. },
+                ..
+            })) => {
+                let signed = response.directory.with_context(|| format!("{code}: no directory sent"))?;
+                let directory = signed.verify(&national_key).with_context(|| format!("{code}: directory"))?;
+                let me = directory.peer(&own_peer.to_string());
+                if me.and_then(|e| e.municipality) != Some(code) {
+                    bail!("{code}: not in the directory");
+                }
+                let daily = DailyStatistics {
+                    municipality: code,
+                    date,
+                    version: 1,
+                    generated_at: format!("{date}T09:00:00Z"),
+                    doses: vec![DoseCount {
+                        product: "comirnaty-30".to_owned(),
+                        dose_number: 1,
+                        age_band: AgeBand::all().nth(6).context("age bands")?,
+                        sex: Sex::Female,
+                        venue_municipality: code,
+                        count: member.doses,
+                    }],
+                    entry_lag: Vec::new(),
+                    rejected: Vec::new(),
+                };
+                let signed = SignedStatistics::sign(&Statistics::Daily(daily), &member.coupon_key);
+                let request = ReportRequest { statistics: vec![signed], checkpoints: Vec::new() };
+                swarm.behaviour_mut().report.send_request(&national_peer, request);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Report(request_response::Event::Message {
+                message: Message::Response { response, .. },
+                ..
+            })) => {
+                return match response {
+                    ReportResponse::Stored { statistics: 1, .. } => Ok(started.elapsed().as_millis() as u64),
+                    other => bail!("{code}: report not stored: {other:?}"),
+                };
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Directory(request_response::Event::OutboundFailure {
+                error,
+                ..
+            })) => bail!("{code}: directory request failed: {error}"),
+            SwarmEvent::Behaviour(BehaviourEvent::Report(request_response::Event::OutboundFailure {
+                error,
+                ..
+            })) => bail!("{code}: report failed: {error}"),
+            _ => {}
+        }
+    }
+}
