@@ -1312,8 +1312,7 @@ impl World {
     fn reissue(&mut self, home: u32, index: u64) -> bool {
         let now = self.clock(Addr::Primary(home));
         let p = &mut self.primaries[home as usize];
-        let rid = materialize(p, index, &self.person_secret, now);
-        let mut doc = p.docs[&rid].load_as(&p.actor);
+        let (rid, mut doc) = open_resident(p, index, &self.person_secret, now);
         let record = read_record(&doc).expect("a resident document");
         if record.transfer.is_some() {
             return false;
@@ -1367,8 +1366,7 @@ impl World {
             return;
         };
         let p = &mut self.primaries[from as usize];
-        let rid = materialize(p, index, &self.person_secret, now);
-        let mut doc = p.docs[&rid].load_as(&p.actor);
+        let (rid, mut doc) = open_resident(p, index, &self.person_secret, now);
         let record = read_record(&doc).expect("a resident document");
         if record.transfer.is_some() || record.identity.status != ResidentStatus::Active {
             return;
@@ -1721,21 +1719,24 @@ impl World {
             Err(error) => return refusal(own, error.code(), &error.to_string()),
         };
         let code = *scans.coupon.code();
-        let resident = match transferred_from {
+        let indexed = match transferred_from {
             Some(_) => p.carried.get(&code.to_string()).cloned(),
-            None => match p.by_number.get(&code.number) {
-                Some(rid) => Some(rid.clone()),
-                None => {
-                    let serial = code.number.as_str()[..9].parse::<u64>().unwrap_or(0);
-                    (serial >= 1 && serial <= p.pop)
-                        .then(|| materialize(p, serial - 1, &self.person_secret, now))
-                }
-            },
+            None => p.by_number.get(&code.number).cloned(),
         };
-        let Some(rid) = resident else {
+        let resident = match indexed {
+            Some(rid) => {
+                let doc = p.docs[&rid].load_as(&p.actor);
+                Some((rid, doc))
+            }
+            None if transferred_from.is_none() => {
+                let serial = code.number.as_str()[..9].parse::<u64>().unwrap_or(0);
+                (serial >= 1 && serial <= p.pop).then(|| open_resident(p, serial - 1, &self.person_secret, now))
+            }
+            None => None,
+        };
+        let Some((rid, mut doc)) = resident else {
             return refusal(own, "coupon_not_issued", "not issued by this municipality");
         };
-        let mut doc = p.docs[&rid].load_as(&p.actor);
         let record = read_record(&doc).expect("a resident document");
         let own_lot = lot_of(own);
         let lot = if own_lot.lot == scans.vial.lot {
@@ -2198,12 +2199,18 @@ fn refusal(owner: MunicipalityCode, code: &str, message: &str) -> CaptureState {
     }
 }
 
-/// The resident `index` of the register, created on first use with the coupon issued to
-/// them (what import and bulk issuance did before the day began).
-fn materialize(p: &mut Primary, index: u64, secret: &PersonKeySecret, now: OffsetDateTime) -> String {
+/// The resident `index` of the register and their document, ready to change. Created on
+/// first use with the coupon issued to them (what import and bulk issuance did before the
+/// day began).
+fn open_resident(
+    p: &mut Primary,
+    index: u64,
+    secret: &PersonKeySecret,
+    now: OffsetDateTime,
+) -> (String, Automerge) {
     let number = CouponNumber::from_serial(index as u32 + 1).expect("serials fit");
     if let Some(rid) = p.by_number.get(&number) {
-        return rid.clone();
+        return (rid.clone(), p.docs[rid].load_as(&p.actor));
     }
     let identity = identity(index, p.code);
     let rid = format!("{}-{index}", p.code);
@@ -2237,7 +2244,7 @@ fn materialize(p: &mut Primary, index: u64, secret: &PersonKeySecret, now: Offse
     p.by_number.insert(number, rid.clone());
     p.by_person.insert(person_key, rid.clone());
     store(p, &rid, &mut doc);
-    rid
+    (rid, doc)
 }
 
 /// One event, one commit: the document, the counters and the change feed together.
