@@ -206,6 +206,31 @@ pub fn promote(dir: &Path) -> anyhow::Result<JoinRequest> {
     request_for(&files)
 }
 
+/// The national node's p2p service options: its identity and directory in `dir`, its
+/// report and ledger store.
+pub(crate) fn national_p2p_options(
+    dir: &Path,
+    listen: libp2p::Multiaddr,
+    national_key: Vec<u8>,
+    store: std::sync::Arc<crate::national::NationalStore>,
+) -> anyhow::Result<P2pOptions> {
+    Ok(P2pOptions {
+        keypair: load_or_create_identity(&dir.join("keys/p2p-identity.key"))?,
+        listen,
+        national: None,
+        national_key,
+        directory_path: dir.join("directory.json"),
+        role: NodeRole::National,
+        municipality: None,
+        store: None,
+        writer: None,
+        captures: None,
+        reporter: None,
+        national_store: Some(store),
+        handoffs: None,
+    })
+}
+
 /// Runs the national node: the p2p service (directory, reports) and the national API.
 pub async fn run_national(dir: &Path) -> anyhow::Result<()> {
     run_national_with(dir, None).await
@@ -224,21 +249,8 @@ pub async fn run_national_with(
     let key = signing_key(dir)?;
     let message_log = config.message_log.as_ref().map(|p| dir.join(p));
     let store = std::sync::Arc::new(crate::national::NationalStore::open(dir, message_log.as_deref())?);
-    let options = P2pOptions {
-        keypair: load_or_create_identity(&dir.join("keys/p2p-identity.key"))?,
-        listen: config.p2p_listen.parse().context("p2p_listen is not a multiaddr")?,
-        national: None,
-        national_key: key.public_key().as_ref().to_vec(),
-        directory_path: dir.join("directory.json"),
-        role: NodeRole::National,
-        municipality: None,
-        store: None,
-        writer: None,
-        captures: None,
-        reporter: None,
-        national_store: Some(store.clone()),
-        handoffs: None,
-    };
+    let listen = config.p2p_listen.parse().context("p2p_listen is not a multiaddr")?;
+    let options = national_p2p_options(dir, listen, key.public_key().as_ref().to_vec(), store.clone())?;
     let tls = if config.plain_http {
         None
     } else {

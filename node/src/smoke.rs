@@ -36,7 +36,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use time::Date;
 
-use crate::p2p::{BehaviourEvent, DirectoryRequest, P2pOptions};
+use crate::p2p::{BehaviourEvent, DirectoryRequest};
 
 /// Where the national node listens in the process.
 const NATIONAL_ADDRESS: &str = "/memory/17410";
@@ -112,21 +112,12 @@ pub async fn run(dir: &Path, count: usize, date: Date) -> anyhow::Result<SmokeRe
     let directory_entries = directory.directory.entries.len();
 
     let store = Arc::new(crate::national::NationalStore::open(&national_dir, None)?);
-    let options = P2pOptions {
-        keypair: crate::p2p::load_or_create_identity(&national_dir.join("keys/p2p-identity.key"))?,
-        listen: NATIONAL_ADDRESS.parse()?,
-        national: None,
-        national_key: national_key.clone(),
-        directory_path: national_dir.join("directory.json"),
-        role: NodeRole::National,
-        municipality: None,
-        store: None,
-        writer: None,
-        captures: None,
-        reporter: None,
-        national_store: Some(store.clone()),
-        handoffs: None,
-    };
+    let options = crate::federation::national_p2p_options(
+        &national_dir,
+        NATIONAL_ADDRESS.parse()?,
+        national_key.clone(),
+        store.clone(),
+    )?;
     let (bound, listening) = tokio::sync::oneshot::channel();
     let national = tokio::spawn(crate::p2p::run(options, Some(bound)));
     listening.await.context("the national node did not start listening")?;

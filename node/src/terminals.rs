@@ -331,12 +331,12 @@ impl CaptureService {
                         // The resident moved away and the terminal did not know yet: the
                         // dose goes to their new municipality, like a dose given away
                         // from home.
-                        Some(to) => self.queue_forward(peer, to, capture).await,
+                        Some(to) => self.queue_forward(peer, to, capture, None).await,
                         None => state,
                     }
                 }
                 Ok(owner) => match self.check_foreign(&capture, owner, directory) {
-                    Ok(()) => self.queue_forward(peer, owner, capture).await,
+                    Ok(()) => self.queue_forward(peer, owner, capture, None).await,
                     Err(state) => state,
                 },
                 Err(error) => self.refusal(error.code(), &error.message_ja(), &error.to_string()),
@@ -482,12 +482,15 @@ impl CaptureService {
     }
 
     /// Stores a capture of another municipality's coupon for forwarding, or answers with
-    /// the owner's answer if it has come. Keys are the terminal's peer id and the event id.
+    /// the owner's answer if it has come. Keys are the sender's peer id (a terminal, or the
+    /// node that forwarded it here) and the event id. `lot` is the venue municipality's lot
+    /// when the capture came from another node; otherwise this node's own is looked up.
     async fn queue_forward(
         &self,
         peer: &str,
         owner: MunicipalityCode,
         capture: TerminalCapture,
+        lot: Option<protocol::catalogue::Lot>,
     ) -> CaptureState {
         let key = outbox_key(peer, &capture.event_id);
         // Still waiting for the owner: answered from a read, without a write.
@@ -506,12 +509,18 @@ impl CaptureService {
                 return CaptureState::Pending;
             }
         }
-        let lot_number = decode_scans(&capture.coupon, &capture.vial).map(|s| s.vial.lot).unwrap_or_default();
-        let lot = match self.store.read().and_then(|view| view.lot(&lot_number)) {
-            Ok(lot) => lot,
-            Err(error) => {
-                tracing::error!(%error, "cannot read lots");
-                return CaptureState::Pending;
+        let lot = match lot {
+            Some(lot) => Some(lot),
+            None => {
+                let lot_number =
+                    decode_scans(&capture.coupon, &capture.vial).map(|s| s.vial.lot).unwrap_or_default();
+                match self.store.read().and_then(|view| view.lot(&lot_number)) {
+                    Ok(lot) => lot,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot read lots");
+                        return CaptureState::Pending;
+                    }
+                }
             }
         };
         let outgoing = Outgoing { owner, forwarded: ForwardedCapture { capture, lot } };
@@ -548,7 +557,8 @@ impl CaptureService {
     }
 
     /// Captures forwarded by `peer`, the primary node of municipality `from`: its own
-    /// venues' captures of this municipality's coupons.
+    /// venues' captures of this municipality's coupons, and captures of `from`'s own coupons
+    /// carried here by a handoff (given at `from`'s venues or passed on by `from`).
     pub async fn forwarded(
         &self,
         peer: &str,
@@ -558,24 +568,39 @@ impl CaptureService {
     ) -> CaptureResponse {
         let futures = captures.into_iter().map(|f| async move {
             let event_id = f.capture.event_id.clone();
-            let state = match self.owner_of(&f.capture) {
-                _ if f.capture.venue_municipality != from || from == self.municipality => self.refusal(
+            let mismatch = || {
+                self.refusal(
                     "venue_municipality_mismatch",
                     "転送元の自治体と会場の自治体が一致しません",
                     &format!(
                         "a node of {from} forwarded a capture made at a venue of {}",
                         f.capture.venue_municipality
                     ),
-                ),
-                Ok(owner) if owner == self.municipality => self.record(peer, f.capture, f.lot, None).await,
+                )
+            };
+            let state = match self.owner_of(&f.capture) {
+                _ if from == self.municipality => mismatch(),
                 // A coupon of the forwarding municipality, carried here by a handoff: the
-                // resident moved here after that municipality's terminal recorded it.
+                // resident moved here after a terminal checked the coupon — at one of that
+                // municipality's venues, or at a third municipality's, which forwarded it to
+                // the coupon's municipality, which passed it on.
                 Ok(owner) if owner == from && self.carries_coupon_of(&f.capture) => {
                     self.record(peer, f.capture, f.lot, Some((from, directory))).await
                 }
                 // The forwarding municipality's own coupon, of a resident whose handoff has
                 // not been accepted here yet: not final, so it is forwarded again.
                 Ok(owner) if owner == from => CaptureState::Pending,
+                _ if f.capture.venue_municipality != from => mismatch(),
+                Ok(owner) if owner == self.municipality => {
+                    let state = self.record(peer, f.capture.clone(), f.lot.clone(), None).await;
+                    // The resident moved away: pass it on to their new municipality, as for
+                    // this municipality's own terminals; the venue's node asks again until
+                    // the answer is final.
+                    match self.moved_to(&f.capture, &state) {
+                        Some(to) => self.queue_forward(peer, to, f.capture, f.lot).await,
+                        None => state,
+                    }
+                }
                 Ok(owner) => self.refusal(
                     "not_owner",
                     &format!("この接種券は {owner} のもので、このノードでは記録できません"),

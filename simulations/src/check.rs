@@ -16,8 +16,7 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
         out.push("the federation did not settle within the convergence budget".to_owned());
     }
     // 5. No personal data at the national node.
-    let mut markers: Vec<&String> = world.national_personal().iter().collect();
-    markers.dedup();
+    let markers: BTreeSet<&String> = world.national_personal().iter().collect();
     for marker in markers {
         out.push(format!("the national node received personal data (marker {marker:?})"));
     }
@@ -49,11 +48,14 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
             for event_id in record.doses.keys() {
                 any_events.insert(event_id.clone());
             }
+            holders.entry(record.person_key.clone()).or_default();
             let active = record.transfer.is_none() && record.identity.status == ResidentStatus::Active;
             if !active {
                 continue;
             }
-            holders.entry(record.person_key.clone()).or_default().push(*code);
+            if let Some(at) = holders.get_mut(&record.person_key) {
+                at.push(*code);
+            }
             for event_id in record.doses.keys() {
                 active_events.entry(event_id.clone()).or_default().push(id.clone());
             }
@@ -108,7 +110,14 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
             out.push(format!("{code}: national figures {national:?} differ from the municipality's {own:?}"));
         }
     }
-    // 3. One owner per person key, and the ledger agrees.
+    // 3. One owner per person key — every key any record or the ledger knows — and the
+    // ledger agrees; no handoff refused.
+    for person_key in world.ledger_persons() {
+        holders.entry(person_key.clone()).or_default();
+    }
+    for (id, reason) in world.refused_handoffs() {
+        out.push(format!("handoff {id} refused by the ledger: {reason}"));
+    }
     for (person_key, at) in &holders {
         if at.len() != 1 {
             out.push(format!("person {person_key} is active in {} municipalities: {at:?}", at.len()));
@@ -139,6 +148,11 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
             CaptureState::Refused { code, .. } => {
                 if any_events.contains(event_id) {
                     out.push(format!("capture {event_id} refused ({code}), but a record holds it"));
+                }
+                // Every capture of this workload is valid except one made with a superseded
+                // coupon: any other refusal lost a dose the operator was told was recorded.
+                if !world.expect_refused.contains(event_id) {
+                    out.push(format!("capture {event_id} of a valid coupon was refused ({code})"));
                 }
             }
             other => out.push(format!("capture {event_id} never settled: {other:?}")),

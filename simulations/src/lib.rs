@@ -58,6 +58,9 @@ pub enum Bug {
     AddReports,
     /// A standby moves its checkpoint without storing the page.
     SkipPage,
+    /// The old municipality refuses a dose of a moved resident's coupon forwarded by a
+    /// third municipality's venue instead of passing it on to the new one.
+    KeepMovedAway,
 }
 
 impl Default for Config {

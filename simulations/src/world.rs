@@ -84,50 +84,51 @@ pub enum Addr {
 /// What travels: the protocol's own messages.
 #[derive(Clone, Debug)]
 pub enum Msg {
-    /// Terminal → its primary.
-    Push(Vec<TerminalCapture>),
+    /// Terminal → its primary. Requests and their answers carry a request id: an answer
+    /// to an older request (late, or duplicated) changes nothing but what is idempotent.
+    Push(u64, Vec<TerminalCapture>),
     /// Terminal → its primary: the bundle version held.
     Refresh(u64),
     /// Primary → terminal.
-    Pushed(Vec<(String, CaptureState)>),
+    Pushed(u64, Vec<(String, CaptureState)>),
     /// Primary → terminal: a newer bundle.
     Bundle(Rc<TerminalBundle>),
     /// Venue's primary → owner's primary.
-    Forward(Vec<ForwardedCapture>),
+    Forward(u64, Vec<ForwardedCapture>),
     /// Owner's primary → venue's primary.
-    Forwarded(Vec<(String, CaptureState)>),
+    Forwarded(u64, Vec<(String, CaptureState)>),
     /// Standby → primary.
-    Pull(ReplicationRequest),
+    Pull(u64, ReplicationRequest),
     /// Primary → standby.
-    Pulled(ReplicationResponse),
+    Pulled(u64, ReplicationResponse),
     /// Primary → standby: something changed (the standby pulls).
     Nudge,
     /// Primary → national.
-    Report(Box<SignedStatistics>),
+    Report(u64, Box<SignedStatistics>),
     /// National → primary.
-    Reported(u64),
+    Reported(u64, u64),
     /// Primary → national.
-    Sync(Box<HandoffSync>),
+    Sync(u64, Box<HandoffSync>),
     /// National → primary.
-    Synced(Box<HandoffResponse>),
+    Synced(u64, Box<HandoffResponse>),
 }
 
 impl Msg {
     fn kind(&self) -> &'static str {
         match self {
-            Msg::Push(_) => "push",
+            Msg::Push(..) => "push",
             Msg::Refresh(_) => "refresh",
-            Msg::Pushed(_) => "pushed",
+            Msg::Pushed(..) => "pushed",
             Msg::Bundle(_) => "bundle",
-            Msg::Forward(_) => "forward",
-            Msg::Forwarded(_) => "forwarded",
-            Msg::Pull(_) => "pull",
-            Msg::Pulled(_) => "pulled",
+            Msg::Forward(..) => "forward",
+            Msg::Forwarded(..) => "forwarded",
+            Msg::Pull(..) => "pull",
+            Msg::Pulled(..) => "pulled",
             Msg::Nudge => "nudge",
-            Msg::Report(_) => "report",
-            Msg::Reported(_) => "reported",
-            Msg::Sync(_) => "sync",
-            Msg::Synced(_) => "synced",
+            Msg::Report(..) => "report",
+            Msg::Reported(..) => "reported",
+            Msg::Sync(..) => "sync",
+            Msg::Synced(..) => "synced",
         }
     }
 
@@ -135,19 +136,19 @@ impl Msg {
     fn encode(&self) -> Vec<u8> {
         let buf = Vec::new();
         let bytes = match self {
-            Msg::Push(c) => cbor4ii::serde::to_vec(buf, c),
-            Msg::Refresh(v) | Msg::Reported(v) => cbor4ii::serde::to_vec(buf, v),
-            Msg::Pushed(s) | Msg::Forwarded(s) => cbor4ii::serde::to_vec(buf, s),
+            Msg::Push(_, c) => cbor4ii::serde::to_vec(buf, c),
+            Msg::Refresh(v) | Msg::Reported(_, v) => cbor4ii::serde::to_vec(buf, v),
+            Msg::Pushed(_, s) | Msg::Forwarded(_, s) => cbor4ii::serde::to_vec(buf, s),
             Msg::Bundle(b) => cbor4ii::serde::to_vec(buf, &**b),
-            Msg::Forward(f) => cbor4ii::serde::to_vec(buf, f),
-            Msg::Pull(r) => cbor4ii::serde::to_vec(buf, r),
-            Msg::Pulled(r) => cbor4ii::serde::to_vec(buf, r),
+            Msg::Forward(_, f) => cbor4ii::serde::to_vec(buf, f),
+            Msg::Pull(_, r) => cbor4ii::serde::to_vec(buf, r),
+            Msg::Pulled(_, r) => cbor4ii::serde::to_vec(buf, r),
             Msg::Nudge => Ok(vec![0]),
-            Msg::Report(r) => cbor4ii::serde::to_vec(buf, &**r),
-            Msg::Sync(s) => cbor4ii::serde::to_vec(buf, &**s),
-            Msg::Synced(s) => cbor4ii::serde::to_vec(buf, &**s),
+            Msg::Report(_, r) => cbor4ii::serde::to_vec(buf, &**r),
+            Msg::Sync(_, s) => cbor4ii::serde::to_vec(buf, &**s),
+            Msg::Synced(_, s) => cbor4ii::serde::to_vec(buf, &**s),
         };
-        bytes.unwrap_or_default()
+        bytes.expect("the protocol's messages encode")
     }
 }
 
@@ -248,6 +249,8 @@ pub(crate) struct Primary {
     results: BTreeMap<String, CaptureState>,
     out: BTreeMap<String, OutHandoff>,
     accepted_unacked: BTreeSet<String>,
+    /// The acceptances the sync in flight reports (volatile).
+    accepted_sent: Vec<String>,
     next_serial: u32,
     next_handoff: u64,
     next_correction: u64,
@@ -257,11 +260,12 @@ pub(crate) struct Primary {
     bundle: Option<Rc<TerminalBundle>>,
     pending: Vec<(Addr, Msg)>,
     commit_at: bool,
-    forward_sent: BTreeMap<MunicipalityCode, Time>,
-    sync_sent: Option<Time>,
-    report_sent: Option<Time>,
+    forward_sent: BTreeMap<MunicipalityCode, (u64, Time)>,
+    sync_sent: Option<(u64, Time)>,
+    report_sent: Option<(u64, Time)>,
     acked_version: u64,
-    timers: BTreeSet<Timer>,
+    /// Pending timers and when each fires (an earlier request moves it sooner).
+    timers: BTreeMap<Timer, Time>,
     nudged: bool,
 }
 
@@ -274,8 +278,9 @@ pub(crate) struct Standby {
     puller: Option<Puller>,
     page: BTreeMap<String, Automerge>,
     whole: BTreeMap<String, Vec<u8>>,
-    sent: Option<Time>,
-    timers: BTreeSet<Timer>,
+    sent: Option<(u64, Time)>,
+    /// Pending timers and when each fires (an earlier request moves it sooner).
+    timers: BTreeMap<Timer, Time>,
     idle: Time,
 }
 
@@ -296,8 +301,9 @@ pub(crate) struct Terminal {
     held: BTreeMap<String, Held>,
     open: BTreeSet<String>,
     next: u64,
-    sent: Option<Time>,
-    timers: BTreeSet<Timer>,
+    sent: Option<(u64, Time)>,
+    /// Pending timers and when each fires (an earlier request moves it sooner).
+    timers: BTreeMap<Timer, Time>,
 }
 
 /// The national ledger over maps, the same rules the national node runs over redb.
@@ -492,6 +498,7 @@ pub struct World {
     pub(crate) counters: Counters,
     doses_per_day: f64,
     relocations_per_day: f64,
+    next_request: u64,
     /// Encoded size of each bundle version (a bundle is sent to every terminal unchanged).
     bundle_bytes: BTreeMap<(MunicipalityCode, u64), u64>,
     digest: ring::digest::Context,
@@ -591,6 +598,7 @@ impl World {
                 results: BTreeMap::new(),
                 out: BTreeMap::new(),
                 accepted_unacked: BTreeSet::new(),
+                accepted_sent: Vec::new(),
                 next_serial: u32::try_from(pop).unwrap_or(u32::MAX - 1_000_000) + 1,
                 next_handoff: 0,
                 next_correction: 0,
@@ -603,7 +611,7 @@ impl World {
                 sync_sent: None,
                 report_sent: None,
                 acked_version: 0,
-                timers: BTreeSet::new(),
+                timers: BTreeMap::new(),
                 nudged: false,
             });
         }
@@ -632,7 +640,7 @@ impl World {
                 page: BTreeMap::new(),
                 whole: BTreeMap::new(),
                 sent: None,
-                timers: BTreeSet::new(),
+                timers: BTreeMap::new(),
                 idle: 300_000,
             })
             .collect();
@@ -655,7 +663,7 @@ impl World {
                     open: BTreeSet::new(),
                     next: 0,
                     sent: None,
-                    timers: BTreeSet::new(),
+                    timers: BTreeMap::new(),
                 });
             }
             terminals_of.push(mine);
@@ -682,6 +690,7 @@ impl World {
         let doses_per_day = config.doses_per_day();
         let relocations_per_day = config.relocations_per_day(cumulative);
         World {
+            next_request: 0,
             doses_per_day,
             relocations_per_day,
             config,
@@ -754,6 +763,11 @@ impl World {
         OPENING + Duration::milliseconds(self.now as i64 + skew)
     }
 
+    fn request_id(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
+    }
+
     fn schedule(&mut self, at: Time, event: Event) {
         self.seq += 1;
         self.queue.insert((at, self.seq), event);
@@ -772,12 +786,15 @@ impl World {
                 (self.terminals[i as usize].epoch, Some(&mut self.terminals[i as usize].timers))
             }
         };
-        if let Some(timers) = timers
-            && !timers.insert(timer)
-        {
-            return;
+        let at = self.now + after;
+        if let Some(timers) = timers {
+            if timers.get(&timer).is_some_and(|pending| *pending <= at) {
+                return;
+            }
+            // The later event, if any, is recognised as stale when it fires.
+            timers.insert(timer, at);
         }
-        self.schedule(self.now + after, Event::Timer { node, timer, epoch });
+        self.schedule(at, Event::Timer { node, timer, epoch });
     }
 
     fn is_up(&self, node: Addr) -> bool {
@@ -1005,21 +1022,21 @@ impl World {
                     }
                     Addr::Primary(i) => {
                         let p = &mut self.primaries[i as usize];
-                        if epoch != p.epoch || !p.up {
+                        if epoch != p.epoch || !p.up || p.timers.get(&timer) != Some(&self.now) {
                             return;
                         }
                         p.timers.remove(&timer);
                     }
                     Addr::Standby(i) => {
                         let s = &mut self.standbys[i as usize];
-                        if epoch != s.epoch || !s.up {
+                        if epoch != s.epoch || !s.up || s.timers.get(&timer) != Some(&self.now) {
                             return;
                         }
                         s.timers.remove(&timer);
                     }
                     Addr::Terminal(t) => {
                         let term = &mut self.terminals[t as usize];
-                        if epoch != term.epoch || !term.up {
+                        if epoch != term.epoch || !term.up || term.timers.get(&timer) != Some(&self.now) {
                             return;
                         }
                         term.timers.remove(&timer);
@@ -1347,7 +1364,15 @@ impl World {
         if !self.primaries[from as usize].up {
             return;
         }
-        let index = self.rng.below(self.primaries[from as usize].pop);
+        // Half the movers are people about to be vaccinated, who then come with the old
+        // municipality's coupon (to its venues, or to another municipality's).
+        let pop = self.primaries[from as usize].pop;
+        let next = self.next_resident[from as usize];
+        let index = if self.rng.chance(0.5) && next + 20 < pop {
+            next + self.rng.below(20)
+        } else {
+            self.rng.below(pop)
+        };
         if self.moved.contains_key(&(from, index)) {
             return;
         }
@@ -1450,7 +1475,7 @@ impl World {
         let node = Addr::Terminal(t);
         let term = &self.terminals[t as usize];
         let primary = Addr::Primary(term.primary);
-        if term.sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+        if term.sent.is_some_and(|(_, at)| self.now < at + TIMEOUT_MS) {
             self.timer(node, Timer::Push, TIMEOUT_MS);
             return;
         }
@@ -1458,10 +1483,11 @@ impl World {
         let captures: Vec<TerminalCapture> =
             term.open.iter().take(MAX_CAPTURES_PER_REQUEST).map(|id| term.held[id].capture.clone()).collect();
         let busy = !captures.is_empty();
-        self.terminals[t as usize].sent = Some(self.now);
+        let id = self.request_id();
+        self.terminals[t as usize].sent = busy.then_some((id, self.now));
         self.send(node, primary, Msg::Refresh(held));
         if busy {
-            self.send(node, primary, Msg::Push(captures));
+            self.send(node, primary, Msg::Push(id, captures));
         }
         // Connected terminals ask for a newer bundle every few seconds; with captures
         // waiting they push again until each is final.
@@ -1472,8 +1498,10 @@ impl World {
     fn terminal_receive(&mut self, t: u32, msg: Msg) {
         let term = &mut self.terminals[t as usize];
         match msg {
-            Msg::Pushed(states) => {
-                term.sent = None;
+            Msg::Pushed(id, states) => {
+                if term.sent.is_some_and(|(sent, _)| sent == id) {
+                    term.sent = None;
+                }
                 for (id, state) in states {
                     if let Some(held) = term.held.get_mut(&id)
                         && !held.state.is_final()
@@ -1505,23 +1533,25 @@ impl World {
                         replies.push((from, Msg::Bundle(bundle)));
                     }
                 }
-                Msg::Push(captures) => {
+                Msg::Push(id, captures) => {
                     let states = captures.into_iter().map(|c| self.push_one(i, from, c)).collect();
-                    replies.push((from, Msg::Pushed(states)));
+                    replies.push((from, Msg::Pushed(id, states)));
                 }
-                Msg::Forward(captures) => {
+                Msg::Forward(id, captures) => {
                     let Addr::Primary(f) = from else { continue };
                     let states = captures.into_iter().map(|c| self.forwarded_one(i, f, c)).collect();
-                    replies.push((from, Msg::Forwarded(states)));
+                    replies.push((from, Msg::Forwarded(id, states)));
                 }
-                Msg::Forwarded(states) => self.forward_answered(i, from, states),
-                Msg::Pull(request) => replies.push((from, Msg::Pulled(self.answer_pull(i, request)))),
-                Msg::Reported(version) => {
+                Msg::Forwarded(id, states) => self.forward_answered(i, from, id, states),
+                Msg::Pull(id, request) => replies.push((from, Msg::Pulled(id, self.answer_pull(i, request)))),
+                Msg::Reported(id, version) => {
                     let p = &mut self.primaries[i as usize];
-                    p.report_sent = None;
+                    if p.report_sent.is_some_and(|(sent, _)| sent == id) {
+                        p.report_sent = None;
+                    }
                     p.acked_version = p.acked_version.max(version);
                 }
-                Msg::Synced(response) => self.synced(i, *response),
+                Msg::Synced(id, response) => self.synced(i, id, *response),
                 _ => {}
             }
         }
@@ -1567,7 +1597,7 @@ impl World {
             match &state {
                 CaptureState::Refused { code, .. } if code == "coupon_transferred" => {
                     match self.moved_to(i, &capture) {
-                        Some(to) => self.queue_forward(i, key, to, capture),
+                        Some(to) => self.queue_forward(i, key, to, capture, None),
                         None => state,
                     }
                 }
@@ -1576,7 +1606,7 @@ impl World {
         } else {
             let known = self.directory.directory.primary_of(owner).is_some();
             if known && self.by_code.contains_key(&owner) {
-                self.queue_forward(i, key, owner, capture)
+                self.queue_forward(i, key, owner, capture, None)
             } else {
                 refusal(own, "owner_unknown", "municipality is not in the federation directory")
             }
@@ -1597,13 +1627,14 @@ impl World {
         key: String,
         owner: MunicipalityCode,
         capture: TerminalCapture,
+        lot: Option<protocol::catalogue::Lot>,
     ) -> CaptureState {
         let p = &mut self.primaries[i as usize];
         if let Some(state) = p.results.remove(&key) {
             return state;
         }
         if !p.outbox.contains_key(&key) {
-            let lot = Some(lot_of(p.code));
+            let lot = lot.or_else(|| Some(lot_of(p.code)));
             p.outbox.insert(key, (owner, ForwardedCapture { capture, lot }));
             self.timer(Addr::Primary(i), Timer::ForwardTick, 1);
         }
@@ -1620,10 +1651,11 @@ impl World {
             Ok(scans) => scans.coupon.code().municipality,
             Err(error) => return (event_id, refusal(own, error.code(), &error.to_string())),
         };
-        let state = if capture.venue_municipality != from_code || from_code == own {
+        let mismatch = || {
             refusal(own, "venue_municipality_mismatch", "forwarded by another municipality than the venue's")
-        } else if owner == own {
-            self.record(i, &capture, forwarded.lot, None)
+        };
+        let state = if from_code == own {
+            mismatch()
         } else if owner == from_code {
             let code = decode_scans(&capture.coupon, &capture.vial).map(|s| s.coupon.code().to_string());
             let carries = code.is_ok_and(|c| self.primaries[i as usize].carried.contains_key(&c));
@@ -1632,17 +1664,41 @@ impl World {
             } else {
                 CaptureState::Pending
             }
+        } else if capture.venue_municipality != from_code {
+            mismatch()
+        } else if owner == own {
+            let state = self.record(i, &capture, forwarded.lot.clone(), None);
+            let moved = match &state {
+                CaptureState::Refused { code, .. }
+                    if code == "coupon_transferred" && self.config.bug != Some(crate::Bug::KeepMovedAway) =>
+                {
+                    self.moved_to(i, &capture)
+                }
+                _ => None,
+            };
+            match moved {
+                Some(to) => self.queue_forward(
+                    i,
+                    format!("{:?}/{event_id}", Addr::Primary(from)),
+                    to,
+                    capture,
+                    forwarded.lot,
+                ),
+                None => state,
+            }
         } else {
             refusal(own, "not_owner", "the coupon belongs to another municipality")
         };
         (event_id, state)
     }
 
-    fn forward_answered(&mut self, i: u32, from: Addr, states: Vec<(String, CaptureState)>) {
+    fn forward_answered(&mut self, i: u32, from: Addr, id: u64, states: Vec<(String, CaptureState)>) {
         let Addr::Primary(o) = from else { return };
         let owner = self.codes[o as usize];
         let p = &mut self.primaries[i as usize];
-        p.forward_sent.remove(&owner);
+        if p.forward_sent.get(&owner).is_some_and(|(sent, _)| *sent == id) {
+            p.forward_sent.remove(&owner);
+        }
         let keys: Vec<(String, String)> = p
             .outbox
             .iter()
@@ -1679,14 +1735,16 @@ impl World {
         }
         let mut sends = Vec::new();
         for (owner, captures) in by_owner {
-            if p.forward_sent.get(&owner).is_some_and(|at| now < at + TIMEOUT_MS) {
+            if p.forward_sent.get(&owner).is_some_and(|(_, at)| now < at + TIMEOUT_MS) {
                 continue;
             }
-            p.forward_sent.insert(owner, now);
-            sends.push((self.by_code[&owner], captures));
+            sends.push((owner, captures));
         }
-        for (o, captures) in sends {
-            self.send(Addr::Primary(i), Addr::Primary(o), Msg::Forward(captures));
+        for (owner, captures) in sends {
+            let id = self.request_id();
+            self.primaries[i as usize].forward_sent.insert(owner, (id, now));
+            let o = self.by_code[&owner];
+            self.send(Addr::Primary(i), Addr::Primary(o), Msg::Forward(id, captures));
         }
         self.timer(Addr::Primary(i), Timer::ForwardTick, TIMEOUT_MS);
     }
@@ -1730,7 +1788,8 @@ impl World {
             }
             None if transferred_from.is_none() => {
                 let serial = code.number.as_str()[..9].parse::<u64>().unwrap_or(0);
-                (serial >= 1 && serial <= p.pop).then(|| open_resident(p, serial - 1, &self.person_secret, now))
+                (serial >= 1 && serial <= p.pop)
+                    .then(|| open_resident(p, serial - 1, &self.person_secret, now))
             }
             None => None,
         };
@@ -1819,7 +1878,7 @@ impl World {
         if p.stats_version <= p.acked_version {
             return;
         }
-        if p.report_sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+        if p.report_sent.is_some_and(|(_, at)| self.now < at + TIMEOUT_MS) {
             self.timer(Addr::Primary(i), Timer::Report, TIMEOUT_MS);
             return;
         }
@@ -1831,8 +1890,9 @@ impl World {
             p.cells.iter().map(|(cell, n)| (cell, u64::try_from(*n).unwrap_or(0))),
         );
         let signed = SignedStatistics::sign(&Statistics::Daily(daily), &p.key);
-        p.report_sent = Some(self.now);
-        self.send(Addr::Primary(i), Addr::National, Msg::Report(Box::new(signed)));
+        let id = self.request_id();
+        self.primaries[i as usize].report_sent = Some((id, self.now));
+        self.send(Addr::Primary(i), Addr::National, Msg::Report(id, Box::new(signed)));
         let interval = self.interval(Poll::Report);
         self.timer(Addr::Primary(i), Timer::Report, interval);
     }
@@ -1840,7 +1900,7 @@ impl World {
     fn handoff_tick(&mut self, i: u32) {
         let idle_poll = self.interval(Poll::Handoff);
         let p = &mut self.primaries[i as usize];
-        if p.sync_sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+        if p.sync_sent.is_some_and(|(_, at)| self.now < at + TIMEOUT_MS) {
             self.timer(Addr::Primary(i), Timer::Handoff, TIMEOUT_MS);
             return;
         }
@@ -1853,33 +1913,46 @@ impl World {
             .collect();
         let watching: Vec<String> =
             p.out.iter().filter(|(_, o)| o.state == OutState::Deposited).map(|(id, _)| id.clone()).collect();
+        p.accepted_sent = p.accepted_unacked.iter().cloned().collect();
         let sync = HandoffSync {
             deposits,
-            accepted: p.accepted_unacked.iter().cloned().collect(),
+            accepted: p.accepted_sent.clone(),
             watching,
             asks: Vec::new(),
             answered: Vec::new(),
         };
-        p.sync_sent = Some(self.now);
-        self.send(Addr::Primary(i), Addr::National, Msg::Sync(Box::new(sync)));
+        let id = self.request_id();
+        self.primaries[i as usize].sync_sent = Some((id, self.now));
+        self.send(Addr::Primary(i), Addr::National, Msg::Sync(id, Box::new(sync)));
         self.timer(Addr::Primary(i), Timer::Handoff, idle_poll);
     }
 
     /// The national node's answer to a handoff sync: deposits stored, handoffs to accept
     /// (accepted at once: the automatic policy), watched handoffs accepted.
-    fn synced(&mut self, i: u32, response: HandoffResponse) {
+    fn synced(&mut self, i: u32, id: u64, response: HandoffResponse) {
         let now = self.clock(Addr::Primary(i));
         let HandoffResponse::Synced { deposits, inbound, states, .. } = response else { return };
-        let sent_accepted = {
+        {
             let p = &mut self.primaries[i as usize];
-            p.sync_sent = None;
+            let current = p.sync_sent.is_some_and(|(sent, _)| sent == id);
+            if current {
+                p.sync_sent = None;
+            }
             for (id, outcome) in deposits {
                 if let Some(out) = p.out.get_mut(&id)
                     && out.state == OutState::Sealed
                 {
                     out.state = match outcome {
                         DepositOutcome::Stored => OutState::Deposited,
-                        DepositOutcome::Refused { code, .. } if code == "in_transit" => OutState::Sealed,
+                        // Refusals that depend on the moment are tried again (`is_retryable`).
+                        DepositOutcome::Refused { code, .. }
+                            if matches!(
+                                code.as_str(),
+                                "in_transit" | "unknown_receiver" | "unknown_sender"
+                            ) =>
+                        {
+                            OutState::Sealed
+                        }
                         DepositOutcome::Refused { code, .. } => OutState::Refused(code),
                     };
                 }
@@ -1891,9 +1964,13 @@ impl World {
                     out.state = OutState::Accepted;
                 }
             }
-            std::mem::take(&mut p.accepted_unacked)
+            // Only what this sync reported is acknowledged (not an older sync's answer).
+            if current {
+                for id in std::mem::take(&mut p.accepted_sent) {
+                    p.accepted_unacked.remove(&id);
+                }
+            }
         };
-        let _ = sent_accepted;
         let mut more = false;
         for sealed in inbound {
             more |= self.accept(i, &sealed, now);
@@ -1973,7 +2050,7 @@ impl World {
     /// a nudge only asks sooner.
     fn pull_tick(&mut self, i: u32, periodic: bool) {
         let s = &mut self.standbys[i as usize];
-        if s.sent.is_some_and(|at| self.now < at + TIMEOUT_MS) {
+        if s.sent.is_some_and(|(_, at)| self.now < at + TIMEOUT_MS) {
             if periodic {
                 self.timer(Addr::Standby(i), Timer::Pull, TIMEOUT_MS);
             }
@@ -1983,9 +2060,10 @@ impl World {
         let request = puller.ask_changes();
         s.page.clear();
         s.whole.clear();
-        s.sent = Some(self.now);
         let idle = if self.healed_at.is_some() { 1_000 } else { s.idle };
-        self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(request));
+        let id = self.request_id();
+        self.standbys[i as usize].sent = Some((id, self.now));
+        self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(id, request));
         if periodic {
             self.timer(Addr::Standby(i), Timer::Pull, idle);
         }
@@ -1996,15 +2074,22 @@ impl World {
             Msg::Nudge if self.standbys[i as usize].sent.is_none() => {
                 self.timer(Addr::Standby(i), Timer::PullSoon, 100);
             }
-            Msg::Pulled(response) => {
+            Msg::Pulled(id, response) => {
+                let next = self.next_request + 1;
                 let s = &mut self.standbys[i as usize];
+                // An answer to an older request (late or duplicated) is dropped, as libp2p's
+                // request-response drops an answer it no longer waits for.
+                if s.sent.is_none_or(|(sent, _)| sent != id) {
+                    return;
+                }
                 let Some(puller) = s.puller.as_mut() else { return };
                 s.sent = None;
                 let mut page = Page { disk: &s.docs, loaded: &mut s.page, whole: &mut s.whole };
                 match puller.on_response(response, &mut page) {
                     Ok(PullStep::Send(request)) => {
-                        s.sent = Some(self.now);
-                        self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(request));
+                        s.sent = Some((next, self.now));
+                        self.next_request = next;
+                        self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(next, request));
                     }
                     Ok(PullStep::PageComplete { checkpoint, docs, more }) => {
                         let skip = self.config.bug == Some(crate::Bug::SkipPage) && docs.len() > 1;
@@ -2020,8 +2105,9 @@ impl World {
                         s.checkpoint = checkpoint;
                         if more {
                             let request = puller.ask_changes();
-                            s.sent = Some(self.now);
-                            self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(request));
+                            s.sent = Some((next, self.now));
+                            self.next_request = next;
+                            self.send(Addr::Standby(i), Addr::Primary(i), Msg::Pull(next, request));
                         }
                     }
                     Err(_) => {
@@ -2045,7 +2131,7 @@ impl World {
             let Addr::Primary(i) = from else { continue };
             let code = self.codes[i as usize];
             match msg {
-                Msg::Report(signed) => {
+                Msg::Report(id, signed) => {
                     let Some(key) =
                         self.directory.directory.primary_of(code).and_then(|e| hex_decode(&e.coupon_key))
                     else {
@@ -2073,9 +2159,9 @@ impl World {
                         };
                         self.national.reports.insert(slot, statistics);
                     }
-                    replies.push((from, Msg::Reported(version)));
+                    replies.push((from, Msg::Reported(id, version)));
                 }
-                Msg::Sync(sync) => {
+                Msg::Sync(id, sync) => {
                     let response = match protocol::ledger::check_size(&sync) {
                         Some(refusal) => refusal,
                         None => {
@@ -2095,7 +2181,7 @@ impl World {
                             response
                         }
                     };
-                    replies.push((from, Msg::Synced(Box::new(response))));
+                    replies.push((from, Msg::Synced(id, Box::new(response))));
                 }
                 _ => {}
             }
@@ -2136,6 +2222,21 @@ impl World {
 
     pub(crate) fn national_reports(&self) -> &BTreeMap<(MunicipalityCode, String), Statistics> {
         &self.national.reports
+    }
+
+    pub(crate) fn ledger_persons(&self) -> impl Iterator<Item = &String> {
+        self.national.ledger.persons.keys()
+    }
+
+    pub(crate) fn refused_handoffs(&self) -> Vec<(String, String)> {
+        self.primaries
+            .iter()
+            .flat_map(|p| p.out.iter())
+            .filter_map(|(id, o)| match &o.state {
+                OutState::Refused(code) => Some((id.clone(), code.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     pub(crate) fn ledger_holder(&self, person_key: &str) -> Option<PersonHolder> {
@@ -2182,6 +2283,15 @@ impl World {
                     disk.heads().iter().map(|h| h.to_string()[..16].to_owned()).collect();
                 lines.push(format!("{id} {}", heads.join(",")));
             }
+        }
+        for (i, s) in self.standbys.iter().enumerate() {
+            lines.push(format!("standby {i} docs={} checkpoint={}", s.docs.len(), s.checkpoint));
+        }
+        for ((code, slot), statistics) in &self.national.reports {
+            lines.push(format!("report {code} {slot} v{}", statistics.version()));
+        }
+        for (id, entry) in &self.national.ledger.entries {
+            lines.push(format!("ledger {id} {} {} {:?}", entry.from, entry.to, entry.state));
         }
         for line in lines {
             self.trace(&line);

@@ -7,14 +7,44 @@ use simulations::{Bug, Config, Report, run};
 /// command that replays it.
 fn seeds(from: u64, count: u64) {
     let mut failures = Vec::new();
+    let mut total = simulations::world::Counters::default();
     for seed in from..from + count {
         let report = run(Config::stress(seed));
         assert!(report.counters.acknowledged > 50, "seed {seed} gave too few doses to test anything");
         if !report.violations.is_empty() {
             failures.push(describe(&report));
         }
+        let c = &report.counters;
+        for (sum, n) in [
+            (&mut total.away, c.away),
+            (&mut total.voids, c.voids),
+            (&mut total.reissues, c.reissues),
+            (&mut total.relocations, c.relocations),
+            (&mut total.accepted, c.accepted),
+            (&mut total.crashes, c.crashes),
+            (&mut total.partitions, c.partitions),
+            (&mut total.lost, c.lost),
+            (&mut total.duplicated, c.duplicated),
+        ] {
+            *sum += n;
+        }
     }
     assert!(failures.is_empty(), "{} of {count} seeds failed:\n{}", failures.len(), failures.join("\n"));
+    // The seeds exercised what they are meant to.
+    let t = &total;
+    for (what, n) in [
+        ("away-from-home doses", t.away),
+        ("voids", t.voids),
+        ("reissues", t.reissues),
+        ("relocations", t.relocations),
+        ("accepted handoffs", t.accepted),
+        ("crashes", t.crashes),
+        ("partitions", t.partitions),
+        ("lost messages", t.lost),
+        ("duplicated messages", t.duplicated),
+    ] {
+        assert!(n >= count, "only {n} {what} over {count} seeds");
+    }
 }
 
 fn describe(report: &Report) -> String {
@@ -73,6 +103,7 @@ fn deliberate_bugs_break_the_invariants_they_should() {
         (Bug::RecordReplays, "no terminal captured it"),
         (Bug::AddReports, "national figures"),
         (Bug::SkipPage, "standby lacks"),
+        (Bug::KeepMovedAway, "of a valid coupon was refused (coupon_transferred)"),
     ] {
         let report = run(Config { bug: Some(bug), ..Config::stress(3) });
         assert!(
