@@ -182,6 +182,8 @@ fn assert_moved_once(f: &Federation, atena: &str) -> (String, String) {
 fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     let mut f = federation("handoff");
     let token = enrol_token(&f.a, VENUE);
+    let kudan = "kudan-kaikan";
+    let token_b = enrol_token(&f.b, kudan);
     start_all(&mut f);
     let mut kiosk = terminal(f.dir.path(), "t", YOKOHAMA, &token);
     kiosk.start().unwrap();
@@ -261,6 +263,31 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     let own = at_b["valid_coupons"][0]["code"].as_str().unwrap();
     assert!(at_b["coupons"].get(format!("{}.00", &own[2..])).is_some(), "{}", at_b["coupons"]);
 
+    // 小林 moves to Chiyoda and comes to a Chiyoda venue with Yokohama's coupon. Chiyoda's
+    // terminal cannot know of the move (it blocks only Chiyoda's coupons), so Chiyoda forwards
+    // the dose to Yokohama as one given away from home; Yokohama passes it on to Chiyoda,
+    // which records it against the carried coupon.
+    let mut kiosk_b = terminal(f.dir.path(), "tb", CHIYODA, &token_b);
+    kiosk_b.start().unwrap();
+    let kobayashi = coupon_of(&f.coupons, "0000000108", 1).clone();
+    assert_eq!(move_out(&f.a, "0000000108").unwrap().0, 201);
+    let (_, new_kobayashi) = assert_moved_once(&f, "0000000108");
+    let (code, body) = wait_for("Chiyoda's terminal to have its bundle", Duration::from_secs(30), || {
+        let (code, body) = scan(&kiosk_b, &kobayashi, &vial, kudan);
+        (code != 503).then_some((code, body))
+    });
+    assert_eq!(code, 201, "the terminal records it: {body}");
+    let event = body["event_id"].as_str().unwrap().to_owned();
+    let state =
+        wait_for("the dose to come back to Chiyoda through Yokohama", Duration::from_secs(60), || {
+            let state = state_of(&kiosk_b, &event);
+            (state["state"] == "recorded").then_some(state)
+        });
+    assert_eq!(state["owner"], CHIYODA, "{state}");
+    let events = events_of(&f.b, &new_kobayashi);
+    assert_eq!(events.get(&event), Some(&1), "the dose is in the record once: {events:?}");
+    assert_eq!(record(&f.b, &new_kobayashi)["history"][0]["venue"], kudan);
+
     // 鈴木 registers in Chiyoda (転入) with their 転出証明書. A mistyped birth date does not
     // match Yokohama's record: nobody is handed over. Asked again correctly, Yokohama hands
     // them over by itself and Chiyoda keeps the atena number it gave.
@@ -325,12 +352,17 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
         });
     }
     let (chiyoda_own, _) = own_figures(&f.b, &today);
-    assert_eq!(chiyoda_own.values().sum::<u64>(), 1, "中村's dose counts at Chiyoda: {chiyoda_own:?}");
+    assert_eq!(
+        chiyoda_own.values().sum::<u64>(),
+        2,
+        "中村's and 小林's doses count at Chiyoda: {chiyoda_own:?}"
+    );
     let (yokohama_own, _) = own_figures(&f.a, &today);
     assert_eq!(yokohama_own.values().sum::<u64>(), 1, "山田 came back with their dose: {yokohama_own:?}");
 
     // Both sides wrote the export/import pair to their audit logs, which still verify.
     kiosk.kill9();
+    kiosk_b.kill9();
     f.a.stop().unwrap();
     f.b.stop().unwrap();
     for (node, name) in [(&f.a, "a"), (&f.b, "b")] {
