@@ -98,9 +98,9 @@ impl Shape {
 
 fn print(report: &Report) {
     let c = &report.counters;
-    println!("seed {}  digest {}", report.config.seed, report.digest);
+    println!("シード / seed {}  ダイジェスト / digest {}", report.config.seed, report.digest);
     println!(
-        "  {} municipalities, {} terminals; {} doses acknowledged ({} away, {} refused at the terminal), {} voids, {} reissues, {} relocations ({} accepted)",
+        "  自治体 {} / municipalities, 端末 {} / terminals; {} doses acknowledged ({} away, {} refused at the terminal), {} voids, {} reissues, {} relocations ({} accepted)",
         report.municipalities,
         report.terminals,
         c.acknowledged,
@@ -112,7 +112,7 @@ fn print(report: &Report) {
         c.accepted
     );
     println!(
-        "  faults: {} crashes, {} partitions, {} messages lost, {} duplicated",
+        "  障害 / faults: {} crashes, {} partitions, {} messages lost, {} duplicated",
         c.crashes, c.partitions, c.lost, c.duplicated
     );
     println!(
@@ -131,18 +131,18 @@ fn print(report: &Report) {
         .iter()
         .map(|(kind, (n, bytes))| format!("{kind} {n} ({:.1} MB)", *bytes as f64 / 1e6))
         .collect();
-    println!("  messages: {}", kinds.join(", "));
+    println!("  通信 / messages: {}", kinds.join(", "));
 }
 
 fn fail(report: &Report) {
-    println!("FAILED seed {}:", report.config.seed);
+    println!("失敗 / FAILED seed {}:", report.config.seed);
     for violation in report.violations.iter().take(20) {
         println!("  - {violation}");
     }
     if report.violations.len() > 20 {
         println!("  … and {} more", report.violations.len() - 20);
     }
-    println!("replay: {}", report.config.replay_command());
+    println!("再現 / replay: {}", report.config.replay_command());
 }
 
 fn main() {
@@ -157,7 +157,7 @@ fn main() {
                 fail(&report);
                 std::process::exit(1);
             }
-            println!("all invariants hold");
+            println!("全不変条件を満たす / all invariants hold");
         }
         Command::Seeds { from, count, shape } => {
             let mut failed = 0;
@@ -175,7 +175,7 @@ fn main() {
                     fail(&report);
                 }
             }
-            println!("{} of {count} seeds passed", count - failed);
+            println!("{} / {count} シード合格 / seeds passed", count - failed);
             if failed > 0 {
                 std::process::exit(1);
             }

@@ -817,16 +817,18 @@ impl World {
         open(a) && open(b)
     }
 
+    /// Sends over the network. Across a partition nothing is sent (the connection fails)
+    /// and nothing is counted; a message lost on the way was sent and is counted.
     fn send(&mut self, from: Addr, to: Addr, msg: Msg) {
+        if !self.linked(from, to) {
+            return;
+        }
         self.counters.messages += 1;
         let before = self.counters.bytes;
         self.count_bytes(to, &msg);
         let kind = self.counters.by_kind.entry(msg.kind()).or_default();
         kind.0 += 1;
         kind.1 += self.counters.bytes - before;
-        if !self.linked(from, to) {
-            return;
-        }
         self.deliver_later(from, to, msg);
     }
 
