@@ -675,10 +675,18 @@ impl HandoffService {
         let Some(sealed) = entry.sealed.clone() else {
             return Err(Problem::internal(&anyhow::anyhow!("handoff {handoff_id} has no envelope")));
         };
-        let opened = match self.coupon_key_of(entry.from) {
-            None => Err(format!("{} is not in the federation directory", entry.from)),
-            Some(key) => sealed.open(&key, &self.encryption_secret).map_err(|e| e.to_string()),
+        // A sender this node's directory does not list yet (a handoff fetched before the
+        // directory, just after a start): not a failure; the ledger offers it again.
+        let Some(key) = self.coupon_key_of(entry.from) else {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sender_not_in_directory_yet",
+                None,
+                format!("{} is not in this node's directory yet; the handoff waits", entry.from),
+                format!("{} はまだこのノードの連携名簿にありません。引き継ぎは待機します", entry.from),
+            ));
         };
+        let opened = sealed.open(&key, &self.encryption_secret).map_err(|e| e.to_string());
         let payload = match opened {
             Ok(payload) => payload,
             Err(error) => {
