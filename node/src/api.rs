@@ -33,7 +33,7 @@ use crate::clock::new_id;
 use crate::problem::{Problem, prefers_english};
 use crate::store::{IDX_ATENA, IDX_COUPON, IDX_PERSON, Store};
 use crate::tls::PeerAddr;
-use crate::writer::{CaptureCommand, Command, Who, WriterHandle};
+use crate::writer::{CaptureCommand, Command, Who, WriterHandle, preload_capture};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -849,6 +849,7 @@ async fn capture(
             return Err(refusal.into());
         }
     };
+    let preloaded = preload_capture(&state.store, &scans, false, capture.event_id.as_deref()).await;
     let command = CaptureCommand {
         scans,
         vaccinated_on,
@@ -858,6 +859,7 @@ async fn capture(
         captured_at: None,
         forwarded_lot: None,
         transferred_from: None,
+        preloaded,
     };
     let outcome = state.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await?;
     let code = if outcome.replay { StatusCode::OK } else { StatusCode::CREATED };

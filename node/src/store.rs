@@ -505,6 +505,24 @@ impl<'a> Mutation<'a> {
         Ok(true)
     }
 
+    /// Takes a document read ahead ([`ReadView::preload`]) into the cache, unless the cache
+    /// holds it already or it has changed since it was read (then it is read again as usual).
+    /// Returns its record when it was taken.
+    pub fn adopt(&mut self, preloaded: Preloaded) -> anyhow::Result<Option<ResidentRecord>> {
+        if self.cache.contains(&preloaded.resident_id) {
+            return Ok(None);
+        }
+        let current =
+            self.txn.open_table(DOC_META)?.get(preloaded.resident_id.as_str())?.map(|v| v.value().0);
+        if current != Some(preloaded.seq) {
+            return Ok(None);
+        }
+        let Preloaded { resident_id, mut loaded, record, .. } = preloaded;
+        loaded.doc.set_actor(self.actor.clone());
+        self.cache.put(resident_id, loaded);
+        Ok(Some(record))
+    }
+
     /// The resident's current record.
     pub fn record(&mut self, resident_id: &str) -> anyhow::Result<Option<ResidentRecord>> {
         if !self.ensure_loaded(resident_id)? {
@@ -965,7 +983,53 @@ pub fn load_for_bulk(
     }))
 }
 
+/// A resident's document read ahead of the writer, on another thread: the writer takes it
+/// instead of reading and parsing the document itself when nothing has changed the document
+/// since ([`Mutation::adopt`]). Reading ahead also brings the pages the writer will change
+/// into the store's page cache, so that many reads wait on the disk at once instead of one
+/// after another on the writer's thread.
+pub struct Preloaded {
+    /// The resident.
+    pub resident_id: String,
+    /// The document's number in the change feed when it was read.
+    seq: u64,
+    loaded: LoadedDoc,
+    record: ResidentRecord,
+}
+
+impl std::fmt::Debug for Preloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preloaded").field("resident_id", &self.resident_id).field("seq", &self.seq).finish()
+    }
+}
+
 impl ReadView {
+    /// Reads ahead what recording an event for the resident `index` maps `key` to will need:
+    /// the document (loaded and parsed), its feed entry, and the event-id index entry.
+    pub fn preload(
+        &self,
+        index: TableDefinition<&str, &str>,
+        key: &str,
+        event_id: Option<&str>,
+    ) -> anyhow::Result<Option<Preloaded>> {
+        let Some(resident_id) = self.index(index, key)? else { return Ok(None) };
+        let Some((seq, _)) = self.txn.open_table(DOC_META)?.get(resident_id.as_str())?.map(|v| v.value())
+        else {
+            return Ok(None);
+        };
+        // The writer removes this feed entry and inserts the event id: read their pages now.
+        drop(self.txn.open_table(CHANGES)?.get(seq)?);
+        if let Some(event_id) = event_id {
+            drop(self.txn.open_table(IDX_EVENT)?.get(event_id)?);
+        }
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let Some(loaded) = load_from(&docs, &chunks, &resident_id)? else { return Ok(None) };
+        let record =
+            read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
+        Ok(Some(Preloaded { resident_id, seq, loaded, record }))
+    }
+
     /// The underlying transaction (bulk jobs load documents from it).
     pub fn txn(&self) -> &ReadTransaction {
         &self.txn

@@ -436,6 +436,13 @@ impl CaptureService {
         } else {
             format!("{}/{}", capture.venue_municipality, capture.venue)
         };
+        let preloaded = crate::writer::preload_capture(
+            &self.store,
+            &scans,
+            transferred_from.is_some(),
+            Some(&capture.event_id),
+        )
+        .await;
         let command = CaptureCommand {
             scans,
             vaccinated_on: Some(capture.vaccinated_on),
@@ -445,6 +452,7 @@ impl CaptureService {
             captured_at: Some(capture.captured_at),
             forwarded_lot: lot,
             transferred_from: transferred_from.map(|(from, _)| from),
+            preloaded,
         };
         let who =
             Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };

@@ -34,7 +34,7 @@ use crate::audit::{AuditEvent, AuditLog};
 
 use crate::clock::{japan_today, new_id};
 use crate::problem::Problem;
-use crate::store::{DocCache, IDX_COUPON, IDX_EVENT, Mutation, Store, new_cache};
+use crate::store::{DocCache, IDX_COUPON, IDX_EVENT, Mutation, Preloaded, Store, new_cache};
 
 /// A capture as the writer receives it: scans decoded and authenticated already.
 #[derive(Debug)]
@@ -57,6 +57,34 @@ pub struct CaptureCommand {
     /// The coupon is the resident's previous municipality's, transferred with their record;
     /// that municipality forwarded the capture (its terminal had not learnt of the move).
     pub transferred_from: Option<protocol::municipality::MunicipalityCode>,
+    /// The resident's document, read ahead off the writer's thread ([`preload_capture`]).
+    pub preloaded: Option<Box<Preloaded>>,
+}
+
+/// Reads ahead, on a blocking thread, the document a capture will change. A failure here is
+/// not the capture's: the writer then reads the document itself and reports what it finds.
+pub async fn preload_capture(
+    store: &Arc<Store>,
+    scans: &ScannedCapture,
+    transferred: bool,
+    event_id: Option<&str>,
+) -> Option<Box<Preloaded>> {
+    let code = *scans.coupon.code();
+    let (index, key) = match transferred {
+        true => (crate::store::IDX_HANDOFF_COUPON, code.to_string()),
+        false => (IDX_COUPON, code.number.to_string()),
+    };
+    let store = store.clone();
+    let event_id = event_id.map(str::to_owned);
+    let read = tokio::task::spawn_blocking(move || store.read()?.preload(index, &key, event_id.as_deref()));
+    match read.await {
+        Ok(Ok(preloaded)) => preloaded.map(Box::new),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "reading ahead for a capture failed; the writer reads instead");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// What a capture became.
@@ -440,8 +468,8 @@ fn handle(
         return Ok((Box::new(|_| {}), vec![fact]));
     }
     match command {
-        Command::Capture(capture, reply) => {
-            let mut result = capture_one(m, context, &capture, now);
+        Command::Capture(mut capture, reply) => {
+            let mut result = capture_one(m, context, &mut capture, now);
             if let Ok(Err(problem)) = &result {
                 let rejected = Cell::Rejected { date: japan_today(), reason: problem.code.clone() };
                 if let Err(error) = crate::store::count_cells(m.txn(), &[(rejected, 1)]) {
@@ -569,7 +597,7 @@ pub(crate) type Step<T> = anyhow::Result<Result<T, Problem>>;
 fn capture_one(
     m: &mut Mutation<'_>,
     context: &WriterContext,
-    capture: &CaptureCommand,
+    capture: &mut CaptureCommand,
     now: OffsetDateTime,
 ) -> Step<CaptureOutcome> {
     let code = *capture.scans.coupon.code();
@@ -581,8 +609,16 @@ fn capture_one(
     let Some(resident_id) = resident else {
         return Ok(Err(CaptureError::CouponNotIssued { number }.into()));
     };
-    let Some(record) = m.record(&resident_id)? else {
-        anyhow::bail!("index names resident {resident_id}, which has no document");
+    let adopted = match capture.preloaded.take() {
+        Some(preloaded) if preloaded.resident_id == resident_id => m.adopt(*preloaded)?,
+        _ => None,
+    };
+    let record = match adopted {
+        Some(record) => record,
+        None => match m.record(&resident_id)? {
+            Some(record) => record,
+            None => anyhow::bail!("index names resident {resident_id}, which has no document"),
+        },
     };
     let event_id = match &capture.event_id {
         Some(id) => id.clone(),

@@ -12,6 +12,7 @@ mod audit;
 mod isolation;
 mod ledger;
 mod national;
+mod preload;
 use node::import::{Encoding, ImportOutcome, import_file};
 use node::store::Store;
 use protocol::municipality::MunicipalityCode;
