@@ -604,7 +604,7 @@ async fn take_bundle(
         .lock()
         .map(|mut s| s.last_bundle_check = Some(crate::clock::rfc3339(OffsetDateTime::now_utc())))
         .ok();
-    let bundle = match response {
+    let mut bundle = match response {
         CaptureResponse::Bundle { bundle: Some(bundle) } => *bundle,
         CaptureResponse::Bundle { bundle: None } => return Ok(()),
         other => anyhow::bail!("unexpected answer to a bundle request: {other:?}"),
@@ -618,7 +618,20 @@ async fn take_bundle(
         tracing::warn!(held, offered = bundle.version, "an older bundle was offered; kept the newer one");
         return Ok(());
     }
-    if let Some(directory) = &bundle.directory {
+    if bundle.directory_unchanged {
+        // The node left the directory out: it is the one this terminal holds.
+        let wanted = bundle.version & crate::terminals::DIRECTORY_VERSION_MASK;
+        let kept = runtime.bundle.read().ok().and_then(|b| b.as_ref().and_then(|b| b.directory.clone()));
+        match kept {
+            Some(directory) if directory.directory.version == wanted => {
+                bundle.directory = Some(directory);
+                bundle.directory_unchanged = false;
+            }
+            _ => anyhow::bail!(
+                "the bundle left out directory version {wanted}, which this terminal does not hold"
+            ),
+        }
+    } else if let Some(directory) = &bundle.directory {
         let key = protocol::person::hex_decode(&bundle.national_key).context("national key is not hex")?;
         directory.verify(&key).context("the bundle's directory does not verify")?;
     }

@@ -232,6 +232,9 @@ pub struct CaptureService {
     pub national_key: String,
 }
 
+/// The low bits of a bundle version: the version of the directory in it.
+pub const DIRECTORY_VERSION_MASK: u64 = (1 << 24) - 1;
+
 impl CaptureService {
     /// The bundle for a terminal of `venue`, if newer than `held_version`.
     pub fn bundle(
@@ -248,13 +251,15 @@ impl CaptureService {
         }
         let lots = view.lots()?.into_iter().map(|lot| (lot.lot.clone(), lot)).collect();
         let blocked = view.all(crate::store::BLOCKED_COUPONS)?.into_iter().collect();
+        let unchanged = directory_version != 0 && held_version & DIRECTORY_VERSION_MASK == directory_version;
         Ok(Some(TerminalBundle {
             version,
             municipality: self.municipality,
             venue: venue.to_owned(),
             campaign_start: self.campaign_start,
             national_key: self.national_key.clone(),
-            directory: directory.cloned(),
+            directory: if unchanged { None } else { directory.cloned() },
+            directory_unchanged: unchanged,
             own_coupon_key: hex_lower(&self.coupon_public_key),
             catalogue: self.catalogue.clone(),
             lots,

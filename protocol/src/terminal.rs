@@ -186,8 +186,15 @@ pub struct TerminalBundle {
     pub campaign_start: Date,
     /// The national directory-signing key (hex), to verify `directory`.
     pub national_key: String,
-    /// The newest signed directory the node holds (the coupon keys of every municipality).
+    /// The newest signed directory the node holds (the coupon keys of every municipality),
+    /// left out when the terminal holds that very version already (`directory_unchanged`).
     pub directory: Option<SignedDirectory>,
+    /// The directory was left out: it is the one in the terminal's bundle, whose version
+    /// the terminal said it held (the low 24 bits of a bundle version are its directory's
+    /// version). The directory is ~400 KB for 1,742 municipalities, and a bundle changes
+    /// with every reissue, revocation or move-out; the directory changes rarely.
+    #[serde(default)]
+    pub directory_unchanged: bool,
     /// The node's own coupon key (hex), valid even before the node joined a federation.
     pub own_coupon_key: String,
     /// The vaccine catalogue.

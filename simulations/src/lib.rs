@@ -9,6 +9,7 @@
 
 mod check;
 pub mod population;
+mod prebuild;
 pub mod rng;
 pub mod world;
 
@@ -47,6 +48,8 @@ pub struct Config {
     pub trace: bool,
     /// A deliberate bug, to show the invariants catch it.
     pub bug: Option<Bug>,
+    /// Build residents' pre-day state on a second thread (the run is the same either way).
+    pub prebuild: bool,
 }
 
 /// Deliberate bugs the checks must catch (each is one line of the simulator gone wrong).
@@ -81,6 +84,7 @@ impl Default for Config {
             duplication: 0.01,
             trace: false,
             bug: None,
+            prebuild: false,
         }
     }
 }

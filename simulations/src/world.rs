@@ -184,15 +184,24 @@ enum Event {
     Heal,
 }
 
-/// A stored document: its saved bytes, uncompressed, as the node stores them.
+/// A stored document: its saved bytes, uncompressed, as the node stores them, and its
+/// heads when known without loading it (the checks compare heads of every document).
 #[derive(Clone, Debug)]
 struct Disk {
     bytes: Vec<u8>,
+    heads: Option<Vec<ChangeHash>>,
 }
 
 impl Disk {
     fn of(doc: &mut Automerge) -> Self {
-        Disk { bytes: doc.save_nocompress() }
+        let mut heads = doc.get_heads();
+        heads.sort();
+        Disk { bytes: doc.save_nocompress(), heads: Some(heads) }
+    }
+
+    /// Bytes that arrived whole.
+    fn whole(bytes: Vec<u8>) -> Self {
+        Disk { bytes, heads: None }
     }
 
     fn load(&self) -> Automerge {
@@ -206,6 +215,9 @@ impl Disk {
     }
 
     fn heads(&self) -> Vec<ChangeHash> {
+        if let Some(heads) = &self.heads {
+            return heads.clone();
+        }
         let mut heads = self.load().get_heads();
         heads.sort();
         heads
@@ -257,7 +269,8 @@ pub(crate) struct Primary {
     blocked: BTreeMap<String, BlockedCoupon>,
     bundle_version: u64,
     // Volatile.
-    bundle: Option<Rc<TerminalBundle>>,
+    /// The current bundle, whole and without the directory (for a terminal that holds it).
+    bundle: Option<(Rc<TerminalBundle>, Rc<TerminalBundle>)>,
     pending: Vec<(Addr, Msg)>,
     commit_at: bool,
     forward_sent: BTreeMap<MunicipalityCode, (u64, Time)>,
@@ -500,12 +513,14 @@ pub struct World {
     relocations_per_day: f64,
     next_request: u64,
     /// Encoded size of each bundle version (a bundle is sent to every terminal unchanged).
-    bundle_bytes: BTreeMap<(MunicipalityCode, u64), u64>,
+    bundle_bytes: BTreeMap<(MunicipalityCode, u64, bool), u64>,
     digest: ring::digest::Context,
     faults: bool,
+    /// The helper building residents' pre-day state on the second core.
+    prebuild: Option<crate::prebuild::Prebuild>,
 }
 
-fn key_from_seed(seed: [u8; 32]) -> Ed25519KeyPair {
+pub(crate) fn key_from_seed(seed: [u8; 32]) -> Ed25519KeyPair {
     Ed25519KeyPair::from_seed_unchecked(&seed).expect("32 bytes make an Ed25519 seed")
 }
 
@@ -559,13 +574,17 @@ impl World {
         let full = crate::population::full_populations();
         let chosen = crate::population::chosen(config.municipalities);
         let national_key = key_from_seed(rng.bytes32());
-        let person_secret = PersonKeySecret::new(&rng.bytes32());
+        let person_secret_bytes = rng.bytes32();
+        let person_secret = PersonKeySecret::new(&person_secret_bytes);
         let mut primaries = Vec::new();
+        let mut key_seeds = Vec::new();
         let mut entries = Vec::new();
         for &i in &chosen {
             let code = all[i].code;
             let pop = ((full[i] * config.scale).round() as u64).max(10);
-            let key = key_from_seed(rng.bytes32());
+            let key_seed = rng.bytes32();
+            key_seeds.push(key_seed);
+            let key = key_from_seed(key_seed);
             let x_secret = rng.bytes32();
             let x_public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(x_secret));
             entries.push(DirectoryEntry {
@@ -689,7 +708,22 @@ impl World {
         let faults = config.faults;
         let doses_per_day = config.doses_per_day();
         let relocations_per_day = config.relocations_per_day(cumulative);
+        let prebuild = config.prebuild.then(|| {
+            let plans = primaries
+                .iter()
+                .zip(key_seeds)
+                .map(|(p, key_seed)| crate::prebuild::Plan {
+                    code: p.code,
+                    actor: p.actor.clone(),
+                    key_seed,
+                    population: p.pop,
+                    expected: doses_per_day * p.pop as f64 / cumulative.max(1) as f64,
+                })
+                .collect();
+            crate::prebuild::Prebuild::start(plans, person_secret_bytes)
+        });
         World {
+            prebuild,
             next_request: 0,
             doses_per_day,
             relocations_per_day,
@@ -834,7 +868,7 @@ impl World {
 
     fn count_bytes(&mut self, to: Addr, msg: &Msg) {
         if let Msg::Bundle(bundle) = msg {
-            let key = (bundle.municipality, bundle.version);
+            let key = (bundle.municipality, bundle.version, bundle.directory_unchanged);
             let len = match self.bundle_bytes.get(&key) {
                 Some(len) => *len,
                 None => {
@@ -1270,8 +1304,12 @@ impl World {
             number: CouponNumber::from_serial(index as u32 + 1).expect("serials fit"),
         };
         let scanned_generation = if stale { generation - 1 } else { generation };
-        let qr =
-            SignedCoupon::sign(coupon, scanned_generation, &self.primaries[home as usize].key).to_qr_text();
+        let ready = self.prebuild.as_ref().and_then(|b| b.draw(home, index));
+        let qr = match ready {
+            Some(qr) if scanned_generation == 0 => qr,
+            _ => SignedCoupon::sign(coupon, scanned_generation, &self.primaries[home as usize].key)
+                .to_qr_text(),
+        };
         if away {
             self.counters.away += 1;
         }
@@ -1331,7 +1369,7 @@ impl World {
     fn reissue(&mut self, home: u32, index: u64) -> bool {
         let now = self.clock(Addr::Primary(home));
         let p = &mut self.primaries[home as usize];
-        let (rid, mut doc) = open_resident(p, index, &self.person_secret, now);
+        let (rid, mut doc) = open_resident(p, home, index, &self.person_secret, self.prebuild.as_ref(), now);
         let record = read_record(&doc).expect("a resident document");
         if record.transfer.is_some() {
             return false;
@@ -1393,7 +1431,7 @@ impl World {
             return;
         };
         let p = &mut self.primaries[from as usize];
-        let (rid, mut doc) = open_resident(p, index, &self.person_secret, now);
+        let (rid, mut doc) = open_resident(p, from, index, &self.person_secret, self.prebuild.as_ref(), now);
         let record = read_record(&doc).expect("a resident document");
         if record.transfer.is_some() || record.identity.status != ResidentStatus::Active {
             return;
@@ -1516,7 +1554,17 @@ impl World {
                 }
             }
             Msg::Bundle(bundle) if term.bundle.as_ref().is_none_or(|b| b.version < bundle.version) => {
-                term.bundle = Some(bundle);
+                if !bundle.directory_unchanged {
+                    term.bundle = Some(bundle);
+                } else if let Some(directory) = term.bundle.as_ref().and_then(|b| b.directory.clone()) {
+                    // `node/src/terminal.rs` `take_bundle`: keep the directory it holds.
+                    let whole = TerminalBundle {
+                        directory: Some(directory),
+                        directory_unchanged: false,
+                        ..(*bundle).clone()
+                    };
+                    term.bundle = Some(Rc::new(whole));
+                }
             }
             _ => {}
         }
@@ -1530,7 +1578,7 @@ impl World {
         for (from, msg) in pending {
             match msg {
                 Msg::Refresh(held) => {
-                    let bundle = self.bundle(i);
+                    let bundle = self.bundle(i, held != 0);
                     if bundle.version > held {
                         replies.push((from, Msg::Bundle(bundle)));
                     }
@@ -1562,10 +1610,12 @@ impl World {
         }
     }
 
-    fn bundle(&mut self, i: u32) -> Rc<TerminalBundle> {
+    /// `node/src/terminals.rs` `bundle`: the directory is left out for a terminal that holds
+    /// its version already (the simulated directory has one version all day).
+    fn bundle(&mut self, i: u32, directory_held: bool) -> Rc<TerminalBundle> {
         let p = &mut self.primaries[i as usize];
-        if let Some(bundle) = &p.bundle {
-            return bundle.clone();
+        if let Some((whole, slim)) = &p.bundle {
+            return if directory_held { slim.clone() } else { whole.clone() };
         }
         let lot = lot_of(p.code);
         let bundle = Rc::new(TerminalBundle {
@@ -1575,13 +1625,16 @@ impl World {
             campaign_start: CAMPAIGN_START,
             national_key: hex_lower(self.national_key.public_key().as_ref()),
             directory: Some(self.directory.clone()),
+            directory_unchanged: false,
             own_coupon_key: hex_lower(p.key.public_key().as_ref()),
             catalogue: catalogue(),
             lots: BTreeMap::from([(lot.lot.clone(), lot)]),
             blocked: p.blocked.clone(),
         });
-        p.bundle = Some(bundle.clone());
-        bundle
+        let slim =
+            Rc::new(TerminalBundle { directory: None, directory_unchanged: true, ..(*bundle).clone() });
+        p.bundle = Some((bundle.clone(), slim.clone()));
+        if directory_held { slim } else { bundle }
     }
 
     /// `node/src/terminals.rs` `push_one`: record an own coupon (or forward it to where the
@@ -1790,8 +1843,9 @@ impl World {
             }
             None if transferred_from.is_none() => {
                 let serial = code.number.as_str()[..9].parse::<u64>().unwrap_or(0);
-                (serial >= 1 && serial <= p.pop)
-                    .then(|| open_resident(p, serial - 1, &self.person_secret, now))
+                (serial >= 1 && serial <= p.pop).then(|| {
+                    open_resident(p, i, serial - 1, &self.person_secret, self.prebuild.as_ref(), now)
+                })
             }
             None => None,
         };
@@ -2101,7 +2155,7 @@ impl World {
                         let skip = self.config.bug == Some(crate::Bug::SkipPage) && docs.len() > 1;
                         for id in docs.into_iter().filter(|_| !skip) {
                             if let Some(bytes) = s.whole.remove(&id) {
-                                s.docs.insert(id, Disk { bytes });
+                                s.docs.insert(id, Disk::whole(bytes));
                             } else if let Some(mut doc) = s.page.remove(&id) {
                                 s.docs.insert(id, Disk::of(&mut doc));
                             }
@@ -2317,27 +2371,33 @@ fn refusal(owner: MunicipalityCode, code: &str, message: &str) -> CaptureState {
     }
 }
 
-/// The resident `index` of the register and their document, ready to change. Created on
-/// first use with the coupon issued to them (what import and bulk issuance did before the
-/// day began).
-fn open_resident(
-    p: &mut Primary,
+/// A resident's state before the day: registered, and their coupon issued in bulk (what
+/// import and issuance did), as the primary stores it.
+pub(crate) struct Resident {
+    rid: String,
+    record: ResidentRecord,
+    event: ResidentEvent,
+    doc: Automerge,
+    disk: Disk,
+}
+
+/// Builds resident `index` of municipality `code` as it stood before the day. Depends only
+/// on its arguments (the simulator builds some of these on a second core).
+pub(crate) fn build_resident(
+    code: MunicipalityCode,
+    actor: &ActorId,
     index: u64,
     secret: &PersonKeySecret,
-    now: OffsetDateTime,
-) -> (String, Automerge) {
+) -> Resident {
     let number = CouponNumber::from_serial(index as u32 + 1).expect("serials fit");
-    if let Some(rid) = p.by_number.get(&number) {
-        return (rid.clone(), p.docs[rid].load_as(&p.actor));
-    }
-    let identity = identity(index, p.code);
-    let rid = format!("{}-{index}", p.code);
-    let person_key = secret.local_person_key(p.code, &identity.atena_number);
+    let identity = identity(index, code);
+    let rid = format!("{code}-{index}");
+    let person_key = secret.local_person_key(code, &identity.atena_number);
     let record = ResidentRecord {
         schema: SCHEMA_VERSION,
         resident_id: rid.clone(),
-        municipality: p.code,
-        person_key: person_key.clone(),
+        municipality: code,
+        person_key,
         identity,
         coupons: BTreeMap::new(),
         doses: BTreeMap::new(),
@@ -2346,10 +2406,9 @@ fn open_resident(
         arrival: None,
     };
     let registered = OPENING - Duration::days(30);
-    let mut doc = new_resident_document(&p.actor, &record, registered).expect("a new document");
-    add_cells(p, record_cells(&record));
+    let mut doc = new_resident_document(actor, &record, registered).expect("a new document");
     let entry = CouponEntry {
-        code: CouponCode { ticket_kind: 1, dose_round: 1, municipality: p.code, number },
+        code: CouponCode { ticket_kind: 1, dose_round: 1, municipality: code, number },
         generation: 0,
         status: CouponStatus::Valid,
         issued_at: registered,
@@ -2357,11 +2416,34 @@ fn open_resident(
         used_by_event: None,
     };
     let event = ResidentEvent::CouponIssued { entry, supersedes: None };
-    add_cells(p, event_delta(&record, &event, now));
     apply_event(&mut doc, &event, registered).expect("a coupon applies");
+    let disk = Disk::of(&mut doc);
+    Resident { rid, record, event, doc, disk }
+}
+
+/// The resident `index` of the register of primary `m` and their document, ready to change.
+/// Created on first use as it stood before the day ([`build_resident`]).
+fn open_resident(
+    p: &mut Primary,
+    m: u32,
+    index: u64,
+    secret: &PersonKeySecret,
+    prebuild: Option<&crate::prebuild::Prebuild>,
+    now: OffsetDateTime,
+) -> (String, Automerge) {
+    let number = CouponNumber::from_serial(index as u32 + 1).expect("serials fit");
+    if let Some(rid) = p.by_number.get(&number) {
+        return (rid.clone(), p.docs[rid].load_as(&p.actor));
+    }
+    let resident = prebuild
+        .and_then(|b| b.resident(m, index))
+        .unwrap_or_else(|| build_resident(p.code, &p.actor, index, secret));
+    let Resident { rid, record, event, doc, disk } = resident;
+    add_cells(p, record_cells(&record));
+    add_cells(p, event_delta(&record, &event, now));
     p.by_number.insert(number, rid.clone());
-    p.by_person.insert(person_key, rid.clone());
-    store(p, &rid, &mut doc);
+    p.by_person.insert(record.person_key, rid.clone());
+    store_disk(p, &rid, disk);
     (rid, doc)
 }
 
@@ -2390,7 +2472,11 @@ fn add_cells(p: &mut Primary, delta: Vec<(Cell, i64)>) {
 }
 
 fn store(p: &mut Primary, rid: &str, doc: &mut Automerge) {
-    p.docs.insert(rid.to_owned(), Disk::of(doc));
+    store_disk(p, rid, Disk::of(doc));
+}
+
+fn store_disk(p: &mut Primary, rid: &str, disk: Disk) {
+    p.docs.insert(rid.to_owned(), disk);
     p.seq += 1;
     if let Some(old) = p.feed_of.insert(rid.to_owned(), p.seq) {
         p.feed.remove(&old);

@@ -218,6 +218,8 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     assert_eq!(status(&chiyoda)["forward_outbox"], 0);
 
     // 4. A revoked coupon is refused by a terminal that has synced, offline.
+    let directory_a = status(&terminal_a)["directory_version"].as_u64();
+    assert!(directory_a >= Some(4), "terminal A holds no directory: {directory_a:?}");
     let c108 = coupon_of(&coupons, "0000000108", 1);
     let number = &c108.code[8..18];
     let (code, body) =
@@ -226,6 +228,8 @@ fn terminals_capture_offline_survive_kill_9_and_route_away_from_home_captures_th
     wait_for("the terminal to learn of the revocation", Duration::from_secs(20), || {
         (status(&terminal_a)["blocked_coupons"] == 1).then_some(())
     });
+    // The new bundle left the unchanged directory out; the terminal kept the one it held.
+    assert_eq!(status(&terminal_a)["directory_version"].as_u64(), directory_a);
     yokohama.stop().unwrap();
     let (code, body) = scan(&terminal_a, c108, &vial, YOKOHAMA_VENUE);
     assert_eq!((code, body["code"].as_str()), (422, Some("coupon_revoked")), "{body}");
