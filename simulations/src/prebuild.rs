@@ -23,7 +23,7 @@ use protocol::person::PersonKeySecret;
 use crate::world::{Resident, build_resident, key_from_seed};
 
 /// How many residents the helper may have built that the simulation has not yet drawn.
-const LEAD: u64 = 4_096;
+const LEAD: u64 = 2_048;
 
 /// What the helper needs of one municipality.
 pub(crate) struct Plan {
