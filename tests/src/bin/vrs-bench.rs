@@ -251,22 +251,31 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
         .output()?;
     anyhow::ensure!(lot.status.success(), "lots add failed");
     // Coupons not yet used by an earlier run, adults only, in a shuffled order so that
-    // the documents touched are spread over the whole store (no cache locality).
+    // the documents touched are spread over the whole store (no cache locality). The order
+    // is a fixed shuffle of every coupon and the marker is a position in it, so that who
+    // counts as an adult (which moves with the date) does not change what was used before.
     let used_marker = dir.join("captured-upto");
     let skip: usize =
         std::fs::read_to_string(&used_marker).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-    let mut queue: Vec<String> =
-        coupons.into_iter().filter(|c| c.birth_date < adult_cutoff).map(|c| c.qr_text).collect();
+    let mut order: Vec<usize> = (0..coupons.len()).collect();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    for i in (1..queue.len()).rev() {
+    for i in (1..order.len()).rev() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        queue.swap(i, (rng % (i as u64 + 1)) as usize);
+        order.swap(i, (rng % (i as u64 + 1)) as usize);
     }
-    let queue: Vec<String> = queue.into_iter().skip(skip).take(captures).collect();
+    let mut queue = Vec::with_capacity(captures);
+    let mut position = skip;
+    while queue.len() < captures && position < order.len() {
+        let coupon = &coupons[order[position]];
+        if coupon.birth_date < adult_cutoff {
+            queue.push(coupon.qr_text.clone());
+        }
+        position += 1;
+    }
     anyhow::ensure!(queue.len() == captures, "only {} unused coupons left", queue.len());
-    std::fs::write(&used_marker, (skip + captures).to_string())?;
+    std::fs::write(&used_marker, position.to_string())?;
 
     let residents = {
         let out = Command::new(binary).args(["status", "--data"]).arg(&data).output()?;
