@@ -16,11 +16,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use automerge::ActorId;
-use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon};
+use protocol::coupon::SignedCoupon;
 use protocol::municipality::MunicipalityCode;
 use protocol::person::PersonKeySecret;
 
-use crate::world::{Resident, build_resident, key_from_seed};
+use crate::world::{Resident, build_resident, coupon_of, key_from_seed};
 
 /// How many residents the helper may have built that the simulation has not yet drawn.
 const LEAD: u64 = 2_048;
@@ -135,13 +135,7 @@ fn build_ahead(shared: &Shared, plans: &[Plan], secret: &PersonKeySecret) {
                     continue; // the simulation got there first and built it itself
                 }
                 let resident = build_resident(plan.code, &plan.actor, index, secret);
-                let code = CouponCode {
-                    ticket_kind: 1,
-                    dose_round: 1,
-                    municipality: plan.code,
-                    number: CouponNumber::from_serial(index as u32 + 1).expect("serials fit"),
-                };
-                let qr = SignedCoupon::sign(code, 0, &keys[m]).to_qr_text();
+                let qr = SignedCoupon::sign(coupon_of(plan.code, index), 0, &keys[m]).to_qr_text();
                 shared
                     .ready
                     .lock()

@@ -1297,12 +1297,7 @@ impl World {
         };
         let terminals = &self.terminals_of[venue_primary as usize];
         let t = terminals[self.rng.below(terminals.len() as u64) as usize];
-        let coupon = CouponCode {
-            ticket_kind: 1,
-            dose_round: 1,
-            municipality: code,
-            number: CouponNumber::from_serial(index as u32 + 1).expect("serials fit"),
-        };
+        let coupon = coupon_of(code, index);
         let scanned_generation = if stale { generation - 1 } else { generation };
         let ready = self.prebuild.as_ref().and_then(|b| b.draw(home, index));
         let qr = match ready {
@@ -2381,6 +2376,16 @@ pub(crate) struct Resident {
     disk: Disk,
 }
 
+/// The dose-1 coupon of resident `index` of municipality `code` (serials follow the register).
+pub(crate) fn coupon_of(code: MunicipalityCode, index: u64) -> CouponCode {
+    CouponCode {
+        ticket_kind: 1,
+        dose_round: 1,
+        municipality: code,
+        number: CouponNumber::from_serial(index as u32 + 1).expect("serials fit"),
+    }
+}
+
 /// Builds resident `index` of municipality `code` as it stood before the day. Depends only
 /// on its arguments (the simulator builds some of these on a second core).
 pub(crate) fn build_resident(
@@ -2389,7 +2394,7 @@ pub(crate) fn build_resident(
     index: u64,
     secret: &PersonKeySecret,
 ) -> Resident {
-    let number = CouponNumber::from_serial(index as u32 + 1).expect("serials fit");
+    let coupon = coupon_of(code, index);
     let identity = identity(index, code);
     let rid = format!("{code}-{index}");
     let person_key = secret.local_person_key(code, &identity.atena_number);
@@ -2408,7 +2413,7 @@ pub(crate) fn build_resident(
     let registered = OPENING - Duration::days(30);
     let mut doc = new_resident_document(actor, &record, registered).expect("a new document");
     let entry = CouponEntry {
-        code: CouponCode { ticket_kind: 1, dose_round: 1, municipality: code, number },
+        code: coupon,
         generation: 0,
         status: CouponStatus::Valid,
         issued_at: registered,
