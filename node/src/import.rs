@@ -618,17 +618,19 @@ fn write_batch(
     let mut cache = new_cache(1);
     {
         let mut mutation = Mutation::new(&txn, &mut cache, actor);
+        mutation
+            .insert_built(new.iter().zip(&built).map(|(plan, saved)| (&plan.record, saved.as_slice())))?;
         let mut digests = txn.open_table(IDENTITY_DIGEST)?;
-        for ((plan, saved), coupon) in new.iter().zip(&built).zip(&coupons) {
-            mutation.insert_built(&plan.record, saved)?;
+        let mut coupon_index = txn.open_table(IDX_COUPON)?;
+        for (plan, coupon) in new.iter().zip(&coupons) {
             digests.insert(plan.record.resident_id.as_str(), plan.digest.as_slice())?;
             report.created += 1;
             if let Some(coupon) = coupon {
-                mutation.set_index(IDX_COUPON, coupon.code.number.as_str(), &plan.record.resident_id)?;
+                coupon_index.insert(coupon.code.number.as_str(), plan.record.resident_id.as_str())?;
                 report.coupons_issued += 1;
             }
         }
-        drop(digests);
+        drop((digests, coupon_index));
         if coupons.iter().any(Option::is_some) {
             mutation.set_counter(META_COUPON_SERIAL, coupon_serial_end)?;
         }

@@ -552,18 +552,43 @@ impl<'a> Mutation<'a> {
         Ok(())
     }
 
-    /// Stores an already-built document (bulk import builds documents on other threads).
-    pub fn insert_built(&mut self, record: &ResidentRecord, saved: &[u8]) -> anyhow::Result<()> {
-        let id = record.resident_id.as_str();
-        self.txn.open_table(DOCS)?.insert(id, saved)?;
-        self.set_index(IDX_ATENA, &record.identity.atena_number, id)?;
-        self.set_index(IDX_PERSON, &record.person_key, id)?;
-        self.txn
-            .open_table(IDX_KANA)?
-            .insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
-        self.touched.push(id.to_owned());
-        self.bump_feed(id, 0)?;
-        count_cells(self.txn, &record_cells(record))
+    /// Stores new residents whose documents were built and saved elsewhere (an import
+    /// builds them on every core): documents, indexes, feed entries and counters. Each table
+    /// is opened once and the counters are summed over the whole batch, so a large import
+    /// pays per resident only for its own rows.
+    pub fn insert_built<'r>(
+        &mut self,
+        built: impl IntoIterator<Item = (&'r ResidentRecord, &'r [u8])>,
+    ) -> anyhow::Result<()> {
+        let mut seq = self.txn.open_table(META)?.get(META_CHANGE_SEQ)?.map_or(0, |v| v.value());
+        let mut cells: std::collections::BTreeMap<Cell, i64> = Default::default();
+        {
+            let mut docs = self.txn.open_table(DOCS)?;
+            let mut atena = self.txn.open_table(IDX_ATENA)?;
+            let mut person = self.txn.open_table(IDX_PERSON)?;
+            let mut kana = self.txn.open_table(IDX_KANA)?;
+            let mut meta = self.txn.open_table(DOC_META)?;
+            let mut changes = self.txn.open_table(CHANGES)?;
+            for (record, saved) in built {
+                let id = record.resident_id.as_str();
+                docs.insert(id, saved)?;
+                atena.insert(record.identity.atena_number.as_str(), id)?;
+                person.insert(record.person_key.as_str(), id)?;
+                kana.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
+                seq += 1;
+                if let Some(previous) = meta.insert(id, (seq, 0))?.map(|v| v.value().0) {
+                    changes.remove(previous)?;
+                }
+                changes.insert(seq, id)?;
+                for (cell, n) in record_cells(record) {
+                    *cells.entry(cell).or_default() += n;
+                }
+                self.touched.push(id.to_owned());
+            }
+        }
+        self.txn.open_table(META)?.insert(META_CHANGE_SEQ, seq)?;
+        let cells: Vec<(Cell, i64)> = cells.into_iter().filter(|(_, n)| *n != 0).collect();
+        count_cells(self.txn, &cells)
     }
 
     /// Appends one event to a resident's document as one commit and one stored chunk.
