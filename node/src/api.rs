@@ -860,6 +860,7 @@ async fn capture(
         forwarded_lot: None,
         transferred_from: None,
         preloaded,
+        passed_on_if_moved: false,
     };
     let outcome = state.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await?;
     let code = if outcome.replay { StatusCode::OK } else { StatusCode::CREATED };

@@ -331,6 +331,9 @@ impl CaptureService {
         } else {
             match self.owner_of(&capture) {
                 Ok(owner) if owner == self.municipality => {
+                    if let Some(to) = self.passed_on(peer, &capture.event_id) {
+                        return (event_id, self.queue_forward(peer, to, capture, None).await);
+                    }
                     let state = self.record(peer, capture.clone(), None, None).await;
                     match self.moved_to(&capture, &state) {
                         // The resident moved away and the terminal did not know yet: the
@@ -458,6 +461,8 @@ impl CaptureService {
             forwarded_lot: lot,
             transferred_from: transferred_from.map(|(from, _)| from),
             preloaded,
+            // Own coupons only: the callers pass a moved resident's dose on.
+            passed_on_if_moved: transferred_from.is_none(),
         };
         let who =
             Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };
@@ -482,6 +487,25 @@ impl CaptureService {
         let view = self.store.read().ok()?;
         let resident = view.index(crate::store::IDX_COUPON, scans.coupon.code().number.as_str()).ok()??;
         view.record(&resident).ok()??.transfer.map(|t| t.to)
+    }
+
+    /// The municipality this node passed an own coupon's capture on to (its resident had
+    /// moved there), while the capture waits in the outbox or its answer waits for `peer`:
+    /// a push again goes straight back to the outbox, without the writer refusing it anew.
+    fn passed_on(&self, peer: &str, event_id: &str) -> Option<MunicipalityCode> {
+        let key = outbox_key(peer, event_id);
+        let view = self.store.read().ok()?;
+        if let Ok(Some(held)) = view.json::<Outgoing>(FORWARD_OUTBOX, &key) {
+            return Some(held.owner);
+        }
+        match view.json::<CaptureState>(FORWARD_RESULTS, &key).ok()?? {
+            CaptureState::Recorded { owner, .. } | CaptureState::Refused { owner, .. }
+                if owner != self.municipality =>
+            {
+                Some(owner)
+            }
+            _ => None,
+        }
     }
 
     /// Whether a handoff carried this coupon here.
@@ -605,6 +629,9 @@ impl CaptureService {
                 Ok(owner) if owner == from => CaptureState::Pending,
                 _ if f.capture.venue_municipality != from => mismatch(),
                 Ok(owner) if owner == self.municipality => {
+                    if let Some(to) = self.passed_on(peer, &f.capture.event_id) {
+                        return (event_id, self.queue_forward(peer, to, f.capture, f.lot).await);
+                    }
                     let state = self.record(peer, f.capture.clone(), f.lot.clone(), None).await;
                     // The resident moved away: pass it on to their new municipality, as for
                     // this municipality's own terminals; the venue's node asks again until

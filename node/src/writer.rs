@@ -59,6 +59,10 @@ pub struct CaptureCommand {
     pub transferred_from: Option<protocol::municipality::MunicipalityCode>,
     /// The resident's document, read ahead off the writer's thread ([`preload_capture`]).
     pub preloaded: Option<Box<Preloaded>>,
+    /// The caller passes the dose on to the resident's new municipality if they moved away
+    /// (a terminal's push): `coupon_transferred` is then not a refused capture and is not
+    /// counted as one.
+    pub passed_on_if_moved: bool,
 }
 
 /// Reads ahead, on a blocking thread, the document a capture will change. A failure here is
@@ -470,7 +474,9 @@ fn handle(
     match command {
         Command::Capture(mut capture, reply) => {
             let mut result = capture_one(m, context, &mut capture, now);
-            if let Ok(Err(problem)) = &result {
+            if let Ok(Err(problem)) = &result
+                && !(capture.passed_on_if_moved && problem.code == "coupon_transferred")
+            {
                 let rejected = Cell::Rejected { date: japan_today(), reason: problem.code.clone() };
                 if let Err(error) = crate::store::count_cells(m.txn(), &[(rejected, 1)]) {
                     result = Err(error);

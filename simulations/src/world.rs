@@ -1643,6 +1643,9 @@ impl World {
         };
         let key = format!("{from:?}/{event_id}");
         let state = if owner == own {
+            if let Some(to) = self.passed_on(i, &key) {
+                return (event_id, self.queue_forward(i, key, to, capture, None));
+            }
             let state = self.record(i, &capture, None, None);
             match &state {
                 CaptureState::Refused { code, .. } if code == "coupon_transferred" => {
@@ -1662,6 +1665,23 @@ impl World {
             }
         };
         (event_id, state)
+    }
+
+    /// `node/src/terminals.rs` `passed_on`: a capture of an own coupon already passed on to
+    /// where its resident moved goes straight back to the outbox.
+    fn passed_on(&self, i: u32, key: &str) -> Option<MunicipalityCode> {
+        let p = &self.primaries[i as usize];
+        if let Some((to, _)) = p.outbox.get(key) {
+            return Some(*to);
+        }
+        match p.results.get(key)? {
+            CaptureState::Recorded { owner, .. } | CaptureState::Refused { owner, .. }
+                if *owner != self.codes[i as usize] =>
+            {
+                Some(*owner)
+            }
+            _ => None,
+        }
     }
 
     fn moved_to(&self, i: u32, capture: &TerminalCapture) -> Option<MunicipalityCode> {
@@ -1717,6 +1737,10 @@ impl World {
         } else if capture.venue_municipality != from_code {
             mismatch()
         } else if owner == own {
+            let key = format!("{:?}/{event_id}", Addr::Primary(from));
+            if let Some(to) = self.passed_on(i, &key) {
+                return (event_id, self.queue_forward(i, key, to, capture, forwarded.lot));
+            }
             let state = self.record(i, &capture, forwarded.lot.clone(), None);
             let moved = match &state {
                 CaptureState::Refused { code, .. }
@@ -1727,13 +1751,7 @@ impl World {
                 _ => None,
             };
             match moved {
-                Some(to) => self.queue_forward(
-                    i,
-                    format!("{:?}/{event_id}", Addr::Primary(from)),
-                    to,
-                    capture,
-                    forwarded.lot,
-                ),
+                Some(to) => self.queue_forward(i, key, to, capture, forwarded.lot),
                 None => state,
             }
         } else {

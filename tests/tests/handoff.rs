@@ -359,6 +359,19 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     );
     let (yokohama_own, _) = own_figures(&f.a, &today);
     assert_eq!(yokohama_own.values().sum::<u64>(), 1, "山田 came back with their dose: {yokohama_own:?}");
+    // Passed on is not refused: Yokohama counts one refused capture of a moved resident's
+    // coupon (伊藤's, at its own desk), however often 中村's and 小林's doses were pushed to it
+    // again while Chiyoda's answer was on its way.
+    let (code, body) = f.a.get(&format!("/api/v1/statistics/daily?date={today}")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let transferred: u64 = body["statistics"]["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["reason"] == "coupon_transferred")
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(transferred, 1, "{}", body["statistics"]["rejected"]);
 
     // Both sides wrote the export/import pair to their audit logs, which still verify.
     kiosk.kill9();
