@@ -196,6 +196,15 @@ pub fn promote(dir: &Path) -> anyhow::Result<JoinRequest> {
     write_config(dir, &files.config)?;
     let store = crate::store::Store::open(&files.store_path())?;
     files.audit_cli(&store, "node.promote", "role:municipal", "ok")?;
+    // A standby's counters never moved: go on after the highest resident id and coupon
+    // serial its documents use, so no id or coupon number is given twice.
+    let (residents, serials) = crate::store::restore_counters(&store, files.config.municipality)?;
+    files.audit_cli(
+        &store,
+        "node.counters",
+        &format!("residents:{residents},coupon_serials:{serials}"),
+        "ok",
+    )?;
     // Replicated documents did not move the standby's statistics counters: count them now,
     // so that what it reports replaces the old primary's figures with whole ones.
     let counters = crate::statistics::rebuild(&store)?;

@@ -41,8 +41,8 @@ use time::OffsetDateTime;
 use crate::clock::{new_id, rfc3339};
 use crate::problem::Problem;
 use crate::store::{
-    HANDOFF_ASKS, HANDOFF_DUE, HANDOFF_IN, HANDOFF_OUT, IDX_COUPON, IDX_EVENT, IDX_HANDOFF_COUPON,
-    IDX_PERSON, META_COUPON_SERIAL, META_HANDOFF_SEQ, Mutation, Store, get_json, put_json,
+    HANDOFF_ASKS, HANDOFF_DUE, HANDOFF_IN, HANDOFF_OUT, IDX_ATENA, IDX_COUPON, IDX_EVENT, IDX_HANDOFF_COUPON,
+    IDX_PERSON, META_COUPON_SERIAL, META_HANDOFF_SEQ, META_RESIDENT_SEQ, Mutation, Store, get_json, put_json,
 };
 use crate::writer::{Command, Step, Who, WriterContext, WriterHandle};
 
@@ -242,8 +242,6 @@ pub struct TransferOut {
 pub struct AcceptHandoff {
     /// What was sealed.
     pub payload: HandoffPayload,
-    /// The resident id here.
-    pub resident_id: String,
     /// The atena number here.
     pub atena_number: String,
     /// The address here, if known.
@@ -360,19 +358,16 @@ pub(crate) fn accept_one(
             format!("この方は既に住民 {existing} として登録されています"),
         )));
     }
-    if m.record(&command.resident_id)?.is_some() {
+    if m.index(IDX_ATENA, &command.atena_number)?.is_some() {
         return Ok(Err(conflict(
             "atena_number_taken",
             format!("atena number {} is another resident's", command.atena_number),
             format!("宛名番号 {} は別の住民に使われています", command.atena_number),
         )));
     }
-    let record = received_record(
-        payload,
-        command.resident_id.clone(),
-        command.atena_number.clone(),
-        command.address.clone(),
-    );
+    // The next id in this node's registration order (the handoff was addressed here).
+    let resident_id = crate::store::resident_id(payload.to, m.next_counter(META_RESIDENT_SEQ)?);
+    let record = received_record(payload, resident_id, command.atena_number.clone(), command.address.clone());
     m.create_resident(&record, now)?;
     for dose in record.doses.values() {
         m.set_index(IDX_EVENT, &dose.event_id, &record.resident_id)?;
@@ -704,8 +699,7 @@ impl HandoffService {
             .or_else(|| ask.as_ref().map(|a| a.atena_number.clone()))
             .unwrap_or_else(|| provisional_atena(handoff_id));
         let address = address.or_else(|| ask.as_ref().map(|a| a.address.clone()));
-        let resident_id = self.person_secret.resident_id(self.municipality, &atena_number);
-        let command = AcceptHandoff { payload, resident_id, atena_number, address, actor: who.actor.clone() };
+        let command = AcceptHandoff { payload, atena_number, address, actor: who.actor.clone() };
         let entry = match self
             .writer
             .call(who, |reply| Command::AcceptHandoff(Box::new(command), reply))

@@ -30,8 +30,8 @@ use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
 use crate::store::{
-    IDENTITY_DIGEST, IDX_COUPON, IDX_KANA, IDX_PERSON, META_COUPON_SERIAL, Mutation, Store, new_cache,
-    normalize_kana,
+    IDENTITY_DIGEST, IDX_ATENA, IDX_COUPON, IDX_KANA, IDX_PERSON, META_COUPON_SERIAL, META_RESIDENT_SEQ,
+    Mutation, Store, new_cache, normalize_kana, resident_id,
 };
 
 /// How the file is encoded.
@@ -236,6 +236,7 @@ pub fn import_file(
         Columns::from_header(&header).map_err(|_| anyhow::anyhow!("header changed during import"))?;
     let bar = progress_bar(path, "取込 import");
     let mut next_serial = store.read()?.meta(META_COUPON_SERIAL)?;
+    let mut next_resident = store.read()?.meta(META_RESIDENT_SEQ)?;
     let secret = &files.person_secret;
     // A pipeline: this thread reads and prepares batch N+1 (building documents on every core)
     // while a writer thread commits batch N. Batches never share a resident (pass one refused
@@ -270,7 +271,7 @@ pub fn import_file(
                     actor,
                     rows,
                     issue,
-                    &mut next_serial,
+                    (&mut next_resident, &mut next_serial),
                     &mut report,
                 )?;
                 if sender.send(prepared).is_err() {
@@ -304,7 +305,6 @@ fn check_file(
     path: &Path,
     encoding: Encoding,
 ) -> anyhow::Result<Vec<RowError>> {
-    let municipality = files.config.municipality;
     let mut reader = open_reader(path, encoding)?;
     let header = reader.headers().context("cannot read the header line")?.clone();
     let columns = match Columns::from_header(&header) {
@@ -313,6 +313,7 @@ fn check_file(
     };
     let view = store.read()?;
     let person_index = view.txn().open_table(IDX_PERSON)?;
+    let atena_index = view.txn().open_table(IDX_ATENA)?;
     let bar = progress_bar(path, "検査 check");
     let mut errors = Vec::new();
     let mut seen_atena: HashMap<String, u64> = HashMap::new();
@@ -361,9 +362,9 @@ fn check_file(
                 ));
             }
             let person_key = files.person_secret.person_key(my_number).map_err(|e| anyhow::anyhow!(e))?;
-            let resident_id = files.person_secret.resident_id(municipality, &atena);
+            let resident = atena_index.get(atena.as_str())?.map(|id| id.value().to_owned());
             if let Some(owner) = person_index.get(person_key.as_str())?
-                && owner.value() != resident_id
+                && resident.as_deref() != Some(owner.value())
             {
                 {
                     errors.push(row_error(
@@ -543,6 +544,7 @@ struct Prepared {
     coupons: Vec<Option<CouponEntry>>,
     changed: Vec<Planned>,
     coupon_serial_end: u64,
+    resident_seq_end: u64,
     now: OffsetDateTime,
 }
 
@@ -554,12 +556,12 @@ fn prepare_batch(
     actor: &ActorId,
     rows: Vec<Row>,
     issue: Option<IssueOnImport>,
-    next_serial: &mut u64,
+    (next_resident, next_serial): (&mut u64, &mut u64),
     report: &mut ImportReport,
 ) -> anyhow::Result<Prepared> {
     report.rows += rows.len() as u64;
     let now = OffsetDateTime::now_utc();
-    let mut planned: Vec<Planned> = rows
+    let planned: Vec<Planned> = rows
         .into_iter()
         .map(|row| {
             let atena = &row.identity.atena_number;
@@ -571,7 +573,8 @@ fn prepare_batch(
             };
             let record = ResidentRecord {
                 schema: SCHEMA_VERSION,
-                resident_id: secret.resident_id(municipality, atena),
+                // Given below: the stored resident's id, or the next one for a newcomer.
+                resident_id: String::new(),
                 municipality,
                 person_key,
                 identity: row.identity,
@@ -586,25 +589,42 @@ fn prepare_batch(
         })
         .collect();
 
-    // Classify against what is stored. Ids are keyed hashes, so the batch is inserted in key
-    // order: neighbouring inserts then land on the same B-tree pages.
-    planned.sort_unstable_by(|a, b| a.record.resident_id.cmp(&b.record.resident_id));
+    // Classify against what is stored: a 宛名番号 seen before keeps its resident's id; a
+    // newcomer gets the next id, in the file's order, so new documents are appended.
     let (mut new, mut changed) = (Vec::new(), Vec::new());
     {
         let view = store.read()?;
+        let atena = view.txn().open_table(IDX_ATENA)?;
         let digests = view.txn().open_table(IDENTITY_DIGEST)?;
-        for plan in planned {
-            match digests.get(plan.record.resident_id.as_str())? {
-                None => new.push(plan),
-                Some(stored) if stored.value() == plan.digest.as_slice() => report.unchanged += 1,
-                Some(_) => changed.push(plan),
+        for mut plan in planned {
+            match atena.get(plan.record.identity.atena_number.as_str())? {
+                None => {
+                    *next_resident += 1;
+                    plan.record.resident_id = resident_id(municipality, *next_resident);
+                    new.push(plan);
+                }
+                Some(id) => {
+                    plan.record.resident_id = id.value().to_owned();
+                    match digests.get(id.value())? {
+                        Some(stored) if stored.value() == plan.digest.as_slice() => report.unchanged += 1,
+                        _ => changed.push(plan),
+                    }
+                }
             }
         }
     }
     let coupons = plan_coupons(&new, issue, municipality, next_serial, now)?;
     // Build new documents on every core; automerge work dominates an import.
     let built = build_parallel(&new, &coupons, actor, now)?;
-    Ok(Prepared { new, built, coupons, changed, coupon_serial_end: *next_serial, now })
+    Ok(Prepared {
+        new,
+        built,
+        coupons,
+        changed,
+        coupon_serial_end: *next_serial,
+        resident_seq_end: *next_resident,
+        now,
+    })
 }
 
 fn write_batch(
@@ -613,7 +633,7 @@ fn write_batch(
     prepared: Prepared,
     report: &mut ImportReport,
 ) -> anyhow::Result<()> {
-    let Prepared { new, built, coupons, changed, coupon_serial_end, now } = prepared;
+    let Prepared { new, built, coupons, changed, coupon_serial_end, resident_seq_end, now } = prepared;
     let txn = store.begin_write()?;
     let mut cache = new_cache(1);
     {
@@ -633,6 +653,9 @@ fn write_batch(
         drop((digests, coupon_index));
         if coupons.iter().any(Option::is_some) {
             mutation.set_counter(META_COUPON_SERIAL, coupon_serial_end)?;
+        }
+        if !new.is_empty() {
+            mutation.set_counter(META_RESIDENT_SEQ, resident_seq_end)?;
         }
         let view = store.read()?;
         for plan in &changed {

@@ -582,9 +582,10 @@ fn handle(
         Command::AcceptHandoff(accept, reply) => {
             let result = crate::handoff::accept_one(m, context, &accept, now);
             let audit = |result: &Result<crate::handoff::InEntry, Problem>| {
+                let resident = result.as_ref().ok().and_then(|e| e.resident_id.as_deref()).unwrap_or("-");
                 let subject = format!(
-                    "resident:{} handoff:{} from:{}",
-                    accept.resident_id, accept.payload.handoff_id, accept.payload.from
+                    "resident:{resident} handoff:{} from:{}",
+                    accept.payload.handoff_id, accept.payload.from
                 );
                 vec![audit_fact(who, "handoff.import", subject, result)]
             };

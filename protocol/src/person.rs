@@ -44,13 +44,6 @@ impl PersonKeySecret {
         format!("pkl-{}", self.tag_hex(&parts, 16))
     }
 
-    /// The resident's document id: opaque, stable across re-imports, unique in the federation
-    /// because it starts with the municipality code.
-    pub fn resident_id(&self, municipality: MunicipalityCode, atena_number: &str) -> String {
-        let parts: [&[u8]; 3] = [b"resident", municipality.as_str().as_bytes(), atena_number.as_bytes()];
-        format!("{}-{}", municipality, self.tag_hex(&parts, 10))
-    }
-
     /// A check that a newcomer request names the person the holder has: a keyed hash of the
     /// person key and the birth date (生年月日 on the 転入届), which only municipalities
     /// can make. A mistyped 個人番号 that passes its check digit names another person; their

@@ -2516,15 +2516,17 @@ struct Page<'a> {
 }
 
 impl PageDocs for Page<'_> {
+    /// `node/src/p2p.rs` `PulledDocs::put_whole`: a document the standby does not hold is
+    /// kept as the bytes that arrived, not loaded.
     fn put_whole(&mut self, doc_id: &str, bytes: Vec<u8>) -> Result<(), String> {
-        let mut incoming = Automerge::load(&bytes).map_err(|e| e.to_string())?;
+        let incoming = || Automerge::load(&bytes).map_err(|e| e.to_string());
         match self.loaded.get_mut(doc_id) {
             Some(doc) if !doc.get_heads().is_empty() => {
-                doc.merge(&mut incoming).map_err(|e| e.to_string())?;
+                doc.merge(&mut incoming()?).map_err(|e| e.to_string())?;
             }
             _ if self.disk.contains_key(doc_id) => {
                 let mut doc = self.disk[doc_id].load();
-                doc.merge(&mut incoming).map_err(|e| e.to_string())?;
+                doc.merge(&mut incoming()?).map_err(|e| e.to_string())?;
                 self.loaded.insert(doc_id.to_owned(), doc);
             }
             _ => {
@@ -2536,6 +2538,10 @@ impl PageDocs for Page<'_> {
     }
 
     fn doc_mut(&mut self, doc_id: &str) -> &mut Automerge {
+        if let Some(bytes) = self.whole.remove(doc_id) {
+            // Asked about again after arriving whole (as `PulledDocs` does): load it now.
+            self.loaded.insert(doc_id.to_owned(), Automerge::load(&bytes).unwrap_or_default());
+        }
         if !self.loaded.contains_key(doc_id) {
             let doc = self.disk.get(doc_id).map_or_else(Automerge::new, Disk::load);
             self.loaded.insert(doc_id.to_owned(), doc);

@@ -278,7 +278,30 @@ fn a_standby_follows_its_primary_over_libp2p_survives_kill_9_and_takes_over() {
     ok(&standby.cli(&["promote", "--out", promotion.to_str().unwrap()]));
     let out = national.approve(&promotion);
     assert!(out.contains("Municipal"), "{out}");
+    // A newcomer registered on the promoted node: its counters go on after the numbers the
+    // replicated documents use, so the newcomer takes nobody's document id or coupon number.
+    let newcomer = dir.path().join("newcomer.csv");
+    std::fs::write(
+        &newcomer,
+        "宛名番号,氏名,氏名カナ,生年月日,性別,住所\r\n0000000901,新井　花子,アライ ハナコ,1980-02-03,女,神奈川県横浜市中区山下町2-2\r\n",
+    )
+    .unwrap();
+    let out = ok(&standby.cli(&["import", "--issue-coupons", newcomer.to_str().unwrap()]));
+    assert!(out.contains("1"), "{out}");
     standby.start().unwrap();
+    let id_of = |atena: &str| {
+        let (code, body) = standby.get(&format!("/api/v1/residents?atena={atena}")).unwrap();
+        assert_eq!(code, 200, "{body}");
+        body["residents"][0]["resident_id"].as_str().unwrap_or_else(|| panic!("{atena}: {body}")).to_owned()
+    };
+    let new_id = id_of("0000000901");
+    let (_, record) = standby.get(&format!("/api/v1/residents/{new_id}")).unwrap();
+    assert_eq!(record["identity"]["name"], "新井　花子", "{record}");
+    let new_coupon = record["valid_coupons"][0]["code"].as_str().unwrap().to_owned();
+    for printed in &coupons {
+        assert_ne!(id_of(&printed.atena_number), new_id, "{} kept their id", printed.atena_number);
+        assert_ne!(printed.code, new_coupon, "the newcomer's coupon is {}'s", printed.atena_number);
+    }
     // The primary's lots came with replication: the promoted node knows FA5765.
     let (code, lots) = standby.get("/api/v1/lots").unwrap();
     assert_eq!(code, 200, "{lots}");
