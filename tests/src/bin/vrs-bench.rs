@@ -201,7 +201,7 @@ fn bench_separate(
     let separate = dir.join("node-separate");
     init(&separate)?;
     let (import_time, import_rss, _) =
-        run_measured(Command::new(binary).args(["import", "--data"]).arg(&separate).arg(&csv))?;
+        run_measured(Command::new(binary).args(["import", "--data"]).arg(&separate).arg(csv))?;
     let (issue_time, issue_rss, issue_out) =
         run_measured(Command::new(binary).args(["coupons", "issue", "--data"]).arg(&separate))?;
     let total = import_time + issue_time;
