@@ -141,6 +141,43 @@ pub struct Store {
     db: Database,
 }
 
+/// The rows of a document this node did not hold, opened once for many documents: the
+/// document itself, its identity indexes and its change-feed entry.
+struct NewDocTables<'t> {
+    docs: redb::Table<'t, &'static str, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, (u64, u32)>,
+    changes: redb::Table<'t, u64, &'static str>,
+    atena: redb::Table<'t, &'static str, &'static str>,
+    person: redb::Table<'t, &'static str, &'static str>,
+    kana: redb::Table<'t, (&'static str, &'static str), ()>,
+}
+
+impl<'t> NewDocTables<'t> {
+    fn open(txn: &'t WriteTransaction) -> anyhow::Result<Self> {
+        Ok(Self {
+            docs: txn.open_table(DOCS)?,
+            meta: txn.open_table(DOC_META)?,
+            changes: txn.open_table(CHANGES)?,
+            atena: txn.open_table(IDX_ATENA)?,
+            person: txn.open_table(IDX_PERSON)?,
+            kana: txn.open_table(IDX_KANA)?,
+        })
+    }
+
+    /// Writes the document saved as `saved`, as change `seq` of the feed.
+    fn insert(&mut self, id: &str, saved: &[u8], record: &ResidentRecord, seq: u64) -> anyhow::Result<()> {
+        self.docs.insert(id, saved)?;
+        self.atena.insert(record.identity.atena_number.as_str(), id)?;
+        self.person.insert(record.person_key.as_str(), id)?;
+        self.kana.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
+        if let Some(previous) = self.meta.insert(id, (seq, 0))?.map(|v| v.value().0) {
+            self.changes.remove(previous)?;
+        }
+        self.changes.insert(seq, id)?;
+        Ok(())
+    }
+}
+
 /// The document id of the `n`th resident this node registered (import or handoff): the
 /// municipality code, unique in the federation, and a number in registration order. Ids in
 /// registration order make an import append to the document tables rather than write at
@@ -610,23 +647,11 @@ impl<'a> Mutation<'a> {
         let mut seq = self.txn.open_table(META)?.get(META_CHANGE_SEQ)?.map_or(0, |v| v.value());
         let mut cells: std::collections::BTreeMap<Cell, i64> = Default::default();
         {
-            let mut docs = self.txn.open_table(DOCS)?;
-            let mut atena = self.txn.open_table(IDX_ATENA)?;
-            let mut person = self.txn.open_table(IDX_PERSON)?;
-            let mut kana = self.txn.open_table(IDX_KANA)?;
-            let mut meta = self.txn.open_table(DOC_META)?;
-            let mut changes = self.txn.open_table(CHANGES)?;
+            let mut tables = NewDocTables::open(self.txn)?;
             for (record, saved) in built {
                 let id = record.resident_id.as_str();
-                docs.insert(id, saved)?;
-                atena.insert(record.identity.atena_number.as_str(), id)?;
-                person.insert(record.person_key.as_str(), id)?;
-                kana.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
                 seq += 1;
-                if let Some(previous) = meta.insert(id, (seq, 0))?.map(|v| v.value().0) {
-                    changes.remove(previous)?;
-                }
-                changes.insert(seq, id)?;
+                tables.insert(id, saved, record, seq)?;
                 for (cell, n) in record_cells(record) {
                     *cells.entry(cell).or_default() += n;
                 }
@@ -771,20 +796,13 @@ impl<'a> Mutation<'a> {
         let mut seq = self.txn.open_table(META)?.get(META_CHANGE_SEQ)?.map(|v| v.value()).unwrap_or(0);
         let mut blocked_any = false;
         {
-            let mut doc_table = self.txn.open_table(DOCS)?;
-            let mut doc_meta = self.txn.open_table(DOC_META)?;
-            let mut changes = self.txn.open_table(CHANGES)?;
-            let mut atena = self.txn.open_table(IDX_ATENA)?;
-            let mut person = self.txn.open_table(IDX_PERSON)?;
-            let mut kana = self.txn.open_table(IDX_KANA)?;
+            let mut tables = NewDocTables::open(self.txn)?;
             let mut coupons = self.txn.open_table(IDX_COUPON)?;
             let mut events = self.txn.open_table(IDX_EVENT)?;
             let mut blocked = self.txn.open_table(BLOCKED_COUPONS)?;
             for (id, saved, record) in docs.iter().filter(|(id, ..)| !existing.contains(id)) {
-                doc_table.insert(*id, *saved)?;
-                atena.insert(record.identity.atena_number.as_str(), *id)?;
-                person.insert(record.person_key.as_str(), *id)?;
-                kana.insert((normalize_kana(&record.identity.name_kana).as_str(), *id), ())?;
+                seq += 1;
+                tables.insert(id, saved, record, seq)?;
                 let newest = |entry: &CouponEntry| {
                     record
                         .coupon_generations(entry.code.municipality, &entry.code.number)
@@ -819,9 +837,6 @@ impl<'a> Mutation<'a> {
                 for dose in record.doses.values() {
                     events.insert(dose.event_id.as_str(), *id)?;
                 }
-                seq += 1;
-                doc_meta.insert(*id, (seq, 0))?;
-                changes.insert(seq, *id)?;
                 self.cache.pop(*id);
                 self.touched.push((*id).to_owned());
             }
