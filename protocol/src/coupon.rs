@@ -335,6 +335,26 @@ pub struct SignedCoupon {
     pub signature: [u8; 64],
 }
 
+/// Decides whether a signed coupon's signature verifies under a public key.
+///
+/// [`Ed25519Check`] computes it. The answer depends on nothing but the coupon and the key,
+/// so a caller that has computed it already for this very coupon and key — the simulator
+/// checks the coupons it prints on a second thread — may answer from what it computed.
+pub trait SignatureCheck {
+    /// True if `coupon`'s signature verifies under the 32-byte Ed25519 `public_key`.
+    fn verifies(&self, coupon: &SignedCoupon, public_key: &[u8]) -> bool;
+}
+
+/// Computes the Ed25519 check ([`SignedCoupon::verify`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ed25519Check;
+
+impl SignatureCheck for Ed25519Check {
+    fn verifies(&self, coupon: &SignedCoupon, public_key: &[u8]) -> bool {
+        coupon.verify(public_key).is_ok()
+    }
+}
+
 /// The signature does not verify under the given public key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the coupon's signature does not verify (forged, altered or misread coupon)")]

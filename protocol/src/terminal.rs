@@ -20,11 +20,11 @@ use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime};
 
 use crate::catalogue::{Catalogue, Lot};
-use crate::coupon::ScannedCoupon;
+use crate::coupon::{Ed25519Check, ScannedCoupon, SignatureCheck};
 use crate::directory::SignedDirectory;
 use crate::municipality::MunicipalityCode;
 use crate::person::{hex_decode, hex_lower};
-use crate::validation::{CaptureError, ScannedCapture, authenticate_coupon, check_date, check_lot};
+use crate::validation::{CaptureError, ScannedCapture, authenticate_coupon_with, check_date, check_lot};
 
 /// Captures in one push or forward.
 pub const MAX_CAPTURES_PER_REQUEST: usize = 256;
@@ -278,8 +278,19 @@ pub fn check_offline(
     today: Date,
     bundle: &TerminalBundle,
 ) -> Result<(), CaptureError> {
+    check_offline_with(scans, vaccinated_on, today, bundle, &Ed25519Check)
+}
+
+/// [`check_offline`] with the coupon's signature checked by `check`.
+pub fn check_offline_with(
+    scans: &ScannedCapture,
+    vaccinated_on: Date,
+    today: Date,
+    bundle: &TerminalBundle,
+    check: &impl SignatureCheck,
+) -> Result<(), CaptureError> {
     let code = *scans.coupon.code();
-    authenticate_coupon(&scans.coupon, |m| bundle.coupon_key(m))?;
+    authenticate_coupon_with(&scans.coupon, |m| bundle.coupon_key(m), check)?;
     // A signed coupon of this municipality names its generation: refuse a revoked or
     // superseded one. (A legacy 18-digit code stands for the newest generation, which only
     // the owner knows; the owner checks it on push.)

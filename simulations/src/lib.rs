@@ -178,6 +178,9 @@ pub struct Report {
     pub check_seconds: f64,
     /// Invariants that do not hold.
     pub violations: Vec<String>,
+    /// Residents drawn to come, and of them how many the helper thread had built ahead
+    /// (None: run on one core).
+    pub built_ahead: Option<(u64, u64)>,
 }
 
 impl Report {
@@ -212,5 +215,6 @@ pub fn run(config: Config) -> Report {
         wall_seconds,
         check_seconds,
         violations,
+        built_ahead: world.built_ahead(),
     }
 }

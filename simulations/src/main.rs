@@ -136,6 +136,12 @@ fn print(report: &Report) {
         c.messages,
         report.bytes_per_dose()
     );
+    if let Some((drawn, ready)) = report.built_ahead {
+        println!(
+            "  先行構築 / built ahead on the second core: {ready} of {drawn} residents ({:.1} %)",
+            100.0 * ready as f64 / drawn.max(1) as f64
+        );
+    }
     let kinds: Vec<String> = c
         .by_kind
         .iter()

@@ -41,10 +41,10 @@ use protocol::replication::{
 use protocol::statistics::{Cell, SignedStatistics, Statistics, daily_from_cells, event_delta, record_cells};
 use protocol::terminal::{
     BlockedCoupon, CaptureState, ForwardedCapture, MAX_CAPTURES_PER_REQUEST, TerminalBundle, TerminalCapture,
-    check_offline,
+    check_offline_with,
 };
 use protocol::validation::{
-    CaptureContext, CaptureDecision, CaptureInput, VoidRequest, authenticate_coupon, decode_scans,
+    CaptureContext, CaptureDecision, CaptureInput, VoidRequest, authenticate_coupon_with, decode_scans,
     validate_capture, validate_void,
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -132,9 +132,10 @@ impl Msg {
         }
     }
 
-    /// The bytes the node's CBOR codec would put on the wire.
-    fn encode(&self) -> Vec<u8> {
-        let buf = Vec::new();
+    /// The bytes the node's CBOR codec would put on the wire, written into `buf` (cleared
+    /// first, so one buffer serves every message).
+    fn encode(&self, mut buf: Vec<u8>) -> Vec<u8> {
+        buf.clear();
         let bytes = match self {
             Msg::Push(_, c) => cbor4ii::serde::to_vec(buf, c),
             Msg::Refresh(v) | Msg::Reported(_, v) => cbor4ii::serde::to_vec(buf, v),
@@ -143,7 +144,10 @@ impl Msg {
             Msg::Forward(_, f) => cbor4ii::serde::to_vec(buf, f),
             Msg::Pull(_, r) => cbor4ii::serde::to_vec(buf, r),
             Msg::Pulled(_, r) => cbor4ii::serde::to_vec(buf, r),
-            Msg::Nudge => Ok(vec![0]),
+            Msg::Nudge => {
+                buf.push(0);
+                Ok(buf)
+            }
             Msg::Report(_, r) => cbor4ii::serde::to_vec(buf, &**r),
             Msg::Sync(_, s) => cbor4ii::serde::to_vec(buf, &**s),
             Msg::Synced(_, s) => cbor4ii::serde::to_vec(buf, &**s),
@@ -269,8 +273,9 @@ pub(crate) struct Primary {
     blocked: BTreeMap<String, BlockedCoupon>,
     bundle_version: u64,
     // Volatile.
-    /// The current bundle, whole and without the directory (for a terminal that holds it).
-    bundle: Option<(Rc<TerminalBundle>, Rc<TerminalBundle>)>,
+    /// The current bundle: with the directory (made when a terminal first needs it) and
+    /// without (for a terminal that holds it).
+    bundle: Option<(Option<Rc<TerminalBundle>>, Rc<TerminalBundle>)>,
     pending: Vec<(Addr, Msg)>,
     commit_at: bool,
     forward_sent: BTreeMap<MunicipalityCode, (u64, Time)>,
@@ -514,10 +519,14 @@ pub struct World {
     next_request: u64,
     /// Encoded size of each bundle version (a bundle is sent to every terminal unchanged).
     bundle_bytes: BTreeMap<(MunicipalityCode, u64, bool), u64>,
+    /// The buffer messages are encoded into to count their bytes.
+    wire: Vec<u8>,
     digest: ring::digest::Context,
     faults: bool,
     /// The helper building residents' pre-day state on the second core.
     prebuild: Option<crate::prebuild::Prebuild>,
+    /// Coupon signatures the helper thread has checked.
+    checked: crate::prebuild::CheckedSignatures,
 }
 
 pub(crate) fn key_from_seed(seed: [u8; 32]) -> Ed25519KeyPair {
@@ -724,6 +733,7 @@ impl World {
         });
         World {
             prebuild,
+            checked: Default::default(),
             next_request: 0,
             doses_per_day,
             relocations_per_day,
@@ -761,6 +771,7 @@ impl World {
             settled_at: None,
             counters: Counters::default(),
             bundle_bytes: BTreeMap::new(),
+            wire: Vec::new(),
             digest: ring::digest::Context::new(&ring::digest::SHA256),
             faults,
         }
@@ -872,22 +883,23 @@ impl World {
             let len = match self.bundle_bytes.get(&key) {
                 Some(len) => *len,
                 None => {
-                    let len = msg.encode().len() as u64;
+                    let len = msg.encode(Vec::new()).len() as u64;
                     self.bundle_bytes.insert(key, len);
                     len
                 }
             };
             self.counters.bytes += len;
         } else {
-            let bytes = msg.encode();
+            let bytes = msg.encode(std::mem::take(&mut self.wire));
             self.counters.bytes += bytes.len() as u64;
             if to == Addr::National {
                 self.scan_for_personal_data(&bytes);
             }
+            self.wire = bytes;
         }
     }
 
-    fn deliver_later(&mut self, from: Addr, to: Addr, msg: Msg) {
+    fn deliver_later(&mut self, from: Addr, to: Addr, mut msg: Msg) {
         let copies = if self.faults && self.healed_at.is_none() {
             if self.net_rng.chance(self.config.loss) {
                 self.counters.lost += 1;
@@ -902,7 +914,7 @@ impl World {
         } else {
             1
         };
-        for _ in 0..copies {
+        for copy in 1..=copies {
             let delay = if self.faults && self.healed_at.is_none() {
                 if self.net_rng.chance(0.01) {
                     self.net_rng.between(1_000, 5_000)
@@ -912,14 +924,14 @@ impl World {
             } else {
                 self.net_rng.between(1, 20)
             };
-            self.schedule(self.now + delay, Event::Deliver { from, to, msg: msg.clone() });
+            let msg = if copy == copies { std::mem::replace(&mut msg, Msg::Nudge) } else { msg.clone() };
+            self.schedule(self.now + delay, Event::Deliver { from, to, msg });
         }
     }
 
     fn scan_for_personal_data(&mut self, bytes: &[u8]) {
         for marker in ["住民", "ジュウミン", "番地", "SIM0"] {
-            let needle = marker.as_bytes();
-            if bytes.windows(needle.len()).any(|w| w == needle) {
+            if memchr::memmem::find(bytes, marker.as_bytes()).is_some() {
                 self.national.personal.push(marker.to_owned());
             }
         }
@@ -1301,7 +1313,10 @@ impl World {
         let scanned_generation = if stale { generation - 1 } else { generation };
         let ready = self.prebuild.as_ref().and_then(|b| b.draw(home, index));
         let qr = match ready {
-            Some(qr) if scanned_generation == 0 => qr,
+            Some(printed) if scanned_generation == 0 => {
+                self.checked.remember(&printed);
+                printed.qr
+            }
             _ => SignedCoupon::sign(coupon, scanned_generation, &self.primaries[home as usize].key)
                 .to_qr_text(),
         };
@@ -1333,7 +1348,7 @@ impl World {
                 return;
             }
         };
-        if check_offline(&scans, DAY, DAY, &bundle).is_err() {
+        if check_offline_with(&scans, DAY, DAY, &bundle, &self.checked).is_err() {
             self.counters.refused_at_terminal += 1;
             return;
         }
@@ -1607,29 +1622,39 @@ impl World {
 
     /// `node/src/terminals.rs` `bundle`: the directory is left out for a terminal that holds
     /// its version already (the simulated directory has one version all day).
+    /// The bundle with the directory is made only when a terminal needs it (its first).
     fn bundle(&mut self, i: u32, directory_held: bool) -> Rc<TerminalBundle> {
         let p = &mut self.primaries[i as usize];
-        if let Some((whole, slim)) = &p.bundle {
-            return if directory_held { slim.clone() } else { whole.clone() };
+        if p.bundle.is_none() {
+            let lot = lot_of(p.code);
+            let slim = TerminalBundle {
+                version: p.bundle_version,
+                municipality: p.code,
+                venue: String::new(),
+                campaign_start: CAMPAIGN_START,
+                national_key: hex_lower(self.national_key.public_key().as_ref()),
+                directory: None,
+                directory_unchanged: true,
+                own_coupon_key: hex_lower(p.key.public_key().as_ref()),
+                catalogue: catalogue(),
+                lots: BTreeMap::from([(lot.lot.clone(), lot)]),
+                blocked: p.blocked.clone(),
+            };
+            p.bundle = Some((None, Rc::new(slim)));
         }
-        let lot = lot_of(p.code);
-        let bundle = Rc::new(TerminalBundle {
-            version: p.bundle_version,
-            municipality: p.code,
-            venue: String::new(),
-            campaign_start: CAMPAIGN_START,
-            national_key: hex_lower(self.national_key.public_key().as_ref()),
-            directory: Some(self.directory.clone()),
-            directory_unchanged: false,
-            own_coupon_key: hex_lower(p.key.public_key().as_ref()),
-            catalogue: catalogue(),
-            lots: BTreeMap::from([(lot.lot.clone(), lot)]),
-            blocked: p.blocked.clone(),
-        });
-        let slim =
-            Rc::new(TerminalBundle { directory: None, directory_unchanged: true, ..(*bundle).clone() });
-        p.bundle = Some((bundle.clone(), slim.clone()));
-        if directory_held { slim } else { bundle }
+        let (whole, slim) = p.bundle.as_mut().expect("made above");
+        if directory_held {
+            return slim.clone();
+        }
+        whole
+            .get_or_insert_with(|| {
+                Rc::new(TerminalBundle {
+                    directory: Some(self.directory.clone()),
+                    directory_unchanged: false,
+                    ..(**slim).clone()
+                })
+            })
+            .clone()
     }
 
     /// `node/src/terminals.rs` `push_one`: record an own coupon (or forward it to where the
@@ -1839,7 +1864,12 @@ impl World {
         let p = &mut self.primaries[i as usize];
         let own = p.code;
         let scans = match decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
-            authenticate_coupon(&scans.coupon, |m| (m == issuer).then(|| issuer_key.clone())).map(|()| scans)
+            authenticate_coupon_with(
+                &scans.coupon,
+                |m| (m == issuer).then(|| issuer_key.clone()),
+                &self.checked,
+            )
+            .map(|()| scans)
         }) {
             Ok(scans) => scans,
             Err(error) => return refusal(own, error.code(), &error.to_string()),
@@ -2268,6 +2298,12 @@ impl World {
 
     /// Everything delivered: terminals final, outboxes empty, handoffs accepted, standbys
     /// caught up, the national node holding every municipality's newest figures.
+    /// Residents drawn to come, and of them how many the helper thread had built (None:
+    /// no helper).
+    pub fn built_ahead(&self) -> Option<(u64, u64)> {
+        self.prebuild.as_ref().map(|b| b.drawn_and_ready())
+    }
+
     pub(crate) fn settled(&self) -> bool {
         self.terminals.iter().all(|t| t.open.is_empty())
             && self.primaries.iter().all(|p| {
