@@ -6,8 +6,9 @@
 //! during the day. Residents are vaccinated in register order within each municipality, so a
 //! second thread can build these for the residents about to come: it keeps every
 //! municipality a few residents, and 1/250 of the doses it expects in the day, ahead of where
-//! the simulation has got to in its register. The simulation takes what is ready and builds anything else itself with the same function,
-//! so the run — and its digest — is the same whether the helper keeps up or not.
+//! the simulation has got to in its register. The simulation takes what is ready and builds
+//! anything else itself with the same function, so the run — and its digest — is the same
+//! whether the helper keeps up or not.
 //!
 //! The helper also checks each coupon's signature, as the terminal that scans it and the
 //! owner that records it will: in the federation those are other machines' CPUs. Their
@@ -42,6 +43,7 @@ pub(crate) struct Plan {
 }
 
 /// A resident's generation-0 coupon as printed, and its signature checked.
+#[derive(Clone)]
 pub(crate) struct Printed {
     pub(crate) qr: String,
     pub(crate) coupon: SignedCoupon,
@@ -52,7 +54,7 @@ pub(crate) struct Printed {
 
 #[derive(Default)]
 struct Ready {
-    qr: Option<Printed>,
+    printed: Option<Printed>,
     resident: Option<Resident>,
 }
 
@@ -132,12 +134,12 @@ impl Prebuild {
         self.shared.drawn.fetch_add(1, Ordering::Relaxed);
         let mut ready = self.shared.ready.lock().unwrap_or_else(|e| e.into_inner());
         let entry = ready.get_mut(&(m, index))?;
-        let qr = entry.qr.take();
+        let printed = entry.printed.take();
         if entry.resident.is_none() {
             ready.remove(&(m, index));
         }
-        self.shared.hits.fetch_add(u64::from(qr.is_some()), Ordering::Relaxed);
-        qr
+        self.shared.hits.fetch_add(u64::from(printed.is_some()), Ordering::Relaxed);
+        printed
     }
 
     /// Residents the simulation drew, and of them how many it found ready.
@@ -150,7 +152,7 @@ impl Prebuild {
         let mut ready = self.shared.ready.lock().unwrap_or_else(|e| e.into_inner());
         let entry = ready.get_mut(&(m, index))?;
         let resident = entry.resident.take();
-        if entry.qr.is_none() {
+        if entry.printed.is_none() {
             ready.remove(&(m, index));
         }
         resident
@@ -204,7 +206,7 @@ fn build_ahead(shared: &Shared, plans: &[Plan], secret: &PersonKeySecret) {
                     .ready
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert((m as u32, index), Ready { qr: Some(printed), resident: Some(resident) });
+                    .insert((m as u32, index), Ready { printed: Some(printed), resident: Some(resident) });
             }
         }
         if !busy {
@@ -260,14 +262,10 @@ mod tests {
         for serial in 0..REMEMBERED as u64 {
             let mut coupon = filler.coupon;
             coupon.signature[..8].copy_from_slice(&serial.to_be_bytes());
-            checked.remember(&Printed { coupon, verifies: false, ..printed_copy(&filler) });
+            checked.remember(&Printed { coupon, verifies: false, ..filler.clone() });
         }
         assert_eq!(checked.known.len(), REMEMBERED);
         assert!(!checked.known.contains_key(&first.coupon));
         assert!(checked.verifies(&first.coupon, &first.key));
-    }
-
-    fn printed_copy(p: &Printed) -> Printed {
-        Printed { qr: p.qr.clone(), coupon: p.coupon, key: p.key, verifies: p.verifies }
     }
 }
