@@ -310,9 +310,14 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
         .env("VRS_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()?;
+    // Every client keeps its connection, as a venue's scanner station does: ureq's pool keeps
+    // only 3 idle connections per host by default, which would make most captures open a new
+    // TCP connection (PostgreSQL's pgbench keeps its 64 connections too).
     let agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
+        .max_idle_connections(clients)
+        .max_idle_connections_per_host(clients)
         .build()
         .new_agent();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -323,6 +328,8 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
     let queue = Arc::new(queue);
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(captures)));
+    let node_cpu_before = cpu_seconds(&format!("/proc/{}/stat", server.id()));
+    let bench_cpu_before = cpu_seconds("/proc/self/stat");
     let failures = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let threads: Vec<_> = (0..clients)
@@ -338,7 +345,11 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
                     let t = Instant::now();
                     let result = agent.post(format!("http://{listen}/api/v1/captures")).header("Authorization", format!("Bearer {token}")).send_json(&body);
                     match result {
-                        Ok(response) if response.status() == 201 => mine.push(t.elapsed()),
+                        Ok(response) if response.status() == 201 => {
+                            // Reading the answer to its end returns the connection to the pool.
+                            let _ = response.into_body().read_to_vec();
+                            mine.push(t.elapsed());
+                        }
                         Ok(response) => {
                             if failures.fetch_add(1, Ordering::Relaxed) < 3 {
                                 eprintln!("refused: {} {:?}", response.status(), response.into_body().read_to_string());
@@ -358,6 +369,8 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
         let _ = thread.join();
     }
     let elapsed = start.elapsed();
+    let node_cpu = cpu_seconds(&format!("/proc/{}/stat", server.id())) - node_cpu_before;
+    let bench_cpu = cpu_seconds("/proc/self/stat") - bench_cpu_before;
     let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
     let _ = server.wait();
     let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -382,7 +395,37 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
         sync_p50.as_secs_f64() * 1e6,
         rate / sync_rate
     );
+    // CPU time per capture varies less between runs on a shared machine than the rate does.
+    let per = |seconds: f64| seconds / latencies.len() as f64 * 1e6;
+    println!(
+        "CPU per capture: node {:.0} µs (user+system, {:.2} cores), the {clients} clients {:.0} µs; 2 cores ÷ (node + clients) = {:.0} captures/s",
+        per(node_cpu),
+        node_cpu / elapsed.as_secs_f64(),
+        per(bench_cpu),
+        2e6 / (per(node_cpu) + per(bench_cpu))
+    );
     Ok(())
+}
+
+/// User + system CPU seconds of the process whose `/proc/…/stat` this is (0 if unreadable).
+fn cpu_seconds(stat: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat) else { return 0.0 };
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = text.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    ticks / clock_ticks_per_second()
+}
+
+/// The kernel's clock tick (`getconf CLK_TCK`), 100 on Linux unless told otherwise.
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn cli_ok(args: &[&str], data: &Path) -> anyhow::Result<String> {
@@ -973,7 +1016,12 @@ fn bench_handoff(count: usize, clients: usize, rate: Option<f64>) -> anyhow::Res
     for data in [&a, &b] {
         children.push(Command::new(binary).args(["run", "--data"]).arg(data).env("VRS_LOG", "warn").spawn()?);
     }
-    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_idle_connections(clients)
+        .max_idle_connections_per_host(clients)
+        .build()
+        .new_agent();
     wait_healthy(&agent, &format!("http://{a_http}/healthz"))?;
     wait_healthy(&agent, &format!("http://{b_http}/healthz"))?;
     let deadline = Instant::now() + Duration::from_secs(60);
