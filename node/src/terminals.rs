@@ -413,7 +413,9 @@ impl CaptureService {
         }
     }
 
-    /// Records a capture of this municipality's coupon through the writer.
+    /// Records a capture through the writer: of this municipality's coupon, or, with
+    /// `transferred_from`, of the coupon's municipality's coupon a handoff carried here (with
+    /// the directory that gives its key).
     async fn record(
         &self,
         peer: &str,
@@ -461,8 +463,8 @@ impl CaptureService {
             forwarded_lot: lot,
             transferred_from: transferred_from.map(|(from, _)| from),
             preloaded,
-            // Own coupons only: the callers pass a moved resident's dose on.
-            passed_on_if_moved: transferred_from.is_none(),
+            // The callers pass a moved resident's dose on.
+            passed_on_if_moved: true,
         };
         let who =
             Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };
@@ -483,6 +485,11 @@ impl CaptureService {
         if code != "coupon_transferred" {
             return None;
         }
+        self.transferred_to(capture)
+    }
+
+    /// Where the resident this municipality issued the capture's coupon to was handed.
+    fn transferred_to(&self, capture: &TerminalCapture) -> Option<MunicipalityCode> {
         let scans = decode_scans(&capture.coupon, &capture.vial).ok()?;
         let view = self.store.read().ok()?;
         let resident = view.index(crate::store::IDX_COUPON, scans.coupon.code().number.as_str()).ok()??;
@@ -498,12 +505,10 @@ impl CaptureService {
         if let Ok(Some(held)) = view.json::<Outgoing>(FORWARD_OUTBOX, &key) {
             return Some(held.owner);
         }
+        // The answer may name this municipality: the resident came back here and the dose
+        // was passed on to them here.
         match view.json::<CaptureState>(FORWARD_RESULTS, &key).ok()?? {
-            CaptureState::Recorded { owner, .. } | CaptureState::Refused { owner, .. }
-                if owner != self.municipality =>
-            {
-                Some(owner)
-            }
+            CaptureState::Recorded { owner, .. } | CaptureState::Refused { owner, .. } => Some(owner),
             _ => None,
         }
     }
@@ -516,6 +521,45 @@ impl CaptureService {
             .read()
             .and_then(|view| view.index(crate::store::IDX_HANDOFF_COUPON, &code))
             .is_ok_and(|found| found.is_some())
+    }
+
+    /// The resident a handoff brought here with this capture's coupon.
+    fn carried_resident(&self, capture: &TerminalCapture) -> Option<protocol::document::ResidentRecord> {
+        let scans = decode_scans(&capture.coupon, &capture.vial).ok()?;
+        let view = self.store.read().ok()?;
+        let resident =
+            view.index(crate::store::IDX_HANDOFF_COUPON, &scans.coupon.code().to_string()).ok()??;
+        view.record(&resident).ok()?
+    }
+
+    /// The municipality that handed here the resident this capture's coupon came with.
+    fn arrived_from(&self, capture: &TerminalCapture) -> Option<MunicipalityCode> {
+        self.carried_resident(capture)?.arrival.map(|a| a.from)
+    }
+
+    /// Records a dose against a coupon a handoff carried here (`issuer`'s), or passes it on
+    /// if the resident has since moved on again: the coupon then travels a second time.
+    async fn record_carried(
+        &self,
+        peer: &str,
+        issuer: MunicipalityCode,
+        f: ForwardedCapture,
+        directory: Option<&SignedDirectory>,
+    ) -> CaptureState {
+        if let Some(to) = self.passed_on(peer, &f.capture.event_id) {
+            return self.queue_forward(peer, to, f.capture, f.lot).await;
+        }
+        let state = self.record(peer, f.capture.clone(), f.lot.clone(), Some((issuer, directory))).await;
+        let moved_on = match &state {
+            CaptureState::Refused { code, .. } if code == "resident_not_active" => {
+                self.carried_resident(&f.capture).and_then(|r| r.transfer).map(|t| t.to)
+            }
+            _ => None,
+        };
+        match moved_on {
+            Some(to) => self.queue_forward(peer, to, f.capture, f.lot).await,
+            None => state,
+        }
     }
 
     /// Stores a capture of another municipality's coupon for forwarding, or answers with
@@ -622,13 +666,30 @@ impl CaptureService {
                 // municipality's venues, or at a third municipality's, which forwarded it to
                 // the coupon's municipality, which passed it on.
                 Ok(owner) if owner == from && self.carries_coupon_of(&f.capture) => {
-                    self.record(peer, f.capture, f.lot, Some((from, directory))).await
+                    self.record_carried(peer, owner, f, directory).await
                 }
                 // The forwarding municipality's own coupon, of a resident whose handoff has
                 // not been accepted here yet: not final, so it is forwarded again.
                 Ok(owner) if owner == from => CaptureState::Pending,
+                // A coupon of a municipality the resident left before `from` (or of this one,
+                // if they have come back), passed on by `from`, where they lived in between
+                // and which handed them here.
+                Ok(owner) if self.arrived_from(&f.capture) == Some(from) => {
+                    self.record_carried(peer, owner, f, directory).await
+                }
+                // A third municipality's coupon before `from`'s handoff has been accepted
+                // here: not final, so it is forwarded again.
+                Ok(owner) if owner != self.municipality => CaptureState::Pending,
+                // This municipality's coupon of a resident it handed away, passed back by
+                // `from` before their return from there has been accepted here: the same.
+                Ok(_)
+                    if f.capture.venue_municipality != from && self.transferred_to(&f.capture).is_some() =>
+                {
+                    CaptureState::Pending
+                }
                 _ if f.capture.venue_municipality != from => mismatch(),
-                Ok(owner) if owner == self.municipality => {
+                // This municipality's own coupon, the venue the forwarding municipality's.
+                Ok(_) => {
                     if let Some(to) = self.passed_on(peer, &f.capture.event_id) {
                         return (event_id, self.queue_forward(peer, to, f.capture, f.lot).await);
                     }
@@ -641,11 +702,6 @@ impl CaptureService {
                         None => state,
                     }
                 }
-                Ok(owner) => self.refusal(
-                    "not_owner",
-                    &format!("この接種券は {owner} のもので、このノードでは記録できません"),
-                    &format!("the coupon belongs to {owner}, not to this node"),
-                ),
                 Err(error) => self.refusal(error.code(), &error.message_ja(), &error.to_string()),
             };
             (event_id, state)

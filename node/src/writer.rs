@@ -54,14 +54,16 @@ pub struct CaptureCommand {
     /// The lot as the venue's municipality registered it, for a capture forwarded from
     /// another municipality; used when this node has not registered the lot itself.
     pub forwarded_lot: Option<Lot>,
-    /// The coupon is the resident's previous municipality's, transferred with their record;
-    /// that municipality forwarded the capture (its terminal had not learnt of the move).
+    /// The coupon is this municipality's (the one that issued it), carried here with the
+    /// resident's record by a handoff; the municipality they came from forwarded the capture
+    /// (its terminal had not learnt of the move, or it passed the dose on).
     pub transferred_from: Option<protocol::municipality::MunicipalityCode>,
     /// The resident's document, read ahead off the writer's thread ([`preload_capture`]).
     pub preloaded: Option<Box<Preloaded>>,
     /// The caller passes the dose on to the resident's new municipality if they moved away
-    /// (a terminal's push): `coupon_transferred` is then not a refused capture and is not
-    /// counted as one.
+    /// (a terminal's push, a forwarded capture): `coupon_transferred`, or for a carried
+    /// coupon `resident_not_active` of a resident who moved on, is then not a refused capture
+    /// and is not counted as one.
     pub passed_on_if_moved: bool,
 }
 
@@ -474,8 +476,25 @@ fn handle(
     match command {
         Command::Capture(mut capture, reply) => {
             let mut result = capture_one(m, context, &mut capture, now);
+            let passed_on = match &result {
+                Ok(Err(problem)) if capture.passed_on_if_moved => match problem.code.as_str() {
+                    "coupon_transferred" => Ok(true),
+                    "resident_not_active" if capture.transferred_from.is_some() => {
+                        moved_on(m, &capture.scans.coupon.code().to_string())
+                    }
+                    _ => Ok(false),
+                },
+                _ => Ok(false),
+            };
+            let passed_on = match passed_on {
+                Ok(passed_on) => passed_on,
+                Err(error) => {
+                    result = Err(error);
+                    false
+                }
+            };
             if let Ok(Err(problem)) = &result
-                && !(capture.passed_on_if_moved && problem.code == "coupon_transferred")
+                && !passed_on
             {
                 let rejected = Cell::Rejected { date: japan_today(), reason: problem.code.clone() };
                 if let Err(error) = crate::store::count_cells(m.txn(), &[(rejected, 1)]) {
@@ -596,6 +615,13 @@ fn handle(
             Err(error) => Err((error, Command::Checkpoint(reply))),
         },
     }
+}
+
+/// Whether the resident a handoff brought here with the coupon `code` (18 digits) has moved
+/// on to another municipality since.
+fn moved_on(m: &mut Mutation<'_>, code: &str) -> anyhow::Result<bool> {
+    let Some(resident_id) = m.index(crate::store::IDX_HANDOFF_COUPON, code)? else { return Ok(false) };
+    Ok(m.record(&resident_id)?.is_some_and(|record| record.transfer.is_some()))
 }
 
 /// Outer `Err`: internal failure. Inner `Err`: refused, nothing written.

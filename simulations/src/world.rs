@@ -1700,11 +1700,7 @@ impl World {
             return Some(*to);
         }
         match p.results.get(key)? {
-            CaptureState::Recorded { owner, .. } | CaptureState::Refused { owner, .. }
-                if *owner != self.codes[i as usize] =>
-            {
-                Some(*owner)
-            }
+            CaptureState::Recorded { owner, .. } | CaptureState::Refused { owner, .. } => Some(*owner),
             _ => None,
         }
     }
@@ -1749,20 +1745,31 @@ impl World {
         let mismatch = || {
             refusal(own, "venue_municipality_mismatch", "forwarded by another municipality than the venue's")
         };
+        let key = format!("{:?}/{event_id}", Addr::Primary(from));
         let state = if from_code == own {
             mismatch()
         } else if owner == from_code {
             let code = decode_scans(&capture.coupon, &capture.vial).map(|s| s.coupon.code().to_string());
             let carries = code.is_ok_and(|c| self.primaries[i as usize].carried.contains_key(&c));
             if carries {
-                self.record(i, &capture, forwarded.lot, Some(from_code))
+                self.record_carried(i, key, capture, forwarded.lot, owner)
             } else {
                 CaptureState::Pending
             }
+        } else if self
+            .carried_record(i, &capture)
+            .and_then(|r| r.arrival)
+            .is_some_and(|a| a.from == from_code)
+        {
+            self.record_carried(i, key, capture, forwarded.lot, owner)
+        } else if owner != own
+            || (capture.venue_municipality != from_code && self.moved_to(i, &capture).is_some())
+        {
+            // Passed on before the resident's handoff from `from` was accepted here.
+            CaptureState::Pending
         } else if capture.venue_municipality != from_code {
             mismatch()
-        } else if owner == own {
-            let key = format!("{:?}/{event_id}", Addr::Primary(from));
+        } else {
             if let Some(to) = self.passed_on(i, &key) {
                 return (event_id, self.queue_forward(i, key, to, capture, forwarded.lot));
             }
@@ -1779,10 +1786,42 @@ impl World {
                 Some(to) => self.queue_forward(i, key, to, capture, forwarded.lot),
                 None => state,
             }
-        } else {
-            refusal(own, "not_owner", "the coupon belongs to another municipality")
         };
         (event_id, state)
+    }
+
+    /// `node/src/terminals.rs` `carried_resident`.
+    fn carried_record(&self, i: u32, capture: &TerminalCapture) -> Option<ResidentRecord> {
+        let p = &self.primaries[i as usize];
+        let scans = decode_scans(&capture.coupon, &capture.vial).ok()?;
+        let rid = p.carried.get(&scans.coupon.code().to_string())?;
+        read_record(&p.docs[rid].load()).ok()
+    }
+
+    /// `node/src/terminals.rs` `record_carried`: record against a carried coupon, or pass the
+    /// dose on if the resident has moved on again.
+    fn record_carried(
+        &mut self,
+        i: u32,
+        key: String,
+        capture: TerminalCapture,
+        lot: Option<protocol::catalogue::Lot>,
+        issuer: MunicipalityCode,
+    ) -> CaptureState {
+        if let Some(to) = self.passed_on(i, &key) {
+            return self.queue_forward(i, key, to, capture, lot);
+        }
+        let state = self.record(i, &capture, lot.clone(), Some(issuer));
+        let moved_on = match &state {
+            CaptureState::Refused { code, .. } if code == "resident_not_active" => {
+                self.carried_record(i, &capture).and_then(|r| r.transfer).map(|t| t.to)
+            }
+            _ => None,
+        };
+        match moved_on {
+            Some(to) => self.queue_forward(i, key, to, capture, lot),
+            None => state,
+        }
     }
 
     fn forward_answered(&mut self, i: u32, from: Addr, id: u64, states: Vec<(String, CaptureState)>) {

@@ -133,6 +133,29 @@ fn settled(f: &Federation, person_key: &str) -> Value {
     })
 }
 
+/// Scans `coupon` at Yokohama's terminal while it is cut off (it records the dose offline),
+/// reconnects it, and waits up to a minute for the capture's final state: (event id, state).
+fn scan_offline_then_heal(
+    f: &Federation,
+    kiosk: &Node,
+    coupon: &PrintedCoupon,
+    vial: &str,
+) -> (String, Value) {
+    let (code, body) = scan(kiosk, coupon, vial, VENUE);
+    assert_eq!(code, 201, "offline, the terminal records it: {body}");
+    let event = body["event_id"].as_str().unwrap().to_owned();
+    f.proxy.heal();
+    let mut state = Value::Null;
+    for _ in 0..600 {
+        state = state_of(kiosk, &event);
+        if state["state"] == "recorded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (event, state)
+}
+
 /// Exactly one handoff, one active owner, the same history on both sides.
 fn assert_moved_once(f: &Federation, atena: &str) -> (String, String) {
     let old = resident_id(&f.a, atena);
@@ -237,18 +260,7 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     f.proxy.block();
     assert_eq!(move_out(&f.a, "0000000107").unwrap().0, 201);
     let (_, new_nakamura) = assert_moved_once(&f, "0000000107");
-    let (code, body) = scan(&kiosk, &nakamura, &vial, VENUE);
-    assert_eq!(code, 201, "offline, the terminal records it: {body}");
-    let event = body["event_id"].as_str().unwrap().to_owned();
-    f.proxy.heal();
-    let mut state = Value::Null;
-    for _ in 0..600 {
-        state = state_of(&kiosk, &event);
-        if state["state"] == "recorded" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (event, state) = scan_offline_then_heal(&f, &kiosk, &nakamura, &vial);
     assert_eq!(state["state"], "recorded", "the offline dose reached Chiyoda: {state}");
     assert_eq!(state["owner"], CHIYODA, "{state}");
     let events = events_of(&f.b, &new_nakamura);
@@ -591,4 +603,66 @@ fn a_promoted_standby_sends_the_handoff_its_lost_primary_sealed() {
             .any(|e| e["handoff_id"] == handoff.as_str() && e["state"] == "completed")
             .then_some(())
     });
+}
+
+/// A dose given at a venue whose terminal was offline while the resident moved away and
+/// moved again: the first municipality forwards it to the second, which passes it on to
+/// where the resident lives now. Here 渡邊 moves from Yokohama to Chiyoda and back; the
+/// dose Yokohama's offline terminal recorded against the old coupon travels Yokohama →
+/// Chiyoda → Yokohama and lands once in the record Yokohama holds now.
+#[test]
+fn a_dose_follows_a_resident_who_moved_twice() {
+    let mut f = federation("handoff-twice");
+    let token = enrol_token(&f.a, VENUE);
+    start_all(&mut f);
+    let mut kiosk = terminal(f.dir.path(), "t", YOKOHAMA, &token);
+    kiosk.start().unwrap();
+    let watanabe = coupon_of(&f.coupons, "0000000105", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    wait_for("the terminal to have its bundle", Duration::from_secs(30), || {
+        let status = kiosk.get("/api/v1/status").unwrap().1;
+        status["bundle_version"].as_u64().filter(|v| *v > 0)
+    });
+
+    // The terminal goes offline; 渡邊 moves to Chiyoda, and from there back to Yokohama.
+    f.proxy.block();
+    assert_eq!(move_out(&f.a, "0000000105").unwrap().0, 201);
+    let (old, at_chiyoda) = assert_moved_once(&f, "0000000105");
+    let path = format!("/api/v1/residents/{at_chiyoda}/move-out");
+    let (code, body) = f.b.post(&path, &json!({"to": YOKOHAMA, "reason": "転出届（横浜市）"})).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let back = wait_for("Yokohama to take 渡邊 back", Duration::from_secs(60), || {
+        let incoming = handoffs(&f.a)["incoming"].as_array().unwrap().clone();
+        incoming
+            .into_iter()
+            .find(|e| e["state"] == "accepted")
+            .map(|e| e["resident_id"].as_str().unwrap().to_owned())
+    });
+    assert_ne!(back, old, "a new record at Yokohama");
+
+    // Offline, the terminal records the dose against Yokohama's first coupon.
+    let (event, state) = scan_offline_then_heal(&f, &kiosk, &watanabe, &vial);
+    assert_eq!(state["state"], "recorded", "the dose came back through Chiyoda: {state}");
+    assert_eq!(state["owner"], YOKOHAMA, "{state}");
+    assert_eq!(events_of(&f.a, &back).get(&event), Some(&1), "in the record Yokohama holds now, once");
+    assert_eq!(events_of(&f.a, &old).get(&event), None, "not in the record Yokohama handed away");
+    assert_eq!(events_of(&f.b, &at_chiyoda).get(&event), None, "not in Chiyoda's, which passed it on");
+    let dose = record(&f.a, &back)["history"][0].clone();
+    assert_eq!(dose["venue"], VENUE, "{dose}");
+    assert_eq!(dose["dose_number"], 1, "{dose}");
+
+    // Passed on twice, refused nowhere: neither municipality counts a refused capture.
+    let today = super::days_from_today(0);
+    for node in [&f.a, &f.b] {
+        let (code, body) = node.get(&format!("/api/v1/statistics/daily?date={today}")).unwrap();
+        assert_eq!(code, 200, "{body}");
+        let refused = body["statistics"]["rejected"].as_array().map_or(0, Vec::len);
+        assert_eq!(refused, 0, "{}", body["statistics"]["rejected"]);
+    }
+    kiosk.kill9();
+    for node in [&mut f.a, &mut f.b] {
+        node.stop().unwrap();
+        assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
 }
