@@ -97,6 +97,15 @@ fn handoffs(node: &Node) -> Value {
     body
 }
 
+/// The resident created by the first handoff `node` has accepted, if any.
+fn accepted_at(node: &Node) -> Option<String> {
+    let incoming = handoffs(node)["incoming"].as_array().unwrap().clone();
+    incoming
+        .into_iter()
+        .find(|e| e["state"] == "accepted")
+        .map(|e| e["resident_id"].as_str().unwrap().to_owned())
+}
+
 /// The node's `outgoing` or `incoming` handoffs of one person.
 fn of_person(node: &Node, list: &str, person_key: &str) -> Vec<Value> {
     handoffs(node)[list]
@@ -341,13 +350,7 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     let back = json!({"my_number": my_number(1), "birth_date": "1960-04-01", "atena_number": "0000000201", "address": "神奈川県横浜市中区山下町1-1"});
     let (code, body) = f.a.post("/api/v1/handoffs/requests", &back).unwrap();
     assert_eq!(code, 202, "{body}");
-    let returned = wait_for("山田's history to come back", Duration::from_secs(60), || {
-        let incoming = handoffs(&f.a)["incoming"].as_array().unwrap().clone();
-        incoming
-            .into_iter()
-            .find(|e| e["state"] == "accepted")
-            .map(|e| e["resident_id"].as_str().unwrap().to_owned())
-    });
+    let returned = wait_for("山田's history to come back", Duration::from_secs(60), || accepted_at(&f.a));
     let yamada_again = record(&f.a, &returned);
     assert_eq!(yamada_again["identity"]["status"], "active");
     assert_eq!(events_of(&f.a, &returned), events_of(&f.a, &old), "the same dose, once");
@@ -631,13 +634,7 @@ fn a_dose_follows_a_resident_who_moved_twice() {
     let path = format!("/api/v1/residents/{at_chiyoda}/move-out");
     let (code, body) = f.b.post(&path, &json!({"to": YOKOHAMA, "reason": "転出届（横浜市）"})).unwrap();
     assert_eq!(code, 201, "{body}");
-    let back = wait_for("Yokohama to take 渡邊 back", Duration::from_secs(60), || {
-        let incoming = handoffs(&f.a)["incoming"].as_array().unwrap().clone();
-        incoming
-            .into_iter()
-            .find(|e| e["state"] == "accepted")
-            .map(|e| e["resident_id"].as_str().unwrap().to_owned())
-    });
+    let back = wait_for("Yokohama to take 渡邊 back", Duration::from_secs(60), || accepted_at(&f.a));
     assert_ne!(back, old, "a new record at Yokohama");
 
     // Offline, the terminal records the dose against Yokohama's first coupon.
