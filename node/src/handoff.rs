@@ -42,7 +42,8 @@ use crate::clock::{new_id, rfc3339};
 use crate::problem::Problem;
 use crate::store::{
     HANDOFF_ASKS, HANDOFF_DUE, HANDOFF_IN, HANDOFF_OUT, IDX_ATENA, IDX_COUPON, IDX_EVENT, IDX_HANDOFF_COUPON,
-    IDX_PERSON, META_COUPON_SERIAL, META_HANDOFF_SEQ, META_RESIDENT_SEQ, Mutation, Store, get_json, put_json,
+    IDX_HANDOFF_FROM, IDX_PERSON, META_COUPON_SERIAL, META_HANDOFF_SEQ, META_RESIDENT_SEQ, Mutation, Store,
+    get_json, put_json,
 };
 use crate::writer::{Command, Step, Who, WriterContext, WriterHandle};
 
@@ -372,8 +373,13 @@ pub(crate) fn accept_one(
     for dose in record.doses.values() {
         m.set_index(IDX_EVENT, &dose.event_id, &record.resident_id)?;
     }
-    for coupon in record.coupons.values() {
-        m.set_index(IDX_HANDOFF_COUPON, &coupon.code.to_string(), &record.resident_id)?;
+    {
+        let mut from = m.txn().open_table(IDX_HANDOFF_FROM)?;
+        for coupon in record.coupons.values() {
+            let code = coupon.code.to_string();
+            m.set_index(IDX_HANDOFF_COUPON, &code, &record.resident_id)?;
+            from.insert((code.as_str(), payload.from.as_str()), record.resident_id.as_str())?;
+        }
     }
     let next = record.next_dose_number();
     if next <= 9 {
@@ -1087,10 +1093,13 @@ pub fn reconcile_after_promotion(
         let txn = store.begin_write()?;
         for id in &ids {
             let Some(record) = view.record(id)? else { continue };
-            if record.arrival.is_some() {
+            if let Some(arrival) = &record.arrival {
                 let mut index = txn.open_table(IDX_HANDOFF_COUPON)?;
+                let mut from = txn.open_table(IDX_HANDOFF_FROM)?;
                 for coupon in record.coupons.values().filter(|c| record.carried(c)) {
-                    index.insert(coupon.code.to_string().as_str(), id.as_str())?;
+                    let code = coupon.code.to_string();
+                    index.insert(code.as_str(), id.as_str())?;
+                    from.insert((code.as_str(), arrival.from.as_str()), id.as_str())?;
                     indexed += 1;
                 }
             }

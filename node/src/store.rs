@@ -100,6 +100,10 @@ pub const HANDOFF_ASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("han
 /// Coupons of a previous municipality carried in by a handoff: 18-digit code → resident id
 /// here (a dose captured against one is forwarded here by that municipality).
 pub const IDX_HANDOFF_COUPON: TableDefinition<&str, &str> = TableDefinition::new("idx_handoff_coupon");
+/// (18-digit code, municipality that handed the resident here) → resident id, for every
+/// handoff that carried the coupon here: a resident who left and came back has one entry per
+/// arrival, while [`IDX_HANDOFF_COUPON`] names the latest.
+pub const IDX_HANDOFF_FROM: TableDefinition<(&str, &str), &str> = TableDefinition::new("idx_handoff_from");
 /// Counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -269,6 +273,7 @@ impl Store {
             txn.open_table(HANDOFF_DUE)?;
             txn.open_table(HANDOFF_ASKS)?;
             txn.open_table(IDX_HANDOFF_COUPON)?;
+            txn.open_table(IDX_HANDOFF_FROM)?;
             txn.open_table(crate::audit::AUDIT)?;
             txn.open_table(crate::audit::AUDIT_CHECKPOINTS)?;
             txn.open_table(crate::auth::USERS)?;
@@ -324,6 +329,12 @@ impl ReadView {
     pub fn index(&self, table: TableDefinition<&str, &str>, key: &str) -> anyhow::Result<Option<String>> {
         let table = self.txn.open_table(table)?;
         Ok(table.get(key)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Whether a handoff from `from` ever carried the coupon `code` (18 digits) here.
+    pub fn handed_here(&self, code: &str, from: MunicipalityCode) -> anyhow::Result<bool> {
+        let table = self.txn.open_table(IDX_HANDOFF_FROM)?;
+        Ok(table.get((code, from.as_str()))?.is_some())
     }
 
     /// Reads a resident's record.

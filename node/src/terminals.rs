@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use protocol::catalogue::Catalogue;
 use protocol::directory::SignedDirectory;
+use protocol::document::ResidentStatus;
 use protocol::municipality::MunicipalityCode;
 use protocol::person::hex_lower;
 use protocol::terminal::{
@@ -532,9 +533,14 @@ impl CaptureService {
         view.record(&resident).ok()?
     }
 
-    /// The municipality that handed here the resident this capture's coupon came with.
-    fn arrived_from(&self, capture: &TerminalCapture) -> Option<MunicipalityCode> {
-        self.carried_resident(capture)?.arrival.map(|a| a.from)
+    /// Whether `from` handed here a resident with this capture's coupon: at their latest
+    /// arrival, or an earlier one (they left and came back, and `from` passes on a dose it
+    /// had been sent while they lived there).
+    fn handed_here_by(&self, capture: &TerminalCapture, from: MunicipalityCode) -> bool {
+        let Ok(scans) = decode_scans(&capture.coupon, &capture.vial) else { return false };
+        let code = scans.coupon.code().to_string();
+        self.store.read().and_then(|view| view.handed_here(&code, from)).unwrap_or(false)
+            || self.carried_resident(capture).and_then(|r| r.arrival).is_some_and(|a| a.from == from)
     }
 
     /// Records a dose against a coupon a handoff carried here (`issuer`'s), or passes it on
@@ -546,6 +552,20 @@ impl CaptureService {
         f: ForwardedCapture,
         directory: Option<&SignedDirectory>,
     ) -> CaptureState {
+        // The resident lives here now: record (or answer with the record), even if this capture
+        // was passed on from here before they came back: two municipalities that each passed
+        // it to the other would otherwise wait for each other for ever.
+        let here = self
+            .carried_resident(&f.capture)
+            .is_some_and(|r| r.transfer.is_none() && r.identity.status == ResidentStatus::Active);
+        if here {
+            let event_id = f.capture.event_id.clone();
+            let state = self.record(peer, f.capture, f.lot, Some((issuer, directory))).await;
+            if state.is_final() {
+                self.forget_passed_on(peer, &event_id).await;
+            }
+            return state;
+        }
         if let Some(to) = self.passed_on(peer, &f.capture.event_id) {
             return self.queue_forward(peer, to, f.capture, f.lot).await;
         }
@@ -559,6 +579,37 @@ impl CaptureService {
         match moved_on {
             Some(to) => self.queue_forward(peer, to, f.capture, f.lot).await,
             None => state,
+        }
+    }
+
+    /// Drops what is left of an earlier passing-on of `peer`'s capture (the outbox row, or an
+    /// answer not yet handed over), once the dose has been answered here.
+    async fn forget_passed_on(&self, peer: &str, event_id: &str) {
+        let key = outbox_key(peer, event_id);
+        let held = self.store.read().and_then(|view| {
+            Ok(view.json::<Outgoing>(FORWARD_OUTBOX, &key)?.is_some()
+                || view.json::<CaptureState>(FORWARD_RESULTS, &key)?.is_some())
+        });
+        if !held.unwrap_or(false) {
+            return;
+        }
+        let who =
+            Who { actor: format!("peer:{peer}"), role: "municipal_node".into(), request_id: key.clone() };
+        let result = self
+            .writer
+            .call(&who, |reply| Command::Apply {
+                action: "capture.forward.withdrawn".into(),
+                subject: format!("capture:{event_id}"),
+                op: Box::new(move |txn, _now| {
+                    txn.open_table(FORWARD_OUTBOX)?.remove(key.as_str())?;
+                    txn.open_table(FORWARD_RESULTS)?.remove(key.as_str())?;
+                    Ok(Ok(serde_json::Value::Null))
+                }),
+                reply,
+            })
+            .await;
+        if let Err(problem) = result {
+            tracing::warn!(code = %problem.code, "a capture passed on earlier stays in the outbox");
         }
     }
 
@@ -673,8 +724,10 @@ impl CaptureService {
                 Ok(owner) if owner == from => CaptureState::Pending,
                 // A coupon of a municipality the resident left before `from` (or of this one,
                 // if they have come back), passed on by `from`, where they lived in between
-                // and which handed them here.
-                Ok(owner) if self.arrived_from(&f.capture) == Some(from) => {
+                // and which handed them here. Recorded against the latest arrival, or passed
+                // on again from there: `from` may have handed them here before they left and
+                // came back by way of somewhere else.
+                Ok(owner) if self.handed_here_by(&f.capture, from) => {
                     self.record_carried(peer, owner, f, directory).await
                 }
                 // A third municipality's coupon before `from`'s handoff has been accepted

@@ -64,6 +64,12 @@ pub enum Bug {
     /// The old municipality refuses a dose of a moved resident's coupon forwarded by a
     /// third municipality's venue instead of passing it on to the new one.
     KeepMovedAway,
+    /// A municipality takes a dose passed on by another only if that one handed it the
+    /// resident's latest arrival, not an earlier one (the resident left and came back).
+    LatestArrivalOnly,
+    /// A municipality the resident came back to passes a dose it had passed on before
+    /// straight on again, instead of recording it now that they live there.
+    StickyPassOn,
 }
 
 impl Default for Config {

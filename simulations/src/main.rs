@@ -110,7 +110,7 @@ fn print(report: &Report) {
     let c = &report.counters;
     println!("シード / seed {}  ダイジェスト / digest {}", report.config.seed, report.digest);
     println!(
-        "  自治体 {} / municipalities, 端末 {} / terminals; {} doses acknowledged ({} away, {} refused at the terminal), {} voids, {} reissues, {} relocations ({} accepted)",
+        "  自治体 {} / municipalities, 端末 {} / terminals; {} doses acknowledged ({} away, {} refused at the terminal), {} voids, {} reissues, {} relocations ({} accepted, {} second moves, {} doses passed on again)",
         report.municipalities,
         report.terminals,
         c.acknowledged,
@@ -119,7 +119,9 @@ fn print(report: &Report) {
         c.voids,
         c.reissues,
         c.relocations,
-        c.accepted
+        c.accepted,
+        c.moved_again,
+        c.passed_on_again
     );
     println!(
         "  障害 / faults: {} crashes, {} partitions, {} messages lost, {} duplicated",

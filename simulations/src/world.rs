@@ -67,6 +67,11 @@ const PRODUCT: &str = "comirnaty-30";
 const COMMIT_MS: Time = 2;
 /// A request not answered within this is given up and sent again.
 const TIMEOUT_MS: Time = 2_000;
+/// Share of move-outs drawn among people who moved in during the run (while there are any).
+const MOVE_AGAIN: f64 = 0.3;
+/// Share of first move-outs drawn among people whose dose a terminal still holds (while there
+/// are any): vaccinated at a venue whose terminal is offline, they move before it reconnects.
+const MOVE_HELD: f64 = 0.25;
 
 /// A node's address on the simulated network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -255,6 +260,9 @@ pub(crate) struct Primary {
     docs: BTreeMap<String, Disk>,
     by_number: BTreeMap<CouponNumber, String>,
     carried: BTreeMap<String, String>,
+    /// (coupon, municipality that handed its resident here), for every arrival
+    /// (`IDX_HANDOFF_FROM`).
+    handed_here: BTreeSet<(String, MunicipalityCode)>,
     by_person: BTreeMap<String, String>,
     feed: BTreeMap<u64, String>,
     feed_of: BTreeMap<String, u64>,
@@ -463,6 +471,12 @@ pub struct Counters {
     pub reissues: u64,
     /// Move-outs recorded.
     pub relocations: u64,
+    /// Of those, move-outs of someone who had moved in during the run (a second move, to a
+    /// third municipality or back to the first).
+    pub moved_again: u64,
+    /// Forwarded doses a municipality passed on again because the resident it had received
+    /// had moved on.
+    pub passed_on_again: u64,
     /// Handoffs accepted by the new municipality.
     pub accepted: u64,
     /// Messages sent.
@@ -481,6 +495,14 @@ pub struct Counters {
     pub events: u64,
     /// Messages and bytes by kind.
     pub by_kind: BTreeMap<&'static str, (u64, u64)>,
+}
+
+/// Where someone who moved during the run started, to move them again.
+struct FirstHome {
+    /// (municipality, index) whose coupon they were first given.
+    resident: (u32, u64),
+    /// The capture of their dose a terminal still held when they moved: (terminal, event id).
+    held: Option<(u32, String)>,
 }
 
 /// The whole simulated federation.
@@ -506,6 +528,14 @@ pub struct World {
     next_resident: Vec<u64>,
     /// Residents who were moved out (municipality, index) → where to.
     pub(crate) moved: BTreeMap<(u32, u64), u32>,
+    /// Residents who moved in during the run and may move again: (municipality, resident id,
+    /// the (municipality, index) whose coupon they were first given).
+    arrived: Vec<(u32, String, (u32, u64))>,
+    /// Of those, people whose dose was still held at a terminal when they first moved:
+    /// (municipality, resident id, terminal, event id).
+    arrived_held: Vec<(u32, String, u32, String)>,
+    /// Person key of each mover → where they started.
+    first_home: BTreeMap<String, FirstHome>,
     /// Coupon generation the person holds, when reissued.
     generation: BTreeMap<(u32, u64), u8>,
     /// Captures expected to be refused (scanned with a superseded coupon).
@@ -616,6 +646,7 @@ impl World {
                 docs: BTreeMap::new(),
                 by_number: BTreeMap::new(),
                 carried: BTreeMap::new(),
+                handed_here: BTreeSet::new(),
                 by_person: BTreeMap::new(),
                 feed: BTreeMap::new(),
                 feed_of: BTreeMap::new(),
@@ -764,6 +795,9 @@ impl World {
             pop_cumulative,
             next_resident: vec![0; n],
             moved: BTreeMap::new(),
+            arrived: Vec::new(),
+            arrived_held: Vec::new(),
+            first_home: BTreeMap::new(),
             generation: BTreeMap::new(),
             expect_refused: BTreeSet::new(),
             skew,
@@ -1405,29 +1439,110 @@ impl World {
         true
     }
 
-    /// A resident moves out: an admin of the old municipality records it.
+    /// A resident moves out: an admin of the old municipality records it. Some movers are
+    /// people who moved in earlier in the run and now move on, to a third municipality or
+    /// back to the first: a dose captured against their first coupon is then passed on twice.
     fn relocation(&mut self) {
         if self.primaries.len() < 2 {
             return;
         }
-        let from = self.pick_municipality();
-        if !self.primaries[from as usize].up {
+        if self.rng.chance(MOVE_AGAIN)
+            && let Some((from, rid)) = self.pick_arrival()
+        {
+            if !self.primaries[from as usize].up {
+                return;
+            }
+            let p = &self.primaries[from as usize];
+            let doc = p.docs[&rid].load_as(&p.actor);
+            let back = read_record(&doc).ok().and_then(|r| r.arrival).map(|a| a.from);
+            let to = match back.and_then(|code| self.by_code.get(&code).copied()) {
+                Some(first) if self.rng.chance(0.5) => first,
+                _ => self.other_than(from),
+            };
+            if self.move_out(from, to, rid, doc) {
+                self.counters.moved_again += 1;
+            }
             return;
         }
-        // Half the movers are people about to be vaccinated, who then come with the old
-        // municipality's coupon (to its venues, or to another municipality's).
-        let pop = self.primaries[from as usize].pop;
-        let next = self.next_resident[from as usize];
-        let index = if self.rng.chance(0.5) && next + 20 < pop {
-            next + self.rng.below(20)
-        } else {
-            self.rng.below(pop)
+        let held = if self.rng.chance(MOVE_HELD) { self.held_dose() } else { None };
+        let (from, index) = match &held {
+            Some((home, index, _)) => (*home, *index),
+            None => {
+                let from = self.pick_municipality();
+                // Half the movers are people about to be vaccinated, who then come with the
+                // old municipality's coupon (to its venues, or to another municipality's).
+                let pop = self.primaries[from as usize].pop;
+                let next = self.next_resident[from as usize];
+                let index = if self.rng.chance(0.5) && next + 20 < pop {
+                    next + self.rng.below(20)
+                } else {
+                    self.rng.below(pop)
+                };
+                (from, index)
+            }
         };
-        if self.moved.contains_key(&(from, index)) {
+        if !self.primaries[from as usize].up || self.moved.contains_key(&(from, index)) {
             return;
         }
+        let to = self.other_than(from);
+        let now = self.clock(Addr::Primary(from));
+        let p = &mut self.primaries[from as usize];
+        let (rid, doc) = open_resident(p, from, index, &self.person_secret, self.prebuild.as_ref(), now);
+        let person_key = read_record(&doc).expect("a resident document").person_key;
+        if self.move_out(from, to, rid, doc) {
+            self.moved.insert((from, index), to);
+            let held = held.map(|(_, _, capture)| capture);
+            self.first_home.insert(person_key, FirstHome { resident: (from, index), held });
+        }
+    }
+
+    /// Someone who moved in during the run, to move again: preferably one whose first dose a
+    /// terminal still holds, else one not yet vaccinated (who will come with their first
+    /// coupon).
+    fn pick_arrival(&mut self) -> Option<(u32, String)> {
+        while !self.arrived_held.is_empty() {
+            let n = self.arrived_held.len() as u64;
+            let (at, rid, t, event_id) = self.arrived_held.swap_remove(self.rng.below(n) as usize);
+            if self.terminals[t as usize].open.contains(&event_id) {
+                return Some((at, rid));
+            }
+        }
+        while !self.arrived.is_empty() {
+            let n = self.arrived.len() as u64;
+            let (at, rid, (home, index)) = self.arrived.swap_remove(self.rng.below(n) as usize);
+            if self.next_resident[home as usize] <= index {
+                return Some((at, rid));
+            }
+        }
+        None
+    }
+
+    /// A person whose dose a terminal holds and has not yet settled: (municipality, index,
+    /// (terminal, event id)), if the coupon is one this run issued.
+    fn held_dose(&mut self) -> Option<(u32, u64, (u32, String))> {
+        let n = self.terminals.len();
+        let start = self.rng.below(n as u64) as usize;
+        let (t, event_id) = (0..n).map(|k| (start + k) % n).find_map(|t| {
+            let term = &self.terminals[t];
+            term.open.first().map(|id| (t as u32, id.clone()))
+        })?;
+        let held = &self.terminals[t as usize].held[&event_id];
+        let code = *decode_scans(&held.capture.coupon, &held.capture.vial).ok()?.coupon.code();
+        let home = *self.by_code.get(&code.municipality)?;
+        let serial = code.number.as_str()[..9].parse::<u64>().ok()?;
+        (serial >= 1 && serial <= self.primaries[home as usize].pop)
+            .then(|| (home, serial - 1, (t, event_id)))
+    }
+
+    /// Any municipality but `i`.
+    fn other_than(&mut self, i: u32) -> u32 {
         let other = self.rng.below(self.primaries.len() as u64 - 1) as u32;
-        let to = if other >= from { other + 1 } else { other };
+        if other >= i { other + 1 } else { other }
+    }
+
+    /// Records the move-out of resident `rid` of `from` to `to` and seals the handoff; false
+    /// if the resident is not active here or the directory lacks `to`.
+    fn move_out(&mut self, from: u32, to: u32, rid: String, mut doc: Automerge) -> bool {
         let now = self.clock(Addr::Primary(from));
         let ephemeral = self.rng.bytes32();
         let to_code = self.codes[to as usize];
@@ -1438,13 +1553,12 @@ impl World {
             .and_then(|e| hex_decode(&e.encryption_key))
             .and_then(|k| <[u8; 32]>::try_from(k).ok())
         else {
-            return;
+            return false;
         };
         let p = &mut self.primaries[from as usize];
-        let (rid, mut doc) = open_resident(p, from, index, &self.person_secret, self.prebuild.as_ref(), now);
         let record = read_record(&doc).expect("a resident document");
         if record.transfer.is_some() || record.identity.status != ResidentStatus::Active {
-            return;
+            return false;
         }
         p.next_handoff += 1;
         let handoff_id = format!("ho-{}-{}", p.code, p.next_handoff);
@@ -1473,10 +1587,10 @@ impl World {
         let sealed = protocol::handoff::seal(&payload, &p.key, &recipient, ephemeral)
             .expect("the simulator's keys seal");
         p.out.insert(handoff_id, OutHandoff { sealed, state: OutState::Sealed });
-        self.moved.insert((from, index), to);
         self.counters.relocations += 1;
         self.nudge(from);
         self.timer(Addr::Primary(from), Timer::Handoff, 1);
+        true
     }
 
     /// A clerk voids a dose recorded by mistake.
@@ -1756,11 +1870,7 @@ impl World {
             } else {
                 CaptureState::Pending
             }
-        } else if self
-            .carried_record(i, &capture)
-            .and_then(|r| r.arrival)
-            .is_some_and(|a| a.from == from_code)
-        {
+        } else if self.handed_here_by(i, &capture, from_code) {
             self.record_carried(i, key, capture, forwarded.lot, owner)
         } else if owner != own
             || (capture.venue_municipality != from_code && self.moved_to(i, &capture).is_some())
@@ -1790,6 +1900,15 @@ impl World {
         (event_id, state)
     }
 
+    /// `node/src/terminals.rs` `handed_here_by`.
+    fn handed_here_by(&self, i: u32, capture: &TerminalCapture, from: MunicipalityCode) -> bool {
+        if self.config.bug == Some(crate::Bug::LatestArrivalOnly) {
+            return self.carried_record(i, capture).and_then(|r| r.arrival).is_some_and(|a| a.from == from);
+        }
+        let Ok(scans) = decode_scans(&capture.coupon, &capture.vial) else { return false };
+        self.primaries[i as usize].handed_here.contains(&(scans.coupon.code().to_string(), from))
+    }
+
     /// `node/src/terminals.rs` `carried_resident`.
     fn carried_record(&self, i: u32, capture: &TerminalCapture) -> Option<ResidentRecord> {
         let p = &self.primaries[i as usize];
@@ -1808,6 +1927,19 @@ impl World {
         lot: Option<protocol::catalogue::Lot>,
         issuer: MunicipalityCode,
     ) -> CaptureState {
+        let here = self.config.bug != Some(crate::Bug::StickyPassOn)
+            && self
+                .carried_record(i, &capture)
+                .is_some_and(|r| r.transfer.is_none() && r.identity.status == ResidentStatus::Active);
+        if here {
+            let state = self.record(i, &capture, lot, Some(issuer));
+            if state.is_final() {
+                let p = &mut self.primaries[i as usize];
+                p.outbox.remove(&key);
+                p.results.remove(&key);
+            }
+            return state;
+        }
         if let Some(to) = self.passed_on(i, &key) {
             return self.queue_forward(i, key, to, capture, lot);
         }
@@ -1819,7 +1951,10 @@ impl World {
             _ => None,
         };
         match moved_on {
-            Some(to) => self.queue_forward(i, key, to, capture, lot),
+            Some(to) => {
+                self.counters.passed_on_again += 1;
+                self.queue_forward(i, key, to, capture, lot)
+            }
             None => state,
         }
     }
@@ -2154,6 +2289,7 @@ impl World {
         add_cells(p, record_cells(&record));
         for coupon in record.coupons.values() {
             p.carried.insert(coupon.code.to_string(), rid.clone());
+            p.handed_here.insert((coupon.code.to_string(), payload.from));
         }
         let next = record.next_dose_number();
         if next <= 9 {
@@ -2181,6 +2317,13 @@ impl World {
         store(p, &rid, &mut doc);
         p.stats_version += 1;
         p.accepted_unacked.insert(payload.handoff_id);
+        match self.first_home.get(&record.person_key) {
+            Some(FirstHome { held: Some((t, event_id)), .. }) => {
+                self.arrived_held.push((i, rid, *t, event_id.clone()))
+            }
+            Some(FirstHome { resident, held: None }) => self.arrived.push((i, rid, *resident)),
+            None => {}
+        }
         self.counters.accepted += 1;
         self.nudge(i);
         true

@@ -21,6 +21,8 @@ fn seeds(from: u64, count: u64) {
             (&mut total.reissues, c.reissues),
             (&mut total.relocations, c.relocations),
             (&mut total.accepted, c.accepted),
+            (&mut total.moved_again, c.moved_again),
+            (&mut total.passed_on_again, c.passed_on_again),
             (&mut total.crashes, c.crashes),
             (&mut total.partitions, c.partitions),
             (&mut total.lost, c.lost),
@@ -38,6 +40,9 @@ fn seeds(from: u64, count: u64) {
         ("reissues", t.reissues),
         ("relocations", t.relocations),
         ("accepted handoffs", t.accepted),
+        ("second moves", t.moved_again),
+        // A dose held at a terminal while its resident moved on a second time.
+        ("doses passed on again", 2 * t.passed_on_again),
         ("crashes", t.crashes),
         ("partitions", t.partitions),
         ("lost messages", t.lost),
@@ -103,13 +108,16 @@ fn the_same_seed_gives_the_same_trace() {
 
 #[test]
 fn deliberate_bugs_break_the_invariants_they_should() {
-    for (bug, expected) in [
-        (Bug::RecordReplays, "no terminal captured it"),
-        (Bug::AddReports, "national figures"),
-        (Bug::SkipPage, "standby lacks"),
-        (Bug::KeepMovedAway, "of a valid coupon was refused (coupon_transferred)"),
+    for (bug, seed, expected) in [
+        (Bug::RecordReplays, 3, "no terminal captured it"),
+        (Bug::AddReports, 3, "national figures"),
+        (Bug::SkipPage, 3, "standby lacks"),
+        (Bug::KeepMovedAway, 2, "of a valid coupon was refused (coupon_transferred)"),
+        // A dose chasing a resident who moved back and forth is never settled.
+        (Bug::LatestArrivalOnly, 1, "never settled"),
+        (Bug::StickyPassOn, 1, "never settled"),
     ] {
-        let report = run(Config { bug: Some(bug), ..Config::stress(3) });
+        let report = run(Config { bug: Some(bug), ..Config::stress(seed) });
         assert!(
             report.violations.iter().any(|v| v.contains(expected)),
             "{bug:?} went unnoticed: {:?}",

@@ -663,3 +663,113 @@ fn a_dose_follows_a_resident_who_moved_twice() {
         assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
     }
 }
+
+/// The handoff waiting at `node` for an admin, if any.
+fn waiting_at(node: &Node) -> Option<String> {
+    let incoming = handoffs(node)["incoming"].as_array().unwrap().clone();
+    incoming.iter().find(|e| e["state"] == "received").map(|e| e["handoff_id"].as_str().unwrap().to_owned())
+}
+
+/// Forwarded captures waiting in `node`'s outbox.
+fn outbox_len(node: &Node) -> u64 {
+    let (code, body) = node.get("/api/v1/status").unwrap();
+    assert_eq!(code, 200, "{body}");
+    body["forward_outbox"].as_u64().unwrap()
+}
+
+/// 渡邊 moves back and forth — Yokohama → Chiyoda → Yokohama → Chiyoda → Yokohama — while a
+/// Yokohama terminal holds a dose of the first coupon, and the dose comes before Yokohama
+/// (accepting by hand) has accepted the last return. Each municipality's latest record says
+/// "moved to the other", so each passes the dose to the other and holds it in its outbox.
+/// Once Yokohama accepts, it records the dose — though it had passed it on — and every
+/// outbox empties.
+#[test]
+fn a_dose_passed_back_and_forth_is_recorded_once_the_return_is_accepted() {
+    let mut f = federation("handoff-back-and-forth");
+    let config = f.a.data.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("[handoff]\naccept = \"auto\"", "[handoff]\naccept = \"manual\""))
+        .unwrap();
+    let token = enrol_token(&f.a, VENUE);
+    start_all(&mut f);
+    let mut kiosk = terminal(f.dir.path(), "t", YOKOHAMA, &token);
+    kiosk.start().unwrap();
+    let watanabe = coupon_of(&f.coupons, "0000000105", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    wait_for("the terminal to have its bundle", Duration::from_secs(30), || {
+        let status = kiosk.get("/api/v1/status").unwrap().1;
+        status["bundle_version"].as_u64().filter(|v| *v > 0)
+    });
+    f.proxy.block();
+    let move_to = |node: &Node, resident: &str, to: &str| {
+        let path = format!("/api/v1/residents/{resident}/move-out");
+        let (code, body) = node.post(&path, &json!({"to": to, "reason": "転出届"})).unwrap();
+        assert_eq!(code, 201, "{body}");
+    };
+    let accept = |id: &str| {
+        let (code, body) = f.a.post(&format!("/api/v1/handoffs/{id}/accept"), &json!({})).unwrap();
+        assert_eq!(code, 200, "{body}");
+        body["resident_id"].as_str().unwrap().to_owned()
+    };
+    // Yokohama → Chiyoda → Yokohama (accepted by hand) → Chiyoda.
+    assert_eq!(move_out(&f.a, "0000000105").unwrap().0, 201);
+    let (_, first_at_chiyoda) = assert_moved_once(&f, "0000000105");
+    move_to(&f.b, &first_at_chiyoda, YOKOHAMA);
+    let id = wait_for("the return to wait at Yokohama", Duration::from_secs(60), || waiting_at(&f.a));
+    let back = accept(&id);
+    move_to(&f.a, &back, CHIYODA);
+    let again_at_chiyoda = wait_for("Chiyoda to take 渡邊 in again", Duration::from_secs(60), || {
+        let incoming = handoffs(&f.b)["incoming"].as_array().unwrap().clone();
+        incoming
+            .iter()
+            .filter(|e| e["state"] == "accepted")
+            .map(|e| e["resident_id"].as_str().unwrap().to_owned())
+            .find(|r| *r != first_at_chiyoda)
+    });
+    // … and back to Yokohama, where the handoff waits for an admin.
+    move_to(&f.b, &again_at_chiyoda, YOKOHAMA);
+    let last =
+        wait_for("the second return to wait at Yokohama", Duration::from_secs(60), || waiting_at(&f.a));
+
+    // The terminal's dose of the first coupon comes now: Yokohama passes it to Chiyoda, whose
+    // latest record says "moved to Yokohama", which passes it back (its latest says "moved to
+    // Chiyoda"), and so on: both hold it in their outbox.
+    let (code, body) = scan(&kiosk, &watanabe, &vial, VENUE);
+    assert_eq!(code, 201, "offline, the terminal records it: {body}");
+    let event = body["event_id"].as_str().unwrap().to_owned();
+    f.proxy.heal();
+    wait_for("each municipality to hold the dose for the other", Duration::from_secs(60), || {
+        (outbox_len(&f.a) == 2 && outbox_len(&f.b) == 1).then_some(())
+    });
+    assert_eq!(state_of(&kiosk, &event)["state"], "forwarded");
+
+    let now_at_yokohama = accept(&last);
+    let state = wait_for("the dose to be recorded", Duration::from_secs(60), || {
+        let state = state_of(&kiosk, &event);
+        (state["state"] == "recorded").then_some(state)
+    });
+    assert_eq!(state["owner"], YOKOHAMA, "{state}");
+    assert_eq!(
+        events_of(&f.a, &now_at_yokohama).get(&event),
+        Some(&1),
+        "in the record Yokohama holds now, once"
+    );
+    for (node, resident) in [(&f.a, &back), (&f.b, &first_at_chiyoda), (&f.b, &again_at_chiyoda)] {
+        assert_eq!(events_of(node, resident).get(&event), None, "not in {resident}, which moved on");
+    }
+    wait_for("every outbox to empty", Duration::from_secs(30), || {
+        (outbox_len(&f.a) == 0 && outbox_len(&f.b) == 0).then_some(())
+    });
+    let today = super::days_from_today(0);
+    for node in [&f.a, &f.b] {
+        let (code, body) = node.get(&format!("/api/v1/statistics/daily?date={today}")).unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["statistics"]["rejected"].as_array().map_or(0, Vec::len), 0, "{body}");
+    }
+    kiosk.kill9();
+    for node in [&mut f.a, &mut f.b] {
+        node.stop().unwrap();
+        assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+}
