@@ -259,7 +259,7 @@ impl CaptureService {
             venue: venue.to_owned(),
             campaign_start: self.campaign_start,
             national_key: self.national_key.clone(),
-            directory: if unchanged { None } else { directory.cloned() },
+            directory: if unchanged { None } else { directory.map(|d| Arc::new(d.clone())) },
             directory_unchanged: unchanged,
             own_coupon_key: hex_lower(&self.coupon_public_key),
             catalogue: self.catalogue.clone(),

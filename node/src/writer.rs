@@ -685,6 +685,11 @@ fn capture_one(
         Ok(CaptureDecision::Record(event)) => {
             m.apply_after(&resident_id, &ResidentEvent::DoseRecorded(event.clone()), now, &record)?;
             m.set_index(IDX_EVENT, &event.event_id, &resident_id)?;
+            // A dose passed on from a previous municipality makes the coupon issued here
+            // for that dose useless: revoked, one commit each, in the same transaction.
+            for spent in protocol::validation::coupons_spent_by(&record, &event) {
+                m.apply(&resident_id, &spent, now)?;
+            }
             Ok(Ok(CaptureOutcome { replay: false, resident_id, event }))
         }
     }

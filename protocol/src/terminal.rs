@@ -14,6 +14,7 @@
 //! ([`CaptureRequest::Forward`]) and keeps it only until the owner has answered.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
@@ -188,7 +189,8 @@ pub struct TerminalBundle {
     pub national_key: String,
     /// The newest signed directory the node holds (the coupon keys of every municipality),
     /// left out when the terminal holds that very version already (`directory_unchanged`).
-    pub directory: Option<SignedDirectory>,
+    /// Shared, not copied, between the bundles that carry it.
+    pub directory: Option<Arc<SignedDirectory>>,
     /// The directory was left out: it is the one in the terminal's bundle, whose version
     /// the terminal said it held (the low 24 bits of a bundle version are its directory's
     /// version). The directory is ~400 KB for 1,742 municipalities, and a bundle changes

@@ -13,8 +13,8 @@ use time::{Date, Duration, OffsetDateTime};
 use crate::catalogue::{Catalogue, Lot, Product};
 use crate::coupon::{CouponScanError, Ed25519Check, ScannedCoupon, SignatureCheck, parse_scanned_coupon};
 use crate::document::{
-    Correction, CorrectionKind, CouponStatus, DoseEvent, DoseStatus, ResidentRecord, ResidentStatus,
-    coupon_key,
+    Correction, CorrectionKind, CouponStatus, DoseEvent, DoseStatus, ResidentEvent, ResidentRecord,
+    ResidentStatus, coupon_key,
 };
 use crate::gs1::{Gs1Error, VialBarcode, parse_vial_barcode};
 use crate::municipality::MunicipalityCode;
@@ -529,6 +529,31 @@ pub fn validate_capture(
         recorded_by: input.recorded_by.to_owned(),
         status: DoseStatus::Valid,
     }))
+}
+
+/// What recording `dose` makes obsolete: the resident's other valid coupons for that dose or
+/// an earlier one, each revoked in its own event. A dose passed on from a previous
+/// municipality is recorded against its coupon, while the coupon this municipality issued
+/// for the same dose when it accepted the handoff is still valid; a venue would refuse that
+/// one (the dose is given), so it goes, and the next issuance gives the following dose's.
+/// `record` is the record before the dose.
+pub fn coupons_spent_by(record: &ResidentRecord, dose: &DoseEvent) -> Vec<ResidentEvent> {
+    record
+        .coupons
+        .values()
+        .filter(|c| c.status == CouponStatus::Valid && c.code.dose_round <= dose.dose_number)
+        .filter(|c| !(c.code == dose.coupon && c.generation == dose.coupon_generation))
+        .map(|c| ResidentEvent::CouponRevoked {
+            key: c.key(),
+            reason: format!(
+                "{n}回目は{name}の接種券で接種済み（{event}） / dose {n} given with the coupon of {code} ({event})",
+                n = dose.dose_number,
+                name = municipality_name(dose.coupon.municipality),
+                code = dose.coupon.municipality,
+                event = dose.event_id,
+            ),
+        })
+        .collect()
 }
 
 /// A used coupon: the same capture again is a replay (no-op), anything else is refused.

@@ -26,7 +26,8 @@ use protocol::statistics::{
 };
 use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, VoidRequest,
-    age_on, authenticate_coupon, decode_scans, validate_amendment, validate_capture, validate_void,
+    age_on, authenticate_coupon, coupons_spent_by, decode_scans, validate_amendment, validate_capture,
+    validate_void,
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use time::macros::{date, datetime};
@@ -243,6 +244,35 @@ fn dose(event_id: &str, code: CouponCode, on: Date) -> DoseEvent {
 
 fn actor(name: &str) -> ActorId {
     ActorId::from(name.as_bytes())
+}
+
+#[test]
+fn a_dose_given_with_a_previous_municipalitys_coupon_revokes_the_new_one_for_that_dose() {
+    // Moved from Chiyoda to Yokohama: Chiyoda's dose-1 coupon came with the record
+    // (transferred); Yokohama issued its own for dose 1 at acceptance, and one for dose 3
+    // stands for a later round.
+    let mut record = resident();
+    let mut carried = coupon_entry(coupon_in("131016", 1, 1, 7), 0);
+    carried.status = CouponStatus::Transferred;
+    let later = coupon_entry(coupon(3, 102), 0);
+    record.coupons.insert(carried.key(), carried.clone());
+    record.coupons.insert(later.key(), later);
+    let own = record.coupons.values().find(|c| c.code == coupon(1, 101)).unwrap().key();
+
+    // The dose Chiyoda passed on, recorded against its coupon: Yokohama's dose-1 coupon goes.
+    let passed_on = dose("ev-carried", carried.code, date!(2021 - 06 - 01));
+    let spent = coupons_spent_by(&record, &passed_on);
+    assert_eq!(spent.len(), 1, "{spent:?}");
+    let ResidentEvent::CouponRevoked { key, reason } = &spent[0] else { panic!("{spent:?}") };
+    assert_eq!(key, &own);
+    assert!(reason.starts_with("1回目は千代田区の接種券で接種済み（ev-carried）"), "{reason}");
+    assert!(reason.contains("dose 1 given with the coupon of 131016"), "{reason}");
+    let after = applied(&applied(&record, &ResidentEvent::DoseRecorded(passed_on)), &spent[0]);
+    assert_eq!(after.coupons[&own].status, CouponStatus::Revoked);
+    assert!(after.coupons.values().any(|c| c.code.dose_round == 3 && c.status == CouponStatus::Valid));
+
+    // A dose given with Yokohama's own coupon spends nothing else.
+    assert!(coupons_spent_by(&resident(), &dose("ev-own", coupon(1, 101), date!(2021 - 06 - 01))).is_empty());
 }
 
 /// `record` after `event`, written to a real resident document and read back.

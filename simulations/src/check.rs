@@ -59,12 +59,20 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
             for event_id in record.doses.keys() {
                 active_events.entry(event_id.clone()).or_default().push(id.clone());
             }
-            // 3. No two valid coupons for the same person and dose.
+            // 3. No two valid coupons for the same person and dose, and none for a dose
+            // already given (it could only be refused at a venue).
             let mut rounds = BTreeSet::new();
+            let next = record.next_dose_number();
             for coupon in record.coupons.values().filter(|c| c.status == CouponStatus::Valid) {
                 if !rounds.insert(coupon.code.dose_round) {
                     out.push(format!(
                         "{code}: {id} holds two valid coupons for dose {}",
+                        coupon.code.dose_round
+                    ));
+                }
+                if coupon.code.dose_round < next {
+                    out.push(format!(
+                        "{code}: {id} holds a valid coupon for dose {}, already given",
                         coupon.code.dose_round
                     ));
                 }

@@ -70,6 +70,9 @@ pub enum Bug {
     /// A municipality the resident came back to passes a dose it had passed on before
     /// straight on again, instead of recording it now that they live there.
     StickyPassOn,
+    /// A dose passed on from a previous municipality leaves valid the coupon the new one
+    /// issued for the same dose.
+    KeepSpentCoupons,
 }
 
 impl Default for Config {

@@ -522,6 +522,8 @@ pub struct World {
     pub(crate) national: National,
     national_key: Ed25519KeyPair,
     directory: SignedDirectory,
+    /// The same, as bundles carry it.
+    shared_directory: std::sync::Arc<SignedDirectory>,
     person_secret: PersonKeySecret,
     pop_cumulative: Vec<u64>,
     /// Next resident index to vaccinate, per municipality.
@@ -790,6 +792,7 @@ impl World {
                 personal: Vec::new(),
             },
             national_key,
+            shared_directory: std::sync::Arc::new(directory.clone()),
             directory,
             person_secret,
             pop_cumulative,
@@ -1763,7 +1766,7 @@ impl World {
         whole
             .get_or_insert_with(|| {
                 Rc::new(TerminalBundle {
-                    directory: Some(self.directory.clone()),
+                    directory: Some(self.shared_directory.clone()),
                     directory_unchanged: false,
                     ..(**slim).clone()
                 })
@@ -2112,7 +2115,21 @@ impl World {
             Ok(CaptureDecision::Record(event)) => {
                 let dose_number = event.dose_number;
                 let event_id = event.event_id.clone();
+                let spent = if self.config.bug == Some(crate::Bug::KeepSpentCoupons) {
+                    Vec::new()
+                } else {
+                    protocol::validation::coupons_spent_by(&record, &event)
+                };
                 apply(p, &rid, &mut doc, &record, &ResidentEvent::DoseRecorded(event), now);
+                for revoked in spent {
+                    let before = read_record(&doc).expect("a resident document");
+                    apply(p, &rid, &mut doc, &before, &revoked, now);
+                    if let ResidentEvent::CouponRevoked { key, reason } = revoked {
+                        p.blocked.insert(key, BlockedCoupon { superseded: false, reason, moved_to: None });
+                        p.bundle_version += 1;
+                        p.bundle = None;
+                    }
+                }
                 // A clerk voids some doses later the same day (not after the venues close:
                 // the workload ends with the day, then the federation heals and settles).
                 if self.rng.chance(self.config.void_rate) {

@@ -114,8 +114,9 @@ fn deliberate_bugs_break_the_invariants_they_should() {
         (Bug::SkipPage, 3, "standby lacks"),
         (Bug::KeepMovedAway, 2, "of a valid coupon was refused (coupon_transferred)"),
         // A dose chasing a resident who moved back and forth is never settled.
-        (Bug::LatestArrivalOnly, 1, "never settled"),
-        (Bug::StickyPassOn, 1, "never settled"),
+        (Bug::LatestArrivalOnly, 21, "never settled"),
+        (Bug::StickyPassOn, 29, "never settled"),
+        (Bug::KeepSpentCoupons, 1, "already given"),
     ] {
         let report = run(Config { bug: Some(bug), ..Config::stress(seed) });
         assert!(

@@ -277,12 +277,21 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     let at_b = record(&f.b, &new_nakamura);
     let dose = at_b["history"][0].clone();
     assert_eq!(dose["venue"], "141003/naka-kumin-kaikan", "{dose}");
-    // Yokohama's coupon, now used, stays beside the one Chiyoda issued, even where the two
-    // municipalities' coupon numbers coincide.
+    // Yokohama's coupon, now used, stays beside the one Chiyoda issued for the same dose when
+    // it accepted the handoff, even where the two municipalities' coupon numbers coincide.
+    // That one is revoked in the same transaction: the dose is given, a venue would refuse
+    // it, and the next issuance gives the second dose's.
     let old_coupon = &at_b["coupons"][format!("{}.00", &nakamura.code[2..])];
     assert_eq!(old_coupon["status"], "used", "{}", at_b["coupons"]);
-    let own = at_b["valid_coupons"][0]["code"].as_str().unwrap();
-    assert!(at_b["coupons"].get(format!("{}.00", &own[2..])).is_some(), "{}", at_b["coupons"]);
+    assert!(at_b["valid_coupons"].as_array().unwrap().is_empty(), "{}", at_b["valid_coupons"]);
+    let coupons = at_b["coupons"].as_object().unwrap();
+    let revoked: Vec<&Value> = coupons.values().filter(|c| c["status"] == "revoked").collect();
+    assert_eq!(revoked.len(), 1, "{}", at_b["coupons"]);
+    let own = revoked[0]["code"].as_str().unwrap();
+    assert_eq!((&own[1..2], &own[2..8]), ("1", CHIYODA), "{}", revoked[0]);
+    assert!(coupons.contains_key(&format!("{}.00", &own[2..])), "{}", at_b["coupons"]);
+    let reason = revoked[0]["status_reason"].as_str().unwrap();
+    assert!(reason.contains("1回目は横浜市の接種券で接種済み") && reason.contains(&event), "{reason}");
 
     // 小林 moves to Chiyoda and comes to a Chiyoda venue with Yokohama's coupon. Chiyoda's
     // terminal cannot know of the move (it blocks only Chiyoda's coupons), so Chiyoda forwards
