@@ -72,6 +72,31 @@ fn start_all(f: &mut Federation) {
     f.b.start().unwrap();
 }
 
+/// Makes `node` leave received handoffs to an admin (`[handoff] accept = "manual"`).
+fn accept_by_hand(node: &Node) {
+    let config = node.data.join("node.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("[handoff]\naccept = \"auto\""), "{text}");
+    std::fs::write(&config, text.replace("[handoff]\naccept = \"auto\"", "[handoff]\naccept = \"manual\""))
+        .unwrap();
+}
+
+/// Starts everything and a Yokohama terminal at the venue, once it holds its bundle: the
+/// terminal, 渡邊's first coupon and a vial.
+fn start_with_kiosk(f: &mut Federation) -> (Node, PrintedCoupon, String) {
+    let token = enrol_token(&f.a, VENUE);
+    start_all(f);
+    let mut kiosk = terminal(f.dir.path(), "t", YOKOHAMA, &token);
+    kiosk.start().unwrap();
+    let watanabe = coupon_of(&f.coupons, "0000000105", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    wait_for("the terminal to have its bundle", Duration::from_secs(30), || {
+        let status = kiosk.get("/api/v1/status").unwrap().1;
+        status["bundle_version"].as_u64().filter(|v| *v > 0)
+    });
+    (kiosk, watanabe, vial)
+}
+
 /// Moves the resident with `atena` out of Yokohama to Chiyoda once Yokohama's directory
 /// names Chiyoda; `None` when the node died answering (a crash point).
 fn move_out(a: &Node, atena: &str) -> Option<(u16, Value)> {
@@ -486,12 +511,7 @@ fn relocation_survives_kill_9_between_every_two_steps() {
 #[test]
 fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
     let mut f = federation("movers");
-    // Chiyoda accepts by hand.
-    let config = f.b.data.join("node.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("[handoff]\naccept = \"auto\""), "{text}");
-    std::fs::write(&config, text.replace("[handoff]\naccept = \"auto\"", "[handoff]\naccept = \"manual\""))
-        .unwrap();
+    accept_by_hand(&f.b);
     start_all(&mut f);
     // Yokohama learns the directory, then stops for the batch.
     wait_for("Yokohama to hold the directory", Duration::from_secs(30), || {
@@ -625,16 +645,7 @@ fn a_promoted_standby_sends_the_handoff_its_lost_primary_sealed() {
 #[test]
 fn a_dose_follows_a_resident_who_moved_twice() {
     let mut f = federation("handoff-twice");
-    let token = enrol_token(&f.a, VENUE);
-    start_all(&mut f);
-    let mut kiosk = terminal(f.dir.path(), "t", YOKOHAMA, &token);
-    kiosk.start().unwrap();
-    let watanabe = coupon_of(&f.coupons, "0000000105", 1).clone();
-    let vial = raw_vial(COMIRNATY, "FA5765");
-    wait_for("the terminal to have its bundle", Duration::from_secs(30), || {
-        let status = kiosk.get("/api/v1/status").unwrap().1;
-        status["bundle_version"].as_u64().filter(|v| *v > 0)
-    });
+    let (mut kiosk, watanabe, vial) = start_with_kiosk(&mut f);
 
     // The terminal goes offline; 渡邊 moves to Chiyoda, and from there back to Yokohama.
     f.proxy.block();
@@ -695,20 +706,8 @@ fn outbox_len(node: &Node) -> u64 {
 #[test]
 fn a_dose_passed_back_and_forth_is_recorded_once_the_return_is_accepted() {
     let mut f = federation("handoff-back-and-forth");
-    let config = f.a.data.join("node.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("[handoff]\naccept = \"auto\"", "[handoff]\naccept = \"manual\""))
-        .unwrap();
-    let token = enrol_token(&f.a, VENUE);
-    start_all(&mut f);
-    let mut kiosk = terminal(f.dir.path(), "t", YOKOHAMA, &token);
-    kiosk.start().unwrap();
-    let watanabe = coupon_of(&f.coupons, "0000000105", 1).clone();
-    let vial = raw_vial(COMIRNATY, "FA5765");
-    wait_for("the terminal to have its bundle", Duration::from_secs(30), || {
-        let status = kiosk.get("/api/v1/status").unwrap().1;
-        status["bundle_version"].as_u64().filter(|v| *v > 0)
-    });
+    accept_by_hand(&f.a);
+    let (mut kiosk, watanabe, vial) = start_with_kiosk(&mut f);
     f.proxy.block();
     let move_to = |node: &Node, resident: &str, to: &str| {
         let path = format!("/api/v1/residents/{resident}/move-out");
