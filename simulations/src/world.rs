@@ -1338,12 +1338,7 @@ impl World {
             stale = self.rng.chance(0.2);
         }
         let away = self.primaries.len() > 1 && self.rng.chance(self.config.away);
-        let venue_primary = if away {
-            let other = self.rng.below(self.primaries.len() as u64 - 1) as u32;
-            if other >= home { other + 1 } else { other }
-        } else {
-            home
-        };
+        let venue_primary = if away { self.other_than(home) } else { home };
         let terminals = &self.terminals_of[venue_primary as usize];
         let t = terminals[self.rng.below(terminals.len() as u64) as usize];
         let coupon = coupon_of(code, index);
@@ -1532,9 +1527,8 @@ impl World {
         let held = &self.terminals[t as usize].held[&event_id];
         let code = *decode_scans(&held.capture.coupon, &held.capture.vial).ok()?.coupon.code();
         let home = *self.by_code.get(&code.municipality)?;
-        let serial = code.number.as_str()[..9].parse::<u64>().ok()?;
-        (serial >= 1 && serial <= self.primaries[home as usize].pop)
-            .then(|| (home, serial - 1, (t, event_id)))
+        let index = resident_index(&code.number, self.primaries[home as usize].pop)?;
+        Some((home, index, (t, event_id)))
     }
 
     /// Any municipality but `i`.
@@ -2061,12 +2055,8 @@ impl World {
                 let doc = p.docs[&rid].load_as(&p.actor);
                 Some((rid, doc))
             }
-            None if transferred_from.is_none() => {
-                let serial = code.number.as_str()[..9].parse::<u64>().unwrap_or(0);
-                (serial >= 1 && serial <= p.pop).then(|| {
-                    open_resident(p, i, serial - 1, &self.person_secret, self.prebuild.as_ref(), now)
-                })
-            }
+            None if transferred_from.is_none() => resident_index(&code.number, p.pop)
+                .map(|index| open_resident(p, i, index, &self.person_secret, self.prebuild.as_ref(), now)),
             None => None,
         };
         let Some((rid, mut doc)) = resident else {
@@ -2681,6 +2671,13 @@ pub(crate) fn build_resident(
 
 /// The resident `index` of the register of primary `m` and their document, ready to change.
 /// Created on first use as it stood before the day ([`build_resident`]).
+/// The index of the resident a coupon number of this run belongs to (`coupon_of`'s
+/// inverse), if it is within a population of `pop`.
+fn resident_index(number: &CouponNumber, pop: u64) -> Option<u64> {
+    let serial = number.as_str()[..9].parse::<u64>().ok()?;
+    (serial >= 1 && serial <= pop).then(|| serial - 1)
+}
+
 fn open_resident(
     p: &mut Primary,
     m: u32,
