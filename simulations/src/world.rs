@@ -86,6 +86,21 @@ pub enum Addr {
     Terminal(u32),
 }
 
+impl Addr {
+    /// Appends what `{:?}` prints (`Primary(3)`), without the formatting machinery.
+    fn write_to(self, out: &mut String) {
+        let (name, index) = match self {
+            Addr::National => return out.push_str("National"),
+            Addr::Primary(i) => ("Primary(", i),
+            Addr::Standby(i) => ("Standby(", i),
+            Addr::Terminal(i) => ("Terminal(", i),
+        };
+        out.push_str(name);
+        out.push_str(itoa::Buffer::new().format(index));
+        out.push(')');
+    }
+}
+
 /// What travels: the protocol's own messages.
 #[derive(Clone, Debug)]
 pub enum Msg {
@@ -554,6 +569,8 @@ pub struct World {
     /// The buffer messages are encoded into to count their bytes.
     wire: Vec<u8>,
     digest: ring::digest::Context,
+    /// The buffer `trace_delivery` writes its line into.
+    trace_line: String,
     faults: bool,
     /// The helper building residents' pre-day state on the second core.
     prebuild: Option<crate::prebuild::Prebuild>,
@@ -810,6 +827,7 @@ impl World {
             bundle_bytes: BTreeMap::new(),
             wire: Vec::new(),
             digest: ring::digest::Context::new(&ring::digest::SHA256),
+            trace_line: String::with_capacity(64),
             faults,
         }
     }
@@ -1071,7 +1089,7 @@ impl World {
                 if !self.is_up(to) || !self.linked(from, to) {
                     return;
                 }
-                self.trace(&format!("{} {from:?}>{to:?} {}", self.now, msg.kind()));
+                self.trace_delivery(from, to, msg.kind());
                 match to {
                     Addr::National => {
                         self.national.pending.push((from, msg));
@@ -1204,6 +1222,22 @@ impl World {
                 }
             }
         }
+    }
+
+    /// The trace line of a delivered message, `"{now} {from:?}>{to:?} {kind}"`, written
+    /// into one reused buffer: there are tens of millions of them in a peak-day run.
+    fn trace_delivery(&mut self, from: Addr, to: Addr, kind: &str) {
+        let mut line = std::mem::take(&mut self.trace_line);
+        line.clear();
+        line.push_str(itoa::Buffer::new().format(self.now));
+        line.push(' ');
+        from.write_to(&mut line);
+        line.push('>');
+        to.write_to(&mut line);
+        line.push(' ');
+        line.push_str(kind);
+        self.trace(&line);
+        self.trace_line = line;
     }
 
     fn trace(&mut self, line: &str) {
@@ -1411,8 +1445,8 @@ impl World {
     fn reissue(&mut self, home: u32, index: u64) -> bool {
         let now = self.clock(Addr::Primary(home));
         let p = &mut self.primaries[home as usize];
-        let (rid, mut doc) = open_resident(p, home, index, &self.person_secret, self.prebuild.as_ref(), now);
-        let record = read_record(&doc).expect("a resident document");
+        let (rid, mut doc, record) =
+            open_resident(p, home, index, &self.person_secret, self.prebuild.as_ref(), now);
         if record.transfer.is_some() {
             return false;
         }
@@ -1485,8 +1519,9 @@ impl World {
         let to = self.other_than(from);
         let now = self.clock(Addr::Primary(from));
         let p = &mut self.primaries[from as usize];
-        let (rid, doc) = open_resident(p, from, index, &self.person_secret, self.prebuild.as_ref(), now);
-        let person_key = read_record(&doc).expect("a resident document").person_key;
+        let (rid, doc, record) =
+            open_resident(p, from, index, &self.person_secret, self.prebuild.as_ref(), now);
+        let person_key = record.person_key;
         if self.move_out(from, to, rid, doc) {
             self.moved.insert((from, index), to);
             let held = held.map(|(_, _, capture)| capture);
@@ -2053,16 +2088,16 @@ impl World {
         let resident = match indexed {
             Some(rid) => {
                 let doc = p.docs[&rid].load_as(&p.actor);
-                Some((rid, doc))
+                let record = read_record(&doc).expect("a resident document");
+                Some((rid, doc, record))
             }
             None if transferred_from.is_none() => resident_index(&code.number, p.pop)
                 .map(|index| open_resident(p, i, index, &self.person_secret, self.prebuild.as_ref(), now)),
             None => None,
         };
-        let Some((rid, mut doc)) = resident else {
+        let Some((rid, mut doc, record)) = resident else {
             return refusal(own, "coupon_not_issued", "not issued by this municipality");
         };
-        let record = read_record(&doc).expect("a resident document");
         let own_lot = lot_of(own);
         let lot = if own_lot.lot == scans.vial.lot {
             Some(own_lot)
@@ -2617,6 +2652,9 @@ pub(crate) struct Resident {
     event: ResidentEvent,
     doc: Automerge,
     disk: Disk,
+    /// The record as the document reads after `event` (what `read_record(&doc)` returns),
+    /// so the run's thread does not read back what the helper just wrote.
+    ready: ResidentRecord,
 }
 
 /// The dose-1 coupon of resident `index` of municipality `code` (serials follow the register).
@@ -2663,14 +2701,14 @@ pub(crate) fn build_resident(
         status_reason: None,
         used_by_event: None,
     };
+    let mut ready = record.clone();
+    ready.coupons.insert(entry.key(), entry.clone());
     let event = ResidentEvent::CouponIssued { entry, supersedes: None };
     apply_event(&mut doc, &event, registered).expect("a coupon applies");
     let disk = Disk::of(&mut doc);
-    Resident { rid, record, event, doc, disk }
+    Resident { rid, record, event, doc, disk, ready }
 }
 
-/// The resident `index` of the register of primary `m` and their document, ready to change.
-/// Created on first use as it stood before the day ([`build_resident`]).
 /// The index of the resident a coupon number of this run belongs to (`coupon_of`'s
 /// inverse), if it is within a population of `pop`.
 fn resident_index(number: &CouponNumber, pop: u64) -> Option<u64> {
@@ -2678,6 +2716,8 @@ fn resident_index(number: &CouponNumber, pop: u64) -> Option<u64> {
     (serial >= 1 && serial <= pop).then(|| serial - 1)
 }
 
+/// The resident `index` of the register of primary `m`, their document ready to change and
+/// their record. Created on first use as it stood before the day ([`build_resident`]).
 fn open_resident(
     p: &mut Primary,
     m: u32,
@@ -2685,21 +2725,23 @@ fn open_resident(
     secret: &PersonKeySecret,
     prebuild: Option<&crate::prebuild::Prebuild>,
     now: OffsetDateTime,
-) -> (String, Automerge) {
+) -> (String, Automerge, ResidentRecord) {
     let number = CouponNumber::from_serial(index as u32 + 1).expect("serials fit");
     if let Some(rid) = p.by_number.get(&number) {
-        return (rid.clone(), p.docs[rid].load_as(&p.actor));
+        let doc = p.docs[rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        return (rid.clone(), doc, record);
     }
     let resident = prebuild
         .and_then(|b| b.resident(m, index))
         .unwrap_or_else(|| build_resident(p.code, &p.actor, index, secret));
-    let Resident { rid, record, event, doc, disk } = resident;
+    let Resident { rid, record, event, doc, disk, ready } = resident;
     add_cells(p, record_cells(&record));
     add_cells(p, event_delta(&record, &event, now));
     p.by_number.insert(number, rid.clone());
     p.by_person.insert(record.person_key, rid.clone());
     store_disk(p, &rid, disk);
-    (rid, doc)
+    (rid, doc, ready)
 }
 
 /// One event, one commit: the document, the counters and the change feed together.
@@ -2792,5 +2834,33 @@ impl SourceDocs for Source<'_> {
 
     fn stored_bytes(&mut self, doc_id: &str) -> Option<Vec<u8>> {
         self.0.get(doc_id).map(|d| d.bytes.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_traced_as_debug_prints_it() {
+        for addr in [Addr::National, Addr::Primary(0), Addr::Standby(1740), Addr::Terminal(u32::MAX)] {
+            let mut out = String::from("x");
+            addr.write_to(&mut out);
+            assert_eq!(out, format!("x{addr:?}"));
+        }
+    }
+
+    /// `open_resident` hands the run's thread the record the helper computed instead of
+    /// reading it back from the document: it must be exactly what the document reads.
+    #[test]
+    fn a_resident_built_ahead_carries_the_record_its_document_reads() {
+        let secret = PersonKeySecret::new(&[7; 32]);
+        let actor = ActorId::from(&[1_u8; 16][..]);
+        for (code, index) in [("141003", 0), ("131016", 41), ("011002", 999_999)] {
+            let resident = build_resident(code.parse().expect("a code"), &actor, index, &secret);
+            assert_eq!(resident.ready, read_record(&resident.doc).expect("a resident document"));
+            assert_eq!(resident.ready.coupons.len(), 1);
+            assert!(resident.record.coupons.is_empty(), "the record before the coupon was issued");
+        }
     }
 }
