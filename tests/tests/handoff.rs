@@ -2,7 +2,8 @@
 //! through the national node, which relays sealed envelopes it cannot read. Each handoff is
 //! done once whatever is killed between two of its steps; a newcomer registered in Chiyoda
 //! fetches their history; a terminal of Yokohama refuses a moved resident's coupon, or, if it
-//! was offline, its dose is forwarded to Chiyoda; a movers file is processed in one go.
+//! was offline, its dose is forwarded to Chiyoda (and on, through Sapporo, for a resident who
+//! keeps moving); a movers file is processed in one go.
 
 use std::time::Duration;
 
@@ -776,6 +777,86 @@ fn a_dose_passed_back_and_forth_is_recorded_once_the_return_is_accepted() {
     }
     kiosk.kill9();
     for node in [&mut f.a, &mut f.b] {
+        node.stop().unwrap();
+        assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+}
+
+/// A dose passed on by a municipality that handed the resident over at an earlier arrival,
+/// not the latest: 渡邊 moves Yokohama → Chiyoda → Sapporo → Yokohama → Sapporo while a
+/// Yokohama terminal holds a dose of the first coupon. Yokohama forwards it to Chiyoda, where
+/// that coupon's record went; Chiyoda passes it to Sapporo, where its record went. Sapporo's
+/// latest arrival came from Yokohama, not Chiyoda, but Chiyoda once handed 渡邊 to it: it
+/// takes the dose and records it in the record it holds now.
+#[test]
+fn a_dose_from_an_earlier_sender_is_taken_after_a_later_arrival() {
+    const SAPPORO: &str = "011002";
+    let mut f = federation("handoff-earlier-sender");
+    let secret = f.a.data.join("keys/person-key.secret");
+    std::fs::create_dir_all(f.dir.path().join("c")).unwrap();
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let mut c = Node::init_with(
+        &f.dir.path().join("c"),
+        SAPPORO,
+        &["--plain-http", "--p2p-listen", &listen, "--person-key-secret", secret.to_str().unwrap()],
+    )
+    .unwrap();
+    add_comirnaty_lot(&c);
+    f.national.approve(&join(&c, &f.national, "c"));
+    let (mut kiosk, watanabe, vial) = start_with_kiosk(&mut f);
+    c.start().unwrap();
+    f.proxy.block();
+
+    let move_to = |node: &Node, resident: &str, to: &str| {
+        let path = format!("/api/v1/residents/{resident}/move-out");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = node.post(&path, &json!({"to": to, "reason": "転出届"})).unwrap();
+            if code == 409 && body["code"] == "receiver_not_in_federation" {
+                assert!(std::time::Instant::now() < deadline, "{to} never joined: {body}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            assert_eq!(code, 201, "{body}");
+            return;
+        }
+    };
+    let accepted_other_than = |node: &Node, earlier: &str| {
+        let incoming = handoffs(node)["incoming"].as_array().unwrap().clone();
+        incoming
+            .iter()
+            .filter(|e| e["state"] == "accepted")
+            .map(|e| e["resident_id"].as_str().unwrap().to_owned())
+            .find(|r| r != earlier)
+    };
+    assert_eq!(move_out(&f.a, "0000000105").unwrap().0, 201);
+    let (old, at_chiyoda) = assert_moved_once(&f, "0000000105");
+    move_to(&f.b, &at_chiyoda, SAPPORO);
+    let first_at_sapporo = wait_for("Sapporo to take 渡邊 in", Duration::from_secs(60), || accepted_at(&c));
+    move_to(&c, &first_at_sapporo, YOKOHAMA);
+    let back = wait_for("Yokohama to take 渡邊 back", Duration::from_secs(60), || accepted_at(&f.a));
+    move_to(&f.a, &back, SAPPORO);
+    let again_at_sapporo = wait_for("Sapporo to take 渡邊 in again", Duration::from_secs(60), || {
+        accepted_other_than(&c, &first_at_sapporo)
+    });
+
+    let (event, state) = scan_offline_then_heal(&f, &kiosk, &watanabe, &vial);
+    assert_eq!(state["state"], "recorded", "Sapporo took the dose Chiyoda passed on: {state}");
+    assert_eq!(state["owner"], SAPPORO, "{state}");
+    assert_eq!(
+        events_of(&c, &again_at_sapporo).get(&event),
+        Some(&1),
+        "in the record Sapporo holds now, once"
+    );
+    for (node, resident) in [(&f.a, &old), (&f.b, &at_chiyoda), (&c, &first_at_sapporo), (&f.a, &back)] {
+        assert_eq!(events_of(node, resident).get(&event), None, "not in {resident}, which moved on");
+    }
+    wait_for("every outbox to empty", Duration::from_secs(30), || {
+        (outbox_len(&f.a) == 0 && outbox_len(&f.b) == 0 && outbox_len(&c) == 0).then_some(())
+    });
+    kiosk.kill9();
+    for node in [&mut f.a, &mut f.b, &mut c] {
         node.stop().unwrap();
         assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
         assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
