@@ -117,6 +117,22 @@ fn move_out(a: &Node, atena: &str) -> Option<(u16, Value)> {
     }
 }
 
+/// Moves `resident` out of `node` to `to` (201), once `node`'s directory names `to`.
+fn move_to(node: &Node, resident: &str, to: &str) {
+    let path = format!("/api/v1/residents/{resident}/move-out");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = node.post(&path, &json!({"to": to, "reason": "転出届"})).unwrap();
+        if code == 409 && body["code"] == "receiver_not_in_federation" {
+            assert!(std::time::Instant::now() < deadline, "{to} never joined: {body}");
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        assert_eq!(code, 201, "{body}");
+        return;
+    }
+}
+
 fn handoffs(node: &Node) -> Value {
     let (code, body) = node.get("/api/v1/handoffs").unwrap();
     assert_eq!(code, 200, "{body}");
@@ -710,11 +726,6 @@ fn a_dose_passed_back_and_forth_is_recorded_once_the_return_is_accepted() {
     accept_by_hand(&f.a);
     let (mut kiosk, watanabe, vial) = start_with_kiosk(&mut f);
     f.proxy.block();
-    let move_to = |node: &Node, resident: &str, to: &str| {
-        let path = format!("/api/v1/residents/{resident}/move-out");
-        let (code, body) = node.post(&path, &json!({"to": to, "reason": "転出届"})).unwrap();
-        assert_eq!(code, 201, "{body}");
-    };
     let accept = |id: &str| {
         let (code, body) = f.a.post(&format!("/api/v1/handoffs/{id}/accept"), &json!({})).unwrap();
         assert_eq!(code, 200, "{body}");
@@ -807,21 +818,6 @@ fn a_dose_from_an_earlier_sender_is_taken_after_a_later_arrival() {
     let (mut kiosk, watanabe, vial) = start_with_kiosk(&mut f);
     c.start().unwrap();
     f.proxy.block();
-
-    let move_to = |node: &Node, resident: &str, to: &str| {
-        let path = format!("/api/v1/residents/{resident}/move-out");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let (code, body) = node.post(&path, &json!({"to": to, "reason": "転出届"})).unwrap();
-            if code == 409 && body["code"] == "receiver_not_in_federation" {
-                assert!(std::time::Instant::now() < deadline, "{to} never joined: {body}");
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-            assert_eq!(code, 201, "{body}");
-            return;
-        }
-    };
     let accepted_other_than = |node: &Node, earlier: &str| {
         let incoming = handoffs(node)["incoming"].as_array().unwrap().clone();
         incoming
