@@ -7,6 +7,10 @@
 //! file twice changes nothing. Each batch is one durable redb transaction; a run interrupted
 //! between batches is completed by running the same import again.
 //!
+//! A person who arrived by a handoff accepted without an atena number holds a provisional one
+//! (`T…`). The extract's row for them (found by the 個人番号's person key) gives them their
+//! real 宛名番号: the resident keeps their id and history, and the row updates the identity.
+//!
 //! Columns (header names in Japanese or English; other columns are ignored):
 //! 宛名番号 `atena_number`, 氏名 `name`, 氏名カナ `name_kana`, 生年月日 `birth_date`,
 //! 性別 `sex`, 住所 `address`, and optionally 個人番号 `my_number` and 状態 `status`.
@@ -26,9 +30,11 @@ use protocol::document::{
 use protocol::municipality::MunicipalityCode;
 use protocol::person::PersonKeySecret;
 use protocol::validation::age_on;
+use redb::ReadableTable;
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
+use crate::handoff::provisional_atena;
 use crate::store::{
     IDENTITY_DIGEST, IDX_ATENA, IDX_COUPON, IDX_KANA, IDX_PERSON, META_COUPON_SERIAL, META_RESIDENT_SEQ,
     Mutation, Store, new_cache, normalize_kana, resident_id,
@@ -77,6 +83,9 @@ pub struct ImportReport {
     pub created: u64,
     /// Residents whose identity changed.
     pub updated: u64,
+    /// Of those, residents whose provisional atena number (given when a handoff was accepted
+    /// without one) the extract replaced with their 宛名番号.
+    pub reregistered: u64,
     /// Rows identical to what the node holds.
     pub unchanged: u64,
     /// Coupons issued to new residents (`--issue-coupons`).
@@ -169,6 +178,30 @@ pub(crate) fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv
     Ok(csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(decoded))
 }
 
+/// Numbers a file's rows as staff see them in an editor: the header is line 1, and a blank
+/// line or a quoted field spanning lines counts.
+pub(crate) struct Lines {
+    /// The reader counts a line when it reads its `\n`. A row of a CRLF file begins at the
+    /// `\n` left over from the line before, so its count is one short there.
+    crlf: u64,
+}
+
+impl Lines {
+    /// Looks at how the file's first line ends. Both encodings the import reads keep `\r`
+    /// and `\n` as single bytes that no other character contains, so the raw bytes tell.
+    pub(crate) fn of(path: &Path) -> anyhow::Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut first = Vec::new();
+        std::io::BufRead::read_until(&mut std::io::BufReader::new(file).take(1 << 20), b'\n', &mut first)?;
+        Ok(Self { crlf: u64::from(first.ends_with(b"\r\n")) })
+    }
+
+    /// The line a row (or an unreadable row) starts on; 0 if the reader gave no position.
+    pub(crate) fn line(&self, position: Option<&csv::Position>) -> u64 {
+        position.map(|p| p.line() + self.crlf).unwrap_or(0)
+    }
+}
+
 /// UTF-8 if the whole file is valid UTF-8, otherwise Shift_JIS.
 fn detect(path: &Path) -> anyhow::Result<Encoding> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -225,7 +258,7 @@ pub fn import_file(
     issue: Option<IssueOnImport>,
 ) -> anyhow::Result<ImportOutcome> {
     let municipality = files.config.municipality;
-    let errors = check_file(files, store, path, encoding)?;
+    let (errors, reregister) = check_file(files, store, path, encoding)?;
     if !errors.is_empty() {
         return Ok(ImportOutcome::Refused(errors));
     }
@@ -271,6 +304,7 @@ pub fn import_file(
                     actor,
                     rows,
                     issue,
+                    &reregister,
                     (&mut next_resident, &mut next_serial),
                     &mut report,
                 )?;
@@ -292,44 +326,64 @@ pub fn import_file(
         unchanged: prepared_report.unchanged,
         created: written_report.created,
         updated: written_report.updated,
+        reregistered: written_report.reregistered,
         coupons_issued: written_report.coupons_issued,
     }))
 }
 
 const BATCH_ROWS: usize = 65_536;
 
-/// Pass one: every row checked, nothing written.
+/// Whether `record` still holds the provisional atena number it was given when a handoff was
+/// accepted without one (`T…`, from the handoff id).
+fn holds_provisional_atena(record: &ResidentRecord) -> bool {
+    record.transfer.is_none()
+        && record
+            .arrival
+            .as_ref()
+            .is_some_and(|a| record.identity.atena_number == provisional_atena(&a.handoff_id))
+}
+
+/// A row that gives a resident holding a provisional atena number their 宛名番号.
+struct Reregistration {
+    resident_id: String,
+    provisional: String,
+    line: u64,
+}
+
+/// Pass one: every row checked, nothing written. Also returns, by the row's 宛名番号, the
+/// residents whose provisional atena number a row replaces.
 fn check_file(
     files: &NodeFiles,
     store: &Store,
     path: &Path,
     encoding: Encoding,
-) -> anyhow::Result<Vec<RowError>> {
+) -> anyhow::Result<(Vec<RowError>, HashMap<String, String>)> {
     let mut reader = open_reader(path, encoding)?;
     let header = reader.headers().context("cannot read the header line")?.clone();
     let columns = match Columns::from_header(&header) {
         Ok(columns) => columns,
-        Err(errors) => return Ok(errors),
+        Err(errors) => return Ok((errors, HashMap::new())),
     };
     let view = store.read()?;
     let person_index = view.txn().open_table(IDX_PERSON)?;
     let atena_index = view.txn().open_table(IDX_ATENA)?;
     let bar = progress_bar(path, "検査 check");
+    let lines = Lines::of(path)?;
+    let line_of = |position: Option<&csv::Position>| lines.line(position);
     let mut errors = Vec::new();
     let mut seen_atena: HashMap<String, u64> = HashMap::new();
     let mut seen_my_number: HashSet<u64> = HashSet::new();
+    let mut reregister: HashMap<String, Reregistration> = HashMap::new();
     for record in reader.records() {
         let record = match record {
             Ok(record) => record,
             Err(error) => {
-                let line = error.position().map(|p| p.line() + 1).unwrap_or(0);
+                let line = line_of(error.position());
                 errors.push(row_error(line, "-", "行を読み取れません", &format!("unreadable row: {error}")));
                 continue;
             }
         };
-        // The reader counts lines after the header from 1; the file's own numbering, which
-        // staff see in their editor, counts the header as line 1.
-        let line = record.position().map(|p| p.line() + 1).unwrap_or(0);
+        let line = line_of(record.position());
         bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
         let atena = columns.get(&record, "atena_number").unwrap_or("").to_owned();
         if !atena.is_empty()
@@ -363,22 +417,50 @@ fn check_file(
             }
             let person_key = files.person_secret.person_key(my_number).map_err(|e| anyhow::anyhow!(e))?;
             let resident = atena_index.get(atena.as_str())?.map(|id| id.value().to_owned());
-            if let Some(owner) = person_index.get(person_key.as_str())?
-                && resident.as_deref() != Some(owner.value())
+            let owner = person_index.get(person_key.as_str())?.map(|id| id.value().to_owned());
+            if let Some(owner) = owner
+                && resident.as_deref() != Some(owner.as_str())
             {
-                {
-                    errors.push(row_error(
+                // The person's record here holds a provisional atena number, and the row's
+                // 宛名番号 is new here or that of their record from before they moved away.
+                let held = view.record(&owner)?.filter(holds_provisional_atena);
+                let free = match &resident {
+                    None => true,
+                    Some(other) => view.record(other)?.is_some_and(|r| r.transfer.is_some()),
+                };
+                match held {
+                    Some(held) if free => {
+                        let provisional = held.identity.atena_number;
+                        reregister
+                            .insert(atena.clone(), Reregistration { resident_id: owner, provisional, line });
+                    }
+                    _ => errors.push(row_error(
                         line,
                         &columns.name("my_number"),
                         "この個人番号は別の宛名番号の住民に登録済みです",
                         "this 個人番号 is already registered to a resident with another atena number",
-                    ));
+                    )),
                 }
             }
         }
     }
+    // A resident is one row: not also the row of their provisional atena number.
+    for re in reregister.values() {
+        if let Some(first) = seen_atena.get(&re.provisional) {
+            errors.push(row_error(
+                re.line,
+                &columns.name("my_number"),
+                &format!("この方は{first}行目（仮の宛名番号 {}）と同じ住民です", re.provisional),
+                &format!(
+                    "this is the resident of line {first} (provisional atena number {})",
+                    re.provisional
+                ),
+            ));
+        }
+    }
     bar.finish_and_clear();
-    Ok(errors)
+    let reregister = reregister.into_iter().map(|(atena, re)| (atena, re.resident_id)).collect();
+    Ok((errors, reregister))
 }
 
 fn row_error(line: u64, column: &str, ja: &str, en: &str) -> RowError {
@@ -556,6 +638,7 @@ fn prepare_batch(
     actor: &ActorId,
     rows: Vec<Row>,
     issue: Option<IssueOnImport>,
+    reregister: &HashMap<String, String>,
     (next_resident, next_serial): (&mut u64, &mut u64),
     report: &mut ImportReport,
 ) -> anyhow::Result<Prepared> {
@@ -597,6 +680,11 @@ fn prepare_batch(
         let atena = view.txn().open_table(IDX_ATENA)?;
         let digests = view.txn().open_table(IDENTITY_DIGEST)?;
         for mut plan in planned {
+            if let Some(held) = reregister.get(&plan.record.identity.atena_number) {
+                plan.record.resident_id = held.clone();
+                changed.push(plan);
+                continue;
+            }
             match atena.get(plan.record.identity.atena_number.as_str())? {
                 None => {
                     *next_resident += 1;
@@ -665,6 +753,17 @@ fn write_batch(
                 // Handed to another municipality: the record stays as it left, read-only.
                 report.unchanged += 1;
                 continue;
+            }
+            if old.identity.atena_number != plan.record.identity.atena_number {
+                // A provisional atena number replaced (pass one found no other use of it).
+                let mut atena = txn.open_table(IDX_ATENA)?;
+                let indexed_here =
+                    atena.get(old.identity.atena_number.as_str())?.is_some_and(|held| held.value() == id);
+                if indexed_here {
+                    atena.remove(old.identity.atena_number.as_str())?;
+                }
+                atena.insert(plan.record.identity.atena_number.as_str(), id)?;
+                report.reregistered += 1;
             }
             if old.identity.name_kana != plan.record.identity.name_kana {
                 let mut kana = txn.open_table(IDX_KANA)?;

@@ -650,14 +650,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match import_file(&files, &store, &file, encoding, issue)? {
                 ImportOutcome::Applied(report) => {
                     let outcome = format!(
-                        "ok:rows={},created={},updated={},coupons={}",
-                        report.rows, report.created, report.updated, report.coupons_issued
+                        "ok:rows={},created={},updated={},reregistered={},coupons={}",
+                        report.rows,
+                        report.created,
+                        report.updated,
+                        report.reregistered,
+                        report.coupons_issued
                     );
                     files.audit_cli(&store, "residents.import", &subject, &outcome)?;
                     println!(
                         "取込完了 / import done: {} rows — 新規 created {}, 更新 updated {}, 変更なし unchanged {}",
                         report.rows, report.created, report.updated, report.unchanged
                     );
+                    if report.reregistered > 0 {
+                        println!(
+                            "仮の宛名番号を住民票の宛名番号に置き換えました / provisional atena numbers replaced: {}",
+                            report.reregistered
+                        );
+                    }
                     if issue_coupons {
                         println!("接種券発行 / coupons issued: {}", report.coupons_issued);
                     }

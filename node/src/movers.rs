@@ -91,8 +91,12 @@ fn check_rows(
     let reason_at = find(&["理由", "reason"]);
     let view = store.read()?;
     let (mut movers, mut errors, mut seen) = (Vec::new(), Vec::new(), HashSet::new());
-    for (index, record) in reader.records().enumerate() {
-        let line = index as u64 + 2;
+    let lines = crate::import::Lines::of(file)?;
+    for record in reader.records() {
+        let line = match &record {
+            Ok(record) => lines.line(record.position()),
+            Err(error) => lines.line(error.position()),
+        };
         let record = match record {
             Ok(record) => record,
             Err(error) => {

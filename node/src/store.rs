@@ -876,13 +876,14 @@ impl<'a> Mutation<'a> {
             record.resident_id
         );
         let exists = self.txn.open_table(DOC_META)?.get(resident_id)?.is_some();
-        let old_kana = match exists && self.ensure_loaded(resident_id)? {
+        let old = match exists && self.ensure_loaded(resident_id)? {
             true => {
                 let loaded = self.cache.get(resident_id).context("cache lost a document")?;
-                Some(normalize_kana(&read_record(&loaded.doc)?.identity.name_kana))
+                Some(read_record(&loaded.doc)?.identity)
             }
             false => None,
         };
+        let old_kana = old.as_ref().map(|identity| normalize_kana(&identity.name_kana));
         self.cache.pop(resident_id);
         self.touched.push(resident_id.to_owned());
         self.txn.open_table(DOCS)?.insert(resident_id, saved)?;
@@ -894,6 +895,15 @@ impl<'a> Mutation<'a> {
                 .collect::<Result<_, _>>()?;
             for n in stale {
                 chunks.remove((resident_id, n))?;
+            }
+        }
+        if let Some(old) = old.filter(|old| old.atena_number != record.identity.atena_number) {
+            // A provisional atena number the register extract replaced at the primary.
+            let mut atena = self.txn.open_table(IDX_ATENA)?;
+            let indexed_here =
+                atena.get(old.atena_number.as_str())?.is_some_and(|held| held.value() == resident_id);
+            if indexed_here {
+                atena.remove(old.atena_number.as_str())?;
             }
         }
         self.set_index(IDX_ATENA, &record.identity.atena_number, resident_id)?;

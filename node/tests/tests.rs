@@ -231,3 +231,115 @@ async fn logins_and_public_routes_are_rate_limited_per_address() {
     let wait: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=61).contains(&wait), "Retry-After {wait}");
 }
+
+/// A resident who arrived by a handoff accepted without an atena number holds a provisional
+/// one. The register extract's row for them (by 個人番号) gives them their 宛名番号 — unless
+/// the same file also has a row under the provisional number, which would make one resident
+/// two rows: then the file is refused and nothing changes.
+#[test]
+fn an_extract_replaces_a_provisional_atena_number_once() {
+    use node::store::{IDX_ATENA, Mutation, new_cache};
+    use protocol::document::{Arrival, Identity, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex};
+
+    let fixture = Fixture::new("provisional");
+    let files = NodeFiles::load(&fixture.dir).unwrap();
+    let store = Store::open(&files.store_path()).unwrap();
+    let my_number = "123456789018";
+    let handoff_id = "ho-0123456789abcdef0123456789";
+    let provisional = node::handoff::provisional_atena(handoff_id);
+    let record = ResidentRecord {
+        schema: SCHEMA_VERSION,
+        resident_id: "141003-0000000001".into(),
+        municipality: MunicipalityCode::parse("141003").unwrap(),
+        person_key: files.person_secret.person_key(my_number).unwrap(),
+        identity: Identity {
+            atena_number: provisional.clone(),
+            name: "山田　太郎".into(),
+            name_kana: "ヤマダ タロウ".into(),
+            birth_date: time::macros::date!(1960 - 04 - 01),
+            sex: Sex::Male,
+            address: "神奈川県横浜市中区山下町1-1".into(),
+            status: ResidentStatus::Active,
+        },
+        coupons: Default::default(),
+        doses: Default::default(),
+        corrections: Default::default(),
+        transfer: None,
+        arrival: Some(Arrival {
+            from: MunicipalityCode::parse("131016").unwrap(),
+            handoff_id: handoff_id.into(),
+            carried: Vec::new(),
+        }),
+    };
+    let actor = automerge::ActorId::from(files.actor.clone());
+    let txn = store.begin_write().unwrap();
+    let mut cache = new_cache(1);
+    Mutation::new(&txn, &mut cache, &actor)
+        .create_resident(&record, time::OffsetDateTime::now_utc())
+        .unwrap();
+    txn.commit().unwrap();
+
+    let header = "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号\n";
+    let row =
+        format!("0000000900,山田　太郎,ヤマダ タロウ,1960-04-01,男,神奈川県横浜市中区本町1-1,{my_number}\n");
+    let twice = fixture.dir.join("twice.csv");
+    let by_provisional =
+        format!("{provisional},山田　太郎,ヤマダ タロウ,1960-04-01,男,神奈川県横浜市中区山下町1-1,\n");
+    std::fs::write(&twice, format!("{header}{by_provisional}{row}")).unwrap();
+    match import_file(&files, &store, &twice, Encoding::Auto, None).unwrap() {
+        ImportOutcome::Refused(errors) => {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!((errors[0].line, errors[0].column.as_str()), (3, "個人番号"), "{errors:?}");
+            assert!(errors[0].reason_en.contains("resident of line 2"), "{errors:?}");
+        }
+        ImportOutcome::Applied(report) => panic!("one resident in two rows was applied: {report:?}"),
+    }
+    let view = store.read().unwrap();
+    assert_eq!(view.index(IDX_ATENA, &provisional).unwrap().as_deref(), Some("141003-0000000001"));
+    assert_eq!(view.index(IDX_ATENA, "0000000900").unwrap(), None);
+    drop(view);
+
+    let once = fixture.dir.join("once.csv");
+    std::fs::write(&once, format!("{header}{row}")).unwrap();
+    let ImportOutcome::Applied(report) = import_file(&files, &store, &once, Encoding::Auto, None).unwrap()
+    else {
+        panic!("the extract's row was refused");
+    };
+    assert_eq!((report.created, report.updated, report.reregistered), (0, 1, 1), "{report:?}");
+    let view = store.read().unwrap();
+    assert_eq!(view.index(IDX_ATENA, "0000000900").unwrap().as_deref(), Some("141003-0000000001"));
+    assert_eq!(view.index(IDX_ATENA, &provisional).unwrap(), None);
+    let stored = view.record("141003-0000000001").unwrap().unwrap();
+    assert_eq!(stored.identity.atena_number, "0000000900");
+    assert_eq!(stored.identity.address, "神奈川県横浜市中区本町1-1");
+    assert_eq!(view.n_residents().unwrap(), 1);
+}
+
+/// A refused row is reported at the line an editor shows it on, whether the file's lines end
+/// in LF or CRLF, after a blank line and after a field that spans two lines.
+#[test]
+fn a_bad_row_is_reported_at_its_line_with_lf_or_crlf() {
+    let fixture = Fixture::new("lines");
+    let files = NodeFiles::load(&fixture.dir).unwrap();
+    let store = Store::open(&files.store_path()).unwrap();
+    let rows = [
+        "宛名番号,氏名,氏名カナ,生年月日,性別,住所",
+        "0001,,ヤマダ,1990-01-01,男,札幌市",
+        "",
+        "0002,\"二行の{NL}氏名\",ヤマダ,1990-01-01,男,札幌市",
+        "0003,山田,ヤマダ,1990-02-30,男,札幌市",
+    ];
+    for newline in ["\n", "\r\n"] {
+        let text: String =
+            rows.iter().map(|row| format!("{}{newline}", row.replace("{NL}", newline))).collect();
+        let path = fixture.dir.join("lines.csv");
+        std::fs::write(&path, text).unwrap();
+        let ImportOutcome::Refused(errors) =
+            import_file(&files, &store, &path, Encoding::Auto, None).unwrap()
+        else {
+            panic!("a file with bad rows was applied");
+        };
+        let lines: Vec<(u64, &str)> = errors.iter().map(|e| (e.line, e.column.as_str())).collect();
+        assert_eq!(lines, [(2, "氏名"), (6, "生年月日")], "{newline:?}: {errors:?}");
+    }
+}

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tests::{Node, PrintedCoupon, Proxy, TempDir, free_port};
+use tests::{Node, PrintedCoupon, Proxy, TempDir, free_port, write_shift_jis};
 
 use super::federation::{National, join, standby_of};
 use super::terminals::{
@@ -857,4 +857,115 @@ fn a_dose_from_an_earlier_sender_is_taken_after_a_later_arrival() {
         assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
         assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
     }
+}
+
+/// Chiyoda accepts 山田 by itself, so he holds a provisional atena number. Its next register
+/// extract lists him under his 宛名番号 with his 個人番号: the import gives his record that
+/// number, and his id and history stay. Chiyoda's standby follows. The same file imported
+/// again changes nothing. A 個人番号 given under another 宛名番号 than its resident's
+/// real one is still refused, and nothing is written.
+#[test]
+fn a_register_extract_gives_an_arrival_their_atena_number() {
+    let mut f = federation("reregister");
+    std::fs::create_dir_all(f.dir.path().join("s")).unwrap();
+    let mut standby = Node::init_with(
+        &f.dir.path().join("s"),
+        CHIYODA,
+        &[
+            "--plain-http",
+            "--role",
+            "standby",
+            "--keys-from",
+            f.b.data.join("keys").to_str().unwrap(),
+            "--p2p-listen",
+            &format!("/ip4/127.0.0.1/tcp/{}", free_port()),
+        ],
+    )
+    .unwrap();
+    f.national.approve(&join(&standby, &f.national, "s"));
+    start_all(&mut f);
+    standby.start().unwrap();
+    let yamada = coupon_of(&f.coupons, "0000000101", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&yamada.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(move_out(&f.a, "0000000101").unwrap().0, 201);
+    let (_, arrived) = assert_moved_once(&f, "0000000101");
+    let before = record(&f.b, &arrived);
+    let provisional = before["identity"]["atena_number"].as_str().unwrap().to_owned();
+    assert!(provisional.starts_with('T'), "accepted without an atena number: {before}");
+    wait_for("the standby to hold the arrival", Duration::from_secs(30), || {
+        let (_, body) = standby.get(&format!("/api/v1/residents?atena={provisional}")).unwrap();
+        (body["residents"][0]["resident_id"] == arrived.as_str()).then_some(())
+    });
+
+    f.b.stop().unwrap();
+    let header = "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号,状態\r\n";
+    let rows = format!(
+        "C-0101,山田　太郎,ヤマダ タロウ,1960-04-01,男,東京都千代田区九段南1-2-1,{},在住\r\n\
+         C-0102,田中　優,タナカ ユウ,1995-05-05,女,東京都千代田区麹町3-3,{},在住\r\n",
+        my_number(1),
+        my_number(50)
+    );
+    let extract = f.dir.path().join("chiyoda-extract.csv");
+    write_shift_jis(&extract, &format!("{header}{rows}")).unwrap();
+    let out = ok(&f.b.cli(&["import", extract.to_str().unwrap()]));
+    assert!(out.contains("新規 created 1, 更新 updated 1"), "{out}");
+    assert!(out.contains("provisional atena numbers replaced: 1"), "{out}");
+    let again = ok(&f.b.cli(&["import", extract.to_str().unwrap()]));
+    assert!(again.contains("変更なし unchanged 2"), "{again}");
+    let clash = format!(
+        "{header}C-0103,山田　太郎,ヤマダ タロウ,1960-04-01,男,東京都千代田区九段南1-2-1,{},在住\r\n",
+        my_number(1)
+    );
+    let clash_file = f.dir.path().join("chiyoda-clash.csv");
+    write_shift_jis(&clash_file, &clash).unwrap();
+    let refused = f.b.cli(&["import", clash_file.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("2行目 [個人番号]") && stderr.contains("another atena number"), "{stderr}");
+
+    f.b.start().unwrap();
+    for node in [&f.b, &standby] {
+        let found = wait_for("the record under its 宛名番号", Duration::from_secs(30), || {
+            let (code, body) = node.get("/api/v1/residents?atena=C-0101").unwrap();
+            assert_eq!(code, 200, "{body}");
+            body["residents"][0]["resident_id"].as_str().map(str::to_owned)
+        });
+        assert_eq!(found, arrived, "the same resident, not a new one");
+        let (code, body) = node.get(&format!("/api/v1/residents?atena={provisional}")).unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["residents"], json!([]), "the provisional number is gone: {body}");
+        let (code, body) = node.get("/api/v1/residents?atena=C-0103").unwrap();
+        assert_eq!((code, body["residents"].clone()), (200, json!([])), "the refused file wrote nothing");
+        let after = record(node, &arrived);
+        assert_eq!(after["identity"]["atena_number"], "C-0101");
+        assert_eq!(after["identity"]["address"], "東京都千代田区九段南1-2-1");
+        assert_eq!(after["history"], before["history"], "the history stays");
+        assert_eq!(after["valid_coupons"], before["valid_coupons"], "so does the coupon Chiyoda issued");
+    }
+
+    // He moves back, and Yokohama accepts him by itself too. Its next extract lists him under
+    // the 宛名番号 of the record he left behind: that number now finds the record he came
+    // back with, and the one he left stays as it was.
+    let old = resident_id(&f.a, "0000000101");
+    move_to(&f.b, &arrived, YOKOHAMA);
+    let back = wait_for("Yokohama to accept him back", Duration::from_secs(60), || accepted_at(&f.a));
+    assert_ne!(back, old);
+    let returned = record(&f.a, &back);
+    assert!(returned["identity"]["atena_number"].as_str().unwrap().starts_with('T'), "{returned}");
+    f.a.stop().unwrap();
+    let extract = f.dir.path().join("yokohama-extract.csv");
+    write_shift_jis(&extract, &super::fixture_csv()).unwrap();
+    let out = ok(&f.a.cli(&["import", extract.to_str().unwrap()]));
+    assert!(out.contains("provisional atena numbers replaced: 1"), "{out}");
+    assert!(out.contains("変更なし unchanged 7"), "{out}");
+    f.a.start().unwrap();
+    assert_eq!(resident_id(&f.a, "0000000101"), back);
+    let after = record(&f.a, &back);
+    assert_eq!(after["identity"]["atena_number"], "0000000101");
+    assert_eq!(after["identity"]["address"], "神奈川県横浜市中区山下町1-1");
+    assert_eq!(after["history"], returned["history"]);
+    let left = record(&f.a, &old);
+    assert_eq!(left["transfer"]["to"], CHIYODA, "the record he left is kept, read-only: {left}");
 }
