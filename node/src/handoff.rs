@@ -25,7 +25,9 @@ use anyhow::Context;
 use axum::http::StatusCode;
 use protocol::coupon::SignedCoupon;
 use protocol::directory::SignedDirectory;
-use protocol::document::{ResidentEvent, ResidentStatus, Transfer};
+use protocol::document::{
+    CouponEntry, CouponStatus, ResidentEvent, ResidentRecord, ResidentStatus, Transfer,
+};
 use protocol::handoff::{
     AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk,
     HistoryRequest, LedgerState, MAX_HANDOFFS_PER_MESSAGE, SealedHandoff, received_record, seal,
@@ -353,10 +355,26 @@ pub(crate) fn accept_one(
             mark_accepted(m, &mut entry, existing, &command.actor, now)?;
             return Ok(Ok(entry));
         }
+        if held.arrival.is_none() && held.doses.is_empty() {
+            // Registered here from the register extract before the handoff arrived: the
+            // history joins that resident, who keeps their atena number and identity.
+            return join_history(m, context, command, entry, held, now).map(Ok);
+        }
+        let why =
+            if held.doses.is_empty() { "arrived by another handoff" } else { "has doses recorded here" };
+        let why_ja = if held.doses.is_empty() {
+            "別の引き継ぎで受け入れ済み"
+        } else {
+            "この市区町村で接種記録あり"
+        };
         return Ok(Err(conflict(
             "already_registered",
-            format!("resident {existing} here already has this person key"),
-            format!("この方は既に住民 {existing} として登録されています"),
+            format!(
+                "resident {existing} here already has this person key and {why}; an admin must reconcile the two"
+            ),
+            format!(
+                "この方は既に住民 {existing} として登録されています（{why_ja}）。職員による確認が必要です"
+            ),
         )));
     }
     if m.index(IDX_ATENA, &command.atena_number)?.is_some() {
@@ -370,41 +388,113 @@ pub(crate) fn accept_one(
     let resident_id = crate::store::resident_id(payload.to, m.next_counter(META_RESIDENT_SEQ)?);
     let record = received_record(payload, resident_id, command.atena_number.clone(), command.address.clone());
     m.create_resident(&record, now)?;
-    for dose in record.doses.values() {
-        m.set_index(IDX_EVENT, &dose.event_id, &record.resident_id)?;
-    }
-    {
-        let mut from = m.txn().open_table(IDX_HANDOFF_FROM)?;
-        for coupon in record.coupons.values() {
-            let code = coupon.code.to_string();
-            m.set_index(IDX_HANDOFF_COUPON, &code, &record.resident_id)?;
-            from.insert((code.as_str(), payload.from.as_str()), record.resident_id.as_str())?;
-        }
-    }
+    index_history(m, payload, &record)?;
     let next = record.next_dose_number();
     if next <= 9 {
-        let serial = u32::try_from(m.next_counter(META_COUPON_SERIAL)?)?;
-        let coupon = crate::issuance::new_coupon(record.municipality, next, serial, now)?;
-        m.apply(
-            &record.resident_id,
-            &ResidentEvent::CouponIssued { entry: coupon.clone(), supersedes: None },
-            now,
-        )?;
-        m.set_index(IDX_COUPON, coupon.code.number.as_str(), &record.resident_id)?;
+        let coupon = issue_next(m, &record, next, now)?;
         entry.coupon = Some(coupon.code.to_string());
         entry.qr_text = Some(SignedCoupon::sign(coupon.code, 0, &context.signing_key).to_qr_text());
     }
-    mark_accepted(m, &mut entry, record.resident_id.clone(), &command.actor, now)?;
+    finish_accept(m, entry, record.resident_id, &command.actor, now).map(Ok)
+}
+
+/// Indexes what a handoff brought: its doses by event id, and its coupons by their full
+/// code and by the municipality that handed them here.
+fn index_history(m: &Mutation<'_>, payload: &HandoffPayload, record: &ResidentRecord) -> anyhow::Result<()> {
+    for dose in payload.record.doses.values() {
+        m.set_index(IDX_EVENT, &dose.event_id, &record.resident_id)?;
+    }
+    let mut from = m.txn().open_table(IDX_HANDOFF_FROM)?;
+    for coupon in payload.record.coupons.values() {
+        let code = coupon.code.to_string();
+        m.set_index(IDX_HANDOFF_COUPON, &code, &record.resident_id)?;
+        from.insert((code.as_str(), payload.from.as_str()), record.resident_id.as_str())?;
+    }
+    Ok(())
+}
+
+/// Issues this municipality's coupon for dose `next` to `record`'s resident.
+fn issue_next(
+    m: &mut Mutation<'_>,
+    record: &ResidentRecord,
+    next: u8,
+    now: OffsetDateTime,
+) -> anyhow::Result<CouponEntry> {
+    let serial = u32::try_from(m.next_counter(META_COUPON_SERIAL)?)?;
+    let coupon = crate::issuance::new_coupon(record.municipality, next, serial, now)?;
+    m.apply(
+        &record.resident_id,
+        &ResidentEvent::CouponIssued { entry: coupon.clone(), supersedes: None },
+        now,
+    )?;
+    m.set_index(IDX_COUPON, coupon.code.number.as_str(), &record.resident_id)?;
+    Ok(coupon)
+}
+
+/// Adds a handoff's history to `held`, a resident this node registered before the handoff
+/// arrived (one commit), then brings their coupons in line with it: this municipality's
+/// valid coupons for doses the history shows given are revoked, and the next dose gets a
+/// coupon unless one is valid for it already.
+fn join_history(
+    m: &mut Mutation<'_>,
+    context: &WriterContext,
+    command: &AcceptHandoff,
+    mut entry: InEntry,
+    held: ResidentRecord,
+    now: OffsetDateTime,
+) -> anyhow::Result<InEntry> {
+    let payload = &command.payload;
+    let id = held.resident_id.clone();
+    let history = protocol::handoff::received_history(payload);
+    m.apply(&id, &ResidentEvent::HistoryReceived(Box::new(history)), now)?;
+    index_history(m, payload, &held)?;
+    let joined = m.record(&id)?.with_context(|| format!("resident {id} vanished while joining a history"))?;
+    let next = joined.next_dose_number();
+    let given_before: Vec<String> = joined
+        .coupons
+        .values()
+        .filter(|c| c.status == CouponStatus::Valid && !joined.carried(c) && c.code.dose_round < next)
+        .map(|c| c.key())
+        .collect();
+    for key in given_before {
+        let reason = format!(
+            "転入前に接種済み（引き継ぎ {id}）/ given before the move (handoff {id})",
+            id = payload.handoff_id
+        );
+        m.apply(&id, &ResidentEvent::CouponRevoked { key, reason }, now)?;
+    }
+    let current = match joined.valid_coupon_for_dose(next).filter(|c| !joined.carried(c)) {
+        Some(valid) => Some((valid.code, valid.generation)),
+        None if next <= 9 => Some((issue_next(m, &joined, next, now)?.code, 0)),
+        None => None,
+    };
+    if let Some((code, generation)) = current {
+        entry.coupon = Some(code.to_string());
+        entry.qr_text = Some(SignedCoupon::sign(code, generation, &context.signing_key).to_qr_text());
+    }
+    finish_accept(m, entry, id, &command.actor, now)
+}
+
+/// Marks the handoff accepted into `resident_id`, and a history request of the person
+/// answered.
+fn finish_accept(
+    m: &Mutation<'_>,
+    mut entry: InEntry,
+    resident_id: String,
+    actor: &str,
+    now: OffsetDateTime,
+) -> anyhow::Result<InEntry> {
+    mark_accepted(m, &mut entry, resident_id, actor, now)?;
     let asks = m.txn().open_table(HANDOFF_ASKS)?;
-    let ask = get_json::<AskEntry>(&asks, &payload.person_key)?;
+    let ask = get_json::<AskEntry>(&asks, &entry.person_key)?;
     drop(asks);
     if let Some(mut ask) = ask {
         ask.state = AskLocal::Received;
-        ask.handoff_id = Some(payload.handoff_id.clone());
+        ask.handoff_id = Some(entry.handoff_id.clone());
         ask.updated_at = rfc3339(now);
-        put_json(m.txn(), HANDOFF_ASKS, &payload.person_key, &ask)?;
+        put_json(m.txn(), HANDOFF_ASKS, &entry.person_key, &ask)?;
     }
-    Ok(Ok(entry))
+    Ok(entry)
 }
 
 /// Records an incoming handoff as accepted into `resident_id` and queues telling the ledger.
@@ -604,11 +694,28 @@ impl HandoffService {
             && record.transfer.is_none()
             && record.identity.status == ResidentStatus::Active
         {
-            return Err(conflict(
-                "already_registered",
-                format!("this person is already resident {existing} here"),
-                format!("この方は既に住民 {existing} として登録されています"),
-            ));
+            // Registered from the register extract, with nothing recorded yet: their history
+            // may be asked for, and will join that resident.
+            if record.arrival.is_some() || !record.doses.is_empty() {
+                return Err(conflict(
+                    "already_registered",
+                    format!("this person is already resident {existing} here"),
+                    format!("この方は既に住民 {existing} として登録されています"),
+                ));
+            }
+            if record.identity.atena_number != atena_number {
+                return Err(Problem::bad_field(
+                    "atena_number",
+                    format!(
+                        "this person is resident {existing} here, atena number {}",
+                        record.identity.atena_number
+                    ),
+                    format!(
+                        "この方は宛名番号 {} の住民 {existing} として登録済みです",
+                        record.identity.atena_number
+                    ),
+                ));
+            }
         }
         drop(view);
         let now = rfc3339(OffsetDateTime::now_utc());

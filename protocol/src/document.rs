@@ -356,6 +356,23 @@ pub enum ResidentEvent {
     /// moved out, every valid coupon transferred, the transfer noted. The record is
     /// read-only from then on.
     TransferredOut(Transfer),
+    /// A handoff's history joined a resident already registered here (from the register
+    /// extract, before the handoff arrived): the coupons, doses and corrections it carried,
+    /// and the arrival noted.
+    HistoryReceived(Box<ReceivedHistory>),
+}
+
+/// What a handoff carried, added to a resident registered here before it arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedHistory {
+    /// Where the history came from; `carried` names the coupons below.
+    pub arrival: Arrival,
+    /// The previous municipalities' coupons, by key.
+    pub coupons: BTreeMap<String, CouponEntry>,
+    /// The doses, by event id.
+    pub doses: BTreeMap<String, DoseEvent>,
+    /// The corrections of those doses, by id.
+    pub corrections: BTreeMap<String, Correction>,
 }
 
 impl ResidentEvent {
@@ -369,6 +386,7 @@ impl ResidentEvent {
             ResidentEvent::DoseVoided { .. } => "dose-voided",
             ResidentEvent::DoseAmended { .. } => "dose-amended",
             ResidentEvent::TransferredOut(_) => "transferred-out",
+            ResidentEvent::HistoryReceived(_) => "history-received",
         }
     }
 }
@@ -501,6 +519,21 @@ pub fn apply_event(
                 }
             }
             put_entry(tx, &ROOT, "transfer", transfer)
+        }
+        ResidentEvent::HistoryReceived(history) => {
+            let coupons = child_map(tx, &ROOT, "coupons")?;
+            for (key, entry) in &history.coupons {
+                put_entry(tx, &coupons, key, entry)?;
+            }
+            let doses = child_map(tx, &ROOT, "doses")?;
+            for (key, dose) in &history.doses {
+                put_entry(tx, &doses, key, dose)?;
+            }
+            let corrections = child_map(tx, &ROOT, "corrections")?;
+            for (key, correction) in &history.corrections {
+                put_entry(tx, &corrections, key, correction)?;
+            }
+            put_entry(tx, &ROOT, "arrival", &history.arrival)
         }
     })
 }

@@ -274,6 +274,23 @@ pub fn received_record(
     record
 }
 
+/// What a handoff adds to a resident the receiving municipality registered before it
+/// arrived (from its register extract): the history exactly as [`received_record`] would
+/// hold it, for [`ResidentEvent::HistoryReceived`](crate::document::ResidentEvent).
+pub fn received_history(payload: &HandoffPayload) -> crate::document::ReceivedHistory {
+    let record = received_record(payload, String::new(), String::new(), None);
+    crate::document::ReceivedHistory {
+        arrival: record.arrival.unwrap_or_else(|| crate::document::Arrival {
+            from: payload.from,
+            handoff_id: payload.handoff_id.clone(),
+            carried: Vec::new(),
+        }),
+        coupons: record.coupons,
+        doses: record.doses,
+        corrections: record.corrections,
+    }
+}
+
 /// What a municipal node sends the national node, and what it receives, on
 /// `/vrs/handoff/1`. The national node never calls a municipality: each municipal primary
 /// asks every few hundred milliseconds (at once when it has something to send), so a node

@@ -388,6 +388,12 @@ pub fn event_delta(
             }
         }
         ResidentEvent::TransferredOut(_) => {}
+        ResidentEvent::HistoryReceived(history) => {
+            // The person was counted here already; their doses now are too.
+            for dose in history.doses.values().filter(|d| d.status == DoseStatus::Valid) {
+                delta.extend(dose_cells(dose, identity, owner, 1));
+            }
+        }
     }
     delta
 }

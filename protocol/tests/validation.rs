@@ -1500,3 +1500,42 @@ fn a_moved_residents_old_coupon_is_refused_except_when_forwarded_by_the_old_muni
         situation.record.coupons.values().filter(|c| c.status == CouponStatus::Valid).collect();
     assert_eq!(valid.len(), 1, "{valid:?}");
 }
+
+#[test]
+fn a_history_joins_a_resident_registered_before_it_arrived() {
+    let payload = moved_payload();
+    // Chiyoda registered the person from its register extract: its own id and atena number,
+    // no doses, no arrival.
+    let mut registered = payload.record.clone();
+    registered.resident_id = "131016-0000000007".to_owned();
+    registered.municipality = municipality(CHIYODA);
+    registered.identity.atena_number = "C-7".to_owned();
+    registered.identity.status = ResidentStatus::Active;
+    registered.coupons.clear();
+    registered.doses.clear();
+    registered.corrections.clear();
+    registered.transfer = None;
+    let history = protocol::handoff::received_history(&payload);
+    let event = ResidentEvent::HistoryReceived(Box::new(history));
+    assert_eq!(event.kind(), "history-received");
+    let after = applied(&registered, &event);
+    // The same doses and coupons a record created from the handoff holds, under Chiyoda's
+    // id and atena number.
+    let created =
+        protocol::handoff::received_record(&payload, registered.resident_id.clone(), "C-7".into(), None);
+    assert_eq!(after.doses, created.doses);
+    assert_eq!(after.coupons, created.coupons);
+    assert_eq!(after.arrival, created.arrival);
+    assert_eq!(after.identity, registered.identity, "the register's identity stays");
+    assert!(after.coupons.values().all(|c| after.carried(c)), "every coupon came with the record");
+    assert_eq!(after.next_dose_number(), 2);
+    // The counters move by the doses only: the person was counted here already.
+    let mut totals = BTreeMap::new();
+    add_cells(&mut totals, record_cells(&registered));
+    add_cells(&mut totals, event_delta(&registered, &event, NOW));
+    let mut expected = BTreeMap::new();
+    add_cells(&mut expected, record_cells(&after));
+    assert_eq!(totals, expected);
+    let doses = |cells: &BTreeMap<Cell, i64>| cells.keys().filter(|c| matches!(c, Cell::Dose { .. })).count();
+    assert_eq!(doses(&expected), 1, "{expected:?}");
+}

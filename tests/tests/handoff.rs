@@ -969,3 +969,84 @@ fn a_register_extract_gives_an_arrival_their_atena_number() {
     let left = record(&f.a, &old);
     assert_eq!(left["transfer"]["to"], CHIYODA, "the record he left is kept, read-only: {left}");
 }
+
+/// Chiyoda's register extract lists 山田 and 伊藤 before any handoff, and gives each a dose-1
+/// coupon. Then Yokohama moves 山田 out. His history joins the resident Chiyoda registered:
+/// one record, with the same id and atena number. Chiyoda's dose-1 coupon is revoked (he had
+/// that dose), and he gets a dose-2 coupon. Chiyoda's staff ask for 伊藤's history with a
+/// 転入 request (a wrong atena number is refused first), and it joins him the same way. The
+/// national figures equal the municipalities', and the counters equal the documents.
+#[test]
+fn a_history_joins_a_resident_the_extract_registered_first() {
+    let mut f = federation("join");
+    let extract = f.dir.path().join("chiyoda-extract.csv");
+    let text = format!(
+        "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号\r\n\
+         C-0101,山田　太郎,ヤマダ タロウ,1960-04-01,男,東京都千代田区九段南1-2-1,{}\r\n\
+         C-0106,伊藤　誠,イトウ マコト,1990-02-03,男,東京都千代田区麹町3-3,{}\r\n",
+        my_number(1),
+        my_number(6)
+    );
+    write_shift_jis(&extract, &text).unwrap();
+    let out = ok(&f.b.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
+    assert!(out.contains("coupons issued: 2"), "{out}");
+    start_all(&mut f);
+    let yamada_here = resident_id(&f.b, "C-0101");
+    let first_coupon = record(&f.b, &yamada_here)["valid_coupons"][0]["code"].as_str().unwrap().to_owned();
+
+    let yamada = coupon_of(&f.coupons, "0000000101", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&yamada.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(move_out(&f.a, "0000000101").unwrap().0, 201);
+    let (_, joined) = assert_moved_once(&f, "0000000101");
+    assert_eq!(joined, yamada_here, "the history joined the resident the extract registered");
+    let at_b = record(&f.b, &joined);
+    assert_eq!(at_b["identity"]["atena_number"], "C-0101");
+    assert_eq!(at_b["identity"]["address"], "東京都千代田区九段南1-2-1");
+    assert_eq!(at_b["next_dose"], 2);
+    let revoked = at_b["coupons"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|c| c["code"] == first_coupon.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{first_coupon} is gone: {}", at_b["coupons"]));
+    assert_eq!(revoked["status"], "revoked", "{revoked}");
+    let person_key = handoffs(&f.b)["incoming"][0]["person_key"].as_str().unwrap().to_owned();
+    let (code, found) = f.b.get(&format!("/api/v1/residents?person_key={person_key}")).unwrap();
+    assert_eq!(code, 200, "{found}");
+    assert_eq!(found["residents"].as_array().unwrap().len(), 1, "one resident: {found}");
+
+    // 伊藤: Chiyoda asks for the history of the newcomer it registered.
+    let mut ask = json!({"my_number": my_number(6), "birth_date": "1990-02-03", "atena_number": "C-9999", "address": "東京都千代田区麹町3-3", "previous": YOKOHAMA});
+    let (code, body) = f.b.post("/api/v1/handoffs/requests", &ask).unwrap();
+    assert_eq!((code, body["field"].as_str()), (400, Some("atena_number")), "{body}");
+    assert!(body["title"].as_str().unwrap().contains("C-0106"), "{body}");
+    ask["atena_number"] = json!("C-0106");
+    let (code, body) = f.b.post("/api/v1/handoffs/requests", &ask).unwrap();
+    assert_eq!(code, 202, "{body}");
+    let ito_here = resident_id(&f.b, "C-0106");
+    let (_, joined) = assert_moved_once(&f, "0000000106");
+    assert_eq!(joined, ito_here);
+    let at_b = record(&f.b, &joined);
+    assert_eq!(at_b["identity"]["atena_number"], "C-0106");
+    assert_eq!(at_b["valid_coupons"][0]["code"].as_str().map(|c| &c[..2]), Some("11"), "{at_b}");
+
+    let today = super::days_from_today(0);
+    for (node, code) in [(&f.a, YOKOHAMA), (&f.b, CHIYODA)] {
+        wait_for("the national figures to equal the municipality's", Duration::from_secs(30), || {
+            let (own, unsent) = own_figures(node, &today);
+            let national = national_figures(&f.national, &f.analyst, &format!("municipality={code}"), &today);
+            (unsent == 0 && national == own).then_some(())
+        });
+    }
+    let (chiyoda_own, _) = own_figures(&f.b, &today);
+    assert_eq!(chiyoda_own.values().sum::<u64>(), 1, "山田's dose counts at Chiyoda: {chiyoda_own:?}");
+    f.a.stop().unwrap();
+    f.b.stop().unwrap();
+    for node in [&f.a, &f.b] {
+        assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+}
