@@ -358,14 +358,35 @@ pub(crate) fn accept_one(
         if held.arrival.is_none() && held.doses.is_empty() {
             // Registered here from the register extract before the handoff arrived: the
             // history joins that resident, who keeps their atena number and identity.
+            if held.identity.birth_date != payload.record.identity.birth_date {
+                return Ok(Err(conflict(
+                    "birth_date_differs",
+                    format!(
+                        "resident {existing} here has this person key but another birth date than the handoff's record; check the register before accepting"
+                    ),
+                    format!(
+                        "住民 {existing} は同じ個人番号ですが、生年月日が引き継ぎの記録と異なります。住民票を確認してください"
+                    ),
+                )));
+            }
+            let given = &command.atena_number;
+            if *given != held.identity.atena_number && *given != provisional_atena(&payload.handoff_id) {
+                let atena = &held.identity.atena_number;
+                return Ok(Err(conflict(
+                    "atena_number_differs",
+                    format!(
+                        "this person is resident {existing} here, atena number {atena}: accept with that number or none"
+                    ),
+                    format!(
+                        "この方は宛名番号 {atena} の住民 {existing} として登録済みです。その宛名番号で（または指定せずに）受け入れてください"
+                    ),
+                )));
+            }
             return join_history(m, context, command, entry, held, now).map(Ok);
         }
-        let why =
-            if held.doses.is_empty() { "arrived by another handoff" } else { "has doses recorded here" };
-        let why_ja = if held.doses.is_empty() {
-            "別の引き継ぎで受け入れ済み"
-        } else {
-            "この市区町村で接種記録あり"
+        let (why, why_ja) = match held.arrival {
+            Some(_) => ("arrived by another handoff", "別の引き継ぎで受け入れ済み"),
+            None => ("has doses recorded here", "この市区町村で接種記録あり"),
         };
         return Ok(Err(conflict(
             "already_registered",

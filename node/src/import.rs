@@ -15,10 +15,12 @@
 //! 宛名番号 `atena_number`, 氏名 `name`, 氏名カナ `name_kana`, 生年月日 `birth_date`,
 //! 性別 `sex`, 住所 `address`, and optionally 個人番号 `my_number` and 状態 `status`.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
+use std::rc::Rc;
 
 use anyhow::{Context, bail};
 use automerge::ActorId;
@@ -160,12 +162,30 @@ impl Columns {
 }
 
 pub(crate) fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv::Reader<Box<dyn Read>>> {
+    Ok(csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(decoded(path, encoding)?))
+}
+
+/// A reader of the file whose rows [`Lines`] numbers as staff see them in an editor.
+pub(crate) fn open_numbered_reader(
+    path: &Path,
+    encoding: Encoding,
+) -> anyhow::Result<(csv::Reader<Box<dyn Read>>, Lines)> {
+    let breaks = Rc::new(RefCell::new(VecDeque::new()));
+    let tap = LineTap { inner: decoded(path, encoding)?, offset: 0, breaks: Rc::clone(&breaks) };
+    let reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .has_headers(true)
+        .from_reader(Box::new(tap) as Box<dyn Read>);
+    Ok((reader, Lines { breaks, newlines: 0 }))
+}
+
+fn decoded(path: &Path, encoding: Encoding) -> anyhow::Result<Box<dyn Read>> {
     let chosen = match encoding {
         Encoding::Auto => detect(path)?,
         other => other,
     };
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let decoded: Box<dyn Read> = match chosen {
+    Ok(match chosen {
         Encoding::ShiftJis => Box::new(
             encoding_rs_io::DecodeReaderBytesBuilder::new()
                 .encoding(Some(encoding_rs::SHIFT_JIS))
@@ -174,31 +194,58 @@ pub(crate) fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv
         _ => Box::new(
             encoding_rs_io::DecodeReaderBytesBuilder::new().encoding(Some(encoding_rs::UTF_8)).build(file),
         ),
-    };
-    Ok(csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(decoded))
+    })
 }
 
-/// Numbers a file's rows as staff see them in an editor: the header is line 1, and a blank
-/// line or a quoted field spanning lines counts.
+/// Notes where each `\r` and `\n` of the decoded text passes on its way to the CSV reader.
+struct LineTap {
+    inner: Box<dyn Read>,
+    offset: u64,
+    breaks: Rc<RefCell<VecDeque<(u64, u8)>>>,
+}
+
+impl Read for LineTap {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut breaks = self.breaks.borrow_mut();
+        for (i, byte) in buf[..n].iter().enumerate() {
+            if matches!(byte, b'\r' | b'\n') {
+                breaks.push_back((self.offset + i as u64, *byte));
+            }
+        }
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Numbers a file's rows as staff see them in an editor: the header is line 1, and blank
+/// lines, fields spanning lines and either line ending (even mixed) count as they look.
 pub(crate) struct Lines {
-    /// The reader counts a line when it reads its `\n`. A row of a CRLF file begins at the
-    /// `\n` left over from the line before, so its count is one short there.
-    crlf: u64,
+    breaks: Rc<RefCell<VecDeque<(u64, u8)>>>,
+    /// `\n`s before the last row asked about.
+    newlines: u64,
 }
 
 impl Lines {
-    /// Looks at how the file's first line ends. Both encodings the import reads keep `\r`
-    /// and `\n` as single bytes that no other character contains, so the raw bytes tell.
-    pub(crate) fn of(path: &Path) -> anyhow::Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut first = Vec::new();
-        std::io::BufRead::read_until(&mut std::io::BufReader::new(file).take(1 << 20), b'\n', &mut first)?;
-        Ok(Self { crlf: u64::from(first.ends_with(b"\r\n")) })
-    }
-
-    /// The line a row (or an unreadable row) starts on; 0 if the reader gave no position.
-    pub(crate) fn line(&self, position: Option<&csv::Position>) -> u64 {
-        position.map(|p| p.line() + self.crlf).unwrap_or(0)
+    /// The line a row (or an unreadable row) starts on, from the position the reader gives
+    /// it, which is where the row before it ended; 0 without a position. Rows must be asked
+    /// about in order.
+    pub(crate) fn line(&mut self, position: Option<&csv::Position>) -> u64 {
+        let Some(position) = position else { return 0 };
+        let mut breaks = self.breaks.borrow_mut();
+        let mut cursor = position.byte();
+        // Line breaks before the row, then those at its start: the end of the line before
+        // (a CRLF row ends at its `\r`) and blank lines.
+        while let Some(&(at, byte)) = breaks.front()
+            && at <= cursor
+        {
+            if at == cursor {
+                cursor += 1;
+            }
+            self.newlines += u64::from(byte == b'\n');
+            breaks.pop_front();
+        }
+        self.newlines + 1
     }
 }
 
@@ -358,7 +405,7 @@ fn check_file(
     path: &Path,
     encoding: Encoding,
 ) -> anyhow::Result<(Vec<RowError>, HashMap<String, String>)> {
-    let mut reader = open_reader(path, encoding)?;
+    let (mut reader, mut lines) = open_numbered_reader(path, encoding)?;
     let header = reader.headers().context("cannot read the header line")?.clone();
     let columns = match Columns::from_header(&header) {
         Ok(columns) => columns,
@@ -368,8 +415,6 @@ fn check_file(
     let person_index = view.txn().open_table(IDX_PERSON)?;
     let atena_index = view.txn().open_table(IDX_ATENA)?;
     let bar = progress_bar(path, "検査 check");
-    let lines = Lines::of(path)?;
-    let line_of = |position: Option<&csv::Position>| lines.line(position);
     let mut errors = Vec::new();
     let mut seen_atena: HashMap<String, u64> = HashMap::new();
     let mut seen_my_number: HashSet<u64> = HashSet::new();
@@ -378,12 +423,12 @@ fn check_file(
         let record = match record {
             Ok(record) => record,
             Err(error) => {
-                let line = line_of(error.position());
+                let line = lines.line(error.position());
                 errors.push(row_error(line, "-", "行を読み取れません", &format!("unreadable row: {error}")));
                 continue;
             }
         };
-        let line = line_of(record.position());
+        let line = lines.line(record.position());
         bar.set_position(record.position().map(|p| p.byte()).unwrap_or(0));
         let atena = columns.get(&record, "atena_number").unwrap_or("").to_owned();
         if !atena.is_empty()
@@ -423,18 +468,37 @@ fn check_file(
             {
                 // The person's record here holds a provisional atena number, and the row's
                 // 宛名番号 is new here or that of their record from before they moved away.
-                let held = view.record(&owner)?.filter(holds_provisional_atena);
-                let free = match &resident {
-                    None => true,
-                    Some(other) => view.record(other)?.is_some_and(|r| r.transfer.is_some()),
-                };
-                match held {
-                    Some(held) if free => {
-                        let provisional = held.identity.atena_number;
-                        reregister
-                            .insert(atena.clone(), Reregistration { resident_id: owner, provisional, line });
+                match view.record(&owner)?.filter(holds_provisional_atena) {
+                    Some(held) => {
+                        let free = match &resident {
+                            None => true,
+                            // Theirs only: the record this person left behind.
+                            Some(other) => view
+                                .record(other)?
+                                .is_some_and(|r| r.transfer.is_some() && r.person_key == held.person_key),
+                        };
+                        if free {
+                            let provisional = held.identity.atena_number;
+                            reregister.insert(
+                                atena.clone(),
+                                Reregistration { resident_id: owner, provisional, line },
+                            );
+                        } else {
+                            errors.push(row_error(
+                                line,
+                                &columns.name("atena_number"),
+                                &format!(
+                                    "宛名番号 {atena} は別の方の記録に使われています（この個人番号の方は仮の宛名番号 {} で登録されています）",
+                                    held.identity.atena_number
+                                ),
+                                &format!(
+                                    "atena number {atena} is another person's record here (the person with this 個人番号 holds provisional atena number {})",
+                                    held.identity.atena_number
+                                ),
+                            ));
+                        }
                     }
-                    _ => errors.push(row_error(
+                    None => errors.push(row_error(
                         line,
                         &columns.name("my_number"),
                         "この個人番号は別の宛名番号の住民に登録済みです",
@@ -458,6 +522,7 @@ fn check_file(
             ));
         }
     }
+    errors.sort_by_key(|e| e.line);
     bar.finish_and_clear();
     let reregister = reregister.into_iter().map(|(atena, re)| (atena, re.resident_id)).collect();
     Ok((errors, reregister))

@@ -79,7 +79,7 @@ fn check_rows(
     own: MunicipalityCode,
     directory: Option<&protocol::directory::SignedDirectory>,
 ) -> anyhow::Result<(Vec<Mover>, Vec<RowError>)> {
-    let mut reader = crate::import::open_reader(file, Encoding::Auto)?;
+    let (mut reader, mut lines) = crate::import::open_numbered_reader(file, Encoding::Auto)?;
     let headers = reader.headers().context("the file has no header line")?.clone();
     let find = |names: &[&str]| {
         headers.iter().position(|h| names.contains(&h.trim().trim_start_matches('\u{feff}')))
@@ -91,7 +91,6 @@ fn check_rows(
     let reason_at = find(&["理由", "reason"]);
     let view = store.read()?;
     let (mut movers, mut errors, mut seen) = (Vec::new(), Vec::new(), HashSet::new());
-    let lines = crate::import::Lines::of(file)?;
     for record in reader.records() {
         let line = match &record {
             Ok(record) => lines.line(record.position()),

@@ -239,7 +239,9 @@ async fn logins_and_public_routes_are_rate_limited_per_address() {
 #[test]
 fn an_extract_replaces_a_provisional_atena_number_once() {
     use node::store::{IDX_ATENA, Mutation, new_cache};
-    use protocol::document::{Arrival, Identity, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex};
+    use protocol::document::{
+        Arrival, Identity, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex, Transfer,
+    };
 
     let fixture = Fixture::new("provisional");
     let files = NodeFiles::load(&fixture.dir).unwrap();
@@ -271,12 +273,26 @@ fn an_extract_replaces_a_provisional_atena_number_once() {
             carried: Vec::new(),
         }),
     };
+    // Someone else who moved away from here: their 宛名番号 is not free for 山田.
+    let mut left = record.clone();
+    left.resident_id = "141003-0000000002".into();
+    left.person_key = files.person_secret.person_key("987654321000").unwrap();
+    left.identity.atena_number = "0000000800".into();
+    left.identity.status = ResidentStatus::MovedOut;
+    left.arrival = None;
+    left.transfer = Some(Transfer {
+        to: MunicipalityCode::parse("011002").unwrap(),
+        handoff_id: "ho-left".into(),
+        at: time::OffsetDateTime::now_utc(),
+        actor: "token:initial-admin".into(),
+    });
     let actor = automerge::ActorId::from(files.actor.clone());
     let txn = store.begin_write().unwrap();
     let mut cache = new_cache(1);
-    Mutation::new(&txn, &mut cache, &actor)
-        .create_resident(&record, time::OffsetDateTime::now_utc())
-        .unwrap();
+    let mut m = Mutation::new(&txn, &mut cache, &actor);
+    m.create_resident(&record, time::OffsetDateTime::now_utc()).unwrap();
+    m.create_resident(&left, time::OffsetDateTime::now_utc()).unwrap();
+    drop(m);
     txn.commit().unwrap();
 
     let header = "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号\n";
@@ -294,8 +310,19 @@ fn an_extract_replaces_a_provisional_atena_number_once() {
         }
         ImportOutcome::Applied(report) => panic!("one resident in two rows was applied: {report:?}"),
     }
+    let taken = fixture.dir.join("taken.csv");
+    std::fs::write(&taken, format!("{header}{}", row.replace("0000000900", "0000000800"))).unwrap();
+    match import_file(&files, &store, &taken, Encoding::Auto, None).unwrap() {
+        ImportOutcome::Refused(errors) => {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!((errors[0].line, errors[0].column.as_str()), (2, "宛名番号"), "{errors:?}");
+            assert!(errors[0].reason_en.contains("another person's record"), "{errors:?}");
+        }
+        ImportOutcome::Applied(report) => panic!("another person's 宛名番号 was taken: {report:?}"),
+    }
     let view = store.read().unwrap();
     assert_eq!(view.index(IDX_ATENA, &provisional).unwrap().as_deref(), Some("141003-0000000001"));
+    assert_eq!(view.index(IDX_ATENA, "0000000800").unwrap().as_deref(), Some("141003-0000000002"));
     assert_eq!(view.index(IDX_ATENA, "0000000900").unwrap(), None);
     drop(view);
 
@@ -312,11 +339,11 @@ fn an_extract_replaces_a_provisional_atena_number_once() {
     let stored = view.record("141003-0000000001").unwrap().unwrap();
     assert_eq!(stored.identity.atena_number, "0000000900");
     assert_eq!(stored.identity.address, "神奈川県横浜市中区本町1-1");
-    assert_eq!(view.n_residents().unwrap(), 1);
+    assert_eq!(view.n_residents().unwrap(), 2);
 }
 
 /// A refused row is reported at the line an editor shows it on, whether the file's lines end
-/// in LF or CRLF, after a blank line and after a field that spans two lines.
+/// in LF, CRLF or a mix of both, after blank lines and after a field that spans two lines.
 #[test]
 fn a_bad_row_is_reported_at_its_line_with_lf_or_crlf() {
     let fixture = Fixture::new("lines");
@@ -327,11 +354,20 @@ fn a_bad_row_is_reported_at_its_line_with_lf_or_crlf() {
         "0001,,ヤマダ,1990-01-01,男,札幌市",
         "",
         "0002,\"二行の{NL}氏名\",ヤマダ,1990-01-01,男,札幌市",
+        "",
+        "",
         "0003,山田,ヤマダ,1990-02-30,男,札幌市",
     ];
-    for newline in ["\n", "\r\n"] {
-        let text: String =
-            rows.iter().map(|row| format!("{}{newline}", row.replace("{NL}", newline))).collect();
+    let endings: [&[&str]; 3] = [&["\n"], &["\r\n"], &["\r\n", "\n", "\n", "\r\n"]];
+    for ending in endings {
+        let text: String = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let newline = ending[i % ending.len()];
+                format!("{}{newline}", row.replace("{NL}", newline))
+            })
+            .collect();
         let path = fixture.dir.join("lines.csv");
         std::fs::write(&path, text).unwrap();
         let ImportOutcome::Refused(errors) =
@@ -340,6 +376,6 @@ fn a_bad_row_is_reported_at_its_line_with_lf_or_crlf() {
             panic!("a file with bad rows was applied");
         };
         let lines: Vec<(u64, &str)> = errors.iter().map(|e| (e.line, e.column.as_str())).collect();
-        assert_eq!(lines, [(2, "氏名"), (6, "生年月日")], "{newline:?}: {errors:?}");
+        assert_eq!(lines, [(2, "氏名"), (8, "生年月日")], "{ending:?}: {errors:?}");
     }
 }

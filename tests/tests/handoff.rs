@@ -974,8 +974,9 @@ fn a_register_extract_gives_an_arrival_their_atena_number() {
 /// coupon. Then Yokohama moves 山田 out. His history joins the resident Chiyoda registered:
 /// one record, with the same id and atena number. Chiyoda's dose-1 coupon is revoked (he had
 /// that dose), and he gets a dose-2 coupon. Chiyoda's staff ask for 伊藤's history with a
-/// 転入 request (a wrong atena number is refused first), and it joins him the same way. The
-/// national figures equal the municipalities', and the counters equal the documents.
+/// 転入 request (a wrong atena number is refused first), and it joins him the same way.
+/// 渡邊's row has another birth date than Yokohama's record, so her history waits for staff.
+/// The national figures equal the municipalities', and the counters equal the documents.
 #[test]
 fn a_history_joins_a_resident_the_extract_registered_first() {
     let mut f = federation("join");
@@ -983,13 +984,15 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
     let text = format!(
         "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号\r\n\
          C-0101,山田　太郎,ヤマダ タロウ,1960-04-01,男,東京都千代田区九段南1-2-1,{}\r\n\
-         C-0106,伊藤　誠,イトウ マコト,1990-02-03,男,東京都千代田区麹町3-3,{}\r\n",
+         C-0106,伊藤　誠,イトウ マコト,1990-02-03,男,東京都千代田区麹町3-3,{}\r\n\
+         C-0105,渡邊　恵子,ワタナベ ケイコ,1970-07-08,女,東京都千代田区麹町5-5,{}\r\n",
         my_number(1),
-        my_number(6)
+        my_number(6),
+        my_number(5)
     );
     write_shift_jis(&extract, &text).unwrap();
     let out = ok(&f.b.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
-    assert!(out.contains("coupons issued: 2"), "{out}");
+    assert!(out.contains("coupons issued: 3"), "{out}");
     start_all(&mut f);
     let yamada_here = resident_id(&f.b, "C-0101");
     let first_coupon = record(&f.b, &yamada_here)["valid_coupons"][0]["code"].as_str().unwrap().to_owned();
@@ -1032,6 +1035,18 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
     let at_b = record(&f.b, &joined);
     assert_eq!(at_b["identity"]["atena_number"], "C-0106");
     assert_eq!(at_b["valid_coupons"][0]["code"].as_str().map(|c| &c[..2]), Some("11"), "{at_b}");
+
+    // 渡邊's row at Chiyoda has another birth date than Yokohama's record: her history does
+    // not join that resident, and waits for staff.
+    let watanabe_here = resident_id(&f.b, "C-0105");
+    assert_eq!(move_out(&f.a, "0000000105").unwrap().0, 201);
+    let failed = wait_for("渡邊's handoff to wait for staff", Duration::from_secs(60), || {
+        let incoming = handoffs(&f.b)["incoming"].as_array().unwrap().clone();
+        incoming.into_iter().find(|e| e["state"] == "failed")
+    });
+    assert!(failed["error"].as_str().unwrap().starts_with("birth_date_differs"), "{failed}");
+    let kept = record(&f.b, &watanabe_here);
+    assert_eq!(kept["history"], json!([]), "{kept}");
 
     let today = super::days_from_today(0);
     for (node, code) in [(&f.a, YOKOHAMA), (&f.b, CHIYODA)] {
