@@ -133,6 +133,17 @@ fn move_to(node: &Node, resident: &str, to: &str) {
     }
 }
 
+/// Waits until the national figures of `day` equal each municipality's own, all sent.
+fn national_equals_own(f: &Federation, day: &str) {
+    for (node, code) in [(&f.a, YOKOHAMA), (&f.b, CHIYODA)] {
+        wait_for("the national figures to equal the municipality's", Duration::from_secs(30), || {
+            let (own, unsent) = own_figures(node, day);
+            let national = national_figures(&f.national, &f.analyst, &format!("municipality={code}"), day);
+            (unsent == 0 && national == own).then_some(())
+        });
+    }
+}
+
 fn handoffs(node: &Node) -> Value {
     let (code, body) = node.get("/api/v1/handoffs").unwrap();
     assert_eq!(code, 200, "{body}");
@@ -410,13 +421,7 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     // The doses moved with the people: each municipality's counters still equal its
     // documents' doses, and the national figures equal each municipality's own.
     let today = super::days_from_today(0);
-    for (node, code) in [(&f.a, YOKOHAMA), (&f.b, CHIYODA)] {
-        wait_for("the national figures to equal the municipality's", Duration::from_secs(30), || {
-            let (own, unsent) = own_figures(node, &today);
-            let national = national_figures(&f.national, &f.analyst, &format!("municipality={code}"), &today);
-            (unsent == 0 && national == own).then_some(())
-        });
-    }
+    national_equals_own(&f, &today);
     let (chiyoda_own, _) = own_figures(&f.b, &today);
     assert_eq!(
         chiyoda_own.values().sum::<u64>(),
@@ -1049,13 +1054,7 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
     assert_eq!(kept["history"], json!([]), "{kept}");
 
     let today = super::days_from_today(0);
-    for (node, code) in [(&f.a, YOKOHAMA), (&f.b, CHIYODA)] {
-        wait_for("the national figures to equal the municipality's", Duration::from_secs(30), || {
-            let (own, unsent) = own_figures(node, &today);
-            let national = national_figures(&f.national, &f.analyst, &format!("municipality={code}"), &today);
-            (unsent == 0 && national == own).then_some(())
-        });
-    }
+    national_equals_own(&f, &today);
     let (chiyoda_own, _) = own_figures(&f.b, &today);
     assert_eq!(chiyoda_own.values().sum::<u64>(), 1, "山田's dose counts at Chiyoda: {chiyoda_own:?}");
     f.a.stop().unwrap();
