@@ -32,7 +32,6 @@ use protocol::document::{
 use protocol::municipality::MunicipalityCode;
 use protocol::person::PersonKeySecret;
 use protocol::validation::age_on;
-use redb::ReadableTable;
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
@@ -162,7 +161,11 @@ impl Columns {
 }
 
 pub(crate) fn open_reader(path: &Path, encoding: Encoding) -> anyhow::Result<csv::Reader<Box<dyn Read>>> {
-    Ok(csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(decoded(path, encoding)?))
+    Ok(csv_reader(decoded(path, encoding)?))
+}
+
+fn csv_reader(text: Box<dyn Read>) -> csv::Reader<Box<dyn Read>> {
+    csv::ReaderBuilder::new().flexible(true).has_headers(true).from_reader(text)
 }
 
 /// A reader of the file whose rows [`Lines`] numbers as staff see them in an editor.
@@ -172,11 +175,7 @@ pub(crate) fn open_numbered_reader(
 ) -> anyhow::Result<(csv::Reader<Box<dyn Read>>, Lines)> {
     let breaks = Rc::new(RefCell::new(VecDeque::new()));
     let tap = LineTap { inner: decoded(path, encoding)?, offset: 0, breaks: Rc::clone(&breaks) };
-    let reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .has_headers(true)
-        .from_reader(Box::new(tap) as Box<dyn Read>);
-    Ok((reader, Lines { breaks, newlines: 0 }))
+    Ok((csv_reader(Box::new(tap)), Lines { breaks, newlines: 0 }))
 }
 
 fn decoded(path: &Path, encoding: Encoding) -> anyhow::Result<Box<dyn Read>> {
@@ -821,13 +820,7 @@ fn write_batch(
             }
             if old.identity.atena_number != plan.record.identity.atena_number {
                 // A provisional atena number replaced (pass one found no other use of it).
-                let mut atena = txn.open_table(IDX_ATENA)?;
-                let indexed_here =
-                    atena.get(old.identity.atena_number.as_str())?.is_some_and(|held| held.value() == id);
-                if indexed_here {
-                    atena.remove(old.identity.atena_number.as_str())?;
-                }
-                atena.insert(plan.record.identity.atena_number.as_str(), id)?;
+                mutation.move_atena(&old.identity.atena_number, &plan.record.identity.atena_number, id)?;
                 report.reregistered += 1;
             }
             if old.identity.name_kana != plan.record.identity.name_kana {

@@ -574,6 +574,17 @@ impl<'a> Mutation<'a> {
         Ok(table.get(key)?.map(|v| v.value().to_owned()))
     }
 
+    /// Moves `resident_id`'s atena index entry from `old` to `new`; `old` is dropped only
+    /// while it still names this resident.
+    pub fn move_atena(&self, old: &str, new: &str, resident_id: &str) -> anyhow::Result<()> {
+        let mut atena = self.txn.open_table(IDX_ATENA)?;
+        if atena.get(old)?.is_some_and(|held| held.value() == resident_id) {
+            atena.remove(old)?;
+        }
+        atena.insert(new, resident_id)?;
+        Ok(())
+    }
+
     /// Sets an index entry.
     pub fn set_index(
         &self,
@@ -897,16 +908,11 @@ impl<'a> Mutation<'a> {
                 chunks.remove((resident_id, n))?;
             }
         }
-        if let Some(old) = old.filter(|old| old.atena_number != record.identity.atena_number) {
+        match old.filter(|old| old.atena_number != record.identity.atena_number) {
             // A provisional atena number the register extract replaced at the primary.
-            let mut atena = self.txn.open_table(IDX_ATENA)?;
-            let indexed_here =
-                atena.get(old.atena_number.as_str())?.is_some_and(|held| held.value() == resident_id);
-            if indexed_here {
-                atena.remove(old.atena_number.as_str())?;
-            }
+            Some(old) => self.move_atena(&old.atena_number, &record.identity.atena_number, resident_id)?,
+            None => self.set_index(IDX_ATENA, &record.identity.atena_number, resident_id)?,
         }
-        self.set_index(IDX_ATENA, &record.identity.atena_number, resident_id)?;
         self.set_index(IDX_PERSON, &record.person_key, resident_id)?;
         let kana = normalize_kana(&record.identity.name_kana);
         let mut kana_index = self.txn.open_table(IDX_KANA)?;

@@ -261,11 +261,7 @@ pub fn received_record(
     }
     record.identity.status = ResidentStatus::Active;
     record.transfer = None;
-    record.arrival = Some(crate::document::Arrival {
-        from: payload.from,
-        handoff_id: payload.handoff_id.clone(),
-        carried: record.coupons.keys().cloned().collect(),
-    });
+    record.arrival = Some(arrival_of(payload));
     for dose in record.doses.values_mut() {
         if !dose.venue.contains('/') {
             dose.venue = format!("{}/{}", payload.from, dose.venue);
@@ -274,17 +270,22 @@ pub fn received_record(
     record
 }
 
+/// The arrival a handoff notes in the receiver's record: every coupon it carried.
+fn arrival_of(payload: &HandoffPayload) -> crate::document::Arrival {
+    crate::document::Arrival {
+        from: payload.from,
+        handoff_id: payload.handoff_id.clone(),
+        carried: payload.record.coupons.keys().cloned().collect(),
+    }
+}
+
 /// What a handoff adds to a resident the receiving municipality registered before it
 /// arrived (from its register extract): the history exactly as [`received_record`] would
 /// hold it, for [`ResidentEvent::HistoryReceived`](crate::document::ResidentEvent).
 pub fn received_history(payload: &HandoffPayload) -> crate::document::ReceivedHistory {
     let record = received_record(payload, String::new(), String::new(), None);
     crate::document::ReceivedHistory {
-        arrival: record.arrival.unwrap_or_else(|| crate::document::Arrival {
-            from: payload.from,
-            handoff_id: payload.handoff_id.clone(),
-            carried: Vec::new(),
-        }),
+        arrival: arrival_of(payload),
         coupons: record.coupons,
         doses: record.doses,
         corrections: record.corrections,
