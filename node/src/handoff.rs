@@ -25,13 +25,13 @@ use anyhow::Context;
 use axum::http::StatusCode;
 use protocol::coupon::SignedCoupon;
 use protocol::directory::SignedDirectory;
-use protocol::document::{
-    CouponEntry, CouponStatus, ResidentEvent, ResidentRecord, ResidentStatus, Transfer,
-};
+use protocol::document::{CouponEntry, ResidentEvent, ResidentRecord, ResidentStatus, Transfer};
 use protocol::handoff::{
     AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk,
-    HistoryRequest, LedgerState, MAX_HANDOFFS_PER_MESSAGE, SealedHandoff, received_record, seal,
+    HistoryRequest, Join, JoinRefusal, LedgerState, MAX_HANDOFFS_PER_MESSAGE, SealedHandoff, received_record,
+    seal,
 };
+pub use protocol::handoff::{holds_provisional_atena, provisional_atena};
 use protocol::municipality::MunicipalityCode;
 use protocol::person::{PersonKeySecret, hex_decode};
 use protocol::validation::municipality_name;
@@ -355,10 +355,9 @@ pub(crate) fn accept_one(
             mark_accepted(m, &mut entry, existing, &command.actor, now)?;
             return Ok(Ok(entry));
         }
-        if held.arrival.is_none() && held.doses.is_empty() {
-            // Registered here from the register extract before the handoff arrived: the
-            // history joins that resident, who keeps their atena number and identity.
-            if held.identity.birth_date != payload.record.identity.birth_date {
+        let join = match protocol::handoff::join_history(&held, payload) {
+            Ok(join) => join,
+            Err(JoinRefusal::BirthDateDiffers) => {
                 return Ok(Err(conflict(
                     "birth_date_differs",
                     format!(
@@ -369,34 +368,40 @@ pub(crate) fn accept_one(
                     ),
                 )));
             }
-            let given = &command.atena_number;
-            if *given != held.identity.atena_number && *given != provisional_atena(&payload.handoff_id) {
-                let atena = &held.identity.atena_number;
+            Err(refusal) => {
+                let (why, why_ja) = match refusal {
+                    JoinRefusal::ArrivedByAnotherHandoff => {
+                        ("arrived by another handoff", "別の引き継ぎで受け入れ済み")
+                    }
+                    _ => ("has doses recorded here", "この市区町村で接種記録あり"),
+                };
                 return Ok(Err(conflict(
-                    "atena_number_differs",
+                    "already_registered",
                     format!(
-                        "this person is resident {existing} here, atena number {atena}: accept with that number or none"
+                        "resident {existing} here already has this person key and {why}; an admin must reconcile the two"
                     ),
                     format!(
-                        "この方は宛名番号 {atena} の住民 {existing} として登録済みです。その宛名番号で（または指定せずに）受け入れてください"
+                        "この方は既に住民 {existing} として登録されています（{why_ja}）。職員による確認が必要です"
                     ),
                 )));
             }
-            return join_history(m, context, command, entry, held, now).map(Ok);
-        }
-        let (why, why_ja) = match held.arrival {
-            Some(_) => ("arrived by another handoff", "別の引き継ぎで受け入れ済み"),
-            None => ("has doses recorded here", "この市区町村で接種記録あり"),
         };
-        return Ok(Err(conflict(
-            "already_registered",
-            format!(
-                "resident {existing} here already has this person key and {why}; an admin must reconcile the two"
-            ),
-            format!(
-                "この方は既に住民 {existing} として登録されています（{why_ja}）。職員による確認が必要です"
-            ),
-        )));
+        // Registered here from the register extract before the handoff arrived: the history
+        // joins that resident, who keeps their atena number and identity.
+        let given = &command.atena_number;
+        if *given != held.identity.atena_number && *given != provisional_atena(&payload.handoff_id) {
+            let atena = &held.identity.atena_number;
+            return Ok(Err(conflict(
+                "atena_number_differs",
+                format!(
+                    "this person is resident {existing} here, atena number {atena}: accept with that number or none"
+                ),
+                format!(
+                    "この方は宛名番号 {atena} の住民 {existing} として登録済みです。その宛名番号で（または指定せずに）受け入れてください"
+                ),
+            )));
+        }
+        return join_history(m, context, command, entry, &held, join, now).map(Ok);
     }
     if m.index(IDX_ATENA, &command.atena_number)?.is_some() {
         return Ok(Err(conflict(
@@ -453,47 +458,33 @@ fn issue_next(
 }
 
 /// Adds a handoff's history to `held`, a resident this node registered before the handoff
-/// arrived (one commit), then brings their coupons in line with it: this municipality's
-/// valid coupons for doses the history shows given are revoked, and the next dose gets a
+/// arrived, as [`protocol::handoff::join_history`] planned it (the history, then this
+/// municipality's coupons for doses it shows given revoked), and issues the next dose's
 /// coupon unless one is valid for it already.
 fn join_history(
     m: &mut Mutation<'_>,
     context: &WriterContext,
     command: &AcceptHandoff,
     mut entry: InEntry,
-    held: ResidentRecord,
+    held: &ResidentRecord,
+    join: Join,
     now: OffsetDateTime,
 ) -> anyhow::Result<InEntry> {
-    let payload = &command.payload;
-    let id = held.resident_id.clone();
-    let history = protocol::handoff::received_history(payload);
-    m.apply(&id, &ResidentEvent::HistoryReceived(Box::new(history)), now)?;
-    index_history(m, payload, &held)?;
-    let joined = m.record(&id)?.with_context(|| format!("resident {id} vanished while joining a history"))?;
-    let next = joined.next_dose_number();
-    let given_before: Vec<String> = joined
-        .coupons
-        .values()
-        .filter(|c| c.status == CouponStatus::Valid && !joined.carried(c) && c.code.dose_round < next)
-        .map(|c| c.key())
-        .collect();
-    for key in given_before {
-        let reason = format!(
-            "転入前に接種済み（引き継ぎ {id}）/ given before the move (handoff {id})",
-            id = payload.handoff_id
-        );
-        m.apply(&id, &ResidentEvent::CouponRevoked { key, reason }, now)?;
+    let id = &held.resident_id;
+    for event in &join.events {
+        m.apply(id, event, now)?;
     }
-    let current = match joined.valid_coupon_for_dose(next).filter(|c| !joined.carried(c)) {
+    index_history(m, &command.payload, held)?;
+    let current = match join.current {
         Some(valid) => Some((valid.code, valid.generation)),
-        None if next <= 9 => Some((issue_next(m, &joined, next, now)?.code, 0)),
+        None if join.next <= 9 => Some((issue_next(m, held, join.next, now)?.code, 0)),
         None => None,
     };
     if let Some((code, generation)) = current {
         entry.coupon = Some(code.to_string());
         entry.qr_text = Some(SignedCoupon::sign(code, generation, &context.signing_key).to_qr_text());
     }
-    finish_accept(m, entry, id, &command.actor, now)
+    finish_accept(m, entry, id.clone(), &command.actor, now)
 }
 
 /// Marks the handoff accepted into `resident_id`, and a history request of the person
@@ -1295,11 +1286,4 @@ pub fn read_only(record: &protocol::document::ResidentRecord) -> Option<Problem>
         format!("the resident moved to {name} ({}); their record there is the one to change", transfer.to),
         format!("この住民は{name}（{}）へ転出し、記録は引き継ぎ済みです（この記録は閲覧のみ）", transfer.to),
     ))
-}
-
-/// The atena number given to a resident accepted without one (automatic acceptance of a
-/// move the old municipality triggered): `T` and 19 characters of the handoff id.
-pub fn provisional_atena(handoff_id: &str) -> String {
-    let tail: String = handoff_id.trim_start_matches("ho-").chars().take(19).collect();
-    format!("T{tail}")
 }

@@ -35,7 +35,7 @@ use protocol::validation::age_on;
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
-use crate::handoff::provisional_atena;
+use crate::handoff::holds_provisional_atena;
 use crate::store::{
     IDENTITY_DIGEST, IDX_ATENA, IDX_COUPON, IDX_KANA, IDX_PERSON, META_COUPON_SERIAL, META_RESIDENT_SEQ,
     Mutation, Store, new_cache, normalize_kana, resident_id,
@@ -378,16 +378,6 @@ pub fn import_file(
 }
 
 const BATCH_ROWS: usize = 65_536;
-
-/// Whether `record` still holds the provisional atena number it was given when a handoff was
-/// accepted without one (`T…`, from the handoff id).
-fn holds_provisional_atena(record: &ResidentRecord) -> bool {
-    record.transfer.is_none()
-        && record
-            .arrival
-            .as_ref()
-            .is_some_and(|a| record.identity.atena_number == provisional_atena(&a.handoff_id))
-}
 
 /// A row that gives a resident holding a provisional atena number their 宛名番号.
 struct Reregistration {

@@ -292,6 +292,86 @@ pub fn received_history(payload: &HandoffPayload) -> crate::document::ReceivedHi
     }
 }
 
+/// The atena number given to a resident accepted without one (automatic acceptance of a
+/// move the old municipality triggered): `T` and 19 characters of the handoff id.
+pub fn provisional_atena(handoff_id: &str) -> String {
+    let tail: String = handoff_id.trim_start_matches("ho-").chars().take(19).collect();
+    format!("T{tail}")
+}
+
+/// Whether `record` still holds the provisional atena number it was given when a handoff was
+/// accepted without one; the next register extract replaces it with the real 宛名番号.
+pub fn holds_provisional_atena(record: &ResidentRecord) -> bool {
+    record.transfer.is_none()
+        && record
+            .arrival
+            .as_ref()
+            .is_some_and(|a| record.identity.atena_number == provisional_atena(&a.handoff_id))
+}
+
+/// Why a handoff's history cannot join the resident who already holds its person key here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// That resident came by another handoff.
+    ArrivedByAnotherHandoff,
+    /// Doses were recorded for that resident here: two histories an admin must reconcile.
+    DosesRecordedHere,
+    /// The register's birth date differs from the handoff's record: maybe another person.
+    BirthDateDiffers,
+}
+
+/// How a handoff's history joins a resident this municipality registered from its register
+/// extract before the handoff arrived. The resident keeps their id, atena number and
+/// identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Join {
+    /// The commits, in order: the history, then the revocation of each of this
+    /// municipality's valid coupons for a dose the history shows given.
+    pub events: Vec<crate::document::ResidentEvent>,
+    /// The dose the resident receives next.
+    pub next: u8,
+    /// This municipality's valid coupon for that dose, if it issued one; when there is none
+    /// (and `next` is at most 9) the caller issues it.
+    pub current: Option<crate::document::CouponEntry>,
+}
+
+/// Plans joining `payload`'s history to `held`, the active resident holding its person key
+/// here: refused if `held` came by a handoff or has doses recorded, or if the birth dates
+/// differ. The node's acceptance and the simulator both follow this plan.
+pub fn join_history(held: &ResidentRecord, payload: &HandoffPayload) -> Result<Join, JoinRefusal> {
+    use crate::document::{CouponStatus, ResidentEvent};
+    if held.arrival.is_some() {
+        return Err(JoinRefusal::ArrivedByAnotherHandoff);
+    }
+    if !held.doses.is_empty() {
+        return Err(JoinRefusal::DosesRecordedHere);
+    }
+    if held.identity.birth_date != payload.record.identity.birth_date {
+        return Err(JoinRefusal::BirthDateDiffers);
+    }
+    let history = received_history(payload);
+    let mut joined = held.clone();
+    joined.coupons.extend(history.coupons.clone());
+    joined.doses.extend(history.doses.clone());
+    joined.corrections.extend(history.corrections.clone());
+    joined.arrival = Some(history.arrival.clone());
+    let next = joined.next_dose_number();
+    let mut events = vec![ResidentEvent::HistoryReceived(Box::new(history))];
+    for coupon in joined.coupons.values() {
+        if coupon.status == CouponStatus::Valid && !joined.carried(coupon) && coupon.code.dose_round < next {
+            events.push(ResidentEvent::CouponRevoked {
+                key: coupon.key(),
+                reason: format!(
+                    "転入前に接種済み（引き継ぎ {id}）/ given before the move (handoff {id})",
+                    id = payload.handoff_id
+                ),
+            });
+        }
+    }
+    let current = joined.valid_coupon_for_dose(next).filter(|c| !joined.carried(c)).cloned();
+    Ok(Join { events, next, current })
+}
+
 /// What a municipal node sends the national node, and what it receives, on
 /// `/vrs/handoff/1`. The national node never calls a municipality: each municipal primary
 /// asks every few hundred milliseconds (at once when it has something to send), so a node

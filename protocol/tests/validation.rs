@@ -1539,3 +1539,64 @@ fn a_history_joins_a_resident_registered_before_it_arrived() {
     let doses = |cells: &BTreeMap<Cell, i64>| cells.keys().filter(|c| matches!(c, Cell::Dose { .. })).count();
     assert_eq!(doses(&expected), 1, "{expected:?}");
 }
+
+/// Chiyoda's record of the person in `payload`, registered from its register extract before
+/// the handoff arrived, holding `coupons` Chiyoda issued.
+fn registered_first(payload: &protocol::handoff::HandoffPayload, coupons: &[CouponCode]) -> ResidentRecord {
+    let mut registered = payload.record.clone();
+    registered.resident_id = "131016-0000000007".to_owned();
+    registered.municipality = municipality(CHIYODA);
+    registered.identity.atena_number = "C-7".to_owned();
+    registered.identity.status = ResidentStatus::Active;
+    registered.coupons = coupons.iter().map(|c| (coupon_entry(*c, 0).key(), coupon_entry(*c, 0))).collect();
+    registered.doses.clear();
+    registered.corrections.clear();
+    registered.transfer = None;
+    registered
+}
+
+#[test]
+fn a_join_revokes_the_coupons_for_doses_given_before_the_move() {
+    use protocol::handoff::{JoinRefusal, join_history};
+    let payload = moved_payload();
+    // Chiyoda's bulk issuance gave the person a first-dose coupon; the history shows that dose
+    // given in Yokohama.
+    let chiyoda_first = coupon_in(CHIYODA, 1, 1, 7);
+    let registered = registered_first(&payload, &[chiyoda_first]);
+    let join = join_history(&registered, &payload).unwrap();
+    assert_eq!(join.next, 2);
+    assert_eq!(join.current, None, "Chiyoda holds no coupon for dose 2: the node issues one");
+    let kinds: Vec<&str> = join.events.iter().map(ResidentEvent::kind).collect();
+    assert_eq!(kinds, ["history-received", "coupon-revoked"]);
+    let mut after = registered.clone();
+    for event in &join.events {
+        after = applied(&after, event);
+    }
+    let own = &after.coupons[&coupon_entry(chiyoda_first, 0).key()];
+    assert_eq!(own.status, CouponStatus::Revoked);
+    assert!(
+        own.status_reason.as_deref().is_some_and(|r| r.contains("転入前に接種済み") && r.contains("ho-0001"))
+    );
+    assert_eq!(after.next_dose_number(), 2);
+    assert_eq!(after.valid_coupon_for_dose(1), None);
+    assert_eq!(after.valid_coupon_for_dose(2), None, "the carried dose-2 coupon was transferred, not valid");
+
+    // A coupon Chiyoda issued for the next dose stays and is the one to use.
+    let chiyoda_second = coupon_in(CHIYODA, 1, 2, 8);
+    let registered = registered_first(&payload, &[chiyoda_second]);
+    let join = join_history(&registered, &payload).unwrap();
+    assert_eq!(join.events.len(), 1, "nothing to revoke");
+    assert_eq!(join.current.map(|c| c.code), Some(chiyoda_second));
+
+    // What cannot join: another birth date, doses already recorded here, another arrival.
+    let mut other = registered_first(&payload, &[]);
+    other.identity.birth_date = date!(1990 - 06 - 16);
+    assert_eq!(join_history(&other, &payload), Err(JoinRefusal::BirthDateDiffers));
+    let mut vaccinated = registered_first(&payload, &[]);
+    let given_here = dose("ev-c1", coupon_in(CHIYODA, 1, 1, 7), date!(2026 - 11 - 01));
+    vaccinated.doses.insert(given_here.event_id.clone(), given_here);
+    assert_eq!(join_history(&vaccinated, &payload), Err(JoinRefusal::DosesRecordedHere));
+    let arrived =
+        protocol::handoff::received_record(&payload, "131016-0000000009".into(), "C-9".into(), None);
+    assert_eq!(join_history(&arrived, &payload), Err(JoinRefusal::ArrivedByAnotherHandoff));
+}

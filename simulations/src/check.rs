@@ -126,9 +126,15 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
     for (id, reason) in world.refused_handoffs() {
         out.push(format!("handoff {id} refused by the ledger: {reason}"));
     }
+    for refusal in &world.join_refusals {
+        out.push(format!(
+            "a history could not join the resident the register extract listed first: {refusal}"
+        ));
+    }
     for (person_key, at) in &holders {
         if at.len() != 1 {
-            out.push(format!("person {person_key} is active in {} municipalities: {at:?}", at.len()));
+            let codes: Vec<String> = at.iter().map(ToString::to_string).collect();
+            out.push(format!("person {person_key} is active in {} records: {}", at.len(), codes.join(", ")));
         } else if let Some(holder) = world.ledger_holder(person_key)
             && holder.in_transit.is_none()
             && holder.holder != at[0]

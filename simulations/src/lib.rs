@@ -73,6 +73,12 @@ pub enum Bug {
     /// A dose passed on from a previous municipality leaves valid the coupon the new one
     /// issued for the same dose.
     KeepSpentCoupons,
+    /// A history joining a resident the register extract listed first leaves valid the
+    /// coupons issued here for doses it shows given.
+    JoinKeepsCoupons,
+    /// A handoff for a person the register extract listed first creates a second record
+    /// instead of joining the history to theirs.
+    SecondRecord,
 }
 
 impl Default for Config {

@@ -124,6 +124,10 @@ fn print(report: &Report) {
         c.passed_on_again
     );
     println!(
+        "  住民票抽出 / register extract: {} movers registered before their history arrived ({} histories joined), {} provisional atena numbers replaced",
+        c.registered_first, c.joined, c.reregistered
+    );
+    println!(
         "  障害 / faults: {} crashes, {} partitions, {} messages lost, {} duplicated",
         c.crashes, c.partitions, c.lost, c.duplicated
     );

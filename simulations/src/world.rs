@@ -28,8 +28,8 @@ use protocol::document::{
 };
 use protocol::gs1::Gtin;
 use protocol::handoff::{
-    DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, LedgerState, MAX_HANDOFFS_PER_MESSAGE,
-    SealedHandoff,
+    DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, Join, LedgerState,
+    MAX_HANDOFFS_PER_MESSAGE, SealedHandoff, holds_provisional_atena, join_history, provisional_atena,
 };
 use protocol::ledger::{AskRecord, LedgerEntry, LedgerRead, LedgerWrite, PersonHolder};
 use protocol::municipality::{MunicipalityCode, all_municipalities};
@@ -72,6 +72,13 @@ const MOVE_AGAIN: f64 = 0.3;
 /// Share of first move-outs drawn among people whose dose a terminal still holds (while there
 /// are any): vaccinated at a venue whose terminal is offline, they move before it reconnects.
 const MOVE_HELD: f64 = 0.25;
+/// Longest wait before the new municipality's register extract lists someone who moved
+/// there (virtual ms). Two idle handoff polls: about half the extracts come before the
+/// handoff is accepted, half after.
+const EXTRACT_WITHIN: Time = 240_000;
+/// Share of people the extract registers first whom the bulk issuance gives a first-dose
+/// coupon before their history arrives.
+const ISSUED_BEFORE_HISTORY: f64 = 0.5;
 
 /// A node's address on the simulated network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -196,16 +203,53 @@ enum Poll {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { from: Addr, to: Addr, msg: Msg },
-    Timer { node: Addr, timer: Timer, epoch: u64 },
+    Deliver {
+        from: Addr,
+        to: Addr,
+        msg: Msg,
+    },
+    Timer {
+        node: Addr,
+        timer: Timer,
+        epoch: u64,
+    },
     Dose,
     Relocation,
-    Void { primary: u32, resident: String, event_id: String },
-    Crash { node: Addr, down_ms: Time },
-    Restart { node: Addr },
-    Cut { primary: u32, until: Time },
-    Offline { terminal: u32, until: Time },
+    Void {
+        primary: u32,
+        resident: String,
+        event_id: String,
+    },
+    /// The register extract of municipality `to` lists a person who moved there.
+    Extract {
+        to: u32,
+        row: Box<ExtractRow>,
+    },
+    Crash {
+        node: Addr,
+        down_ms: Time,
+    },
+    Restart {
+        node: Addr,
+    },
+    Cut {
+        primary: u32,
+        until: Time,
+    },
+    Offline {
+        terminal: u32,
+        until: Time,
+    },
     Heal,
+}
+
+/// A row of a register extract naming someone who moved in: their person key and the
+/// identity of the old municipality's record (the new one gives the atena number and
+/// address).
+#[derive(Clone, Debug)]
+struct ExtractRow {
+    person_key: String,
+    identity: Identity,
 }
 
 /// A stored document: its saved bytes, uncompressed, as the node stores them, and its
@@ -494,6 +538,12 @@ pub struct Counters {
     pub passed_on_again: u64,
     /// Handoffs accepted by the new municipality.
     pub accepted: u64,
+    /// Of those, histories joined to a resident the register extract listed first.
+    pub joined: u64,
+    /// People the new municipality's register extract listed before their handoff arrived.
+    pub registered_first: u64,
+    /// Provisional atena numbers the register extract replaced after an acceptance.
+    pub reregistered: u64,
     /// Messages sent.
     pub messages: u64,
     /// Bytes sent (CBOR, as the node's codec encodes them).
@@ -553,6 +603,10 @@ pub struct World {
     arrived_held: Vec<(u32, String, u32, String)>,
     /// Person key of each mover → where they started.
     first_home: BTreeMap<String, FirstHome>,
+    /// Register extracts scheduled and not yet imported.
+    extracts_pending: u64,
+    /// Handoffs that could not join the resident holding their person key (a violation).
+    pub(crate) join_refusals: BTreeSet<String>,
     /// Coupon generation the person holds, when reissued.
     generation: BTreeMap<(u32, u64), u8>,
     /// Captures expected to be refused (scanned with a superseded coupon).
@@ -818,6 +872,8 @@ impl World {
             arrived: Vec::new(),
             arrived_held: Vec::new(),
             first_home: BTreeMap::new(),
+            extracts_pending: 0,
+            join_refusals: BTreeSet::new(),
             generation: BTreeMap::new(),
             expect_refused: BTreeSet::new(),
             skew,
@@ -1162,6 +1218,15 @@ impl World {
                 }
             }
             Event::Void { primary, resident, event_id } => self.void(primary, &resident, &event_id),
+            Event::Extract { to, row } => {
+                if self.primaries[to as usize].up {
+                    self.extracts_pending -= 1;
+                    self.extract(to, *row);
+                } else {
+                    // The import runs on the node: once it is back.
+                    self.schedule(self.now + 10_000, Event::Extract { to, row });
+                }
+            }
             Event::Crash { node, down_ms } => {
                 if self.healed_at.is_none() && self.is_up(node) {
                     self.counters.crashes += 1;
@@ -1525,8 +1590,63 @@ impl World {
         if self.move_out(from, to, rid, doc) {
             self.moved.insert((from, index), to);
             let held = held.map(|(_, _, capture)| capture);
-            self.first_home.insert(person_key, FirstHome { resident: (from, index), held });
+            self.first_home.insert(person_key.clone(), FirstHome { resident: (from, index), held });
+            // The person files their move-in at the new town hall; its next register extract
+            // lists them, before or after the handoff is accepted there.
+            let at = self.now + self.rng.below(EXTRACT_WITHIN);
+            let row = Box::new(ExtractRow { person_key, identity: record.identity });
+            self.extracts_pending += 1;
+            self.schedule(at, Event::Extract { to, row });
         }
+    }
+
+    /// `vrs-node import` of one row of municipality `i`'s register extract naming someone
+    /// who moved in. Before their handoff arrives, it registers them (and, for some, the bulk
+    /// issuance gives them a first-dose coupon); after, it gives them their 宛名番号 in
+    /// place of the provisional one. A person who has moved on since is left alone.
+    fn extract(&mut self, i: u32, row: ExtractRow) {
+        let now = self.clock(Addr::Primary(i));
+        let issue = self.rng.chance(ISSUED_BEFORE_HISTORY);
+        let p = &mut self.primaries[i as usize];
+        p.next_serial += 1;
+        let serial = p.next_serial;
+        let mut identity = row.identity;
+        identity.atena_number = format!("A{serial:09}");
+        identity.address = format!("転入町{serial}番地");
+        identity.status = ResidentStatus::Active;
+        if let Some(rid) = p.by_person.get(&row.person_key).cloned() {
+            let mut doc = p.docs[&rid].load_as(&p.actor);
+            let record = read_record(&doc).expect("a resident document");
+            if holds_provisional_atena(&record) {
+                apply(p, &rid, &mut doc, &record, &ResidentEvent::IdentityUpdated(identity), now);
+                self.counters.reregistered += 1;
+                self.nudge(i);
+            }
+            return;
+        }
+        let rid = format!("{}-x-{serial}", p.code);
+        let record = ResidentRecord {
+            schema: SCHEMA_VERSION,
+            resident_id: rid.clone(),
+            municipality: p.code,
+            person_key: row.person_key,
+            identity,
+            coupons: BTreeMap::new(),
+            doses: BTreeMap::new(),
+            corrections: BTreeMap::new(),
+            transfer: None,
+            arrival: None,
+        };
+        let mut doc = new_resident_document(&p.actor, &record, now).expect("a new document");
+        add_cells(p, record_cells(&record));
+        p.by_person.insert(record.person_key.clone(), rid.clone());
+        store(p, &rid, &mut doc);
+        if issue {
+            issue_coupon(p, &rid, &mut doc, &record, 1, serial, now);
+        }
+        p.stats_version += 1;
+        self.counters.registered_first += 1;
+        self.nudge(i);
     }
 
     /// Someone who moved in during the run, to move again: preferably one whose first dose a
@@ -2310,22 +2430,38 @@ impl World {
         let p = &mut self.primaries[i as usize];
         let Ok(payload) = sealed.open(&sender_key, &p.x_secret) else { return false };
         if let Some(existing) = p.by_person.get(&payload.person_key).cloned() {
-            let record = read_record(&p.docs[&existing].load()).expect("a resident document");
-            if record.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id)
-                || record.transfer.is_none()
-            {
+            let doc = p.docs[&existing].load_as(&p.actor);
+            let record = read_record(&doc).expect("a resident document");
+            if record.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id) {
                 // Already accepted (a repeated inbox): say so again.
-                if record.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id) {
-                    p.accepted_unacked.insert(payload.handoff_id.clone());
-                }
+                p.accepted_unacked.insert(payload.handoff_id.clone());
                 return true;
+            }
+            if record.transfer.is_none()
+                && record.identity.status == ResidentStatus::Active
+                && self.config.bug != Some(crate::Bug::SecondRecord)
+            {
+                // The register extract listed the person first.
+                return match join_history(&record, &payload) {
+                    Ok(join) => {
+                        self.join(i, doc, record, &payload, join, now);
+                        true
+                    }
+                    Err(refusal) => {
+                        let code = p.code;
+                        let id = &payload.handoff_id;
+                        self.join_refusals
+                            .insert(format!("{code}: handoff {id} cannot join {existing}: {refusal:?}"));
+                        false
+                    }
+                };
             }
         }
         p.next_serial += 1;
         let serial = p.next_serial;
         let rid = format!("{}-in-{serial}", p.code);
-        let mut record =
-            protocol::handoff::received_record(&payload, rid.clone(), format!("T{serial:09}"), None);
+        let atena = provisional_atena(&payload.handoff_id);
+        let mut record = protocol::handoff::received_record(&payload, rid.clone(), atena, None);
         record.schema = SCHEMA_VERSION;
         let mut doc = new_resident_document(&p.actor, &record, now).expect("a new document");
         add_cells(p, record_cells(&record));
@@ -2334,41 +2470,68 @@ impl World {
             p.handed_here.insert((coupon.code.to_string(), payload.from));
         }
         let next = record.next_dose_number();
-        if next <= 9 {
-            let code = CouponCode {
-                ticket_kind: 1,
-                dose_round: next,
-                municipality: p.code,
-                number: CouponNumber::from_serial(serial).expect("serials fit"),
-            };
-            let entry = CouponEntry {
-                code,
-                generation: 0,
-                status: CouponStatus::Valid,
-                issued_at: now,
-                status_reason: None,
-                used_by_event: None,
-            };
-            let event = ResidentEvent::CouponIssued { entry, supersedes: None };
-            let before = record.clone();
-            apply_event(&mut doc, &event, now).expect("a coupon applies");
-            add_cells(p, event_delta(&before, &event, now));
-            p.by_number.insert(code.number, rid.clone());
-        }
         p.by_person.insert(record.person_key.clone(), rid.clone());
         store(p, &rid, &mut doc);
+        if next <= 9 {
+            issue_coupon(p, &rid, &mut doc, &record, next, serial, now);
+        }
         p.stats_version += 1;
         p.accepted_unacked.insert(payload.handoff_id);
-        match self.first_home.get(&record.person_key) {
+        self.arrived(i, rid, &record.person_key);
+        self.counters.accepted += 1;
+        self.nudge(i);
+        true
+    }
+
+    /// `node/src/handoff.rs` `join_history`: the handoff's history joins `record`, the
+    /// resident the register extract listed first, as `join` plans it, with a coupon for the
+    /// next dose unless one of this municipality's is valid for it.
+    fn join(
+        &mut self,
+        i: u32,
+        mut doc: Automerge,
+        record: ResidentRecord,
+        payload: &HandoffPayload,
+        join: Join,
+        now: OffsetDateTime,
+    ) {
+        let p = &mut self.primaries[i as usize];
+        let rid = record.resident_id.clone();
+        let mut before = record;
+        let keep = self.config.bug == Some(crate::Bug::JoinKeepsCoupons);
+        for event in &join.events {
+            if keep && matches!(event, ResidentEvent::CouponRevoked { .. }) {
+                continue;
+            }
+            apply(p, &rid, &mut doc, &before, event, now);
+            before = read_record(&doc).expect("a resident document");
+        }
+        for coupon in payload.record.coupons.values() {
+            p.carried.insert(coupon.code.to_string(), rid.clone());
+            p.handed_here.insert((coupon.code.to_string(), payload.from));
+        }
+        if join.current.is_none() && join.next <= 9 {
+            p.next_serial += 1;
+            let serial = p.next_serial;
+            issue_coupon(p, &rid, &mut doc, &before, join.next, serial, now);
+        }
+        p.stats_version += 1;
+        p.accepted_unacked.insert(payload.handoff_id.clone());
+        self.arrived(i, rid, &payload.person_key);
+        self.counters.accepted += 1;
+        self.counters.joined += 1;
+        self.nudge(i);
+    }
+
+    /// Notes someone who moved in at `i` as resident `rid`, to move them again.
+    fn arrived(&mut self, i: u32, rid: String, person_key: &str) {
+        match self.first_home.get(person_key) {
             Some(FirstHome { held: Some((t, event_id)), .. }) => {
                 self.arrived_held.push((i, rid, *t, event_id.clone()))
             }
             Some(FirstHome { resident, held: None }) => self.arrived.push((i, rid, *resident)),
             None => {}
         }
-        self.counters.accepted += 1;
-        self.nudge(i);
-        true
     }
 
     // ---- Standby --------------------------------------------------------------------
@@ -2537,6 +2700,7 @@ impl World {
                     && p.acked_version >= p.stats_version
             })
             && self.national.ledger.inbox.is_empty()
+            && self.extracts_pending == 0
             && self
                 .primaries
                 .iter()
@@ -2766,6 +2930,34 @@ fn apply(
     }
     add_cells(p, delta);
     store(p, rid, doc);
+}
+
+/// Issues `p`'s coupon number `serial` for dose `dose_round` to resident `rid` (one commit).
+fn issue_coupon(
+    p: &mut Primary,
+    rid: &str,
+    doc: &mut Automerge,
+    before: &ResidentRecord,
+    dose_round: u8,
+    serial: u32,
+    now: OffsetDateTime,
+) {
+    let code = CouponCode {
+        ticket_kind: 1,
+        dose_round,
+        municipality: p.code,
+        number: CouponNumber::from_serial(serial).expect("serials fit"),
+    };
+    let entry = CouponEntry {
+        code,
+        generation: 0,
+        status: CouponStatus::Valid,
+        issued_at: now,
+        status_reason: None,
+        used_by_event: None,
+    };
+    apply(p, rid, doc, before, &ResidentEvent::CouponIssued { entry, supersedes: None }, now);
+    p.by_number.insert(code.number, rid.to_owned());
 }
 
 fn add_cells(p: &mut Primary, delta: Vec<(Cell, i64)>) {

@@ -22,6 +22,9 @@ fn seeds(from: u64, count: u64) {
             (&mut total.relocations, c.relocations),
             (&mut total.accepted, c.accepted),
             (&mut total.moved_again, c.moved_again),
+            (&mut total.registered_first, c.registered_first),
+            (&mut total.joined, c.joined),
+            (&mut total.reregistered, c.reregistered),
             (&mut total.passed_on_again, c.passed_on_again),
             (&mut total.crashes, c.crashes),
             (&mut total.partitions, c.partitions),
@@ -41,6 +44,11 @@ fn seeds(from: u64, count: u64) {
         ("relocations", t.relocations),
         ("accepted handoffs", t.accepted),
         ("second moves", t.moved_again),
+        // The register extract listing a mover before their handoff arrived, the history
+        // joining that resident, and the extract replacing a provisional atena number.
+        ("movers registered first", t.registered_first),
+        ("histories joined", t.joined),
+        ("provisional atena numbers replaced", t.reregistered),
         // A dose held at a terminal while its resident moved on a second time.
         ("doses passed on again", 2 * t.passed_on_again),
         ("crashes", t.crashes),
@@ -112,11 +120,13 @@ fn deliberate_bugs_break_the_invariants_they_should() {
         (Bug::RecordReplays, 3, "no terminal captured it"),
         (Bug::AddReports, 3, "national figures"),
         (Bug::SkipPage, 3, "standby lacks"),
-        (Bug::KeepMovedAway, 2, "of a valid coupon was refused (coupon_transferred)"),
+        (Bug::KeepMovedAway, 3, "of a valid coupon was refused (coupon_transferred)"),
         // A dose chasing a resident who moved back and forth is never settled.
-        (Bug::LatestArrivalOnly, 21, "never settled"),
-        (Bug::StickyPassOn, 29, "never settled"),
+        (Bug::LatestArrivalOnly, 1, "never settled"),
+        (Bug::StickyPassOn, 40, "never settled"),
         (Bug::KeepSpentCoupons, 1, "already given"),
+        (Bug::JoinKeepsCoupons, 28, "already given"),
+        (Bug::SecondRecord, 1, "is active in 2 records"),
     ] {
         let report = run(Config { bug: Some(bug), ..Config::stress(seed) });
         assert!(
