@@ -160,6 +160,10 @@ pub struct InEntry {
     /// Its key in `handoff_due` until the ledger knows it was accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub due_key: Option<String>,
+    /// Doses recorded here before the history arrived whose number changed when it joined
+    /// (event ids), for staff to review.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renumbered: Vec<String>,
 }
 
 /// Where an incoming handoff stands.
@@ -355,7 +359,7 @@ pub(crate) fn accept_one(
             mark_accepted(m, &mut entry, existing, &command.actor, now)?;
             return Ok(Ok(entry));
         }
-        let join = match protocol::handoff::join_history(&held, payload) {
+        let join = match protocol::handoff::join_history(&held, payload, now) {
             Ok(join) => join,
             Err(JoinRefusal::BirthDateDiffers) => {
                 return Ok(Err(conflict(
@@ -368,20 +372,14 @@ pub(crate) fn accept_one(
                     ),
                 )));
             }
-            Err(refusal) => {
-                let (why, why_ja) = match refusal {
-                    JoinRefusal::ArrivedByAnotherHandoff => {
-                        ("arrived by another handoff", "別の引き継ぎで受け入れ済み")
-                    }
-                    _ => ("has doses recorded here", "この市区町村で接種記録あり"),
-                };
+            Err(JoinRefusal::ArrivedByAnotherHandoff) => {
                 return Ok(Err(conflict(
                     "already_registered",
                     format!(
-                        "resident {existing} here already has this person key and {why}; an admin must reconcile the two"
+                        "resident {existing} here already has this person key and arrived by another handoff; an admin must reconcile the two"
                     ),
                     format!(
-                        "この方は既に住民 {existing} として登録されています（{why_ja}）。職員による確認が必要です"
+                        "この方は既に住民 {existing} として登録されています（別の引き継ぎで受け入れ済み）。職員による確認が必要です"
                     ),
                 )));
             }
@@ -458,9 +456,9 @@ fn issue_next(
 }
 
 /// Adds a handoff's history to `held`, a resident this node registered before the handoff
-/// arrived, as [`protocol::handoff::join_history`] planned it (the history, then this
-/// municipality's coupons for doses it shows given revoked), and issues the next dose's
-/// coupon unless one is valid for it already.
+/// arrived, as [`protocol::handoff::join_history`] planned it (the history, doses given here
+/// numbered again with it, this municipality's coupons for doses now given revoked), and
+/// issues the next dose's coupon unless one is valid for it already.
 fn join_history(
     m: &mut Mutation<'_>,
     context: &WriterContext,
@@ -475,6 +473,15 @@ fn join_history(
         m.apply(id, event, now)?;
     }
     index_history(m, &command.payload, held)?;
+    if !join.renumbered.is_empty() {
+        tracing::warn!(
+            handoff = %command.payload.handoff_id,
+            resident = %id,
+            renumbered = ?join.renumbered,
+            "doses recorded before the history arrived were numbered again"
+        );
+    }
+    entry.renumbered = join.renumbered;
     let current = match join.current {
         Some(valid) => Some((valid.code, valid.generation)),
         None if join.next <= 9 => Some((issue_next(m, held, join.next, now)?.code, 0)),
@@ -706,9 +713,9 @@ impl HandoffService {
             && record.transfer.is_none()
             && record.identity.status == ResidentStatus::Active
         {
-            // Registered from the register extract, with nothing recorded yet: their history
-            // may be asked for, and will join that resident.
-            if record.arrival.is_some() || !record.doses.is_empty() {
+            // Registered from the register extract (vaccinated here or not): their history may
+            // be asked for, and will join that resident.
+            if record.arrival.is_some() {
                 return Err(conflict(
                     "already_registered",
                     format!("this person is already resident {existing} here"),
@@ -1065,6 +1072,7 @@ impl HandoffService {
                                 error: None,
                                 sealed: Some(sealed),
                                 due_key: None,
+                                renumbered: Vec::new(),
                             };
                             incoming
                                 .insert(entry.handoff_id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;

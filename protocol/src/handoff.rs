@@ -314,8 +314,6 @@ pub fn holds_provisional_atena(record: &ResidentRecord) -> bool {
 pub enum JoinRefusal {
     /// That resident came by another handoff.
     ArrivedByAnotherHandoff,
-    /// Doses were recorded for that resident here: two histories an admin must reconcile.
-    DosesRecordedHere,
     /// The register's birth date differs from the handoff's record: maybe another person.
     BirthDateDiffers,
 }
@@ -325,9 +323,13 @@ pub enum JoinRefusal {
 /// identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Join {
-    /// The commits, in order: the history, then the revocation of each of this
-    /// municipality's valid coupons for a dose the history shows given.
+    /// The commits, in order: the history; a correction of each dose whose number changes
+    /// once the two histories are one (doses given here before the history arrived were
+    /// numbered without it); the revocation of each of this municipality's valid coupons for
+    /// a dose now given.
     pub events: Vec<crate::document::ResidentEvent>,
+    /// The doses renumbered, by event id.
+    pub renumbered: Vec<String>,
     /// The dose the resident receives next.
     pub next: u8,
     /// This municipality's valid coupon for that dose, if it issued one; when there is none
@@ -336,15 +338,19 @@ pub struct Join {
 }
 
 /// Plans joining `payload`'s history to `held`, the active resident holding its person key
-/// here: refused if `held` came by a handoff or has doses recorded, or if the birth dates
-/// differ. The node's acceptance and the simulator both follow this plan.
-pub fn join_history(held: &ResidentRecord, payload: &HandoffPayload) -> Result<Join, JoinRefusal> {
-    use crate::document::{CouponStatus, ResidentEvent};
+/// here: refused if `held` came by another handoff or the birth dates differ. If doses were
+/// recorded here before the history arrived (the person was vaccinated here with this
+/// municipality's coupon, numbered as if they had no history), every dose is kept and the
+/// valid ones are numbered again in the order they were given, each change an amendment
+/// with its reason, at `at`. The node's acceptance and the simulator both follow this plan.
+pub fn join_history(
+    held: &ResidentRecord,
+    payload: &HandoffPayload,
+    at: time::OffsetDateTime,
+) -> Result<Join, JoinRefusal> {
+    use crate::document::{Correction, CorrectionKind, CouponStatus, DoseStatus, ResidentEvent};
     if held.arrival.is_some() {
         return Err(JoinRefusal::ArrivedByAnotherHandoff);
-    }
-    if !held.doses.is_empty() {
-        return Err(JoinRefusal::DosesRecordedHere);
     }
     if held.identity.birth_date != payload.record.identity.birth_date {
         return Err(JoinRefusal::BirthDateDiffers);
@@ -355,8 +361,38 @@ pub fn join_history(held: &ResidentRecord, payload: &HandoffPayload) -> Result<J
     joined.doses.extend(history.doses.clone());
     joined.corrections.extend(history.corrections.clone());
     joined.arrival = Some(history.arrival.clone());
-    let next = joined.next_dose_number();
     let mut events = vec![ResidentEvent::HistoryReceived(Box::new(history))];
+    let mut renumbered = Vec::new();
+    if held.doses.values().any(|d| d.status == DoseStatus::Valid) {
+        let mut given: Vec<&crate::document::DoseEvent> =
+            joined.doses.values().filter(|d| d.status == DoseStatus::Valid).collect();
+        given.sort_by(|a, b| {
+            (a.vaccinated_on, a.captured_at, &a.event_id).cmp(&(b.vaccinated_on, b.captured_at, &b.event_id))
+        });
+        for (n, dose) in (1u8..).zip(given) {
+            if dose.dose_number == n {
+                continue;
+            }
+            let mut amended = dose.clone();
+            amended.dose_number = n;
+            let correction = Correction {
+                correction_id: format!("corr-{}-{n}", payload.handoff_id),
+                event_id: dose.event_id.clone(),
+                kind: CorrectionKind::Amend,
+                reason: format!(
+                    "転入前の接種歴と統合（引き継ぎ {id}）/ numbered with the history from before the move (handoff {id})",
+                    id = payload.handoff_id
+                ),
+                actor: format!("handoff:{}", payload.handoff_id),
+                at,
+                before: [("dose_number".to_owned(), dose.dose_number.to_string())].into(),
+                after: [("dose_number".to_owned(), n.to_string())].into(),
+            };
+            renumbered.push(dose.event_id.clone());
+            events.push(ResidentEvent::DoseAmended { amended, correction });
+        }
+    }
+    let next = joined.next_dose_number();
     for coupon in joined.coupons.values() {
         if coupon.status == CouponStatus::Valid && !joined.carried(coupon) && coupon.code.dose_round < next {
             events.push(ResidentEvent::CouponRevoked {
@@ -369,7 +405,7 @@ pub fn join_history(held: &ResidentRecord, payload: &HandoffPayload) -> Result<J
         }
     }
     let current = joined.valid_coupon_for_dose(next).filter(|c| !joined.carried(c)).cloned();
-    Ok(Join { events, next, current })
+    Ok(Join { events, renumbered, next, current })
 }
 
 /// What a municipal node sends the national node, and what it receives, on

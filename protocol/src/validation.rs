@@ -710,12 +710,14 @@ pub fn validate_void(
     let key = coupon_key(&dose.coupon, dose.coupon_generation);
     // Only a coupon this municipality issued becomes usable again: one a handoff carried
     // here stays used (the new municipality issues its own; reopening the old one would
-    // leave two valid coupons for the same dose).
+    // leave two valid coupons for the same dose). Nor does the coupon of a dose numbered
+    // again when a history joined (a dose-1 coupon used for what is now dose 2): dose 1 is
+    // given.
     let reopen = record
         .coupons
         .get(&key)
         .filter(|c| c.status == CouponStatus::Used && c.used_by_event.as_deref() == Some(&dose.event_id))
-        .filter(|c| !record.carried(c))
+        .filter(|c| !record.carried(c) && c.code.dose_round == dose.dose_number)
         .map(|_| key);
     let correction = Correction {
         correction_id: request.correction_id.to_owned(),

@@ -1563,7 +1563,7 @@ fn a_join_revokes_the_coupons_for_doses_given_before_the_move() {
     // given in Yokohama.
     let chiyoda_first = coupon_in(CHIYODA, 1, 1, 7);
     let registered = registered_first(&payload, &[chiyoda_first]);
-    let join = join_history(&registered, &payload).unwrap();
+    let join = join_history(&registered, &payload, NOW).unwrap();
     assert_eq!(join.next, 2);
     assert_eq!(join.current, None, "Chiyoda holds no coupon for dose 2: the node issues one");
     let kinds: Vec<&str> = join.events.iter().map(ResidentEvent::kind).collect();
@@ -1584,19 +1584,68 @@ fn a_join_revokes_the_coupons_for_doses_given_before_the_move() {
     // A coupon Chiyoda issued for the next dose stays and is the one to use.
     let chiyoda_second = coupon_in(CHIYODA, 1, 2, 8);
     let registered = registered_first(&payload, &[chiyoda_second]);
-    let join = join_history(&registered, &payload).unwrap();
+    let join = join_history(&registered, &payload, NOW).unwrap();
     assert_eq!(join.events.len(), 1, "nothing to revoke");
     assert_eq!(join.current.map(|c| c.code), Some(chiyoda_second));
 
-    // What cannot join: another birth date, doses already recorded here, another arrival.
+    // What cannot join: another birth date, another arrival.
     let mut other = registered_first(&payload, &[]);
     other.identity.birth_date = date!(1990 - 06 - 16);
-    assert_eq!(join_history(&other, &payload), Err(JoinRefusal::BirthDateDiffers));
-    let mut vaccinated = registered_first(&payload, &[]);
-    let given_here = dose("ev-c1", coupon_in(CHIYODA, 1, 1, 7), date!(2026 - 11 - 01));
-    vaccinated.doses.insert(given_here.event_id.clone(), given_here);
-    assert_eq!(join_history(&vaccinated, &payload), Err(JoinRefusal::DosesRecordedHere));
+    assert_eq!(join_history(&other, &payload, NOW), Err(JoinRefusal::BirthDateDiffers));
     let arrived =
         protocol::handoff::received_record(&payload, "131016-0000000009".into(), "C-9".into(), None);
-    assert_eq!(join_history(&arrived, &payload), Err(JoinRefusal::ArrivedByAnotherHandoff));
+    assert_eq!(join_history(&arrived, &payload, NOW), Err(JoinRefusal::ArrivedByAnotherHandoff));
+}
+
+#[test]
+fn a_dose_given_here_before_the_history_arrived_is_numbered_after_it() {
+    use protocol::handoff::join_history;
+    let payload = moved_payload();
+    // Yokohama gave dose 1 on 1 October. Chiyoda, not knowing, gave "dose 1" on 1 November
+    // against the first-dose coupon its bulk issuance had sent.
+    let chiyoda_first = coupon_in(CHIYODA, 1, 1, 7);
+    let mut registered = registered_first(&payload, &[chiyoda_first]);
+    let given_here = dose("ev-c1", chiyoda_first, date!(2026 - 11 - 01));
+    registered = applied(&registered, &ResidentEvent::DoseRecorded(given_here));
+    assert_eq!(registered.coupons[&coupon_entry(chiyoda_first, 0).key()].status, CouponStatus::Used);
+    let join = join_history(&registered, &payload, NOW).unwrap();
+    assert_eq!(join.renumbered, ["ev-c1"]);
+    assert_eq!(join.next, 3, "two doses given");
+    assert_eq!(join.current, None);
+    let kinds: Vec<&str> = join.events.iter().map(ResidentEvent::kind).collect();
+    assert_eq!(kinds, ["history-received", "dose-amended"]);
+    let mut after = registered.clone();
+    let mut totals = BTreeMap::new();
+    add_cells(&mut totals, record_cells(&registered));
+    for event in &join.events {
+        add_cells(&mut totals, event_delta(&after, event, NOW));
+        after = applied(&after, event);
+    }
+    let numbers: Vec<(String, u8)> =
+        after.valid_doses().iter().map(|d| (d.event_id.clone(), d.dose_number)).collect();
+    assert_eq!(numbers, [("ev-1".to_owned(), 1), ("ev-c1".to_owned(), 2)]);
+    let correction =
+        after.corrections.values().find(|c| c.event_id == "ev-c1").expect("a correction says why");
+    assert_eq!(correction.before["dose_number"], "1");
+    assert_eq!(correction.after["dose_number"], "2");
+    assert!(correction.reason.contains("ho-0001"), "{}", correction.reason);
+    assert_eq!(after.next_dose_number(), 3);
+    // The counters follow: Chiyoda's dose counts as a second dose now.
+    let mut expected = BTreeMap::new();
+    add_cells(&mut expected, record_cells(&after));
+    assert_eq!(totals, expected);
+    // Voiding that dose later does not make Chiyoda's first-dose coupon valid again: dose 1
+    // was given in Yokohama.
+    let request = VoidRequest {
+        event_id: "ev-c1",
+        reason: "別人の記録",
+        actor: STAFF,
+        correction_id: "co-0002",
+        at: NOW,
+    };
+    let (correction, reopen_coupon) = validate_void(&after, &request).unwrap();
+    assert_eq!(reopen_coupon, None);
+    let voided = applied(&after, &ResidentEvent::DoseVoided { correction, reopen_coupon });
+    assert_eq!(voided.valid_coupon_for_dose(1), None);
+    assert_eq!(voided.next_dose_number(), 2);
 }

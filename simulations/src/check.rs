@@ -59,6 +59,14 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
             for event_id in record.doses.keys() {
                 active_events.entry(event_id.clone()).or_default().push(id.clone());
             }
+            // No two valid doses with the same number (a dose given before a history arrived
+            // is numbered again when it joins).
+            let mut numbers = BTreeSet::new();
+            for dose in record.valid_doses() {
+                if !numbers.insert(dose.dose_number) {
+                    out.push(format!("{code}: {id} holds two valid doses numbered {}", dose.dose_number));
+                }
+            }
             // 3. No two valid coupons for the same person and dose, and none for a dose
             // already given (it could only be refused at a venue).
             let mut rounds = BTreeSet::new();

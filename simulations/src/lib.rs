@@ -79,6 +79,9 @@ pub enum Bug {
     /// A handoff for a person the register extract listed first creates a second record
     /// instead of joining the history to theirs.
     SecondRecord,
+    /// A history joining a resident vaccinated here before it arrived leaves the dose given
+    /// here numbered as if there had been no history.
+    KeepNumbers,
 }
 
 impl Default for Config {

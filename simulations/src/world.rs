@@ -72,13 +72,18 @@ const MOVE_AGAIN: f64 = 0.3;
 /// Share of first move-outs drawn among people whose dose a terminal still holds (while there
 /// are any): vaccinated at a venue whose terminal is offline, they move before it reconnects.
 const MOVE_HELD: f64 = 0.25;
+/// Share of the other move-outs that are of someone vaccinated earlier in the day.
+const MOVE_VACCINATED: f64 = 0.4;
 /// Longest wait before the new municipality's register extract lists someone who moved
 /// there (virtual ms). Two idle handoff polls: about half the extracts come before the
 /// handoff is accepted, half after.
 const EXTRACT_WITHIN: Time = 240_000;
-/// Share of people the extract registers first whom the bulk issuance gives a first-dose
-/// coupon before their history arrives.
+/// Share of people the extract registers first, not vaccinated before they moved, whom the
+/// bulk issuance gives a first-dose coupon before their history arrives.
 const ISSUED_BEFORE_HISTORY: f64 = 0.5;
+/// Share of those, vaccinated before they moved, who are given a dose at the new town hall
+/// with that coupon before their history arrives (numbered 1 there, though it is not).
+const VACCINATED_AGAIN: f64 = 0.5;
 
 /// A node's address on the simulated network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -250,6 +255,8 @@ enum Event {
 struct ExtractRow {
     person_key: String,
     identity: Identity,
+    /// Whether the old municipality's record holds a dose (not one a terminal still holds).
+    vaccinated: bool,
 }
 
 /// A stored document: its saved bytes, uncompressed, as the node stores them, and its
@@ -544,6 +551,11 @@ pub struct Counters {
     pub registered_first: u64,
     /// Provisional atena numbers the register extract replaced after an acceptance.
     pub reregistered: u64,
+    /// People vaccinated before they moved given a dose at the new town hall before their
+    /// history arrived.
+    pub vaccinated_again: u64,
+    /// Doses numbered again when a history joined.
+    pub renumbered: u64,
     /// Messages sent.
     pub messages: u64,
     /// Bytes sent (CBOR, as the node's codec encodes them).
@@ -607,6 +619,8 @@ pub struct World {
     extracts_pending: u64,
     /// Handoffs that could not join the resident holding their person key (a violation).
     pub(crate) join_refusals: BTreeSet<String>,
+    /// Doses recorded at a town hall's desk: event id → answer.
+    desk: BTreeMap<String, CaptureState>,
     /// Coupon generation the person holds, when reissued.
     generation: BTreeMap<(u32, u64), u8>,
     /// Captures expected to be refused (scanned with a superseded coupon).
@@ -874,6 +888,7 @@ impl World {
             first_home: BTreeMap::new(),
             extracts_pending: 0,
             join_refusals: BTreeSet::new(),
+            desk: BTreeMap::new(),
             generation: BTreeMap::new(),
             expect_refused: BTreeSet::new(),
             skew,
@@ -1572,6 +1587,9 @@ impl World {
                 let next = self.next_resident[from as usize];
                 let index = if self.rng.chance(0.5) && next + 20 < pop {
                     next + self.rng.below(20)
+                } else if next > 0 && self.rng.chance(MOVE_VACCINATED) {
+                    // Someone vaccinated today, whose dose their history then carries.
+                    self.rng.below(next)
                 } else {
                     self.rng.below(pop)
                 };
@@ -1586,7 +1604,7 @@ impl World {
         let p = &mut self.primaries[from as usize];
         let (rid, doc, record) =
             open_resident(p, from, index, &self.person_secret, self.prebuild.as_ref(), now);
-        let person_key = record.person_key;
+        let person_key = record.person_key.clone();
         if self.move_out(from, to, rid, doc) {
             self.moved.insert((from, index), to);
             let held = held.map(|(_, _, capture)| capture);
@@ -1594,7 +1612,9 @@ impl World {
             // The person files their move-in at the new town hall; its next register extract
             // lists them, before or after the handoff is accepted there.
             let at = self.now + self.rng.below(EXTRACT_WITHIN);
-            let row = Box::new(ExtractRow { person_key, identity: record.identity });
+            let vaccinated = !record.valid_doses().is_empty()
+                && self.first_home.get(&person_key).is_some_and(|home| home.held.is_none());
+            let row = Box::new(ExtractRow { person_key, identity: record.identity, vaccinated });
             self.extracts_pending += 1;
             self.schedule(at, Event::Extract { to, row });
         }
@@ -1606,7 +1626,11 @@ impl World {
     /// place of the provisional one. A person who has moved on since is left alone.
     fn extract(&mut self, i: u32, row: ExtractRow) {
         let now = self.clock(Addr::Primary(i));
-        let issue = self.rng.chance(ISSUED_BEFORE_HISTORY);
+        // The bulk issuance sends a first-dose coupon to everyone it knows no dose of; half
+        // of those without a history here have it before the history arrives, and all who
+        // were vaccinated before they moved (the case that needs their doses renumbered).
+        let issue = row.vaccinated || self.rng.chance(ISSUED_BEFORE_HISTORY);
+        let again = issue && row.vaccinated && self.rng.chance(VACCINATED_AGAIN);
         let p = &mut self.primaries[i as usize];
         p.next_serial += 1;
         let serial = p.next_serial;
@@ -1646,7 +1670,38 @@ impl World {
         }
         p.stats_version += 1;
         self.counters.registered_first += 1;
+        if again {
+            self.desk_capture(i, serial);
+        }
         self.nudge(i);
+    }
+
+    /// A dose given at municipality `i`'s own desk (recorded through its API, not a
+    /// terminal) against its first-dose coupon number `serial`.
+    fn desk_capture(&mut self, i: u32, serial: u32) {
+        let p = &self.primaries[i as usize];
+        let code = CouponCode {
+            ticket_kind: 1,
+            dose_round: 1,
+            municipality: p.code,
+            number: CouponNumber::from_serial(serial).expect("serials fit"),
+        };
+        let capture = TerminalCapture {
+            event_id: format!("ev-{}-desk-{serial}", p.code),
+            coupon: SignedCoupon::sign(code, 0, &p.key).to_qr_text(),
+            vial: vial_text(p.code),
+            vaccinated_on: DAY,
+            captured_at: self.clock(Addr::Primary(i)),
+            venue: "desk".to_owned(),
+            venue_municipality: p.code,
+            recorded_by: "user:sim-clerk".to_owned(),
+        };
+        let state = self.record(i, &capture, None, None);
+        if matches!(state, CaptureState::Recorded { .. }) {
+            self.counters.acknowledged += 1;
+            self.counters.vaccinated_again += 1;
+        }
+        self.desk.insert(capture.event_id, state);
     }
 
     /// Someone who moved in during the run, to move again: preferably one whose first dose a
@@ -2442,7 +2497,7 @@ impl World {
                 && self.config.bug != Some(crate::Bug::SecondRecord)
             {
                 // The register extract listed the person first.
-                return match join_history(&record, &payload) {
+                return match join_history(&record, &payload, now) {
                     Ok(join) => {
                         self.join(i, doc, record, &payload, join, now);
                         true
@@ -2503,6 +2558,11 @@ impl World {
             if keep && matches!(event, ResidentEvent::CouponRevoked { .. }) {
                 continue;
             }
+            if self.config.bug == Some(crate::Bug::KeepNumbers)
+                && matches!(event, ResidentEvent::DoseAmended { .. })
+            {
+                continue;
+            }
             apply(p, &rid, &mut doc, &before, event, now);
             before = read_record(&doc).expect("a resident document");
         }
@@ -2520,6 +2580,7 @@ impl World {
         self.arrived(i, rid, &payload.person_key);
         self.counters.accepted += 1;
         self.counters.joined += 1;
+        self.counters.renumbered += join.renumbered.len() as u64;
         self.nudge(i);
     }
 
@@ -2766,8 +2827,12 @@ impl World {
         &self.primaries[i].cells
     }
 
+    /// Every capture acknowledged: at terminals, and at town halls' desks.
     pub(crate) fn captures(&self) -> impl Iterator<Item = (&String, &CaptureState)> {
-        self.terminals.iter().flat_map(|t| t.held.iter().map(|(id, h)| (id, &h.state)))
+        self.terminals
+            .iter()
+            .flat_map(|t| t.held.iter().map(|(id, h)| (id, &h.state)))
+            .chain(self.desk.iter())
     }
 
     /// Adds the final state of every node to the digest.

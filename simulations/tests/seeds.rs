@@ -25,6 +25,8 @@ fn seeds(from: u64, count: u64) {
             (&mut total.registered_first, c.registered_first),
             (&mut total.joined, c.joined),
             (&mut total.reregistered, c.reregistered),
+            (&mut total.vaccinated_again, c.vaccinated_again),
+            (&mut total.renumbered, c.renumbered),
             (&mut total.passed_on_again, c.passed_on_again),
             (&mut total.crashes, c.crashes),
             (&mut total.partitions, c.partitions),
@@ -55,6 +57,10 @@ fn seeds(from: u64, count: u64) {
         ("partitions", t.partitions),
         ("lost messages", t.lost),
         ("duplicated messages", t.duplicated),
+        // A mover vaccinated before the move, given a dose by the new town hall before the
+        // history arrived (about one seed in two): the joined doses renumbered.
+        ("doses given at the new town hall first", 2 * t.vaccinated_again),
+        ("doses renumbered", 2 * t.renumbered),
     ] {
         assert!(n >= count, "only {n} {what} over {count} seeds");
     }
@@ -117,16 +123,17 @@ fn the_same_seed_gives_the_same_trace() {
 #[test]
 fn deliberate_bugs_break_the_invariants_they_should() {
     for (bug, seed, expected) in [
-        (Bug::RecordReplays, 3, "no terminal captured it"),
-        (Bug::AddReports, 3, "national figures"),
-        (Bug::SkipPage, 3, "standby lacks"),
-        (Bug::KeepMovedAway, 3, "of a valid coupon was refused (coupon_transferred)"),
+        (Bug::RecordReplays, 1, "no terminal captured it"),
+        (Bug::AddReports, 1, "national figures"),
+        (Bug::SkipPage, 1, "standby lacks"),
+        (Bug::KeepMovedAway, 2, "of a valid coupon was refused (coupon_transferred)"),
         // A dose chasing a resident who moved back and forth is never settled.
         (Bug::LatestArrivalOnly, 1, "never settled"),
-        (Bug::StickyPassOn, 40, "never settled"),
+        (Bug::StickyPassOn, 15, "never settled"),
         (Bug::KeepSpentCoupons, 1, "already given"),
-        (Bug::JoinKeepsCoupons, 28, "already given"),
+        (Bug::JoinKeepsCoupons, 1, "already given"),
         (Bug::SecondRecord, 1, "is active in 2 records"),
+        (Bug::KeepNumbers, 3, "two valid doses numbered"),
     ] {
         let report = run(Config { bug: Some(bug), ..Config::stress(seed) });
         assert!(

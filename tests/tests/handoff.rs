@@ -990,14 +990,16 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
         "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号\r\n\
          C-0101,山田　太郎,ヤマダ タロウ,1960-04-01,男,東京都千代田区九段南1-2-1,{}\r\n\
          C-0106,伊藤　誠,イトウ マコト,1990-02-03,男,東京都千代田区麹町3-3,{}\r\n\
-         C-0105,渡邊　恵子,ワタナベ ケイコ,1970-07-08,女,東京都千代田区麹町5-5,{}\r\n",
+         C-0105,渡邊　恵子,ワタナベ ケイコ,1970-07-08,女,東京都千代田区麹町5-5,{}\r\n\
+         C-0104,鈴木　一郎,スズキ イチロウ,1950-01-01,男,東京都千代田区一番町4-4,{}\r\n",
         my_number(1),
         my_number(6),
-        my_number(5)
+        my_number(5),
+        my_number(4)
     );
     write_shift_jis(&extract, &text).unwrap();
     let out = ok(&f.b.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
-    assert!(out.contains("coupons issued: 3"), "{out}");
+    assert!(out.contains("coupons issued: 4"), "{out}");
     start_all(&mut f);
     let yamada_here = resident_id(&f.b, "C-0101");
     let first_coupon = record(&f.b, &yamada_here)["valid_coupons"][0]["code"].as_str().unwrap().to_owned();
@@ -1053,10 +1055,62 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
     let kept = record(&f.b, &watanabe_here);
     assert_eq!(kept["history"], json!([]), "{kept}");
 
+    // 鈴木 had his first dose in Yokohama. Chiyoda, knowing nothing of it, gave him a "first"
+    // dose with the coupon its issuance had sent. When his history arrives the two are one:
+    // Yokohama's dose stays dose 1, Chiyoda's becomes dose 2 with a correction saying why.
+    let suzuki = coupon_of(&f.coupons, "0000000104", 1).clone();
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&suzuki.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let suzuki_here = resident_id(&f.b, "C-0104");
+    let chiyoda_coupon = record(&f.b, &suzuki_here)["valid_coupons"][0]["code"].as_str().unwrap().to_owned();
+    let (code, body) = f.b.post("/api/v1/captures", &capture(&chiyoda_coupon, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["event"]["dose_number"], 1, "{body}");
+    let given_here = body["event"]["event_id"].as_str().unwrap().to_owned();
+    let (code, body) = move_out(&f.a, "0000000104").unwrap();
+    assert_eq!(code, 201, "{body}");
+    let entry = settled(&f, body["person_key"].as_str().unwrap());
+    let joined = entry["resident_id"].as_str().unwrap().to_owned();
+    assert_eq!(joined, suzuki_here);
+    let at_b = record(&f.b, &joined);
+    let numbers: Vec<(String, u64)> = at_b["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["venue"].as_str().unwrap().to_owned(), d["dose_number"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        numbers[0],
+        (format!("{YOKOHAMA}/{}", numbers[0].0.split('/').nth(1).unwrap()), 1),
+        "{numbers:?}"
+    );
+    assert_eq!(numbers[1].1, 2, "Chiyoda's dose is the second: {numbers:?}");
+    assert_eq!(at_b["next_dose"], 3);
+    assert_eq!(at_b["valid_coupons"][0]["code"].as_str().map(|c| &c[..2]), Some("13"), "{at_b}");
+    let correction = at_b["corrections"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|c| c["event_id"] == given_here.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("no correction of {given_here}: {}", at_b["corrections"]));
+    assert_eq!(
+        (correction["before"]["dose_number"].as_str(), correction["after"]["dose_number"].as_str()),
+        (Some("1"), Some("2"))
+    );
+    assert!(correction["reason"].as_str().unwrap().contains("転入前の接種歴と統合"), "{correction}");
+    assert_eq!(entry["renumbered"], json!([given_here]), "staff see which doses were renumbered: {entry}");
+
     let today = super::days_from_today(0);
     national_equals_own(&f, &today);
     let (chiyoda_own, _) = own_figures(&f.b, &today);
-    assert_eq!(chiyoda_own.values().sum::<u64>(), 1, "山田's dose counts at Chiyoda: {chiyoda_own:?}");
+    assert_eq!(
+        chiyoda_own.values().sum::<u64>(),
+        3,
+        "山田's dose and both of 鈴木's count at Chiyoda: {chiyoda_own:?}"
+    );
+    let second_doses: u64 = chiyoda_own.iter().filter(|(k, _)| k.1 == 2).map(|(_, n)| n).sum();
+    assert_eq!(second_doses, 1, "鈴木's dose at Chiyoda counts as a second dose: {chiyoda_own:?}");
     f.a.stop().unwrap();
     f.b.stop().unwrap();
     for node in [&f.a, &f.b] {
