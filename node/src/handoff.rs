@@ -160,8 +160,8 @@ pub struct InEntry {
     /// Its key in `handoff_due` until the ledger knows it was accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub due_key: Option<String>,
-    /// Doses recorded here before the history arrived whose number changed when it joined
-    /// (event ids), for staff to review.
+    /// Doses whose number changed when the history joined a resident vaccinated here before
+    /// it arrived (event ids), for staff to review.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renumbered: Vec<String>,
 }
@@ -355,7 +355,11 @@ pub(crate) fn accept_one(
         && held.identity.status == ResidentStatus::Active
     {
         if held.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id) {
-            // Accepted before, by a primary this node replaced: the record is here already.
+            // Accepted before, by a primary this node replaced: the record is here already,
+            // with the renumberings the join made.
+            let actor = format!("handoff:{}", payload.handoff_id);
+            entry.renumbered =
+                held.corrections.values().filter(|c| c.actor == actor).map(|c| c.event_id.clone()).collect();
             mark_accepted(m, &mut entry, existing, &command.actor, now)?;
             return Ok(Ok(entry));
         }

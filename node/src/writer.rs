@@ -23,7 +23,7 @@ use protocol::document::{CouponEntry, CouponStatus, DoseEvent, ResidentEvent};
 use protocol::statistics::Cell;
 use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, ScannedCapture,
-    VoidRequest, validate_amendment, validate_capture, validate_void,
+    VoidRequest, validate_amendment, validate_capture, void_plan,
 };
 use redb::WriteTransaction;
 use ring::signature::Ed25519KeyPair;
@@ -711,11 +711,20 @@ fn void_one(
     }
     let correction_id = new_id("corr");
     let request = VoidRequest { event_id, reason, actor, correction_id: &correction_id, at: now };
-    match validate_void(&record, &request) {
+    match void_plan(&record, &request) {
         Err(refusal) => Ok(Err(refusal.into())),
-        Ok((correction, reopen_coupon)) => {
-            let event = ResidentEvent::DoseVoided { correction: correction.clone(), reopen_coupon };
-            m.apply_after(resident_id, &event, now, &record)?;
+        Ok(events) => {
+            let Some(ResidentEvent::DoseVoided { correction, .. }) = events.first() else {
+                anyhow::bail!("a void plan starts with the void");
+            };
+            let correction = correction.clone();
+            for (k, event) in events.iter().enumerate() {
+                if k == 0 {
+                    m.apply_after(resident_id, event, now, &record)?;
+                } else {
+                    m.apply(resident_id, event, now)?;
+                }
+            }
             Ok(Ok(correction))
         }
     }

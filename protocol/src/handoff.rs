@@ -323,10 +323,10 @@ pub enum JoinRefusal {
 /// identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Join {
-    /// The commits, in order: the history; a correction of each dose whose number changes
+    /// The commits, in order: the history; an amendment of each dose whose number changes
     /// once the two histories are one (doses given here before the history arrived were
-    /// numbered without it); the revocation of each of this municipality's valid coupons for
-    /// a dose now given.
+    /// numbered without it: they now follow the history's); the revocation of each of this
+    /// municipality's valid coupons for a dose now given.
     pub events: Vec<crate::document::ResidentEvent>,
     /// The doses renumbered, by event id.
     pub renumbered: Vec<String>,
@@ -341,14 +341,15 @@ pub struct Join {
 /// here: refused if `held` came by another handoff or the birth dates differ. If doses were
 /// recorded here before the history arrived (the person was vaccinated here with this
 /// municipality's coupon, numbered as if they had no history), every dose is kept and the
-/// valid ones are numbered again in the order they were given, each change an amendment
-/// with its reason, at `at`. The node's acceptance and the simulator both follow this plan.
+/// valid ones are numbered again: the history's first (given before the move), then those
+/// given here, each change an amendment with its reason, at `at`. The node's acceptance and
+/// the simulator both follow this plan.
 pub fn join_history(
     held: &ResidentRecord,
     payload: &HandoffPayload,
     at: time::OffsetDateTime,
 ) -> Result<Join, JoinRefusal> {
-    use crate::document::{Correction, CorrectionKind, CouponStatus, DoseStatus, ResidentEvent};
+    use crate::document::{CouponStatus, DoseStatus, ResidentEvent};
     if held.arrival.is_some() {
         return Err(JoinRefusal::ArrivedByAnotherHandoff);
     }
@@ -361,35 +362,36 @@ pub fn join_history(
     joined.doses.extend(history.doses.clone());
     joined.corrections.extend(history.corrections.clone());
     joined.arrival = Some(history.arrival.clone());
+    let from_history: std::collections::BTreeSet<String> = history
+        .doses
+        .values()
+        .filter(|d| d.status == DoseStatus::Valid)
+        .map(|d| d.event_id.clone())
+        .collect();
     let mut events = vec![ResidentEvent::HistoryReceived(Box::new(history))];
     let mut renumbered = Vec::new();
-    if held.doses.values().any(|d| d.status == DoseStatus::Valid) {
-        let mut given: Vec<&crate::document::DoseEvent> =
-            joined.doses.values().filter(|d| d.status == DoseStatus::Valid).collect();
-        given.sort_by(|a, b| {
-            (a.vaccinated_on, a.captured_at, &a.event_id).cmp(&(b.vaccinated_on, b.captured_at, &b.event_id))
-        });
-        for (n, dose) in (1u8..).zip(given) {
-            if dose.dose_number == n {
-                continue;
+    if !from_history.is_empty() && held.doses.values().any(|d| d.status == DoseStatus::Valid) {
+        // The history's doses were given before the move, those recorded here after it: the
+        // history's first, each part in its own order.
+        let mut ordered = joined.valid_doses();
+        ordered.sort_by_key(|d| !from_history.contains(&d.event_id));
+        let correction_prefix = format!("corr-{}", payload.handoff_id);
+        let actor = format!("handoff:{}", payload.handoff_id);
+        let why_ja = format!("転入前の接種歴と統合（引き継ぎ {}）", payload.handoff_id);
+        let why_en =
+            format!("numbered with the history from before the move (handoff {})", payload.handoff_id);
+        let why = crate::validation::Renumbering {
+            why_ja: &why_ja,
+            why_en: &why_en,
+            actor: &actor,
+            at,
+            correction_prefix: &correction_prefix,
+        };
+        for event in crate::validation::renumbering(&ordered, &why) {
+            if let ResidentEvent::DoseAmended { amended, .. } = &event {
+                renumbered.push(amended.event_id.clone());
             }
-            let mut amended = dose.clone();
-            amended.dose_number = n;
-            let correction = Correction {
-                correction_id: format!("corr-{}-{n}", payload.handoff_id),
-                event_id: dose.event_id.clone(),
-                kind: CorrectionKind::Amend,
-                reason: format!(
-                    "転入前の接種歴と統合（引き継ぎ {id}）/ numbered with the history from before the move (handoff {id})",
-                    id = payload.handoff_id
-                ),
-                actor: format!("handoff:{}", payload.handoff_id),
-                at,
-                before: [("dose_number".to_owned(), dose.dose_number.to_string())].into(),
-                after: [("dose_number".to_owned(), n.to_string())].into(),
-            };
-            renumbered.push(dose.event_id.clone());
-            events.push(ResidentEvent::DoseAmended { amended, correction });
+            events.push(event);
         }
     }
     let next = joined.next_dose_number();
@@ -398,7 +400,7 @@ pub fn join_history(
             events.push(ResidentEvent::CouponRevoked {
                 key: coupon.key(),
                 reason: format!(
-                    "転入前に接種済み（引き継ぎ {id}）/ given before the move (handoff {id})",
+                    "この回は接種済み（引き継ぎ {id} の接種歴と統合）/ that dose is given (history joined from handoff {id})",
                     id = payload.handoff_id
                 ),
             });

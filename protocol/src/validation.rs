@@ -710,14 +710,16 @@ pub fn validate_void(
     let key = coupon_key(&dose.coupon, dose.coupon_generation);
     // Only a coupon this municipality issued becomes usable again: one a handoff carried
     // here stays used (the new municipality issues its own; reopening the old one would
-    // leave two valid coupons for the same dose). Nor does the coupon of a dose numbered
-    // again when a history joined (a dose-1 coupon used for what is now dose 2): dose 1 is
-    // given.
+    // leave two valid coupons for the same dose). And only for the dose that is next once
+    // this one is gone: not when a later dose remains (it is numbered down, and takes this
+    // number), nor for a dose numbered again when a history joined (a dose-1 coupon used
+    // for what is now dose 2).
+    let next_after = record.next_dose_number().saturating_sub(1);
     let reopen = record
         .coupons
         .get(&key)
         .filter(|c| c.status == CouponStatus::Used && c.used_by_event.as_deref() == Some(&dose.event_id))
-        .filter(|c| !record.carried(c) && c.code.dose_round == dose.dose_number)
+        .filter(|c| !record.carried(c) && c.code.dose_round == next_after)
         .map(|_| key);
     let correction = Correction {
         correction_id: request.correction_id.to_owned(),
@@ -730,6 +732,75 @@ pub fn validate_void(
         after: BTreeMap::from([("status".to_owned(), "voided".to_owned())]),
     };
     Ok((correction, reopen))
+}
+
+/// Everything a void changes, one commit each: the dose voided (with the coupon
+/// [`validate_void`] reopens), then each later valid dose numbered one down, so that the
+/// valid doses stay numbered 1, 2, … and the next dose gets the next number. The
+/// amendments' ids are the correction's with `-1`, `-2`, … appended.
+pub fn void_plan(
+    record: &ResidentRecord,
+    request: &VoidRequest<'_>,
+) -> Result<Vec<ResidentEvent>, CaptureError> {
+    let (correction, reopen_coupon) = validate_void(record, request)?;
+    let mut after = record.clone();
+    if let Some(dose) = after.doses.get_mut(request.event_id) {
+        dose.status = DoseStatus::Voided;
+    }
+    let mut events = vec![ResidentEvent::DoseVoided { correction, reopen_coupon }];
+    events.extend(renumbering(
+        &after.valid_doses(),
+        &Renumbering {
+            why_ja: "取消により接種回を繰り上げ",
+            why_en: "numbered again after a void",
+            actor: request.actor,
+            at: request.at,
+            correction_prefix: request.correction_id,
+        },
+    ));
+    Ok(events)
+}
+
+/// Why, by whom and when a resident's doses are numbered again.
+#[derive(Clone, Copy, Debug)]
+pub struct Renumbering<'a> {
+    /// The reason in Japanese; the change (`1回目→2回目`) is added.
+    pub why_ja: &'a str,
+    /// The reason in English; the change is added.
+    pub why_en: &'a str,
+    /// Who (a staff member, or `handoff:<id>`).
+    pub actor: &'a str,
+    /// When.
+    pub at: OffsetDateTime,
+    /// The corrections' ids are this with `-1`, `-2`, … (the new number) appended.
+    pub correction_prefix: &'a str,
+}
+
+/// The amendments that number `ordered` — a resident's valid doses in the order they were
+/// given — 1, 2, …: one for each dose whose number changes, saying from what to what and
+/// why.
+pub fn renumbering(ordered: &[&DoseEvent], why: &Renumbering<'_>) -> Vec<ResidentEvent> {
+    let mut events = Vec::new();
+    for (n, dose) in (1u8..=u8::MAX).zip(ordered) {
+        let old = dose.dose_number;
+        if old == n {
+            continue;
+        }
+        let mut amended = (*dose).clone();
+        amended.dose_number = n;
+        let correction = Correction {
+            correction_id: format!("{}-{n}", why.correction_prefix),
+            event_id: dose.event_id.clone(),
+            kind: CorrectionKind::Amend,
+            reason: format!("{}（{old}回目→{n}回目）/ {} (dose {old} → {n})", why.why_ja, why.why_en),
+            actor: why.actor.to_owned(),
+            at: why.at,
+            before: BTreeMap::from([("dose_number".to_owned(), old.to_string())]),
+            after: BTreeMap::from([("dose_number".to_owned(), n.to_string())]),
+        };
+        events.push(ResidentEvent::DoseAmended { amended, correction });
+    }
+    events
 }
 
 /// The fields an amendment may change. The vial fields come together from one scan.

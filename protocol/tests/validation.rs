@@ -811,8 +811,8 @@ fn voids() {
     let record = two_doses();
     let coupon_2 = coupon_key(&coupon(2, 102), 0);
     check("dose 2", &record, "ev-dose-2", "別人に記録した", Ok(Some(coupon_2)));
-    let coupon_1 = coupon_key(&coupon(1, 101), 0);
-    check("reason with spaces", &record, "ev-dose-1", "  未接種 \n", Ok(Some(coupon_1)));
+    // Dose 1 of two: dose 2 is numbered down and takes its place, so its coupon stays used.
+    check("reason with spaces", &record, "ev-dose-1", "  未接種 \n", Ok(None));
     check("empty reason", &record, "ev-dose-2", "", Err(("reason_missing", "reason")));
     check("blank reason", &record, "ev-dose-2", " \t\n", Err(("reason_missing", "reason")));
     check("unknown event", &record, "ev-9999", "誤登録", Err(("dose_not_found", "event_id")));
@@ -1575,7 +1575,7 @@ fn a_join_revokes_the_coupons_for_doses_given_before_the_move() {
     let own = &after.coupons[&coupon_entry(chiyoda_first, 0).key()];
     assert_eq!(own.status, CouponStatus::Revoked);
     assert!(
-        own.status_reason.as_deref().is_some_and(|r| r.contains("転入前に接種済み") && r.contains("ho-0001"))
+        own.status_reason.as_deref().is_some_and(|r| r.contains("この回は接種済み") && r.contains("ho-0001"))
     );
     assert_eq!(after.next_dose_number(), 2);
     assert_eq!(after.valid_coupon_for_dose(1), None);
@@ -1648,4 +1648,36 @@ fn a_dose_given_here_before_the_history_arrived_is_numbered_after_it() {
     let voided = applied(&after, &ResidentEvent::DoseVoided { correction, reopen_coupon });
     assert_eq!(voided.valid_coupon_for_dose(1), None);
     assert_eq!(voided.next_dose_number(), 2);
+}
+
+#[test]
+fn voiding_an_earlier_dose_numbers_the_later_ones_down() {
+    use protocol::validation::void_plan;
+    let record = two_doses();
+    let events = void_plan(&record, &void_request("ev-dose-1", "別人に記録した")).unwrap();
+    let kinds: Vec<&str> = events.iter().map(ResidentEvent::kind).collect();
+    assert_eq!(kinds, ["dose-voided", "dose-amended"]);
+    let mut after = record.clone();
+    let mut totals = BTreeMap::new();
+    add_cells(&mut totals, record_cells(&record));
+    for event in &events {
+        add_cells(&mut totals, event_delta(&after, event, NOW));
+        after = applied(&after, event);
+    }
+    let numbers: Vec<(&str, u8)> =
+        after.valid_doses().iter().map(|d| (d.event_id.as_str(), d.dose_number)).collect();
+    assert_eq!(numbers, [("ev-dose-2", 1)]);
+    assert_eq!(after.next_dose_number(), 2);
+    assert_eq!(after.valid_coupon_for_dose(1), None, "dose 1 is given: its coupon stays used");
+    let renumber = after.corrections.values().find(|c| c.event_id == "ev-dose-2").unwrap();
+    assert_eq!(renumber.correction_id, "corr-void-1-1");
+    assert!(renumber.reason.contains("2回目→1回目"), "{}", renumber.reason);
+    assert_eq!(renumber.actor, "supervisor-7");
+    let mut expected = BTreeMap::new();
+    add_cells(&mut expected, record_cells(&after));
+    assert_eq!(totals, expected, "the counters follow the new numbers");
+    // Voiding the last dose changes no number and reopens its coupon, as before.
+    let events = void_plan(&record, &void_request("ev-dose-2", "別人に記録した")).unwrap();
+    assert_eq!(events.len(), 1);
+    assert!(matches!(&events[0], ResidentEvent::DoseVoided { reopen_coupon: Some(_), .. }));
 }

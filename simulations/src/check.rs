@@ -59,13 +59,14 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
             for event_id in record.doses.keys() {
                 active_events.entry(event_id.clone()).or_default().push(id.clone());
             }
-            // No two valid doses with the same number (a dose given before a history arrived
-            // is numbered again when it joins).
-            let mut numbers = BTreeSet::new();
-            for dose in record.valid_doses() {
-                if !numbers.insert(dose.dose_number) {
-                    out.push(format!("{code}: {id} holds two valid doses numbered {}", dose.dose_number));
-                }
+            // The valid doses are numbered 1, 2, … (a dose given before a history arrived is
+            // numbered again when it joins; a void numbers the later doses down).
+            let numbers: Vec<u8> = record.valid_doses().iter().map(|d| d.dose_number).collect();
+            for pair in numbers.windows(2).filter(|w| w[0] == w[1]) {
+                out.push(format!("{code}: {id} holds two valid doses numbered {}", pair[0]));
+            }
+            if numbers.iter().zip(1u8..).any(|(n, k)| *n != k) && numbers.windows(2).all(|w| w[0] != w[1]) {
+                out.push(format!("{code}: {id} holds valid doses numbered {numbers:?}, not 1, 2, …"));
             }
             // 3. No two valid coupons for the same person and dose, and none for a dose
             // already given (it could only be refused at a venue).

@@ -2,7 +2,7 @@
 //! terminals, a network and disks, all advanced by one seeded event queue.
 //!
 //! What each node decides is decided by the `protocol` crate, as in `vrs-node`: capture
-//! validation (`validate_capture`, `check_offline`, `validate_void`), the resident document
+//! validation (`validate_capture`, `check_offline`, `void_plan`), the resident document
 //! (`apply_event`, one Automerge commit per event), statistics (`event_delta`,
 //! `record_cells`, `daily_from_cells`, signed reports), replication (`Puller`,
 //! `answer_changes`, `answer_sync`) and relocation (`seal`, `open`, `received_record` and
@@ -45,7 +45,7 @@ use protocol::terminal::{
 };
 use protocol::validation::{
     CaptureContext, CaptureDecision, CaptureInput, VoidRequest, authenticate_coupon_with, decode_scans,
-    validate_capture, validate_void,
+    validate_capture, void_plan,
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use time::{Date, Duration, OffsetDateTime};
@@ -1612,6 +1612,10 @@ impl World {
             // The person files their move-in at the new town hall; its next register extract
             // lists them, before or after the handoff is accepted there.
             let at = self.now + self.rng.below(EXTRACT_WITHIN);
+            if at >= self.config.day_ms {
+                // After the day: next month's extract, not part of this run.
+                return;
+            }
             let vaccinated = !record.valid_doses().is_empty()
                 && self.first_home.get(&person_key).is_some_and(|home| home.held.is_none());
             let row = Box::new(ExtractRow { person_key, identity: record.identity, vaccinated });
@@ -1823,9 +1827,12 @@ impl World {
             correction_id: &correction_id,
             at: now,
         };
-        let Ok((correction, reopen_coupon)) = validate_void(&record, &request) else { return };
-        let event = ResidentEvent::DoseVoided { correction, reopen_coupon };
-        apply(p, resident, &mut doc, &record, &event, now);
+        let Ok(events) = void_plan(&record, &request) else { return };
+        let mut before = record;
+        for event in &events {
+            apply(p, resident, &mut doc, &before, event, now);
+            before = read_record(&doc).expect("a resident document");
+        }
         self.counters.voids += 1;
         self.nudge(primary);
     }
@@ -2564,6 +2571,12 @@ impl World {
                 continue;
             }
             apply(p, &rid, &mut doc, &before, event, now);
+            if let ResidentEvent::CouponRevoked { key, reason } = event {
+                let blocked = BlockedCoupon { superseded: false, reason: reason.clone(), moved_to: None };
+                p.blocked.insert(key.clone(), blocked);
+                p.bundle_version += 1;
+                p.bundle = None;
+            }
             before = read_record(&doc).expect("a resident document");
         }
         for coupon in payload.record.coupons.values() {

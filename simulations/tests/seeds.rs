@@ -122,13 +122,16 @@ fn the_same_seed_gives_the_same_trace() {
 
 #[test]
 fn deliberate_bugs_break_the_invariants_they_should() {
+    // Each seed is one on which the bug shows with today's workload; a change to the workload
+    // moves the random draws, and then the seeds here may need to be found again (`vrs-sim
+    // run --stress --seed N --bug NAME` over the first few dozen seeds).
     for (bug, seed, expected) in [
         (Bug::RecordReplays, 1, "no terminal captured it"),
         (Bug::AddReports, 1, "national figures"),
         (Bug::SkipPage, 1, "standby lacks"),
         (Bug::KeepMovedAway, 2, "of a valid coupon was refused (coupon_transferred)"),
         // A dose chasing a resident who moved back and forth is never settled.
-        (Bug::LatestArrivalOnly, 1, "never settled"),
+        (Bug::LatestArrivalOnly, 2, "never settled"),
         (Bug::StickyPassOn, 15, "never settled"),
         (Bug::KeepSpentCoupons, 1, "already given"),
         (Bug::JoinKeepsCoupons, 1, "already given"),
