@@ -208,49 +208,22 @@ enum Poll {
 
 #[derive(Debug)]
 enum Event {
-    Deliver {
-        from: Addr,
-        to: Addr,
-        msg: Msg,
-    },
-    Timer {
-        node: Addr,
-        timer: Timer,
-        epoch: u64,
-    },
+    Deliver { from: Addr, to: Addr, msg: Msg },
+    Timer { node: Addr, timer: Timer, epoch: u64 },
     Dose,
     Relocation,
-    Void {
-        primary: u32,
-        resident: String,
-        event_id: String,
-    },
-    /// The register extract of municipality `to` lists a person who moved there.
-    Extract {
-        to: u32,
-        row: Box<ExtractRow>,
-    },
-    Crash {
-        node: Addr,
-        down_ms: Time,
-    },
-    Restart {
-        node: Addr,
-    },
-    Cut {
-        primary: u32,
-        until: Time,
-    },
-    Offline {
-        terminal: u32,
-        until: Time,
-    },
+    Void { primary: u32, resident: String, event_id: String },
+    Extract { to: u32, row: Box<ExtractRow> },
+    Crash { node: Addr, down_ms: Time },
+    Restart { node: Addr },
+    Cut { primary: u32, until: Time },
+    Offline { terminal: u32, until: Time },
     Heal,
 }
 
-/// A row of a register extract naming someone who moved in: their person key and the
-/// identity of the old municipality's record (the new one gives the atena number and
-/// address).
+/// A row of the new municipality's register extract (`Event::Extract`) naming someone who
+/// moved in: their person key and the identity of the old municipality's record (the new one
+/// gives the atena number and address).
 #[derive(Clone, Debug)]
 struct ExtractRow {
     person_key: String,
