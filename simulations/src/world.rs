@@ -1626,18 +1626,7 @@ impl World {
             return;
         }
         let rid = format!("{}-x-{serial}", p.code);
-        let record = ResidentRecord {
-            schema: SCHEMA_VERSION,
-            resident_id: rid.clone(),
-            municipality: p.code,
-            person_key: row.person_key,
-            identity,
-            coupons: BTreeMap::new(),
-            doses: BTreeMap::new(),
-            corrections: BTreeMap::new(),
-            transfer: None,
-            arrival: None,
-        };
+        let record = registered_record(rid.clone(), p.code, row.person_key, identity);
         let mut doc = new_resident_document(&p.actor, &record, now).expect("a new document");
         add_cells(p, record_cells(&record));
         p.by_person.insert(record.person_key.clone(), rid.clone());
@@ -2894,18 +2883,7 @@ pub(crate) fn build_resident(
     let identity = identity(index, code);
     let rid = format!("{code}-{index}");
     let person_key = secret.local_person_key(code, &identity.atena_number);
-    let record = ResidentRecord {
-        schema: SCHEMA_VERSION,
-        resident_id: rid.clone(),
-        municipality: code,
-        person_key,
-        identity,
-        coupons: BTreeMap::new(),
-        doses: BTreeMap::new(),
-        corrections: BTreeMap::new(),
-        transfer: None,
-        arrival: None,
-    };
+    let record = registered_record(rid.clone(), code, person_key, identity);
     let registered = OPENING - Duration::days(30);
     let mut doc = new_resident_document(actor, &record, registered).expect("a new document");
     let entry = CouponEntry {
@@ -2981,6 +2959,27 @@ fn apply(
     }
     add_cells(p, delta);
     store(p, rid, doc);
+}
+
+/// A resident as the register import creates them: identity only, no history.
+fn registered_record(
+    resident_id: String,
+    municipality: MunicipalityCode,
+    person_key: String,
+    identity: Identity,
+) -> ResidentRecord {
+    ResidentRecord {
+        schema: SCHEMA_VERSION,
+        resident_id,
+        municipality,
+        person_key,
+        identity,
+        coupons: BTreeMap::new(),
+        doses: BTreeMap::new(),
+        corrections: BTreeMap::new(),
+        transfer: None,
+        arrival: None,
+    }
 }
 
 /// Issues `p`'s coupon number `serial` for dose `dose_round` to resident `rid` (one commit).
