@@ -82,6 +82,8 @@ pub enum Bug {
     /// A history joining a resident vaccinated here before it arrived leaves the dose given
     /// here numbered as if there had been no history.
     KeepNumbers,
+    /// A void leaves the doses after the voided one with their numbers.
+    VoidKeepsNumbers,
 }
 
 impl Default for Config {

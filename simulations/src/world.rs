@@ -529,6 +529,8 @@ pub struct Counters {
     pub vaccinated_again: u64,
     /// Doses numbered again when a history joined.
     pub renumbered: u64,
+    /// Voids after which later doses were numbered down.
+    pub voids_renumbering: u64,
     /// Messages sent.
     pub messages: u64,
     /// Bytes sent (CBOR, as the node's codec encodes them).
@@ -1789,13 +1791,19 @@ impl World {
             correction_id: &correction_id,
             at: now,
         };
-        let Ok(events) = void_plan(&record, &request) else { return };
+        let Ok(mut events) = void_plan(&record, &request) else { return };
+        if self.config.bug == Some(crate::Bug::VoidKeepsNumbers) {
+            events.truncate(1);
+        }
         let mut before = record;
         for event in &events {
             apply(p, resident, &mut doc, &before, event, now);
             before = read_record(&doc).expect("a resident document");
         }
         self.counters.voids += 1;
+        if events.len() > 1 {
+            self.counters.voids_renumbering += 1;
+        }
         self.nudge(primary);
     }
 
@@ -2552,10 +2560,22 @@ impl World {
         }
         p.stats_version += 1;
         p.accepted_unacked.insert(payload.handoff_id.clone());
+        let rid_for_void = rid.clone();
         self.arrived(i, rid, &payload.person_key);
         self.counters.accepted += 1;
         self.counters.joined += 1;
         self.counters.renumbered += join.renumbered.len() as u64;
+        // Half the time a clerk here then voids the history's first dose (entered for the
+        // wrong person at the old municipality): the doses after it are numbered down.
+        let first = payload.record.valid_doses().first().map(|d| d.event_id.clone());
+        if let Some(event_id) = first.filter(|_| !join.renumbered.is_empty())
+            && self.rng.chance(0.5)
+        {
+            let at = self.now + self.rng.between(60_000, 1_800_000);
+            if at < self.config.day_ms {
+                self.schedule(at, Event::Void { primary: i, resident: rid_for_void, event_id });
+            }
+        }
         self.nudge(i);
     }
 
