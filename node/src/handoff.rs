@@ -357,7 +357,7 @@ pub(crate) fn accept_one(
         if held.arrival.as_ref().is_some_and(|a| a.handoff_id == payload.handoff_id) {
             // Accepted before, by a primary this node replaced: the record is here already,
             // with the renumberings the join made.
-            let actor = format!("handoff:{}", payload.handoff_id);
+            let actor = protocol::handoff::join_actor(&payload.handoff_id);
             entry.renumbered =
                 held.corrections.values().filter(|c| c.actor == actor).map(|c| c.event_id.clone()).collect();
             mark_accepted(m, &mut entry, existing, &command.actor, now)?;

@@ -309,6 +309,12 @@ pub fn holds_provisional_atena(record: &ResidentRecord) -> bool {
             .is_some_and(|a| record.identity.atena_number == provisional_atena(&a.handoff_id))
 }
 
+/// The actor of the amendments a join makes (`handoff:<id>`): how staff, and a standby that
+/// replays the acceptance, find the doses that join renumbered.
+pub fn join_actor(handoff_id: &str) -> String {
+    format!("handoff:{handoff_id}")
+}
+
 /// Why a handoff's history cannot join the resident who already holds its person key here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JoinRefusal {
@@ -376,7 +382,7 @@ pub fn join_history(
         let mut ordered = joined.valid_doses();
         ordered.sort_by_key(|d| !from_history.contains(&d.event_id));
         let correction_prefix = format!("corr-{}", payload.handoff_id);
-        let actor = format!("handoff:{}", payload.handoff_id);
+        let actor = join_actor(&payload.handoff_id);
         let why_ja = format!("転入前の接種歴と統合（引き継ぎ {}）", payload.handoff_id);
         let why_en =
             format!("numbered with the history from before the move (handoff {})", payload.handoff_id);

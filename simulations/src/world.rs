@@ -1515,12 +1515,6 @@ impl World {
         let entry = CouponEntry { generation: newest.generation + 1, issued_at: now, ..newest.clone() };
         let event = ResidentEvent::CouponIssued { entry: entry.clone(), supersedes: Some(newest.key()) };
         apply(p, &rid, &mut doc, &record, &event, now);
-        p.blocked.insert(
-            newest.key(),
-            BlockedCoupon { superseded: true, reason: entry.generation.to_string(), moved_to: None },
-        );
-        p.bundle_version += 1;
-        p.bundle = None;
         self.counters.reissues += 1;
         self.nudge(home);
         true
@@ -2301,11 +2295,6 @@ impl World {
                 for revoked in spent {
                     let before = read_record(&doc).expect("a resident document");
                     apply(p, &rid, &mut doc, &before, &revoked, now);
-                    if let ResidentEvent::CouponRevoked { key, reason } = revoked {
-                        p.blocked.insert(key, BlockedCoupon { superseded: false, reason, moved_to: None });
-                        p.bundle_version += 1;
-                        p.bundle = None;
-                    }
                 }
                 // A clerk voids some doses later the same day (not after the venues close:
                 // the workload ends with the day, then the federation heals and settles).
@@ -2541,12 +2530,6 @@ impl World {
                 continue;
             }
             apply(p, &rid, &mut doc, &before, event, now);
-            if let ResidentEvent::CouponRevoked { key, reason } = event {
-                let blocked = BlockedCoupon { superseded: false, reason: reason.clone(), moved_to: None };
-                p.blocked.insert(key.clone(), blocked);
-                p.bundle_version += 1;
-                p.bundle = None;
-            }
             before = read_record(&doc).expect("a resident document");
         }
         for coupon in payload.record.coupons.values() {
@@ -2963,7 +2946,9 @@ fn open_resident(
     (rid, doc, ready)
 }
 
-/// One event, one commit: the document, the counters and the change feed together.
+/// One event, one commit: the document, the counters and the change feed together, and (as
+/// the node's `Mutation::apply`) a coupon generation superseded or revoked added to the list
+/// terminals refuse.
 fn apply(
     p: &mut Primary,
     rid: &str,
@@ -2979,6 +2964,21 @@ fn apply(
     }
     add_cells(p, delta);
     store(p, rid, doc);
+    let blocked = match event {
+        ResidentEvent::CouponIssued { entry, supersedes: Some(old) } => Some((
+            old,
+            BlockedCoupon { superseded: true, reason: entry.generation.to_string(), moved_to: None },
+        )),
+        ResidentEvent::CouponRevoked { key, reason } => {
+            Some((key, BlockedCoupon { superseded: false, reason: reason.clone(), moved_to: None }))
+        }
+        _ => None,
+    };
+    if let Some((key, entry)) = blocked {
+        p.blocked.insert(key.clone(), entry);
+        p.bundle_version += 1;
+        p.bundle = None;
+    }
 }
 
 /// A resident as the register import creates them: identity only, no history.
