@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's whole test suite: formatting, lints, every test (unit, data-driven,
 # property, end-to-end with real vrs-node processes, kill -9 crash test).
-# Needs only the Rust toolchain (rustup with rustfmt and clippy); installs what is missing
-# (the components, and cargo-deny from crates.io, about 3 minutes on 2 cores the first time).
+# Needs the Rust toolchain (rustup with rustfmt and clippy) and installs what is missing:
+# the components, cargo-deny from crates.io (about 3 minutes on 2 cores the first time), and
+# for the web UI's browser test Debian's chromium and playwright-core from npm (scripts/ui-test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,3 +32,5 @@ echo "== cargo build vrs-node (the end-to-end tests start this binary)"
 cargo build --locked -p node --bin vrs-node
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads 2
+echo "== the web UI in a browser"
+./scripts/ui-test.sh target/debug/vrs-node

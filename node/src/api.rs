@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use protocol::catalogue::{Catalogue, Lot};
@@ -131,6 +131,15 @@ const AUDIT: Access = Access::Roles(&[Auditor]);
 /// Every route the node serves, with who may call it.
 pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/healthz", Access::Public, "稼働確認", "Liveness check"),
+    route("GET", "/", Access::Public, "画面（/ui/）へ移動", "Redirects to the web UI (/ui/)"),
+    route("GET", "/ui/", Access::Public, "職員用画面", "The staff's web UI"),
+    route(
+        "GET",
+        "/ui/{file}",
+        Access::Public,
+        "職員用画面のスクリプトとスタイル",
+        "The web UI's script and style",
+    ),
     route(
         "GET",
         "/api/openapi.json",
@@ -360,6 +369,9 @@ pub fn terminal_routes() -> &'static [RouteSpec] {
 fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
     match (spec.method, spec.path) {
         ("GET", "/healthz") => get(healthz),
+        ("GET", "/") => get(|| async { Redirect::to("/ui/") }),
+        ("GET", "/ui/") => get(|| async { ui_asset("") }),
+        ("GET", "/ui/{file}") => get(|Path(file): Path<String>| async move { ui_asset(&file) }),
         ("GET", "/api/openapi.json") => get(openapi),
         ("POST", "/api/v1/auth/login") => post(login),
         ("POST", "/api/v1/auth/logout") => post(logout),
@@ -472,10 +484,14 @@ pub(crate) async fn with_request_context(mut request: Request, next: Next, https
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
-    );
+    // The UI's pages set their own (stricter than none only in what they name); every other
+    // response may load nothing.
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        );
+    }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if https {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
@@ -671,6 +687,20 @@ fn body<T: serde::de::DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) ->
             format!("リクエスト本文が正しくありません: {e}"),
         )
     })
+}
+
+/// A file of the web UI (`admin-ui`), with the policy that lets it run its own script only.
+fn ui_asset(name: &str) -> Response {
+    let Some(asset) = admin_ui::asset(name) else {
+        return Problem::new(StatusCode::NOT_FOUND, "no_route", None, "no such route", "そのURLはありません")
+            .into_response();
+    };
+    let mut response = asset.body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
+    headers
+        .insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(admin_ui::CONTENT_SECURITY_POLICY));
+    response
 }
 
 async fn healthz() -> &'static str {
@@ -1530,6 +1560,8 @@ async fn login(
         Err(problem) => return Err(problem),
     };
     let token = session["token"].as_str().unwrap_or_default();
+    // Secure even on plain HTTP, which the node serves on loopback only: browsers keep a
+    // Secure cookie for http://127.0.0.1 and localhost.
     let cookie = format!(
         "vrs_session={token}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={}",
         state.policy.session_seconds
@@ -1574,7 +1606,11 @@ async fn me(
         "role": principal.role,
         "role_ja": principal.role.label_ja(),
         "municipality": state.municipality,
+        "municipality_name": protocol::municipality::lookup_municipality(state.municipality).map(|m| m.name),
         "venues": principal.venues,
+        // A session's own holder may read its CSRF token (the web UI, after a reload); no
+        // other origin can read this answer.
+        "csrf_token": principal.csrf_token,
     }))
 }
 

@@ -197,6 +197,9 @@ pub fn write_population(path: &Path, n: u64, seed: u64, encoding: Encoding) -> a
     Ok(n)
 }
 
+/// The password of the demo's users (a clerk and an auditor).
+const DEMO_PASSWORD: &str = "demo-password-2021";
+
 /// Runs the demo.
 pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: bool) -> anyhow::Result<()> {
     let dir = match data {
@@ -303,6 +306,7 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     // An adult's coupon the scenario left unused, for a vaccination away from home.
     let rows = read_print_rows(&print_dir.join("coupons.csv"))?;
     let away = rows.iter().skip(6).find(|(_, _, birth)| birth.as_str() < "2008").map(|(_, qr, _)| qr.clone());
+    let away_qr = away.clone();
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let root = dir.with_file_name(format!("{name}-federation"));
     let federation = match away {
@@ -311,7 +315,13 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     };
     println!();
     println!("API: {scheme}://{listen}   トークン / token: {token}");
-    if let Some(spare) = coupons.get(5) {
+    println!(
+        "画面 / web UI: {scheme}://{listen}/ui/   職員 / clerk: tanaka, 監査 / auditor: kansa (password {DEMO_PASSWORD})"
+    );
+    // Another adult's coupon left unused (a child's would be refused for age).
+    let adult = |(_, _, birth): &&(String, String, String)| birth.as_str() < "2008";
+    let spare = rows.iter().rev().find(adult).filter(|(_, qr, _)| Some(qr) != away_qr.as_ref());
+    if let Some(spare) = spare {
         println!("試してみる / try it:");
         println!(
             "  curl -s {cacert}-H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    -d '{{\"coupon\":\"{}\",\"vial\":\"(01)04987000001014(17)301231(10)FA5765\",\"venue\":\"yokohama-arena\"}}' {scheme}://{listen}/api/v1/captures",
@@ -478,7 +488,7 @@ async fn security_scenario(
     coupons: &[(String, String)],
 ) -> anyhow::Result<()> {
     println!("== 8. 利用者・権限・監査ログ / users, roles and the audit log");
-    let password = "demo-password-2021";
+    let password = DEMO_PASSWORD;
     for (name, role) in [("tanaka", "clerk"), ("kansa", "auditor")] {
         let body = serde_json::json!({"username": name, "role": role, "password": password});
         let (status, _) = call(app, admin, "POST", "/api/v1/users", body).await?;

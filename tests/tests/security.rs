@@ -43,6 +43,19 @@ fn https_by_default_and_plain_http_only_on_loopback() {
     let response = node.agent().get(node.url("/healthz")).call().unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers().contains_key("strict-transport-security"));
+    let policy = |response: &ureq::http::Response<ureq::Body>| {
+        response.headers()["content-security-policy"].to_str().unwrap().to_owned()
+    };
+    assert_eq!(policy(&response), "default-src 'none'; frame-ancestors 'none'");
+    // The staff's web UI: Japanese first, its own script and style only, nothing inline.
+    let mut page = node.agent().get(node.url("/ui/")).call().unwrap();
+    assert_eq!(page.status(), 200);
+    let ui_policy = policy(&page);
+    assert!(ui_policy.contains("script-src 'self'") && !ui_policy.contains("unsafe"), "{ui_policy}");
+    assert!(page.body_mut().read_to_string().unwrap().contains(r#"<html lang="ja">"#));
+    let script = node.agent().get(node.url("/ui/app.js")).call().unwrap();
+    assert_eq!(script.headers()["content-type"], "text/javascript; charset=utf-8");
+    assert_eq!(node.agent().get(node.url("/ui/secrets.toml")).call().unwrap().status(), 404);
     // The same port does not speak plain HTTP.
     let plain = agent_trusting(None).unwrap();
     assert!(plain.get(format!("http://{}/healthz", node.address)).call().is_err());
@@ -146,6 +159,19 @@ fn staff_roles_lockout_csrf_and_an_audit_log_an_auditor_can_verify() {
         .send_json(&body)
         .unwrap();
     assert_eq!(with.status(), 201);
+    // After a reload the web UI asks who it is: the cookie's holder gets the CSRF token back;
+    // an API token has none.
+    let me = node.agent().get(node.url("/api/v1/auth/me")).header("Cookie", &cookie).call().unwrap();
+    assert_eq!(read(me).unwrap().1["csrf_token"], session["csrf_token"]);
+    assert_eq!(node.get("/api/v1/auth/me").unwrap().1["csrf_token"], Value::Null);
+    // The session cookie is Secure and out of scripts' reach.
+    let response = node
+        .agent()
+        .post(node.url("/api/v1/auth/login"))
+        .send_json(json!({"username": "kansa", "password": password}))
+        .unwrap();
+    let set_cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(set_cookie.contains("; Secure") && set_cookie.contains("HttpOnly"), "{set_cookie}");
 
     // Five wrong passwords lock the account; then even the right one is refused.
     for _ in 0..4 {
