@@ -11,16 +11,25 @@ binary="${1:-target/debug/vrs-node}"
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
+updated=""
+install() {
+  if [ -z "$updated" ]; then as_root apt-get update -qq; updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 
 browser="${CHROMIUM:-/usr/bin/chromium}"
 if [ ! -x "$browser" ]; then
   echo "== installing chromium (Debian package)"
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+  install chromium
 fi
-if ! command -v node >/dev/null 2>&1; then
-  echo "== installing nodejs (Debian package)"
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nodejs npm >/dev/null
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "== installing nodejs and npm (Debian packages)"
+  install nodejs npm
+fi
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if [ "$node_major" -lt 20 ]; then
+  echo "ui-test: playwright-core needs Node.js 20 or newer; this machine has $(node --version)" >&2
+  exit 1
 fi
 
 echo "== npm ci (playwright-core, to drive Chromium)"

@@ -92,6 +92,7 @@ async function main() {
     assert.equal(new URL(page.url()).pathname, '/ui/');
     assert.equal(await page.getAttribute('html', 'lang'), 'ja');
     await page.locator('#view-login h2', { hasText: 'ログイン' }).waitFor();
+    assert.ok(await page.locator('#nav').isHidden(), 'no menu before login');
 
     // 2. A wrong password is refused with a Japanese message.
     await page.fill('#login-username', 'tanaka');
@@ -121,8 +122,15 @@ async function main() {
 
     // 5. Void the dose: the reason is required, then the row shows it voided and the
     // correction lists the reason.
+    // Escape closes the dialog and does nothing (and leaves nothing behind for the next).
     await dose.locator('button[data-action=void]').click();
     await page.locator('#reason-dialog').waitFor({ state: 'visible' });
+    await page.keyboard.press('Escape');
+    await page.locator('#reason-dialog').waitFor({ state: 'hidden' });
+    assert.equal(await dose.locator('td').nth(5).textContent(), '有効');
+    await dose.locator('button[data-action=void]').click();
+    await page.locator('#reason-dialog').waitFor({ state: 'visible' });
+    assert.ok(!(await page.locator('#amend-fields').isVisible()), 'a void asks for a reason only');
     await page.click('#reason-ok');
     assert.ok(await page.locator('#reason-dialog').isVisible(), 'no void without a reason');
     await page.fill('#reason-text', '画面からの取消試験：別人の接種券');
@@ -130,6 +138,8 @@ async function main() {
     await page.locator('#message.ok').waitFor();
     assert.equal(await page.locator('#resident-history tbody tr').first().locator('td').nth(5).textContent(), '取消済');
     await page.locator('#resident-corrections td', { hasText: '画面からの取消試験' }).waitFor();
+    // The demo's amendment and this void, nothing more.
+    assert.equal(await page.locator('#resident-corrections tbody tr').count(), 2);
     await page.screenshot({ path: join(shots, 'resident-voided.png'), fullPage: true });
 
     // 6. Reissue a coupon of another resident: the old one is superseded, a new one valid.
@@ -141,6 +151,7 @@ async function main() {
     page.once('dialog', (dialog) => dialog.accept());
     await page.click('#resident-coupons button[data-action=reissue]');
     await page.locator('#message.ok', { hasText: '再発行しました' }).waitFor();
+    assert.match(await message.textContent(), /新しい接種券：\d{18}（発行世代 1）/);
     const states = await page.locator('#resident-coupons tbody tr td:nth-child(4)').allTextContents();
     assert.deepEqual(states.sort(), ['再発行により無効', '有効'].sort());
 

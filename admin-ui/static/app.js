@@ -79,7 +79,7 @@ const TEXT = {
   'field.gtin': ['GTIN', 'GTIN'],
   'field.product_code': ['製品', 'product'],
   'field.expiry': ['有効期限', 'expiry'],
-  'dialog.reason': ['理由（必須・監査ログに残ります）', 'Reason (required; kept in the audit log)'],
+  'dialog.reason': ['理由（必須・記録の訂正履歴に残ります）', 'Reason (required; kept in the record\u2019s corrections)'],
   'dialog.cancel': ['やめる', 'Cancel'],
   'dialog.ok': ['実行', 'Go'],
   'dialog.void': ['この接種記録を取り消します', 'Void this dose'],
@@ -372,7 +372,8 @@ async function showResident(id) {
         button('coupon.revoke', () => revoke(r, coupon), 'revoke'),
       );
     }
-    const tr = row([coupon.code, coupon.generation, localDate(coupon.issued_at), label('status', coupon.status), actions]);
+    const why = coupon.status_reason ? `（${coupon.status_reason}）` : '';
+    const tr = row([coupon.code, coupon.generation, localDate(coupon.issued_at), label('status', coupon.status) + why, actions]);
     tr.dataset.coupon = coupon.code;
     coupons.append(tr);
   }
@@ -400,10 +401,16 @@ function askReason(titleKey, amend) {
   translate();
   return new Promise((resolve) => {
     const form = $('#reason-form');
+    let settled = false;
+    // Settles once, whichever comes first: the form, the cancel button, or Escape (which
+    // closes the dialog without either).
     const finish = (answer) => {
+      if (settled) return;
+      settled = true;
       form.removeEventListener('submit', submit);
       $('#reason-cancel').removeEventListener('click', cancel);
-      dialog.close();
+      dialog.removeEventListener('close', cancel);
+      if (dialog.open) dialog.close();
       resolve(answer);
     };
     const submit = (event) => {
@@ -420,6 +427,7 @@ function askReason(titleKey, amend) {
     const cancel = () => finish(null);
     form.addEventListener('submit', submit);
     $('#reason-cancel').addEventListener('click', cancel);
+    dialog.addEventListener('close', cancel);
     dialog.showModal();
     $(amend ? '#amend-date' : '#reason-text').focus();
   });
@@ -458,7 +466,8 @@ async function reissue(r, coupon) {
   if (!window.confirm(t('confirm.reissue'))) return;
   try {
     const { data } = await api('POST', `/api/v1/coupons/${coupon.code.slice(8)}/reissue`);
-    await afterChange(r, 'done.reissue', data && data.code ? data.code : '');
+    const fresh = data && data.coupon;
+    await afterChange(r, 'done.reissue', fresh ? `${fresh.code}（${t('col.generation')} ${fresh.generation}）` : '');
   } catch (error) {
     say(error.message);
   }
@@ -482,7 +491,7 @@ async function showCapture() {
   if (venues.size === 0 && mayDo('municipal_admin clerk')) {
     try {
       const { data } = await api('GET', '/api/v1/venues');
-      for (const v of data.venues || []) venues.add(v.venue || v.id || v.name || String(v));
+      for (const record of data.venues || []) if (record.venue && record.venue.id) venues.add(record.venue.id);
     } catch {
       // A venue can still be typed in.
     }
@@ -559,7 +568,9 @@ async function verifyAudit() {
     const { data } = await api('GET', '/api/v1/audit/verify');
     const verdict = $('#audit-verdict');
     verdict.textContent = `${data.intact ? t('audit.intact') : t('audit.broken')} · ${data.entries} ${t('audit.entries')}`;
-    for (const finding of data.findings || []) verdict.append(el('br'), String(finding.detail || JSON.stringify(finding)));
+    for (const finding of data.findings || []) {
+      verdict.append(el('br'), `${finding.at ?? ''} ${lang === 'en' ? finding.detail_en : finding.detail_ja}`);
+    }
   } catch (error) {
     say(error.message);
   }
@@ -594,6 +605,7 @@ async function start() {
       await loadMe();
     } catch {
       me = null;
+      localStorage.removeItem('vrs.session');
     }
   }
   await route();
