@@ -70,6 +70,15 @@ async function main() {
     const spare = printed.match(/"coupon":"(\d+)"/);
     assert.ok(spare, 'the demo prints a coupon to try');
     const coupon = spare[1];
+    // A municipal administrator for the relocation pages, added with the demo's admin token.
+    const admin = printed.match(/トークン \/ token: (vrs_t_[0-9a-f]+)/);
+    assert.ok(admin, 'the demo prints its admin token');
+    const added = await fetch(`${base}/api/v1/users`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${admin[1]}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ username: 'kanri', role: 'municipal_admin', password }),
+    });
+    assert.equal(added.status, 201, await added.text());
 
     browser = await chromium.launch({
       executablePath: browserPath,
@@ -192,7 +201,44 @@ async function main() {
     await page.click('#logout');
     await page.locator('#view-login').waitFor({ state: 'visible' });
 
-    // 10. The auditor sees the clerk's void in the audit log, and the chain intact.
+    // 10. The administrator moves a resident out to Chiyoda (131016): the record becomes
+    // read-only here and the handoff is listed beside the demo's own.
+    await page.fill('#login-username', 'kanri');
+    await page.fill('#login-password', password);
+    await page.click('#login-form button[type=submit]');
+    await page.locator('#view-search').waitFor({ state: 'visible' });
+    await page.click('#nav a[href="#/handoffs"]');
+    await page.locator('#handoffs-outgoing tbody tr', { hasText: '131016' }).first().waitFor();
+    const before = await page.locator('#handoffs-outgoing tbody tr').count();
+    await page.fill('#ask-my-number', '123');
+    await page.fill('#ask-birth', '1990-04-01');
+    await page.fill('#ask-atena', '0009990001');
+    await page.fill('#ask-address', '神奈川県横浜市中区1-1');
+    await page.click('#ask-form button[type=submit]');
+    await message.waitFor({ state: 'visible' });
+    assert.match(await message.textContent(), /my_number/);
+    assert.match(await message.textContent(), japanese);
+    await page.goto(`${base}/ui/#/search`);
+    await page.fill('#search-atena', '0001000010');
+    await page.click('#search-form button[type=submit]');
+    await page.locator('#search-results tbody tr').first().click();
+    await page.click('#resident-move-out');
+    assert.ok(await page.locator('#move-fields').isVisible());
+    await page.fill('#move-to', '131016');
+    await page.fill('#reason-text', '転居（画面からの試験）');
+    await page.click('#reason-ok');
+    await page.locator('#message.ok', { hasText: '引き継ぎを送りました' }).waitFor();
+    assert.match(await page.textContent('#resident-identity'), /転出済み.*131016/);
+    assert.equal(await page.locator('#resident-history button, #resident-coupons button').count(), 0, 'read-only');
+    assert.ok(await page.locator('#resident-move-out').isHidden());
+    await page.click('#nav a[href="#/handoffs"]');
+    await page.locator('#handoffs-outgoing td', { hasText: '転居（画面からの試験）' }).waitFor();
+    assert.equal(await page.locator('#handoffs-outgoing tbody tr').count(), before + 1);
+    await page.screenshot({ path: join(shots, 'handoffs.png'), fullPage: true });
+    await page.click('#logout');
+    await page.locator('#view-login').waitFor({ state: 'visible' });
+
+    // 11. The auditor sees the clerk's void in the audit log, and the chain intact.
     await page.fill('#login-username', 'kansa');
     await page.fill('#login-password', password);
     await page.click('#login-form button[type=submit]');
@@ -204,7 +250,7 @@ async function main() {
     await page.screenshot({ path: join(shots, 'audit.png'), fullPage: true });
 
     assert.deepEqual(problems, [], 'the browser reported no script error or policy violation');
-    console.log('ui: 10 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, audit)');
+    console.log('ui: 11 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, relocation, audit)');
   } catch (error) {
     if (page) {
       await page.screenshot({ path: join(shots, 'failure.png'), fullPage: true }).catch(() => {});

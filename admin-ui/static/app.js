@@ -9,6 +9,43 @@ const TEXT = {
   'nav.capture': ['接種の記録', 'Record a dose'],
   'nav.stats': ['接種件数', 'Daily figures'],
   'nav.audit': ['監査ログ', 'Audit log'],
+  'nav.handoffs': ['転出・転入', 'Relocation'],
+  'resident.moveOut': ['転出（接種歴を転出先へ引き継ぐ）', 'Move out (hand the history to the new municipality)'],
+  'dialog.moveOut': ['この住民の記録を転出先へ引き継ぎます（この市区町村では閲覧のみになります）', 'Hand this record to the new municipality (it becomes read-only here)'],
+  'done.moveOut': ['引き継ぎを送りました：', 'Handoff sent: '],
+  'handoffs.title': ['転出・転入の引き継ぎ', 'Relocation handoffs'],
+  'handoffs.askTitle': ['転入の届出：前住所地へ接種歴を照会', 'A newcomer: ask their former municipality for their history'],
+  'handoffs.myNumber': ['個人番号（12桁）', 'My Number (12 digits)'],
+  'handoffs.previous': ['前住所地の市区町村コード（任意）', 'Former municipality code (optional)'],
+  'handoffs.ask': ['照会する', 'Ask'],
+  'handoffs.asked': ['照会しました', 'Asked'],
+  'handoffs.to': ['転出先の市区町村コード（6桁）', 'New municipality code (6 digits)'],
+  'handoffs.incoming': ['転入（受け取った引き継ぎ）', 'Received'],
+  'handoffs.outgoing': ['転出（送った引き継ぎ）', 'Sent'],
+  'handoffs.asks': ['照会', 'Asks'],
+  'handoffs.accept': ['受け入れる', 'Accept'],
+  'handoffs.accepted': ['受け入れました', 'Accepted'],
+  'handoffs.renumbered': ['接種回を振り直した記録', 'doses renumbered'],
+  'handoffs.none': ['なし', 'none'],
+  'col.handoff': ['引き継ぎ', 'Handoff'],
+  'col.from': ['転出元', 'From'],
+  'col.to': ['転出先', 'To'],
+  'col.received': ['受信日時', 'Received'],
+  'col.resident': ['住民', 'Resident'],
+  'col.note': ['備考', 'Note'],
+  'col.holder': ['保有する市区町村', 'Held by'],
+  'out.sealed': ['封緘済（国へ送信待ち）', 'sealed (to the national node)'],
+  'out.deposited': ['国で保管中（転出先の受入待ち）', 'at the national node (awaiting the receiver)'],
+  'out.completed': ['引き継ぎ完了', 'completed'],
+  'out.refused': ['国が拒否', 'refused by the national node'],
+  'in.received': ['受入待ち', 'awaiting acceptance'],
+  'in.accepted': ['受入済', 'accepted'],
+  'in.failed': ['受入不可', 'cannot be accepted'],
+  'ask.asking': ['照会中', 'asking'],
+  'ask.waiting': ['前住所地の応答待ち', 'waiting for the holder'],
+  'ask.sent': ['送付済', 'sent'],
+  'ask.received': ['受領済', 'received'],
+  'ask.not_found': ['該当なし', 'not found'],
   'login.title': ['ログイン', 'Log in'],
   'login.username': ['利用者名', 'User name'],
   'login.password': ['パスワード', 'Password'],
@@ -254,6 +291,7 @@ async function route() {
     else if (view === 'capture') await showCapture();
     else if (view === 'stats') await showStats();
     else if (view === 'audit') await showAudit();
+    else if (view === 'handoffs') await showHandoffs();
     else if (view === 'search' || mayDo('municipal_admin clerk call_centre')) show('search');
     else if (mayDo('venue_operator')) location.hash = '#/capture';
     else location.hash = '#/stats';
@@ -340,6 +378,9 @@ async function showResident(id) {
   fact('col.status', readOnly ? `${t('resident.moved')} → ${r.transfer.to}` : label('status', r.identity.status));
   fact('resident.next', `${r.next_dose}${lang === 'en' ? '' : t('capture.dose')}`);
   fact('resident.id', r.resident_id);
+  const moveOut = $('#resident-move-out');
+  moveOut.hidden = !(mayDo('municipal_admin') && !readOnly && r.identity.status !== 'deceased');
+  moveOut.onclick = () => moveOutResident(r);
 
   const history = $('#resident-history tbody');
   history.replaceChildren();
@@ -393,11 +434,13 @@ async function showResident(id) {
 }
 
 /** Asks for a reason (and, to amend, the new values); resolves to the answers or null. */
-function askReason(titleKey, amend) {
+function askReason(titleKey, amend, move = false) {
   const dialog = $('#reason-dialog');
   $('#reason-title').textContent = t(titleKey);
   $('#amend-fields').hidden = !amend;
-  for (const id of ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial']) $(id).value = '';
+  $('#move-fields').hidden = !move;
+  $('#move-to').required = move;
+  for (const id of ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to']) $(id).value = '';
   translate();
   return new Promise((resolve) => {
     const form = $('#reason-form');
@@ -422,6 +465,7 @@ function askReason(titleKey, amend) {
         vaccinated_on: $('#amend-date').value || undefined,
         venue: $('#amend-venue').value.trim() || undefined,
         vial: $('#amend-vial').value.trim() || undefined,
+        to: $('#move-to').value.trim() || undefined,
       });
     };
     const cancel = () => finish(null);
@@ -429,7 +473,7 @@ function askReason(titleKey, amend) {
     $('#reason-cancel').addEventListener('click', cancel);
     dialog.addEventListener('close', cancel);
     dialog.showModal();
-    $(amend ? '#amend-date' : '#reason-text').focus();
+    $(amend ? '#amend-date' : move ? '#move-to' : '#reason-text').focus();
   });
 }
 
@@ -479,6 +523,84 @@ async function revoke(r, coupon) {
   try {
     await api('POST', `/api/v1/coupons/${coupon.code.slice(8)}/revoke`, { reason: answer.reason });
     await afterChange(r, 'done.revoke');
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function moveOutResident(r) {
+  const answer = await askReason('dialog.moveOut', false, true);
+  if (!answer) return;
+  try {
+    const { data } = await api('POST', `/api/v1/residents/${encodeURIComponent(r.resident_id)}/move-out`, {
+      to: answer.to,
+      reason: answer.reason,
+    });
+    await afterChange(r, 'done.moveOut', `${data.handoff_id}（${label('out', data.state)}）`);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+function residentLink(id) {
+  if (!id) return '';
+  return el('a', id, { href: `#/resident/${encodeURIComponent(id)}` });
+}
+
+async function showHandoffs() {
+  show('handoffs');
+  const { data } = await api('GET', '/api/v1/handoffs');
+  const incoming = $('#handoffs-incoming tbody');
+  incoming.replaceChildren(...data.incoming.map((h) => {
+    const notes = [];
+    if (h.error) notes.push(h.error);
+    if (h.coupon) notes.push(`${t('resident.coupons')} ${h.coupon}`);
+    if (h.renumbered && h.renumbered.length) notes.push(`${t('handoffs.renumbered')}: ${h.renumbered.length}`);
+    const actions = document.createElement('span');
+    if (h.state === 'received' || h.state === 'failed') actions.append(button('handoffs.accept', () => acceptHandoff(h), 'accept'));
+    const tr = row([h.handoff_id, h.from, label('in', h.state), localDate(h.received_at), residentLink(h.resident_id), notes.join(' / '), actions]);
+    tr.dataset.handoff = h.handoff_id;
+    return tr;
+  }));
+  if (!data.incoming.length) incoming.append(row([t('handoffs.none')]));
+  const outgoing = $('#handoffs-outgoing tbody');
+  outgoing.replaceChildren(...data.outgoing.map((h) => {
+    const state = label('out', h.state) + (h.refusal ? `（${h.refusal}）` : '');
+    const tr = row([h.handoff_id, residentLink(h.resident_id), h.to, state, localDate(h.updated_at || h.created_at), h.reason]);
+    tr.dataset.handoff = h.handoff_id;
+    return tr;
+  }));
+  if (!data.outgoing.length) outgoing.append(row([t('handoffs.none')]));
+  const asks = $('#handoffs-asks tbody');
+  asks.replaceChildren(...data.asks.map((a) => row([a.atena_number, label('ask', a.state), a.holder || '', a.handoff_id || '', localDate(a.updated_at || a.asked_at)])));
+  if (!data.asks.length) asks.append(row([t('handoffs.none')]));
+}
+
+async function acceptHandoff(h) {
+  try {
+    await api('POST', `/api/v1/handoffs/${encodeURIComponent(h.handoff_id)}/accept`, {});
+    await showHandoffs();
+    say(t('handoffs.accepted'), true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function askHistory(event) {
+  event.preventDefault();
+  const body = {
+    my_number: $('#ask-my-number').value.trim(),
+    birth_date: $('#ask-birth').value,
+    atena_number: $('#ask-atena').value.trim(),
+    address: $('#ask-address').value.trim(),
+  };
+  const previous = $('#ask-previous').value.trim();
+  if (previous) body.previous = previous;
+  try {
+    await api('POST', '/api/v1/handoffs/requests', body);
+    $('#ask-form').reset();
+    await showHandoffs();
+    say(t('handoffs.asked'), true);
   } catch (error) {
     say(error.message);
   }
@@ -590,6 +712,7 @@ async function start() {
   $('#capture-form').addEventListener('submit', capture);
   $('#stats-form').addEventListener('submit', loadStats);
   $('#audit-verify').addEventListener('click', verifyAudit);
+  $('#ask-form').addEventListener('submit', askHistory);
   // A scanner ends the coupon with Enter: go on to the vial instead of submitting.
   $('#capture-coupon').addEventListener('keydown', (event) => {
     if (event.key === 'Enter') {
