@@ -12,6 +12,7 @@ const TEXT = {
   'nav.handoffs': ['転出・転入', 'Relocation'],
   'resident.moveOut': ['転出（接種歴を転出先へ引き継ぐ）', 'Move out (hand the history to the new municipality)'],
   'dialog.moveOut': ['この住民の記録を転出先へ引き継ぎます（この市区町村では閲覧のみになります）', 'Hand this record to the new municipality (it becomes read-only here)'],
+  'dialog.accept': ['引き継ぎを受け入れます。宛名番号と住所が分かれば入力してください（空欄なら仮の宛名番号を付け、住民記録の取込で置き換えます）', 'Accept this handoff. Give the atena number and address if known (left empty, a provisional atena number is given, and the register extract replaces it)'],
   'done.moveOut': ['引き継ぎを送りました：', 'Handoff sent: '],
   'handoffs.title': ['転出・転入の引き継ぎ', 'Relocation handoffs'],
   'handoffs.askTitle': ['転入の届出：前住所地へ接種歴を照会', 'A newcomer: ask their former municipality for their history'],
@@ -433,14 +434,25 @@ async function showResident(id) {
   for (const c of all) corrections.append(row([localDate(c.at), label('kind', c.kind), change(c), c.reason, c.actor]));
 }
 
-/** Asks for a reason (and, to amend, the new values); resolves to the answers or null. */
-function askReason(titleKey, amend, move = false) {
+/**
+ * Asks for a reason and, by `kind`, more: the new values to amend a dose (`amend`), the new
+ * municipality to move a resident out (`move`), or — instead of a reason — the 宛名番号 and
+ * address to accept a handoff with (`accept`). Resolves to the answers, or null if cancelled.
+ */
+function askReason(titleKey, kind = 'reason') {
   const dialog = $('#reason-dialog');
+  const amend = kind === 'amend';
+  const move = kind === 'move';
+  const accept = kind === 'accept';
   $('#reason-title').textContent = t(titleKey);
   $('#amend-fields').hidden = !amend;
   $('#move-fields').hidden = !move;
+  $('#accept-fields').hidden = !accept;
+  $('#reason-fields').hidden = accept;
+  $('#reason-text').required = !accept;
   $('#move-to').required = move;
-  for (const id of ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to']) $(id).value = '';
+  const fields = ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to', '#accept-atena', '#accept-address'];
+  for (const id of fields) $(id).value = '';
   translate();
   return new Promise((resolve) => {
     const form = $('#reason-form');
@@ -459,9 +471,11 @@ function askReason(titleKey, amend, move = false) {
     const submit = (event) => {
       event.preventDefault();
       const reason = $('#reason-text').value.trim();
-      if (!reason) return;
+      if (!reason && !accept) return;
       finish({
         reason,
+        atena_number: $('#accept-atena').value.trim() || undefined,
+        address: $('#accept-address').value.trim() || undefined,
         vaccinated_on: $('#amend-date').value || undefined,
         venue: $('#amend-venue').value.trim() || undefined,
         vial: $('#amend-vial').value.trim() || undefined,
@@ -473,7 +487,7 @@ function askReason(titleKey, amend, move = false) {
     $('#reason-cancel').addEventListener('click', cancel);
     dialog.addEventListener('close', cancel);
     dialog.showModal();
-    $(amend ? '#amend-date' : move ? '#move-to' : '#reason-text').focus();
+    $(amend ? '#amend-date' : move ? '#move-to' : accept ? '#accept-atena' : '#reason-text').focus();
   });
 }
 
@@ -483,7 +497,7 @@ async function afterChange(r, doneKey, extra = '') {
 }
 
 async function voidDose(r, dose) {
-  const answer = await askReason('dialog.void', false);
+  const answer = await askReason('dialog.void');
   if (!answer) return;
   try {
     const path = `/api/v1/residents/${encodeURIComponent(r.resident_id)}/doses/${encodeURIComponent(dose.event_id)}/void`;
@@ -495,7 +509,7 @@ async function voidDose(r, dose) {
 }
 
 async function amendDose(r, dose) {
-  const answer = await askReason('dialog.amend', true);
+  const answer = await askReason('dialog.amend', 'amend');
   if (!answer) return;
   try {
     const path = `/api/v1/residents/${encodeURIComponent(r.resident_id)}/doses/${encodeURIComponent(dose.event_id)}/amend`;
@@ -518,7 +532,7 @@ async function reissue(r, coupon) {
 }
 
 async function revoke(r, coupon) {
-  const answer = await askReason('dialog.revoke', false);
+  const answer = await askReason('dialog.revoke');
   if (!answer) return;
   try {
     await api('POST', `/api/v1/coupons/${coupon.code.slice(8)}/revoke`, { reason: answer.reason });
@@ -529,7 +543,7 @@ async function revoke(r, coupon) {
 }
 
 async function moveOutResident(r) {
-  const answer = await askReason('dialog.moveOut', false, true);
+  const answer = await askReason('dialog.moveOut', 'move');
   if (!answer) return;
   try {
     const { data } = await api('POST', `/api/v1/residents/${encodeURIComponent(r.resident_id)}/move-out`, {
@@ -577,8 +591,13 @@ async function showHandoffs() {
 }
 
 async function acceptHandoff(h) {
+  const answer = await askReason('dialog.accept', 'accept');
+  if (!answer) return;
   try {
-    await api('POST', `/api/v1/handoffs/${encodeURIComponent(h.handoff_id)}/accept`, {});
+    const body = {};
+    if (answer.atena_number) body.atena_number = answer.atena_number;
+    if (answer.address) body.address = answer.address;
+    await api('POST', `/api/v1/handoffs/${encodeURIComponent(h.handoff_id)}/accept`, body);
     await showHandoffs();
     say(t('handoffs.accepted'), true);
   } catch (error) {
