@@ -484,8 +484,8 @@ pub(crate) async fn with_request_context(mut request: Request, next: Next, https
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    // The UI's pages set their own (stricter than none only in what they name); every other
-    // response may load nothing.
+    // The UI's files set their own policy (their own script and style); every other answer
+    // may load nothing.
     if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
         headers.insert(
             header::CONTENT_SECURITY_POLICY,
@@ -1560,8 +1560,8 @@ async fn login(
         Err(problem) => return Err(problem),
     };
     let token = session["token"].as_str().unwrap_or_default();
-    // Secure even on plain HTTP, which the node serves on loopback only: browsers keep a
-    // Secure cookie for http://127.0.0.1 and localhost.
+    // Secure even on plain HTTP, which the node serves on loopback only: Chromium keeps a
+    // Secure cookie for http://127.0.0.1 and localhost (docs/ui.md).
     let cookie = format!(
         "vrs_session={token}; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age={}",
         state.policy.session_seconds
