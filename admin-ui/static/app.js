@@ -271,8 +271,8 @@ function show(view) {
   $('#logout').hidden = !me;
   for (const link of document.querySelectorAll('#nav a')) {
     link.hidden = !mayDo(link.dataset.roles);
-    link.toggleAttribute('aria-current', link.getAttribute('href') === `#/${view}`);
     if (link.getAttribute('href') === `#/${view}`) link.setAttribute('aria-current', 'page');
+    else link.removeAttribute('aria-current');
   }
   translate();
 }
