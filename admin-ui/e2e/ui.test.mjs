@@ -2,7 +2,8 @@
 // drives the pages in headless Chromium as a clerk, a venue's reception and an auditor would.
 // Run by scripts/ui-test.sh; VRS_NODE names the binary, CHROMIUM the browser.
 
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -70,16 +71,6 @@ async function main() {
     const spare = printed.match(/"coupon":"(\d+)"/);
     assert.ok(spare, 'the demo prints a coupon to try');
     const coupon = spare[1];
-    // A municipal administrator for the relocation pages, added with the demo's admin token.
-    const admin = printed.match(/トークン \/ token: (vrs_t_[0-9a-f]+)/);
-    assert.ok(admin, 'the demo prints its admin token');
-    const added = await fetch(`${base}/api/v1/users`, {
-      method: 'POST',
-      headers: { Authorization: `Bearer ${admin[1]}`, 'Content-Type': 'application/json' },
-      body: JSON.stringify({ username: 'kanri', role: 'municipal_admin', password }),
-    });
-    assert.equal(added.status, 201, await added.text());
-
     browser = await chromium.launch({
       executablePath: browserPath,
       args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
@@ -235,10 +226,137 @@ async function main() {
     await page.locator('#handoffs-outgoing td', { hasText: '転居（画面からの試験）' }).waitFor();
     assert.equal(await page.locator('#handoffs-outgoing tbody tr').count(), before + 1);
     await page.screenshot({ path: join(shots, 'handoffs.png'), fullPage: true });
+
+    // 11. Vaccines and stock: the demo's venues with what was delivered and used; a delivery
+    // recorded here adds up; wastage without a reason is refused, naming the field; a lot is
+    // registered; a venue's opening days are changed.
+    await page.click('#nav a[href="#/stock"]');
+    const arena = page.locator('#stock-table tbody tr[data-venue="yokohama-arena"]');
+    await arena.waitFor();
+    const cells = async (locator) => locator.locator('td').allTextContents();
+    let figures = await cells(arena);
+    assert.equal(figures[3], '780', 'delivered to the arena by the demo');
+    // Of the arena's three doses, the demo voided one and the clerk another (step 5).
+    assert.equal(figures[4], '1', 'valid doses given at the arena');
+    assert.equal(Number(figures[6].replace(/,/g, '')), 780 - Number(figures[4]), 'on hand = delivered − used');
+    await page.selectOption('#stock-kind', 'delivery');
+    await page.fill('#stock-venue', 'yokohama-arena');
+    await page.fill('#stock-doses', '390');
+    await page.click('#stock-form button[type=submit]');
+    await page.locator('#message.ok', { hasText: '在庫を記録しました' }).waitFor();
+    figures = await cells(arena);
+    assert.equal(figures[3], '1,170');
+    assert.equal(figures[7], '0', 'nothing allocated is awaiting delivery');
+    await page.selectOption('#stock-kind', 'wastage');
+    await page.fill('#stock-venue', 'yokohama-arena');
+    await page.fill('#stock-doses', '6');
+    await page.click('#stock-form button[type=submit]');
+    await page.locator('#message:not(.ok)', { hasText: '[reason]' }).waitFor();
+    assert.match(await message.textContent(), /廃棄には理由が必要です/);
+    await page.fill('#lot-number', 'UI0001');
+    await page.selectOption('#lot-product', '04987000002011');
+    await page.fill('#lot-expiry', '2027-06-30');
+    await page.click('#lot-form button[type=submit]');
+    await page.locator('#lots-table tbody tr', { hasText: 'UI0001' }).filter({ hasText: 'スパイクバックス' }).waitFor();
+    const hall = page.locator('#venues-table tbody tr[data-venue="shin-yokohama-hall"]');
+    await hall.locator('button[data-action=edit-venue]').click();
+    assert.equal(await page.inputValue('#venue-name'), '新横浜公会堂');
+    await page.uncheck('#venue-weekdays input[value="sun"]');
+    await page.fill('#venue-dates', '2027-01-03');
+    await page.click('#venue-form button[type=submit]');
+    await page.locator('#message.ok', { hasText: '会場を保存しました' }).waitFor();
+    assert.equal(await hall.locator('td').nth(4).textContent(), '火・木・土・2027-01-03');
+    await page.screenshot({ path: join(shots, 'stock.png'), fullPage: true });
+
+    // 12. Users and devices: a short password is refused; a venue operator is added, disabled
+    // and enabled again, and given a new password; an API token and a terminal's enrolment
+    // token are each shown once; the API token is revoked; the enrolment token enrols a
+    // terminal (`vrs-node init --role terminal --enroll`), which is then revoked.
+    await page.click('#nav a[href="#/admin"]');
+    await page.locator('#users-table tbody tr[data-user="tanaka"]').waitFor();
+    await page.fill('#user-name', 'uketsuke');
+    await page.selectOption('#user-role', 'venue_operator');
+    await page.fill('#user-password', 'short');
+    await page.fill('#user-venues', 'yokohama-arena');
+    await page.click('#user-form button[type=submit]');
+    await page.locator('#message:not(.ok)', { hasText: '12〜128文字' }).waitFor();
+    await page.fill('#user-password', 'first-password-2026');
+    await page.click('#user-form button[type=submit]');
+    const operator = page.locator('#users-table tbody tr[data-user="uketsuke"]');
+    await operator.waitFor();
+    assert.deepEqual((await cells(operator)).slice(1, 3), ['会場担当', 'yokohama-arena']);
+    page.once('dialog', (dialog) => dialog.accept());
+    await operator.locator('button[data-action=disable]').click();
+    await page.locator('#message.ok', { hasText: '停止しました' }).waitFor();
+    assert.equal(await operator.locator('td').nth(4).textContent(), '停止中');
+    await operator.locator('button[data-action=enable]').click();
+    await page.locator('#message.ok', { hasText: '再開しました' }).waitFor();
+    await operator.locator('button[data-action=reset-password]').click();
+    assert.ok(await page.locator('#password-fields').isVisible() && (await page.locator('#reason-fields').isHidden()));
+    await page.fill('#password-new', 'second-password-2026');
+    await page.click('#reason-ok');
+    await page.locator('#message.ok', { hasText: 'パスワードを再設定しました' }).waitFor();
+    await page.fill('#token-name', 'hall-tablet-1');
+    await page.selectOption('#token-role', 'venue_operator');
+    await page.fill('#token-venues', 'shin-yokohama-hall');
+    await page.fill('#token-days', '30');
+    await page.click('#token-form button[type=submit]');
+    await page.locator('#secret-box').waitFor({ state: 'visible' });
+    assert.match(await page.textContent('#secret-value'), /^vrs_t_[0-9a-f]{64}$/);
+    const tablet = page.locator('#tokens-table tbody tr[data-token="hall-tablet-1"]');
+    page.once('dialog', (dialog) => dialog.accept());
+    await tablet.locator('button[data-action=revoke-token]').click();
+    await page.locator('#message.ok', { hasText: 'トークンを失効させました' }).waitFor();
+    assert.equal(await tablet.locator('td').nth(5).textContent(), '失効済');
+    await page.fill('#enrol-venue', 'shin-yokohama-hall');
+    await page.click('#enrol-form button[type=submit]');
+    await page.locator('#secret-box').waitFor({ state: 'visible' });
+    assert.match(await page.textContent('#secret-value'), /^vrs_e_[0-9a-f]{64}@\/ip4\/.+\/p2p\/12D3Koo/);
+    assert.match(await page.textContent('#secret-hint'), /vrs-node init --role terminal --municipality 141003/);
+    await page.locator('#enrolments-table tbody tr', { hasText: 'shin-yokohama-hall' }).filter({ hasText: '未使用' }).waitFor();
+    await page.screenshot({ path: join(shots, 'admin.png'), fullPage: true });
+    // The token shown enrols a real terminal, which the administrator then revokes.
+    const enrolment = await page.textContent('#secret-value');
+    const terminalPort = await freePort();
+    await promisify(execFile)(binary, ['init', '--role', 'terminal', '--municipality', '141003', '--data', join(work, 'terminal'),
+      '--plain-http', '--listen', `127.0.0.1:${terminalPort}`, '--enroll', enrolment], { env: { ...process.env, VRS_LOG: 'warn' } });
+    await page.reload();
+    const terminal = page.locator('#terminals-table tbody tr', { hasText: 'shin-yokohama-hall' });
+    await terminal.waitFor();
+    assert.equal(await terminal.locator('td').nth(3).textContent(), '接続可');
+    const peer = await terminal.getAttribute('data-peer');
+    assert.match(peer, /^12D3Koo/);
+    await page.locator('#enrolments-table tbody tr', { hasText: peer }).waitFor();
+    page.once('dialog', (dialog) => dialog.accept());
+    await terminal.locator('button[data-action=revoke-terminal]').click();
+    await page.locator('#message.ok', { hasText: '端末を取り消しました' }).waitFor();
+    assert.equal(await terminal.locator('td').nth(3).textContent(), '取消済');
     await page.click('#logout');
     await page.locator('#view-login').waitFor({ state: 'visible' });
 
-    // 11. The auditor sees the clerk's void in the audit log, and the chain intact.
+    // 13. The venue operator logs in with the new password: the reception and the stock of
+    // their own venue; they record wastage with a reason, may not allocate, and see no
+    // lot or venue forms.
+    await page.fill('#login-username', 'uketsuke');
+    await page.fill('#login-password', 'second-password-2026');
+    await page.click('#login-form button[type=submit]');
+    await page.locator('#view-capture').waitFor({ state: 'visible' });
+    await page.click('#nav a[href="#/stock"]');
+    await arena.waitFor();
+    assert.equal(await page.inputValue('#stock-venue'), 'yokohama-arena');
+    assert.ok(await page.locator('#stock-kind option[value="allocation"]').isDisabled());
+    assert.ok((await page.locator('#lot-form').isHidden()) && (await page.locator('#venue-form').isHidden()));
+    await page.selectOption('#stock-kind', 'wastage');
+    await page.fill('#stock-doses', '6');
+    await page.fill('#stock-reason', '希釈後の残余（閉場時）');
+    await page.click('#stock-form button[type=submit]');
+    await page.locator('#message.ok', { hasText: '在庫を記録しました' }).waitFor();
+    assert.equal((await cells(arena))[5], '6');
+    assert.ok(!(await page.locator('#nav a[href="#/admin"]').isVisible()), 'an operator has no user pages');
+    await page.click('#logout');
+    await page.locator('#view-login').waitFor({ state: 'visible' });
+
+    // 14. The auditor sees the clerk's void in the audit log, and the chain intact.
     await page.fill('#login-username', 'kansa');
     await page.fill('#login-password', password);
     await page.click('#login-form button[type=submit]');
@@ -250,7 +368,7 @@ async function main() {
     await page.screenshot({ path: join(shots, 'audit.png'), fullPage: true });
 
     assert.deepEqual(problems, [], 'the browser reported no script error or policy violation');
-    console.log('ui: 11 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, relocation, audit)');
+    console.log('ui: 14 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, relocation, stock, users and devices, venue operator, audit)');
   } catch (error) {
     if (page) {
       await page.screenshot({ path: join(shots, 'failure.png'), fullPage: true }).catch(() => {});

@@ -10,6 +10,108 @@ const TEXT = {
   'nav.stats': ['接種件数', 'Daily figures'],
   'nav.audit': ['監査ログ', 'Audit log'],
   'nav.handoffs': ['転出・転入', 'Relocation'],
+  'nav.stock': ['ワクチン・在庫', 'Vaccines & stock'],
+  'nav.admin': ['利用者・端末', 'Users & devices'],
+  'stock.title': ['会場ごとの在庫', 'Stock at each venue'],
+  'stock.allocated': ['配分', 'Allocated'],
+  'stock.delivered': ['納入', 'Delivered'],
+  'stock.used': ['使用', 'Used'],
+  'stock.wasted': ['廃棄', 'Wasted'],
+  'stock.onHand': ['在庫', 'On hand'],
+  'stock.awaiting': ['未納入', 'Awaiting delivery'],
+  'stock.daily': ['1日平均（7日間）', 'Per day (7 days)'],
+  'stock.days': ['残日数', 'Days left'],
+  'stock.none': ['在庫の記録はまだありません', 'No stock recorded yet'],
+  'stock.entryTitle': ['在庫の記録（配分・納入・廃棄）', 'Record stock (allocation, delivery, wastage)'],
+  'stock.doses': ['回数（回分）', 'Doses'],
+  'stock.reason': ['理由（廃棄は必須）', 'Reason (required for wastage)'],
+  'stock.record': ['記録する', 'Record'],
+  'stock.recorded': ['在庫を記録しました', 'Stock recorded'],
+  'stockKind.delivery': ['納入', 'Delivery'],
+  'stockKind.wastage': ['廃棄', 'Wastage'],
+  'stockKind.allocation': ['会場への配分', 'Allocation to the venue'],
+  'lots.title': ['ロット', 'Lots'],
+  'lots.number': ['ロット番号', 'Lot number'],
+  'lots.add': ['ロットを登録', 'Register the lot'],
+  'lots.added': ['ロットを登録しました', 'Lot registered'],
+  'lots.expired': ['期限切れ', 'expired'],
+  'lots.usable': ['使用可', 'usable'],
+  'venues.title': ['接種会場', 'Venues'],
+  'venues.id': ['会場ID', 'Venue id'],
+  'venues.name': ['名称', 'Name'],
+  'venues.days': ['接種日', 'Open on'],
+  'venues.dates': ['その他の接種日（YYYY-MM-DD、カンマ区切り）', 'Other dates (YYYY-MM-DD, comma-separated)'],
+  'venues.listed': ['公開', 'Listed'],
+  'venues.listedLong': ['市民向け一覧に公開する', 'Show in the public listing'],
+  'venues.save': ['会場を登録・更新', 'Save the venue'],
+  'venues.saved': ['会場を保存しました', 'Venue saved'],
+  'venues.edit': ['編集', 'Edit'],
+  'venues.none': ['登録された会場はありません', 'No venue registered'],
+  'day.mon': ['月', 'Mon'],
+  'day.tue': ['火', 'Tue'],
+  'day.wed': ['水', 'Wed'],
+  'day.thu': ['木', 'Thu'],
+  'day.fri': ['金', 'Fri'],
+  'day.sat': ['土', 'Sat'],
+  'day.sun': ['日', 'Sun'],
+  'yes': ['はい', 'yes'],
+  'no': ['いいえ', 'no'],
+  'users.title': ['利用者', 'Users'],
+  'users.role': ['役割', 'Role'],
+  'users.venues': ['担当会場', 'Venues'],
+  'users.venuesLong': ['担当会場（会場担当のみ、カンマ区切り）', 'Venues (venue operators only, comma-separated)'],
+  'users.created': ['登録日時', 'Created'],
+  'users.addTitle': ['利用者の追加', 'Add a user'],
+  'users.password': ['初期パスワード（12文字以上）', 'Initial password (12 characters or more)'],
+  'users.newPassword': ['新しいパスワード（12文字以上）', 'New password (12 characters or more)'],
+  'users.add': ['追加する', 'Add'],
+  'users.added': ['利用者を追加しました', 'User added'],
+  'users.disable': ['停止', 'Disable'],
+  'users.enable': ['再開', 'Enable'],
+  'users.reset': ['パスワード再設定', 'Reset password'],
+  'users.active': ['有効', 'active'],
+  'users.disabled': ['停止中', 'disabled'],
+  'users.locked': ['ロック中', 'locked until'],
+  'users.done.disable': ['利用者を停止しました（ログイン中のセッションも終了）', 'User disabled (their sessions end too)'],
+  'users.done.enable': ['利用者を再開しました', 'User enabled'],
+  'users.done.reset': ['パスワードを再設定しました（この利用者のセッションはすべて終了）', 'Password reset (every session of the user ended)'],
+  'dialog.password': ['パスワードを再設定します', 'Reset the password'],
+  'confirm.disable': ['この利用者を停止しますか？（ログイン中のセッションも終了します）', 'Disable this user? (their sessions end too)'],
+  'tokens.title': ['APIトークン（端末・連携用）', 'API tokens (devices and integrations)'],
+  'tokens.name': ['名前', 'Name'],
+  'tokens.expires': ['有効期限', 'Expires'],
+  'tokens.addTitle': ['トークンの発行', 'Issue a token'],
+  'tokens.days': ['有効日数（空欄は無期限）', 'Valid for days (empty: no expiry)'],
+  'tokens.add': ['発行する', 'Issue'],
+  'tokens.added': ['トークンを発行しました', 'Token issued'],
+  'tokens.revoke': ['失効', 'Revoke'],
+  'tokens.revoked': ['失効済', 'revoked'],
+  'tokens.expired': ['期限切れ', 'expired'],
+  'tokens.never': ['無期限', 'never'],
+  'tokens.done.revoke': ['トークンを失効させました', 'Token revoked'],
+  'confirm.revokeToken': ['このトークンを失効させますか？（使っている端末は使えなくなります）', 'Revoke this token? (a device using it stops working)'],
+  'secret.once': ['この値は今だけ表示されます。安全な方法で端末へ渡してください。', 'This is shown only now. Hand it to the device by a safe route.'],
+  'secret.enrolHint': ['会場の端末で次のコマンドを実行します：', 'On the venue\u2019s laptop, run:'],
+  'terminals.title': ['会場端末', 'Venue terminals'],
+  'terminals.peer': ['端末ID', 'Terminal id'],
+  'terminals.issued': ['登録日時', 'Enrolled'],
+  'terminals.enrolments': ['登録トークン', 'Enrolment tokens'],
+  'terminals.usedBy': ['使用した端末', 'Used by'],
+  'terminals.hours': ['有効時間（既定 24 時間）', 'Valid for hours (default 24)'],
+  'terminals.enrol': ['登録トークンを発行', 'Issue an enrolment token'],
+  'terminals.enrolled': ['登録トークンを発行しました', 'Enrolment token issued'],
+  'terminals.unused': ['未使用', 'unused'],
+  'terminals.active': ['接続可', 'active'],
+  'terminals.revoked': ['取消済', 'revoked'],
+  'terminals.revoke': ['取消', 'Revoke'],
+  'terminals.done.revoke': ['端末を取り消しました（接続を拒否します）', 'Terminal revoked (its connection is refused)'],
+  'confirm.revokeTerminal': ['この端末を取り消しますか？（ノードは接続を拒否します）', 'Revoke this terminal? (the node refuses its connection)'],
+  'none': ['なし', 'none'],
+  'role.municipal_admin': ['市区町村管理者', 'municipal administrator'],
+  'role.clerk': ['職員', 'clerk'],
+  'role.call_centre': ['コールセンター', 'call centre'],
+  'role.venue_operator': ['会場担当', 'venue operator'],
+  'role.auditor': ['監査担当', 'auditor'],
   'resident.moveOut': ['転出（接種歴を転出先へ引き継ぐ）', 'Move out (hand the history to the new municipality)'],
   'dialog.moveOut': ['この住民の記録を転出先へ引き継ぎます（この市区町村では閲覧のみになります）', 'Hand this record to the new municipality (it becomes read-only here)'],
   'dialog.accept': ['引き継ぎを受け入れます。宛名番号と住所が分かれば入力してください（空欄なら仮の宛名番号を付け、住民記録の取込で置き換えます）', 'Accept this handoff. Give the atena number and address if known (left empty, a provisional atena number is given, and the register extract replaces it)'],
@@ -117,6 +219,7 @@ const TEXT = {
   'field.gtin': ['GTIN', 'GTIN'],
   'field.product_code': ['製品', 'product'],
   'field.expiry': ['有効期限', 'expiry'],
+  'lots.expiry': ['有効期限', 'Expiry'],
   'dialog.reason': ['理由（必須・記録の訂正履歴に残ります）', 'Reason (required; kept in the record\u2019s corrections)'],
   'dialog.cancel': ['やめる', 'Cancel'],
   'dialog.ok': ['実行', 'Go'],
@@ -193,11 +296,7 @@ async function api(method, path, body) {
     data = null;
   }
   if (!response.ok) {
-    if (response.status === 401 && me) {
-      me = null;
-      localStorage.removeItem('vrs.session');
-      show('login');
-    }
+    if (response.status === 401 && me) forget();
     throw new ApiError(response.status, data);
   }
   return { status: response.status, data };
@@ -220,6 +319,14 @@ function row(cells) {
     tr.append(td);
   }
   return tr;
+}
+
+/** The one row of an empty table: the word, across every column. */
+function noneRow(tbody, key = 'none') {
+  const td = el('td', t(key), { colspan: String(tbody.closest('table').querySelectorAll('thead th').length) });
+  const tr = document.createElement('tr');
+  tr.append(td);
+  tbody.append(tr);
 }
 
 function button(key, onClick, name) {
@@ -255,7 +362,7 @@ function translate() {
   for (const node of document.querySelectorAll('[data-i18n]')) node.textContent = t(node.dataset.i18n);
   $('#lang').textContent = lang === 'en' ? '日本語' : 'English';
   if (me) {
-    const role = lang === 'en' ? me.role : me.role_ja;
+    const role = lang === 'en' ? label('role', me.role) : me.role_ja;
     const place = me.municipality_name ? `${me.municipality_name}（${me.municipality}）` : me.municipality;
     $('#who').textContent = `${place} · ${me.actor} · ${role}`;
   } else {
@@ -293,6 +400,8 @@ async function route() {
     else if (view === 'stats') await showStats();
     else if (view === 'audit') await showAudit();
     else if (view === 'handoffs') await showHandoffs();
+    else if (view === 'stock') await showStock();
+    else if (view === 'admin') await showAdmin();
     else if (view === 'search' || mayDo('municipal_admin clerk call_centre')) show('search');
     else if (mayDo('venue_operator')) location.hash = '#/capture';
     else location.hash = '#/stats';
@@ -322,10 +431,18 @@ async function logout() {
   } catch {
     // The session is forgotten here either way.
   }
+  forget();
+}
+
+/**
+ * Ends the page's session: the page is loaded afresh at the login form, so that nothing the
+ * last user saw or typed stays behind in it for the next one at a shared reception PC.
+ */
+function forget() {
   me = null;
   localStorage.removeItem('vrs.session');
-  location.hash = '';
-  show('login');
+  history.replaceState(null, '', location.pathname);
+  location.reload();
 }
 
 async function loadMe() {
@@ -444,14 +561,18 @@ function askReason(titleKey, kind = 'reason') {
   const amend = kind === 'amend';
   const move = kind === 'move';
   const accept = kind === 'accept';
+  const password = kind === 'password';
+  const noReason = accept || password;
   $('#reason-title').textContent = t(titleKey);
   $('#amend-fields').hidden = !amend;
   $('#move-fields').hidden = !move;
   $('#accept-fields').hidden = !accept;
-  $('#reason-fields').hidden = accept;
-  $('#reason-text').required = !accept;
+  $('#password-fields').hidden = !password;
+  $('#reason-fields').hidden = noReason;
+  $('#reason-text').required = !noReason;
   $('#move-to').required = move;
-  const fields = ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to', '#accept-atena', '#accept-address'];
+  $('#password-new').required = password;
+  const fields = ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to', '#accept-atena', '#accept-address', '#password-new'];
   for (const id of fields) $(id).value = '';
   translate();
   return new Promise((resolve) => {
@@ -471,7 +592,7 @@ function askReason(titleKey, kind = 'reason') {
     const submit = (event) => {
       event.preventDefault();
       const reason = $('#reason-text').value.trim();
-      if (!reason && !accept) return;
+      if (!reason && !noReason) return;
       finish({
         reason,
         atena_number: $('#accept-atena').value.trim() || undefined,
@@ -480,6 +601,7 @@ function askReason(titleKey, kind = 'reason') {
         venue: $('#amend-venue').value.trim() || undefined,
         vial: $('#amend-vial').value.trim() || undefined,
         to: $('#move-to').value.trim() || undefined,
+        password: $('#password-new').value || undefined,
       });
     };
     const cancel = () => finish(null);
@@ -487,7 +609,7 @@ function askReason(titleKey, kind = 'reason') {
     $('#reason-cancel').addEventListener('click', cancel);
     dialog.addEventListener('close', cancel);
     dialog.showModal();
-    $(amend ? '#amend-date' : move ? '#move-to' : accept ? '#accept-atena' : '#reason-text').focus();
+    $(amend ? '#amend-date' : move ? '#move-to' : accept ? '#accept-atena' : password ? '#password-new' : '#reason-text').focus();
   });
 }
 
@@ -576,7 +698,7 @@ async function showHandoffs() {
     tr.dataset.handoff = h.handoff_id;
     return tr;
   }));
-  if (!data.incoming.length) incoming.append(row([t('handoffs.none')]));
+  if (!data.incoming.length) noneRow(incoming, 'handoffs.none');
   const outgoing = $('#handoffs-outgoing tbody');
   outgoing.replaceChildren(...data.outgoing.map((h) => {
     const state = label('out', h.state) + (h.refusal ? `（${h.refusal}）` : '');
@@ -584,10 +706,10 @@ async function showHandoffs() {
     tr.dataset.handoff = h.handoff_id;
     return tr;
   }));
-  if (!data.outgoing.length) outgoing.append(row([t('handoffs.none')]));
+  if (!data.outgoing.length) noneRow(outgoing, 'handoffs.none');
   const asks = $('#handoffs-asks tbody');
   asks.replaceChildren(...data.asks.map((a) => row([a.atena_number, label('ask', a.state), a.holder || '', a.handoff_id || '', localDate(a.updated_at || a.asked_at)])));
-  if (!data.asks.length) asks.append(row([t('handoffs.none')]));
+  if (!data.asks.length) noneRow(asks, 'handoffs.none');
 }
 
 async function acceptHandoff(h) {
@@ -717,6 +839,336 @@ async function verifyAudit() {
   }
 }
 
+// ---- vaccines, stock and venues ------------------------------------------------------
+
+const WEEKDAYS = ['mon', 'tue', 'wed', 'thu', 'fri', 'sat', 'sun'];
+const ROLES = ['clerk', 'venue_operator', 'call_centre', 'auditor', 'municipal_admin'];
+let catalogue = null;
+
+async function loadCatalogue() {
+  if (!catalogue) {
+    const { data } = await api('GET', '/api/v1/catalogue');
+    catalogue = data.product || [];
+  }
+  return catalogue;
+}
+
+function productName(key) {
+  const product = (catalogue || []).find((p) => p.code === key || p.gtin === key);
+  if (!product) return key;
+  return lang === 'en' ? product.name_en : product.name_ja;
+}
+
+/** Fills every product `<select>` (by code, or by GTIN for lots) and the venue form's boxes. */
+function fillProducts() {
+  for (const select of document.querySelectorAll('select.products')) {
+    const byGtin = select.id === 'lot-product';
+    const chosen = select.value;
+    select.replaceChildren(...catalogue.map((p) => el('option', productName(p.code), { value: byGtin ? p.gtin : p.code })));
+    if (chosen) select.value = chosen;
+  }
+  const checked = new Set([...document.querySelectorAll('#venue-products input:checked')].map((box) => box.value));
+  $('#venue-products').replaceChildren(...catalogue.map((p) => checkbox('venue-product', p.code, productName(p.code), checked.has(p.code))));
+  const days = new Set([...document.querySelectorAll('#venue-weekdays input:checked')].map((box) => box.value));
+  $('#venue-weekdays').replaceChildren(...WEEKDAYS.map((d) => checkbox('venue-day', d, t(`day.${d}`), days.has(d))));
+}
+
+function checkbox(name, value, text, checked) {
+  const wrap = el('label');
+  const box = el('input', null, { type: 'checkbox', name, value });
+  box.checked = checked;
+  wrap.append(box, ` ${text}`);
+  return wrap;
+}
+
+/** Items joined as each language lists them. */
+function joined(items) {
+  return (items || []).join(lang === 'en' ? ', ' : '・');
+}
+
+function number(value) {
+  return value === null || value === undefined ? '' : Number(value).toLocaleString(lang === 'en' ? 'en-GB' : 'ja-JP');
+}
+
+async function showStock() {
+  show('stock');
+  await loadCatalogue();
+  fillProducts();
+  const [{ data: stock }, { data: venues }] = await Promise.all([api('GET', '/api/v1/stock'), api('GET', '/api/v1/venues')]);
+  $('#stock-as-of').textContent = lang === 'en' ? `(as of ${stock.as_of})` : `（${stock.as_of} 時点）`;
+  const body = $('#stock-table tbody');
+  body.replaceChildren(...stock.venues.map((v) => {
+    const tr = row([v.venue, productName(v.product), number(v.allocated), number(v.delivered), number(v.used), number(v.wasted),
+      number(v.on_hand), number(v.awaiting_delivery), number(v.daily_use_7d), v.days_of_supply === null ? '—' : number(v.days_of_supply)]);
+    if (v.on_hand < 0) tr.classList.add('short');
+    tr.dataset.venue = v.venue;
+    return tr;
+  }));
+  if (!stock.venues.length) noneRow(body, 'stock.none');
+  // Venue operators record for their own venues; the others choose among the municipality's.
+  const ids = mayDo('venue_operator') ? me.venues || [] : (venues.venues || []).map((record) => record.venue.id);
+  $('#stock-venue-list').replaceChildren(...ids.map((id) => el('option', null, { value: id })));
+  if (!$('#stock-venue').value && ids.length === 1) $('#stock-venue').value = ids[0];
+  $('#stock-entry-part').hidden = !mayDo('municipal_admin clerk venue_operator');
+  const allocation = $('#stock-kind option[value="allocation"]');
+  allocation.hidden = allocation.disabled = !mayDo('municipal_admin');
+  $('#lots-part').hidden = !mayDo('municipal_admin clerk venue_operator');
+  $('#lot-form').hidden = !mayDo('municipal_admin clerk');
+  if (!$('#lots-part').hidden) {
+    const { data: lots } = await api('GET', '/api/v1/lots');
+    const now = today();
+    $('#lots-table tbody').replaceChildren(...lots.lots.map((l) => {
+      const tr = row([l.lot, productName(l.gtin), l.gtin, l.expiry, l.expiry < now ? t('lots.expired') : t('lots.usable')]);
+      if (l.expiry < now) tr.classList.add('voided');
+      return tr;
+    }));
+  }
+  const listed = venues.venues || [];
+  $('#venues-table tbody').replaceChildren(...listed.map((record) => {
+    const v = record.venue;
+    const days = joined((v.opening_days || []).map((d) => (WEEKDAYS.includes(d) ? t(`day.${d}`) : d)));
+    const edit = mayDo('municipal_admin') ? button('venues.edit', () => editVenue(record), 'edit-venue') : '';
+    const tr = row([v.id, v.name, v.address, joined((v.products || []).map(productName)), days, record.listed ? t('yes') : t('no'), edit]);
+    tr.dataset.venue = v.id;
+    return tr;
+  }));
+  if (!listed.length) noneRow($('#venues-table tbody'), 'venues.none');
+  $('#venue-form').hidden = !mayDo('municipal_admin');
+}
+
+async function recordStock(event) {
+  event.preventDefault();
+  const body = {
+    kind: $('#stock-kind').value,
+    venue: $('#stock-venue').value.trim(),
+    product: $('#stock-product').value,
+    doses: Number($('#stock-doses').value),
+  };
+  const reason = $('#stock-reason').value.trim();
+  if (reason) body.reason = reason;
+  try {
+    await api('POST', '/api/v1/stock/entries', body);
+    $('#stock-doses').value = '';
+    $('#stock-reason').value = '';
+    await showStock();
+    say(t('stock.recorded'), true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function addLot(event) {
+  event.preventDefault();
+  const body = { lot: $('#lot-number').value.trim(), gtin: $('#lot-product').value, expiry: $('#lot-expiry').value };
+  try {
+    await api('POST', '/api/v1/lots', body);
+    $('#lot-number').value = '';
+    await showStock();
+    say(`${t('lots.added')}：${body.lot}`, true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+function editVenue(record) {
+  const v = record.venue;
+  $('#venue-id').value = v.id;
+  $('#venue-name').value = v.name;
+  $('#venue-address').value = v.address;
+  $('#venue-note').value = v.note || '';
+  $('#venue-listed').checked = record.listed;
+  for (const box of document.querySelectorAll('#venue-products input')) box.checked = (v.products || []).includes(box.value);
+  const days = v.opening_days || [];
+  for (const box of document.querySelectorAll('#venue-weekdays input')) box.checked = days.includes(box.value);
+  $('#venue-dates').value = days.filter((d) => !WEEKDAYS.includes(d)).join(', ');
+  $('#venue-name').focus();
+}
+
+async function saveVenue(event) {
+  event.preventDefault();
+  const id = $('#venue-id').value.trim();
+  const dates = $('#venue-dates').value.split(/[,、\s]+/).map((d) => d.trim()).filter(Boolean);
+  const body = {
+    name: $('#venue-name').value.trim(),
+    address: $('#venue-address').value.trim(),
+    products: [...document.querySelectorAll('#venue-products input:checked')].map((box) => box.value),
+    opening_days: [...[...document.querySelectorAll('#venue-weekdays input:checked')].map((box) => box.value), ...dates],
+    note: $('#venue-note').value.trim(),
+    listed: $('#venue-listed').checked,
+  };
+  try {
+    await api('POST', `/api/v1/venues/${encodeURIComponent(id)}`, body);
+    $('#venue-form').reset();
+    await showStock();
+    say(`${t('venues.saved')}：${id}`, true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+// ---- users, tokens and terminals -----------------------------------------------------
+
+function venuesList(text) {
+  return text.split(/[,、\s]+/).map((v) => v.trim()).filter(Boolean);
+}
+
+/** Shows a secret the node gives only once, and for a terminal the command that uses it. */
+function showSecret(secret, command) {
+  $('#secret-value').textContent = secret;
+  $('#secret-hint').textContent = command || '';
+  $('#secret-hint').hidden = $('#secret-hint-label').hidden = !command;
+  $('#secret-box').hidden = false;
+}
+
+async function showAdmin(keepSecret = false) {
+  show('admin');
+  if (!keepSecret) $('#secret-box').hidden = true;
+  for (const select of document.querySelectorAll('select.roles')) {
+    const chosen = select.value;
+    select.replaceChildren(...ROLES.map((r) => el('option', label('role', r), { value: r })));
+    if (chosen) select.value = chosen;
+  }
+  const [{ data: users }, { data: tokens }, { data: terminals }] = await Promise.all([
+    api('GET', '/api/v1/users'), api('GET', '/api/v1/tokens'), api('GET', '/api/v1/terminals'),
+  ]);
+  const now = new Date();
+  $('#users-table tbody').replaceChildren(...users.users.map((u) => {
+    const locked = u.locked_until && new Date(u.locked_until) > now;
+    let state = u.disabled ? t('users.disabled') : t('users.active');
+    if (locked) state = `${t('users.locked')} ${localDate(u.locked_until)}`;
+    const actions = document.createElement('span');
+    // An administrator does not lock themselves out from here.
+    if (me.actor !== `user:${u.username}`) {
+      actions.append(u.disabled ? button('users.enable', () => setDisabled(u, false), 'enable') : button('users.disable', () => setDisabled(u, true), 'disable'), ' ');
+    }
+    actions.append(button('users.reset', () => resetPassword(u), 'reset-password'));
+    const tr = row([u.username, label('role', u.role), joined(u.venues), localDate(u.created_at), state, actions]);
+    tr.dataset.user = u.username;
+    if (u.disabled) tr.classList.add('voided');
+    return tr;
+  }));
+  if (!users.users.length) noneRow($('#users-table tbody'));
+  $('#tokens-table tbody').replaceChildren(...tokens.tokens.map((k) => {
+    const expired = k.expires_at && new Date(k.expires_at) <= now;
+    const state = k.revoked ? t('tokens.revoked') : expired ? t('tokens.expired') : t('users.active');
+    const action = k.revoked ? '' : button('tokens.revoke', () => revokeToken(k), 'revoke-token');
+    const tr = row([k.name, label('role', k.role), joined(k.venues), localDate(k.created_at),
+      k.expires_at ? localDate(k.expires_at) : t('tokens.never'), state, action]);
+    tr.dataset.token = k.name;
+    if (k.revoked || expired) tr.classList.add('voided');
+    return tr;
+  }));
+  $('#terminals-table tbody').replaceChildren(...terminals.terminals.map((m) => {
+    const c = m.certificate;
+    const action = m.revoked ? '' : button('terminals.revoke', () => revokeTerminal(c.peer_id), 'revoke-terminal');
+    const tr = row([c.peer_id, c.venue, localDate(c.issued_at), m.revoked ? t('terminals.revoked') : t('terminals.active'), action]);
+    tr.dataset.peer = c.peer_id;
+    if (m.revoked) tr.classList.add('voided');
+    return tr;
+  }));
+  if (!terminals.terminals.length) noneRow($('#terminals-table tbody'));
+  $('#enrolments-table tbody').replaceChildren(...terminals.enrolments.map((e) =>
+    row([e.venue, localDate(e.expires_at), e.used_by || t('terminals.unused'), e.created_by])));
+  if (!terminals.enrolments.length) noneRow($('#enrolments-table tbody'));
+}
+
+async function addUser(event) {
+  event.preventDefault();
+  const body = {
+    username: $('#user-name').value.trim(),
+    role: $('#user-role').value,
+    password: $('#user-password').value,
+    venues: venuesList($('#user-venues').value),
+  };
+  try {
+    await api('POST', '/api/v1/users', body);
+    $('#user-form').reset();
+    await showAdmin();
+    say(`${t('users.added')}：${body.username}`, true);
+  } catch (error) {
+    $('#user-password').value = '';
+    say(error.message);
+  }
+}
+
+async function setDisabled(user, disabled) {
+  if (disabled && !window.confirm(t('confirm.disable'))) return;
+  try {
+    await api('POST', `/api/v1/users/${encodeURIComponent(user.username)}/disable`, { disabled });
+    await showAdmin();
+    say(`${t(disabled ? 'users.done.disable' : 'users.done.enable')}：${user.username}`, true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function resetPassword(user) {
+  const answer = await askReason('dialog.password', 'password');
+  if (!answer) return;
+  try {
+    await api('POST', `/api/v1/users/${encodeURIComponent(user.username)}/reset-password`, { password: answer.password });
+    await showAdmin();
+    say(`${t('users.done.reset')}：${user.username}`, true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function addToken(event) {
+  event.preventDefault();
+  const body = { name: $('#token-name').value.trim(), role: $('#token-role').value, venues: venuesList($('#token-venues').value) };
+  const days = $('#token-days').value;
+  if (days) body.expires_days = Number(days);
+  try {
+    const { data } = await api('POST', '/api/v1/tokens', body);
+    $('#token-form').reset();
+    await showAdmin();
+    showSecret(data.token);
+    say(`${t('tokens.added')}：${body.name}`, true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function revokeToken(token) {
+  if (!window.confirm(t('confirm.revokeToken'))) return;
+  try {
+    await api('POST', `/api/v1/tokens/${encodeURIComponent(token.name)}/revoke`);
+    await showAdmin();
+    say(`${t('tokens.done.revoke')}：${token.name}`, true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function enrolTerminal(event) {
+  event.preventDefault();
+  const body = { venue: $('#enrol-venue').value.trim() };
+  const hours = $('#enrol-hours').value;
+  if (hours) body.valid_hours = Number(hours);
+  try {
+    const { data } = await api('POST', '/api/v1/terminals/enrolments', body);
+    $('#enrol-form').reset();
+    await showAdmin();
+    const command = `vrs-node init --role terminal --municipality ${me.municipality} --data /var/lib/vrs-terminal --plain-http --listen 127.0.0.1:8080 --enroll '${data.token}'`;
+    showSecret(data.token, command);
+    say(`${t('terminals.enrolled')}：${data.venue}`, true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function revokeTerminal(peer) {
+  if (!window.confirm(t('confirm.revokeTerminal'))) return;
+  try {
+    await api('POST', `/api/v1/terminals/${encodeURIComponent(peer)}/revoke`);
+    await showAdmin();
+    say(t('terminals.done.revoke'), true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
 // ---- start ---------------------------------------------------------------------------
 
 async function start() {
@@ -732,6 +1184,12 @@ async function start() {
   $('#stats-form').addEventListener('submit', loadStats);
   $('#audit-verify').addEventListener('click', verifyAudit);
   $('#ask-form').addEventListener('submit', askHistory);
+  $('#stock-form').addEventListener('submit', recordStock);
+  $('#lot-form').addEventListener('submit', addLot);
+  $('#venue-form').addEventListener('submit', saveVenue);
+  $('#user-form').addEventListener('submit', addUser);
+  $('#token-form').addEventListener('submit', addToken);
+  $('#enrol-form').addEventListener('submit', enrolTerminal);
   // A scanner ends the coupon with Enter: go on to the vial instead of submitting.
   $('#capture-coupon').addEventListener('keydown', (event) => {
     if (event.key === 'Enter') {

@@ -197,7 +197,7 @@ pub fn write_population(path: &Path, n: u64, seed: u64, encoding: Encoding) -> a
     Ok(n)
 }
 
-/// The password of the demo's users (a clerk and an auditor).
+/// The password of the demo's users (a clerk, a municipal administrator and an auditor).
 const DEMO_PASSWORD: &str = "demo-password-2021";
 
 /// Runs the demo.
@@ -291,6 +291,7 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     started.tls = tls;
     let app = crate::api::router(started.state.clone(), started.max_body_bytes);
     let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(venues_scenario(&app, &token))?;
     runtime.block_on(scenario(&app, &token, &coupons))?;
     runtime.block_on(security_scenario(&app, &token, &coupons))?;
     // The demo node stops here and comes back as a process of the federation.
@@ -316,7 +317,7 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
     println!();
     println!("API: {scheme}://{listen}   トークン / token: {token}");
     println!(
-        "画面 / web UI: {scheme}://{listen}/ui/   職員 / clerk: tanaka, 監査 / auditor: kansa (password {DEMO_PASSWORD})"
+        "画面 / web UI: {scheme}://{listen}/ui/   職員 / clerk: tanaka, 管理者 / administrator: kanri, 監査 / auditor: kansa (password {DEMO_PASSWORD})"
     );
     // Another adult's coupon left unused (a child's would be refused for age).
     let adult = |(_, _, birth): &&(String, String, String)| birth.as_str() < "2008";
@@ -394,9 +395,46 @@ fn show(label: &str, status: StatusCode, body: &serde_json::Value) {
     println!("   {mark} {status} {label}: {detail}");
 }
 
+/// The two venues the demo's captures name, published for the public listing, and doses
+/// allocated to and delivered at them, so that the stock page has something to show.
+async fn venues_scenario(app: &axum::Router, token: &str) -> anyhow::Result<()> {
+    println!("== 5. 会場と在庫 / venues and stock");
+    let venues = [
+        (
+            "yokohama-arena",
+            "横浜アリーナ（集団接種会場）",
+            "横浜市港北区新横浜3-10",
+            ["mon", "wed", "fri", "sat"],
+        ),
+        ("shin-yokohama-hall", "新横浜公会堂", "横浜市港北区新横浜2-100", ["tue", "thu", "sat", "sun"]),
+    ];
+    for (id, name, address, days) in venues {
+        let body = serde_json::json!({
+            "name": name, "address": address, "products": ["comirnaty-30"], "opening_days": days,
+            "note": "予約制 / by appointment",
+        });
+        let (status, body) = call(app, token, "POST", &format!("/api/v1/venues/{id}"), body).await?;
+        anyhow::ensure!(status.is_success(), "venue {id}: {body}");
+        println!("   {status} {id} {name}");
+    }
+    for (kind, venue, doses) in [
+        ("allocation", "yokohama-arena", 1170),
+        ("delivery", "yokohama-arena", 780),
+        ("allocation", "shin-yokohama-hall", 390),
+        ("delivery", "shin-yokohama-hall", 390),
+    ] {
+        let body =
+            serde_json::json!({"kind": kind, "venue": venue, "product": "comirnaty-30", "doses": doses});
+        let (status, body) = call(app, token, "POST", "/api/v1/stock/entries", body).await?;
+        anyhow::ensure!(status.is_success(), "stock {kind} {venue}: {body}");
+        println!("   {status} {kind} {venue} comirnaty-30 {doses}");
+    }
+    Ok(())
+}
+
 async fn scenario(app: &axum::Router, token: &str, coupons: &[(String, String)]) -> anyhow::Result<()> {
     anyhow::ensure!(coupons.len() >= 6, "the demo needs at least 6 coupons");
-    println!("== 5. 接種の記録 / captures through the HTTP API (what the scanners type)");
+    println!("== 6. 接種の記録 / captures through the HTTP API (what the scanners type)");
     // The raw form a 2D scanner types: symbology id, (01) and (17) fixed length, (10) last.
     let vial = "]d201049870000010141730123110FA5765".to_owned();
     let capture = |coupon: &str, vial: &str, date: Option<String>| {
@@ -448,7 +486,7 @@ async fn scenario(app: &axum::Router, token: &str, coupons: &[(String, String)])
     let (status, second) = call(app, token, "POST", "/api/v1/captures", capture(c, &vial, None)).await?;
     show("接種券C", status, &second);
 
-    println!("== 6. 訂正 / corrections with a reason");
+    println!("== 7. 訂正 / corrections with a reason");
     let resident = first["resident_id"].as_str().unwrap_or_default().to_owned();
     let event = first["event"]["event_id"].as_str().unwrap_or_default().to_owned();
     let yesterday = (crate::clock::japan_today() - Duration::days(1)).to_string();
@@ -469,7 +507,7 @@ async fn scenario(app: &axum::Router, token: &str, coupons: &[(String, String)])
         call(app, token, "POST", &uri, serde_json::json!({"reason": "別人の接種券で記録したため"})).await?;
     println!("   {} {status} void: {}", if status.is_success() { "✔" } else { "✘" }, body["reason"]);
 
-    println!("== 7. 住民の照会 / look the resident up");
+    println!("== 8. 住民の照会 / look the resident up");
     let (status, body) =
         call(app, token, "GET", &format!("/api/v1/residents/{resident}"), serde_json::Value::Null).await?;
     println!(
@@ -487,9 +525,9 @@ async fn security_scenario(
     admin: &str,
     coupons: &[(String, String)],
 ) -> anyhow::Result<()> {
-    println!("== 8. 利用者・権限・監査ログ / users, roles and the audit log");
+    println!("== 9. 利用者・権限・監査ログ / users, roles and the audit log");
     let password = DEMO_PASSWORD;
-    for (name, role) in [("tanaka", "clerk"), ("kansa", "auditor")] {
+    for (name, role) in [("tanaka", "clerk"), ("kanri", "municipal_admin"), ("kansa", "auditor")] {
         let body = serde_json::json!({"username": name, "role": role, "password": password});
         let (status, _) = call(app, admin, "POST", "/api/v1/users", body).await?;
         println!("   {status} 利用者追加 / user added: {name} ({role}), password {password}");
