@@ -41,6 +41,13 @@ fn main() -> anyhow::Result<()> {
             let captures: usize = flag("--captures").unwrap_or_else(|| "50000".into()).parse()?;
             bench_capture(&data, clients, captures)
         }
+        Some("http-floor") => {
+            let data =
+                PathBuf::from(flag("--data").context("--data DIR (a node made by `import --keep DIR`)")?);
+            let clients: usize = flag("--clients").unwrap_or_else(|| "64".into()).parse()?;
+            let requests: usize = flag("--requests").unwrap_or_else(|| "100000".into()).parse()?;
+            bench_http_floor(&data, clients, requests)
+        }
         Some("standby") => {
             let residents: u64 = flag("--residents").unwrap_or_else(|| "100000".into()).parse()?;
             bench_standby(residents)
@@ -67,7 +74,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | standby [--residents N] | terminal [--captures N] [--national] | national [--days N] [--senders N] | handoff [--count N] [--clients N] [--rate PER_S] | fsync"
+            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | http-floor --data DIR [--clients N] [--requests N] | standby [--residents N] | terminal [--captures N] [--national] | national [--days N] [--senders N] | handoff [--count N] [--clients N] [--rate PER_S] | fsync"
         ),
     }
 }
@@ -405,6 +412,94 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
         2e6 / (per(node_cpu) + per(bench_cpu))
     );
     Ok(())
+}
+
+/// What the node's HTTP side costs with nothing behind it: the same 64 keep-alive clients
+/// as `capture`, asking for `/api/v1/auth/me` (a bearer token checked against the store,
+/// nothing written; public routes such as `/healthz` are rate-limited per address). The
+/// node's CPU per request here is a floor under any capture, which also parses a body,
+/// checks a signature, reads a document and commits.
+fn bench_http_floor(dir: &Path, clients: usize, requests: usize) -> anyhow::Result<()> {
+    let binary = vrs_node();
+    let data = dir.join("node");
+    let token = std::fs::read_to_string(dir.join("admin-token"))?.trim().to_owned();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut server = Command::new(binary)
+        .args(["run", "--listen", &listen, "--data"])
+        .arg(&data)
+        .env("VRS_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .max_idle_connections(clients)
+        .max_idle_connections_per_host(clients)
+        .build()
+        .new_agent();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent.get(format!("http://{listen}/healthz")).call().is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "node did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let result = (|| -> anyhow::Result<()> {
+        for (path, bearer) in [("/api/v1/auth/me", Some(format!("Bearer {token}")))] {
+            let next = Arc::new(AtomicUsize::new(0));
+            let latencies = Arc::new(Mutex::new(Vec::with_capacity(requests)));
+            let node_cpu_before = cpu_seconds(&format!("/proc/{}/stat", server.id()));
+            let bench_cpu_before = cpu_seconds("/proc/self/stat");
+            let start = Instant::now();
+            let threads: Vec<_> = (0..clients)
+                .map(|_| {
+                    let (next, latencies, agent, url, bearer) = (
+                        next.clone(),
+                        latencies.clone(),
+                        agent.clone(),
+                        format!("http://{listen}{path}"),
+                        bearer.clone(),
+                    );
+                    std::thread::spawn(move || -> anyhow::Result<()> {
+                        let mut mine = Vec::new();
+                        while next.fetch_add(1, Ordering::Relaxed) < requests {
+                            let t = Instant::now();
+                            let mut request = agent.get(&url);
+                            if let Some(bearer) = &bearer {
+                                request = request.header("Authorization", bearer);
+                            }
+                            let response = request.call()?;
+                            anyhow::ensure!(response.status() == 200, "{url}: {}", response.status());
+                            let _ = response.into_body().read_to_vec();
+                            mine.push(t.elapsed());
+                        }
+                        latencies.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
+                        Ok(())
+                    })
+                })
+                .collect();
+            for thread in threads {
+                thread.join().map_err(|_| anyhow::anyhow!("a client panicked"))??;
+            }
+            let elapsed = start.elapsed();
+            let node_cpu = cpu_seconds(&format!("/proc/{}/stat", server.id())) - node_cpu_before;
+            let bench_cpu = cpu_seconds("/proc/self/stat") - bench_cpu_before;
+            let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            latencies.sort();
+            let n = latencies.len() as f64;
+            println!(
+                "GET {path}: {n:.0} requests from {clients} clients, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms; CPU per request: node {:.0} µs ({:.2} cores), clients {:.0} µs",
+                n / elapsed.as_secs_f64(),
+                percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+                percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+                node_cpu / n * 1e6,
+                node_cpu / elapsed.as_secs_f64(),
+                bench_cpu / n * 1e6,
+            );
+        }
+        Ok(())
+    })();
+    let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
+    let _ = server.wait();
+    result
 }
 
 /// User + system CPU seconds of the process whose `/proc/…/stat` this is (0 if unreadable).
