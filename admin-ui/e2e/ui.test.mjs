@@ -199,7 +199,7 @@ async function main() {
     await page.click('#login-form button[type=submit]');
     await page.locator('#view-search').waitFor({ state: 'visible' });
     await page.click('#nav a[href="#/handoffs"]');
-    await page.locator('#handoffs-outgoing tbody tr', { hasText: '131016' }).first().waitFor();
+    await page.locator('#handoffs-outgoing tbody tr', { hasText: '東京都 千代田区（131016）' }).first().waitFor();
     const before = await page.locator('#handoffs-outgoing tbody tr').count();
     await page.fill('#ask-my-number', '123');
     await page.fill('#ask-birth', '1990-04-01');
@@ -215,7 +215,10 @@ async function main() {
     await page.locator('#search-results tbody tr').first().click();
     await page.click('#resident-move-out');
     assert.ok(await page.locator('#move-fields').isVisible());
+    await page.fill('#move-to', '131017');
+    await page.locator('#move-to-name', { hasText: '該当する市区町村がありません' }).waitFor();
     await page.fill('#move-to', '131016');
+    await page.locator('#move-to-name', { hasText: '東京都 千代田区（131016）' }).waitFor();
     await page.fill('#reason-text', '転居（画面からの試験）');
     await page.click('#reason-ok');
     await page.locator('#message.ok', { hasText: '引き継ぎを送りました' }).waitFor();

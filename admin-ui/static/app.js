@@ -130,6 +130,7 @@ const TEXT = {
   'handoffs.accepted': ['受け入れました', 'Accepted'],
   'handoffs.renumbered': ['接種回を振り直した記録', 'doses renumbered'],
   'handoffs.none': ['なし', 'none'],
+  'place.unknown': ['該当する市区町村がありません', 'no municipality has this code'],
   'col.handoff': ['引き継ぎ', 'Handoff'],
   'col.from': ['転出元', 'From'],
   'col.to': ['転出先', 'To'],
@@ -484,6 +485,7 @@ async function showResident(id) {
   const { data: r } = await api('GET', `/api/v1/residents/${encodeURIComponent(id)}`);
   show('resident');
   const readOnly = Boolean(r.transfer);
+  if (readOnly) await loadPlaces();
   const staff = mayDo('municipal_admin clerk') && !readOnly;
   $('#resident-name').textContent = `${r.identity.name}（${r.identity.name_kana}）`;
   const facts = $('#resident-identity');
@@ -493,7 +495,7 @@ async function showResident(id) {
   fact('col.birth', r.identity.birth_date);
   fact('col.sex', label('sex', r.identity.sex));
   fact('resident.address', r.identity.address);
-  fact('col.status', readOnly ? `${t('resident.moved')} → ${r.transfer.to}` : label('status', r.identity.status));
+  fact('col.status', readOnly ? `${t('resident.moved')} → ${place(r.transfer.to)}` : label('status', r.identity.status));
   fact('resident.next', `${r.next_dose}${lang === 'en' ? '' : t('capture.dose')}`);
   fact('resident.id', r.resident_id);
   const moveOut = $('#resident-move-out');
@@ -574,6 +576,7 @@ function askReason(titleKey, kind = 'reason') {
   $('#password-new').required = password;
   const fields = ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to', '#accept-atena', '#accept-address', '#password-new'];
   for (const id of fields) $(id).value = '';
+  $('#move-to-name').textContent = '';
   translate();
   return new Promise((resolve) => {
     const form = $('#reason-form');
@@ -678,6 +681,44 @@ async function moveOutResident(r) {
   }
 }
 
+// ---- municipalities -------------------------------------------------------------------
+
+let places = null;
+
+/** The 1,741 municipalities by code, asked for once. */
+async function loadPlaces() {
+  if (!places) {
+    try {
+      const { data } = await api('GET', '/api/v1/municipalities');
+      places = new Map(data.municipalities.map((m) => [m.code, m]));
+    } catch {
+      return new Map(); // codes are shown alone
+    }
+  }
+  return places;
+}
+
+/** A municipality as staff read it: prefecture, name and code. */
+function place(code) {
+  const m = code && places && places.get(code);
+  return m ? `${m.prefecture} ${m.name}（${code}）` : code || '';
+}
+
+/** Shows, under a field where a code is typed, whose code it is. */
+function nameAsTyped(input, output) {
+  const show = async () => {
+    const code = input.value.trim();
+    if (!/^\d{6}$/.test(code)) {
+      output.textContent = '';
+      return;
+    }
+    await loadPlaces();
+    output.textContent = places && places.has(code) ? place(code) : t('place.unknown');
+  };
+  input.addEventListener('input', show);
+  return show;
+}
+
 function residentLink(id) {
   if (!id) return '';
   return el('a', id, { href: `#/resident/${encodeURIComponent(id)}` });
@@ -685,7 +726,7 @@ function residentLink(id) {
 
 async function showHandoffs() {
   show('handoffs');
-  const { data } = await api('GET', '/api/v1/handoffs');
+  const [{ data }] = await Promise.all([api('GET', '/api/v1/handoffs'), loadPlaces()]);
   const incoming = $('#handoffs-incoming tbody');
   incoming.replaceChildren(...data.incoming.map((h) => {
     const notes = [];
@@ -694,7 +735,7 @@ async function showHandoffs() {
     if (h.renumbered && h.renumbered.length) notes.push(`${t('handoffs.renumbered')}: ${h.renumbered.length}`);
     const actions = document.createElement('span');
     if (h.state === 'received' || h.state === 'failed') actions.append(button('handoffs.accept', () => acceptHandoff(h), 'accept'));
-    const tr = row([h.handoff_id, h.from, label('in', h.state), localDate(h.received_at), residentLink(h.resident_id), notes.join(' / '), actions]);
+    const tr = row([h.handoff_id, place(h.from), label('in', h.state), localDate(h.received_at), residentLink(h.resident_id), notes.join(' / '), actions]);
     tr.dataset.handoff = h.handoff_id;
     return tr;
   }));
@@ -702,13 +743,13 @@ async function showHandoffs() {
   const outgoing = $('#handoffs-outgoing tbody');
   outgoing.replaceChildren(...data.outgoing.map((h) => {
     const state = label('out', h.state) + (h.refusal ? `（${h.refusal}）` : '');
-    const tr = row([h.handoff_id, residentLink(h.resident_id), h.to, state, localDate(h.updated_at || h.created_at), h.reason]);
+    const tr = row([h.handoff_id, residentLink(h.resident_id), place(h.to), state, localDate(h.updated_at || h.created_at), h.reason]);
     tr.dataset.handoff = h.handoff_id;
     return tr;
   }));
   if (!data.outgoing.length) noneRow(outgoing, 'handoffs.none');
   const asks = $('#handoffs-asks tbody');
-  asks.replaceChildren(...data.asks.map((a) => row([a.atena_number, label('ask', a.state), a.holder || '', a.handoff_id || '', localDate(a.updated_at || a.asked_at)])));
+  asks.replaceChildren(...data.asks.map((a) => row([a.atena_number, label('ask', a.state), place(a.holder), a.handoff_id || '', localDate(a.updated_at || a.asked_at)])));
   if (!data.asks.length) noneRow(asks, 'handoffs.none');
 }
 
@@ -1184,6 +1225,8 @@ async function start() {
   $('#stats-form').addEventListener('submit', loadStats);
   $('#audit-verify').addEventListener('click', verifyAudit);
   $('#ask-form').addEventListener('submit', askHistory);
+  nameAsTyped($('#move-to'), $('#move-to-name'));
+  nameAsTyped($('#ask-previous'), $('#ask-previous-name'));
   $('#stock-form').addEventListener('submit', recordStock);
   $('#lot-form').addEventListener('submit', addLot);
   $('#venue-form').addEventListener('submit', saveVenue);

@@ -272,6 +272,13 @@ pub const ROUTES: &[RouteSpec] = &[
     ),
     route("POST", "/api/v1/lots", STAFF, "ロットの登録", "Register a lot"),
     route("GET", "/api/v1/catalogue", Access::AnyRole, "ワクチン製品一覧", "Vaccine catalogue"),
+    route(
+        "GET",
+        "/api/v1/municipalities",
+        Access::AnyRole,
+        "全国の市区町村（コード・名称・都道府県）",
+        "Every municipality of Japan: code, name, prefecture",
+    ),
     route("GET", "/api/v1/changes", ADMIN, "変更フィード（複製用）", "Change feed (for replication)"),
     route("GET", "/api/v1/users", ADMIN, "利用者の一覧", "List users"),
     route("POST", "/api/v1/users", ADMIN, "利用者の追加", "Add a user"),
@@ -396,6 +403,7 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("POST", "/api/v1/venues/{venue}") => post(put_venue),
         ("POST", "/api/v1/lots") => post(add_lot),
         ("GET", "/api/v1/catalogue") => get(catalogue),
+        ("GET", "/api/v1/municipalities") => get(municipalities),
         ("GET", "/api/v1/changes") => get(changes),
         ("GET", "/api/v1/users") => get(list_users),
         ("POST", "/api/v1/users") => post(add_user),
@@ -1475,6 +1483,12 @@ pub fn validate_lot(catalogue: &Catalogue, lot: &str, gtin: &str, expiry: &str) 
 
 async fn catalogue(State(state): State<AppState>) -> Json<Catalogue> {
     Json((*state.catalogue).clone())
+}
+
+/// The 1,741 municipalities (public data), so that staff see a name beside a code they type
+/// or read — a handoff's sender or receiver, a newcomer's former municipality.
+async fn municipalities() -> Json<serde_json::Value> {
+    Json(json!({ "municipalities": protocol::municipality::all_municipalities() }))
 }
 
 #[derive(Deserialize)]
