@@ -154,6 +154,23 @@ async function main() {
     assert.match(await message.textContent(), /新しい接種券：\d{18}（発行世代 1）/);
     const states = await page.locator('#resident-coupons tbody tr td:nth-child(4)').allTextContents();
     assert.deepEqual(states.sort(), ['再発行により無効', '有効'].sort());
+    // The new coupon is printed at the desk: the resident's details, the 18 digits and the
+    // QR code the node draws (a 45-module symbol at 6 pixels a module); the old one has no
+    // print button.
+    const fresh = page.locator('#resident-coupons tbody tr', { hasText: '有効' }).filter({ hasNotText: '無効' });
+    const freshCode = await fresh.getAttribute('data-coupon');
+    assert.equal(await page.locator('#resident-coupons button[data-action=print]').count(), 1);
+    await page.evaluate(() => { window.print = () => { window.printed = true; }; });
+    await fresh.locator('button[data-action=print]').click();
+    await page.locator('#print-dialog').waitFor({ state: 'visible' });
+    assert.equal(await page.evaluate(() => document.querySelector('#print-qr').naturalWidth), 270);
+    assert.match(await page.textContent('#print-facts'), new RegExp(`${freshCode}`));
+    assert.match(await page.textContent('#print-place'), /横浜市/);
+    await page.click('#print-go');
+    assert.ok(await page.evaluate(() => window.printed === true), 'the browser was asked to print');
+    await page.screenshot({ path: join(shots, 'coupon-print.png'), fullPage: true });
+    await page.click('#print-close');
+    await page.locator('#print-dialog').waitFor({ state: 'hidden' });
 
     // 7. Reception: scan the coupon (the scanner ends with Enter), then the vial.
     await page.click('#nav a[href="#/capture"]');
@@ -365,6 +382,7 @@ async function main() {
     await page.click('#login-form button[type=submit]');
     await page.click('#nav a[href="#/audit"]');
     await page.locator('#audit-table tr', { hasText: 'dose.void' }).filter({ hasText: 'user:tanaka' }).first().waitFor();
+    await page.locator('#audit-table tr', { hasText: 'coupon.qr' }).filter({ hasText: 'user:tanaka' }).first().waitFor();
     await page.click('#audit-verify');
     await page.locator('#audit-verdict', { hasText: '改ざんなし' }).waitFor();
     assert.ok(!(await page.locator('#nav a[href="#/search"]').isVisible()), 'an auditor does not look residents up');

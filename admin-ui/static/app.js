@@ -198,6 +198,11 @@ const TEXT = {
   'dose.amend': ['修正', 'Amend'],
   'coupon.reissue': ['再発行', 'Reissue'],
   'coupon.revoke': ['失効', 'Revoke'],
+  'coupon.print': ['印刷', 'Print'],
+  'print.title': ['新型コロナウイルスワクチン 接種券', 'COVID-19 vaccination coupon'],
+  'print.print': ['印刷する', 'Print'],
+  'print.close': ['閉じる', 'Close'],
+  'print.failed': ['接種券のQRコードを取得できませんでした（有効な接種券ではない可能性があります）', 'Could not get the coupon\u2019s QR code (it may no longer be valid)'],
   'status.valid': ['有効', 'valid'],
   'status.voided': ['取消済', 'voided'],
   'status.used': ['使用済', 'used'],
@@ -533,6 +538,9 @@ async function showResident(id) {
         button('coupon.revoke', () => revoke(r, coupon), 'revoke'),
       );
     }
+    if (mayDo('municipal_admin clerk call_centre') && !readOnly && coupon.status === 'valid' && coupon.code.slice(2, 8) === r.municipality) {
+      actions.append(' ', button('coupon.print', () => printCoupon(r, coupon), 'print'));
+    }
     const why = coupon.status_reason ? `（${coupon.status_reason}）` : '';
     const tr = row([coupon.code, coupon.generation, localDate(coupon.issued_at), label('status', coupon.status) + why, actions]);
     tr.dataset.coupon = coupon.code;
@@ -654,6 +662,39 @@ async function reissue(r, coupon) {
   } catch (error) {
     say(error.message);
   }
+}
+
+/**
+ * Shows the coupon as it is printed for the resident — the municipality, their name, kana,
+ * birth date and address, the 18 digits and the signed QR code the node draws — and prints
+ * it. The QR image is fetched by the browser from the node (a read of the resident that the
+ * audit log records).
+ */
+async function printCoupon(r, coupon) {
+  const dialog = $('#print-dialog');
+  const image = $('#print-qr');
+  const loaded = new Promise((resolve) => {
+    image.onload = () => resolve(true);
+    image.onerror = () => resolve(false);
+  });
+  image.src = `/api/v1/coupons/${coupon.code.slice(8)}/qr`;
+  $('#print-place').textContent = me.municipality_name ? `${me.municipality_name}（${me.municipality}）` : me.municipality;
+  $('#print-dose').textContent = lang === 'en' ? `Dose ${coupon.code[1]}` : `第${coupon.code[1]}回`;
+  const facts = $('#print-facts');
+  facts.replaceChildren();
+  const fact = (key, value) => facts.append(el('dt', t(key)), el('dd', value));
+  fact('col.name', r.identity.name);
+  fact('col.kana', r.identity.name_kana);
+  fact('col.birth', r.identity.birth_date);
+  fact('resident.address', r.identity.address);
+  fact('col.coupon', coupon.code);
+  fact('col.generation', coupon.generation);
+  translate();
+  if (!(await loaded)) {
+    say(t('print.failed'));
+    return;
+  }
+  dialog.showModal();
 }
 
 async function revoke(r, coupon) {
@@ -1225,6 +1266,8 @@ async function start() {
   $('#stats-form').addEventListener('submit', loadStats);
   $('#audit-verify').addEventListener('click', verifyAudit);
   $('#ask-form').addEventListener('submit', askHistory);
+  $('#print-go').addEventListener('click', () => window.print());
+  $('#print-close').addEventListener('click', () => $('#print-dialog').close());
   nameAsTyped($('#move-to'), $('#move-to-name'));
   nameAsTyped($('#ask-previous'), $('#ask-previous-name'));
   $('#stock-form').addEventListener('submit', recordStock);

@@ -48,6 +48,9 @@ pub struct AppState {
     pub coupon_public_key: Vec<u8>,
     /// The vaccine catalogue.
     pub catalogue: Arc<Catalogue>,
+    /// Signs coupon QR texts for printing at the desk (a municipal node's coupon key;
+    /// `None` on a standby or terminal).
+    pub coupon_signer: Option<Arc<ring::signature::Ed25519KeyPair>>,
     /// Signs audit exports.
     pub audit: Arc<AuditLog>,
     /// Login, session and rate-limit rules.
@@ -227,6 +230,13 @@ pub const ROUTES: &[RouteSpec] = &[
         "Accept a received handoff (creates the resident, issues the next coupon)",
     ),
     route(
+        "GET",
+        "/api/v1/coupons/{coupon_number}/qr",
+        LOOKUP,
+        "有効な接種券のQRコード画像（窓口での印刷用）",
+        "The valid coupon's QR code as a PNG image (to print at the desk)",
+    ),
+    route(
         "POST",
         "/api/v1/coupons/{coupon_number}/reissue",
         LOOKUP,
@@ -393,6 +403,7 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("GET", "/api/v1/handoffs") => get(list_handoffs),
         ("POST", "/api/v1/handoffs/requests") => post(ask_history),
         ("POST", "/api/v1/handoffs/{handoff_id}/accept") => post(accept_handoff),
+        ("GET", "/api/v1/coupons/{coupon_number}/qr") => get(coupon_qr_image),
         ("POST", "/api/v1/coupons/{coupon_number}/reissue") => post(reissue),
         ("POST", "/api/v1/coupons/{coupon_number}/revoke") => post(revoke),
         ("GET", "/api/v1/lots") => get(list_lots),
@@ -1250,6 +1261,55 @@ async fn reissue(
     let number = coupon_number(&number)?;
     let outcome = state.writer.call(&who, |reply| Command::Reissue { number, reply }).await?;
     Ok((StatusCode::CREATED, Json(outcome)).into_response())
+}
+
+/// The QR code of a coupon's valid generation, as the print-shop file has it, for a clerk
+/// to print after a reissue. Only this municipality's valid coupons of a resident still held
+/// here; each image served is a read of the resident in the audit log.
+async fn coupon_qr_image(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(number): Path<String>,
+) -> ApiResult {
+    let number = coupon_number(&number)?;
+    let subject = format!("coupon:{number}");
+    let found = (|| -> anyhow::Result<Option<ResidentRecord>> {
+        let view = state.store.read()?;
+        let Some(id) = view.index(IDX_COUPON, number.as_str())?.into_iter().next() else { return Ok(None) };
+        view.record(&id)
+    })()
+    .map_err(|e| Problem::internal(&e))?;
+    let Some(record) = found else {
+        audit_refusal(&state, &who, "coupon.qr", subject, "refused:not_found").await;
+        return Err(Problem::not_found("coupon", "接種券", number.as_str()));
+    };
+    let valid = record.coupons.values().find(|c| {
+        c.code.number == number
+            && c.code.municipality == state.municipality
+            && c.status == CouponStatus::Valid
+    });
+    let (Some(entry), None, Some(signer)) = (valid, &record.transfer, state.coupon_signer.clone()) else {
+        audit_refusal(&state, &who, "coupon.qr", subject, "refused:coupon_not_valid").await;
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "coupon_not_valid",
+            Some("coupon_number"),
+            format!(
+                "coupon {number} has no valid generation here to print (used, superseded, revoked or moved away)"
+            ),
+            format!("接種券 {number} に印刷できる有効な版がありません（使用済み・再発行済み・失効・転出）"),
+        ));
+    };
+    let (code, generation) = (entry.code, entry.generation);
+    audit_reads(&state, &who, "coupon.qr", vec![format!("resident:{}", record.resident_id)]).await?;
+    let png = tokio::task::spawn_blocking(move || {
+        let text = protocol::coupon::SignedCoupon::sign(code, generation, &signer).to_qr_text();
+        crate::issuance::qr_png(&crate::issuance::coupon_qr(&text)?, 6)
+    })
+    .await
+    .map_err(|e| Problem::internal(&anyhow::anyhow!("QR rendering failed: {e}")))?
+    .map_err(|e| Problem::internal(&e))?;
+    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "no-store")], png).into_response())
 }
 
 async fn revoke(

@@ -40,6 +40,17 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
         (crate::config::Role::Terminal, None) => anyhow::bail!("node.toml of a terminal lacks [terminal]"),
         _ => None,
     };
+    // A municipal node prints its own coupons at the desk (a standby or terminal does not).
+    let coupon_signer = if files.config.role == crate::config::Role::Municipal {
+        let pkcs8 =
+            std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
+        Some(Arc::new(
+            ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
+                .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8 is not an Ed25519 key: {e}"))?,
+        ))
+    } else {
+        None
+    };
     let NodeFiles { config, catalogue, signing_key, actor, .. } = files;
     let context = WriterContext {
         actor: ActorId::from(actor),
@@ -57,6 +68,7 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
         writer,
         municipality: config.municipality,
         coupon_public_key,
+        coupon_signer,
         catalogue: Arc::new(catalogue),
         audit: api_audit,
         login_limiter: Arc::new(RateLimiter::new(config.auth.login_per_minute)),

@@ -163,6 +163,124 @@ fn a_rendered_coupon_qr_decodes_back_to_its_text_at_version_5() {
     signed.verify(&files.signing_public_key()).unwrap();
 }
 
+/// A clerk prints a coupon at the desk: the image the node serves decodes to a coupon signed
+/// with the municipality's key for the valid generation; once the coupon is used there is
+/// nothing to print (409), an unknown number is 404, and each image served is audited.
+#[tokio::test]
+async fn the_desk_prints_the_valid_coupon_and_nothing_else() {
+    let fixture = Fixture::new("print");
+    let files = NodeFiles::load(&fixture.dir).unwrap();
+    let store = Store::open(&files.store_path()).unwrap();
+    let csv = fixture.dir.join("residents.csv");
+    node::demo::write_population(&csv, 20, 7, Encoding::Utf8).unwrap();
+    assert!(matches!(
+        import_file(&files, &store, &csv, Encoding::Auto, None).unwrap(),
+        ImportOutcome::Applied(_)
+    ));
+    node::issuance::issue_all(&files, &store, node::clock::japan_today(), None).unwrap();
+    let lot = node::api::validate_lot(&files.catalogue, "PRN-1", "04987000001014", "2031-12-31").unwrap();
+    store.put_lots(&[lot]).unwrap();
+    let public_key = files.signing_public_key();
+    let started = node::daemon::start(NodeFiles::load(&fixture.dir).unwrap(), store).unwrap();
+    let app = router(started.state.clone(), started.max_body_bytes);
+    let call = |method: &str, uri: String, body: Option<serde_json::Value>| {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {}", fixture.token))
+            .header("content-type", "application/json")
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status();
+            let kind = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            (status, kind, axum::body::to_bytes(response.into_body(), 1 << 22).await.unwrap())
+        }
+    };
+    // An adult's valid coupon (old enough for every product).
+    let view = started.state.store.read().unwrap();
+    let (number, code, generation) = view
+        .resident_ids(None, 100)
+        .unwrap()
+        .into_iter()
+        .filter_map(|id| view.record(&id).unwrap())
+        .filter(|r| r.identity.birth_date < node::clock::japan_today() - time::Duration::days(365 * 20))
+        .find_map(|r| {
+            r.coupons
+                .values()
+                .find(|c| c.status == protocol::document::CouponStatus::Valid)
+                .map(|c| (c.code.number.as_str().to_owned(), c.code, c.generation))
+        })
+        .expect("an adult with a valid coupon");
+    drop(view);
+
+    let (status, kind, png) = call("GET", format!("/api/v1/coupons/{number}/qr"), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(kind.as_deref(), Some("image/png"));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(png.to_vec())).read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    let (width, height) = (info.width as usize, info.height as usize);
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
+    let (_, text) = image.detect_grids()[0].decode().unwrap();
+    let signed = match protocol::coupon::parse_scanned_coupon(&text).unwrap() {
+        protocol::coupon::ScannedCoupon::Signed(signed) => signed,
+        other => panic!("expected a signed coupon, got {other:?}"),
+    };
+    signed.verify(&public_key).unwrap();
+    assert_eq!((signed.code, signed.generation), (code, generation));
+
+    // The printed text is a coupon the node accepts; then it is used, and not printable.
+    let body =
+        serde_json::json!({"coupon": text, "vial": "(01)04987000001014(17)311231(10)PRN-1", "venue": "desk"});
+    let (status, _, answer) = call("POST", "/api/v1/captures".into(), Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&answer));
+    let (status, kind, answer) = call("GET", format!("/api/v1/coupons/{number}/qr"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(kind.as_deref(), Some("application/problem+json"));
+    assert!(String::from_utf8_lossy(&answer).contains("coupon_not_valid"));
+    let unknown = (0..10)
+        .map(|d| format!("999999999{d}"))
+        .find(|n| protocol::coupon::CouponNumber::parse(n).is_ok())
+        .unwrap();
+    let (status, _, _) = call("GET", format!("/api/v1/coupons/{unknown}/qr"), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // An auditor reads what was printed, and what was refused.
+    let user = serde_json::json!({"username": "kansa", "role": "auditor", "password": "audit-password-2026"});
+    assert_eq!(call("POST", "/api/v1/users".into(), Some(user)).await.0, StatusCode::CREATED);
+    let login = Request::builder()
+        .method("POST")
+        .uri("/api/v1/auth/login")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"username":"kansa","password":"audit-password-2026"}"#))
+        .unwrap();
+    let response = app.clone().oneshot(login).await.unwrap();
+    let session: serde_json::Value =
+        serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap()).unwrap();
+    let read = Request::builder()
+        .uri("/api/v1/audit?limit=5000")
+        .header("authorization", format!("Bearer {}", session["token"].as_str().unwrap()))
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(read).await.unwrap();
+    let audit: serde_json::Value =
+        serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap()).unwrap();
+    let printed: Vec<String> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "coupon.qr")
+        .map(|e| format!("{} {}", e["subject"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(printed.len(), 3, "{printed:?}");
+    assert!(printed[0].starts_with("resident:141003-") && printed[0].ends_with(" ok"), "{printed:?}");
+    assert_eq!(printed[1], format!("coupon:{number} refused:coupon_not_valid"));
+    assert_eq!(printed[2], format!("coupon:{unknown} refused:not_found"));
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
     /// The import decoder never panics and never writes on a file with a bad row.
