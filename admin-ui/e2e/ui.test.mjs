@@ -376,7 +376,58 @@ async function main() {
     await page.click('#logout');
     await page.locator('#view-login').waitFor({ state: 'visible' });
 
-    // 14. The auditor sees the clerk's void in the audit log, and the chain intact.
+    // 14. A venue terminal (the demo's, at Chiyoda's hall): its operator sees only the
+    // reception and the terminal's own log; a Yokohama resident's coupon (reissued through
+    // the API for this) is kept on the terminal, then sent, forwarded by Chiyoda's node and
+    // recorded by Yokohama's — the log shows it recorded as Yokohama's first dose.
+    const terminalHttp = printed.match(/Chiyoda venue terminal\s+(127\.0\.0\.1:\d+)/);
+    const terminalToken = printed.match(/ terminal (vrs_t_[0-9a-f]+)/);
+    const adminToken = printed.match(/トークン \/ token: (vrs_t_[0-9a-f]+)/);
+    assert.ok(terminalHttp && terminalToken && adminToken, 'the demo prints the terminal and the tokens');
+    const json = async (url, token, method = 'GET', body = undefined) => {
+      const response = await fetch(url, {
+        method,
+        headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+      const text = await response.text();
+      assert.ok(response.ok, `${method} ${url}: ${response.status} ${text}`);
+      return JSON.parse(text);
+    };
+    const adult = await json(`${base}/api/v1/residents?atena=0001000001`, adminToken[1]);
+    const record = await json(`${base}/api/v1/residents/${adult.residents[0].resident_id}`, adminToken[1]);
+    const reissued = await json(`${base}/api/v1/coupons/${record.valid_coupons[0].code.slice(8)}/reissue`, adminToken[1], 'POST');
+    const terminalBase = `http://${terminalHttp[1]}`;
+    await json(`${terminalBase}/api/v1/users`, terminalToken[1], 'POST',
+      { username: 'hall', role: 'venue_operator', password, venues: ['chiyoda-kumin-hall'] });
+    const terminalContext = await browser.newContext({ locale: 'ja-JP', timezoneId: 'Asia/Tokyo' });
+    const venuePage = await terminalContext.newPage();
+    venuePage.on('pageerror', (error) => problems.push(`terminal page error: ${error.message}`));
+    await venuePage.goto(`${terminalBase}/`);
+    await venuePage.fill('#login-username', 'hall');
+    await venuePage.fill('#login-password', password);
+    await venuePage.click('#login-form button[type=submit]');
+    await venuePage.locator('#view-capture').waitFor({ state: 'visible' });
+    assert.match(await venuePage.textContent('#who'), /千代田区/);
+    const links = await venuePage.locator('#nav a:visible').allTextContents();
+    assert.deepEqual(links, ['接種の記録', '端末の記録'], 'a terminal shows only its own pages');
+    assert.equal(await venuePage.inputValue('#capture-venue'), 'chiyoda-kumin-hall');
+    await venuePage.fill('#capture-coupon', reissued.qr_text);
+    await venuePage.press('#capture-coupon', 'Enter');
+    await venuePage.fill('#capture-vial', '(01)04987000001014(17)301231(10)CHY0001');
+    await venuePage.press('#capture-vial', 'Enter');
+    await venuePage.locator('#capture-result', { hasText: '端末に保存しました' }).waitFor();
+    await venuePage.click('#nav a[href="#/terminal"]');
+    // Newest first: the demo's own capture at this hall is the second row.
+    await venuePage.locator('#terminal-table tbody tr').nth(1).waitFor();
+    const newest = venuePage.locator('#terminal-table tbody tr').first();
+    await venuePage.locator('#terminal-table tbody tr:first-child[data-state="recorded"]').waitFor({ timeout: 60_000 });
+    assert.match(await newest.locator('td').nth(3).textContent(), /^記録済：神奈川県 横浜市（141003）・1回目$/);
+    assert.equal(await venuePage.locator('#terminal-table tbody tr').count(), 2);
+    await venuePage.screenshot({ path: join(shots, 'terminal.png'), fullPage: true });
+    await terminalContext.close();
+
+    // 15. The auditor sees the clerk's void in the audit log, and the chain intact.
     await page.fill('#login-username', 'kansa');
     await page.fill('#login-password', password);
     await page.click('#login-form button[type=submit]');
@@ -389,7 +440,7 @@ async function main() {
     await page.screenshot({ path: join(shots, 'audit.png'), fullPage: true });
 
     assert.deepEqual(problems, [], 'the browser reported no script error or policy violation');
-    console.log('ui: 14 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, relocation, stock, users and devices, venue operator, audit)');
+    console.log('ui: 15 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, relocation, stock, users and devices, venue operator, venue terminal, audit)');
   } catch (error) {
     if (page) {
       await page.screenshot({ path: join(shots, 'failure.png'), fullPage: true }).catch(() => {});

@@ -11,6 +11,19 @@ const TEXT = {
   'nav.audit': ['監査ログ', 'Audit log'],
   'nav.handoffs': ['転出・転入', 'Relocation'],
   'nav.stock': ['ワクチン・在庫', 'Vaccines & stock'],
+  'nav.terminal': ['端末の記録', 'This terminal'],
+  'terminal.title': ['この端末で記録した接種', 'Doses recorded on this terminal'],
+  'terminal.help': ['接種券の市区町村のノードへ接続できるときに送信します。状態は自動で更新されます。', 'They are sent when the coupon\u2019s municipality can be reached. The states update by themselves.'],
+  'terminal.captured': ['記録日時', 'Recorded'],
+  'terminal.event': ['記録ID', 'Record id'],
+  'terminal.pending': ['送信待ち', 'waiting to be sent'],
+  'terminal.forwarded': ['送信済（接種券の市区町村の確認待ち）', 'sent (waiting for the coupon\u2019s municipality)'],
+  'terminal.recorded': ['記録済', 'recorded'],
+  'terminal.replay': ['（記録済みの接種の再送）', ' (a dose recorded before, sent again)'],
+  'terminal.refused': ['受付不可', 'refused'],
+  'terminal.count': ['件', 'doses'],
+  'terminal.open': ['未確定', 'not final yet'],
+  'terminal.none': ['この端末で記録した接種はまだありません', 'No dose recorded on this terminal yet'],
   'nav.admin': ['利用者・端末', 'Users & devices'],
   'stock.title': ['会場ごとの在庫', 'Stock at each venue'],
   'stock.allocated': ['配分', 'Allocated'],
@@ -383,7 +396,9 @@ function show(view) {
   $('#nav').hidden = !me;
   $('#logout').hidden = !me;
   for (const link of document.querySelectorAll('#nav a')) {
-    link.hidden = !mayDo(link.dataset.roles);
+    // A venue terminal has only the reception and its own log; a node has no terminal log.
+    const kind = link.dataset.node || 'municipal';
+    link.hidden = !mayDo(link.dataset.roles) || !(kind === 'any' || kind === (me && me.node === 'terminal' ? 'terminal' : 'municipal'));
     if (link.getAttribute('href') === `#/${view}`) link.setAttribute('aria-current', 'page');
     else link.removeAttribute('aria-current');
   }
@@ -408,6 +423,8 @@ async function route() {
     else if (view === 'handoffs') await showHandoffs();
     else if (view === 'stock') await showStock();
     else if (view === 'admin') await showAdmin();
+    else if (view === 'terminal') await showTerminal();
+    else if (me.node === 'terminal') location.hash = mayDo('auditor') ? '#/audit' : '#/capture';
     else if (view === 'search' || mayDo('municipal_admin clerk call_centre')) show('search');
     else if (mayDo('venue_operator')) location.hash = '#/capture';
     else location.hash = '#/stats';
@@ -861,7 +878,8 @@ async function capture(event) {
   try {
     const { status, data } = await api('POST', '/api/v1/captures', body);
     let text;
-    if (data && data.state === 'pending') text = t('capture.pending');
+    const pending = data && data.state && (data.state === 'pending' || data.state.state === 'pending');
+    if (pending) text = t('capture.pending');
     else if (status === 200 || (data && data.replay)) text = t('capture.replay');
     else text = t('capture.recorded');
     const number = data && (data.dose_number || (data.event && data.event.dose_number));
@@ -919,6 +937,43 @@ async function verifyAudit() {
   } catch (error) {
     say(error.message);
   }
+}
+
+// ---- a venue terminal's own log ----------------------------------------------------
+
+let terminalTimer = null;
+
+/** The terminal's captures, newest first, refreshed every few seconds while shown. */
+async function showTerminal() {
+  show('terminal');
+  clearTimeout(terminalTimer);
+  const [{ data }] = await Promise.all([api('GET', '/api/v1/terminal/captures'), loadPlaces()]);
+  const captures = data.captures || [];
+  const body = $('#terminal-table tbody');
+  body.replaceChildren(...captures.map((entry) => {
+    const c = entry.capture;
+    const s = entry.state;
+    let state = t(`terminal.${s.state}`);
+    if (s.state === 'recorded') {
+      state += `：${place(s.owner)}・${lang === 'en' ? `dose ${s.dose_number}` : `${s.dose_number}回目`}${s.replay ? t('terminal.replay') : ''}`;
+    } else if (s.state === 'refused') {
+      state += `：${lang === 'en' ? s.message_en : s.message_ja}`;
+    } else if (s.state === 'forwarded') {
+      state += `：${place(s.owner)}`;
+    }
+    const tr = row([localDate(c.captured_at), c.vaccinated_on, c.venue, state, c.event_id]);
+    tr.dataset.event = c.event_id;
+    tr.dataset.state = s.state;
+    if (s.state === 'refused') tr.classList.add('refused');
+    return tr;
+  }));
+  if (!captures.length) noneRow(body, 'terminal.none');
+  const open = captures.filter((e) => e.state.state === 'pending' || e.state.state === 'forwarded').length;
+  $('#terminal-summary').textContent =
+    `${captures.length} ${t('terminal.count')}` + (open ? ` · ${t('terminal.open')}: ${open}` : '');
+  terminalTimer = setTimeout(() => {
+    if (location.hash === '#/terminal' && me) showTerminal().catch((error) => say(error.message));
+  }, 3000);
 }
 
 // ---- vaccines, stock and venues ------------------------------------------------------

@@ -1682,6 +1682,8 @@ async fn me(
         "municipality": state.municipality,
         "municipality_name": protocol::municipality::lookup_municipality(state.municipality).map(|m| m.name),
         "venues": principal.venues,
+        // What kind of node answers: the web UI shows a venue terminal only its own pages.
+        "node": if state.terminal.is_some() { "terminal" } else { "municipal" },
         // A session's own holder may read its CSRF token (the web UI, after a reload); no
         // other origin can read this answer.
         "csrf_token": principal.csrf_token,
