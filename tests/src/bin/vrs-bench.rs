@@ -310,28 +310,7 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
     };
     let (sync_rate, sync_p50) = fdatasync_rate(&data, Duration::from_secs(2))?;
 
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut server = Command::new(binary)
-        .args(["run", "--listen", &listen, "--data"])
-        .arg(&data)
-        .env("VRS_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    // Every client keeps its connection, as a venue's scanner station does: ureq's pool keeps
-    // only 3 idle connections per host by default, which would make most captures open a new
-    // TCP connection (PostgreSQL's pgbench keeps its 64 connections too).
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .max_idle_connections(clients)
-        .max_idle_connections_per_host(clients)
-        .build()
-        .new_agent();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while agent.get(format!("http://{listen}/healthz")).call().is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "node did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut server, agent, listen) = serve_for_clients(binary, &data, clients)?;
     let queue = Arc::new(queue);
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(captures)));
@@ -420,13 +399,69 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
 /// node's CPU per request here is a floor under any capture, which also parses a body,
 /// checks a signature, reads a document and commits.
 fn bench_http_floor(dir: &Path, clients: usize, requests: usize) -> anyhow::Result<()> {
-    let binary = vrs_node();
     let data = dir.join("node");
-    let token = std::fs::read_to_string(dir.join("admin-token"))?.trim().to_owned();
+    let bearer = format!("Bearer {}", std::fs::read_to_string(dir.join("admin-token"))?.trim());
+    let (mut server, agent, listen) = serve_for_clients(vrs_node(), &data, clients)?;
+    let url = format!("http://{listen}/api/v1/auth/me");
+    let next = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(requests)));
+    let node_cpu_before = cpu_seconds(&format!("/proc/{}/stat", server.id()));
+    let bench_cpu_before = cpu_seconds("/proc/self/stat");
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (next, latencies, agent, url, bearer) =
+                (next.clone(), latencies.clone(), agent.clone(), url.clone(), bearer.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut mine = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < requests {
+                    let t = Instant::now();
+                    let response = agent.get(&url).header("Authorization", &bearer).call()?;
+                    anyhow::ensure!(response.status() == 200, "{url}: {}", response.status());
+                    let _ = response.into_body().read_to_vec();
+                    mine.push(t.elapsed());
+                }
+                latencies.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
+                Ok(())
+            })
+        })
+        .collect();
+    let joined: anyhow::Result<()> =
+        threads.into_iter().try_for_each(|t| t.join().map_err(|_| anyhow::anyhow!("a client panicked"))?);
+    let elapsed = start.elapsed();
+    let node_cpu = cpu_seconds(&format!("/proc/{}/stat", server.id())) - node_cpu_before;
+    let bench_cpu = cpu_seconds("/proc/self/stat") - bench_cpu_before;
+    let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
+    let _ = server.wait();
+    joined?;
+    let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    latencies.sort();
+    let n = latencies.len() as f64;
+    println!(
+        "GET /api/v1/auth/me: {n:.0} requests from {clients} clients, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms; CPU per request: node {:.0} µs ({:.2} cores), clients {:.0} µs",
+        n / elapsed.as_secs_f64(),
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        node_cpu / n * 1e6,
+        node_cpu / elapsed.as_secs_f64(),
+        bench_cpu / n * 1e6,
+    );
+    Ok(())
+}
+
+/// Starts `vrs-node run` on `data` at a free loopback port and waits until it answers; the
+/// agent keeps one connection per client, as a venue's scanner station does: ureq's pool
+/// keeps only 3 idle connections per host by default, which would make most requests open a
+/// new TCP connection (PostgreSQL's pgbench keeps its 64 connections too).
+fn serve_for_clients(
+    binary: &Path,
+    data: &Path,
+    clients: usize,
+) -> anyhow::Result<(std::process::Child, ureq::Agent, String)> {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut server = Command::new(binary)
         .args(["run", "--listen", &listen, "--data"])
-        .arg(&data)
+        .arg(data)
         .env("VRS_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()?;
@@ -439,67 +474,13 @@ fn bench_http_floor(dir: &Path, clients: usize, requests: usize) -> anyhow::Resu
         .new_agent();
     let deadline = Instant::now() + Duration::from_secs(60);
     while agent.get(format!("http://{listen}/healthz")).call().is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "node did not start");
+        if Instant::now() >= deadline {
+            let _ = server.kill();
+            bail!("node did not start");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let result = (|| -> anyhow::Result<()> {
-        for (path, bearer) in [("/api/v1/auth/me", Some(format!("Bearer {token}")))] {
-            let next = Arc::new(AtomicUsize::new(0));
-            let latencies = Arc::new(Mutex::new(Vec::with_capacity(requests)));
-            let node_cpu_before = cpu_seconds(&format!("/proc/{}/stat", server.id()));
-            let bench_cpu_before = cpu_seconds("/proc/self/stat");
-            let start = Instant::now();
-            let threads: Vec<_> = (0..clients)
-                .map(|_| {
-                    let (next, latencies, agent, url, bearer) = (
-                        next.clone(),
-                        latencies.clone(),
-                        agent.clone(),
-                        format!("http://{listen}{path}"),
-                        bearer.clone(),
-                    );
-                    std::thread::spawn(move || -> anyhow::Result<()> {
-                        let mut mine = Vec::new();
-                        while next.fetch_add(1, Ordering::Relaxed) < requests {
-                            let t = Instant::now();
-                            let mut request = agent.get(&url);
-                            if let Some(bearer) = &bearer {
-                                request = request.header("Authorization", bearer);
-                            }
-                            let response = request.call()?;
-                            anyhow::ensure!(response.status() == 200, "{url}: {}", response.status());
-                            let _ = response.into_body().read_to_vec();
-                            mine.push(t.elapsed());
-                        }
-                        latencies.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
-                        Ok(())
-                    })
-                })
-                .collect();
-            for thread in threads {
-                thread.join().map_err(|_| anyhow::anyhow!("a client panicked"))??;
-            }
-            let elapsed = start.elapsed();
-            let node_cpu = cpu_seconds(&format!("/proc/{}/stat", server.id())) - node_cpu_before;
-            let bench_cpu = cpu_seconds("/proc/self/stat") - bench_cpu_before;
-            let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            latencies.sort();
-            let n = latencies.len() as f64;
-            println!(
-                "GET {path}: {n:.0} requests from {clients} clients, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms; CPU per request: node {:.0} µs ({:.2} cores), clients {:.0} µs",
-                n / elapsed.as_secs_f64(),
-                percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-                percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-                node_cpu / n * 1e6,
-                node_cpu / elapsed.as_secs_f64(),
-                bench_cpu / n * 1e6,
-            );
-        }
-        Ok(())
-    })();
-    let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
-    let _ = server.wait();
-    result
+    Ok((server, agent, listen))
 }
 
 /// User + system CPU seconds of the process whose `/proc/…/stat` this is (0 if unreadable).
