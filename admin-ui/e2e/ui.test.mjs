@@ -425,6 +425,19 @@ async function main() {
     assert.match(await newest.locator('td').nth(3).textContent(), /^記録済：神奈川県 横浜市（141003）・1回目$/);
     assert.equal(await venuePage.locator('#terminal-table tbody tr').count(), 2);
     await venuePage.screenshot({ path: join(shots, 'terminal.png'), fullPage: true });
+    // The terminal's administrator manages its local accounts there (no terminals to enrol).
+    await json(`${terminalBase}/api/v1/users`, terminalToken[1], 'POST',
+      { username: 'hall-admin', role: 'municipal_admin', password });
+    await venuePage.click('#logout');
+    await venuePage.locator('#view-login').waitFor({ state: 'visible' });
+    await venuePage.fill('#login-username', 'hall-admin');
+    await venuePage.fill('#login-password', password);
+    await venuePage.click('#login-form button[type=submit]');
+    await venuePage.locator('#view-capture').waitFor({ state: 'visible' });
+    assert.deepEqual(await venuePage.locator('#nav a:visible').allTextContents(), ['接種の記録', '端末の記録', '利用者・端末']);
+    await venuePage.click('#nav a[href="#/admin"]');
+    await venuePage.locator('#users-table tbody tr[data-user="hall"]').waitFor();
+    assert.ok(await venuePage.locator('#terminals-part').isHidden());
     await terminalContext.close();
 
     // 15. The auditor sees the clerk's void in the audit log, and the chain intact.

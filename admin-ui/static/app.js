@@ -1165,8 +1165,12 @@ async function showAdmin(keepSecret = false) {
     select.replaceChildren(...ROLES.map((r) => el('option', label('role', r), { value: r })));
     if (chosen) select.value = chosen;
   }
+  // A venue terminal keeps its own accounts but enrols no terminals.
+  const onTerminal = me.node === 'terminal';
+  $('#terminals-part').hidden = onTerminal;
   const [{ data: users }, { data: tokens }, { data: terminals }] = await Promise.all([
-    api('GET', '/api/v1/users'), api('GET', '/api/v1/tokens'), api('GET', '/api/v1/terminals'),
+    api('GET', '/api/v1/users'), api('GET', '/api/v1/tokens'),
+    onTerminal ? { data: { terminals: [], enrolments: [] } } : api('GET', '/api/v1/terminals'),
   ]);
   const now = new Date();
   $('#users-table tbody').replaceChildren(...users.users.map((u) => {
