@@ -13,7 +13,7 @@ const TEXT = {
   'nav.stock': ['ワクチン・在庫', 'Vaccines & stock'],
   'nav.terminal': ['端末の記録', 'This terminal'],
   'terminal.title': ['この端末で記録した接種', 'Doses recorded on this terminal'],
-  'terminal.help': ['接種券の市区町村のノードへ接続できるときに送信します。状態は自動で更新されます。', 'They are sent when the coupon\u2019s municipality can be reached. The states update by themselves.'],
+  'terminal.help': ['接種券の市区町村のノードへ接続できるときに送信します。確定していない記録があるあいだ、状態は自動で更新されます。', 'They are sent when the coupon\u2019s municipality can be reached. While a dose waits for its answer, the states update by themselves.'],
   'terminal.captured': ['記録日時', 'Recorded'],
   'terminal.event': ['記録ID', 'Record id'],
   'terminal.pending': ['送信待ち', 'waiting to be sent'],
@@ -21,8 +21,8 @@ const TEXT = {
   'terminal.recorded': ['記録済', 'recorded'],
   'terminal.replay': ['（記録済みの接種の再送）', ' (a dose recorded before, sent again)'],
   'terminal.refused': ['受付不可', 'refused'],
-  'terminal.count': ['件', 'doses'],
   'terminal.open': ['未確定', 'not final yet'],
+  'terminal.refresh': ['更新', 'Refresh'],
   'terminal.none': ['この端末で記録した接種はまだありません', 'No dose recorded on this terminal yet'],
   'nav.admin': ['利用者・端末', 'Users & devices'],
   'stock.title': ['会場ごとの在庫', 'Stock at each venue'],
@@ -415,6 +415,8 @@ async function route() {
     return;
   }
   const [, view, id] = (location.hash || '').split('/');
+  // A secret shown once stays only while its page is shown (a language switch keeps it).
+  if (view !== 'admin') hideSecret();
   try {
     if (view === 'resident' && id) await showResident(decodeURIComponent(id));
     else if (view === 'capture') await showCapture();
@@ -463,6 +465,8 @@ async function logout() {
  */
 function forget() {
   me = null;
+  // Some browsers put a reloaded page's form fields back: empty them first.
+  for (const form of document.forms) form.reset();
   localStorage.removeItem('vrs.session');
   history.replaceState(null, '', location.pathname);
   location.reload();
@@ -555,7 +559,8 @@ async function showResident(id) {
         button('coupon.revoke', () => revoke(r, coupon), 'revoke'),
       );
     }
-    if (mayDo('municipal_admin clerk call_centre') && !readOnly && coupon.status === 'valid' && coupon.code.slice(2, 8) === r.municipality) {
+    // Only the node with the coupon key prints (not a standby).
+    if (me.node === 'municipal' && mayDo('municipal_admin clerk call_centre') && !readOnly && coupon.status === 'valid' && coupon.code.slice(2, 8) === r.municipality) {
       actions.append(' ', button('coupon.print', () => printCoupon(r, coupon), 'print'));
     }
     const why = coupon.status_reason ? `（${coupon.status_reason}）` : '';
@@ -615,6 +620,7 @@ function askReason(titleKey, kind = 'reason') {
       $('#reason-cancel').removeEventListener('click', cancel);
       dialog.removeEventListener('close', cancel);
       if (dialog.open) dialog.close();
+      $('#password-new').value = '';
       resolve(answer);
     };
     const submit = (event) => {
@@ -694,7 +700,7 @@ async function printCoupon(r, coupon) {
     image.onload = () => resolve(true);
     image.onerror = () => resolve(false);
   });
-  image.src = `/api/v1/coupons/${coupon.code.slice(8)}/qr`;
+  image.src = `/api/v1/coupons/${encodeURIComponent(coupon.code.slice(8))}/qr?generation=${coupon.generation}`;
   $('#print-place').textContent = me.municipality_name ? `${me.municipality_name}（${me.municipality}）` : me.municipality;
   $('#print-dose').textContent = lang === 'en' ? `Dose ${coupon.code[1]}` : `第${coupon.code[1]}回`;
   const facts = $('#print-facts');
@@ -708,10 +714,21 @@ async function printCoupon(r, coupon) {
   fact('col.generation', coupon.generation);
   translate();
   if (!(await loaded)) {
+    closePrint();
     say(t('print.failed'));
     return;
   }
+  document.body.classList.add('printing-coupon');
   dialog.showModal();
+}
+
+/** Closes the coupon and forgets it: nothing of the resident stays in the page. */
+function closePrint() {
+  const dialog = $('#print-dialog');
+  if (dialog.open) dialog.close();
+  document.body.classList.remove('printing-coupon');
+  $('#print-facts').replaceChildren();
+  $('#print-qr').removeAttribute('src');
 }
 
 async function revoke(r, coupon) {
@@ -742,17 +759,24 @@ async function moveOutResident(r) {
 // ---- municipalities -------------------------------------------------------------------
 
 let places = null;
+let placesLoading = null;
 
-/** The 1,741 municipalities by code, asked for once. */
+/** The 1,741 municipalities by code, asked for once (again after a failure). */
 async function loadPlaces() {
-  if (!places) {
-    try {
-      const { data } = await api('GET', '/api/v1/municipalities');
-      places = new Map(data.municipalities.map((m) => [m.code, m]));
-    } catch {
-      return new Map(); // codes are shown alone
-    }
+  if (places) return places;
+  if (!placesLoading) {
+    placesLoading = api('GET', '/api/v1/municipalities')
+      .then(({ data }) => {
+        places = new Map(data.municipalities.map((m) => [m.code, m]));
+      })
+      .catch(() => {
+        // Codes are shown alone until the list can be had.
+      })
+      .finally(() => {
+        placesLoading = null;
+      });
   }
+  await placesLoading;
   return places;
 }
 
@@ -771,7 +795,9 @@ function nameAsTyped(input, output) {
       return;
     }
     await loadPlaces();
-    output.textContent = places && places.has(code) ? place(code) : t('place.unknown');
+    if (input.value.trim() !== code) return; // typed on meanwhile
+    if (!places) output.textContent = '';
+    else output.textContent = places.has(code) ? place(code) : t('place.unknown');
   };
   input.addEventListener('input', show);
   return show;
@@ -839,6 +865,7 @@ async function askHistory(event) {
   try {
     await api('POST', '/api/v1/handoffs/requests', body);
     $('#ask-form').reset();
+    $('#ask-previous-name').textContent = '';
     await showHandoffs();
     say(t('handoffs.asked'), true);
   } catch (error) {
@@ -947,33 +974,43 @@ let terminalTimer = null;
 async function showTerminal() {
   show('terminal');
   clearTimeout(terminalTimer);
-  const [{ data }] = await Promise.all([api('GET', '/api/v1/terminal/captures'), loadPlaces()]);
-  const captures = data.captures || [];
-  const body = $('#terminal-table tbody');
-  body.replaceChildren(...captures.map((entry) => {
-    const c = entry.capture;
-    const s = entry.state;
-    let state = t(`terminal.${s.state}`);
-    if (s.state === 'recorded') {
-      state += `：${place(s.owner)}・${lang === 'en' ? `dose ${s.dose_number}` : `${s.dose_number}回目`}${s.replay ? t('terminal.replay') : ''}`;
-    } else if (s.state === 'refused') {
-      state += `：${lang === 'en' ? s.message_en : s.message_ja}`;
-    } else if (s.state === 'forwarded') {
-      state += `：${place(s.owner)}`;
+  let open = 0;
+  let failed = true;
+  try {
+    const [{ data }] = await Promise.all([api('GET', '/api/v1/terminal/captures'), loadPlaces()]);
+    const captures = data.captures || [];
+    const body = $('#terminal-table tbody');
+    body.replaceChildren(...captures.map((entry) => {
+      const c = entry.capture;
+      const s = entry.state;
+      const parts = [t(`terminal.${s.state}`)];
+      if (s.state === 'recorded') {
+        parts.push(`${place(s.owner)}${lang === 'en' ? `, dose ${s.dose_number}` : `・${s.dose_number}回目`}${s.replay ? t('terminal.replay') : ''}`);
+      } else if (s.state === 'refused') {
+        parts.push(lang === 'en' ? s.message_en : s.message_ja);
+      } else if (s.state === 'forwarded') {
+        parts.push(place(s.owner));
+      }
+      const tr = row([localDate(c.captured_at), c.vaccinated_on, c.venue, parts.join(colon()), c.event_id]);
+      tr.dataset.event = c.event_id;
+      tr.dataset.state = s.state;
+      if (s.state === 'refused') tr.classList.add('refused');
+      return tr;
+    }));
+    if (!captures.length) noneRow(body, 'terminal.none');
+    open = captures.filter((e) => e.state.state === 'pending' || e.state.state === 'forwarded').length;
+    const count = lang === 'en' ? `${captures.length} ${captures.length === 1 ? 'dose' : 'doses'}` : `${captures.length} 件`;
+    $('#terminal-summary').textContent = count + (open ? ` · ${t('terminal.open')}: ${open}` : '');
+    failed = false;
+  } finally {
+    // Every read of the log is audited: read it again by itself only while a dose waits for
+    // its answer (every 3 s) or after a failed read (in 10 s); 更新 reads it on demand.
+    if (open || failed) {
+      terminalTimer = setTimeout(() => {
+        if (location.hash === '#/terminal' && me) showTerminal().catch((error) => say(error.message));
+      }, open ? 3000 : 10000);
     }
-    const tr = row([localDate(c.captured_at), c.vaccinated_on, c.venue, state, c.event_id]);
-    tr.dataset.event = c.event_id;
-    tr.dataset.state = s.state;
-    if (s.state === 'refused') tr.classList.add('refused');
-    return tr;
-  }));
-  if (!captures.length) noneRow(body, 'terminal.none');
-  const open = captures.filter((e) => e.state.state === 'pending' || e.state.state === 'forwarded').length;
-  $('#terminal-summary').textContent =
-    `${captures.length} ${t('terminal.count')}` + (open ? ` · ${t('terminal.open')}: ${open}` : '');
-  terminalTimer = setTimeout(() => {
-    if (location.hash === '#/terminal' && me) showTerminal().catch((error) => say(error.message));
-  }, 3000);
+  }
 }
 
 // ---- vaccines, stock and venues ------------------------------------------------------
@@ -1016,6 +1053,11 @@ function checkbox(name, value, text, checked) {
   box.checked = checked;
   wrap.append(box, ` ${text}`);
   return wrap;
+}
+
+/** What separates a message from what it is about, as each language writes it. */
+function colon() {
+  return lang === 'en' ? ': ' : '：';
 }
 
 /** Items joined as each language lists them. */
@@ -1101,7 +1143,7 @@ async function addLot(event) {
     await api('POST', '/api/v1/lots', body);
     $('#lot-number').value = '';
     await showStock();
-    say(`${t('lots.added')}：${body.lot}`, true);
+    say(`${t('lots.added')}${colon()}${body.lot}`, true);
   } catch (error) {
     say(error.message);
   }
@@ -1137,7 +1179,7 @@ async function saveVenue(event) {
     await api('POST', `/api/v1/venues/${encodeURIComponent(id)}`, body);
     $('#venue-form').reset();
     await showStock();
-    say(`${t('venues.saved')}：${id}`, true);
+    say(`${t('venues.saved')}${colon()}${id}`, true);
   } catch (error) {
     say(error.message);
   }
@@ -1149,6 +1191,13 @@ function venuesList(text) {
   return text.split(/[,、\s]+/).map((v) => v.trim()).filter(Boolean);
 }
 
+/** Forgets a secret shown once (leaving the page, or logging out). */
+function hideSecret() {
+  $('#secret-box').hidden = true;
+  $('#secret-value').textContent = '';
+  $('#secret-hint').textContent = '';
+}
+
 /** Shows a secret the node gives only once, and for a terminal the command that uses it. */
 function showSecret(secret, command) {
   $('#secret-value').textContent = secret;
@@ -1157,9 +1206,8 @@ function showSecret(secret, command) {
   $('#secret-box').hidden = false;
 }
 
-async function showAdmin(keepSecret = false) {
+async function showAdmin() {
   show('admin');
-  if (!keepSecret) $('#secret-box').hidden = true;
   for (const select of document.querySelectorAll('select.roles')) {
     const chosen = select.value;
     select.replaceChildren(...ROLES.map((r) => el('option', label('role', r), { value: r })));
@@ -1225,7 +1273,7 @@ async function addUser(event) {
     await api('POST', '/api/v1/users', body);
     $('#user-form').reset();
     await showAdmin();
-    say(`${t('users.added')}：${body.username}`, true);
+    say(`${t('users.added')}${colon()}${body.username}`, true);
   } catch (error) {
     $('#user-password').value = '';
     say(error.message);
@@ -1237,7 +1285,7 @@ async function setDisabled(user, disabled) {
   try {
     await api('POST', `/api/v1/users/${encodeURIComponent(user.username)}/disable`, { disabled });
     await showAdmin();
-    say(`${t(disabled ? 'users.done.disable' : 'users.done.enable')}：${user.username}`, true);
+    say(`${t(disabled ? 'users.done.disable' : 'users.done.enable')}${colon()}${user.username}`, true);
   } catch (error) {
     say(error.message);
   }
@@ -1249,7 +1297,7 @@ async function resetPassword(user) {
   try {
     await api('POST', `/api/v1/users/${encodeURIComponent(user.username)}/reset-password`, { password: answer.password });
     await showAdmin();
-    say(`${t('users.done.reset')}：${user.username}`, true);
+    say(`${t('users.done.reset')}${colon()}${user.username}`, true);
   } catch (error) {
     say(error.message);
   }
@@ -1263,9 +1311,9 @@ async function addToken(event) {
   try {
     const { data } = await api('POST', '/api/v1/tokens', body);
     $('#token-form').reset();
-    await showAdmin();
     showSecret(data.token);
-    say(`${t('tokens.added')}：${body.name}`, true);
+    await showAdmin();
+    say(`${t('tokens.added')}${colon()}${body.name}`, true);
   } catch (error) {
     say(error.message);
   }
@@ -1276,7 +1324,7 @@ async function revokeToken(token) {
   try {
     await api('POST', `/api/v1/tokens/${encodeURIComponent(token.name)}/revoke`);
     await showAdmin();
-    say(`${t('tokens.done.revoke')}：${token.name}`, true);
+    say(`${t('tokens.done.revoke')}${colon()}${token.name}`, true);
   } catch (error) {
     say(error.message);
   }
@@ -1290,10 +1338,10 @@ async function enrolTerminal(event) {
   try {
     const { data } = await api('POST', '/api/v1/terminals/enrolments', body);
     $('#enrol-form').reset();
-    await showAdmin();
     const command = `vrs-node init --role terminal --municipality ${me.municipality} --data /var/lib/vrs-terminal --plain-http --listen 127.0.0.1:8080 --enroll '${data.token}'`;
     showSecret(data.token, command);
-    say(`${t('terminals.enrolled')}：${data.venue}`, true);
+    await showAdmin();
+    say(`${t('terminals.enrolled')}${colon()}${data.venue}`, true);
   } catch (error) {
     say(error.message);
   }
@@ -1326,7 +1374,9 @@ async function start() {
   $('#audit-verify').addEventListener('click', verifyAudit);
   $('#ask-form').addEventListener('submit', askHistory);
   $('#print-go').addEventListener('click', () => window.print());
-  $('#print-close').addEventListener('click', () => $('#print-dialog').close());
+  $('#terminal-refresh').addEventListener('click', () => showTerminal().catch((error) => say(error.message)));
+  $('#print-close').addEventListener('click', closePrint);
+  $('#print-dialog').addEventListener('close', closePrint);
   nameAsTyped($('#move-to'), $('#move-to-name'));
   nameAsTyped($('#ask-previous'), $('#ask-previous-name'));
   $('#stock-form').addEventListener('submit', recordStock);

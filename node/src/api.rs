@@ -1263,16 +1263,35 @@ async fn reissue(
     Ok((StatusCode::CREATED, Json(outcome)).into_response())
 }
 
+/// `?generation=N`: the generation the page shows, so that what is printed beside the QR
+/// code is what the QR code says.
+#[derive(Deserialize)]
+struct PrintQuery {
+    generation: Option<u8>,
+}
+
 /// The QR code of a coupon's valid generation, as the print-shop file has it, for a clerk
 /// to print after a reissue. Only this municipality's valid coupons of a resident still held
-/// here; each image served is a read of the resident in the audit log.
+/// here, and only on the node that holds the coupon key (not a standby); each image served
+/// is a read of the resident in the audit log.
 async fn coupon_qr_image(
     State(state): State<AppState>,
     Extension(who): Extension<Who>,
     Path(number): Path<String>,
+    Query(query): Query<PrintQuery>,
 ) -> ApiResult {
     let number = coupon_number(&number)?;
     let subject = format!("coupon:{number}");
+    let Some(signer) = state.coupon_signer.clone() else {
+        audit_refusal(&state, &who, "coupon.qr", subject, "refused:not_printable_here").await;
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "not_printable_here",
+            None,
+            "this node does not hold the coupon key (a standby): print coupons at the primary",
+            "このノード（待機系）は接種券の鍵を持たないため印刷できません。本番系で印刷してください",
+        ));
+    };
     let found = (|| -> anyhow::Result<Option<ResidentRecord>> {
         let view = state.store.read()?;
         let Some(id) = view.index(IDX_COUPON, number.as_str())?.into_iter().next() else { return Ok(None) };
@@ -1287,17 +1306,22 @@ async fn coupon_qr_image(
         c.code.number == number
             && c.code.municipality == state.municipality
             && c.status == CouponStatus::Valid
+            && query.generation.is_none_or(|g| g == c.generation)
     });
-    let (Some(entry), None, Some(signer)) = (valid, &record.transfer, state.coupon_signer.clone()) else {
+    let (Some(entry), None) = (valid, &record.transfer) else {
         audit_refusal(&state, &who, "coupon.qr", subject, "refused:coupon_not_valid").await;
+        let generation = query.generation.map(|g| format!(" (generation {g})")).unwrap_or_default();
+        let generation_ja = query.generation.map(|g| format!("（第{g}版）")).unwrap_or_default();
         return Err(Problem::new(
             StatusCode::CONFLICT,
             "coupon_not_valid",
             Some("coupon_number"),
             format!(
-                "coupon {number} has no valid generation here to print (used, superseded, revoked or moved away)"
+                "coupon {number}{generation} is not valid here to print (used, superseded, revoked or moved away)"
             ),
-            format!("接種券 {number} に印刷できる有効な版がありません（使用済み・再発行済み・失効・転出）"),
+            format!(
+                "接種券 {number}{generation_ja} は印刷できる有効な版ではありません（使用済み・再発行済み・失効・転出）"
+            ),
         ));
     };
     let (code, generation) = (entry.code, entry.generation);
@@ -1683,7 +1707,13 @@ async fn me(
         "municipality_name": protocol::municipality::lookup_municipality(state.municipality).map(|m| m.name),
         "venues": principal.venues,
         // What kind of node answers: the web UI shows a venue terminal only its own pages.
-        "node": if state.terminal.is_some() { "terminal" } else { "municipal" },
+        "node": if state.terminal.is_some() {
+            "terminal"
+        } else if state.coupon_signer.is_none() {
+            "standby"
+        } else {
+            "municipal"
+        },
         // A session's own holder may read its CSRF token (the web UI, after a reload); no
         // other origin can read this answer.
         "csrf_token": principal.csrf_token,

@@ -216,7 +216,12 @@ async fn the_desk_prints_the_valid_coupon_and_nothing_else() {
         .expect("an adult with a valid coupon");
     drop(view);
 
-    let (status, kind, png) = call("GET", format!("/api/v1/coupons/{number}/qr"), None).await;
+    // A page showing another generation than the valid one gets no image.
+    let (status, _, _) =
+        call("GET", format!("/api/v1/coupons/{number}/qr?generation={}", generation + 1), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, kind, png) =
+        call("GET", format!("/api/v1/coupons/{number}/qr?generation={generation}"), None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(kind.as_deref(), Some("image/png"));
     let mut reader = png::Decoder::new(std::io::Cursor::new(png.to_vec())).read_info().unwrap();
@@ -275,10 +280,11 @@ async fn the_desk_prints_the_valid_coupon_and_nothing_else() {
         .filter(|e| e["action"] == "coupon.qr")
         .map(|e| format!("{} {}", e["subject"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
         .collect();
-    assert_eq!(printed.len(), 3, "{printed:?}");
-    assert!(printed[0].starts_with("resident:141003-") && printed[0].ends_with(" ok"), "{printed:?}");
-    assert_eq!(printed[1], format!("coupon:{number} refused:coupon_not_valid"));
-    assert_eq!(printed[2], format!("coupon:{unknown} refused:not_found"));
+    assert_eq!(printed.len(), 4, "{printed:?}");
+    assert_eq!(printed[0], format!("coupon:{number} refused:coupon_not_valid"));
+    assert!(printed[1].starts_with("resident:141003-") && printed[1].ends_with(" ok"), "{printed:?}");
+    assert_eq!(printed[2], format!("coupon:{number} refused:coupon_not_valid"));
+    assert_eq!(printed[3], format!("coupon:{unknown} refused:not_found"));
 }
 
 proptest::proptest! {
