@@ -198,7 +198,7 @@ pub fn write_population(path: &Path, n: u64, seed: u64, encoding: Encoding) -> a
 }
 
 /// The password of the demo's users (a clerk, a municipal administrator and an auditor).
-const DEMO_PASSWORD: &str = "demo-password-2021";
+pub(crate) const DEMO_PASSWORD: &str = "demo-password-2021";
 
 /// Runs the demo.
 pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: bool) -> anyhow::Result<()> {

@@ -275,11 +275,28 @@ pub fn run(
     runtime.block_on(walk_away_from_home(&yokohama, &standby, &chiyoda, &terminal, coupon))?;
     runtime.block_on(national_figures(&national_http, &analyst, &yokohama))?;
     runtime.block_on(relocation(&national_http, &ledger_admin, &yokohama, &chiyoda, coupon))?;
+    runtime.block_on(terminal_operator(&terminal))?;
     println!(
         "   トークン / tokens: standby {}  chiyoda {}  terminal {}",
         standby.token, chiyoda.token, terminal.token
     );
     Ok(federation)
+}
+
+/// A venue operator of the terminal's own, so that its web UI can be tried.
+async fn terminal_operator(terminal: &Member) -> anyhow::Result<()> {
+    let address = terminal.http.as_deref().unwrap_or_default();
+    let user = json!({
+        "username": "kaijo", "role": "venue_operator", "password": crate::demo::DEMO_PASSWORD,
+        "venues": ["chiyoda-kumin-hall"],
+    });
+    let (code, body) = http("POST", address, "/api/v1/users", &terminal.token, Some(user)).await?;
+    anyhow::ensure!(code == 201, "adding the terminal's operator answered {code}: {body}");
+    println!(
+        "   端末の画面 / the terminal's web UI: http://{address}/ui/   会場担当 / venue operator: kaijo (password {})",
+        crate::demo::DEMO_PASSWORD
+    );
+    Ok(())
 }
 
 /// Shows that the national node holds Yokohama's figures (and nothing else about anyone).
