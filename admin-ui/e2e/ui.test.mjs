@@ -443,6 +443,9 @@ async function main() {
     await page.fill('#login-username', 'kansa');
     await page.fill('#login-password', password);
     await page.click('#login-form button[type=submit]');
+    // The auditor lands on the figures, under the node's own counts.
+    await page.locator('#node-status dd').first().waitFor();
+    assert.equal(await page.locator('#node-status dd').first().textContent(), '300', 'the demo\'s 300 residents');
     await page.click('#nav a[href="#/audit"]');
     await page.locator('#audit-table tr', { hasText: 'dose.void' }).filter({ hasText: 'user:tanaka' }).first().waitFor();
     await page.locator('#audit-table tr', { hasText: 'coupon.qr' }).filter({ hasText: 'user:tanaka' }).first().waitFor();

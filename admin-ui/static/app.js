@@ -262,6 +262,13 @@ const TEXT = {
   'capture.pending': ['端末に保存しました（送信待ち）', 'Kept on the terminal (to be sent)'],
   'capture.dose': ['回目', ''],
   'stats.title': ['接種件数（日別）', 'Doses per day'],
+  'node.title': ['この市区町村のノード', 'This municipality\u2019s node'],
+  'node.residents': ['住民', 'Residents'],
+  'node.coupons': ['接種券', 'Coupons'],
+  'node.doses': ['接種記録', 'Dose records'],
+  'node.terminals': ['登録済みの会場端末', 'Enrolled venue terminals'],
+  'node.outbox': ['他の市区町村への転送待ち', 'Waiting to be forwarded to other municipalities'],
+  'node.blocked': ['端末に配る無効な券番号', 'Invalid coupon numbers sent to terminals'],
   'stats.date': ['日付', 'Date'],
   'stats.submit': ['表示', 'Show'],
   'stats.total': ['合計', 'Total'],
@@ -924,8 +931,23 @@ async function capture(event) {
 
 async function showStats() {
   show('stats');
+  await loadNodeStatus();
   if (!$('#stats-date').value) $('#stats-date').value = today();
   await loadStats();
+}
+
+/** The node's own counts (a municipal node's; a terminal has no figures page). */
+async function loadNodeStatus() {
+  const facts = $('#node-status');
+  facts.replaceChildren();
+  const { data } = await api('GET', '/api/v1/status');
+  const fact = (key, value) => facts.append(el('dt', t(key)), el('dd', number(value)));
+  fact('node.residents', data.residents);
+  fact('node.coupons', data.coupons);
+  fact('node.doses', data.dose_events);
+  fact('node.terminals', data.terminals);
+  fact('node.outbox', data.forward_outbox);
+  fact('node.blocked', data.blocked_coupons);
 }
 
 async function loadStats(event) {
