@@ -172,6 +172,14 @@ async function main() {
     await page.click('#print-close');
     await page.locator('#print-dialog').waitFor({ state: 'hidden' });
 
+    // The demo's spare coupon, scanned into the search, finds its holder (a clerk at the
+    // desk with the resident's coupon in hand).
+    await page.goto(`${base}/ui/#/search`);
+    await page.fill('#search-coupon', coupon);
+    await page.press('#search-coupon', 'Enter');
+    await page.locator('#search-results tbody tr').first().waitFor();
+    assert.equal(await page.locator('#search-results tbody tr').count(), 1);
+
     // 7. Reception: scan the coupon (the scanner ends with Enter), then the vial.
     await page.click('#nav a[href="#/capture"]');
     await page.fill('#capture-venue', 'yokohama-arena');

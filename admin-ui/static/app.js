@@ -170,7 +170,7 @@ const TEXT = {
   'search.title': ['住民の照会', 'Find a resident'],
   'search.kana': ['氏名（カナ）', 'Name (kana)'],
   'search.atena': ['宛名番号', 'Atena number'],
-  'search.coupon': ['接種券番号（10桁）', 'Coupon number (10 digits)'],
+  'search.coupon': ['接種券（番号10桁・18桁、またはQRを読み取り）', 'Coupon (10 or 18 digits, or scan its QR)'],
   'search.submit': ['検索', 'Search'],
   'search.none': ['該当する住民はいません', 'No resident matches'],
   'search.empty': ['氏名（カナ）・宛名番号・接種券番号のいずれかを入力してください', 'Enter a kana name, an atena number or a coupon number'],
