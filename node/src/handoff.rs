@@ -442,7 +442,7 @@ fn index_history(m: &Mutation<'_>, payload: &HandoffPayload, record: &ResidentRe
 }
 
 /// Issues this municipality's coupon for dose `next` to `record`'s resident.
-fn issue_next(
+pub(crate) fn issue_next(
     m: &mut Mutation<'_>,
     record: &ResidentRecord,
     next: u8,

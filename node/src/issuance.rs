@@ -108,16 +108,17 @@ fn decide(
     only_dose: Option<u8>,
 ) -> Decision {
     let next = record.next_dose_number();
-    let eligible = record.identity.status == ResidentStatus::Active
-        && age_on(record.identity.birth_date, today) >= min_age
-        && next <= 9
-        && only_dose.is_none_or(|dose| dose == next);
-    if !eligible {
+    if only_dose.is_some_and(|dose| dose != next) {
         Decision::NotEligible
-    } else if record.valid_coupon_for_dose(next).is_some() {
+    } else if protocol::validation::coupon_due(&record, today, min_age).is_some() {
+        Decision::Issue(Box::new((loaded, record)))
+    } else if record.identity.status == ResidentStatus::Active
+        && age_on(record.identity.birth_date, today) >= min_age
+        && record.valid_coupon_for_dose(next).is_some()
+    {
         Decision::AlreadyHeld
     } else {
-        Decision::Issue(Box::new((loaded, record)))
+        Decision::NotEligible
     }
 }
 

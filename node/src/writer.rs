@@ -516,7 +516,7 @@ fn handle(
             run!(reply, result, |reply| Command::Capture(capture, reply), audit)
         }
         Command::Void { resident_id, event_id, reason, actor, reply } => {
-            let result = void_one(m, &resident_id, &event_id, &reason, &actor, now);
+            let result = void_one(m, context, &resident_id, &event_id, &reason, &actor, now);
             let subject = format!("resident:{resident_id} event:{event_id}");
             let audit =
                 |result: &Result<_, Problem>| vec![audit_fact(who, "dose.void", subject.clone(), result)];
@@ -695,8 +695,10 @@ fn capture_one(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn void_one(
     m: &mut Mutation<'_>,
+    context: &WriterContext,
     resident_id: &str,
     event_id: &str,
     reason: &str,
@@ -724,6 +726,14 @@ fn void_one(
                 } else {
                     m.apply(resident_id, event, now)?;
                 }
+            }
+            // A void that reopened no coupon may leave the next dose without one (a dose
+            // numbered again when a history joined): issue it now, as bulk issuance would.
+            let after =
+                m.record(resident_id)?.ok_or_else(|| anyhow::anyhow!("resident {resident_id} vanished"))?;
+            let min_age = context.catalogue.min_eligible_age();
+            if let Some(next) = protocol::validation::coupon_due(&after, japan_today(), min_age) {
+                crate::handoff::issue_next(m, &after, next, now)?;
             }
             Ok(Ok(correction))
         }

@@ -734,6 +734,22 @@ pub fn validate_void(
     Ok((correction, reopen))
 }
 
+/// The dose round a resident should be issued a coupon for now, if any: one who is resident
+/// (not deceased or moved out), at least `min_age` on `today`, not past the ninth dose (the
+/// coupon's one digit), and holds no valid coupon for their next dose. Bulk issuance applies
+/// it to everyone; a void applies it to the resident whose dose it voided, since a void that
+/// reopens no coupon (the dose was numbered again when a history joined, or a later dose
+/// takes its number) would otherwise leave the next dose without one until the next bulk
+/// issuance.
+pub fn coupon_due(record: &ResidentRecord, today: Date, min_age: u8) -> Option<u8> {
+    let next = record.next_dose_number();
+    let eligible = record.identity.status == crate::document::ResidentStatus::Active
+        && record.transfer.is_none()
+        && age_on(record.identity.birth_date, today) >= min_age
+        && next <= 9;
+    (eligible && record.valid_coupon_for_dose(next).is_none()).then_some(next)
+}
+
 /// Everything a void changes, one commit each: the dose voided (with the coupon
 /// [`validate_void`] reopens), then each later valid dose numbered one down, so that the
 /// valid doses stay numbered 1, 2, … and the next dose gets the next number. The

@@ -26,8 +26,8 @@ use protocol::statistics::{
 };
 use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, VoidRequest,
-    age_on, authenticate_coupon, coupons_spent_by, decode_scans, validate_amendment, validate_capture,
-    validate_void,
+    age_on, authenticate_coupon, coupon_due, coupons_spent_by, decode_scans, validate_amendment,
+    validate_capture, validate_void, void_plan,
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use time::macros::{date, datetime};
@@ -828,6 +828,33 @@ fn voids() {
     situation.apply(ResidentEvent::DoseRecorded(dose("ev-dup", coupon(1, 101), VACCINATED_ON)));
     situation.apply(ResidentEvent::DoseRecorded(dose("ev-kept", coupon(1, 101), VACCINATED_ON)));
     check("the duplicate of a double capture", &situation.record, "ev-dup", "二重登録", Ok(None));
+}
+
+/// One rule for whether a resident is due a coupon, used by bulk issuance and after a void.
+#[test]
+fn a_coupon_is_due_for_the_next_dose_when_none_is_valid_for_it() {
+    let fresh = resident();
+    assert_eq!(coupon_due(&fresh, TODAY, 12), None, "holds a valid dose-1 coupon");
+    let mut none = fresh.clone();
+    none.coupons.clear();
+    assert_eq!(coupon_due(&none, TODAY, 12), Some(1));
+    assert_eq!(coupon_due(&none, TODAY, 40), None, "36 years old, under a minimum of 40");
+    let mut deceased = none.clone();
+    deceased.identity.status = ResidentStatus::Deceased;
+    assert_eq!(coupon_due(&deceased, TODAY, 12), None);
+    // Two doses given, both coupons used: the third is due.
+    assert_eq!(coupon_due(&two_doses(), TODAY, 12), Some(3));
+    // Dose 2 voided and its coupon reopened: nothing is due.
+    let record = two_doses();
+    let (correction, reopen) = validate_void(&record, &void_request("ev-dose-2", "誤登録")).unwrap();
+    assert!(reopen.is_some());
+    let reopened = applied(&record, &ResidentEvent::DoseVoided { correction, reopen_coupon: reopen });
+    assert_eq!(coupon_due(&reopened, TODAY, 12), None);
+    // Dose 1 voided: dose 2 is numbered down and its coupon stays used, so dose 2 is due.
+    let plan = void_plan(&record, &void_request("ev-dose-1", "誤登録")).unwrap();
+    let after = plan.iter().fold(record.clone(), |r, event| applied(&r, event));
+    assert_eq!(after.next_dose_number(), 2);
+    assert_eq!(coupon_due(&after, TODAY, 12), Some(2));
 }
 
 #[test]

@@ -124,8 +124,14 @@ fn print(report: &Report) {
         c.passed_on_again
     );
     println!(
-        "  住民票抽出 / register extract: {} movers registered before their history arrived ({} histories joined; {} given a dose here first, {} doses renumbered, {} voids numbering later doses down), {} provisional atena numbers replaced",
-        c.registered_first, c.joined, c.vaccinated_again, c.renumbered, c.voids_renumbering, c.reregistered
+        "  住民票抽出 / register extract: {} movers registered before their history arrived ({} histories joined; {} given a dose here first, {} doses renumbered, {} voids numbering later doses down, {} next-dose coupons issued at a void), {} provisional atena numbers replaced",
+        c.registered_first,
+        c.joined,
+        c.vaccinated_again,
+        c.renumbered,
+        c.voids_renumbering,
+        c.issued_after_void,
+        c.reregistered
     );
     println!(
         "  障害 / faults: {} crashes, {} partitions, {} messages lost, {} duplicated",

@@ -531,6 +531,8 @@ pub struct Counters {
     pub renumbered: u64,
     /// Voids after which later doses were numbered down.
     pub voids_renumbering: u64,
+    /// Coupons issued for the next dose at a void that reopened none.
+    pub issued_after_void: u64,
     /// Messages sent.
     pub messages: u64,
     /// Bytes sent (CBOR, as the node's codec encodes them).
@@ -1793,6 +1795,14 @@ impl World {
         for event in &events {
             apply(p, resident, &mut doc, &before, event, now);
             before = read_record(&doc).expect("a resident document");
+        }
+        // As the node: a void that reopened no coupon leaves the next dose one to be issued.
+        let min_age = catalogue().min_eligible_age();
+        if let Some(next) = protocol::validation::coupon_due(&before, DAY, min_age) {
+            p.next_serial += 1;
+            let serial = p.next_serial;
+            issue_coupon(p, resident, &mut doc, &before, next, serial, now);
+            self.counters.issued_after_void += 1;
         }
         self.counters.voids += 1;
         if events.len() > 1 {

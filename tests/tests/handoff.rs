@@ -1111,6 +1111,24 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
     );
     let second_doses: u64 = chiyoda_own.iter().filter(|(k, _)| k.1 == 2).map(|(_, n)| n).sum();
     assert_eq!(second_doses, 1, "鈴木's dose at Chiyoda counts as a second dose: {chiyoda_own:?}");
+
+    // Chiyoda's dose, now dose 2, turns out to be a mistake. Its coupon was a dose-1 coupon,
+    // so the void reopens none: it issues the dose-2 coupon there and then (before, 鈴木
+    // waited for the next bulk issuance), keeping the dose-3 coupon the join issued.
+    let void = json!({"reason": "重複登録（転入前に接種済み）"});
+    let (code, body) =
+        f.b.post(&format!("/api/v1/residents/{joined}/doses/{given_here}/void"), &void).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let after = record(&f.b, &joined);
+    assert_eq!(after["next_dose"], 2, "{after}");
+    let mut rounds: Vec<String> = after["valid_coupons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["code"].as_str().unwrap()[..8].to_owned())
+        .collect();
+    rounds.sort();
+    assert_eq!(rounds, ["12131016", "13131016"], "{after}");
     f.a.stop().unwrap();
     f.b.stop().unwrap();
     for node in [&f.a, &f.b] {
