@@ -58,6 +58,13 @@ function startDemo(data, port) {
   return { child, ready };
 }
 
+/** Logs `username` in at the page's login form (the page is at the form). */
+async function logIn(page, username, secret) {
+  await page.fill('#login-username', username);
+  await page.fill('#login-password', secret);
+  await page.click('#login-form button[type=submit]');
+}
+
 async function main() {
   const work = mkdtempSync(join(tmpdir(), 'vrs-ui-'));
   const port = await freePort();
@@ -95,9 +102,7 @@ async function main() {
     assert.ok(await page.locator('#nav').isHidden(), 'no menu before login');
 
     // 2. A wrong password is refused with a Japanese message.
-    await page.fill('#login-username', 'tanaka');
-    await page.fill('#login-password', 'not-the-password');
-    await page.click('#login-form button[type=submit]');
+    await logIn(page, 'tanaka', 'not-the-password');
     await message.waitFor({ state: 'visible' });
     assert.match(await message.textContent(), japanese);
     assert.ok(await page.locator('#view-login').isVisible(), 'still at the login form');
@@ -219,9 +224,7 @@ async function main() {
 
     // 10. The administrator moves a resident out to Chiyoda (131016): the record becomes
     // read-only here and the handoff is listed beside the demo's own.
-    await page.fill('#login-username', 'kanri');
-    await page.fill('#login-password', password);
-    await page.click('#login-form button[type=submit]');
+    await logIn(page, 'kanri', password);
     await page.locator('#view-search').waitFor({ state: 'visible' });
     await page.click('#nav a[href="#/handoffs"]');
     await page.locator('#handoffs-outgoing tbody tr', { hasText: '東京都 千代田区（131016）' }).first().waitFor();
@@ -365,9 +368,7 @@ async function main() {
     // 13. The venue operator logs in with the new password: the reception and the stock of
     // their own venue; they record wastage with a reason, may not allocate, and see no
     // lot or venue forms.
-    await page.fill('#login-username', 'uketsuke');
-    await page.fill('#login-password', 'second-password-2026');
-    await page.click('#login-form button[type=submit]');
+    await logIn(page, 'uketsuke', 'second-password-2026');
     await page.locator('#view-capture').waitFor({ state: 'visible' });
     await page.click('#nav a[href="#/stock"]');
     await arena.waitFor();
@@ -411,9 +412,7 @@ async function main() {
     const venuePage = await terminalContext.newPage();
     venuePage.on('pageerror', (error) => problems.push(`terminal page error: ${error.message}`));
     await venuePage.goto(`${terminalBase}/`);
-    await venuePage.fill('#login-username', 'kaijo');
-    await venuePage.fill('#login-password', password);
-    await venuePage.click('#login-form button[type=submit]');
+    await logIn(venuePage, 'kaijo', password);
     await venuePage.locator('#view-capture').waitFor({ state: 'visible' });
     assert.match(await venuePage.textContent('#who'), /千代田区/);
     const links = await venuePage.locator('#nav a:visible').allTextContents();
@@ -437,9 +436,7 @@ async function main() {
       { username: 'hall-admin', role: 'municipal_admin', password });
     await venuePage.click('#logout');
     await venuePage.locator('#view-login').waitFor({ state: 'visible' });
-    await venuePage.fill('#login-username', 'hall-admin');
-    await venuePage.fill('#login-password', password);
-    await venuePage.click('#login-form button[type=submit]');
+    await logIn(venuePage, 'hall-admin', password);
     await venuePage.locator('#view-capture').waitFor({ state: 'visible' });
     assert.deepEqual(await venuePage.locator('#nav a:visible').allTextContents(), ['接種の記録', '端末の記録', '利用者・端末']);
     await venuePage.click('#nav a[href="#/admin"]');
@@ -448,9 +445,7 @@ async function main() {
     await terminalContext.close();
 
     // 15. The auditor sees the clerk's void in the audit log, and the chain intact.
-    await page.fill('#login-username', 'kansa');
-    await page.fill('#login-password', password);
-    await page.click('#login-form button[type=submit]');
+    await logIn(page, 'kansa', password);
     // The auditor lands on the figures, under the node's own counts.
     await page.locator('#node-status dd').first().waitFor();
     assert.equal(await page.locator('#node-status dd').first().textContent(), '300', 'the demo\'s 300 residents');
