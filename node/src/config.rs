@@ -229,6 +229,12 @@ impl NodeFiles {
         self.dir.join("store.redb")
     }
 
+    /// Another handle on the coupon key (the writer owns `signing_key`; the HTTP side, the
+    /// capture service and the statistics reporter each need one too).
+    pub fn coupon_key(&self) -> anyhow::Result<Ed25519KeyPair> {
+        read_coupon_key(&self.dir)
+    }
+
     /// Loads a data directory made by `init`.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let config_path = dir.join("node.toml");
@@ -237,9 +243,7 @@ impl NodeFiles {
         let config: NodeConfig =
             toml::from_str(&text).with_context(|| format!("{} is invalid", config_path.display()))?;
         let catalogue = load_catalogue(&dir.join("catalogue.toml"))?;
-        let pkcs8 = fs::read(dir.join("keys/coupon-signing.pk8")).context("coupon-signing key")?;
-        let signing_key = Ed25519KeyPair::from_pkcs8(&pkcs8)
-            .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8 is not an Ed25519 key: {e}"))?;
+        let signing_key = read_coupon_key(dir)?;
         let secret = read_hex(&dir.join("keys/person-key.secret"), 32)?;
         let secret: [u8; 32] = secret.try_into().map_err(|_| anyhow::anyhow!("secret length"))?;
         let actor = read_hex(&dir.join("keys/node-actor"), 16)?;
@@ -555,4 +559,11 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     Ok(())
+}
+
+/// The municipality's coupon-signing key, `keys/coupon-signing.pk8`.
+fn read_coupon_key(dir: &Path) -> anyhow::Result<Ed25519KeyPair> {
+    let pkcs8 = fs::read(dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
+    Ed25519KeyPair::from_pkcs8(&pkcs8)
+        .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8 is not an Ed25519 key: {e}"))
 }

@@ -42,12 +42,7 @@ pub fn start(files: NodeFiles, store: Arc<Store>) -> anyhow::Result<Started> {
     };
     // A municipal node prints its own coupons at the desk (a standby or terminal does not).
     let coupon_signer = if files.config.role == crate::config::Role::Municipal {
-        let pkcs8 =
-            std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
-        Some(Arc::new(
-            ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
-                .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8 is not an Ed25519 key: {e}"))?,
-        ))
+        Some(Arc::new(files.coupon_key()?))
     } else {
         None
     };
@@ -174,11 +169,7 @@ fn reporter_key(files: &NodeFiles) -> anyhow::Result<Option<ring::signature::Ed2
     if files.config.role != crate::config::Role::Municipal || files.config.p2p.national.is_none() {
         return Ok(None);
     }
-    let pkcs8 =
-        std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
-    let key = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
-        .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8: {e}"))?;
-    Ok(Some(key))
+    Ok(Some(files.coupon_key()?))
 }
 
 type HandoffParts = ([u8; 32], [u8; 32], bool, Option<protocol::directory::SignedDirectory>);
@@ -215,10 +206,7 @@ fn capture_service(files: &NodeFiles, store: &Arc<Store>) -> anyhow::Result<Opti
     if files.config.role != crate::config::Role::Municipal {
         return Ok(None);
     }
-    let pkcs8 =
-        std::fs::read(files.dir.join("keys/coupon-signing.pk8")).context("keys/coupon-signing.pk8")?;
-    let signing_key = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8)
-        .map_err(|e| anyhow::anyhow!("keys/coupon-signing.pk8 is not an Ed25519 key: {e}"))?;
+    let signing_key = files.coupon_key()?;
     let store = store.clone();
     let municipality = files.config.municipality;
     let coupon_public_key = files.signing_public_key();
