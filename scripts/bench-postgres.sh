@@ -56,6 +56,18 @@ as_pg "$BIN/initdb" -D "$PG_DIR" -U postgres --auth=trust >/dev/null
 as_pg "$BIN/pg_ctl" -D "$PG_DIR" -l "$PG_DIR/server.log" -w start -o \
   "-p $PORT -k $PG_DIR -c listen_addresses='' -c max_connections=200 -c shared_buffers=512MB -c fsync=on -c synchronous_commit=on" >/dev/null
 trap 'as_pg "$BIN/pg_ctl" -D "$PG_DIR" stop -m fast >/dev/null 2>&1 || true' EXIT
+# CPU ticks (user + system) of the server: the postmaster with the children it has reaped,
+# and its children still running (checkpointer, WAL writer, …).
+pg_cpu_ticks() {
+  local postmaster
+  postmaster="$(head -n 1 "$PG_DIR/postmaster.pid")"
+  awk -v pm="$postmaster" '
+    FNR == 1 { sub(/^.*\) /, ""); if ($2 == pm) live += $12 + $13 }
+    END { print live }' /proc/[0-9]*/stat 2>/dev/null | {
+    read -r live
+    awk -v live="$live" '{sub(/^.*\) /, ""); print live + $12 + $13 + $14 + $15}' "/proc/$postmaster/stat"
+  }
+}
 psql_() { psql -X -q -h "$PG_DIR" -p "$PORT" -U postgres -v ON_ERROR_STOP=1 "$@"; }
 
 psql_ -c "CREATE DATABASE vrs"
@@ -96,8 +108,13 @@ chmod a+r "$PG_DIR/capture.sql"
 say "PostgreSQL: $CLIENTS clients, $CAPTURES captures"
 per_client=$(( CAPTURES / CLIENTS ))
 logs="$(mktemp -d)"
-(cd "$logs" && pgbench -n -h "$PG_DIR" -p "$PORT" -U postgres -c "$CLIENTS" -j 2 -t "$per_client" \
+server_before="$(pg_cpu_ticks)"
+(cd "$logs" && /usr/bin/time -f '%U %S' -o "$logs/pgbench-cpu" \
+  pgbench -n -h "$PG_DIR" -p "$PORT" -U postgres -c "$CLIENTS" -j 2 -t "$per_client" \
   -f "$PG_DIR/capture.sql" -l --log-prefix=tx vrs >"$logs/summary.txt" 2>&1) || { cat "$logs/summary.txt"; exit 1; }
+sleep 1 # the backends have exited; the postmaster has reaped them into its children's time
+server_cpu_s="$(awk -v a="$server_before" -v b="$(pg_cpu_ticks)" -v hz="$(getconf CLK_TCK)" 'BEGIN {print (b - a) / hz}')"
+client_cpu_s="$(awk '{print $1 + $2}' "$logs/pgbench-cpu")"
 pg_rate="$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$logs/summary.txt" | head -n 1)"
 # Per-transaction latencies (µs, third column of pgbench's log) → p50 and p99 in ms.
 read -r p50 p99 < <(cat "$logs"/tx.* | awk '{print $3}' | sort -n |
@@ -105,6 +122,8 @@ read -r p50 p99 < <(cat "$logs"/tx.* | awk '{print $3}' | sort -n |
 recorded="$(psql_ -d vrs -At -c "SELECT count(*) FROM doses")"
 rm -rf "$logs"
 printf 'PostgreSQL durable captures/s: %.0f (p50 %s ms, p99 %s ms; %s doses stored)\n' "$pg_rate" "$p50" "$p99" "$recorded"
+awk -v s="$server_cpu_s" -v c="$client_cpu_s" -v n="$recorded" \
+  'BEGIN {printf "PostgreSQL CPU per capture: server %.0f µs, pgbench %.0f µs (user+system)\n", s / n * 1e6, c / n * 1e6}'
 if [[ -n "$vrs_rate" ]]; then
   awk -v v="$vrs_rate" -v p="$pg_rate" 'BEGIN {printf "vrs-node durable captures/s: %d; ratio vrs-node / PostgreSQL = %.2f×\n", v, v / p}'
 fi

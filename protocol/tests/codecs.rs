@@ -14,7 +14,8 @@ use protocol::checkdigit::{
 };
 use protocol::coupon::{
     BadSignature, CouponCode, CouponCodeError, CouponNumber, CouponNumberError, CouponScanError,
-    GenerationTooLarge, MAX_GENERATION, QR_TEXT_LEN, ScannedCoupon, SignedCoupon, parse_scanned_coupon,
+    GenerationTooLarge, MAX_GENERATION, OwnKeyCheck, QR_TEXT_LEN, ScannedCoupon, SignatureCheck,
+    SignedCoupon, parse_scanned_coupon,
 };
 use protocol::gs1::{Gs1Error, Gtin, GtinError, MAX_VIAL_TEXT_BYTES, VialBarcode, parse_vial_barcode};
 use protocol::municipality::{
@@ -399,6 +400,22 @@ fn signed_coupons_verify_only_under_their_key() {
     // The generation is signed: the same signature does not cover another generation.
     let regenerated = SignedCoupon { generation: 1, ..coupon };
     assert_eq!(regenerated.verify(test_key().public_key().as_ref()), Err(BadSignature));
+}
+
+#[test]
+fn a_node_checks_its_own_coupons_by_signing_again_and_verifies_the_others() {
+    let own = test_key();
+    let other = Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
+    let check = OwnKeyCheck::new(&own);
+    let mine = signed("121410031234567894", 3);
+    assert!(check.verifies(&mine, own.public_key().as_ref()));
+    assert!(!check.verifies(&SignedCoupon { generation: 4, ..mine }, own.public_key().as_ref()));
+    // Another municipality's coupon is verified under its key, as Ed25519Check does.
+    let theirs = SignedCoupon::sign(mine.code, 3, &other);
+    assert!(check.verifies(&theirs, other.public_key().as_ref()));
+    assert!(!check.verifies(&theirs, own.public_key().as_ref()), "signed by another key");
+    assert!(!check.verifies(&mine, other.public_key().as_ref()));
+    assert!(!check.verifies(&mine, &[0; 31]));
 }
 
 #[test]
@@ -804,6 +821,7 @@ proptest! {
         let scanned = parse_scanned_coupon(&text);
         prop_assert_eq!(scanned, Ok(ScannedCoupon::Signed(coupon)));
         prop_assert_eq!(coupon.verify(key.public_key().as_ref()), Ok(()));
+        prop_assert!(OwnKeyCheck::new(&key).verifies(&coupon, key.public_key().as_ref()));
     }
 
     #[test]
@@ -817,11 +835,15 @@ proptest! {
         let mut text = SignedCoupon::sign(code, generation, &key).to_qr_text().into_bytes();
         text[position] = b'0' + (text[position] - b'0' + delta) % 10;
         let text = String::from_utf8(text).unwrap();
-        let accepted = match parse_scanned_coupon(&text) {
-            Ok(ScannedCoupon::Signed(signed)) => signed.verify(key.public_key().as_ref()).is_ok(),
-            Ok(ScannedCoupon::Legacy(_)) | Err(_) => false,
+        let (verified, signed_again) = match parse_scanned_coupon(&text) {
+            Ok(ScannedCoupon::Signed(signed)) => (
+                signed.verify(key.public_key().as_ref()).is_ok(),
+                OwnKeyCheck::new(&key).verifies(&signed, key.public_key().as_ref()),
+            ),
+            Ok(ScannedCoupon::Legacy(_)) | Err(_) => (false, false),
         };
-        prop_assert!(!accepted, "tampered text accepted: {}", text);
+        prop_assert!(!verified, "tampered text verified: {}", text);
+        prop_assert!(!signed_again, "tampered text accepted by signing again: {}", text);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release -p tests --bin vrs-bench -- import  --residents 1000000 [--keep DIR]
-//! cargo run --release -p tests --bin vrs-bench -- capture --data DIR --clients 64 --captures 50000
+//! cargo run --release -p tests --bin vrs-bench -- capture --data DIR --clients 64 --captures 50000 [--threads]
+//! cargo run --release -p tests --bin vrs-bench -- http-floor --data DIR --clients 64 --requests 100000 [--threads]
 //! cargo run --release -p tests --bin vrs-bench -- standby --residents 100000
 //! cargo run --release -p tests --bin vrs-bench -- terminal --captures 500 [--national]
 //! cargo run --release -p tests --bin vrs-bench -- national --days 365
@@ -28,6 +29,7 @@ const YOKOHAMA_RESIDENTS: f64 = 3_770_000.0;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let driver = if args.iter().any(|a| a == "--threads") { Driver::Threads } else { Driver::Async };
     match args.first().map(String::as_str) {
         Some("import") => {
             let residents: u64 = flag("--residents").unwrap_or_else(|| "1000000".into()).parse()?;
@@ -39,14 +41,14 @@ fn main() -> anyhow::Result<()> {
                 PathBuf::from(flag("--data").context("--data DIR (a node made by `import --keep DIR`)")?);
             let clients: usize = flag("--clients").unwrap_or_else(|| "64".into()).parse()?;
             let captures: usize = flag("--captures").unwrap_or_else(|| "50000".into()).parse()?;
-            bench_capture(&data, clients, captures)
+            bench_capture(&data, clients, captures, driver)
         }
         Some("http-floor") => {
             let data =
                 PathBuf::from(flag("--data").context("--data DIR (a node made by `import --keep DIR`)")?);
             let clients: usize = flag("--clients").unwrap_or_else(|| "64".into()).parse()?;
             let requests: usize = flag("--requests").unwrap_or_else(|| "100000".into()).parse()?;
-            bench_http_floor(&data, clients, requests)
+            bench_http_floor(&data, clients, requests, driver)
         }
         Some("standby") => {
             let residents: u64 = flag("--residents").unwrap_or_else(|| "100000".into()).parse()?;
@@ -74,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => bail!(
-            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] | http-floor --data DIR [--clients N] [--requests N] | standby [--residents N] | terminal [--captures N] [--national] | national [--days N] [--senders N] | handoff [--count N] [--clients N] [--rate PER_S] | fsync"
+            "usage: vrs-bench import --residents N [--keep DIR] | capture --data DIR [--clients N] [--captures N] [--threads] | http-floor --data DIR [--clients N] [--requests N] [--threads] | standby [--residents N] | terminal [--captures N] [--national] | national [--days N] [--senders N] | handoff [--count N] [--clients N] [--rate PER_S] | fsync"
         ),
     }
 }
@@ -254,7 +256,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
-fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<()> {
+fn bench_capture(dir: &Path, clients: usize, captures: usize, driver: Driver) -> anyhow::Result<()> {
     let binary = vrs_node();
     let data = dir.join("node");
     let token = std::fs::read_to_string(dir.join("admin-token"))?.trim().to_owned();
@@ -310,64 +312,37 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
     };
     let (sync_rate, sync_p50) = fdatasync_rate(&data, Duration::from_secs(2))?;
 
-    let (mut server, agent, listen) = serve_for_clients(binary, &data, clients)?;
-    let queue = Arc::new(queue);
-    let next = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(captures)));
-    let node_cpu_before = cpu_seconds(&format!("/proc/{}/stat", server.id()));
-    let bench_cpu_before = cpu_seconds("/proc/self/stat");
-    let failures = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (queue, next, latencies, failures, agent, listen, token) =
-                (queue.clone(), next.clone(), latencies.clone(), failures.clone(), agent.clone(), listen.clone(), token.clone());
-            std::thread::spawn(move || {
-                let mut mine = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(qr) = queue.get(i) else { break };
-                    let body = json!({"coupon": qr, "vial": "]d2010498700000101417301231\u{1d}10BENCH1", "venue": "bench"});
-                    let t = Instant::now();
-                    let result = agent.post(format!("http://{listen}/api/v1/captures")).header("Authorization", format!("Bearer {token}")).send_json(&body);
-                    match result {
-                        Ok(response) if response.status() == 201 => {
-                            // Reading the answer to its end returns the connection to the pool.
-                            let _ = response.into_body().read_to_vec();
-                            mine.push(t.elapsed());
-                        }
-                        Ok(response) => {
-                            if failures.fetch_add(1, Ordering::Relaxed) < 3 {
-                                eprintln!("refused: {} {:?}", response.status(), response.into_body().read_to_string());
-                            }
-                        }
-                        Err(error) => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("error: {error}");
-                        }
-                    }
-                }
-                latencies.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
-            })
+    // Each body is made before the clock starts, as pgbench prepares its script.
+    let requests: Vec<LoadRequest> = queue
+        .iter()
+        .map(|qr| LoadRequest {
+            method: hyper::Method::POST,
+            path: "/api/v1/captures",
+            body:
+                json!({"coupon": qr, "vial": "]d2010498700000101417301231\u{1d}10BENCH1", "venue": "bench"})
+                    .to_string()
+                    .into(),
         })
         .collect();
-    for thread in threads {
-        let _ = thread.join();
-    }
-    let elapsed = start.elapsed();
-    let node_cpu = cpu_seconds(&format!("/proc/{}/stat", server.id())) - node_cpu_before;
-    let bench_cpu = cpu_seconds("/proc/self/stat") - bench_cpu_before;
+    let (mut server, listen) = serve_for_clients(binary, &data)?;
+    let driven = drive(driver, &listen, &token, clients, requests, 201, server.id());
     let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
     let _ = server.wait();
-    let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let driven = driven?;
+    for refusal in driven.refusals.iter().take(3) {
+        eprintln!("refused: {refusal}");
+    }
+    let driven_refused = driven.refusals.len();
+    let Driven { mut latencies, elapsed, node_cpu, clients_cpu: bench_cpu, .. } = driven;
     latencies.sort();
     anyhow::ensure!(!latencies.is_empty(), "no capture succeeded");
     let rate = latencies.len() as f64 / elapsed.as_secs_f64();
     println!("node: {residents}");
     println!(
-        "clients: {clients}, captures acknowledged: {}, refused/failed: {}",
+        "clients: {clients} ({}), captures acknowledged: {}, refused/failed: {}",
+        driver.describe(),
         latencies.len(),
-        failures.load(Ordering::Relaxed)
+        driven_refused
     );
     println!("durable captures/s: {rate:.0} (target ≥ 5,000: ratio {:.2}×)", rate / 5000.0);
     println!(
@@ -398,47 +373,27 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize) -> anyhow::Result<
 /// nothing written; public routes such as `/healthz` are rate-limited per address). The
 /// node's CPU per request here is a floor under any capture, which also parses a body,
 /// checks a signature, reads a document and commits.
-fn bench_http_floor(dir: &Path, clients: usize, requests: usize) -> anyhow::Result<()> {
+fn bench_http_floor(dir: &Path, clients: usize, requests: usize, driver: Driver) -> anyhow::Result<()> {
     let data = dir.join("node");
-    let bearer = format!("Bearer {}", std::fs::read_to_string(dir.join("admin-token"))?.trim());
-    let (mut server, agent, listen) = serve_for_clients(vrs_node(), &data, clients)?;
-    let url = format!("http://{listen}/api/v1/auth/me");
-    let next = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(requests)));
-    let node_cpu_before = cpu_seconds(&format!("/proc/{}/stat", server.id()));
-    let bench_cpu_before = cpu_seconds("/proc/self/stat");
-    let start = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (next, latencies, agent, url, bearer) =
-                (next.clone(), latencies.clone(), agent.clone(), url.clone(), bearer.clone());
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut mine = Vec::new();
-                while next.fetch_add(1, Ordering::Relaxed) < requests {
-                    let t = Instant::now();
-                    let response = agent.get(&url).header("Authorization", &bearer).call()?;
-                    anyhow::ensure!(response.status() == 200, "{url}: {}", response.status());
-                    let _ = response.into_body().read_to_vec();
-                    mine.push(t.elapsed());
-                }
-                latencies.lock().unwrap_or_else(|e| e.into_inner()).extend(mine);
-                Ok(())
-            })
+    let token = std::fs::read_to_string(dir.join("admin-token"))?.trim().to_owned();
+    let requests: Vec<LoadRequest> = (0..requests)
+        .map(|_| LoadRequest {
+            method: hyper::Method::GET,
+            path: "/api/v1/auth/me",
+            body: hyper::body::Bytes::new(),
         })
         .collect();
-    let joined: anyhow::Result<()> =
-        threads.into_iter().try_for_each(|t| t.join().map_err(|_| anyhow::anyhow!("a client panicked"))?);
-    let elapsed = start.elapsed();
-    let node_cpu = cpu_seconds(&format!("/proc/{}/stat", server.id())) - node_cpu_before;
-    let bench_cpu = cpu_seconds("/proc/self/stat") - bench_cpu_before;
+    let (mut server, listen) = serve_for_clients(vrs_node(), &data)?;
+    let driven = drive(driver, &listen, &token, clients, requests, 200, server.id());
     let _ = Command::new("kill").args(["-TERM", &server.id().to_string()]).status();
     let _ = server.wait();
-    joined?;
-    let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Driven { mut latencies, refusals, elapsed, node_cpu, clients_cpu: bench_cpu } = driven?;
+    anyhow::ensure!(refusals.is_empty(), "refused: {:?}", refusals.first());
     latencies.sort();
     let n = latencies.len() as f64;
     println!(
-        "GET /api/v1/auth/me: {n:.0} requests from {clients} clients, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms; CPU per request: node {:.0} µs ({:.2} cores), clients {:.0} µs",
+        "GET /api/v1/auth/me: {n:.0} requests from {clients} clients ({}), {:.0}/s, p50 {:.2} ms, p99 {:.2} ms; CPU per request: node {:.0} µs ({:.2} cores), clients {:.0} µs",
+        driver.describe(),
         n / elapsed.as_secs_f64(),
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
@@ -449,15 +404,8 @@ fn bench_http_floor(dir: &Path, clients: usize, requests: usize) -> anyhow::Resu
     Ok(())
 }
 
-/// Starts `vrs-node run` on `data` at a free loopback port and waits until it answers; the
-/// agent keeps one connection per client, as a venue's scanner station does: ureq's pool
-/// keeps only 3 idle connections per host by default, which would make most requests open a
-/// new TCP connection (PostgreSQL's pgbench keeps its 64 connections too).
-fn serve_for_clients(
-    binary: &Path,
-    data: &Path,
-    clients: usize,
-) -> anyhow::Result<(std::process::Child, ureq::Agent, String)> {
+/// Starts `vrs-node run` on `data` at a free loopback port and waits until it answers.
+fn serve_for_clients(binary: &Path, data: &Path) -> anyhow::Result<(std::process::Child, String)> {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut server = Command::new(binary)
         .args(["run", "--listen", &listen, "--data"])
@@ -465,13 +413,7 @@ fn serve_for_clients(
         .env("VRS_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .max_idle_connections(clients)
-        .max_idle_connections_per_host(clients)
-        .build()
-        .new_agent();
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
     let deadline = Instant::now() + Duration::from_secs(60);
     while agent.get(format!("http://{listen}/healthz")).call().is_err() {
         if Instant::now() >= deadline {
@@ -480,7 +422,193 @@ fn serve_for_clients(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok((server, agent, listen))
+    Ok((server, listen))
+}
+
+/// How the benchmark's clients are run.
+#[derive(Clone, Copy, Debug)]
+enum Driver {
+    /// Each client a task on a Tokio runtime of two threads, with its own hyper connection:
+    /// what pgbench does with `-c 64 -j 2` (64 connections, two threads).
+    Async,
+    /// Each client an OS thread blocking on its own `ureq` connection (the benchmark's
+    /// clients until the fourteenth session; `--threads`).
+    Threads,
+}
+
+impl Driver {
+    fn describe(self) -> &'static str {
+        match self {
+            Driver::Async => "64 keep-alive connections on two client threads, as pgbench -j 2",
+            Driver::Threads => "one blocking ureq thread per client",
+        }
+    }
+}
+
+/// One request of a load run; its body is made before the clock starts.
+struct LoadRequest {
+    method: hyper::Method,
+    path: &'static str,
+    body: hyper::body::Bytes,
+}
+
+/// What a load run measured.
+struct Driven {
+    /// Latency of each answer with the expected status.
+    latencies: Vec<Duration>,
+    /// Every other answer or error, as `status body` or the error.
+    refusals: Vec<String>,
+    /// From the first request sent to the last answer.
+    elapsed: Duration,
+    /// CPU seconds (user + system) the node and this process spent meanwhile.
+    node_cpu: f64,
+    clients_cpu: f64,
+}
+
+/// Sends `requests` from `clients` concurrent keep-alive connections, each client taking the
+/// next request when its answer is in, and measures each answer and both sides' CPU.
+fn drive(
+    driver: Driver,
+    listen: &str,
+    token: &str,
+    clients: usize,
+    requests: Vec<LoadRequest>,
+    expect: u16,
+    node_pid: u32,
+) -> anyhow::Result<Driven> {
+    let node_stat = format!("/proc/{node_pid}/stat");
+    let requests = Arc::new(requests);
+    let next = Arc::new(AtomicUsize::new(0));
+    let bearer = format!("Bearer {token}");
+    type ClientResult = anyhow::Result<(Vec<Duration>, Vec<String>)>;
+    let (results, elapsed, node_cpu, clients_cpu): (Vec<ClientResult>, _, _, _) = match driver {
+        Driver::Async => {
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(async {
+                let mut senders = Vec::with_capacity(clients);
+                for _ in 0..clients {
+                    let stream = tokio::net::TcpStream::connect(listen).await?;
+                    stream.set_nodelay(true)?;
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+                    tokio::spawn(connection);
+                    senders.push(sender);
+                }
+                let (node_before, clients_before) = (cpu_seconds(&node_stat), cpu_seconds("/proc/self/stat"));
+                let start = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for mut sender in senders {
+                    let (requests, next, bearer, host) =
+                        (requests.clone(), next.clone(), bearer.clone(), listen.to_owned());
+                    tasks.spawn(async move {
+                        let (mut latencies, mut refusals) = (Vec::new(), Vec::new());
+                        while let Some(load) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            let request = hyper::Request::builder()
+                                .method(load.method.clone())
+                                .uri(load.path)
+                                .header(hyper::header::HOST, &host)
+                                .header(hyper::header::AUTHORIZATION, &bearer)
+                                .header(hyper::header::CONTENT_TYPE, "application/json")
+                                .body(http_body_util::Full::new(load.body.clone()))?;
+                            let sent = Instant::now();
+                            let response = sender.send_request(request).await?;
+                            let status = response.status().as_u16();
+                            let body =
+                                http_body_util::BodyExt::collect(response.into_body()).await?.to_bytes();
+                            match status == expect {
+                                true => latencies.push(sent.elapsed()),
+                                false => {
+                                    refusals.push(format!("{status} {}", String::from_utf8_lossy(&body)))
+                                }
+                            }
+                        }
+                        anyhow::Ok((latencies, refusals))
+                    });
+                }
+                let mut results = Vec::with_capacity(clients);
+                while let Some(joined) = tasks.join_next().await {
+                    results.push(joined.map_err(anyhow::Error::from).and_then(|r| r));
+                }
+                let elapsed = start.elapsed();
+                anyhow::Ok((
+                    results,
+                    elapsed,
+                    cpu_seconds(&node_stat) - node_before,
+                    cpu_seconds("/proc/self/stat") - clients_before,
+                ))
+            })?
+        }
+        Driver::Threads => {
+            // One connection kept per client: ureq's pool keeps only 3 idle connections per
+            // host by default, which would open a new TCP connection for most requests.
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .max_idle_connections(clients)
+                .max_idle_connections_per_host(clients)
+                .build()
+                .new_agent();
+            let (node_before, clients_before) = (cpu_seconds(&node_stat), cpu_seconds("/proc/self/stat"));
+            let start = Instant::now();
+            let threads: Vec<_> = (0..clients)
+                .map(|_| {
+                    let (requests, next, agent, bearer, url) = (
+                        requests.clone(),
+                        next.clone(),
+                        agent.clone(),
+                        bearer.clone(),
+                        format!("http://{listen}"),
+                    );
+                    std::thread::spawn(move || -> ClientResult {
+                        let (mut latencies, mut refusals) = (Vec::new(), Vec::new());
+                        while let Some(load) = requests.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            let request = ureq::http::Request::builder()
+                                .method(load.method.as_str())
+                                .uri(format!("{url}{}", load.path))
+                                .header("Authorization", &bearer)
+                                .header("Content-Type", "application/json")
+                                .body(load.body.to_vec())?;
+                            let sent = Instant::now();
+                            let response = agent.run(request)?;
+                            let status = response.status().as_u16();
+                            // Reading the answer to its end returns the connection to the pool.
+                            let body = response.into_body().read_to_vec()?;
+                            match status == expect {
+                                true => latencies.push(sent.elapsed()),
+                                false => {
+                                    refusals.push(format!("{status} {}", String::from_utf8_lossy(&body)))
+                                }
+                            }
+                        }
+                        Ok((latencies, refusals))
+                    })
+                })
+                .collect();
+            let results: Vec<ClientResult> = threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a client panicked"))))
+                .collect();
+            let elapsed = start.elapsed();
+            (
+                results,
+                elapsed,
+                cpu_seconds(&node_stat) - node_before,
+                cpu_seconds("/proc/self/stat") - clients_before,
+            )
+        }
+    };
+    let mut driven = Driven { latencies: Vec::new(), refusals: Vec::new(), elapsed, node_cpu, clients_cpu };
+    for result in results {
+        match result {
+            Ok((latencies, refusals)) => {
+                driven.latencies.extend(latencies);
+                driven.refusals.extend(refusals);
+            }
+            Err(error) => driven.refusals.push(format!("{error:#}")),
+        }
+    }
+    Ok(driven)
 }
 
 /// User + system CPU seconds of the process whose `/proc/…/stat` this is (0 if unreadable).
