@@ -457,8 +457,49 @@ async function main() {
     assert.ok(!(await page.locator('#nav a[href="#/search"]').isVisible()), 'an auditor does not look residents up');
     await page.screenshot({ path: join(shots, 'audit.png'), fullPage: true });
 
+    // 16. A national analyst opens the national node's page with their token: counts only.
+    const nationalHttp = printed.match(/the national figures' web UI \(log in with the token above\): http:\/\/(127\.0\.0\.1:\d+)\/ui\//);
+    const analystToken = printed.match(/Bearer (vrs_t_[0-9a-f]+)' 'http:\/\/[0-9.:]+\/api\/v1\/national\/totals/);
+    assert.ok(nationalHttp && analystToken, 'the demo prints the national page and the analyst\'s token');
+    const nationalContext = await browser.newContext({ locale: 'ja-JP', timezoneId: 'Asia/Tokyo' });
+    const analyst = await nationalContext.newPage();
+    analyst.on('pageerror', (error) => problems.push(`national page error: ${error.message}`));
+    analyst.on('console', (entry) => {
+      if (entry.type() === 'error' && !/status of 4\d\d/.test(entry.text())) problems.push(entry.text());
+    });
+    await analyst.goto(`http://${nationalHttp[1]}/`);
+    assert.equal(new URL(analyst.url()).pathname, '/ui/');
+    await analyst.locator('#view-login h2', { hasText: 'APIトークンでログイン' }).waitFor();
+    // A municipal token is not a national one.
+    await analyst.fill('#login-token', adminToken[1]);
+    await analyst.click('#login-form button[type=submit]');
+    await analyst.locator('#message', { hasText: 'このトークンは使えません' }).waitFor();
+    assert.ok(await analyst.locator('#view-figures').isHidden());
+    await analyst.fill('#login-token', analystToken[1]);
+    await analyst.click('#login-form button[type=submit]');
+    await analyst.locator('#totals-sum', { hasText: '期間の合計' }).waitFor();
+    await analyst.selectOption('#scope-prefecture', '14');
+    await analyst.selectOption('#scope-by', 'dose_number');
+    await analyst.click('#scope-form button[type=submit]');
+    await analyst.locator('#scope-title', { hasText: '神奈川県' }).waitFor();
+    const kanagawa = Number((await analyst.textContent('#totals-sum')).replace(/\D/g, ''));
+    assert.ok(kanagawa >= 1, `Yokohama's doses are in Kanagawa's total (${kanagawa})`);
+    assert.equal(await analyst.locator('#totals-table tbody tr td').first().textContent(), '1回目');
+    assert.match(await analyst.locator('#coverage-table tbody tr td').nth(3).textContent(), /^\d+\.\d %$/);
+    assert.match(await analyst.textContent('#freshness-summary'), /^\d+ 市区町村のうち \d+ が 60 分以内に報告していません/);
+    const page16 = await analyst.content();
+    assert.ok(!page16.includes('0001000001') && !/[ァ-ヶー]{2,}　[ァ-ヶー]{2,}/.test(page16), 'no atena number or kana name on the national page');
+    await analyst.click('#lang');
+    await analyst.locator('#totals-sum', { hasText: 'Total for the period' }).waitFor();
+    assert.equal(await analyst.locator('#scope-title').textContent().then((text) => text.startsWith('Kanagawa')), true);
+    await analyst.screenshot({ path: join(shots, 'national.png'), fullPage: true });
+    await analyst.click('#logout');
+    await analyst.locator('#view-login').waitFor({ state: 'visible' });
+    assert.equal(await analyst.evaluate(() => sessionStorage.length), 0, 'the token is forgotten at logout');
+    await nationalContext.close();
+
     assert.deepEqual(problems, [], 'the browser reported no script error or policy violation');
-    console.log('ui: 15 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, relocation, stock, users and devices, venue operator, venue terminal, audit)');
+    console.log('ui: 16 steps passed (login, search, void, reissue, capture, refusals ja/en, reload, relocation, stock, users and devices, venue operator, venue terminal, audit, national figures)');
   } catch (error) {
     if (page) {
       await page.screenshot({ path: join(shots, 'failure.png'), fullPage: true }).catch(() => {});

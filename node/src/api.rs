@@ -711,7 +711,12 @@ fn body<T: serde::de::DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) ->
 
 /// A file of the web UI (`admin-ui`), with the policy that lets it run its own script only.
 fn ui_asset(name: &str) -> Response {
-    let Some(asset) = admin_ui::asset(name) else {
+    serve_asset(admin_ui::asset(name))
+}
+
+/// A file of a web UI (the staff's or the national node's), or `404` if there is none.
+pub(crate) fn serve_asset(asset: Option<&'static admin_ui::Asset>) -> Response {
+    let Some(asset) = asset else {
         return Problem::new(StatusCode::NOT_FOUND, "no_route", None, "no such route", "そのURLはありません")
             .into_response();
     };

@@ -331,6 +331,9 @@ async fn national_figures(national_http: &str, analyst: &str, yokohama: &Member)
     println!(
         "   curl -H 'Authorization: Bearer {analyst}' 'http://{national_http}/api/v1/national/reports/daily?date={today}&encoding=shift_jis'"
     );
+    println!(
+        "   国の集計画面（上のトークンでログイン）/ the national figures' web UI (log in with the token above): http://{national_http}/ui/"
+    );
     Ok(())
 }
 

@@ -50,6 +50,21 @@ const fn route(
 /// Every route of the national node, with who may call it.
 pub const NATIONAL_ROUTES: &[RouteSpec] = &[
     route("GET", "/healthz", Access::Public, "稼働確認", "Liveness check"),
+    route("GET", "/", Access::Public, "画面（/ui/）へ移動", "Redirects to the web UI (/ui/)"),
+    route(
+        "GET",
+        "/ui/",
+        Access::Public,
+        "集計の画面（国のAPIトークンで利用）",
+        "The figures' web UI (used with a national API token)",
+    ),
+    route(
+        "GET",
+        "/ui/{file}",
+        Access::Public,
+        "集計の画面のスクリプトとスタイル",
+        "The figures' web UI's script and style",
+    ),
     route(
         "GET",
         "/api/v1/public/venues",
@@ -117,6 +132,13 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<NationalState> {
     }
     match spec.path {
         "/healthz" => get(|| async { "ok" }),
+        "/" => get(|| async { axum::response::Redirect::to("/ui/") }),
+        "/ui/" => get(|| async { crate::api::serve_asset(admin_ui::national_asset("")) }),
+        "/ui/{file}" => {
+            get(
+                |Path(file): Path<String>| async move { crate::api::serve_asset(admin_ui::national_asset(&file)) },
+            )
+        }
         "/api/v1/national/stock" => get(stock),
         "/api/v1/national/allocations" => get(allocations),
         "/api/v1/public/venues" => get(public_venues),
