@@ -4,7 +4,7 @@
 
 import { execFile, spawn } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -489,6 +489,13 @@ async function main() {
     assert.match(await analyst.textContent('#freshness-summary'), /^\d+ 市区町村のうち \d+ が 60 分以内に報告していません/);
     const page16 = await analyst.content();
     assert.ok(!page16.includes('0001000001') && !/[ァ-ヶー]{2,}　[ァ-ヶー]{2,}/.test(page16), 'no atena number or kana name on the national page');
+    // The day's CSV for Kanagawa, as the browser saves it: Yokohama's line and no one's name.
+    await analyst.selectOption('#report-encoding', 'utf-8');
+    const [saved] = await Promise.all([analyst.waitForEvent('download'), analyst.click('#report-form button[type=submit]')]);
+    assert.match(saved.suggestedFilename(), /^vaccinations-\d{4}-\d{2}-\d{2}-utf-8\.csv$/);
+    const csv = readFileSync(await saved.path(), 'utf8').trim().split(/\r?\n/);
+    assert.match(csv[0], /^\uFEFF?都道府県コード,都道府県名,市区町村コード,市区町村名,接種日,ワクチン,接種回,接種件数/);
+    assert.ok(csv.slice(1).some((line) => line.startsWith('14,神奈川県,141003,横浜市,')), csv.join('\n'));
     await analyst.click('#lang');
     await analyst.locator('#totals-sum', { hasText: 'Total for the period' }).waitFor();
     assert.equal(await analyst.locator('#scope-title').textContent().then((text) => text.startsWith('Kanagawa')), true);

@@ -43,6 +43,10 @@ const TEXT = {
   'stock.on_hand': ['在庫', 'On hand'],
   'stock.days': ['残日数', 'Days of supply'],
   'stock.none': ['配分も使用もありません', 'Nothing allocated or used'],
+  'report.title': ['日次報告（CSV）', 'Daily report (CSV)'],
+  'report.date': ['接種日', 'Date of vaccination'],
+  'report.encoding': ['文字コード', 'Encoding'],
+  'report.download': ['ダウンロード', 'Download'],
   'freshness.title': ['報告の鮮度', 'How recent the reports are'],
   'freshness.municipality': ['市区町村', 'Municipality'],
   'freshness.last': ['最終報告', 'Last report'],
@@ -81,7 +85,7 @@ class ApiError extends Error {
   }
 }
 
-async function api(path) {
+async function request(path) {
   let response;
   try {
     response = await fetch(path, {
@@ -91,15 +95,25 @@ async function api(path) {
   } catch {
     throw new Error(t('error.network'));
   }
-  const text = await response.text();
-  let data = null;
+  return response;
+}
+
+/** A refused answer as an ApiError, with the node's message in the language shown. */
+async function refusal(response) {
+  let problem = null;
   try {
-    data = text ? JSON.parse(text) : null;
+    problem = await response.json();
   } catch {
-    data = null;
+    problem = null;
   }
-  if (!response.ok) throw new ApiError(response.status, data);
-  return data;
+  return new ApiError(response.status, problem);
+}
+
+/** The answer's JSON, or the refusal thrown. */
+async function api(path) {
+  const response = await request(path);
+  if (!response.ok) throw await refusal(response);
+  return response.json();
 }
 
 function say(text, ok = false) {
@@ -194,10 +208,15 @@ function draw({ by, totals, coverage, stock, freshness }) {
   ]));
 }
 
-async function show() {
+/** The scope chosen in the form, as query parameters ('' for the nation). */
+function scopeQuery() {
   const municipality = $('#scope-municipality').value.trim();
   const prefecture = $('#scope-prefecture').value;
-  const scope = municipality ? `municipality=${encodeURIComponent(municipality)}` : prefecture ? `prefecture=${prefecture}` : '';
+  return municipality ? `municipality=${encodeURIComponent(municipality)}` : prefecture ? `prefecture=${prefecture}` : '';
+}
+
+async function show() {
+  const scope = scopeQuery();
   const from = $('#scope-from').value;
   const to = $('#scope-to').value;
   const by = $('#scope-by').value;
@@ -211,6 +230,29 @@ async function show() {
     ]);
     shown = { by, totals, coverage, stock, freshness };
     draw(shown);
+    say('');
+  } catch (error) {
+    if (error.status === 401) return logOut(t('login.refused'));
+    say(error.message);
+  }
+}
+
+/** The day's CSV for the scope shown, saved by the browser under its date. */
+async function download() {
+  const date = $('#report-date').value;
+  const encoding = $('#report-encoding').value;
+  const scope = scopeQuery();
+  try {
+    const response = await request(`/api/v1/national/reports/daily?${[scope, `date=${date}&encoding=${encoding}`].filter(Boolean).join('&')}`);
+    if (!response.ok) throw await refusal(response);
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement('a');
+    link.href = url;
+    link.download = `vaccinations-${date}-${encoding}.csv`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
     say('');
   } catch (error) {
     if (error.status === 401) return logOut(t('login.refused'));
@@ -239,6 +281,7 @@ document.addEventListener('DOMContentLoaded', () => {
   const today = new Date();
   $('#scope-to').value = isoDay(today);
   $('#scope-from').value = isoDay(new Date(today.getTime() - 6 * 86400 * 1000));
+  $('#report-date').value = isoDay(today);
   applyLanguage();
   $('#lang').addEventListener('click', () => {
     lang = lang === 'en' ? 'ja' : 'en';
@@ -254,6 +297,10 @@ document.addEventListener('DOMContentLoaded', () => {
   $('#scope-form').addEventListener('submit', (event) => {
     event.preventDefault();
     show();
+  });
+  $('#report-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    download();
   });
   if (sessionStorage.getItem(TOKEN_KEY)) enter();
   else logOut();
