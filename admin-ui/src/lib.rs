@@ -15,6 +15,13 @@ pub struct Asset {
     pub body: &'static [u8],
 }
 
+/// The style both pages use.
+const STYLE: Asset = Asset {
+    name: "app.css",
+    content_type: "text/css; charset=utf-8",
+    body: include_bytes!("../static/app.css"),
+};
+
 /// Every file the UI consists of.
 pub const ASSETS: &[Asset] = &[
     Asset {
@@ -27,11 +34,7 @@ pub const ASSETS: &[Asset] = &[
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../static/app.js"),
     },
-    Asset {
-        name: "app.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../static/app.css"),
-    },
+    STYLE,
 ];
 
 /// Every file of the national node's page, served by the national node under `/ui/`.
@@ -46,11 +49,7 @@ pub const NATIONAL_ASSETS: &[Asset] = &[
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../static/national.js"),
     },
-    Asset {
-        name: "app.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../static/app.css"),
-    },
+    STYLE,
 ];
 
 /// The content security policy of the UI's responses: its own script, style and API only.
