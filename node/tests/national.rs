@@ -203,6 +203,7 @@ async fn every_national_route_refuses_what_the_table_forbids() {
             | "/api/v1/national/stock"
             | "/api/v1/national/allocations" => format!("{path}?municipality=141003"),
             "/api/v1/national/reports/daily" => format!("{path}?municipality=141003&date=2026-11-20"),
+            "/ui/{file}" => "/ui/national.js".to_owned(),
             p => p.replace("{municipality}", "141003"),
         }
     };
@@ -221,6 +222,8 @@ async fn every_national_route_refuses_what_the_table_forbids() {
         for (name, token, role) in credentials {
             let post = spec.method == "POST";
             let expected = match role {
+                // The node's address sends a browser to its page.
+                _ if spec.path == "/" => StatusCode::SEE_OTHER,
                 _ if spec.is_public() => StatusCode::OK,
                 None => StatusCode::UNAUTHORIZED,
                 Some(role) if !spec.access.allows(role) => StatusCode::FORBIDDEN,
@@ -242,6 +245,8 @@ async fn every_national_route_refuses_what_the_table_forbids() {
         }
     }
     assert_eq!(checked, NATIONAL_ROUTES.len() * credentials.len());
+    // The national page is the national node's; the staff's script is not served there.
+    assert_eq!(call(&app, "GET", "/ui/app.js", None, "").await, StatusCode::NOT_FOUND);
     // Prefecture users: the nation and another prefecture are out of reach; their own is the default.
     for path in [
         "/api/v1/national/totals?from=2026-11-20&to=2026-11-20&prefecture=13",
