@@ -341,7 +341,8 @@ async function main() {
     assert.equal(await tablet.locator('td').nth(5).textContent(), '失効済');
     await page.fill('#enrol-venue', 'shin-yokohama-hall');
     await page.click('#enrol-form button[type=submit]');
-    await page.locator('#secret-box').waitFor({ state: 'visible' });
+    // The box still shows the API token until the enrolment token replaces it.
+    await page.locator('#secret-value', { hasText: /^vrs_e_/ }).waitFor();
     assert.match(await page.textContent('#secret-value'), /^vrs_e_[0-9a-f]{64}@\/ip4\/.+\/p2p\/12D3Koo/);
     assert.match(await page.textContent('#secret-hint'), /vrs-node init --role terminal --municipality 141003/);
     await page.locator('#enrolments-table tbody tr', { hasText: 'shin-yokohama-hall' }).filter({ hasText: '未使用' }).waitFor();
