@@ -340,7 +340,7 @@ fn bench_capture(dir: &Path, clients: usize, captures: usize, driver: Driver) ->
     println!("node: {residents}");
     println!(
         "clients: {clients} ({}), captures acknowledged: {}, refused/failed: {}",
-        driver.describe(),
+        driver.describe(clients),
         latencies.len(),
         driven_refused
     );
@@ -393,7 +393,7 @@ fn bench_http_floor(dir: &Path, clients: usize, requests: usize, driver: Driver)
     let n = latencies.len() as f64;
     println!(
         "GET /api/v1/auth/me: {n:.0} requests from {clients} clients ({}), {:.0}/s, p50 {:.2} ms, p99 {:.2} ms; CPU per request: node {:.0} µs ({:.2} cores), clients {:.0} µs",
-        driver.describe(),
+        driver.describe(clients),
         n / elapsed.as_secs_f64(),
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
@@ -437,10 +437,12 @@ enum Driver {
 }
 
 impl Driver {
-    fn describe(self) -> &'static str {
+    fn describe(self, clients: usize) -> String {
         match self {
-            Driver::Async => "64 keep-alive connections on two client threads, as pgbench -j 2",
-            Driver::Threads => "one blocking ureq thread per client",
+            Driver::Async => {
+                format!("{clients} keep-alive connections on two client threads, as pgbench -j 2")
+            }
+            Driver::Threads => "one blocking ureq thread per client".to_owned(),
         }
     }
 }
