@@ -33,7 +33,7 @@ use crate::clock::new_id;
 use crate::problem::{Problem, prefers_english};
 use crate::store::{IDX_ATENA, IDX_COUPON, IDX_PERSON, Store};
 use crate::tls::PeerAddr;
-use crate::writer::{CaptureCommand, Command, Who, WriterHandle, preload_capture};
+use crate::writer::{CaptureCommand, Command, Who, WriterHandle};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -909,8 +909,7 @@ async fn capture(
             return Err(refusal.into());
         }
     };
-    let preloaded = preload_capture(&state.store, &scans, false, capture.event_id.as_deref()).await;
-    let command = CaptureCommand {
+    let command = Box::new(CaptureCommand {
         scans,
         vaccinated_on,
         venue: capture.venue,
@@ -919,10 +918,11 @@ async fn capture(
         captured_at: None,
         forwarded_lot: None,
         transferred_from: None,
-        preloaded,
+        preloaded: None,
         passed_on_if_moved: false,
-    };
-    let outcome = state.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await?;
+    });
+    let command = state.writer.read_ahead(&state.store, command).await?;
+    let outcome = state.writer.call(&who, |reply| Command::Capture(command, reply)).await?;
     let code = if outcome.replay { StatusCode::OK } else { StatusCode::CREATED };
     Ok((code, Json(outcome)).into_response())
 }

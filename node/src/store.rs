@@ -613,20 +613,55 @@ impl<'a> Mutation<'a> {
 
     /// Takes a document read ahead ([`ReadView::preload`]) into the cache, unless the cache
     /// holds it already or it has changed since it was read (then it is read again as usual).
-    /// Returns its record when it was taken.
+    /// Returns its record when it was taken. A document with an event applied ahead is never
+    /// taken this way: it goes through [`Mutation::store_ahead`].
     pub fn adopt(&mut self, preloaded: Preloaded) -> anyhow::Result<Option<ResidentRecord>> {
-        if self.cache.contains(&preloaded.resident_id) {
+        if preloaded.ahead.is_some() || self.cache.contains(&preloaded.resident_id) {
             return Ok(None);
         }
-        let current =
-            self.txn.open_table(DOC_META)?.get(preloaded.resident_id.as_str())?.map(|v| v.value().0);
-        if current != Some(preloaded.seq) {
+        if !self.still_current(&preloaded)? {
             return Ok(None);
         }
         let Preloaded { resident_id, mut loaded, record, .. } = preloaded;
         loaded.doc.set_actor(self.actor.clone());
         self.cache.put(resident_id, loaded);
         Ok(Some(record))
+    }
+
+    /// Whether nothing has changed the document, in this transaction included, since it was
+    /// read ahead.
+    pub fn still_current(&self, preloaded: &Preloaded) -> anyhow::Result<bool> {
+        let current =
+            self.txn.open_table(DOC_META)?.get(preloaded.resident_id.as_str())?.map(|v| v.value().0);
+        Ok(current == Some(preloaded.seq))
+    }
+
+    /// Stores the event applied ahead on a document read ahead, as [`Mutation::apply_after`]
+    /// would have applied `event` to it — if that is the event applied ahead, this node's
+    /// actor applied it, and the document has not changed since it was read. Returns false,
+    /// having written nothing, otherwise.
+    pub fn store_ahead(&mut self, preloaded: Preloaded, event: &ResidentEvent) -> anyhow::Result<bool> {
+        let usable = match &preloaded.ahead {
+            Some(ahead) => {
+                ahead.event == *event
+                    && applies_ahead(event)
+                    && preloaded.loaded.doc.get_actor() == self.actor
+            }
+            None => false,
+        };
+        if !usable || !self.still_current(&preloaded)? {
+            return Ok(false);
+        }
+        let Preloaded { resident_id, mut loaded, record, ahead, .. } = preloaded;
+        let Some(ahead) = ahead else { return Ok(false) };
+        let delta = event_delta(&record, event, ahead.at);
+        self.touched.push(resident_id.clone());
+        let n_chunks =
+            store_chunk(self.txn, &resident_id, &mut loaded, &ahead.chunk, ahead.saved.as_deref())?;
+        count_cells(self.txn, &delta)?;
+        self.bump_feed(&resident_id, n_chunks)?;
+        self.cache.put(resident_id, loaded);
+        Ok(true)
     }
 
     /// The resident's current record.
@@ -733,7 +768,7 @@ impl<'a> Mutation<'a> {
         let heads: Vec<ChangeHash> = loaded.doc.get_heads();
         apply_event(&mut loaded.doc, event, at)?;
         let chunk = loaded.doc.save_after(&heads);
-        let n_chunks = store_chunk(self.txn, resident_id, loaded, &chunk)?;
+        let n_chunks = store_chunk(self.txn, resident_id, loaded, &chunk, None)?;
         match event {
             ResidentEvent::CouponIssued { entry, supersedes: Some(old) } => {
                 self.block_coupon(old, true, &entry.generation.to_string())?
@@ -775,7 +810,7 @@ impl<'a> Mutation<'a> {
     ) -> anyhow::Result<()> {
         self.touched.push(resident_id.to_owned());
         self.cache.pop(resident_id);
-        let n_chunks = store_chunk(self.txn, resident_id, loaded, chunk)?;
+        let n_chunks = store_chunk(self.txn, resident_id, loaded, chunk, None)?;
         self.bump_feed(resident_id, n_chunks)
     }
 
@@ -1067,9 +1102,14 @@ fn store_chunk(
     resident_id: &str,
     loaded: &mut LoadedDoc,
     chunk: &[u8],
+    saved: Option<&[u8]>,
 ) -> anyhow::Result<u32> {
-    if loaded.n_chunks + 1 >= COMPACT_AFTER_CHUNKS {
-        txn.open_table(DOCS)?.insert(resident_id, loaded.doc.save_nocompress().as_slice())?;
+    if compacts(loaded) {
+        let saved = match saved {
+            Some(saved) => std::borrow::Cow::Borrowed(saved),
+            None => std::borrow::Cow::Owned(loaded.doc.save_nocompress()),
+        };
+        txn.open_table(DOCS)?.insert(resident_id, saved.as_ref())?;
         let mut chunks = txn.open_table(CHUNKS)?;
         for n in 0..loaded.n_chunks {
             chunks.remove((resident_id, n))?;
@@ -1080,6 +1120,22 @@ fn store_chunk(
         loaded.n_chunks += 1;
     }
     Ok(loaded.n_chunks)
+}
+
+/// Whether an event changes nothing but its document, the statistics and the feed (what
+/// [`Mutation::store_ahead`] writes): the others also write tables of blocked coupons.
+fn applies_ahead(event: &ResidentEvent) -> bool {
+    !matches!(
+        event,
+        ResidentEvent::CouponIssued { .. }
+            | ResidentEvent::CouponRevoked { .. }
+            | ResidentEvent::TransferredOut(_)
+    )
+}
+
+/// Whether the next change is stored as a whole document rather than one more chunk.
+fn compacts(loaded: &LoadedDoc) -> bool {
+    loaded.n_chunks + 1 >= COMPACT_AFTER_CHUNKS
 }
 
 /// Loads a document for a bulk job outside the writer's cache.
@@ -1102,18 +1158,72 @@ pub fn load_for_bulk(
 /// since ([`Mutation::adopt`]). Reading ahead also brings the pages the writer will change
 /// into the store's page cache, so that many reads wait on the disk at once instead of one
 /// after another on the writer's thread.
+///
+/// The thread that reads ahead may also apply the event it expects the writer to record
+/// ([`Preloaded::apply_ahead`]): the Automerge commit and the chunk's encoding then happen
+/// there, and the writer only stores the chunk ([`Mutation::store_ahead`]) — after its own
+/// checks decided exactly that event on exactly this version of the document.
 pub struct Preloaded {
     /// The resident.
     pub resident_id: String,
     /// The document's number in the change feed when it was read.
     seq: u64,
     loaded: LoadedDoc,
+    /// The record as the document read before any change applied ahead.
     record: ResidentRecord,
+    ahead: Option<Ahead>,
+}
+
+/// An event applied to a document read ahead.
+struct Ahead {
+    event: ResidentEvent,
+    at: OffsetDateTime,
+    /// `save_after` the document's heads before the event.
+    chunk: Vec<u8>,
+    /// The whole document after the event, when this change is the one that compacts it.
+    saved: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Preloaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Preloaded").field("resident_id", &self.resident_id).field("seq", &self.seq).finish()
+        f.debug_struct("Preloaded")
+            .field("resident_id", &self.resident_id)
+            .field("seq", &self.seq)
+            .field("applied_ahead", &self.ahead.as_ref().map(|a| a.event.kind()))
+            .finish()
+    }
+}
+
+impl Preloaded {
+    /// The record as it was read (before any event applied ahead).
+    pub fn record(&self) -> &ResidentRecord {
+        &self.record
+    }
+
+    /// The event applied ahead and the instant it was applied with.
+    pub fn applied(&self) -> Option<(&ResidentEvent, OffsetDateTime)> {
+        self.ahead.as_ref().map(|a| (&a.event, a.at))
+    }
+
+    /// Applies `event` as `actor` at `at`, as [`Mutation::apply`] would, and encodes what
+    /// the writer will store. On failure the document is dropped with the error: it may hold
+    /// part of the change.
+    pub fn apply_ahead(
+        mut self,
+        actor: &ActorId,
+        event: ResidentEvent,
+        at: OffsetDateTime,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(self.ahead.is_none(), "an event was applied ahead already");
+        anyhow::ensure!(applies_ahead(&event), "a {} is not applied ahead", event.kind());
+        let doc = &mut self.loaded.doc;
+        doc.set_actor(actor.clone());
+        let heads: Vec<ChangeHash> = doc.get_heads();
+        apply_event(doc, &event, at)?;
+        let chunk = doc.save_after(&heads);
+        let saved = compacts(&self.loaded).then(|| self.loaded.doc.save_nocompress());
+        self.ahead = Some(Ahead { event, at, chunk, saved });
+        Ok(self)
     }
 }
 
@@ -1141,7 +1251,7 @@ impl ReadView {
         let Some(loaded) = load_from(&docs, &chunks, &resident_id)? else { return Ok(None) };
         let record =
             read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
-        Ok(Some(Preloaded { resident_id, seq, loaded, record }))
+        Ok(Some(Preloaded { resident_id, seq, loaded, record, ahead: None }))
     }
 
     /// The underlying transaction (bulk jobs load documents from it).

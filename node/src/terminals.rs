@@ -447,14 +447,7 @@ impl CaptureService {
         } else {
             format!("{}/{}", capture.venue_municipality, capture.venue)
         };
-        let preloaded = crate::writer::preload_capture(
-            &self.store,
-            &scans,
-            transferred_from.is_some(),
-            Some(&capture.event_id),
-        )
-        .await;
-        let command = CaptureCommand {
+        let command = Box::new(CaptureCommand {
             scans,
             vaccinated_on: Some(capture.vaccinated_on),
             venue,
@@ -463,13 +456,17 @@ impl CaptureService {
             captured_at: Some(capture.captured_at),
             forwarded_lot: lot,
             transferred_from: transferred_from.map(|(from, _)| from),
-            preloaded,
+            preloaded: None,
             // The callers pass a moved resident's dose on.
             passed_on_if_moved: true,
+        });
+        let command = match self.writer.read_ahead(&self.store, command).await {
+            Ok(command) => command,
+            Err(problem) => return self.state_for(&problem),
         };
         let who =
             Who { actor: format!("peer:{peer}"), role: "terminal".into(), request_id: capture.event_id };
-        match self.writer.call(&who, |reply| Command::Capture(Box::new(command), reply)).await {
+        match self.writer.call(&who, |reply| Command::Capture(command, reply)).await {
             Ok(outcome) => CaptureState::Recorded {
                 owner: self.municipality,
                 dose_number: outcome.event.dose_number,

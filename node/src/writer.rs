@@ -35,6 +35,7 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::clock::{japan_today, new_id};
 use crate::problem::Problem;
 use crate::store::{DocCache, IDX_COUPON, IDX_EVENT, Mutation, Preloaded, Store, new_cache};
+use protocol::document::ResidentRecord;
 
 /// A capture as the writer receives it: scans decoded and authenticated already.
 #[derive(Debug)]
@@ -67,29 +68,95 @@ pub struct CaptureCommand {
     pub passed_on_if_moved: bool,
 }
 
-/// Reads ahead, on a blocking thread, the document a capture will change. A failure here is
-/// not the capture's: the writer then reads the document itself and reports what it finds.
-pub async fn preload_capture(
-    store: &Arc<Store>,
-    scans: &ScannedCapture,
-    transferred: bool,
-    event_id: Option<&str>,
-) -> Option<Box<Preloaded>> {
-    let code = *scans.coupon.code();
-    let (index, key) = match transferred {
-        true => (crate::store::IDX_HANDOFF_COUPON, code.to_string()),
-        false => (IDX_COUPON, code.number.to_string()),
+impl WriterHandle {
+    /// Reads ahead, on a blocking thread, the document a capture will change, and applies
+    /// there the dose this node's checks would record on it ([`Preloaded::apply_ahead`]):
+    /// the writer then checks again and only stores the change. A failure to read ahead is
+    /// not the capture's: the writer then reads the document itself and reports what it
+    /// finds.
+    pub async fn read_ahead(
+        &self,
+        store: &Arc<Store>,
+        mut capture: Box<CaptureCommand>,
+    ) -> Result<Box<CaptureCommand>, Problem> {
+        let store = store.clone();
+        let rules = self.rules.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            if let Err(error) = read_ahead(&store, &rules, &mut capture) {
+                tracing::debug!(%error, "reading ahead for a capture failed; the writer reads instead");
+            }
+            capture
+        });
+        read.await.map_err(|error| Problem::internal(&anyhow::anyhow!("reading ahead stopped: {error}")))
+    }
+}
+
+fn read_ahead(store: &Store, rules: &CaptureRules, capture: &mut CaptureCommand) -> anyhow::Result<()> {
+    let code = *capture.scans.coupon.code();
+    let (index, key) = match capture.transferred_from {
+        Some(_) => (crate::store::IDX_HANDOFF_COUPON, code.to_string()),
+        None => (IDX_COUPON, code.number.to_string()),
     };
-    let store = store.clone();
-    let event_id = event_id.map(str::to_owned);
-    let read = tokio::task::spawn_blocking(move || store.read()?.preload(index, &key, event_id.as_deref()));
-    match read.await {
-        Ok(Ok(preloaded)) => preloaded.map(Box::new),
-        Ok(Err(error)) => {
-            tracing::debug!(%error, "reading ahead for a capture failed; the writer reads instead");
-            None
+    let view = store.read()?;
+    let Some(mut preloaded) = view.preload(index, &key, capture.event_id.as_deref())? else {
+        return Ok(());
+    };
+    if !rules.read_only {
+        let now = OffsetDateTime::now_utc();
+        let today = japan_today();
+        let event_id = capture.event_id.clone().unwrap_or_else(|| new_id("ev"));
+        let lot = view.lot(&capture.scans.vial.lot)?.or_else(|| capture.forwarded_lot.clone());
+        let input = capture_input(capture, &event_id, today, now);
+        let context = rules.context(today, lot.as_ref(), capture.transferred_from.is_some());
+        if let Ok(CaptureDecision::Record(event)) = validate_capture(&input, preloaded.record(), &context)
+            && protocol::validation::coupons_spent_by(preloaded.record(), &event).is_empty()
+        {
+            preloaded = preloaded.apply_ahead(&rules.actor, ResidentEvent::DoseRecorded(event), now)?;
         }
-        Err(_) => None,
+    }
+    capture.preloaded = Some(Box::new(preloaded));
+    Ok(())
+}
+
+/// What a capture's checks need besides the store and the capture: shared by the writer
+/// and the threads that read ahead for it.
+struct CaptureRules {
+    actor: ActorId,
+    catalogue: Catalogue,
+    campaign_start: Date,
+    read_only: bool,
+}
+
+impl CaptureRules {
+    fn context<'a>(&'a self, today: Date, lot: Option<&'a Lot>, transferred: bool) -> CaptureContext<'a> {
+        capture_context(&self.catalogue, self.campaign_start, today, lot, transferred)
+    }
+}
+
+fn capture_context<'a>(
+    catalogue: &'a Catalogue,
+    campaign_start: Date,
+    today: Date,
+    lot: Option<&'a Lot>,
+    transferred: bool,
+) -> CaptureContext<'a> {
+    CaptureContext { today, campaign_start, catalogue, lot, accept_transferred: transferred }
+}
+
+/// The capture as validation sees it, `now` standing for a missing `captured_at`.
+fn capture_input<'a>(
+    capture: &'a CaptureCommand,
+    event_id: &'a str,
+    today: Date,
+    now: OffsetDateTime,
+) -> CaptureInput<'a> {
+    CaptureInput {
+        scans: &capture.scans,
+        vaccinated_on: capture.vaccinated_on.unwrap_or(today),
+        venue: &capture.venue,
+        event_id,
+        captured_at: capture.captured_at.unwrap_or(now),
+        recorded_by: &capture.recorded_by,
     }
 }
 
@@ -249,6 +316,7 @@ pub struct WriterContext {
 #[derive(Clone)]
 pub struct WriterHandle {
     sender: mpsc::Sender<(Who, Command)>,
+    rules: Arc<CaptureRules>,
 }
 
 impl WriterHandle {
@@ -270,11 +338,17 @@ pub fn spawn_writer(
 ) -> (WriterHandle, std::thread::JoinHandle<()>) {
     // Bounded: when the disk falls behind, callers wait instead of memory growing.
     let (sender, receiver) = mpsc::channel(context.group_commit_max.max(1) * 4);
+    let rules = Arc::new(CaptureRules {
+        actor: context.actor.clone(),
+        catalogue: context.catalogue.clone(),
+        campaign_start: context.campaign_start,
+        read_only: context.read_only,
+    });
     let thread = std::thread::Builder::new()
         .name("vrs-writer".into())
         .spawn(move || run_writer(&store, &context, receiver))
         .unwrap_or_else(|e| panic!("cannot start the writer thread: {e}"));
-    (WriterHandle { sender }, thread)
+    (WriterHandle { sender, rules }, thread)
 }
 
 /// An answer that is sent only once the group's commit is known.
@@ -642,20 +716,34 @@ fn capture_one(
     let Some(resident_id) = resident else {
         return Ok(Err(CaptureError::CouponNotIssued { number }.into()));
     };
-    let adopted = match capture.preloaded.take() {
-        Some(preloaded) if preloaded.resident_id == resident_id => m.adopt(*preloaded)?,
-        _ => None,
-    };
-    let record = match adopted {
-        Some(record) => record,
+    // The document read ahead, if it is this resident's and still current: with the dose
+    // applied to it ahead, or taken into the cache as it was read.
+    let mut base = None;
+    if let Some(preloaded) = capture.preloaded.take().filter(|p| p.resident_id == resident_id) {
+        if preloaded.applied().is_some() {
+            base = m.still_current(&preloaded)?.then_some(Base::Ahead(preloaded));
+        } else {
+            base = m.adopt(*preloaded)?.map(|record| Base::Read(Box::new(record)));
+        }
+    }
+    let base = match base {
+        Some(base) => base,
         None => match m.record(&resident_id)? {
-            Some(record) => record,
+            Some(record) => Base::Read(Box::new(record)),
             None => anyhow::bail!("index names resident {resident_id}, which has no document"),
         },
     };
-    let event_id = match &capture.event_id {
-        Some(id) => id.clone(),
-        None => new_id("ev"),
+    // Checked as of the instant the dose was applied ahead, so that the same checks on the
+    // same document decide the same event.
+    let applied = match &base {
+        Base::Ahead(preloaded) => preloaded.applied(),
+        Base::Read(_) => None,
+    };
+    let now = applied.map_or(now, |(_, at)| at);
+    let event_id = match (&capture.event_id, applied) {
+        (Some(id), _) => id.clone(),
+        (None, Some((ResidentEvent::DoseRecorded(event), _))) => event.event_id.clone(),
+        (None, _) => new_id("ev"),
     };
     if let Some(owner) = m.index(IDX_EVENT, &event_id)?
         && owner != resident_id
@@ -664,33 +752,49 @@ fn capture_one(
     }
     let lot = m.lot(&capture.scans.vial.lot)?.or_else(|| capture.forwarded_lot.clone());
     let today = japan_today();
-    let input = CaptureInput {
-        scans: &capture.scans,
-        vaccinated_on: capture.vaccinated_on.unwrap_or(today),
-        venue: &capture.venue,
-        event_id: &event_id,
-        captured_at: capture.captured_at.unwrap_or(now),
-        recorded_by: &capture.recorded_by,
-    };
-    let validation = CaptureContext {
-        today,
-        campaign_start: context.campaign_start,
-        catalogue: &context.catalogue,
-        lot: lot.as_ref(),
-        accept_transferred: capture.transferred_from.is_some(),
-    };
-    match validate_capture(&input, &record, &validation) {
+    let input = capture_input(capture, &event_id, today, now);
+    let transferred = capture.transferred_from.is_some();
+    let validation =
+        capture_context(&context.catalogue, context.campaign_start, today, lot.as_ref(), transferred);
+    match validate_capture(&input, base.record(), &validation) {
         Err(refusal) => Ok(Err(refusal.into())),
         Ok(CaptureDecision::Replay(event)) => Ok(Ok(CaptureOutcome { replay: true, resident_id, event })),
         Ok(CaptureDecision::Record(event)) => {
-            m.apply_after(&resident_id, &ResidentEvent::DoseRecorded(event.clone()), now, &record)?;
-            m.set_index(IDX_EVENT, &event.event_id, &resident_id)?;
             // A dose passed on from a previous municipality makes the coupon issued here
             // for that dose useless: revoked, one commit each, in the same transaction.
-            for spent in protocol::validation::coupons_spent_by(&record, &event) {
+            let spent = protocol::validation::coupons_spent_by(base.record(), &event);
+            let recorded = ResidentEvent::DoseRecorded(event.clone());
+            match base {
+                Base::Ahead(preloaded) => {
+                    // Stored as applied ahead only if it is the very change decided here.
+                    if !(spent.is_empty() && m.store_ahead(*preloaded, &recorded)?) {
+                        m.apply(&resident_id, &recorded, now)?;
+                    }
+                }
+                Base::Read(before) => m.apply_after(&resident_id, &recorded, now, &before)?,
+            }
+            m.set_index(IDX_EVENT, &event.event_id, &resident_id)?;
+            for spent in spent {
                 m.apply(&resident_id, &spent, now)?;
             }
             Ok(Ok(CaptureOutcome { replay: false, resident_id, event }))
+        }
+    }
+}
+
+/// The document a capture is checked against.
+enum Base {
+    /// Read ahead, with the dose applied to it there.
+    Ahead(Box<Preloaded>),
+    /// Its record, the document being in the writer's cache.
+    Read(Box<ResidentRecord>),
+}
+
+impl Base {
+    fn record(&self) -> &ResidentRecord {
+        match self {
+            Base::Ahead(preloaded) => preloaded.record(),
+            Base::Read(record) => record,
         }
     }
 }

@@ -80,3 +80,83 @@ fn a_document_read_ahead_is_not_taken_once_it_has_changed() {
     assert!(store.read().unwrap().preload(IDX_ATENA, "missing", None).unwrap().is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Moves the resident to `address` through a change applied ahead as `actor`, then hands it
+/// to a writer that decided `decided`: returns whether the writer stored it.
+fn store_ahead_in(store: &Store, actor: &ActorId, address: &str, decided: &ResidentEvent) -> bool {
+    let now = time::OffsetDateTime::now_utc();
+    let mut moved = record().identity;
+    moved.address = address.into();
+    let ahead = store.read().unwrap().preload(IDX_ATENA, "A1", None).unwrap().unwrap();
+    let ahead = ahead.apply_ahead(actor, ResidentEvent::IdentityUpdated(moved), now).unwrap();
+    let txn = store.begin_write().unwrap();
+    let mut cache = new_cache(16);
+    let writer_actor = ActorId::from(b"writer".as_slice());
+    let mut m = Mutation::new(&txn, &mut cache, &writer_actor);
+    let stored = m.store_ahead(ahead, decided).unwrap();
+    drop(m);
+    txn.commit().unwrap();
+    stored
+}
+
+fn moved_to(address: &str) -> ResidentEvent {
+    let mut identity = record().identity;
+    identity.address = address.into();
+    ResidentEvent::IdentityUpdated(identity)
+}
+
+#[test]
+fn a_change_applied_ahead_is_stored_only_if_it_is_the_one_decided_on_the_current_document() {
+    let dir = std::env::temp_dir().join(format!("vrs-ahead-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("store.redb");
+    let store = Store::open(&path).unwrap();
+    let writer = ActorId::from(b"writer".as_slice());
+    let now = time::OffsetDateTime::now_utc();
+    let txn = store.begin_write().unwrap();
+    let mut cache = new_cache(16);
+    Mutation::new(&txn, &mut cache, &writer).create_resident(&record(), now).unwrap();
+    txn.commit().unwrap();
+    let address =
+        |store: &Store| store.read().unwrap().record("141003-r1").unwrap().unwrap().identity.address;
+
+    // The same event, on the document as it still is, by this node's actor: stored as is,
+    // more than COMPACT_AFTER_CHUNKS times, so that one of them is saved as a whole document.
+    for n in 0..node::store::COMPACT_AFTER_CHUNKS + 3 {
+        let to = format!("横浜市中区{n}");
+        assert!(store_ahead_in(&store, &writer, &to, &moved_to(&to)), "change {n} stored");
+        assert_eq!(address(&store), to);
+    }
+
+    // Another event decided by the writer: nothing written.
+    assert!(!store_ahead_in(&store, &writer, "横浜市西区", &moved_to("横浜市南区")));
+    // Applied ahead by another actor: nothing written.
+    assert!(!store_ahead_in(&store, &ActorId::random(), "横浜市西区", &moved_to("横浜市西区")));
+    let last = format!("横浜市中区{}", node::store::COMPACT_AFTER_CHUNKS + 2);
+    assert_eq!(address(&store), last);
+
+    // The document changed between the read-ahead and the writer: nothing written.
+    let ahead = store.read().unwrap().preload(IDX_ATENA, "A1", None).unwrap().unwrap();
+    let ahead = ahead.apply_ahead(&writer, moved_to("横浜市西区"), now).unwrap();
+    let txn = store.begin_write().unwrap();
+    let mut cache = new_cache(16);
+    let mut m = Mutation::new(&txn, &mut cache, &writer);
+    m.apply("141003-r1", &moved_to("横浜市港北区"), now).unwrap();
+    assert!(!m.still_current(&ahead).unwrap());
+    assert!(!m.store_ahead(ahead, &moved_to("横浜市西区")).unwrap());
+    drop(m);
+    txn.commit().unwrap();
+    assert_eq!(address(&store), "横浜市港北区");
+
+    // Events that write other tables are not applied ahead.
+    let ahead = store.read().unwrap().preload(IDX_ATENA, "A1", None).unwrap().unwrap();
+    let revoke = ResidentEvent::CouponRevoked { key: "0000000000.1".into(), reason: "test".into() };
+    assert!(ahead.apply_ahead(&writer, revoke, now).is_err());
+
+    // What was stored ahead reads back whole after the store is opened again.
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(address(&store), "横浜市港北区");
+    let _ = std::fs::remove_dir_all(&dir);
+}
