@@ -36,19 +36,3 @@ pub fn new_id(prefix: &str) -> String {
     bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
     format!("{prefix}-{}", hex_lower(&bytes))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::new_id;
-
-    #[test]
-    fn ids_are_unique_and_sort_in_the_order_they_were_minted() {
-        let first = new_id("ev");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let ids: Vec<String> = (0..1000).map(|_| new_id("ev")).collect();
-        assert!(ids.iter().all(|id| id.len() == 3 + 32 && id.starts_with("ev-")));
-        assert!(ids.iter().all(|id| *id > first), "a later id sorts after an earlier one");
-        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
-        assert_eq!(distinct.len(), ids.len(), "no id repeats within a millisecond");
-    }
-}

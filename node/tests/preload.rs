@@ -1,4 +1,6 @@
-//! A document read ahead of the writer is taken only while nothing has changed it since.
+//! A document read ahead of the writer is taken only while nothing has changed it since, and
+//! a change applied to it ahead is stored only if it is the one the writer decided; the ids
+//! that key the event index sort in the order they were minted.
 
 use automerge::ActorId;
 use node::store::{IDX_ATENA, Mutation, Store, new_cache};
@@ -159,4 +161,17 @@ fn a_change_applied_ahead_is_stored_only_if_it_is_the_one_decided_on_the_current
     let store = Store::open(&path).unwrap();
     assert_eq!(address(&store), "横浜市港北区");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Event ids key the event index: ids minted later sort later, so new entries go to its end.
+#[test]
+fn ids_are_unique_and_sort_in_the_order_they_were_minted() {
+    use node::clock::new_id;
+    let first = new_id("ev");
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let ids: Vec<String> = (0..1000).map(|_| new_id("ev")).collect();
+    assert!(ids.iter().all(|id| id.len() == 3 + 32 && id.starts_with("ev-")));
+    assert!(ids.iter().all(|id| *id > first), "a later id sorts after an earlier one");
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "no id repeats within a millisecond");
 }
