@@ -187,7 +187,10 @@ async function main() {
 
     // 7. Reception: scan the coupon (the scanner ends with Enter), then the vial.
     await page.click('#nav a[href="#/capture"]');
+    // The page is ready when the cursor waits in the coupon field (after the venue list).
+    await page.waitForFunction(() => document.activeElement && document.activeElement.id === 'capture-coupon');
     await page.fill('#capture-venue', 'yokohama-arena');
+    assert.equal(await page.inputValue('#capture-venue'), 'yokohama-arena');
     await page.fill('#capture-coupon', coupon);
     await page.press('#capture-coupon', 'Enter');
     assert.equal(await page.evaluate(() => document.activeElement.id), 'capture-vial');
