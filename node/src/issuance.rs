@@ -161,6 +161,7 @@ fn issue_page(
             mutation.append_built(&id, &mut loaded, &chunk)?;
             mutation.set_index(IDX_COUPON, entry.code.number.as_str(), &id)?;
         }
+        mutation.sweep_feed()?;
     }
     txn.commit().context("durable commit of issued coupons failed")?;
     Ok(n)

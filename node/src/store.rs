@@ -38,7 +38,9 @@ pub const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 pub const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("doc_chunks");
 /// resident id → (latest change sequence, number of chunks).
 pub const DOC_META: TableDefinition<&str, (u64, u32)> = TableDefinition::new("doc_meta");
-/// The change feed: sequence → resident id.
+/// The change feed: sequence → resident id. A document's entry is the one at the sequence
+/// `DOC_META` holds for it; an entry a later change superseded stays until
+/// [`Mutation::sweep_feed`] removes it, and readers skip it ([`ReadView::changes_since`]).
 pub const CHANGES: TableDefinition<u64, &str> = TableDefinition::new("changes");
 /// 10-digit coupon number → resident id.
 pub const IDX_COUPON: TableDefinition<&str, &str> = TableDefinition::new("idx_coupon");
@@ -111,6 +113,8 @@ pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const META_HANDOFF_SEQ: &str = "handoff_seq";
 /// `META` key: the last change-feed sequence used.
 pub const META_CHANGE_SEQ: &str = "change_seq";
+/// `META` key: where the next sweep of superseded change-feed entries starts.
+pub const META_FEED_SWEPT: &str = "feed_swept";
 /// `META` key: bumped whenever what terminals receive (lots, blocked coupons) changes.
 pub const META_BUNDLE_SEQ: &str = "bundle_seq";
 /// `META` key: bumped whenever the enrolled terminals or enrolment tokens change.
@@ -417,13 +421,21 @@ impl ReadView {
         Ok(self.all::<Lot>(LOTS)?.into_iter().map(|(_, lot)| lot).collect())
     }
 
-    /// Change feed entries after `since`, at most `limit`: (sequence, resident id).
+    /// Change feed entries after `since`, at most `limit`: (sequence, resident id), each
+    /// document once, at its latest change (entries a later change superseded are skipped).
     pub fn changes_since(&self, since: u64, limit: usize) -> anyhow::Result<Vec<(u64, String)>> {
         let table = self.txn.open_table(CHANGES)?;
+        let meta = self.txn.open_table(DOC_META)?;
         let mut out = Vec::new();
-        for entry in table.range(since.saturating_add(1)..)?.take(limit) {
+        for entry in table.range(since.saturating_add(1)..)? {
+            if out.len() >= limit {
+                break;
+            }
             let (seq, id) = entry?;
-            out.push((seq.value(), id.value().to_owned()));
+            let (seq, id) = (seq.value(), id.value());
+            if meta.get(id)?.is_some_and(|m| m.value().0 == seq) {
+                out.push((seq, id.to_owned()));
+            }
         }
         Ok(out)
     }
@@ -550,12 +562,14 @@ pub struct Mutation<'a> {
     cache: &'a mut DocCache,
     actor: &'a ActorId,
     touched: Vec<String>,
+    /// Change-feed entries superseded in this transaction and not yet swept.
+    superseded: u64,
 }
 
 impl<'a> Mutation<'a> {
     /// Starts writing into `txn`.
     pub fn new(txn: &'a WriteTransaction, cache: &'a mut DocCache, actor: &'a ActorId) -> Self {
-        Self { txn, cache, actor, touched: Vec::new() }
+        Self { txn, cache, actor, touched: Vec::new(), superseded: 0 }
     }
 
     /// The documents changed so far.
@@ -814,16 +828,49 @@ impl<'a> Mutation<'a> {
         self.bump_feed(resident_id, n_chunks)
     }
 
+    /// Moves the document to the end of the change feed. Its previous entry is left where it
+    /// is — removing it would write a page anywhere in the feed for every change — and
+    /// counted for [`Mutation::sweep_feed`].
     fn bump_feed(&mut self, resident_id: &str, n_chunks: u32) -> anyhow::Result<()> {
         let seq = self.next_counter(META_CHANGE_SEQ)?;
-        let mut meta = self.txn.open_table(DOC_META)?;
-        let previous = meta.insert(resident_id, (seq, n_chunks))?.map(|v| v.value().0);
-        drop(meta);
-        let mut changes = self.txn.open_table(CHANGES)?;
-        if let Some(previous) = previous {
-            changes.remove(previous)?;
+        let previous = self.txn.open_table(DOC_META)?.insert(resident_id, (seq, n_chunks))?.is_some();
+        self.txn.open_table(CHANGES)?.insert(seq, resident_id)?;
+        self.superseded += u64::from(previous);
+        Ok(())
+    }
+
+    /// Removes superseded change-feed entries: twice as many entries are looked at, from
+    /// where the last sweep stopped, as this transaction has superseded, so that the feed
+    /// stays within about twice the number of documents while the sweep's pages are written
+    /// in feed order, a few to a commit. Wraps to the feed's start at its end.
+    pub fn sweep_feed(&mut self) -> anyhow::Result<()> {
+        if self.superseded == 0 {
+            return Ok(());
         }
-        changes.insert(seq, resident_id)?;
+        let budget = usize::try_from(self.superseded.saturating_mul(2)).unwrap_or(usize::MAX);
+        self.superseded = 0;
+        let start = self.txn.open_table(META)?.get(META_FEED_SWEPT)?.map_or(0, |v| v.value());
+        let mut changes = self.txn.open_table(CHANGES)?;
+        // The last sequence in reach: the sweep covers [start, end].
+        let (end, wrapped) = match changes.range(start..)?.nth(budget.saturating_sub(1)) {
+            Some(entry) => (entry?.0.value(), false),
+            None => (u64::MAX, true),
+        };
+        let meta = self.txn.open_table(DOC_META)?;
+        let mut failure = None;
+        changes.retain_in(start..=end, |seq, id| match meta.get(id) {
+            Ok(current) => current.is_some_and(|m| m.value().0 == seq),
+            Err(error) => {
+                failure.get_or_insert(error);
+                true
+            }
+        })?;
+        if let Some(error) = failure {
+            return Err(error.into());
+        }
+        drop((meta, changes));
+        let next = if wrapped { 0 } else { end + 1 };
+        self.txn.open_table(META)?.insert(META_FEED_SWEPT, next)?;
         Ok(())
     }
 
@@ -1241,8 +1288,7 @@ impl ReadView {
         else {
             return Ok(None);
         };
-        // The writer removes this feed entry and inserts the event id: read their pages now.
-        drop(self.txn.open_table(CHANGES)?.get(seq)?);
+        // The writer inserts the event id: read its page now.
         if let Some(event_id) = event_id {
             drop(self.txn.open_table(IDX_EVENT)?.get(event_id)?);
         }

@@ -407,6 +407,11 @@ fn run_group(store: &Store, context: &WriterContext, cache: &mut DocCache, batch
             }
         }
     }
+    if broken.is_none()
+        && let Err(error) = mutation.sweep_feed()
+    {
+        broken = Some(error.context("sweeping the change feed failed"));
+    }
     let touched = mutation.touched().to_vec();
     drop(mutation);
     let outcome = match broken {

@@ -9,6 +9,7 @@ use node::api::{ROUTES, method_of, openapi_document, router};
 use node::config::{InitOptions, NodeFiles, Role, init_data_dir};
 
 mod audit;
+mod feed;
 mod isolation;
 mod ledger;
 mod national;

@@ -10,10 +10,14 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 /// The `vrs-node` binary of this workspace, built once per test process with the same
-/// profile as the tests.
+/// profile as the tests — or the one `VRS_NODE` names, to measure another build against this
+/// one with the same benchmark.
 pub fn vrs_node() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
+        if let Some(binary) = std::env::var_os("VRS_NODE").filter(|b| !b.is_empty()) {
+            return PathBuf::from(binary);
+        }
         let exe = std::env::current_exe().expect("test executable path");
         // A test runs as target/<profile>/deps/<test>, a binary as target/<profile>/<bin>.
         let mut profile_dir = exe.parent().expect("executable directory").to_owned();

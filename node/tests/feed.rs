@@ -1,0 +1,189 @@
+//! The change feed names each document once, at its latest change, however often it
+//! changed; the entries a later change superseded are swept away in feed order without ever
+//! taking a document's current entry with them.
+
+use automerge::ActorId;
+use node::store::{CHANGES, DOC_META, META_FEED_SWEPT, Mutation, Store, new_cache};
+use proptest::prelude::*;
+use protocol::document::{Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex};
+use protocol::municipality::MunicipalityCode;
+use redb::{ReadableTable, ReadableTableMetadata};
+
+fn record(n: usize) -> ResidentRecord {
+    ResidentRecord {
+        schema: SCHEMA_VERSION,
+        resident_id: format!("141003-r{n}"),
+        municipality: MunicipalityCode::parse("141003").unwrap(),
+        person_key: format!("pk{n}"),
+        identity: Identity {
+            atena_number: format!("A{n}"),
+            name: "山田　花子".into(),
+            name_kana: "ヤマダ ハナコ".into(),
+            birth_date: time::macros::date!(1950 - 01 - 02),
+            sex: Sex::Female,
+            address: "横浜市中区".into(),
+            status: ResidentStatus::Active,
+        },
+        coupons: Default::default(),
+        doses: Default::default(),
+        corrections: Default::default(),
+        transfer: None,
+        arrival: None,
+    }
+}
+
+struct Fixture {
+    dir: std::path::PathBuf,
+    store: std::sync::Arc<Store>,
+    actor: ActorId,
+}
+
+impl Fixture {
+    fn new(residents: usize) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("vrs-feed-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("store.redb")).unwrap();
+        let fixture = Fixture { dir, store, actor: ActorId::random() };
+        let txn = fixture.store.begin_write().unwrap();
+        let mut cache = new_cache(16);
+        let mut m = Mutation::new(&txn, &mut cache, &fixture.actor);
+        for n in 0..residents {
+            m.create_resident(&record(n), time::OffsetDateTime::now_utc()).unwrap();
+        }
+        drop(m);
+        txn.commit().unwrap();
+        fixture
+    }
+
+    /// One transaction changing each listed resident's address once; swept if asked.
+    fn change(&self, residents: &[usize], sweep: bool) {
+        let txn = self.store.begin_write().unwrap();
+        let mut cache = new_cache(16);
+        let mut m = Mutation::new(&txn, &mut cache, &self.actor);
+        for (i, n) in residents.iter().enumerate() {
+            let mut identity = record(*n).identity;
+            identity.address = format!("横浜市中区{i}");
+            m.apply(
+                &record(*n).resident_id,
+                &ResidentEvent::IdentityUpdated(identity),
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        }
+        if sweep {
+            m.sweep_feed().unwrap();
+        }
+        drop(m);
+        txn.commit().unwrap();
+    }
+
+    /// Every document with the sequence of its latest change, in that order.
+    fn latest(&self) -> Vec<(u64, String)> {
+        let view = self.store.read().unwrap();
+        let meta = view.txn().open_table(DOC_META).unwrap();
+        let mut latest: Vec<(u64, String)> = meta
+            .iter()
+            .unwrap()
+            .map(|row| {
+                let (id, value) = row.unwrap();
+                (value.value().0, id.value().to_owned())
+            })
+            .collect();
+        latest.sort();
+        latest
+    }
+
+    /// The whole feed as replication reads it, `page` entries at a time.
+    fn feed(&self, page: usize) -> Vec<(u64, String)> {
+        let view = self.store.read().unwrap();
+        let mut all = Vec::new();
+        loop {
+            let since = all.last().map_or(0, |(seq, _): &(u64, String)| *seq);
+            let next = view.changes_since(since, page).unwrap();
+            assert!(next.len() <= page, "a page of {page} held {}", next.len());
+            if next.is_empty() {
+                return all;
+            }
+            all.extend(next);
+        }
+    }
+
+    fn stored_entries(&self) -> u64 {
+        self.store.read().unwrap().txn().open_table(CHANGES).unwrap().len().unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn each_document_is_read_once_at_its_latest_change_and_swept_entries_go() {
+    let fixture = Fixture::new(5);
+    fixture.change(&[1], false);
+    fixture.change(&[1, 2], false);
+    fixture.change(&[1], false);
+    // Four changes superseded four entries, which stay stored until a sweep.
+    assert_eq!(fixture.stored_entries(), 9);
+    let feed = fixture.feed(100);
+    assert_eq!(feed, fixture.latest());
+    let ids: Vec<&str> = feed.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, ["141003-r0", "141003-r3", "141003-r4", "141003-r2", "141003-r1"]);
+    // Paged one at a time, the same documents in the same order.
+    assert_eq!(fixture.feed(1), feed);
+    assert_eq!(fixture.feed(2), feed);
+
+    // One change supersedes one entry: the sweep looks at the feed's first two, both
+    // superseded, and removes them.
+    fixture.change(&[0], true);
+    assert_eq!(fixture.stored_entries(), 10 - 2);
+    assert_eq!(fixture.feed(3), fixture.latest());
+    // Sweeps go on from there and start again at the feed's end; what is left superseded is
+    // at most the entry the last change superseded.
+    let mut wrapped = false;
+    for _ in 0..9 {
+        fixture.change(&[4], true);
+        assert_eq!(fixture.feed(2), fixture.latest());
+        wrapped |= fixture.store.read().unwrap().meta(META_FEED_SWEPT).unwrap() == 0;
+    }
+    assert!(wrapped, "the sweep never started again from the feed's start");
+    assert!(fixture.stored_entries() <= 5 + 1, "{} entries for 5 documents", fixture.stored_entries());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Whatever changes and sweeps happen, the feed read in pages of any size is every
+    /// document once, in the order of their latest changes, and the stored entries stay
+    /// within the documents plus what the changes since the last full sweep superseded.
+    #[test]
+    fn the_feed_survives_any_changes_and_sweeps(
+        groups in prop::collection::vec((prop::collection::vec(0usize..12, 1..8), any::<bool>()), 1..30),
+        page in 1usize..6,
+    ) {
+        let fixture = Fixture::new(12);
+        let mut superseded = 0u64;
+        for (residents, sweep) in &groups {
+            fixture.change(residents, *sweep);
+            superseded += residents.len() as u64;
+            let feed = fixture.feed(page);
+            prop_assert_eq!(&feed, &fixture.latest());
+            let stored = fixture.stored_entries();
+            prop_assert!((12..=12 + superseded).contains(&stored), "{} entries", stored);
+        }
+        // Changing every document in each group and sweeping, the feed settles within
+        // twice the number of documents.
+        let all: Vec<usize> = (0..12).collect();
+        for _ in 0..30 {
+            fixture.change(&all, true);
+        }
+        let stored = fixture.stored_entries();
+        prop_assert!(stored <= 24, "{} entries for 12 documents", stored);
+        prop_assert_eq!(fixture.feed(page), fixture.latest());
+    }
+}
