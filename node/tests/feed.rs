@@ -5,31 +5,15 @@
 use automerge::ActorId;
 use node::store::{CHANGES, DOC_META, META_FEED_SWEPT, Mutation, Store, new_cache};
 use proptest::prelude::*;
-use protocol::document::{Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex};
-use protocol::municipality::MunicipalityCode;
+use protocol::document::{ResidentEvent, ResidentRecord};
 use redb::{ReadableTable, ReadableTableMetadata};
 
 fn record(n: usize) -> ResidentRecord {
-    ResidentRecord {
-        schema: SCHEMA_VERSION,
-        resident_id: format!("141003-r{n}"),
-        municipality: MunicipalityCode::parse("141003").unwrap(),
-        person_key: format!("pk{n}"),
-        identity: Identity {
-            atena_number: format!("A{n}"),
-            name: "山田　花子".into(),
-            name_kana: "ヤマダ ハナコ".into(),
-            birth_date: time::macros::date!(1950 - 01 - 02),
-            sex: Sex::Female,
-            address: "横浜市中区".into(),
-            status: ResidentStatus::Active,
-        },
-        coupons: Default::default(),
-        doses: Default::default(),
-        corrections: Default::default(),
-        transfer: None,
-        arrival: None,
-    }
+    let mut record = super::preload::record();
+    record.resident_id = format!("141003-r{n}");
+    record.person_key = format!("pk{n}");
+    record.identity.atena_number = format!("A{n}");
+    record
 }
 
 struct Fixture {

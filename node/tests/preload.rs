@@ -7,7 +7,8 @@ use node::store::{IDX_ATENA, Mutation, Store, new_cache};
 use protocol::document::{Identity, ResidentEvent, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex};
 use protocol::municipality::MunicipalityCode;
 
-fn record() -> ResidentRecord {
+/// A resident with no coupons and no doses (also the change feed's tests' template).
+pub(super) fn record() -> ResidentRecord {
     ResidentRecord {
         schema: SCHEMA_VERSION,
         resident_id: "141003-r1".into(),
