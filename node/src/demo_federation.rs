@@ -216,6 +216,14 @@ pub fn run(
         None,
         None,
     )?;
+    // 神奈川県 (14), Yokohama's prefecture: its figures and no other prefecture's.
+    let kanagawa = crate::federation::add_national_token(
+        &national,
+        "demo-kanagawa",
+        crate::auth::Role::PrefectureUser,
+        Some(14),
+        None,
+    )?;
     let ledger_admin = crate::federation::add_national_token(
         &national,
         "demo-admin",
@@ -273,7 +281,7 @@ pub fn run(
     println!("   ログ / logs: {}", logs.display());
 
     runtime.block_on(walk_away_from_home(&yokohama, &standby, &chiyoda, &terminal, coupon))?;
-    runtime.block_on(national_figures(&national_http, &analyst, &yokohama))?;
+    runtime.block_on(national_figures(&national_http, &analyst, &kanagawa, &yokohama))?;
     runtime.block_on(relocation(&national_http, &ledger_admin, &yokohama, &chiyoda, coupon))?;
     runtime.block_on(terminal_operator(&terminal))?;
     println!(
@@ -300,7 +308,12 @@ async fn terminal_operator(terminal: &Member) -> anyhow::Result<()> {
 }
 
 /// Shows that the national node holds Yokohama's figures (and nothing else about anyone).
-async fn national_figures(national_http: &str, analyst: &str, yokohama: &Member) -> anyhow::Result<()> {
+async fn national_figures(
+    national_http: &str,
+    analyst: &str,
+    prefecture_user: &str,
+    yokohama: &Member,
+) -> anyhow::Result<()> {
     let today = crate::clock::japan_today();
     let (_, own) = http(
         "GET",
@@ -333,6 +346,26 @@ async fn national_figures(national_http: &str, analyst: &str, yokohama: &Member)
     );
     println!(
         "   国の集計画面（上のトークンでログイン）/ the national figures' web UI (log in with the token above): http://{national_http}/ui/"
+    );
+    // A prefecture user sees their prefecture, which counts Yokohama's doses, and is refused
+    // another prefecture's.
+    let kanagawa = format!("/api/v1/national/totals?from={today}&to={today}&by=dose_number");
+    let (code, own) = http("GET", national_http, &kanagawa, prefecture_user, None).await?;
+    anyhow::ensure!(code == 200, "the prefecture user's own figures: HTTP {code} {own}");
+    let tokyo = format!("/api/v1/national/totals?prefecture=13&from={today}&to={today}");
+    let (refused, body) = http("GET", national_http, &tokyo, prefecture_user, None).await?;
+    anyhow::ensure!(
+        refused == 403,
+        "a prefecture user read another prefecture's figures: HTTP {refused} {body}"
+    );
+    println!(
+        "   都道府県担当（神奈川県）/ a prefecture user (Kanagawa): {} doses today in {}; 東京都の集計は拒否 / Tokyo's figures refused: {refused} {}",
+        own["total"],
+        own["scope"]["name"].as_str().unwrap_or("?"),
+        body["code"].as_str().unwrap_or("?")
+    );
+    println!(
+        "   curl -H 'Authorization: Bearer {prefecture_user}' 'http://{national_http}/api/v1/national/totals?from={today}&to={today}&by=product,dose_number'"
     );
     Ok(())
 }
