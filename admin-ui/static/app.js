@@ -141,6 +141,16 @@ const TEXT = {
   'handoffs.asks': ['照会', 'Asks'],
   'handoffs.accept': ['受け入れる', 'Accept'],
   'handoffs.accepted': ['受け入れました', 'Accepted'],
+  'handoffs.return': ['差し戻す', 'Send back'],
+  'handoffs.returned': ['転出元へ差し戻しました', 'Sent back to the sender'],
+  'dialog.return': ['この引き継ぎを受け入れず、転出元へ差し戻します（転出元で住民記録が元に戻ります）', 'Do not accept this handoff: send it back to its sender (the resident becomes active there again)'],
+  'return.reason': ['差し戻し理由（転出元に伝わります）', 'Reason (the sender sees it)'],
+  'return.note': ['メモ（この市区町村にのみ残ります）', 'Note (kept here only)'],
+  'return.birth_date_differs': ['生年月日が住民記録と一致しない', 'the birth date differs from our register'],
+  'return.already_registered': ['別の引き継ぎで登録済み', 'already registered by another handoff'],
+  'return.not_moved_here': ['転入の届出がない', 'no notice of moving in'],
+  'return.unreadable': ['引き継ぎデータを開けない', 'the handoff cannot be opened'],
+  'return.other': ['その他', 'another reason'],
   'handoffs.renumbered': ['接種回を振り直した記録', 'doses renumbered'],
   'handoffs.none': ['なし', 'none'],
   'place.unknown': ['該当する市区町村がありません', 'no municipality has this code'],
@@ -155,9 +165,11 @@ const TEXT = {
   'out.deposited': ['国で保管中（転出先の受入待ち）', 'at the national node (awaiting the receiver)'],
   'out.completed': ['引き継ぎ完了', 'completed'],
   'out.refused': ['国が拒否', 'refused by the national node'],
+  'out.returned': ['転出先が差し戻し（住民記録は元に戻りました）', 'sent back by the receiver (the resident is active here again)'],
   'in.received': ['受入待ち', 'awaiting acceptance'],
   'in.accepted': ['受入済', 'accepted'],
   'in.failed': ['受入不可', 'cannot be accepted'],
+  'in.returned': ['差し戻し済', 'sent back'],
   'ask.asking': ['照会中', 'asking'],
   'ask.waiting': ['前住所地の応答待ち', 'waiting for the holder'],
   'ask.sent': ['送付済', 'sent'],
@@ -206,6 +218,7 @@ const TEXT = {
   'resident.address': ['住所', 'Address'],
   'resident.id': ['住民ID', 'Resident id'],
   'resident.moved': ['転出済み（記録は閲覧のみ）', 'Moved away (the record is read-only)'],
+  'resident.returned': ['差し戻された転出', 'Move-outs sent back'],
   'resident.nohistory': ['接種歴はありません', 'No doses'],
   'dose.void': ['取消', 'Void'],
   'dose.amend': ['修正', 'Amend'],
@@ -530,6 +543,11 @@ async function showResident(id) {
   fact('resident.address', r.identity.address);
   fact('col.status', readOnly ? `${t('resident.moved')} → ${place(r.transfer.to)}` : label('status', r.identity.status));
   fact('resident.next', `${r.next_dose}${lang === 'en' ? '' : t('capture.dose')}`);
+  if (r.returns && r.returns.length) {
+    await loadPlaces();
+    const back = r.returns.map((x) => `${place(x.transfer.to)}: ${t(`return.${x.reason}`)}（${localDate(x.at)}）`);
+    fact('resident.returned', back.join(' / '));
+  }
   fact('resident.id', r.resident_id);
   const moveOut = $('#resident-move-out');
   moveOut.hidden = !(mayDo('municipal_admin') && !readOnly && r.identity.status !== 'deceased');
@@ -601,18 +619,21 @@ function askReason(titleKey, kind = 'reason') {
   const move = kind === 'move';
   const accept = kind === 'accept';
   const password = kind === 'password';
-  const noReason = accept || password;
+  const back = kind === 'return';
+  const noReason = accept || password || back;
   $('#reason-title').textContent = t(titleKey);
   $('#amend-fields').hidden = !amend;
   $('#move-fields').hidden = !move;
   $('#accept-fields').hidden = !accept;
   $('#password-fields').hidden = !password;
+  $('#return-fields').hidden = !back;
   $('#reason-fields').hidden = noReason;
   $('#reason-text').required = !noReason;
   $('#move-to').required = move;
   $('#password-new').required = password;
-  const fields = ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to', '#accept-atena', '#accept-address', '#password-new'];
+  const fields = ['#reason-text', '#amend-date', '#amend-venue', '#amend-vial', '#move-to', '#accept-atena', '#accept-address', '#password-new', '#return-note'];
   for (const id of fields) $(id).value = '';
+  $('#return-reason').selectedIndex = 0;
   $('#move-to-name').textContent = '';
   translate();
   return new Promise((resolve) => {
@@ -643,6 +664,8 @@ function askReason(titleKey, kind = 'reason') {
         vial: $('#amend-vial').value.trim() || undefined,
         to: $('#move-to').value.trim() || undefined,
         password: $('#password-new').value || undefined,
+        return_reason: back ? $('#return-reason').value : undefined,
+        note: back ? $('#return-note').value.trim() || undefined : undefined,
       });
     };
     const cancel = () => finish(null);
@@ -650,7 +673,7 @@ function askReason(titleKey, kind = 'reason') {
     $('#reason-cancel').addEventListener('click', cancel);
     dialog.addEventListener('close', cancel);
     dialog.showModal();
-    $(amend ? '#amend-date' : move ? '#move-to' : accept ? '#accept-atena' : password ? '#password-new' : '#reason-text').focus();
+    $(amend ? '#amend-date' : move ? '#move-to' : accept ? '#accept-atena' : password ? '#password-new' : back ? '#return-reason' : '#reason-text').focus();
   });
 }
 
@@ -822,10 +845,14 @@ async function showHandoffs() {
   incoming.replaceChildren(...data.incoming.map((h) => {
     const notes = [];
     if (h.error) notes.push(h.error);
+    if (h.returned) notes.push(t(`return.${h.returned}`) + (h.return_note ? `（${h.return_note}）` : ''));
     if (h.coupon) notes.push(`${t('resident.coupons')} ${h.coupon}`);
     if (h.renumbered && h.renumbered.length) notes.push(`${t('handoffs.renumbered')}: ${h.renumbered.length}`);
     const actions = document.createElement('span');
-    if (h.state === 'received' || h.state === 'failed') actions.append(button('handoffs.accept', () => acceptHandoff(h), 'accept'));
+    if (h.state === 'received' || h.state === 'failed') {
+      actions.append(button('handoffs.accept', () => acceptHandoff(h), 'accept'));
+      actions.append(button('handoffs.return', () => returnHandoff(h), 'return'));
+    }
     const tr = row([h.handoff_id, place(h.from), label('in', h.state), localDate(h.received_at), residentLink(h.resident_id), notes.join(' / '), actions]);
     tr.dataset.handoff = h.handoff_id;
     return tr;
@@ -833,7 +860,8 @@ async function showHandoffs() {
   if (!data.incoming.length) noneRow(incoming, 'handoffs.none');
   const outgoing = $('#handoffs-outgoing tbody');
   outgoing.replaceChildren(...data.outgoing.map((h) => {
-    const state = label('out', h.state) + (h.refusal ? `（${h.refusal}）` : '');
+    const why = h.refusal || (h.returned ? t(`return.${h.returned}`) : '');
+    const state = label('out', h.state) + (why ? `（${why}）` : '');
     const tr = row([h.handoff_id, residentLink(h.resident_id), place(h.to), state, localDate(h.updated_at || h.created_at), h.reason]);
     tr.dataset.handoff = h.handoff_id;
     return tr;
@@ -854,6 +882,20 @@ async function acceptHandoff(h) {
     await api('POST', `/api/v1/handoffs/${encodeURIComponent(h.handoff_id)}/accept`, body);
     await showHandoffs();
     say(t('handoffs.accepted'), true);
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+async function returnHandoff(h) {
+  const answer = await askReason('dialog.return', 'return');
+  if (!answer) return;
+  try {
+    const body = { reason: answer.return_reason };
+    if (answer.note) body.note = answer.note;
+    await api('POST', `/api/v1/handoffs/${encodeURIComponent(h.handoff_id)}/return`, body);
+    await showHandoffs();
+    say(t('handoffs.returned'), true);
   } catch (error) {
     say(error.message);
   }

@@ -230,6 +230,13 @@ pub const ROUTES: &[RouteSpec] = &[
         "Accept a received handoff (creates the resident, issues the next coupon)",
     ),
     route(
+        "POST",
+        "/api/v1/handoffs/{handoff_id}/return",
+        ADMIN,
+        "受け入れられない引き継ぎを転出元へ差し戻す（理由コード付き）",
+        "Send a received handoff back to its sender, with a reason code",
+    ),
+    route(
         "GET",
         "/api/v1/coupons/{coupon_number}/qr",
         LOOKUP,
@@ -403,6 +410,7 @@ fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
         ("GET", "/api/v1/handoffs") => get(list_handoffs),
         ("POST", "/api/v1/handoffs/requests") => post(ask_history),
         ("POST", "/api/v1/handoffs/{handoff_id}/accept") => post(accept_handoff),
+        ("POST", "/api/v1/handoffs/{handoff_id}/return") => post(return_handoff),
         ("GET", "/api/v1/coupons/{coupon_number}/qr") => get(coupon_qr_image),
         ("POST", "/api/v1/coupons/{coupon_number}/reissue") => post(reissue),
         ("POST", "/api/v1/coupons/{coupon_number}/revoke") => post(revoke),
@@ -1029,6 +1037,7 @@ fn resident_view(record: &ResidentRecord) -> serde_json::Value {
         "coupons": record.coupons,
         "corrections": record.corrections,
         "transfer": record.transfer,
+        "returns": record.returns,
     })
 }
 
@@ -1185,6 +1194,38 @@ async fn accept_handoff(
         return Err(Problem::bad_field("address", "an address of 1–200 characters", "住所は1〜200文字です"));
     }
     let mut entry = service.accept(&who, &handoff_id, accept.atena_number, accept.address).await?;
+    entry.sealed = None;
+    Ok(Json(entry).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReturnBody {
+    reason: String,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+async fn return_handoff(
+    State(state): State<AppState>,
+    Extension(who): Extension<Who>,
+    Path(handoff_id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let service = handoffs(&state)?;
+    let back: ReturnBody = body(bytes)?;
+    let Some(reason) = protocol::handoff::ReturnReason::from_code(back.reason.trim()) else {
+        let codes: Vec<&str> = protocol::handoff::ReturnReason::ALL.iter().map(|r| r.code()).collect();
+        return Err(Problem::bad_field(
+            "reason",
+            format!("reason must be one of {}", codes.join(", ")),
+            format!("差し戻し理由は次のいずれかです: {}", codes.join(", ")),
+        ));
+    };
+    if back.note.as_ref().is_some_and(|n| n.chars().count() > 500) {
+        return Err(Problem::bad_field("note", "a note of at most 500 characters", "メモは500文字以内です"));
+    }
+    let mut entry = service.send_back(&who, &handoff_id, reason, back.note).await?;
     entry.sealed = None;
     Ok(Json(entry).into_response())
 }

@@ -17,6 +17,11 @@
 //!    audit entry (`handoff.import`); accepting again returns what was done;
 //! 5. the receiver tells the ledger, which marks the person held by the receiver; the
 //!    sender sees that and marks its copy completed.
+//!
+//! Instead of step 4, the receiver's admin may send the handoff back (`handoff.return`,
+//! with a reason code): the ledger gives the person back to the sender, and the sender's
+//! writer, seeing it, makes the resident active again with their coupons — one commit
+//! (`handoff.returned`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -25,11 +30,13 @@ use anyhow::Context;
 use axum::http::StatusCode;
 use protocol::coupon::SignedCoupon;
 use protocol::directory::SignedDirectory;
-use protocol::document::{CouponEntry, ResidentEvent, ResidentRecord, ResidentStatus, Transfer};
+use protocol::document::{
+    CouponEntry, ResidentEvent, ResidentRecord, ResidentStatus, ReturnedTransfer, Transfer,
+};
 use protocol::handoff::{
     AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk,
-    HistoryRequest, Join, JoinRefusal, LedgerState, MAX_HANDOFFS_PER_MESSAGE, SealedHandoff, received_record,
-    seal,
+    HistoryRequest, Join, JoinRefusal, LedgerState, MAX_HANDOFFS_PER_MESSAGE, ReturnReason, ReturnedHandoff,
+    SealedHandoff, received_record, seal,
 };
 pub use protocol::handoff::{holds_provisional_atena, provisional_atena};
 use protocol::municipality::MunicipalityCode;
@@ -53,6 +60,7 @@ use crate::writer::{Command, Step, Who, WriterContext, WriterHandle};
 const DUE_DEPOSIT: u8 = 1;
 const DUE_WATCH: u8 = 2;
 const DUE_ACK: u8 = 3;
+const DUE_RETURN: u8 = 4;
 /// Envelope bytes in one sync, well under the request size limit (a record with a long
 /// history is larger; one always goes, alone if need be).
 const DEPOSIT_BUDGET: usize = 2 * 1024 * 1024;
@@ -96,6 +104,9 @@ pub struct OutEntry {
     /// The national node's refusal, if it refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    /// Why the receiver sent it back, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returned: Option<ReturnReason>,
     /// The sealed envelope, until the receiver accepted it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<SealedHandoff>,
@@ -116,6 +127,8 @@ pub enum OutState {
     Completed,
     /// Refused by the national node (see `refusal`).
     Refused,
+    /// Sent back by the receiver (see `returned`): the resident is active here again.
+    Returned,
 }
 
 /// A handoff received.
@@ -164,6 +177,15 @@ pub struct InEntry {
     /// it arrived (event ids), for staff to review.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renumbered: Vec<String>,
+    /// Why it was sent back, if it was (the code the sender sees).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returned: Option<ReturnReason>,
+    /// The admin's own words on sending it back: kept here only, never sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_note: Option<String>,
+    /// Who sent it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returned_by: Option<String>,
 }
 
 /// Where an incoming handoff stands.
@@ -174,8 +196,10 @@ pub enum InState {
     Received,
     /// The resident was created here.
     Accepted,
-    /// It cannot be accepted as it is (see `error`); an admin may retry.
+    /// It cannot be accepted as it is (see `error`); an admin may retry, or send it back.
     Failed,
+    /// Sent back to the sender (see `returned`); it can no longer be accepted.
+    Returned,
 }
 
 /// A newcomer registered here (転入) whose history was asked for.
@@ -242,6 +266,15 @@ pub struct TransferOut {
     pub reason: String,
     /// Who.
     pub actor: String,
+}
+
+/// The writer's part of a handoff its receiver sent back.
+#[derive(Debug)]
+pub struct TransferBack {
+    /// The handoff.
+    pub handoff_id: String,
+    /// Why, per the ledger.
+    pub reason: ReturnReason,
 }
 
 /// The writer's part of accepting a handoff (opened already, off the writer thread).
@@ -325,6 +358,7 @@ pub(crate) fn transfer_one(
         created_at: rfc3339(now),
         updated_at: rfc3339(now),
         refusal: None,
+        returned: None,
         sealed: Some(sealed),
         due_key: Some(format!("out/{:020}/{}", m.next_counter(META_HANDOFF_SEQ)?, command.handoff_id)),
     };
@@ -332,6 +366,42 @@ pub(crate) fn transfer_one(
     if let Some(key) = &entry.due_key {
         m.txn().open_table(HANDOFF_DUE)?.insert(key.as_str(), DUE_DEPOSIT)?;
     }
+    Ok(Ok(entry))
+}
+
+/// Makes the resident of a handoff sent back active here again, in one commit with the
+/// outbox entry: runs in the writer's transaction. A handoff already marked returned (a
+/// repeated answer) changes nothing.
+pub(crate) fn return_one(
+    m: &mut Mutation<'_>,
+    command: &TransferBack,
+    now: OffsetDateTime,
+) -> Step<OutEntry> {
+    let out = m.txn().open_table(HANDOFF_OUT)?;
+    let held = get_json::<OutEntry>(&out, &command.handoff_id)?;
+    drop(out);
+    let Some(mut entry) = held else {
+        return Ok(Err(Problem::not_found("handoff", "引き継ぎ", &command.handoff_id)));
+    };
+    if !matches!(entry.state, OutState::Sealed | OutState::Deposited) {
+        return Ok(Ok(entry));
+    }
+    let record = m.record(&entry.resident_id)?.with_context(|| {
+        format!("the resident {} of handoff {} is missing", entry.resident_id, entry.handoff_id)
+    })?;
+    if let Some(transfer) = record.transfer.clone().filter(|t| t.handoff_id == entry.handoff_id) {
+        let event =
+            ResidentEvent::TransferReturned(ReturnedTransfer { transfer, reason: command.reason, at: now });
+        m.apply_after(&entry.resident_id, &event, now, &record)?;
+    }
+    entry.state = OutState::Returned;
+    entry.returned = Some(command.reason);
+    entry.sealed = None;
+    if let Some(key) = entry.due_key.take() {
+        m.txn().open_table(HANDOFF_DUE)?.remove(key.as_str())?;
+    }
+    entry.updated_at = rfc3339(now);
+    put_json(m.txn(), HANDOFF_OUT, &entry.handoff_id, &entry)?;
     Ok(Ok(entry))
 }
 
@@ -800,6 +870,17 @@ impl HandoffService {
         if entry.state == InState::Accepted {
             return Ok(entry);
         }
+        if entry.state == InState::Returned {
+            return Err(conflict(
+                "handoff_returned",
+                format!("the handoff was sent back to {}; it cannot be accepted", entry.from),
+                format!(
+                    "この引き継ぎは{}（{}）へ差し戻し済みのため受け入れできません",
+                    municipality_name(entry.from),
+                    entry.from
+                ),
+            ));
+        }
         let ask: Option<AskEntry> =
             view.json(HANDOFF_ASKS, &entry.person_key).map_err(|e| Problem::internal(&e))?;
         drop(view);
@@ -867,7 +948,9 @@ impl HandoffService {
                     let table = txn.open_table(HANDOFF_IN)?;
                     let held = get_json::<InEntry>(&table, &id)?;
                     drop(table);
-                    if let Some(mut entry) = held.filter(|e| e.state != InState::Accepted) {
+                    if let Some(mut entry) =
+                        held.filter(|e| matches!(e.state, InState::Received | InState::Failed))
+                    {
                         entry.state = InState::Failed;
                         entry.error = Some(error);
                         entry.updated_at = rfc3339(now);
@@ -881,6 +964,62 @@ impl HandoffService {
             .map(|_| ())
     }
 
+    /// Sends a received handoff back to its sender instead of accepting it. The reason's
+    /// code goes to the sender through the national node; `note` stays here. Sending back
+    /// again returns what was done; an accepted handoff cannot be sent back.
+    pub async fn send_back(
+        &self,
+        who: &Who,
+        handoff_id: &str,
+        reason: ReturnReason,
+        note: Option<String>,
+    ) -> Result<InEntry, Problem> {
+        let id = handoff_id.to_owned();
+        let actor = who.actor.clone();
+        let value = self
+            .writer
+            .call(who, |reply| Command::Apply {
+                action: "handoff.return".into(),
+                subject: format!("handoff:{handoff_id} reason:{}", reason.code()),
+                op: Box::new(move |txn, now| {
+                    let table = txn.open_table(HANDOFF_IN)?;
+                    let held = get_json::<InEntry>(&table, &id)?;
+                    drop(table);
+                    let Some(mut entry) = held else {
+                        return Ok(Err(Problem::not_found("handoff", "引き継ぎ", &id)));
+                    };
+                    match entry.state {
+                        InState::Returned => return Ok(Ok(serde_json::to_value(&entry)?)),
+                        InState::Accepted => {
+                            return Ok(Err(conflict(
+                                "handoff_accepted",
+                                "the handoff was accepted already; it cannot be sent back".into(),
+                                "この引き継ぎは受け入れ済みのため差し戻しできません".into(),
+                            )));
+                        }
+                        InState::Received | InState::Failed => {}
+                    }
+                    entry.state = InState::Returned;
+                    entry.returned = Some(reason);
+                    entry.return_note = note.filter(|n| !n.trim().is_empty());
+                    entry.returned_by = Some(actor);
+                    entry.sealed = None;
+                    entry.updated_at = rfc3339(now);
+                    let due_key =
+                        format!("in/{:020}/{}", crate::store::bump(txn, META_HANDOFF_SEQ)?, entry.handoff_id);
+                    txn.open_table(HANDOFF_DUE)?.insert(due_key.as_str(), DUE_RETURN)?;
+                    entry.due_key = Some(due_key);
+                    put_json(txn, HANDOFF_IN, &id, &entry)?;
+                    Ok(Ok(serde_json::to_value(&entry)?))
+                }),
+                reply,
+            })
+            .await?;
+        crash_point("handoff.sent_back");
+        self.due.store(true, Ordering::Release);
+        serde_json::from_value(value).map_err(|e| Problem::internal(&e.into()))
+    }
+
     /// What to send the national node now.
     pub fn build_sync(&self) -> anyhow::Result<HandoffSync> {
         let view = self.store.read()?;
@@ -890,6 +1029,7 @@ impl HandoffService {
             watching: Vec::new(),
             asks: Vec::new(),
             answered: std::mem::take(&mut *self.answers.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
+            returned: Vec::new(),
         };
         let due = view.txn().open_table(HANDOFF_DUE)?;
         let mut bytes = 0usize;
@@ -907,6 +1047,12 @@ impl HandoffService {
                     sync.deposits.extend(sealed);
                 } else if state == DUE_WATCH && sync.watching.len() < 4 * MAX_HANDOFFS_PER_MESSAGE {
                     sync.watching.push(id.to_owned());
+                }
+            } else if key.starts_with("in/") && state == DUE_RETURN {
+                if sync.returned.len() < 4 * MAX_HANDOFFS_PER_MESSAGE
+                    && let Some(reason) = view.json::<InEntry>(HANDOFF_IN, id)?.and_then(|e| e.returned)
+                {
+                    sync.returned.push(ReturnedHandoff { handoff_id: id.to_owned(), reason });
                 }
             } else if key.starts_with("in/") && sync.accepted.len() < 4 * MAX_HANDOFFS_PER_MESSAGE {
                 sync.accepted.push(id.to_owned());
@@ -935,22 +1081,25 @@ impl HandoffService {
         sent: &HandoffSync,
         response: HandoffResponse,
     ) -> anyhow::Result<bool> {
-        let (deposits, inbound, states, asks, requests) = match response {
-            HandoffResponse::Synced { deposits, inbound, states, asks, requests } => {
-                (deposits, inbound, states, asks, requests)
+        let (deposits, inbound, states, asks, requests, returns) = match response {
+            HandoffResponse::Synced { deposits, inbound, states, asks, requests, returns } => {
+                (deposits, inbound, states, asks, requests, returns)
             }
             HandoffResponse::Refused { code, message } => {
                 anyhow::bail!("the national node refused the handoff sync: {code}: {message}")
             }
         };
         let accepted_acked = sent.accepted.clone();
+        let returned_acked: Vec<String> = sent.returned.iter().map(|r| r.handoff_id.clone()).collect();
         let settled = |outcome: &DepositOutcome| match outcome {
             DepositOutcome::Stored => true,
             DepositOutcome::Refused { code, .. } => !is_retryable(code),
         };
         // A deposit refused for the moment is sent again at the next poll, not at once.
-        let busy =
-            deposits.iter().any(|(_, o)| settled(o)) || !requests.is_empty() || !accepted_acked.is_empty();
+        let busy = deposits.iter().any(|(_, o)| settled(o))
+            || !requests.is_empty()
+            || !accepted_acked.is_empty()
+            || !returned_acked.is_empty();
         let completed: Vec<String> =
             states.iter().filter(|(_, s)| *s == LedgerState::Accepted).map(|(id, _)| id.clone()).collect();
         let busy = busy || !completed.is_empty();
@@ -990,6 +1139,7 @@ impl HandoffService {
         let writes = !deposits.is_empty()
             || !completed.is_empty()
             || !accepted_acked.is_empty()
+            || !returned_acked.is_empty()
             || !inbound.is_empty()
             || !asks.is_empty();
         let own = self.municipality;
@@ -1045,7 +1195,7 @@ impl HandoffService {
                         }
                         drop(out);
                         let mut incoming = txn.open_table(HANDOFF_IN)?;
-                        for id in &accepted_acked {
+                        for id in accepted_acked.iter().chain(&returned_acked) {
                             if let Some(mut entry) = get_json::<InEntry>(&incoming, id)?
                                 && !entry.acked
                             {
@@ -1077,6 +1227,9 @@ impl HandoffService {
                                 sealed: Some(sealed),
                                 due_key: None,
                                 renumbered: Vec::new(),
+                                returned: None,
+                                return_note: None,
+                                returned_by: None,
                             };
                             incoming
                                 .insert(entry.handoff_id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
@@ -1118,8 +1271,46 @@ impl HandoffService {
         if !sent.accepted.is_empty() {
             crash_point("handoff.acked");
         }
+        if !sent.returned.is_empty() {
+            crash_point("handoff.return_acked");
+        }
         if completed_any {
             crash_point("handoff.completed");
+        }
+        // Handoffs sent back: each resident is active here again, one commit each.
+        let returned: Vec<(String, ReturnReason)> = {
+            let view = self.store.read()?;
+            let mut returned = Vec::new();
+            for (id, reason) in returns {
+                let waiting = view
+                    .json::<OutEntry>(HANDOFF_OUT, &id)?
+                    .is_some_and(|e| matches!(e.state, OutState::Sealed | OutState::Deposited));
+                if waiting && states.iter().any(|(s, state)| *s == id && *state == LedgerState::Returned) {
+                    returned.push((id, reason));
+                }
+            }
+            returned
+        };
+        for (handoff_id, reason) in returned {
+            let command = TransferBack { handoff_id: handoff_id.clone(), reason };
+            match self
+                .writer
+                .call(&who_sync(), |reply| Command::TransferReturned(Box::new(command), reply))
+                .await
+            {
+                Ok(entry) => tracing::warn!(
+                    handoff = %handoff_id,
+                    resident = %entry.resident_id,
+                    reason = reason.code(),
+                    "a handoff was sent back by its receiver; the resident is active here again"
+                ),
+                Err(problem) => anyhow::bail!(
+                    "cannot take back handoff {handoff_id}: {}: {}",
+                    problem.code,
+                    problem.message_en
+                ),
+            }
+            crash_point("handoff.returned");
         }
         if self.auto_accept {
             let who =
@@ -1268,6 +1459,7 @@ pub fn reconcile_after_promotion(
                 created_at: rfc3339(transfer.at),
                 updated_at: rfc3339(OffsetDateTime::now_utc()),
                 refusal: None,
+                returned: None,
                 sealed: Some(sealed),
                 due_key: Some(format!("out/{seq:020}/{}", transfer.handoff_id)),
             };

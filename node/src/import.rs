@@ -720,6 +720,7 @@ fn prepare_batch(
                 corrections: Default::default(),
                 transfer: None,
                 arrival: None,
+                returns: Vec::new(),
             };
             let digest = identity_digest(&record.identity, &record.person_key);
             Planned { record, digest }

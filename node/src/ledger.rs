@@ -251,6 +251,9 @@ pub fn sync(
         if !request.accepted.is_empty() {
             crate::handoff::crash_point("ledger.accepted");
         }
+        if !request.returned.is_empty() {
+            crate::handoff::crash_point("ledger.returned");
+        }
         Some(applied)
     } else {
         None

@@ -794,6 +794,12 @@ impl<'a> Mutation<'a> {
                     self.block(&entry.key(), BlockedCoupon::transferred(transfer.to))?;
                 }
             }
+            ResidentEvent::TransferReturned(_) => {
+                let record = read_record(&self.cache.get(resident_id).context("cache lost a document")?.doc)?;
+                for entry in record.coupons.values().filter(|c| c.status == CouponStatus::Valid) {
+                    self.unblock(&entry.key())?;
+                }
+            }
             _ => {}
         }
         count_cells(self.txn, &delta)?;
@@ -803,6 +809,14 @@ impl<'a> Mutation<'a> {
     /// Adds a coupon generation to the list terminals refuse.
     fn block_coupon(&self, key: &str, superseded: bool, reason: &str) -> anyhow::Result<()> {
         self.block(key, BlockedCoupon { superseded, reason: reason.to_owned(), moved_to: None })
+    }
+
+    /// Takes a coupon generation off the list terminals refuse (a transfer sent back).
+    fn unblock(&self, key: &str) -> anyhow::Result<()> {
+        if self.txn.open_table(BLOCKED_COUPONS)?.remove(key)?.is_some() {
+            bump(self.txn, META_BUNDLE_SEQ)?;
+        }
+        Ok(())
     }
 
     fn block(&self, key: &str, entry: BlockedCoupon) -> anyhow::Result<()> {
@@ -1177,6 +1191,7 @@ fn applies_ahead(event: &ResidentEvent) -> bool {
         ResidentEvent::CouponIssued { .. }
             | ResidentEvent::CouponRevoked { .. }
             | ResidentEvent::TransferredOut(_)
+            | ResidentEvent::TransferReturned(_)
     )
 }
 

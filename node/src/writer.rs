@@ -279,6 +279,8 @@ pub enum Command {
     TransferOut(Box<crate::handoff::TransferOut>, Reply<crate::handoff::OutEntry>),
     /// Create the resident a received handoff carries.
     AcceptHandoff(Box<crate::handoff::AcceptHandoff>, Reply<crate::handoff::InEntry>),
+    /// Make active again the resident of a handoff its receiver sent back.
+    TransferReturned(Box<crate::handoff::TransferBack>, Reply<crate::handoff::OutEntry>),
     /// Store a page pulled from a peer and the new checkpoint, together.
     Replicated {
         /// The page's documents.
@@ -454,6 +456,7 @@ fn fail(command: Command, problem: Problem) {
         Command::Replicated { reply, .. } => drop(reply.send(Err(problem))),
         Command::TransferOut(_, reply) => drop(reply.send(Err(problem))),
         Command::AcceptHandoff(_, reply) => drop(reply.send(Err(problem))),
+        Command::TransferReturned(_, reply) => drop(reply.send(Err(problem))),
     }
 }
 
@@ -470,6 +473,7 @@ impl Command {
                 | Command::PutLot(..)
                 | Command::TransferOut(..)
                 | Command::AcceptHandoff(..)
+                | Command::TransferReturned(..)
         )
     }
 
@@ -487,6 +491,7 @@ impl Command {
             Command::Replicated { .. } => "replication.pull",
             Command::TransferOut(..) => "handoff.export",
             Command::AcceptHandoff(..) => "handoff.import",
+            Command::TransferReturned(..) => "handoff.returned",
         }
     }
 }
@@ -688,6 +693,16 @@ fn handle(
                 vec![audit_fact(who, "handoff.import", subject, result)]
             };
             run!(reply, result, |reply| Command::AcceptHandoff(accept, reply), audit)
+        }
+        Command::TransferReturned(back, reply) => {
+            let result = crate::handoff::return_one(m, &back, now);
+            let audit = |result: &Result<crate::handoff::OutEntry, Problem>| {
+                let resident = result.as_ref().map_or("-", |e| e.resident_id.as_str());
+                let subject =
+                    format!("resident:{resident} handoff:{} reason:{}", back.handoff_id, back.reason.code());
+                vec![audit_fact(who, "handoff.returned", subject, result)]
+            };
+            run!(reply, result, |reply| Command::TransferReturned(back, reply), audit)
         }
         Command::Checkpoint(reply) => match context.audit.checkpoint(m.txn(), now) {
             Ok(seq) => Ok((answer_after_commit(reply, Ok(seq)), Vec::new())),

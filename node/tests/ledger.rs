@@ -1,13 +1,14 @@
 //! The national relocation ledger in-process: deposits are stored once, only from the
 //! municipality that holds the person and only when signed by it; acceptance moves the
-//! holder; repeated and reordered messages change nothing; asks are relayed to the holder.
+//! holder; repeated and reordered messages change nothing; asks are relayed to the holder;
+//! a handoff sent back gives the person back to its sender.
 
 use node::ledger::{entries, holder, sync};
 use protocol::directory::{Directory, DirectoryEntry, NodeRole};
 use protocol::document::{Identity, ResidentRecord, ResidentStatus, SCHEMA_VERSION, Sex};
 use protocol::handoff::{
     AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk,
-    LedgerState, SealedHandoff, seal,
+    LedgerState, ReturnReason, ReturnedHandoff, SealedHandoff, seal,
 };
 use protocol::municipality::MunicipalityCode;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -66,6 +67,7 @@ fn sealed(id: &str, person_key: &str, from: &Member, to: &Member) -> SealedHando
         corrections: Default::default(),
         transfer: None,
         arrival: None,
+        returns: Vec::new(),
     };
     let payload = HandoffPayload {
         handoff_id: id.to_owned(),
@@ -79,7 +81,14 @@ fn sealed(id: &str, person_key: &str, from: &Member, to: &Member) -> SealedHando
 }
 
 fn empty() -> HandoffSync {
-    HandoffSync { deposits: vec![], accepted: vec![], watching: vec![], asks: vec![], answered: vec![] }
+    HandoffSync {
+        deposits: vec![],
+        accepted: vec![],
+        watching: vec![],
+        asks: vec![],
+        answered: vec![],
+        returned: vec![],
+    }
 }
 
 struct Answer {
@@ -88,12 +97,13 @@ struct Answer {
     states: Vec<(String, LedgerState)>,
     asks: Vec<(String, AskState)>,
     requests: Vec<protocol::handoff::HistoryRequest>,
+    returns: Vec<(String, ReturnReason)>,
 }
 
 fn run(db: &redb::Database, dir: &Directory, sender: &Member, request: HandoffSync) -> Answer {
     match sync(db, dir, sender.code, &request, OffsetDateTime::now_utc()).unwrap() {
-        HandoffResponse::Synced { deposits, inbound, states, asks, requests } => {
-            Answer { deposits, inbound, states, asks, requests }
+        HandoffResponse::Synced { deposits, inbound, states, asks, requests, returns } => {
+            Answer { deposits, inbound, states, asks, requests, returns }
         }
         HandoffResponse::Refused { code, message } => panic!("refused: {code}: {message}"),
     }
@@ -214,6 +224,53 @@ fn the_ledger_keeps_one_holder_per_person_through_repeats_and_reordering() {
     let many = HandoffSync { deposits: vec![sealed("ho-7", "pk1-7", &a, &b); 257], ..empty() };
     let refused = sync(&db, &dir, a.code, &many, OffsetDateTime::now_utc()).unwrap();
     assert!(matches!(refused, HandoffResponse::Refused { ref code, .. } if code == "too_large"));
+    drop(db);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_handoff_sent_back_returns_the_person_to_its_sender_once() {
+    let path = std::env::temp_dir().join(format!("vrs-ledger-return-{}.redb", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let db = redb::Database::create(&path).unwrap();
+    node::ledger::create_tables(&db).unwrap();
+    let (a, b, c) = (member("141003", 1), member("131016", 2), member("271004", 3));
+    let dir = directory(&[&a, &b, &c]);
+    let p = "pk1-0100";
+    let stored = run(&db, &dir, &a, HandoffSync { deposits: vec![sealed("ho-1", p, &a, &b)], ..empty() });
+    assert_eq!(code_of(&stored.deposits[0].1), "stored");
+    let back = |reason| ReturnedHandoff { handoff_id: "ho-1".into(), reason };
+
+    // Only the receiver can send it back: C's message changes nothing.
+    run(&db, &dir, &c, HandoffSync { returned: vec![back(ReturnReason::Other)], ..empty() });
+    assert_eq!(run(&db, &dir, &b, empty()).inbound.len(), 1, "still waiting for B");
+
+    // B sends it back (twice: a repeated message); the first reason stays.
+    run(&db, &dir, &b, HandoffSync { returned: vec![back(ReturnReason::BirthDateDiffers)], ..empty() });
+    run(&db, &dir, &b, HandoffSync { returned: vec![back(ReturnReason::Other)], ..empty() });
+    assert!(run(&db, &dir, &b, empty()).inbound.is_empty(), "no longer offered to B");
+    let held = holder(&db, p).unwrap().unwrap();
+    assert_eq!((held.holder, held.in_transit), (a.code, None), "A holds the person again");
+    let watched = run(&db, &dir, &a, HandoffSync { watching: vec!["ho-1".into()], ..empty() });
+    assert_eq!(watched.states, vec![("ho-1".to_owned(), LedgerState::Returned)]);
+    assert_eq!(watched.returns, vec![("ho-1".to_owned(), ReturnReason::BirthDateDiffers)]);
+    let listed = entries(&db, None).unwrap();
+    assert!(listed[0].sealed.is_none(), "the envelope is dropped once sent back");
+    assert_eq!(listed[0].returned, Some(ReturnReason::BirthDateDiffers));
+
+    // A late acceptance of the returned handoff does not make B the holder.
+    run(&db, &dir, &b, HandoffSync { accepted: vec!["ho-1".into()], ..empty() });
+    assert_eq!(holder(&db, p).unwrap().unwrap().holder, a.code);
+    // A may hand the person on again, to anyone; an accepted handoff cannot be sent back.
+    let again = run(&db, &dir, &a, HandoffSync { deposits: vec![sealed("ho-2", p, &a, &c)], ..empty() });
+    assert_eq!(code_of(&again.deposits[0].1), "stored");
+    run(&db, &dir, &c, HandoffSync { accepted: vec!["ho-2".into()], ..empty() });
+    let late = ReturnedHandoff { handoff_id: "ho-2".into(), reason: ReturnReason::Other };
+    run(&db, &dir, &c, HandoffSync { returned: vec![late], ..empty() });
+    assert_eq!(holder(&db, p).unwrap().unwrap().holder, c.code);
+    let watched = run(&db, &dir, &a, HandoffSync { watching: vec!["ho-2".into()], ..empty() });
+    assert_eq!(watched.states, vec![("ho-2".to_owned(), LedgerState::Accepted)]);
+    assert!(watched.returns.is_empty());
     drop(db);
     let _ = std::fs::remove_file(&path);
 }

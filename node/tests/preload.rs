@@ -28,6 +28,7 @@ pub(super) fn record() -> ResidentRecord {
         corrections: Default::default(),
         transfer: None,
         arrival: None,
+        returns: Vec::new(),
     }
 }
 

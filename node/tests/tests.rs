@@ -404,6 +404,7 @@ fn an_extract_replaces_a_provisional_atena_number_once() {
             handoff_id: handoff_id.into(),
             carried: Vec::new(),
         }),
+        returns: Vec::new(),
     };
     // Someone else who moved away from here: their 宛名番号 is not free for 山田.
     let mut left = record.clone();

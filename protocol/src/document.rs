@@ -224,6 +224,18 @@ pub struct Transfer {
     pub actor: String,
 }
 
+/// A handoff of this record that its receiver sent back: the resident lives here again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReturnedTransfer {
+    /// The transfer as it was noted.
+    pub transfer: Transfer,
+    /// Why the receiver sent it back.
+    pub reason: crate::handoff::ReturnReason,
+    /// When this node learned it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
 /// Where a resident received by handoff came from: written at creation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Arrival {
@@ -273,6 +285,9 @@ pub struct ResidentRecord {
     /// Set when the record came here by handoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arrival: Option<Arrival>,
+    /// Handoffs of this record that their receiver sent back, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returns: Vec<ReturnedTransfer>,
 }
 
 impl ResidentRecord {
@@ -356,6 +371,10 @@ pub enum ResidentEvent {
     /// moved out, every valid coupon transferred, the transfer noted. The record is
     /// read-only from then on.
     TransferredOut(Transfer),
+    /// The receiver sent the handoff back: status active again, the coupons the transfer
+    /// made `transferred` valid again (the person's paper coupon works again), the transfer
+    /// cleared and noted in `returns`.
+    TransferReturned(ReturnedTransfer),
     /// A handoff's history joined a resident already registered here (from the register
     /// extract, before the handoff arrived): the coupons, doses and corrections it carried,
     /// and the arrival noted.
@@ -386,6 +405,7 @@ impl ResidentEvent {
             ResidentEvent::DoseVoided { .. } => "dose-voided",
             ResidentEvent::DoseAmended { .. } => "dose-amended",
             ResidentEvent::TransferredOut(_) => "transferred-out",
+            ResidentEvent::TransferReturned(_) => "transfer-returned",
             ResidentEvent::HistoryReceived(_) => "history-received",
         }
     }
@@ -443,6 +463,9 @@ pub fn new_resident_document(
         }
         if let Some(arrival) = &record.arrival {
             put_entry(tx, &ROOT, "arrival", arrival)?;
+        }
+        if !record.returns.is_empty() {
+            put_entry(tx, &ROOT, "returns", &record.returns)?;
         }
         Ok(())
     })?;
@@ -520,6 +543,32 @@ pub fn apply_event(
             }
             put_entry(tx, &ROOT, "transfer", transfer)
         }
+        ResidentEvent::TransferReturned(returned) => {
+            let mut identity: Identity = get_entry(tx, &ROOT, "identity")?;
+            identity.status = ResidentStatus::Active;
+            put_entry(tx, &ROOT, "identity", &identity)?;
+            let mut returns: Vec<ReturnedTransfer> = match tx.get(&ROOT, "returns")? {
+                Some(_) => get_entry(tx, &ROOT, "returns")?,
+                None => Vec::new(),
+            };
+            returns.push(returned.clone());
+            put_entry(tx, &ROOT, "returns", &returns)?;
+            let coupons = child_map(tx, &ROOT, "coupons")?;
+            let keys: Vec<String> = tx.keys(&coupons).collect();
+            let moved = format!("transferred:{}", returned.transfer.to);
+            for key in keys {
+                let mut coupon: CouponEntry = get_entry(tx, &coupons, &key)?;
+                if coupon.status == CouponStatus::Transferred
+                    && coupon.status_reason.as_deref() == Some(&moved)
+                {
+                    coupon.status = CouponStatus::Valid;
+                    coupon.status_reason = None;
+                    put_entry(tx, &coupons, &key, &coupon)?;
+                }
+            }
+            tx.delete(&ROOT, "transfer")?;
+            Ok(())
+        }
         ResidentEvent::HistoryReceived(history) => {
             let coupons = child_map(tx, &ROOT, "coupons")?;
             for (key, entry) in &history.coupons {
@@ -569,6 +618,10 @@ pub fn read_record(doc: &Automerge) -> Result<ResidentRecord, DocumentError> {
         arrival: match doc.get(&ROOT, "arrival")? {
             Some(_) => Some(get_entry(doc, &ROOT, "arrival")?),
             None => None,
+        },
+        returns: match doc.get(&ROOT, "returns")? {
+            Some(_) => get_entry(doc, &ROOT, "returns")?,
+            None => Vec::new(),
         },
     })
 }

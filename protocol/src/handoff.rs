@@ -432,6 +432,85 @@ pub struct HandoffSync {
     pub asks: Vec<HistoryAsk>,
     /// Requests for history this node has dealt with.
     pub answered: Vec<AskAnswer>,
+    /// Handoffs addressed to this node that it will not accept and sends back to their
+    /// sender (each may be sent again until the ledger answers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returned: Vec<ReturnedHandoff>,
+}
+
+/// A handoff the receiver sends back: the person stays with the sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReturnedHandoff {
+    /// The handoff.
+    pub handoff_id: String,
+    /// Why, as a code: the national node relays it and must not hold staff's free text,
+    /// which could name the person.
+    pub reason: ReturnReason,
+}
+
+/// Why a receiver sent a handoff back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReturnReason {
+    /// The birth date in the history is not the one in the receiver's register.
+    BirthDateDiffers,
+    /// The person is registered at the receiver already, by another handoff.
+    AlreadyRegistered,
+    /// The receiver has no 転入届 for this person: they did not move here.
+    NotMovedHere,
+    /// The receiver cannot open or read the handoff.
+    Unreadable,
+    /// Any other reason (the receiver's staff keep the details).
+    Other,
+}
+
+impl ReturnReason {
+    /// Every reason, in the order a form lists them.
+    pub const ALL: [ReturnReason; 5] = [
+        ReturnReason::BirthDateDiffers,
+        ReturnReason::AlreadyRegistered,
+        ReturnReason::NotMovedHere,
+        ReturnReason::Unreadable,
+        ReturnReason::Other,
+    ];
+
+    /// The stable code (as serialized).
+    pub fn code(self) -> &'static str {
+        match self {
+            ReturnReason::BirthDateDiffers => "birth_date_differs",
+            ReturnReason::AlreadyRegistered => "already_registered",
+            ReturnReason::NotMovedHere => "not_moved_here",
+            ReturnReason::Unreadable => "unreadable",
+            ReturnReason::Other => "other",
+        }
+    }
+
+    /// The reason for a code, if it is one.
+    pub fn from_code(code: &str) -> Option<ReturnReason> {
+        ReturnReason::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    /// In Japanese, for staff.
+    pub fn ja(self) -> &'static str {
+        match self {
+            ReturnReason::BirthDateDiffers => "生年月日が転入先の住民記録と一致しない",
+            ReturnReason::AlreadyRegistered => "転入先で別の引き継ぎにより登録済み",
+            ReturnReason::NotMovedHere => "転入先に転入の届出がない",
+            ReturnReason::Unreadable => "転入先で引き継ぎデータを開けない",
+            ReturnReason::Other => "その他（転入先に確認してください）",
+        }
+    }
+
+    /// In English.
+    pub fn en(self) -> &'static str {
+        match self {
+            ReturnReason::BirthDateDiffers => "the birth date differs from the receiver's register",
+            ReturnReason::AlreadyRegistered => "already registered at the receiver by another handoff",
+            ReturnReason::NotMovedHere => "the receiver has no notice of moving in for this person",
+            ReturnReason::Unreadable => "the receiver cannot open the handoff",
+            ReturnReason::Other => "another reason (ask the receiver)",
+        }
+    }
 }
 
 /// A newcomer's history, asked for by person key.
@@ -479,6 +558,8 @@ pub enum LedgerState {
     InTransit,
     /// Accepted: the receiver holds the person now.
     Accepted,
+    /// Sent back by the receiver: the sender holds the person again.
+    Returned,
     /// The ledger has no such handoff.
     Unknown,
 }
@@ -530,6 +611,9 @@ pub enum HandoffResponse {
         asks: Vec<(String, AskState)>,
         /// Requests to hand over a person this node holds.
         requests: Vec<HistoryRequest>,
+        /// Why each watched handoff in [`LedgerState::Returned`] was sent back.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        returns: Vec<(String, ReturnReason)>,
     },
     /// The whole sync was refused (not a municipal primary, too large).
     Refused {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::directory::Directory;
 use crate::handoff::{
     AskState, DepositOutcome, HandoffResponse, HandoffSync, HistoryRequest, LedgerState,
-    MAX_HANDOFFS_PER_MESSAGE, SealedHandoff,
+    MAX_HANDOFFS_PER_MESSAGE, ReturnReason, SealedHandoff,
 };
 use crate::municipality::MunicipalityCode;
 use crate::person::hex_decode;
@@ -33,11 +33,11 @@ pub struct LedgerEntry {
     pub from: MunicipalityCode,
     /// Receiver.
     pub to: MunicipalityCode,
-    /// In transit or accepted.
+    /// In transit, accepted or sent back.
     pub state: LedgerState,
     /// When the sender deposited it.
     pub deposited_at: String,
-    /// When the receiver accepted it.
+    /// When the receiver accepted it, or sent it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_at: Option<String>,
     /// The envelope (ciphertext), until accepted.
@@ -46,6 +46,9 @@ pub struct LedgerEntry {
     /// Its place in the receiver's inbox, until accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbox_seq: Option<u64>,
+    /// Why the receiver sent it back, once it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returned: Option<ReturnReason>,
 }
 
 /// Who holds a person, per the ledger.
@@ -135,7 +138,8 @@ pub fn check_size(request: &HandoffSync) -> Option<HandoffResponse> {
         || request.accepted.len() > limit
         || request.watching.len() > limit
         || request.asks.len() > MAX_HANDOFFS_PER_MESSAGE
-        || request.answered.len() > limit;
+        || request.answered.len() > limit
+        || request.returned.len() > limit;
     too_large.then(|| HandoffResponse::Refused {
         code: "too_large".into(),
         message: format!("at most {MAX_HANDOFFS_PER_MESSAGE} deposits and asks per sync"),
@@ -149,7 +153,11 @@ pub fn writes<S: LedgerRead>(
     sender: MunicipalityCode,
     request: &HandoffSync,
 ) -> Result<bool, S::Error> {
-    if !(request.deposits.is_empty() && request.accepted.is_empty() && request.answered.is_empty()) {
+    if !(request.deposits.is_empty()
+        && request.accepted.is_empty()
+        && request.answered.is_empty()
+        && request.returned.is_empty())
+    {
         return Ok(true);
     }
     for ask in &request.asks {
@@ -175,8 +183,12 @@ fn refused(code: &str, message: String) -> DepositOutcome {
 }
 
 /// Applies one sync of municipality `sender` (the caller checked the peer is its primary in
-/// `directory`): acceptances first (a handoff accepted in this sync frees the person for a
+/// `directory`): acceptances and handoffs sent back first (either frees the person for a
 /// deposit in the same sync), then deposits, answers to requests, and asks.
+///
+/// A handoff sent back goes back to its sender only while it is in transit: one the
+/// receiver accepted stays accepted (the receiver's node never sends back what it accepted,
+/// so this is a repeat of an older message).
 pub fn apply<S: LedgerWrite>(
     store: &mut S,
     directory: &Directory,
@@ -187,7 +199,8 @@ pub fn apply<S: LedgerWrite>(
     let mut applied = Applied::default();
     for id in &request.accepted {
         let Some(mut entry) = store.entry(id)? else { continue };
-        if entry.to != sender || entry.state == LedgerState::Accepted {
+        // Accepted already (a repeat), or sent back: the receiver no longer holds it.
+        if entry.to != sender || entry.state != LedgerState::InTransit {
             continue;
         }
         entry.state = LedgerState::Accepted;
@@ -198,6 +211,21 @@ pub fn apply<S: LedgerWrite>(
         }
         store.put_entry(&entry)?;
         store.put_holder(&entry.person_key, &PersonHolder { holder: sender, in_transit: None })?;
+    }
+    for back in &request.returned {
+        let Some(mut entry) = store.entry(&back.handoff_id)? else { continue };
+        if entry.to != sender || entry.state != LedgerState::InTransit {
+            continue;
+        }
+        entry.state = LedgerState::Returned;
+        entry.returned = Some(back.reason);
+        entry.accepted_at = Some(at.to_owned());
+        entry.sealed = None;
+        if let Some(seq) = entry.inbox_seq.take() {
+            store.inbox_remove(sender, seq)?;
+        }
+        store.put_entry(&entry)?;
+        store.put_holder(&entry.person_key, &PersonHolder { holder: entry.from, in_transit: None })?;
     }
     for sealed in &request.deposits {
         let outcome = deposit(store, directory, sender, sealed, at)?;
@@ -316,6 +344,7 @@ fn deposit<S: LedgerWrite>(
         accepted_at: None,
         sealed: Some(sealed.clone()),
         inbox_seq: Some(seq),
+        returned: None,
     };
     store.put_entry(&entry)?;
     let holder = PersonHolder { holder: sealed.to, in_transit: Some(sealed.handoff_id.clone()) };
@@ -351,13 +380,19 @@ pub fn answer<S: LedgerRead>(
         }
     }
     let mut states = Vec::with_capacity(request.watching.len());
+    let mut returns = Vec::new();
     for id in &request.watching {
         let state = match store.entry(id)? {
-            Some(entry) if entry.from == sender => entry.state,
+            Some(entry) if entry.from == sender => {
+                if let Some(reason) = entry.returned {
+                    returns.push((id.clone(), reason));
+                }
+                entry.state
+            }
             _ => LedgerState::Unknown,
         };
         states.push((id.clone(), state));
     }
     let requests = store.requests(sender, MAX_HANDOFFS_PER_MESSAGE)?;
-    Ok(HandoffResponse::Synced { deposits, inbound, states, asks, requests })
+    Ok(HandoffResponse::Synced { deposits, inbound, states, asks, requests, returns })
 }

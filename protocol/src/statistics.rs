@@ -388,6 +388,14 @@ pub fn event_delta(
             }
         }
         ResidentEvent::TransferredOut(_) => {}
+        ResidentEvent::TransferReturned(_) if before.transfer.is_some() => {
+            // Counted here again, as before the move.
+            delta.push((Cell::Population { birth_date: identity.birth_date, sex: identity.sex }, 1));
+            for dose in before.doses.values().filter(|d| d.status == DoseStatus::Valid) {
+                delta.push((dose_cell(dose, identity, owner), 1));
+            }
+        }
+        ResidentEvent::TransferReturned(_) => {}
         ResidentEvent::HistoryReceived(history) => {
             // The person was counted here already; their doses now are too.
             for dose in history.doses.values().filter(|d| d.status == DoseStatus::Valid) {

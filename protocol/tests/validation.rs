@@ -220,6 +220,7 @@ fn resident() -> ResidentRecord {
         corrections: BTreeMap::new(),
         transfer: None,
         arrival: None,
+        returns: Vec::new(),
     }
 }
 
@@ -1472,6 +1473,52 @@ fn a_transfer_moves_the_counts_and_leaves_a_read_only_record() {
         "no stock used at Chiyoda"
     );
     assert!(received.doses.values().all(|d| d.venue == format!("{YOKOHAMA}/{VENUE}")));
+}
+
+#[test]
+fn a_transfer_sent_back_makes_the_resident_and_their_coupons_whole_again() {
+    let mut situation = Situation::new();
+    situation.apply(ResidentEvent::DoseRecorded(dose("ev-1", coupon(1, 101), date!(2026 - 10 - 01))));
+    situation.issue(coupon(2, 102));
+    situation.issue(coupon(3, 103));
+    let revoked = coupon_entry(coupon(3, 103), 0).key();
+    situation.apply(ResidentEvent::CouponRevoked { key: revoked.clone(), reason: "誤発行".to_owned() });
+    let before = situation.record.clone();
+    situation.apply(ResidentEvent::TransferredOut(transfer_to(CHIYODA)));
+    let moved = situation.record.clone();
+    situation.coupon = qr(coupon(2, 102), 0);
+    assert!(matches!(situation.capture(), Err(CaptureError::CouponTransferred { .. })));
+
+    let back = protocol::document::ReturnedTransfer {
+        transfer: transfer_to(CHIYODA),
+        reason: protocol::handoff::ReturnReason::BirthDateDiffers,
+        at: NOW,
+    };
+    let event = ResidentEvent::TransferReturned(back.clone());
+    let delta = event_delta(&moved, &event, NOW);
+    situation.apply(event.clone());
+    let home = situation.record.clone();
+    // The record is what it was before the move, plus the note of the return.
+    assert_eq!(home.returns, vec![back]);
+    assert_eq!(ResidentRecord { returns: Vec::new(), ..home.clone() }, before);
+    assert_eq!(home.coupons[&revoked].status, CouponStatus::Revoked, "a revoked coupon stays revoked");
+    // The counters: what the record counts now, the population and the dose included.
+    let mut totals = BTreeMap::new();
+    add_cells(&mut totals, record_cells(&moved));
+    add_cells(&mut totals, delta);
+    let mut expected = BTreeMap::new();
+    add_cells(&mut expected, record_cells(&home));
+    assert_eq!(totals, expected);
+    assert!(expected.keys().any(|cell| matches!(cell, Cell::Population { .. })));
+    assert!(expected.keys().any(|cell| matches!(cell, Cell::Dose { .. })));
+    // Sent back a second time (a repeat), nothing counts twice; the coupon scans again.
+    assert!(event_delta(&home, &event, NOW).is_empty());
+    situation.capture().unwrap();
+    // And the resident may be moved again, the return kept in the record handed on.
+    let onward = protocol::document::Transfer { handoff_id: "ho-0002".into(), ..transfer_to("011002") };
+    situation.apply(ResidentEvent::TransferredOut(onward));
+    assert_eq!(situation.record.returns.len(), 1);
+    assert_eq!(situation.record.identity.status, ResidentStatus::MovedOut);
 }
 
 #[test]

@@ -2390,6 +2390,7 @@ impl World {
             watching,
             asks: Vec::new(),
             answered: Vec::new(),
+            returned: Vec::new(),
         };
         let id = self.request_id();
         self.primaries[i as usize].sync_sent = Some((id, self.now));
@@ -3009,6 +3010,7 @@ fn registered_record(
         corrections: BTreeMap::new(),
         transfer: None,
         arrival: None,
+        returns: Vec::new(),
     }
 }
 

@@ -530,6 +530,91 @@ fn relocation_survives_kill_9_between_every_two_steps() {
     }
 }
 
+/// One handoff sent back by Chiyoda's admin, with one process killed right after the named
+/// step has committed; once it is restarted, the resident is active at Yokohama again, once.
+fn return_survives(point: &str, victim: &str) {
+    let mut f = federation(&format!("return-{}", point.replace('.', "-")));
+    accept_by_hand(&f.b);
+    let crash = vec![(node::handoff::CRASH_ENV.to_owned(), point.to_owned())];
+    match victim {
+        "a" => f.a.env = crash,
+        "b" => f.b.env = crash,
+        _ => f.national.env = crash,
+    }
+    start_all(&mut f);
+    let (code, moved) = move_out(&f.a, "0000000102").unwrap();
+    assert_eq!(code, 201, "{moved}");
+    let handoff = moved["handoff_id"].as_str().unwrap().to_owned();
+    let person_key = moved["person_key"].as_str().unwrap().to_owned();
+    wait_for("Chiyoda to receive the handoff", Duration::from_secs(60), || {
+        of_person(&f.b, "incoming", &person_key).into_iter().find(|e| e["state"] == "received")
+    });
+    let back = json!({"reason": "not_moved_here", "note": "転入届なし"});
+    let answered = f.b.post(&format!("/api/v1/handoffs/{handoff}/return"), &back);
+    let died = match victim {
+        "a" => f.a.wait_exit(Duration::from_secs(30)),
+        "b" => f.b.wait_exit(Duration::from_secs(30)),
+        _ => f.national.wait_exit(Duration::from_secs(30)),
+    };
+    assert!(died, "{victim} reached crash point {point}");
+    if point == "handoff.sent_back" {
+        assert!(answered.is_err(), "killed before answering");
+    }
+    match victim {
+        "a" => {
+            f.a.env.clear();
+            f.a.start().unwrap();
+        }
+        "b" => {
+            f.b.env.clear();
+            f.b.start().unwrap();
+        }
+        _ => {
+            f.national.env.clear();
+            f.national.start();
+        }
+    }
+    let resident = resident_id(&f.a, "0000000102");
+    wait_for("the return to settle", Duration::from_secs(60), || {
+        let out = of_person(&f.a, "outgoing", &person_key);
+        let incoming = of_person(&f.b, "incoming", &person_key);
+        let ledger = ledger(&f, &person_key);
+        (out.len() == 1
+            && out[0]["state"] == "returned"
+            && incoming.len() == 1
+            && incoming[0]["state"] == "returned"
+            && incoming[0]["acked"] == true
+            && ledger.len() == 1
+            && ledger[0]["state"] == "returned")
+            .then_some(())
+    });
+    let home = record(&f.a, &resident);
+    assert_eq!(home["identity"]["status"], "active", "{home}");
+    assert_eq!(home["returns"].as_array().unwrap().len(), 1, "returned once: {home}");
+    assert_eq!(home["returns"][0]["reason"], "not_moved_here", "{home}");
+    assert_eq!(home["valid_coupons"].as_array().unwrap().len(), 1, "{home}");
+    let (code, found) = f.b.get(&format!("/api/v1/residents?person_key={person_key}")).unwrap();
+    assert_eq!((code, found["residents"].as_array().map(Vec::len)), (200, Some(0)), "{found}");
+    f.a.stop().unwrap();
+    f.b.stop().unwrap();
+    for node in [&f.a, &f.b] {
+        assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+}
+
+#[test]
+fn a_return_survives_kill_9_between_every_two_steps() {
+    for (point, victim) in [
+        ("handoff.sent_back", "b"),
+        ("ledger.returned", "national"),
+        ("handoff.return_acked", "b"),
+        ("handoff.returned", "a"),
+    ] {
+        return_survives(point, victim);
+    }
+}
+
 #[test]
 fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
     let mut f = federation("movers");
@@ -1055,6 +1140,57 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
     let kept = record(&f.b, &watanabe_here);
     assert_eq!(kept["history"], json!([]), "{kept}");
 
+    // Chiyoda's admin sends it back. A reason that is not one of the codes is refused and
+    // changes nothing; the note stays at Chiyoda; the handoff can no longer be accepted.
+    let handoff = failed["handoff_id"].as_str().unwrap().to_owned();
+    let back = format!("/api/v1/handoffs/{handoff}/return");
+    let (code, body) = f.b.post(&back, &json!({"reason": "生年月日"})).unwrap();
+    assert_eq!((code, body["field"].as_str()), (400, Some("reason")), "{body}");
+    assert!(body["detail_ja"].as_str().unwrap().contains("birth_date_differs"), "{body}");
+    let (code, body) =
+        f.b.post("/api/v1/handoffs/ho-nonexistent/return", &json!({"reason": "other"})).unwrap();
+    assert_eq!(code, 404, "{body}");
+    let note = "住民票の生年月日は1970-07-08。転出元に確認中";
+    let (code, body) = f.b.post(&back, &json!({"reason": "birth_date_differs", "note": note})).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        (body["state"].as_str(), body["returned"].as_str()),
+        (Some("returned"), Some("birth_date_differs"))
+    );
+    let (code, again) = f.b.post(&back, &json!({"reason": "other"})).unwrap();
+    assert_eq!((code, again["returned"].as_str()), (200, Some("birth_date_differs")), "a repeat: {again}");
+    let (code, body) = f.b.post(&format!("/api/v1/handoffs/{handoff}/accept"), &json!({})).unwrap();
+    assert_eq!((code, body["code"].as_str()), (409, Some("handoff_returned")), "{body}");
+    // Yokohama gets her back: active again with her coupon, which its venue takes again.
+    let watanabe_there = resident_id(&f.a, "0000000105");
+    let outgoing = wait_for("Yokohama to see 渡邊's handoff sent back", Duration::from_secs(60), || {
+        let outgoing = handoffs(&f.a)["outgoing"].as_array().unwrap().clone();
+        outgoing.into_iter().find(|e| e["handoff_id"] == handoff.as_str() && e["state"] == "returned")
+    });
+    assert_eq!(outgoing["returned"], "birth_date_differs", "{outgoing}");
+    assert!(!outgoing.to_string().contains("1970-07-08"), "the note stays at Chiyoda: {outgoing}");
+    let home = record(&f.a, &watanabe_there);
+    assert_eq!(home["identity"]["status"], "active", "{home}");
+    assert!(home["transfer"].is_null(), "{home}");
+    assert_eq!(home["returns"][0]["reason"], "birth_date_differs", "{home}");
+    assert_eq!(home["returns"][0]["transfer"]["to"], CHIYODA, "{home}");
+    let watanabe = coupon_of(&f.coupons, "0000000105", 1).clone();
+    let valid = home["valid_coupons"].as_array().unwrap();
+    assert_eq!(valid.len(), 1, "{home}");
+    assert_eq!(valid[0]["code"].as_str(), Some(watanabe.code.as_str()), "her printed coupon is valid again");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&watanabe.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "her coupon is taken at Yokohama again: {body}");
+    let returned = ledger(&f, failed["person_key"].as_str().unwrap());
+    assert_eq!(returned.len(), 1, "{returned:?}");
+    assert_eq!(
+        (returned[0]["state"].as_str(), returned[0]["returned"].as_str()),
+        (Some("returned"), Some("birth_date_differs"))
+    );
+    assert!(returned[0].get("sealed").is_none(), "the ledger drops the envelope once sent back");
+    let incoming = of_person(&f.b, "incoming", failed["person_key"].as_str().unwrap());
+    assert_eq!(incoming[0]["return_note"], note, "{incoming:?}");
+    assert_eq!(incoming[0]["acked"], true, "{incoming:?}");
+
     // 鈴木 had his first dose in Yokohama. Chiyoda, knowing nothing of it, gave him a "first"
     // dose with the coupon its issuance had sent. When his history arrives the two are one:
     // Yokohama's dose stays dose 1, Chiyoda's becomes dose 2 with a correction saying why.
@@ -1134,5 +1270,12 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
     for node in [&f.a, &f.b] {
         assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
         assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+    for (node, action) in [(&f.b, "handoff.return"), (&f.a, "handoff.returned")] {
+        let export = f.dir.path().join(format!("audit-{action}.json"));
+        let path = export.to_str().unwrap();
+        ok(&node.cli(&["audit", "export", "--from", "2020-01-01", "--to", "2099-12-31", "--out", path]));
+        let text = std::fs::read_to_string(&export).unwrap();
+        assert!(text.contains(&format!("\"{action}\"")), "{action} is in the audit log");
     }
 }
