@@ -50,9 +50,9 @@ use time::OffsetDateTime;
 use crate::clock::{new_id, rfc3339};
 use crate::problem::Problem;
 use crate::store::{
-    HANDOFF_ASKS, HANDOFF_DUE, HANDOFF_IN, HANDOFF_OUT, IDX_ATENA, IDX_COUPON, IDX_EVENT, IDX_HANDOFF_COUPON,
-    IDX_HANDOFF_FROM, IDX_PERSON, META_COUPON_SERIAL, META_HANDOFF_SEQ, META_RESIDENT_SEQ, Mutation, Store,
-    get_json, put_json,
+    FORWARD_OUTBOX, HANDOFF_ASKS, HANDOFF_DUE, HANDOFF_IN, HANDOFF_OUT, IDX_ATENA, IDX_COUPON, IDX_EVENT,
+    IDX_HANDOFF_COUPON, IDX_HANDOFF_FROM, IDX_PERSON, META_COUPON_SERIAL, META_HANDOFF_SEQ,
+    META_RESIDENT_SEQ, Mutation, Store, get_json, put_json,
 };
 use crate::writer::{Command, Step, Who, WriterContext, WriterHandle};
 
@@ -390,9 +390,11 @@ pub(crate) fn return_one(
         format!("the resident {} of handoff {} is missing", entry.resident_id, entry.handoff_id)
     })?;
     if let Some(transfer) = record.transfer.clone().filter(|t| t.handoff_id == entry.handoff_id) {
+        let to = transfer.to;
         let event =
             ResidentEvent::TransferReturned(ReturnedTransfer { transfer, reason: command.reason, at: now });
         m.apply_after(&entry.resident_id, &event, now, &record)?;
+        take_back_forwards(m, &record, to, &entry.handoff_id)?;
     }
     entry.state = OutState::Returned;
     entry.returned = Some(command.reason);
@@ -403,6 +405,42 @@ pub(crate) fn return_one(
     entry.updated_at = rfc3339(now);
     put_json(m.txn(), HANDOFF_OUT, &entry.handoff_id, &entry)?;
     Ok(Ok(entry))
+}
+
+/// Captures of the resident's coupons passed on to `to`, the receiver of a handoff sent
+/// back, wait there for an acceptance that will not come. Out of the outbox, the next push
+/// of each (by the terminal, or by the node that forwarded it here) is recorded here.
+fn take_back_forwards(
+    m: &Mutation<'_>,
+    record: &ResidentRecord,
+    to: MunicipalityCode,
+    handoff_id: &str,
+) -> anyhow::Result<()> {
+    let codes: std::collections::BTreeSet<String> =
+        record.coupons.values().map(|c| c.code.to_string()).collect();
+    let mut outbox = m.txn().open_table(FORWARD_OUTBOX)?;
+    let mut stale = Vec::new();
+    for row in outbox.iter()? {
+        let (key, value) = row?;
+        let held: crate::terminals::Outgoing = serde_json::from_slice(value.value())?;
+        let capture = &held.forwarded.capture;
+        let ours = protocol::validation::decode_scans(&capture.coupon, &capture.vial)
+            .is_ok_and(|scans| codes.contains(&scans.coupon.code().to_string()));
+        if held.owner == to && ours {
+            stale.push(key.value().to_owned());
+        }
+    }
+    for key in &stale {
+        outbox.remove(key.as_str())?;
+    }
+    if !stale.is_empty() {
+        tracing::warn!(
+            handoff = %handoff_id,
+            captures = stale.len(),
+            "captures passed on to the receiver of a handoff sent back are taken back, to be recorded here"
+        );
+    }
+    Ok(())
 }
 
 /// Creates the resident a handoff carries: runs in the writer's transaction.

@@ -616,6 +616,57 @@ fn a_return_survives_kill_9_between_every_two_steps() {
 }
 
 #[test]
+fn a_dose_passed_on_to_a_receiver_that_sends_the_handoff_back_is_recorded_at_home() {
+    let mut f = federation("return-forward");
+    accept_by_hand(&f.b);
+    let (kiosk, watanabe, vial) = start_with_kiosk(&mut f);
+
+    // Offline, Yokohama's terminal vaccinates 渡邊 while her handoff waits at Chiyoda for an
+    // admin: back online, Yokohama passes the dose on to Chiyoda, which holds it as pending.
+    f.proxy.block();
+    let (code, moved) = move_out(&f.a, "0000000105").unwrap();
+    assert_eq!(code, 201, "{moved}");
+    let handoff = moved["handoff_id"].as_str().unwrap().to_owned();
+    let person_key = moved["person_key"].as_str().unwrap().to_owned();
+    wait_for("Chiyoda to receive the handoff", Duration::from_secs(60), || {
+        of_person(&f.b, "incoming", &person_key).into_iter().find(|e| e["state"] == "received")
+    });
+    let (code, body) = scan(&kiosk, &watanabe, &vial, VENUE);
+    assert_eq!(code, 201, "offline, the terminal records it: {body}");
+    let event = body["event_id"].as_str().unwrap().to_owned();
+    f.proxy.heal();
+    let passed = wait_for("Yokohama to pass the dose on to Chiyoda", Duration::from_secs(60), || {
+        let state = state_of(&kiosk, &event);
+        (state["state"] == "forwarded").then_some(state)
+    });
+    assert_eq!(passed["owner"], CHIYODA, "{passed}");
+
+    // Chiyoda sends the handoff back: 渡邊 lives in Yokohama after all, and the dose the
+    // terminal gave is recorded there, once, and nowhere else.
+    let (code, body) =
+        f.b.post(&format!("/api/v1/handoffs/{handoff}/return"), &json!({"reason": "not_moved_here"}))
+            .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let state = wait_for("the dose to be recorded at Yokohama", Duration::from_secs(90), || {
+        let state = state_of(&kiosk, &event);
+        (state["state"] == "recorded").then_some(state)
+    });
+    assert_eq!(state["owner"], YOKOHAMA, "{state}");
+    let home = resident_id(&f.a, "0000000105");
+    assert_eq!(events_of(&f.a, &home).get(&event), Some(&1), "in Yokohama's record once");
+    let at_home = record(&f.a, &home);
+    assert_eq!(at_home["identity"]["status"], "active", "{at_home}");
+    assert_eq!(at_home["history"][0]["venue"], VENUE, "{at_home}");
+    assert_eq!(at_home["next_dose"], 2, "{at_home}");
+    let (code, found) = f.b.get(&format!("/api/v1/residents?person_key={person_key}")).unwrap();
+    assert_eq!((code, found["residents"].as_array().map(Vec::len)), (200, Some(0)), "{found}");
+    let (code, status) = f.a.get("/api/v1/status").unwrap();
+    assert_eq!((code, status["forward_outbox"].as_u64()), (200, Some(0)), "{status}");
+    f.a.stop().unwrap();
+    assert!(ok(&f.a.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+}
+
+#[test]
 fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
     let mut f = federation("movers");
     accept_by_hand(&f.b);
