@@ -40,6 +40,10 @@ pub struct Config {
     pub reissue_rate: f64,
     /// Share of the population moving to another municipality per month.
     pub relocation_per_month: f64,
+    /// Share of newcomers the register extract lists first whose birth date there differs
+    /// from their old record: the new municipality sends the handoff back, the old one
+    /// corrects the record and hands it over again.
+    pub birth_date_differs: f64,
     /// Message loss probability while faults are on.
     pub loss: f64,
     /// Message duplication probability while faults are on.
@@ -100,6 +104,7 @@ impl Default for Config {
             void_rate: 0.005,
             reissue_rate: 0.002,
             relocation_per_month: 0.004,
+            birth_date_differs: 0.05,
             loss: 0.02,
             duplication: 0.01,
             trace: false,
@@ -120,6 +125,7 @@ impl Config {
             scale: 0.002,
             day_ms: 2 * 3_600_000,
             relocation_per_month: 0.4,
+            birth_date_differs: 0.15,
             reissue_rate: 0.02,
             void_rate: 0.02,
             ..Self::default()
@@ -158,6 +164,7 @@ impl Config {
             ("relocation-per-month", self.relocation_per_month, d.relocation_per_month),
             ("reissue-rate", self.reissue_rate, d.reissue_rate),
             ("void-rate", self.void_rate, d.void_rate),
+            ("birth-date-differs", self.birth_date_differs, d.birth_date_differs),
         ] {
             if value != default {
                 command.push_str(&format!(" --{flag} {value}"));

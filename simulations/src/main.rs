@@ -72,6 +72,10 @@ struct Shape {
     /// Share of recorded doses voided later.
     #[arg(long, default_value_t = 0.005)]
     void_rate: f64,
+    /// Share of newcomers the register extract lists first whose birth date there differs
+    /// from their old record (the handoff is sent back, corrected and sent again).
+    #[arg(long, default_value_t = 0.05)]
+    birth_date_differs: f64,
     /// The CI mix (`Config::stress`): 12 municipalities, 2 hours, frequent rare events.
     #[arg(long)]
     stress: bool,
@@ -99,6 +103,7 @@ impl Shape {
             relocation_per_month: self.relocation_per_month,
             reissue_rate: self.reissue_rate,
             void_rate: self.void_rate,
+            birth_date_differs: self.birth_date_differs,
             bug: self.bug,
             prebuild: !self.one_core,
             ..Config::default()
@@ -132,6 +137,10 @@ fn print(report: &Report) {
         c.voids_renumbering,
         c.issued_after_void,
         c.reregistered
+    );
+    println!(
+        "  差し戻し / sent back: {} registered with another birth date, {} handoffs sent back, {} taken back and handed over again",
+        c.birth_dates_differ, c.sent_back, c.taken_back
     );
     println!(
         "  障害 / faults: {} crashes, {} partitions, {} messages lost, {} duplicated",

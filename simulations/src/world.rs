@@ -28,8 +28,9 @@ use protocol::document::{
 };
 use protocol::gs1::Gtin;
 use protocol::handoff::{
-    DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, Join, LedgerState,
-    MAX_HANDOFFS_PER_MESSAGE, SealedHandoff, holds_provisional_atena, join_history, provisional_atena,
+    DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, Join, JoinRefusal, LedgerState,
+    MAX_HANDOFFS_PER_MESSAGE, ReturnReason, ReturnedHandoff, SealedHandoff, holds_provisional_atena,
+    join_history, provisional_atena,
 };
 use protocol::ledger::{AskRecord, LedgerEntry, LedgerRead, LedgerWrite, PersonHolder};
 use protocol::municipality::{MunicipalityCode, all_municipalities};
@@ -84,6 +85,9 @@ const ISSUED_BEFORE_HISTORY: f64 = 0.5;
 /// Share of those, vaccinated before they moved, who are given a dose at the new town hall
 /// with that coupon before their history arrives (numbered 1 there, though it is not).
 const VACCINATED_AGAIN: f64 = 0.5;
+/// Longest time staff take to deal with a handoff that cannot join, or with one sent back
+/// (virtual ms).
+const STAFF_WITHIN: Time = 600_000;
 
 /// A node's address on the simulated network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -214,6 +218,8 @@ enum Event {
     Relocation,
     Void { primary: u32, resident: String, event_id: String },
     Extract { to: u32, row: Box<ExtractRow> },
+    SendBack { primary: u32, handoff_id: String },
+    Resend { primary: u32, resident: String, to: u32 },
     Crash { node: Addr, down_ms: Time },
     Restart { node: Addr },
     Cut { primary: u32, until: Time },
@@ -278,6 +284,7 @@ enum OutState {
     Deposited,
     Accepted,
     Refused(String),
+    Returned,
 }
 
 struct OutHandoff {
@@ -314,6 +321,14 @@ pub(crate) struct Primary {
     accepted_unacked: BTreeSet<String>,
     /// The acceptances the sync in flight reports (volatile).
     accepted_sent: Vec<String>,
+    /// Handoffs whose history could not join, waiting for staff to send them back.
+    cannot_join: BTreeSet<String>,
+    /// Handoffs sent back, the ledger not yet told.
+    returning: BTreeMap<String, ReturnReason>,
+    /// Every handoff sent back: never accepted here.
+    sent_back: BTreeSet<String>,
+    /// The returns the sync in flight reports (volatile).
+    returned_sent: Vec<String>,
     next_serial: u32,
     next_handoff: u64,
     next_correction: u64,
@@ -529,6 +544,12 @@ pub struct Counters {
     pub vaccinated_again: u64,
     /// Doses numbered again when a history joined.
     pub renumbered: u64,
+    /// Newcomers the extract registered with another birth date than their old record's.
+    pub birth_dates_differ: u64,
+    /// Handoffs the new municipality sent back.
+    pub sent_back: u64,
+    /// Of those, handoffs the old municipality took back (the resident active there again).
+    pub taken_back: u64,
     /// Voids after which later doses were numbered down.
     pub voids_renumbering: u64,
     /// Coupons issued for the next dose at a void that reopened none.
@@ -594,6 +615,11 @@ pub struct World {
     first_home: BTreeMap<String, FirstHome>,
     /// Register extracts scheduled and not yet imported.
     extracts_pending: u64,
+    /// Staff actions scheduled (`SendBack`, `Resend`) not yet done.
+    staff_pending: u64,
+    /// The birth date the new municipality's register holds, for people whose old record
+    /// differs (`Config::birth_date_differs`): what the old municipality's staff correct it to.
+    birth_fix: BTreeMap<String, Date>,
     /// Handoffs that could not join the resident holding their person key (a violation).
     pub(crate) join_refusals: BTreeSet<String>,
     /// Doses recorded at a town hall's desk: event id → answer.
@@ -722,6 +748,10 @@ impl World {
                 out: BTreeMap::new(),
                 accepted_unacked: BTreeSet::new(),
                 accepted_sent: Vec::new(),
+                cannot_join: BTreeSet::new(),
+                returning: BTreeMap::new(),
+                sent_back: BTreeSet::new(),
+                returned_sent: Vec::new(),
                 next_serial: u32::try_from(pop).unwrap_or(u32::MAX - 1_000_000) + 1,
                 next_handoff: 0,
                 next_correction: 0,
@@ -864,6 +894,8 @@ impl World {
             arrived_held: Vec::new(),
             first_home: BTreeMap::new(),
             extracts_pending: 0,
+            staff_pending: 0,
+            birth_fix: BTreeMap::new(),
             join_refusals: BTreeSet::new(),
             desk: BTreeMap::new(),
             generation: BTreeMap::new(),
@@ -1217,6 +1249,23 @@ impl World {
                 } else {
                     // The import runs on the node: once it is back.
                     self.schedule(self.now + 10_000, Event::Extract { to, row });
+                }
+            }
+            Event::SendBack { primary, handoff_id } => {
+                if self.primaries[primary as usize].up {
+                    self.staff_pending -= 1;
+                    self.send_back(primary, handoff_id);
+                } else {
+                    // Staff wait for the node to be back.
+                    self.schedule(self.now + 60_000, Event::SendBack { primary, handoff_id });
+                }
+            }
+            Event::Resend { primary, resident, to } => {
+                if self.primaries[primary as usize].up {
+                    self.staff_pending -= 1;
+                    self.resend(primary, &resident, to);
+                } else {
+                    self.schedule(self.now + 60_000, Event::Resend { primary, resident, to });
                 }
             }
             Event::Crash { node, down_ms } => {
@@ -1623,6 +1672,16 @@ impl World {
             }
             return;
         }
+        if self.rng.chance(self.config.birth_date_differs)
+            && let Some(other) = identity.birth_date.next_day()
+        {
+            // A clerical difference between the two registers (or one person's 個人番号 on
+            // another's row): the history will not join this resident as it is.
+            identity.birth_date = other;
+            self.birth_fix.insert(row.person_key.clone(), other);
+            self.counters.birth_dates_differ += 1;
+        }
+        let p = &mut self.primaries[i as usize];
         let rid = format!("{}-x-{serial}", p.code);
         let record = registered_record(rid.clone(), p.code, row.person_key, identity);
         let mut doc = new_resident_document(&p.actor, &record, now).expect("a new document");
@@ -2384,13 +2443,19 @@ impl World {
         let watching: Vec<String> =
             p.out.iter().filter(|(_, o)| o.state == OutState::Deposited).map(|(id, _)| id.clone()).collect();
         p.accepted_sent = p.accepted_unacked.iter().cloned().collect();
+        p.returned_sent = p.returning.keys().cloned().collect();
+        let returned = p
+            .returning
+            .iter()
+            .map(|(id, reason)| ReturnedHandoff { handoff_id: id.clone(), reason: *reason })
+            .collect();
         let sync = HandoffSync {
             deposits,
             accepted: p.accepted_sent.clone(),
             watching,
             asks: Vec::new(),
             answered: Vec::new(),
-            returned: Vec::new(),
+            returned,
         };
         let id = self.request_id();
         self.primaries[i as usize].sync_sent = Some((id, self.now));
@@ -2402,7 +2467,8 @@ impl World {
     /// (accepted at once: the automatic policy), watched handoffs accepted.
     fn synced(&mut self, i: u32, id: u64, response: HandoffResponse) {
         let now = self.clock(Addr::Primary(i));
-        let HandoffResponse::Synced { deposits, inbound, states, .. } = response else { return };
+        let HandoffResponse::Synced { deposits, inbound, states, returns, .. } = response else { return };
+        let mut taken_back = Vec::new();
         {
             let p = &mut self.primaries[i as usize];
             let current = p.sync_sent.is_some_and(|(sent, _)| sent == id);
@@ -2429,10 +2495,15 @@ impl World {
                 }
             }
             for (id, state) in states {
-                if state == LedgerState::Accepted
-                    && let Some(out) = p.out.get_mut(&id)
-                {
-                    out.state = OutState::Accepted;
+                if let Some(out) = p.out.get_mut(&id) {
+                    match state {
+                        LedgerState::Accepted => out.state = OutState::Accepted,
+                        LedgerState::Returned if out.state == OutState::Deposited => {
+                            let reason = returns.iter().find(|(r, _)| *r == id).map(|(_, why)| *why);
+                            taken_back.push((id, reason.unwrap_or(ReturnReason::Other)));
+                        }
+                        _ => {}
+                    }
                 }
             }
             // Only what this sync reported is acknowledged (not an older sync's answer).
@@ -2440,8 +2511,14 @@ impl World {
                 for id in std::mem::take(&mut p.accepted_sent) {
                     p.accepted_unacked.remove(&id);
                 }
+                for id in std::mem::take(&mut p.returned_sent) {
+                    p.returning.remove(&id);
+                }
             }
         };
+        for (id, reason) in taken_back {
+            self.take_back(i, &id, reason, now);
+        }
         let mut more = false;
         for sealed in inbound {
             more |= self.accept(i, &sealed, now);
@@ -2460,6 +2537,10 @@ impl World {
             return false;
         };
         let p = &mut self.primaries[i as usize];
+        if p.sent_back.contains(&sealed.handoff_id) || p.cannot_join.contains(&sealed.handoff_id) {
+            // Sent back, or waiting for staff to: offered again until the ledger knows.
+            return false;
+        }
         let Ok(payload) = sealed.open(&sender_key, &p.x_secret) else { return false };
         if let Some(existing) = p.by_person.get(&payload.person_key).cloned() {
             let doc = p.docs[&existing].load_as(&p.actor);
@@ -2478,6 +2559,15 @@ impl World {
                     Ok(join) => {
                         self.join(i, doc, record, &payload, join, now);
                         true
+                    }
+                    Err(JoinRefusal::BirthDateDiffers) => {
+                        // It waits as `failed` until staff, having checked the register, send
+                        // it back.
+                        p.cannot_join.insert(payload.handoff_id.clone());
+                        let at = self.staff_time();
+                        self.staff_pending += 1;
+                        self.schedule(at, Event::SendBack { primary: i, handoff_id: payload.handoff_id });
+                        false
                     }
                     Err(refusal) => {
                         let code = p.code;
@@ -2571,6 +2661,85 @@ impl World {
             }
         }
         self.nudge(i);
+    }
+
+    /// When staff get to something that came up now: within `STAFF_WITHIN`, and by the end
+    /// of the day (or at once, after it), as clerks' voids.
+    fn staff_time(&mut self) -> Time {
+        let at = self.now + self.rng.between(60_000, STAFF_WITHIN);
+        if at < self.config.day_ms { at } else { self.now.max(self.config.day_ms - 1) + 1 }
+    }
+
+    /// `node/src/handoff.rs` `send_back`: staff of municipality `i` send back a handoff whose
+    /// history could not join; the next sync tells the ledger.
+    fn send_back(&mut self, i: u32, handoff_id: String) {
+        let p = &mut self.primaries[i as usize];
+        if !p.cannot_join.remove(&handoff_id) {
+            return;
+        }
+        p.sent_back.insert(handoff_id.clone());
+        p.returning.insert(handoff_id, ReturnReason::BirthDateDiffers);
+        self.counters.sent_back += 1;
+        self.timer(Addr::Primary(i), Timer::Handoff, 1);
+    }
+
+    /// `node/src/handoff.rs` `return_one`: the ledger says handoff `id` of municipality `i`
+    /// was sent back. In one commit the resident is active here again with their coupons,
+    /// the coupons leave the terminals' refusal list, and captures passed on to the receiver
+    /// are taken back from the outbox; staff then correct the record and hand it over again.
+    fn take_back(&mut self, i: u32, id: &str, reason: ReturnReason, now: OffsetDateTime) {
+        let p = &mut self.primaries[i as usize];
+        let Some(out) = p.out.get_mut(id) else { return };
+        out.state = OutState::Returned;
+        let to = out.sealed.to;
+        let person_key = out.sealed.person_key.clone();
+        let Some(rid) = p.by_person.get(&person_key).cloned() else { return };
+        let mut doc = p.docs[&rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        let Some(transfer) = record.transfer.clone().filter(|t| t.handoff_id == id) else { return };
+        let event = ResidentEvent::TransferReturned(protocol::document::ReturnedTransfer {
+            transfer,
+            reason,
+            at: now,
+        });
+        apply(p, &rid, &mut doc, &record, &event, now);
+        let after = read_record(&doc).expect("a resident document");
+        for entry in after.coupons.values().filter(|c| c.status == CouponStatus::Valid) {
+            p.blocked.remove(&entry.key());
+        }
+        p.bundle_version += 1;
+        p.bundle = None;
+        let codes: BTreeSet<String> = record.coupons.values().map(|c| c.code.to_string()).collect();
+        p.outbox.retain(|_, (owner, forwarded)| {
+            let ours = decode_scans(&forwarded.capture.coupon, &forwarded.capture.vial)
+                .is_ok_and(|scans| codes.contains(&scans.coupon.code().to_string()));
+            *owner != to || !ours
+        });
+        self.counters.taken_back += 1;
+        self.nudge(i);
+        let receiver = self.by_code[&to];
+        let at = self.staff_time();
+        self.staff_pending += 1;
+        self.schedule(at, Event::Resend { primary: i, resident: rid, to: receiver });
+    }
+
+    /// Staff of municipality `i`, having checked with the receiver, correct the birth date
+    /// of resident `rid` to the receiver's register and hand them over again.
+    fn resend(&mut self, i: u32, rid: &str, to: u32) {
+        let now = self.clock(Addr::Primary(i));
+        let p = &mut self.primaries[i as usize];
+        let mut doc = p.docs[rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        if record.transfer.is_some() || record.identity.status != ResidentStatus::Active {
+            return;
+        }
+        if let Some(birth_date) = self.birth_fix.get(&record.person_key).copied()
+            && birth_date != record.identity.birth_date
+        {
+            let identity = Identity { birth_date, ..record.identity.clone() };
+            apply(p, rid, &mut doc, &record, &ResidentEvent::IdentityUpdated(identity), now);
+        }
+        self.move_out(i, to, rid.to_owned(), doc);
     }
 
     /// Notes someone who moved in at `i` as resident `rid`, to move them again.
@@ -2745,12 +2914,17 @@ impl World {
         self.terminals.iter().all(|t| t.open.is_empty())
             && self.primaries.iter().all(|p| {
                 p.outbox.is_empty()
-                    && p.out.values().all(|o| matches!(o.state, OutState::Accepted | OutState::Refused(_)))
+                    && p.out.values().all(|o| {
+                        matches!(o.state, OutState::Accepted | OutState::Refused(_) | OutState::Returned)
+                    })
                     && p.accepted_unacked.is_empty()
+                    && p.cannot_join.is_empty()
+                    && p.returning.is_empty()
                     && p.acked_version >= p.stats_version
             })
             && self.national.ledger.inbox.is_empty()
             && self.extracts_pending == 0
+            && self.staff_pending == 0
             && self
                 .primaries
                 .iter()
