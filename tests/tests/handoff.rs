@@ -470,31 +470,27 @@ fn relocation_moves_a_history_once_and_the_national_node_cannot_read_it() {
     assert_no_personal_data(&f.national.data, &f.coupons);
 }
 
-/// One relocation with one process killed (`kill -9` of itself) right after the named step
-/// has committed; it is restarted and the handoff completes exactly once.
-fn survives(point: &str, victim: &str) {
-    let mut f = federation(&format!("handoff-{}", point.replace('.', "-")));
+/// Makes `victim` (`a`, `b` or the national node) kill itself at crash point `point`.
+fn arm(f: &mut Federation, victim: &str, point: &str) {
     let crash = vec![(node::handoff::CRASH_ENV.to_owned(), point.to_owned())];
     match victim {
         "a" => f.a.env = crash,
         "b" => f.b.env = crash,
         _ => f.national.env = crash,
     }
-    start_all(&mut f);
-    let takahashi = coupon_of(&f.coupons, "0000000102", 1).clone();
-    let vial = raw_vial(COMIRNATY, "FA5765");
-    let (code, body) = f.a.post("/api/v1/captures", &capture(&takahashi.qr_text, &vial, None)).unwrap();
-    assert_eq!(code, 201, "{body}");
-    let answered = move_out(&f.a, "0000000102");
-    let died = match victim {
+}
+
+/// Whether `victim` died within 30 s.
+fn wait_death(f: &mut Federation, victim: &str) -> bool {
+    match victim {
         "a" => f.a.wait_exit(Duration::from_secs(30)),
         "b" => f.b.wait_exit(Duration::from_secs(30)),
         _ => f.national.wait_exit(Duration::from_secs(30)),
-    };
-    assert!(died, "{victim} reached crash point {point}");
-    if point == "handoff.sealed" {
-        assert!(answered.is_none(), "killed before answering");
     }
+}
+
+/// Starts `victim` again, disarmed.
+fn restart(f: &mut Federation, victim: &str) {
     match victim {
         "a" => {
             f.a.env.clear();
@@ -509,6 +505,25 @@ fn survives(point: &str, victim: &str) {
             f.national.start();
         }
     }
+}
+
+/// One relocation with one process killed (`kill -9` of itself) right after the named step
+/// has committed; it is restarted and the handoff completes exactly once.
+fn survives(point: &str, victim: &str) {
+    let mut f = federation(&format!("handoff-{}", point.replace('.', "-")));
+    arm(&mut f, victim, point);
+    start_all(&mut f);
+    let takahashi = coupon_of(&f.coupons, "0000000102", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&takahashi.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let answered = move_out(&f.a, "0000000102");
+    let died = wait_death(&mut f, victim);
+    assert!(died, "{victim} reached crash point {point}");
+    if point == "handoff.sealed" {
+        assert!(answered.is_none(), "killed before answering");
+    }
+    restart(&mut f, victim);
     assert_moved_once(&f, "0000000102");
     f.a.stop().unwrap();
     assert!(ok(&f.a.cli(&["audit", "verify"])).contains("intact"));
@@ -535,12 +550,7 @@ fn relocation_survives_kill_9_between_every_two_steps() {
 fn return_survives(point: &str, victim: &str) {
     let mut f = federation(&format!("return-{}", point.replace('.', "-")));
     accept_by_hand(&f.b);
-    let crash = vec![(node::handoff::CRASH_ENV.to_owned(), point.to_owned())];
-    match victim {
-        "a" => f.a.env = crash,
-        "b" => f.b.env = crash,
-        _ => f.national.env = crash,
-    }
+    arm(&mut f, victim, point);
     start_all(&mut f);
     let (code, moved) = move_out(&f.a, "0000000102").unwrap();
     assert_eq!(code, 201, "{moved}");
@@ -551,29 +561,12 @@ fn return_survives(point: &str, victim: &str) {
     });
     let back = json!({"reason": "not_moved_here", "note": "転入届なし"});
     let answered = f.b.post(&format!("/api/v1/handoffs/{handoff}/return"), &back);
-    let died = match victim {
-        "a" => f.a.wait_exit(Duration::from_secs(30)),
-        "b" => f.b.wait_exit(Duration::from_secs(30)),
-        _ => f.national.wait_exit(Duration::from_secs(30)),
-    };
+    let died = wait_death(&mut f, victim);
     assert!(died, "{victim} reached crash point {point}");
     if point == "handoff.sent_back" {
         assert!(answered.is_err(), "killed before answering");
     }
-    match victim {
-        "a" => {
-            f.a.env.clear();
-            f.a.start().unwrap();
-        }
-        "b" => {
-            f.b.env.clear();
-            f.b.start().unwrap();
-        }
-        _ => {
-            f.national.env.clear();
-            f.national.start();
-        }
-    }
+    restart(&mut f, victim);
     let resident = resident_id(&f.a, "0000000102");
     wait_for("the return to settle", Duration::from_secs(60), || {
         let out = of_person(&f.a, "outgoing", &person_key);
