@@ -268,13 +268,16 @@ pub struct TransferOut {
     pub actor: String,
 }
 
-/// The writer's part of a handoff its receiver sent back.
+/// The writer's part of a handoff that will not reach its receiver: sent back by the
+/// receiver, or refused for good by the national ledger.
 #[derive(Debug)]
 pub struct TransferBack {
     /// The handoff.
     pub handoff_id: String,
-    /// Why, per the ledger.
+    /// Why, per the ledger ([`ReturnReason::LedgerRefused`] for a refused deposit).
     pub reason: ReturnReason,
+    /// The ledger's refusal (`code: message`), when it refused the deposit.
+    pub refusal: Option<String>,
 }
 
 /// The writer's part of accepting a handoff (opened already, off the writer thread).
@@ -369,9 +372,9 @@ pub(crate) fn transfer_one(
     Ok(Ok(entry))
 }
 
-/// Makes the resident of a handoff sent back active here again, in one commit with the
-/// outbox entry: runs in the writer's transaction. A handoff already marked returned (a
-/// repeated answer) changes nothing.
+/// Makes the resident of a handoff sent back, or refused for good by the national ledger,
+/// active here again, in one commit with the outbox entry (`returned` or `refused`): runs in
+/// the writer's transaction. A handoff already settled (a repeated answer) changes nothing.
 pub(crate) fn return_one(
     m: &mut Mutation<'_>,
     command: &TransferBack,
@@ -396,8 +399,16 @@ pub(crate) fn return_one(
         m.apply_after(&entry.resident_id, &event, now, &record)?;
         take_back_forwards(m, &record, to, &entry.handoff_id)?;
     }
-    entry.state = OutState::Returned;
-    entry.returned = Some(command.reason);
+    match &command.refusal {
+        Some(refusal) => {
+            entry.state = OutState::Refused;
+            entry.refusal = Some(refusal.clone());
+        }
+        None => {
+            entry.state = OutState::Returned;
+            entry.returned = Some(command.reason);
+        }
+    }
     entry.sealed = None;
     if let Some(key) = entry.due_key.take() {
         m.txn().open_table(HANDOFF_DUE)?.remove(key.as_str())?;
@@ -1143,15 +1154,22 @@ impl HandoffService {
         let busy = busy || !completed.is_empty();
         let completed_any = !completed.is_empty();
         let inbound_ids: Vec<String> = inbound.iter().map(|s| s.handoff_id.clone()).collect();
-        // Write (and audit) only what changes something here.
-        let (inbound, asks, deposits) = {
+        // Write (and audit) only what changes something here. A deposit refused for good
+        // gives the resident back below, one commit each.
+        let (inbound, asks, deposits, refused) = {
             let view = self.store.read()?;
             let mut changed_deposits = Vec::new();
+            let mut refused = Vec::new();
             for (id, outcome) in deposits {
-                let noted = !settled(&outcome)
-                    && view.json::<OutEntry>(HANDOFF_OUT, &id)?.is_some_and(|e| e.refusal.is_some());
-                if !noted {
-                    changed_deposits.push((id, outcome));
+                let entry = view.json::<OutEntry>(HANDOFF_OUT, &id)?;
+                match &outcome {
+                    DepositOutcome::Refused { code, message } if !is_retryable(code) => {
+                        if entry.is_some_and(|e| e.state == OutState::Sealed) {
+                            refused.push((id, format!("{code}: {message}")));
+                        }
+                    }
+                    DepositOutcome::Refused { .. } if entry.is_some_and(|e| e.refusal.is_some()) => {}
+                    _ => changed_deposits.push((id, outcome)),
                 }
             }
             let mut new_inbound = Vec::new();
@@ -1172,7 +1190,7 @@ impl HandoffService {
                     changed_asks.push((person_key, state));
                 }
             }
-            (new_inbound, changed_asks, changed_deposits)
+            (new_inbound, changed_asks, changed_deposits, refused)
         };
         let writes = !deposits.is_empty()
             || !completed.is_empty()
@@ -1203,15 +1221,10 @@ impl HandoffService {
                                     }
                                     // Refusals that depend on the moment (another handoff of
                                     // the person not yet accepted, a directory not yet
-                                    // updated): kept, shown, and sent again.
-                                    DepositOutcome::Refused { code, message } if is_retryable(code) => {
-                                        entry.refusal = Some(format!("{code}: {message}"));
-                                    }
+                                    // updated): kept, shown, and sent again. (Refusals for
+                                    // good were set aside above.)
                                     DepositOutcome::Refused { code, message } => {
-                                        entry.state = OutState::Refused;
                                         entry.refusal = Some(format!("{code}: {message}"));
-                                        due.remove(due_key.as_str())?;
-                                        entry.due_key = None;
                                     }
                                 }
                                 entry.updated_at = at.clone();
@@ -1330,7 +1343,7 @@ impl HandoffService {
             returned
         };
         for (handoff_id, reason) in returned {
-            let command = TransferBack { handoff_id: handoff_id.clone(), reason };
+            let command = TransferBack { handoff_id: handoff_id.clone(), reason, refusal: None };
             match self
                 .writer
                 .call(&who_sync(), |reply| Command::TransferReturned(Box::new(command), reply))
@@ -1349,6 +1362,34 @@ impl HandoffService {
                 ),
             }
             crash_point("handoff.returned");
+        }
+        // Deposits the ledger refused for good never reach the receiver: the resident would
+        // be nowhere (read-only here, unknown there), so they are active here again, and the
+        // refusal stays on the outgoing handoff for the admin. A crash before this is done
+        // leaves the handoff sealed; the ledger refuses it again at the next poll.
+        for (handoff_id, refusal) in refused {
+            let command = TransferBack {
+                handoff_id: handoff_id.clone(),
+                reason: ReturnReason::LedgerRefused,
+                refusal: Some(refusal.clone()),
+            };
+            match self
+                .writer
+                .call(&who_sync(), |reply| Command::TransferReturned(Box::new(command), reply))
+                .await
+            {
+                Ok(entry) => tracing::warn!(
+                    handoff = %handoff_id,
+                    resident = %entry.resident_id,
+                    %refusal,
+                    "the national node refused a handoff for good; the resident is active here again"
+                ),
+                Err(problem) => anyhow::bail!(
+                    "cannot take back refused handoff {handoff_id}: {}: {}",
+                    problem.code,
+                    problem.message_en
+                ),
+            }
         }
         if self.auto_accept {
             let who =

@@ -700,7 +700,11 @@ fn handle(
                 let resident = result.as_ref().map_or("-", |e| e.resident_id.as_str());
                 let subject =
                     format!("resident:{resident} handoff:{} reason:{}", back.handoff_id, back.reason.code());
-                vec![audit_fact(who, "handoff.returned", subject, result)]
+                let action = match back.refusal {
+                    Some(_) => "handoff.refused",
+                    None => "handoff.returned",
+                };
+                vec![audit_fact(who, action, subject, result)]
             };
             run!(reply, result, |reply| Command::TransferReturned(back, reply), audit)
         }

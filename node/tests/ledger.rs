@@ -271,6 +271,16 @@ fn a_handoff_sent_back_returns_the_person_to_its_sender_once() {
     let watched = run(&db, &dir, &a, HandoffSync { watching: vec!["ho-2".into()], ..empty() });
     assert_eq!(watched.states, vec![("ho-2".to_owned(), LedgerState::Accepted)]);
     assert!(watched.returns.is_empty());
+
+    // The ledger's own refusal is not a receiver's reason: B's claim of it reaches C as
+    // `other`, so C's staff do not read a refusal the ledger never made.
+    let moved = run(&db, &dir, &c, HandoffSync { deposits: vec![sealed("ho-3", p, &c, &b)], ..empty() });
+    assert_eq!(code_of(&moved.deposits[0].1), "stored");
+    let claimed = ReturnedHandoff { handoff_id: "ho-3".into(), reason: ReturnReason::LedgerRefused };
+    run(&db, &dir, &b, HandoffSync { returned: vec![claimed], ..empty() });
+    let watched = run(&db, &dir, &c, HandoffSync { watching: vec!["ho-3".into()], ..empty() });
+    assert_eq!(watched.returns, vec![("ho-3".to_owned(), ReturnReason::Other)]);
+    assert_eq!(holder(&db, p).unwrap().unwrap().holder, c.code);
     drop(db);
     let _ = std::fs::remove_file(&path);
 }

@@ -462,10 +462,15 @@ pub enum ReturnReason {
     Unreadable,
     /// Any other reason (the receiver's staff keep the details).
     Other,
+    /// Not a receiver's reason: the national ledger refused the deposit for good (another
+    /// municipality holds the person, a handoff id reused, a bad signature), so the handoff
+    /// never reached the receiver and the sender takes the record back itself. A receiver
+    /// cannot send it ([`ReturnReason::ALL`] leaves it out; the ledger relays it as `Other`).
+    LedgerRefused,
 }
 
 impl ReturnReason {
-    /// Every reason, in the order a form lists them.
+    /// Every reason a receiver may give, in the order a form lists them.
     pub const ALL: [ReturnReason; 5] = [
         ReturnReason::BirthDateDiffers,
         ReturnReason::AlreadyRegistered,
@@ -482,6 +487,7 @@ impl ReturnReason {
             ReturnReason::NotMovedHere => "not_moved_here",
             ReturnReason::Unreadable => "unreadable",
             ReturnReason::Other => "other",
+            ReturnReason::LedgerRefused => "ledger_refused",
         }
     }
 
@@ -498,6 +504,7 @@ impl ReturnReason {
             ReturnReason::NotMovedHere => "転入先に転入の届出がない",
             ReturnReason::Unreadable => "転入先で引き継ぎデータを開けない",
             ReturnReason::Other => "その他（転入先に確認してください）",
+            ReturnReason::LedgerRefused => "国の台帳が引き継ぎを受け付けなかった",
         }
     }
 
@@ -509,6 +516,7 @@ impl ReturnReason {
             ReturnReason::NotMovedHere => "the receiver has no notice of moving in for this person",
             ReturnReason::Unreadable => "the receiver cannot open the handoff",
             ReturnReason::Other => "another reason (ask the receiver)",
+            ReturnReason::LedgerRefused => "the national ledger refused the handoff",
         }
     }
 }

@@ -218,7 +218,9 @@ pub fn apply<S: LedgerWrite>(
             continue;
         }
         entry.state = LedgerState::Returned;
-        entry.returned = Some(back.reason);
+        // A receiver gives one of its own reasons; the ledger's refusal is not one of them.
+        let reason = if ReturnReason::ALL.contains(&back.reason) { back.reason } else { ReturnReason::Other };
+        entry.returned = Some(reason);
         entry.accepted_at = Some(at.to_owned());
         entry.sealed = None;
         if let Some(seq) = entry.inbox_seq.take() {

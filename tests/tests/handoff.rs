@@ -660,6 +660,102 @@ fn a_dose_passed_on_to_a_receiver_that_sends_the_handoff_back_is_recorded_at_hom
 }
 
 #[test]
+fn a_handoff_the_ledger_refuses_for_good_gives_the_resident_back() {
+    // 山田 is in two registers: Yokohama's (the fixture) and Chiyoda's extract.
+    let mut f = federation("ledger-refuses");
+    accept_by_hand(&f.a);
+    let extract = f.dir.path().join("chiyoda-extract.csv");
+    let text = format!(
+        "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号\r\n\
+         C-0101,山田　太郎,ヤマダ タロウ,1960-04-01,男,東京都千代田区九段南1-2-1,{}\r\n",
+        my_number(1)
+    );
+    write_shift_jis(&extract, &text).unwrap();
+    let out = ok(&f.b.cli(&["import", "--issue-coupons", extract.to_str().unwrap()]));
+    assert!(out.contains("coupons issued: 1"), "{out}");
+    start_all(&mut f);
+
+    // Chiyoda hands its 山田 to Yokohama, whose admin has not accepted it yet: the ledger
+    // holds a handoff of the person in transit from Chiyoda.
+    let chiyodas = resident_id(&f.b, "C-0101");
+    move_to(&f.b, &chiyodas, YOKOHAMA);
+    let incoming = wait_for("Yokohama to receive Chiyoda's handoff", Duration::from_secs(60), || {
+        handoffs(&f.a)["incoming"].as_array().unwrap().iter().find(|e| e["state"] == "received").cloned()
+    });
+
+    // Yokohama moves its own 山田 out to Chiyoda: refused for the moment (`in_transit`),
+    // kept sealed and sent again, the record read-only meanwhile.
+    let yokohamas = resident_id(&f.a, "0000000101");
+    let (code, moved) = move_out(&f.a, "0000000101").unwrap();
+    assert_eq!(code, 201, "{moved}");
+    let handoff = moved["handoff_id"].as_str().unwrap().to_owned();
+    let person_key = moved["person_key"].as_str().unwrap().to_owned();
+    assert_eq!(incoming["person_key"], person_key.as_str(), "the same person");
+    let waiting = wait_for("the ledger to refuse it for the moment", Duration::from_secs(60), || {
+        of_person(&f.a, "outgoing", &person_key)
+            .into_iter()
+            .find(|e| e["refusal"].as_str().is_some_and(|r| r.starts_with("in_transit")))
+    });
+    assert_eq!(waiting["state"], "sealed", "{waiting}");
+    let yamada = coupon_of(&f.coupons, "0000000101", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&yamada.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 409, "the moved record refuses a dose: {body}");
+
+    // Yokohama sends Chiyoda's handoff back: the ledger says Chiyoda holds 山田 again, and
+    // Yokohama's deposit is refused for good. Yokohama's record is active again.
+    let back = format!("/api/v1/handoffs/{}/return", incoming["handoff_id"].as_str().unwrap());
+    let (code, body) = f.a.post(&back, &json!({"reason": "already_registered"})).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let refused = wait_for("the refusal for good", Duration::from_secs(60), || {
+        of_person(&f.a, "outgoing", &person_key).into_iter().find(|e| e["state"] == "refused")
+    });
+    assert_eq!(refused["handoff_id"], handoff.as_str(), "{refused}");
+    let refusal = refused["refusal"].as_str().unwrap();
+    assert!(refusal.starts_with("not_holder") && refusal.contains(CHIYODA), "{refused}");
+    let home = record(&f.a, &yokohamas);
+    assert_eq!(home["identity"]["status"], "active", "{home}");
+    assert!(home["transfer"].is_null(), "{home}");
+    assert_eq!(home["returns"].as_array().unwrap().len(), 1, "{home}");
+    assert_eq!(home["returns"][0]["reason"], "ledger_refused", "{home}");
+    assert_eq!(home["returns"][0]["transfer"]["handoff_id"], handoff.as_str(), "{home}");
+    assert_eq!(home["valid_coupons"].as_array().unwrap().len(), 1, "{home}");
+
+    // The record takes changes again: 山田 is vaccinated at Yokohama with his coupon.
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&yamada.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(record(&f.a, &yokohamas)["next_dose"], 2);
+
+    // Chiyoda's handoff came back to it: 山田 is active there too, as before either
+    // move-out, and the ledger never stored Yokohama's.
+    wait_for("Chiyoda's handoff to come back", Duration::from_secs(60), || {
+        of_person(&f.b, "outgoing", &person_key).into_iter().find(|e| e["state"] == "returned")
+    });
+    assert_eq!(record(&f.b, &chiyodas)["identity"]["status"], "active");
+    let held = ledger(&f, &person_key);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["state"], "returned", "{held:?}");
+    assert_eq!(held[0]["from"], CHIYODA, "{held:?}");
+
+    // The take-back is audited; the counters and the audit chain verify.
+    f.a.stop().unwrap();
+    f.b.stop().unwrap();
+    let export = f.dir.path().join("audit-a.jsonl");
+    let data = f.a.data.to_str().unwrap().to_owned();
+    let args = ["audit", "export", "--data", &data, "--from", "2020-01-01", "--to", "2099-12-31", "--out"];
+    ok(&f.a.cli(&[&args[..], &[export.to_str().unwrap()]].concat()));
+    let exported = std::fs::read_to_string(&export).unwrap();
+    let audited = exported.lines().any(|line| {
+        line.contains("\"handoff.refused\"") && line.contains(&handoff) && line.contains(&yokohamas)
+    });
+    assert!(audited, "handoff.refused in the audit log:\n{exported}");
+    for node in [&f.a, &f.b] {
+        assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+}
+
+#[test]
 fn a_movers_file_is_checked_whole_then_sealed_row_by_row() {
     let mut f = federation("movers");
     accept_by_hand(&f.b);
