@@ -527,8 +527,13 @@ fn smoke_federation(municipalities: usize, data: Option<PathBuf>) -> anyhow::Res
         report.municipalities, report.approve_seconds, report.directory_entries
     );
     println!(
-        "参加・報告 / joined and reported: {} of {} in {:.1} s (median {} ms, slowest {} ms from dial to stored report)",
-        report.reported, report.municipalities, report.exchange_seconds, report.median_ms, report.max_ms
+        "参加・報告 / joined and reported: {} of {} in {:.1} s (median {} ms, slowest {} ms from dial to stored report; {} requests made again)",
+        report.reported,
+        report.municipalities,
+        report.exchange_seconds,
+        report.median_ms,
+        report.max_ms,
+        report.retried
     );
     println!(
         "国の集計 / national total for {date}: {} doses; sent {}",

@@ -66,6 +66,8 @@ pub struct SmokeReport {
     pub median_ms: u64,
     /// Slowest.
     pub max_ms: u64,
+    /// Requests made again after a failure (a connection closed under load, a timeout).
+    pub retried: u64,
 }
 
 struct Member {
@@ -133,9 +135,13 @@ pub async fn run(dir: &Path, count: usize, date: Date) -> anyhow::Result<SmokeRe
     }
     let mut times = Vec::new();
     let mut failures = Vec::new();
+    let mut retried = 0;
     while let Some(outcome) = tasks.join_next().await {
         match outcome.context("a municipal task panicked")? {
-            Ok(ms) => times.push(ms),
+            Ok((ms, again)) => {
+                times.push(ms);
+                retried += again;
+            }
             Err(error) => failures.push(format!("{error:#}")),
         }
     }
@@ -159,18 +165,19 @@ pub async fn run(dir: &Path, count: usize, date: Date) -> anyhow::Result<SmokeRe
         exchange_seconds,
         median_ms: times.get(times.len() / 2).copied().unwrap_or(0),
         max_ms: times.last().copied().unwrap_or(0),
+        retried,
     })
 }
 
 /// One municipality: dial, fetch and verify the directory, report; returns the
-/// milliseconds from the first dial to the stored report.
+/// milliseconds from the first dial to the stored report, and the requests made again.
 async fn join_and_report(
     member: Member,
     national: Multiaddr,
     national_peer: PeerId,
     national_key: Vec<u8>,
     date: Date,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let code = member.code;
     let own_peer = member.keypair.public().to_peer_id();
     let mut swarm = crate::p2p::build_swarm(member.keypair)?;
@@ -179,10 +186,18 @@ async fn join_and_report(
     let deadline = tokio::time::Instant::now() + DEADLINE;
     swarm.dial(national.clone())?;
     let mut asked = false;
+    // The report once made: sent again, as is, if its request fails.
+    let mut report: Option<ReportRequest> = None;
+    // A request that fails (a connection closed under load, a timeout) is made again until
+    // the deadline, as a municipal node's next poll would; the last failure is reported.
+    let mut last_failure: Option<String> = None;
+    let mut retried = 0;
+    let retry_pause = Duration::from_millis(100 + u64::from(code.as_str().as_bytes()[5]) * 10);
     loop {
-        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
-            .await
-            .with_context(|| format!("{code}: no report stored within {DEADLINE:?}"))?;
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some()).await.with_context(|| {
+            let why = last_failure.as_deref().unwrap_or("no failure seen");
+            format!("{code}: no report stored within {DEADLINE:?} (last failure: {why})")
+        })?;
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == national_peer && !asked => {
                 asked = true;
@@ -204,7 +219,7 @@ async fn join_and_report(
             SwarmEvent::Behaviour(BehaviourEvent::Directory(request_response::Event::Message {
                 message: Message::Response { response, .. },
                 ..
-            })) => {
+            })) if report.is_none() => {
                 let signed = response.directory.with_context(|| format!("{code}: no directory sent"))?;
                 let directory = signed.verify(&national_key).with_context(|| format!("{code}: directory"))?;
                 let me = directory.peer(&own_peer.to_string());
@@ -229,25 +244,48 @@ async fn join_and_report(
                 };
                 let signed = SignedStatistics::sign(&Statistics::Daily(daily), &member.coupon_key);
                 let request = ReportRequest { statistics: vec![signed], checkpoints: Vec::new() };
-                swarm.behaviour_mut().report.send_request(&national_peer, request);
+                swarm.behaviour_mut().report.send_request(&national_peer, request.clone());
+                report = Some(request);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Report(request_response::Event::Message {
                 message: Message::Response { response, .. },
                 ..
             })) => {
                 return match response {
-                    ReportResponse::Stored { statistics: 1, .. } => Ok(started.elapsed().as_millis() as u64),
+                    ReportResponse::Stored { statistics: 1, .. } => {
+                        Ok((started.elapsed().as_millis() as u64, retried))
+                    }
+                    // Sent again after a failure that came after the national node had
+                    // stored it: held already.
+                    ReportResponse::Stored { statistics: 0, .. } if last_failure.is_some() => {
+                        Ok((started.elapsed().as_millis() as u64, retried))
+                    }
                     other => bail!("{code}: report not stored: {other:?}"),
                 };
             }
             SwarmEvent::Behaviour(BehaviourEvent::Directory(request_response::Event::OutboundFailure {
                 error,
                 ..
-            })) => bail!("{code}: directory request failed: {error}"),
+            })) => {
+                last_failure = Some(format!("directory request: {error}"));
+                retried += 1;
+                tokio::time::sleep(retry_pause).await;
+                if report.is_none() {
+                    let request = DirectoryRequest { held_version: None };
+                    swarm.behaviour_mut().directory.send_request(&national_peer, request);
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Report(request_response::Event::OutboundFailure {
                 error,
                 ..
-            })) => bail!("{code}: report failed: {error}"),
+            })) => {
+                last_failure = Some(format!("report: {error}"));
+                retried += 1;
+                tokio::time::sleep(retry_pause).await;
+                if let Some(request) = report.clone() {
+                    swarm.behaviour_mut().report.send_request(&national_peer, request);
+                }
+            }
             _ => {}
         }
     }
