@@ -2469,6 +2469,7 @@ impl World {
         let now = self.clock(Addr::Primary(i));
         let HandoffResponse::Synced { deposits, inbound, states, returns, .. } = response else { return };
         let mut taken_back = Vec::new();
+        let mut refused = Vec::new();
         {
             let p = &mut self.primaries[i as usize];
             let current = p.sync_sent.is_some_and(|(sent, _)| sent == id);
@@ -2490,7 +2491,12 @@ impl World {
                         {
                             OutState::Sealed
                         }
-                        DepositOutcome::Refused { code, .. } => OutState::Refused(code),
+                        // Refused for good: the resident is taken back below, as the
+                        // node does (`apply_response`).
+                        DepositOutcome::Refused { code, .. } => {
+                            refused.push(id.clone());
+                            OutState::Refused(code)
+                        }
                     };
                 }
             }
@@ -2518,6 +2524,9 @@ impl World {
         };
         for (id, reason) in taken_back {
             self.take_back(i, &id, reason, now);
+        }
+        for id in refused {
+            self.restore(i, &id, ReturnReason::LedgerRefused, now);
         }
         let mut more = false;
         for sealed in inbound {
@@ -2691,12 +2700,33 @@ impl World {
         let p = &mut self.primaries[i as usize];
         let Some(out) = p.out.get_mut(id) else { return };
         out.state = OutState::Returned;
+        let Some((rid, to)) = self.restore(i, id, reason, now) else { return };
+        self.counters.taken_back += 1;
+        let receiver = self.by_code[&to];
+        let at = self.staff_time();
+        self.staff_pending += 1;
+        self.schedule(at, Event::Resend { primary: i, resident: rid, to: receiver });
+    }
+
+    /// `node/src/handoff.rs` `return_one`: the resident of handoff `id` is active here again
+    /// (sent back by the receiver, or refused for good by the ledger), their coupons valid
+    /// and no longer blocked, and doses passed on to the receiver meanwhile taken back.
+    /// Returns the resident and the receiver, if the record was still transferred by `id`.
+    fn restore(
+        &mut self,
+        i: u32,
+        id: &str,
+        reason: ReturnReason,
+        now: OffsetDateTime,
+    ) -> Option<(String, MunicipalityCode)> {
+        let p = &mut self.primaries[i as usize];
+        let out = p.out.get(id)?;
         let to = out.sealed.to;
         let person_key = out.sealed.person_key.clone();
-        let Some(rid) = p.by_person.get(&person_key).cloned() else { return };
+        let rid = p.by_person.get(&person_key).cloned()?;
         let mut doc = p.docs[&rid].load_as(&p.actor);
         let record = read_record(&doc).expect("a resident document");
-        let Some(transfer) = record.transfer.clone().filter(|t| t.handoff_id == id) else { return };
+        let transfer = record.transfer.clone().filter(|t| t.handoff_id == id)?;
         let event = ResidentEvent::TransferReturned(protocol::document::ReturnedTransfer {
             transfer,
             reason,
@@ -2715,12 +2745,8 @@ impl World {
                 .is_ok_and(|scans| codes.contains(&scans.coupon.code().to_string()));
             *owner != to || !ours
         });
-        self.counters.taken_back += 1;
         self.nudge(i);
-        let receiver = self.by_code[&to];
-        let at = self.staff_time();
-        self.staff_pending += 1;
-        self.schedule(at, Event::Resend { primary: i, resident: rid, to: receiver });
+        Some((rid, to))
     }
 
     /// Staff of municipality `i`, having checked with the receiver, correct the birth date
