@@ -152,6 +152,13 @@ const TEXT = {
   'return.unreadable': ['引き継ぎデータを開けない', 'the handoff cannot be opened'],
   'return.other': ['その他', 'another reason'],
   'return.ledger_refused': ['国の台帳が受け付けなかった', 'the national ledger refused it'],
+  'refusal.not_holder': ['国の台帳では別の市区町村がこの方を担当しています', 'the national ledger says another municipality holds this person'],
+  'refusal.not_holder.at': ['国の台帳ではこの方の担当は{place}です', 'the national ledger says {place} holds this person'],
+  'refusal.in_transit': ['この方の別の引き継ぎが受入待ちです（後で再送します）', 'another handoff of this person awaits acceptance (sent again later)'],
+  'refusal.unknown_receiver': ['転出先が国の名簿にまだありません（後で再送します）', 'the receiver is not in the directory yet (sent again later)'],
+  'refusal.unknown_sender': ['この市区町村が国の名簿にまだありません（後で再送します）', 'this municipality is not in the directory yet (sent again later)'],
+  'refusal.id_reused': ['引き継ぎIDが別の引き継ぎに使われています', 'the handoff id names another handoff'],
+  'refusal.bad_signature': ['署名を国の名簿の鍵で確認できません', 'the signature does not verify with the directory key'],
   'handoffs.renumbered': ['接種回を振り直した記録', 'doses renumbered'],
   'handoffs.none': ['なし', 'none'],
   'place.unknown': ['該当する市区町村がありません', 'no municipality has this code'],
@@ -861,7 +868,7 @@ async function showHandoffs() {
   if (!data.incoming.length) noneRow(incoming, 'handoffs.none');
   const outgoing = $('#handoffs-outgoing tbody');
   outgoing.replaceChildren(...data.outgoing.map((h) => {
-    const why = h.refusal || (h.returned ? t(`return.${h.returned}`) : '');
+    const why = h.refusal ? refusalText(h.refusal) : (h.returned ? t(`return.${h.returned}`) : '');
     const state = label('out', h.state) + (why ? `（${why}）` : '');
     const tr = row([h.handoff_id, residentLink(h.resident_id), place(h.to), state, localDate(h.updated_at || h.created_at), h.reason]);
     tr.dataset.handoff = h.handoff_id;
@@ -871,6 +878,18 @@ async function showHandoffs() {
   const asks = $('#handoffs-asks tbody');
   asks.replaceChildren(...data.asks.map((a) => row([a.atena_number, label('ask', a.state), place(a.holder), a.handoff_id || '', localDate(a.updated_at || a.asked_at)])));
   if (!data.asks.length) noneRow(asks, 'handoffs.none');
+}
+
+/** The national ledger's refusal of a deposit (`code: message`), in the language shown:
+ * a known code by its label (naming the holder for `not_holder`), any other as sent. */
+function refusalText(refusal) {
+  const [code, ...rest] = refusal.split(': ');
+  const message = rest.join(': ');
+  if (code === 'not_holder') {
+    const holder = (message.match(/\b\d{6}\b/) || [])[0];
+    return holder ? t('refusal.not_holder.at').replace('{place}', place(holder)) : t('refusal.not_holder');
+  }
+  return TEXT[`refusal.${code}`] ? t(`refusal.${code}`) : refusal;
 }
 
 async function acceptHandoff(h) {
