@@ -1342,52 +1342,50 @@ impl HandoffService {
             }
             returned
         };
-        for (handoff_id, reason) in returned {
-            let command = TransferBack { handoff_id: handoff_id.clone(), reason, refusal: None };
-            match self
-                .writer
-                .call(&who_sync(), |reply| Command::TransferReturned(Box::new(command), reply))
-                .await
-            {
-                Ok(entry) => tracing::warn!(
-                    handoff = %handoff_id,
-                    resident = %entry.resident_id,
-                    reason = reason.code(),
-                    "a handoff was sent back by its receiver; the resident is active here again"
-                ),
-                Err(problem) => anyhow::bail!(
-                    "cannot take back handoff {handoff_id}: {}: {}",
-                    problem.code,
-                    problem.message_en
-                ),
-            }
-            crash_point("handoff.returned");
-        }
         // Deposits the ledger refused for good never reach the receiver: the resident would
-        // be nowhere (read-only here, unknown there), so they are active here again, and the
-        // refusal stays on the outgoing handoff for the admin. A crash before this is done
-        // leaves the handoff sealed; the ledger refuses it again at the next poll.
-        for (handoff_id, refusal) in refused {
-            let command = TransferBack {
-                handoff_id: handoff_id.clone(),
-                reason: ReturnReason::LedgerRefused,
-                refusal: Some(refusal.clone()),
-            };
-            match self
+        // be nowhere (read-only here, unknown there), so they are active here again as for a
+        // handoff sent back, and the refusal stays on the outgoing handoff for the admin. A
+        // crash before that leaves the handoff sealed; the ledger refuses it again at the
+        // next poll.
+        let sent_back = returned.into_iter().map(|(handoff_id, reason)| TransferBack {
+            handoff_id,
+            reason,
+            refusal: None,
+        });
+        let refused = refused.into_iter().map(|(handoff_id, refusal)| TransferBack {
+            handoff_id,
+            reason: ReturnReason::LedgerRefused,
+            refusal: Some(refusal),
+        });
+        for command in sent_back.chain(refused) {
+            let (handoff_id, reason, refusal) =
+                (command.handoff_id.clone(), command.reason, command.refusal.clone());
+            let entry = self
                 .writer
                 .call(&who_sync(), |reply| Command::TransferReturned(Box::new(command), reply))
                 .await
-            {
-                Ok(entry) => tracing::warn!(
+                .map_err(|problem| {
+                    anyhow::anyhow!(
+                        "cannot take back handoff {handoff_id}: {}: {}",
+                        problem.code,
+                        problem.message_en
+                    )
+                })?;
+            match refusal {
+                None => {
+                    tracing::warn!(
+                        handoff = %handoff_id,
+                        resident = %entry.resident_id,
+                        reason = reason.code(),
+                        "a handoff was sent back by its receiver; the resident is active here again"
+                    );
+                    crash_point("handoff.returned");
+                }
+                Some(refusal) => tracing::warn!(
                     handoff = %handoff_id,
                     resident = %entry.resident_id,
                     %refusal,
                     "the national node refused a handoff for good; the resident is active here again"
-                ),
-                Err(problem) => anyhow::bail!(
-                    "cannot take back refused handoff {handoff_id}: {}: {}",
-                    problem.code,
-                    problem.message_en
                 ),
             }
         }
