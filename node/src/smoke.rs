@@ -251,6 +251,18 @@ async fn join_and_report(
                 message: Message::Response { response, .. },
                 ..
             })) => {
+                // The national node could not store it for the moment: it asks for the
+                // report again, as a node's next poll would send it.
+                if let ReportResponse::Refused { code: refusal, message } = &response
+                    && refusal == "internal"
+                    && let Some(request) = report.clone()
+                {
+                    last_failure = Some(format!("report refused: {refusal}: {message}"));
+                    retried += 1;
+                    tokio::time::sleep(retry_pause).await;
+                    swarm.behaviour_mut().report.send_request(&national_peer, request);
+                    continue;
+                }
                 return match response {
                     ReportResponse::Stored { statistics: 1, .. } => {
                         Ok((started.elapsed().as_millis() as u64, retried))
