@@ -1251,10 +1251,10 @@ impl HandoffService {
                                 && !entry.acked
                             {
                                 entry.acked = true;
-                                incoming.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
                                 if let Some(key) = entry.due_key.take() {
                                     due.remove(key.as_str())?;
                                 }
+                                incoming.insert(id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
                             }
                         }
                         for sealed in inbound {

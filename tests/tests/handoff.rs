@@ -184,7 +184,7 @@ fn record(node: &Node, resident: &str) -> Value {
 /// Waits until the handoff of `person_key` is accepted at Chiyoda, acknowledged in the
 /// ledger and completed at Yokohama; returns Chiyoda's incoming entry.
 fn settled(f: &Federation, person_key: &str) -> Value {
-    wait_for("the handoff to settle", Duration::from_secs(60), || {
+    let entry = wait_for("the handoff to settle", Duration::from_secs(60), || {
         let incoming = handoffs(&f.b)["incoming"].as_array().unwrap().clone();
         let entry = incoming.into_iter().find(|e| e["person_key"] == person_key)?;
         let outgoing = handoffs(&f.a)["outgoing"].as_array().unwrap().clone();
@@ -192,7 +192,9 @@ fn settled(f: &Federation, person_key: &str) -> Value {
         let ledger = ledger(f, person_key);
         let accepted = ledger.iter().any(|e| e["state"] == "accepted");
         (entry["state"] == "accepted" && entry["acked"] == true && completed && accepted).then_some(entry)
-    })
+    });
+    assert!(entry.get("due_key").is_none(), "nothing is left to do for it: {entry}");
+    entry
 }
 
 /// Scans `coupon` at Yokohama's terminal while it is cut off (it records the dose offline),
