@@ -39,6 +39,7 @@ use protocol::handoff::{
     SealedHandoff, received_record, seal,
 };
 pub use protocol::handoff::{holds_provisional_atena, provisional_atena};
+use protocol::ledger::is_retryable;
 use protocol::municipality::MunicipalityCode;
 use protocol::person::{PersonKeySecret, hex_decode};
 use protocol::validation::municipality_name;
@@ -1550,11 +1551,6 @@ pub fn reconcile_after_promotion(
         after = Some(last);
     }
     Ok((indexed, resealed))
-}
-
-/// Whether the ledger may store a refused deposit later, sent again as it is.
-pub fn is_retryable(code: &str) -> bool {
-    matches!(code, "in_transit" | "unknown_receiver" | "unknown_sender")
 }
 
 /// The refusal of any change to a record handed to another municipality (kept read-only

@@ -178,6 +178,13 @@ pub struct Applied {
     pub asks: Vec<(String, AskState)>,
 }
 
+/// Whether the ledger may store a deposit it refused with `code` later, sent again as it is:
+/// another handoff of the person not yet accepted, or a directory not yet updated. Every
+/// other refusal is for good.
+pub fn is_retryable(code: &str) -> bool {
+    matches!(code, "in_transit" | "unknown_receiver" | "unknown_sender")
+}
+
 fn refused(code: &str, message: String) -> DepositOutcome {
     DepositOutcome::Refused { code: code.to_owned(), message }
 }

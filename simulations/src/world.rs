@@ -32,7 +32,7 @@ use protocol::handoff::{
     MAX_HANDOFFS_PER_MESSAGE, ReturnReason, ReturnedHandoff, SealedHandoff, holds_provisional_atena,
     join_history, provisional_atena,
 };
-use protocol::ledger::{AskRecord, LedgerEntry, LedgerRead, LedgerWrite, PersonHolder};
+use protocol::ledger::{AskRecord, LedgerEntry, LedgerRead, LedgerWrite, PersonHolder, is_retryable};
 use protocol::municipality::{MunicipalityCode, all_municipalities};
 use protocol::person::{PersonKeySecret, hex_decode, hex_lower};
 use protocol::replication::{
@@ -2482,15 +2482,8 @@ impl World {
                 {
                     out.state = match outcome {
                         DepositOutcome::Stored => OutState::Deposited,
-                        // Refusals that depend on the moment are tried again (`is_retryable`).
-                        DepositOutcome::Refused { code, .. }
-                            if matches!(
-                                code.as_str(),
-                                "in_transit" | "unknown_receiver" | "unknown_sender"
-                            ) =>
-                        {
-                            OutState::Sealed
-                        }
+                        // Refusals that depend on the moment are tried again.
+                        DepositOutcome::Refused { code, .. } if is_retryable(&code) => OutState::Sealed,
                         // Refused for good: the resident is taken back below, as the
                         // node does (`apply_response`).
                         DepositOutcome::Refused { code, .. } => {
