@@ -43,7 +43,7 @@ use protocol::ledger::is_retryable;
 use protocol::municipality::MunicipalityCode;
 use protocol::person::{PersonKeySecret, hex_decode};
 use protocol::validation::municipality_name;
-use redb::ReadableTable;
+use redb::{ReadableTable, WriteTransaction};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -62,6 +62,8 @@ const DUE_DEPOSIT: u8 = 1;
 const DUE_WATCH: u8 = 2;
 const DUE_ACK: u8 = 3;
 const DUE_RETURN: u8 = 4;
+/// An open ask (`ask/<person key>`): sent with every sync until answered.
+const DUE_ASK: u8 = 5;
 /// Envelope bytes in one sync, well under the request size limit (a record with a long
 /// history is larger; one always goes, alone if need be).
 const DEPOSIT_BUDGET: usize = 2 * 1024 * 1024;
@@ -635,9 +637,58 @@ fn finish_accept(
         ask.state = AskLocal::Received;
         ask.handoff_id = Some(entry.handoff_id.clone());
         ask.updated_at = rfc3339(now);
-        put_json(m.txn(), HANDOFF_ASKS, &entry.person_key, &ask)?;
+        put_ask(m.txn(), &ask)?;
     }
     Ok(entry)
+}
+
+impl AskEntry {
+    /// Not yet answered: sent with every sync.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, AskLocal::Asking | AskLocal::Waiting | AskLocal::Sent)
+    }
+}
+
+/// The due table's key of a person's open ask.
+fn ask_due_key(person_key: &str) -> String {
+    format!("ask/{person_key}")
+}
+
+/// Writes `ask`, and keeps it in the due table while it is open, so that a sync finds the
+/// open asks without reading every ask this node ever made.
+pub(crate) fn put_ask(txn: &WriteTransaction, ask: &AskEntry) -> anyhow::Result<()> {
+    put_json(txn, HANDOFF_ASKS, &ask.person_key, ask)?;
+    let key = ask_due_key(&ask.person_key);
+    let mut due = txn.open_table(HANDOFF_DUE)?;
+    if ask.is_open() {
+        due.insert(key.as_str(), DUE_ASK)?;
+    } else {
+        due.remove(key.as_str())?;
+    }
+    Ok(())
+}
+
+/// Notes in the due table the open asks of a store written before they were kept there;
+/// once, when the store is opened.
+pub(crate) fn note_open_asks(txn: &WriteTransaction) -> anyhow::Result<()> {
+    let open: Vec<String> = {
+        let asks = txn.open_table(HANDOFF_ASKS)?;
+        let mut open = Vec::new();
+        for row in asks.iter()? {
+            let (key, bytes) = row?;
+            let ask: AskEntry = serde_json::from_slice(bytes.value())
+                .with_context(|| format!("ask {} is unreadable", key.value()))?;
+            if ask.is_open() {
+                open.push(ask_due_key(&ask.person_key));
+            }
+        }
+        open
+    };
+    let mut due = txn.open_table(HANDOFF_DUE)?;
+    for key in open {
+        due.insert(key.as_str(), DUE_ASK)?;
+    }
+    Ok(())
 }
 
 /// Records an incoming handoff as accepted into `resident_id` and queues telling the ledger.
@@ -680,6 +731,8 @@ pub struct HandoffService {
     pub due: AtomicBool,
     /// Answers to history requests, sent with the next sync.
     answers: Mutex<Vec<AskAnswer>>,
+    /// The due key of the open ask last sent ([`Self::build_sync`]).
+    ask_cursor: Mutex<String>,
 }
 
 fn who_federation(asked_by: MunicipalityCode) -> Who {
@@ -711,6 +764,7 @@ impl HandoffService {
             directory: RwLock::new(directory.map(Arc::new)),
             due: AtomicBool::new(true),
             answers: Mutex::new(Vec::new()),
+            ask_cursor: Mutex::new(String::new()),
         }
     }
 
@@ -892,7 +946,7 @@ impl HandoffService {
                             Ok(Ok(serde_json::to_value(held)?))
                         }
                         _ => {
-                            put_json(txn, HANDOFF_ASKS, &ask.person_key, &ask)?;
+                            put_ask(txn, &ask)?;
                             Ok(Ok(serde_json::to_value(ask)?))
                         }
                     }
@@ -1108,18 +1162,28 @@ impl HandoffService {
                 sync.accepted.push(id.to_owned());
             }
         }
+        // The open asks, taken in turn from after the last one sent, so that more than a
+        // message's worth all reach the ledger even while some stay unanswered.
+        let mut open: Vec<String> = Vec::new();
+        for row in due.range("ask/".."ask0")? {
+            open.push(row?.0.value().to_owned());
+        }
         drop(due);
-        for (_, ask) in view.all::<AskEntry>(HANDOFF_ASKS)? {
-            if matches!(ask.state, AskLocal::Asking | AskLocal::Waiting | AskLocal::Sent)
-                && sync.asks.len() < MAX_HANDOFFS_PER_MESSAGE
-            {
-                sync.asks.push(HistoryAsk {
-                    ask_id: ask.ask_id,
-                    person_key: ask.person_key,
-                    birth_check: ask.birth_check,
-                    previous: ask.previous,
-                });
-            }
+        let mut cursor = self.ask_cursor.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let start = open.partition_point(|key| key.as_str() <= cursor.as_str());
+        let (before, after) = open.split_at(start);
+        for key in after.iter().chain(before).take(MAX_HANDOFFS_PER_MESSAGE) {
+            let person_key = key.trim_start_matches("ask/");
+            let Some(ask) = view.json::<AskEntry>(HANDOFF_ASKS, person_key)?.filter(AskEntry::is_open) else {
+                continue;
+            };
+            sync.asks.push(HistoryAsk {
+                ask_id: ask.ask_id,
+                person_key: ask.person_key,
+                birth_check: ask.birth_check,
+                previous: ask.previous,
+            });
+            cursor.clone_from(key);
         }
         Ok(sync)
     }
@@ -1286,11 +1350,12 @@ impl HandoffService {
                             incoming
                                 .insert(entry.handoff_id.as_str(), serde_json::to_vec(&entry)?.as_slice())?;
                         }
-                        drop(incoming);
-                        let mut table = txn.open_table(HANDOFF_ASKS)?;
+                        drop((incoming, due));
                         for (person_key, state) in &asks {
+                            let table = txn.open_table(HANDOFF_ASKS)?;
                             let Some(mut ask) = get_json::<AskEntry>(&table, person_key)? else { continue };
-                            if matches!(ask.state, AskLocal::Received | AskLocal::NotFound) {
+                            drop(table);
+                            if !ask.is_open() {
                                 continue;
                             }
                             match state {
@@ -1305,7 +1370,7 @@ impl HandoffService {
                                 AskState::NotFound => ask.state = AskLocal::NotFound,
                             }
                             ask.updated_at = at.clone();
-                            table.insert(person_key.as_str(), serde_json::to_vec(&ask)?.as_slice())?;
+                            put_ask(txn, &ask)?;
                         }
                         Ok(Ok(serde_json::Value::Null))
                     }),

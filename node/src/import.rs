@@ -11,9 +11,15 @@
 //! (`T…`). The extract's row for them (found by the 個人番号's person key) gives them their
 //! real 宛名番号: the resident keeps their id and history, and the row updates the identity.
 //!
+//! A newcomer whose row names the municipality they moved from (前住所市区町村コード) and a
+//! move-in date (転入日) on or after the campaign's start is asked for: the import records a
+//! 転入 request for their history, as `POST /api/v1/handoffs/requests` would, and the running
+//! node sends it to the national node.
+//!
 //! Columns (header names in Japanese or English; other columns are ignored):
 //! 宛名番号 `atena_number`, 氏名 `name`, 氏名カナ `name_kana`, 生年月日 `birth_date`,
-//! 性別 `sex`, 住所 `address`, and optionally 個人番号 `my_number` and 状態 `status`.
+//! 性別 `sex`, 住所 `address`, and optionally 個人番号 `my_number`, 状態 `status`, 転入日
+//! `moved_in_on` and 前住所市区町村コード `previous_municipality`.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -34,11 +40,12 @@ use protocol::person::PersonKeySecret;
 use protocol::validation::age_on;
 use time::{Date, OffsetDateTime};
 
+use crate::clock::{new_id, rfc3339};
 use crate::config::NodeFiles;
-use crate::handoff::holds_provisional_atena;
+use crate::handoff::{AskEntry, AskLocal, holds_provisional_atena, put_ask};
 use crate::store::{
-    IDENTITY_DIGEST, IDX_ATENA, IDX_COUPON, IDX_KANA, IDX_PERSON, META_COUPON_SERIAL, META_RESIDENT_SEQ,
-    Mutation, Store, new_cache, normalize_kana, resident_id,
+    HANDOFF_ASKS, IDENTITY_DIGEST, IDX_ATENA, IDX_COUPON, IDX_KANA, IDX_PERSON, META_COUPON_SERIAL,
+    META_RESIDENT_SEQ, Mutation, Store, get_json, new_cache, normalize_kana, resident_id,
 };
 
 /// How the file is encoded.
@@ -91,6 +98,8 @@ pub struct ImportReport {
     pub unchanged: u64,
     /// Coupons issued to new residents (`--issue-coupons`).
     pub coupons_issued: u64,
+    /// Newcomers whose history was asked for from the municipality they moved from.
+    pub asked: u64,
 }
 
 /// The outcome: applied, or refused with every bad row.
@@ -107,6 +116,8 @@ pub enum ImportOutcome {
 struct Row {
     identity: Identity,
     my_number: Option<String>,
+    /// The municipality they moved here from and the day they did (前住所, 転入日).
+    moved_from: Option<(MunicipalityCode, Date)>,
 }
 
 struct Columns {
@@ -122,8 +133,12 @@ const REQUIRED: [(&str, &str, &str); 6] = [
     ("sex", "性別", "sex"),
     ("address", "住所", "address"),
 ];
-const OPTIONAL: [(&str, &str, &str); 2] =
-    [("my_number", "個人番号", "my_number"), ("status", "状態", "status")];
+const OPTIONAL: [(&str, &str, &str); 4] = [
+    ("my_number", "個人番号", "my_number"),
+    ("status", "状態", "status"),
+    ("moved_in_on", "転入日", "moved_in_on"),
+    ("previous_municipality", "前住所市区町村コード", "previous_municipality"),
+];
 
 impl Columns {
     fn from_header(header: &csv::StringRecord) -> Result<Self, Vec<RowError>> {
@@ -155,8 +170,12 @@ impl Columns {
         self.index.get(key).and_then(|i| record.get(*i)).map(str::trim)
     }
 
+    /// The column as the header names it, or its Japanese name if the header has none.
     fn name(&self, key: &str) -> String {
-        self.names.get(key).cloned().unwrap_or_else(|| key.to_owned())
+        self.names.get(key).cloned().unwrap_or_else(|| {
+            let known = REQUIRED.iter().chain(OPTIONAL.iter()).find(|(k, _, _)| *k == key);
+            known.map_or(key, |(_, ja, _)| ja).to_owned()
+        })
     }
 }
 
@@ -304,6 +323,10 @@ pub fn import_file(
     issue: Option<IssueOnImport>,
 ) -> anyhow::Result<ImportOutcome> {
     let municipality = files.config.municipality;
+    let asking = AskOnImport {
+        campaign_start: files.config.campaign.start,
+        actor: crate::config::cli_event("residents.import", "", "").actor,
+    };
     let (errors, reregister) = check_file(files, store, path, encoding)?;
     if !errors.is_empty() {
         return Ok(ImportOutcome::Refused(errors));
@@ -350,6 +373,7 @@ pub fn import_file(
                     actor,
                     rows,
                     issue,
+                    &asking,
                     &reregister,
                     (&mut next_resident, &mut next_serial),
                     &mut report,
@@ -374,6 +398,7 @@ pub fn import_file(
         updated: written_report.updated,
         reregistered: written_report.reregistered,
         coupons_issued: written_report.coupons_issued,
+        asked: written_report.asked,
     }))
 }
 
@@ -439,6 +464,27 @@ fn check_file(
                 continue;
             }
         };
+        if let Some((previous, _)) = row.moved_from
+            && previous == files.config.municipality
+        {
+            errors.push(row_error(
+                line,
+                &columns.name("previous_municipality"),
+                &format!("前住所市区町村コード {previous} はこの市区町村です"),
+                &format!("previous municipality {previous} is this municipality"),
+            ));
+        }
+        if row.my_number.is_none()
+            && asks_history(&row, files.config.campaign.start)
+            && atena_index.get(atena.as_str())?.is_none()
+        {
+            errors.push(row_error(
+                line,
+                &columns.name("my_number"),
+                "接種開始日以降の転入者の接種歴を前住所地に求めるには個人番号が必要です",
+                "a newcomer who moved in on or after the campaign's start needs a 個人番号 to ask their previous municipality for their history",
+            ));
+        }
         if let Some(my_number) = &row.my_number {
             let numeric: u64 = my_number.parse().unwrap_or(0);
             if !seen_my_number.insert(numeric) {
@@ -517,6 +563,14 @@ fn check_file(
     Ok((errors, reregister))
 }
 
+/// Whether a new resident's row asks the municipality they moved from for their history:
+/// active here, moved in on or after the campaign's start (before it there was nothing to
+/// bring), from a municipality the row names.
+fn asks_history(row: &Row, campaign_start: Date) -> bool {
+    row.identity.status == ResidentStatus::Active
+        && row.moved_from.is_some_and(|(_, on)| on >= campaign_start)
+}
+
 fn row_error(line: u64, column: &str, ja: &str, en: &str) -> RowError {
     RowError { line, column: column.to_owned(), reason_ja: ja.to_owned(), reason_en: en.to_owned() }
 }
@@ -543,6 +597,8 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
     let address = field("address");
     let my_number = field("my_number");
     let status = field("status");
+    let moved_in = field("moved_in_on");
+    let previous = field("previous_municipality");
     let col = |key: &str| columns.name(key);
     if atena.is_empty() || atena.len() > 20 || !atena.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         errors.push(row_error(
@@ -620,6 +676,7 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
             None
         }
     };
+    let moved_from = moved_from(&moved_in, &previous, &col, line, &mut errors);
     match (birth_date, sex, status, errors.is_empty()) {
         (Some(birth_date), Some(sex), Some(status), true) => Ok(Row {
             identity: Identity {
@@ -632,9 +689,58 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
                 status,
             },
             my_number,
+            moved_from,
         }),
         _ => Err(errors),
     }
+}
+
+/// The 転入日 and 前住所市区町村コード cells: both empty, a move-in date alone (kept for
+/// nothing), or both, the code one of the 1,741 municipalities'.
+fn moved_from(
+    moved_in: &str,
+    previous: &str,
+    col: &impl Fn(&str) -> String,
+    line: u64,
+    errors: &mut Vec<RowError>,
+) -> Option<(MunicipalityCode, Date)> {
+    let on = if moved_in.is_empty() {
+        None
+    } else {
+        let date = parse_date(moved_in);
+        if date.is_none() {
+            errors.push(row_error(
+                line,
+                &col("moved_in_on"),
+                &format!("転入日「{moved_in}」を読めません（例 2021-06-01、未来の日付は不可）"),
+                &format!("move-in date {moved_in:?} is not a past YYYY-MM-DD, YYYY/MM/DD or YYYYMMDD"),
+            ));
+        }
+        date
+    };
+    if previous.is_empty() {
+        return None;
+    }
+    let Some(code) = MunicipalityCode::parse(previous).ok().filter(MunicipalityCode::is_known) else {
+        errors.push(row_error(
+            line,
+            &col("previous_municipality"),
+            &format!("前住所市区町村コード「{previous}」は市区町村コード（6桁・検査数字付き）ではありません"),
+            &format!(
+                "previous municipality {previous:?} is not a municipality code (6 digits with check digit)"
+            ),
+        ));
+        return None;
+    };
+    if on.is_none() && moved_in.is_empty() {
+        errors.push(row_error(
+            line,
+            &col("moved_in_on"),
+            "前住所市区町村コードのある行には転入日が必要です",
+            "a row with a previous municipality needs its move-in date (転入日)",
+        ));
+    }
+    on.map(|on| (code, on))
 }
 
 fn is_katakana_or_space(c: char) -> bool {
@@ -671,6 +777,17 @@ fn identity_digest(identity: &Identity, person_key: &str) -> Vec<u8> {
 struct Planned {
     record: ResidentRecord,
     digest: Vec<u8>,
+    /// For a newcomer whose row asks for their history ([`asks_history`]): the 転入 request.
+    ask: Option<AskEntry>,
+}
+
+/// What the import's 転入 requests need.
+#[derive(Debug, Clone)]
+struct AskOnImport {
+    /// The campaign's first day: a newcomer who moved in before it is not asked for.
+    campaign_start: Date,
+    /// Who asks: the operator running the import, as its audit entry names them.
+    actor: String,
 }
 
 /// A batch made ready to write: classified against the store, numbered and built.
@@ -692,6 +809,7 @@ fn prepare_batch(
     actor: &ActorId,
     rows: Vec<Row>,
     issue: Option<IssueOnImport>,
+    asking: &AskOnImport,
     reregister: &HashMap<String, String>,
     (next_resident, next_serial): (&mut u64, &mut u64),
     report: &mut ImportReport,
@@ -702,11 +820,25 @@ fn prepare_batch(
         .into_iter()
         .map(|row| {
             let atena = &row.identity.atena_number;
-            let person_key = match &row.my_number {
-                Some(n) => {
-                    secret.person_key(n).unwrap_or_else(|_| secret.local_person_key(municipality, atena))
-                }
-                None => secret.local_person_key(municipality, atena),
+            let national = row.my_number.as_deref().and_then(|n| secret.person_key(n).ok());
+            let asks = asks_history(&row, asking.campaign_start);
+            let person_key = national.clone().unwrap_or_else(|| secret.local_person_key(municipality, atena));
+            let ask = match (national, row.moved_from) {
+                (Some(person_key), Some((previous, _))) if asks => Some(AskEntry {
+                    ask_id: new_id("ask"),
+                    birth_check: secret.birth_check(&person_key, row.identity.birth_date),
+                    person_key,
+                    atena_number: atena.clone(),
+                    address: row.identity.address.clone(),
+                    previous: Some(previous),
+                    state: AskLocal::Asking,
+                    holder: None,
+                    handoff_id: None,
+                    actor: asking.actor.clone(),
+                    asked_at: rfc3339(now),
+                    updated_at: rfc3339(now),
+                }),
+                _ => None,
             };
             let record = ResidentRecord {
                 schema: SCHEMA_VERSION,
@@ -723,7 +855,7 @@ fn prepare_batch(
                 returns: Vec::new(),
             };
             let digest = identity_digest(&record.identity, &record.person_key);
-            Planned { record, digest }
+            Planned { record, digest, ask }
         })
         .collect();
 
@@ -794,6 +926,14 @@ fn write_batch(
             }
         }
         drop((digests, coupon_index));
+        for ask in new.iter().filter_map(|plan| plan.ask.as_ref()) {
+            // A request staff made already and still open stays as it is.
+            let held = get_json::<AskEntry>(&txn.open_table(HANDOFF_ASKS)?, &ask.person_key)?;
+            if !held.is_some_and(|held| held.is_open()) {
+                put_ask(&txn, ask)?;
+                report.asked += 1;
+            }
+        }
         if coupons.iter().any(Option::is_some) {
             mutation.set_counter(META_COUPON_SERIAL, coupon_serial_end)?;
         }

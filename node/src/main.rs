@@ -655,12 +655,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match import_file(&files, &store, &file, encoding, issue)? {
                 ImportOutcome::Applied(report) => {
                     let outcome = format!(
-                        "ok:rows={},created={},updated={},reregistered={},coupons={}",
+                        "ok:rows={},created={},updated={},reregistered={},coupons={},asked={}",
                         report.rows,
                         report.created,
                         report.updated,
                         report.reregistered,
-                        report.coupons_issued
+                        report.coupons_issued,
+                        report.asked
                     );
                     files.audit_cli(&store, "residents.import", &subject, &outcome)?;
                     println!(
@@ -675,6 +676,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     if issue_coupons {
                         println!("接種券発行 / coupons issued: {}", report.coupons_issued);
+                    }
+                    if report.asked > 0 {
+                        println!(
+                            "転入者の接種歴を前住所地に求めます（ノード起動後に送信）/ histories asked from previous municipalities (sent once the node runs): {}",
+                            report.asked
+                        );
                     }
                     Ok(())
                 }

@@ -131,6 +131,8 @@ pub const META_STATS_VERSION: &str = "stats_version";
 /// `META` key: 1 once the statistics counters count every document (a new store, or after
 /// `statistics::rebuild`); a store from before counters existed has 0.
 pub const META_STATS_COUNTED: &str = "stats_counted";
+/// `META` key: 1 once every open ask is in `HANDOFF_DUE` (see `handoff::note_open_asks`).
+pub const META_ASKS_DUE: &str = "asks_due";
 /// `META` key: the last stock ledger entry's number.
 pub const META_STOCK_SEQ: &str = "stock_seq";
 /// `META` key: the newest audit checkpoint deposited at the national node.
@@ -287,6 +289,12 @@ impl Store {
             // A store without documents has nothing left uncounted.
             if txn.open_table(DOC_META)?.is_empty()? {
                 txn.open_table(META)?.insert(META_STATS_COUNTED, 1)?;
+            }
+            // Open asks are kept in the due table (`handoff::put_ask`): a store from before
+            // that notes its open ones, once.
+            if txn.open_table(META)?.get(META_ASKS_DUE)?.is_none() {
+                crate::handoff::note_open_asks(&txn)?;
+                txn.open_table(META)?.insert(META_ASKS_DUE, 1)?;
             }
         }
         txn.commit()?;

@@ -8,6 +8,7 @@ use axum::http::{Request, StatusCode};
 use node::api::{ROUTES, method_of, openapi_document, router};
 use node::config::{InitOptions, NodeFiles, Role, init_data_dir};
 
+mod asks;
 mod audit;
 mod feed;
 mod isolation;

@@ -1421,3 +1421,113 @@ fn a_history_joins_a_resident_the_extract_registered_first() {
         assert!(text.contains(&format!("\"{action}\"")), "{action} is in the audit log");
     }
 }
+
+#[test]
+fn a_register_extract_asks_for_a_newcomers_history() {
+    let mut f = federation("extract-ask");
+    let today = super::days_from_today(0);
+    let header = "宛名番号,氏名,氏名カナ,生年月日,性別,住所,個人番号,転入日,前住所市区町村コード\r\n";
+    // 伊藤 moved from Yokohama today; 鈴木 came from Yokohama before the campaign began, so
+    // there is nothing to fetch for him.
+    let ito = format!(
+        "C-0106,伊藤　誠,イトウ マコト,1990-02-03,男,東京都千代田区麹町3-3,{},{today},{YOKOHAMA}\r\n",
+        my_number(6)
+    );
+    let suzuki = format!(
+        "C-0104,鈴木　一郎,スズキ イチロウ,1950-01-01,男,東京都千代田区一番町4-4,{},2019-04-01,{YOKOHAMA}\r\n",
+        my_number(4)
+    );
+
+    // Each way a row can get the two columns wrong is named; nothing is imported.
+    let bad = format!(
+        "{header}{ito}\
+         C-0201,中村　一,ナカムラ ハジメ,1980-01-01,男,東京都千代田区1,{},{today},141004\r\n\
+         C-0202,中村　二,ナカムラ ジ,1980-01-01,男,東京都千代田区2,{},{today},{CHIYODA}\r\n\
+         C-0203,中村　三,ナカムラ サン,1980-01-01,男,東京都千代田区3,{},,{YOKOHAMA}\r\n\
+         C-0204,中村　四,ナカムラ シ,1980-01-01,男,東京都千代田区4,,{today},{YOKOHAMA}\r\n\
+         C-0205,中村　五,ナカムラ ゴ,1980-01-01,男,東京都千代田区5,{},2099-01-01,\r\n",
+        my_number(21),
+        my_number(22),
+        my_number(23),
+        my_number(25),
+    );
+    let extract = f.dir.path().join("chiyoda-extract-bad.csv");
+    write_shift_jis(&extract, &bad).unwrap();
+    let output = f.b.cli(&["import", extract.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "3行目 [前住所市区町村コード] 前住所市区町村コード「141004」は市区町村コード",
+        "4行目 [前住所市区町村コード] 前住所市区町村コード 131016 はこの市区町村です",
+        "5行目 [転入日] 前住所市区町村コードのある行には転入日が必要です",
+        "6行目 [個人番号] 接種開始日以降の転入者の接種歴を前住所地に求めるには個人番号が必要です",
+        "7行目 [転入日] 転入日「2099-01-01」を読めません",
+        "5 bad rows: nothing was imported",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert!(ok(&f.b.cli(&["status"])).contains("residents 0"), "a refused file changes nothing");
+
+    let extract = f.dir.path().join("chiyoda-extract.csv");
+    write_shift_jis(&extract, &format!("{header}{ito}{suzuki}")).unwrap();
+    let out = ok(&f.b.cli(&["import", extract.to_str().unwrap()]));
+    assert!(out.contains("created 2"), "{out}");
+    assert!(
+        out.contains("histories asked from previous municipalities (sent once the node runs): 1"),
+        "{out}"
+    );
+    let again = ok(&f.b.cli(&["import", extract.to_str().unwrap()]));
+    assert!(
+        again.contains("unchanged 2") && !again.contains("asked"),
+        "the same file asks nothing again: {again}"
+    );
+
+    // 伊藤 had his first dose in Yokohama before Chiyoda's node came up.
+    f.national.start();
+    f.a.start().unwrap();
+    let ito_coupon = coupon_of(&f.coupons, "0000000106", 1).clone();
+    let vial = raw_vial(COMIRNATY, "FA5765");
+    let (code, body) = f.a.post("/api/v1/captures", &capture(&ito_coupon.qr_text, &vial, None)).unwrap();
+    assert_eq!(code, 201, "{body}");
+    f.b.start().unwrap();
+    let ito_here = resident_id(&f.b, "C-0106");
+    let asks = handoffs(&f.b)["asks"].as_array().unwrap().clone();
+    assert_eq!(asks.len(), 1, "鈴木 moved before the campaign: {asks:?}");
+    assert_eq!(asks[0]["atena_number"], "C-0106");
+    assert_eq!(asks[0]["previous"], YOKOHAMA);
+    assert!(asks[0]["actor"].as_str().unwrap().starts_with("cli:"), "{}", asks[0]);
+
+    // Yokohama answers the request by itself; the history joins the resident the extract made.
+    let (old, joined) = assert_moved_once(&f, "0000000106");
+    assert_eq!(joined, ito_here);
+    let reason = &of_person(&f.a, "outgoing", asks[0]["person_key"].as_str().unwrap())[0]["reason"];
+    assert!(reason.as_str().unwrap().contains("転入届"), "{reason}");
+    let at_b = record(&f.b, &joined);
+    assert_eq!(at_b["identity"]["atena_number"], "C-0106");
+    assert_eq!(at_b["history"].as_array().unwrap().len(), 1, "{at_b}");
+    assert_eq!(at_b["next_dose"], 2, "{at_b}");
+    let ask = wait_for("the ask to be answered", Duration::from_secs(30), || {
+        let asks = handoffs(&f.b)["asks"].as_array().unwrap().clone();
+        asks.into_iter().find(|a| a["state"] == "received")
+    });
+    assert_eq!(ask["holder"], YOKOHAMA, "{ask}");
+    assert_eq!(record(&f.a, &old)["identity"]["status"], "moved_out");
+    let suzuki_there = record(&f.a, &resident_id(&f.a, "0000000104"));
+    assert_eq!(suzuki_there["identity"]["status"], "active", "nobody asked for 鈴木: {suzuki_there}");
+
+    f.a.stop().unwrap();
+    f.b.stop().unwrap();
+    let export = f.dir.path().join("audit-b.jsonl");
+    let data = f.b.data.to_str().unwrap().to_owned();
+    let args = ["audit", "export", "--data", &data, "--from", "2020-01-01", "--to", "2099-12-31", "--out"];
+    ok(&f.b.cli(&[&args[..], &[export.to_str().unwrap()]].concat()));
+    let exported = std::fs::read_to_string(&export).unwrap();
+    assert!(
+        exported.lines().any(|l| l.contains("\"residents.import\"") && l.contains("asked=1")),
+        "the import's audit entry counts its requests:\n{exported}"
+    );
+    for node in [&f.a, &f.b] {
+        assert!(ok(&node.cli(&["statistics", "verify"])).contains("一致"), "counters equal documents");
+        assert!(ok(&node.cli(&["audit", "verify"])).contains("intact"));
+    }
+}
