@@ -464,18 +464,8 @@ fn check_file(
                 continue;
             }
         };
-        if let Some((previous, _)) = row.moved_from
-            && previous == files.config.municipality
-        {
-            errors.push(row_error(
-                line,
-                &columns.name("previous_municipality"),
-                &format!("前住所市区町村コード {previous} はこの市区町村です"),
-                &format!("previous municipality {previous} is this municipality"),
-            ));
-        }
         if row.my_number.is_none()
-            && asks_history(&row, files.config.campaign.start)
+            && asks_history(&row, files.config.campaign.start, files.config.municipality)
             && atena_index.get(atena.as_str())?.is_none()
         {
             errors.push(row_error(
@@ -565,10 +555,10 @@ fn check_file(
 
 /// Whether a new resident's row asks the municipality they moved from for their history:
 /// active here, moved in on or after the campaign's start (before it there was nothing to
-/// bring), from a municipality the row names.
-fn asks_history(row: &Row, campaign_start: Date) -> bool {
+/// bring), from another municipality (a 前住所 in this one is a move within it, 転居).
+fn asks_history(row: &Row, campaign_start: Date, here: MunicipalityCode) -> bool {
     row.identity.status == ResidentStatus::Active
-        && row.moved_from.is_some_and(|(_, on)| on >= campaign_start)
+        && row.moved_from.is_some_and(|(from, on)| on >= campaign_start && from != here)
 }
 
 fn row_error(line: u64, column: &str, ja: &str, en: &str) -> RowError {
@@ -821,7 +811,7 @@ fn prepare_batch(
         .map(|row| {
             let atena = &row.identity.atena_number;
             let national = row.my_number.as_deref().and_then(|n| secret.person_key(n).ok());
-            let asks = asks_history(&row, asking.campaign_start);
+            let asks = asks_history(&row, asking.campaign_start, municipality);
             let person_key = national.clone().unwrap_or_else(|| secret.local_person_key(municipality, atena));
             let ask = match (national, row.moved_from) {
                 (Some(person_key), Some((previous, _))) if asks => Some(AskEntry {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use node::config::{InitOptions, NodeFiles, Role, init_data_dir};
+use node::config::NodeFiles;
 use node::handoff::{AskEntry, AskLocal, HandoffService};
 use node::import::{Encoding, ImportOutcome, import_file};
 use node::store::{HANDOFF_ASKS, HANDOFF_DUE, META, Store};
@@ -52,15 +52,8 @@ fn open_ask_keys(store: &Store) -> BTreeSet<String> {
 
 #[test]
 fn every_open_ask_is_sent_in_turn_and_an_older_store_finds_its_own() {
-    let dir = std::env::temp_dir().join(format!("vrs-node-test-asks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let options = InitOptions::loopback(
-        Role::Municipal,
-        MunicipalityCode::parse("141003").unwrap(),
-        "127.0.0.1:0",
-        time::macros::date!(2021 - 02 - 17),
-    );
-    init_data_dir(&dir, &options).unwrap();
+    let fixture = super::Fixture::new("asks");
+    let dir = fixture.dir.clone();
     let files = NodeFiles::load(&dir).unwrap();
     let store = Store::open(&files.store_path()).unwrap();
     let csv = dir.join("extract.csv");
@@ -120,6 +113,4 @@ fn every_open_ask_is_sent_in_turn_and_an_older_store_finds_its_own() {
     let mut expected = open.clone();
     expected.remove(&answered);
     assert_eq!(open_ask_keys(&store), expected, "the open asks are found again, the answered one is not");
-    drop(store);
-    let _ = std::fs::remove_dir_all(&dir);
 }
