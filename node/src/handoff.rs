@@ -942,9 +942,7 @@ impl HandoffService {
                     match held {
                         // Still open: the same ask. Answered (found nobody, or the person
                         // arrived and has since left again): a new one.
-                        Some(held) if !matches!(held.state, AskLocal::NotFound | AskLocal::Received) => {
-                            Ok(Ok(serde_json::to_value(held)?))
-                        }
+                        Some(held) if held.is_open() => Ok(Ok(serde_json::to_value(held)?)),
                         _ => {
                             put_ask(txn, &ask)?;
                             Ok(Ok(serde_json::to_value(ask)?))
@@ -1251,7 +1249,7 @@ impl HandoffService {
                     AskState::Sent { .. } => AskLocal::Sent,
                     AskState::NotFound => AskLocal::NotFound,
                 };
-                if ask.state != now && !matches!(ask.state, AskLocal::Received | AskLocal::NotFound) {
+                if ask.state != now && ask.is_open() {
                     changed_asks.push((person_key, state));
                 }
             }
