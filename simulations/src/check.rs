@@ -7,7 +7,7 @@ use protocol::document::{CouponStatus, ResidentStatus, read_record};
 use protocol::statistics::{Cell, Statistics, record_cells};
 use protocol::terminal::CaptureState;
 
-use crate::world::{DAY, World};
+use crate::world::{AskLocal, DAY, World};
 
 /// Every invariant that does not hold (empty when all do).
 pub(crate) fn violations(world: &World) -> Vec<String> {
@@ -152,6 +152,14 @@ pub(crate) fn violations(world: &World) -> Vec<String> {
                 "person {person_key} is active at {} but the ledger says {}",
                 at[0], holder.holder
             ));
+        }
+    }
+    // Every newcomer's history asked for has arrived.
+    for (p, code) in world.primaries.iter().zip(&world.codes) {
+        for (person_key, ask) in &p.asks {
+            if ask.state != AskLocal::Received {
+                out.push(format!("{code}: the history asked for person {person_key} ended {:?}", ask.state));
+            }
         }
     }
     // 2. No acknowledged dose lost or duplicated; no refused one recorded.

@@ -88,6 +88,9 @@ pub enum Bug {
     KeepNumbers,
     /// A void leaves the doses after the voided one with their numbers.
     VoidKeepsNumbers,
+    /// A municipality never answers the ledger's requests for residents another one
+    /// registered as newcomers and asked for.
+    UnansweredRequests,
 }
 
 impl Default for Config {

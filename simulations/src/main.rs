@@ -139,6 +139,10 @@ fn print(report: &Report) {
         c.reregistered
     );
     println!(
+        "  転入の照会 / newcomer requests: {} histories asked for by the register extract, {} residents handed over on request, {} requests answered with a handoff already made",
+        c.asked, c.handed_on_request, c.answered_in_transit
+    );
+    println!(
         "  差し戻し / sent back: {} registered with another birth date, {} handoffs sent back, {} taken back and handed over again",
         c.birth_dates_differ, c.sent_back, c.taken_back
     );

@@ -28,9 +28,9 @@ use protocol::document::{
 };
 use protocol::gs1::Gtin;
 use protocol::handoff::{
-    DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, Join, JoinRefusal, LedgerState,
-    MAX_HANDOFFS_PER_MESSAGE, ReturnReason, ReturnedHandoff, SealedHandoff, holds_provisional_atena,
-    join_history, provisional_atena,
+    AskAnswer, AskState, DepositOutcome, HandoffPayload, HandoffResponse, HandoffSync, HistoryAsk,
+    HistoryRequest, Join, JoinRefusal, LedgerState, MAX_HANDOFFS_PER_MESSAGE, ReturnReason, ReturnedHandoff,
+    SealedHandoff, holds_provisional_atena, join_history, provisional_atena,
 };
 use protocol::ledger::{AskRecord, LedgerEntry, LedgerRead, LedgerWrite, PersonHolder, is_retryable};
 use protocol::municipality::{MunicipalityCode, all_municipalities};
@@ -88,6 +88,12 @@ const VACCINATED_AGAIN: f64 = 0.5;
 /// Longest time staff take to deal with a handoff that cannot join, or with one sent back
 /// (virtual ms).
 const STAFF_WITHIN: Time = 600_000;
+/// Share of first moves the old municipality's staff do not hand over: only the new
+/// municipality's register extract, which lists every newcomer with their move-in date and
+/// previous municipality, asks the federation for their history (a 転入 request).
+const ASKED: f64 = 0.25;
+/// Who moves a resident out at their old municipality's desk.
+const MOVE_OUT_ACTOR: &str = "user:sim-admin";
 
 /// A node's address on the simulated network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -236,6 +242,12 @@ struct ExtractRow {
     identity: Identity,
     /// Whether the old municipality's record holds a dose (not one a terminal still holds).
     vaccinated: bool,
+    /// The previous municipality (前住所市区町村コード): the import asks for the history of
+    /// a newcomer it registers.
+    previous: MunicipalityCode,
+    /// Whether the old municipality's staff moved the person out (else only the ask brings
+    /// the history).
+    handed_over: bool,
 }
 
 /// A stored document: its saved bytes, uncompressed, as the node stores them, and its
@@ -292,6 +304,32 @@ struct OutHandoff {
     state: OutState,
 }
 
+/// `node/src/handoff.rs` `AskLocal`: where a newcomer's history request stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AskLocal {
+    Asking,
+    Waiting,
+    Sent,
+    Received,
+    NotFound,
+}
+
+/// A newcomer's history asked for (`node/src/handoff.rs` `AskEntry`).
+pub(crate) struct Ask {
+    ask_id: String,
+    birth_check: String,
+    previous: Option<MunicipalityCode>,
+    pub(crate) state: AskLocal,
+    holder: Option<MunicipalityCode>,
+}
+
+impl Ask {
+    /// Not yet answered: sent with every sync.
+    fn is_open(&self) -> bool {
+        matches!(self.state, AskLocal::Asking | AskLocal::Waiting | AskLocal::Sent)
+    }
+}
+
 /// A municipality's primary node.
 pub(crate) struct Primary {
     code: MunicipalityCode,
@@ -329,6 +367,13 @@ pub(crate) struct Primary {
     sent_back: BTreeSet<String>,
     /// The returns the sync in flight reports (volatile).
     returned_sent: Vec<String>,
+    /// Newcomers' histories asked for, by person key.
+    pub(crate) asks: BTreeMap<String, Ask>,
+    /// The last open ask sent (volatile): the next sync starts after it.
+    ask_cursor: String,
+    /// Answers to other municipalities' requests, for the next sync (volatile, as the
+    /// node's: a lost one is asked again by the ledger).
+    answers: Vec<AskAnswer>,
     next_serial: u32,
     next_handoff: u64,
     next_correction: u64,
@@ -546,6 +591,12 @@ pub struct Counters {
     pub renumbered: u64,
     /// Newcomers the extract registered with another birth date than their old record's.
     pub birth_dates_differ: u64,
+    /// Newcomers' histories the new municipality's register extract asked for.
+    pub asked: u64,
+    /// Residents handed over on another municipality's request.
+    pub handed_on_request: u64,
+    /// Requests answered with a handoff the old municipality's staff had made already.
+    pub answered_in_transit: u64,
     /// Handoffs the new municipality sent back.
     pub sent_back: u64,
     /// Of those, handoffs the old municipality took back (the resident active there again).
@@ -752,6 +803,9 @@ impl World {
                 returning: BTreeMap::new(),
                 sent_back: BTreeSet::new(),
                 returned_sent: Vec::new(),
+                asks: BTreeMap::new(),
+                ask_cursor: String::new(),
+                answers: Vec::new(),
                 next_serial: u32::try_from(pop).unwrap_or(u32::MAX - 1_000_000) + 1,
                 next_handoff: 0,
                 next_correction: 0,
@@ -1387,6 +1441,8 @@ impl World {
                 p.acked_version = 0;
                 p.timers.clear();
                 p.nudged = false;
+                p.ask_cursor.clear();
+                p.answers.clear();
             }
             Addr::Standby(i) => {
                 let s = &mut self.standbys[i as usize];
@@ -1591,7 +1647,7 @@ impl World {
                 Some(first) if self.rng.chance(0.5) => first,
                 _ => self.other_than(from),
             };
-            if self.move_out(from, to, rid, doc) {
+            if self.move_out(from, to, rid, doc, MOVE_OUT_ACTOR).is_some() {
                 self.counters.moved_again += 1;
             }
             return;
@@ -1625,20 +1681,33 @@ impl World {
         let (rid, doc, record) =
             open_resident(p, from, index, &self.person_secret, self.prebuild.as_ref(), now);
         let person_key = record.person_key.clone();
-        if self.move_out(from, to, rid, doc) {
+        // Some moves are not handed over by the old municipality's staff: the new one's
+        // register extract asks for the history (a 転入 request), and the old one hands the
+        // person over when the ledger relays it.
+        let asked = self.rng.chance(ASKED);
+        // The person files their move-in at the new town hall; its next register extract
+        // lists them, before or after the handoff is accepted there.
+        let at = self.now + self.rng.below(EXTRACT_WITHIN);
+        if asked && at >= self.config.day_ms {
+            // Next month's extract will ask; not part of this run.
+            return;
+        }
+        if asked || self.move_out(from, to, rid, doc, MOVE_OUT_ACTOR).is_some() {
             self.moved.insert((from, index), to);
             let held = held.map(|(_, _, capture)| capture);
+            let vaccinated = !record.valid_doses().is_empty() && held.is_none();
             self.first_home.insert(person_key.clone(), FirstHome { resident: (from, index), held });
-            // The person files their move-in at the new town hall; its next register extract
-            // lists them, before or after the handoff is accepted there.
-            let at = self.now + self.rng.below(EXTRACT_WITHIN);
             if at >= self.config.day_ms {
                 // After the day: next month's extract, not part of this run.
                 return;
             }
-            let vaccinated = !record.valid_doses().is_empty()
-                && self.first_home.get(&person_key).is_some_and(|home| home.held.is_none());
-            let row = Box::new(ExtractRow { person_key, identity: record.identity, vaccinated });
+            let row = Box::new(ExtractRow {
+                person_key,
+                identity: record.identity,
+                vaccinated,
+                previous: self.codes[from as usize],
+                handed_over: !asked,
+            });
             self.extracts_pending += 1;
             self.schedule(at, Event::Extract { to, row });
         }
@@ -1647,7 +1716,8 @@ impl World {
     /// `vrs-node import` of one row of municipality `i`'s register extract naming someone
     /// who moved in. Before their handoff arrives, it registers them (and, for some, the bulk
     /// issuance gives them a first-dose coupon); after, it gives them their 宛名番号 in
-    /// place of the provisional one. A person who has moved on since is left alone.
+    /// place of the provisional one. A person who has moved on since is left alone. A
+    /// newcomer it registers is asked for from their previous municipality.
     fn extract(&mut self, i: u32, row: ExtractRow) {
         let now = self.clock(Addr::Primary(i));
         // The bulk issuance sends a first-dose coupon to everyone it knows no dose of; half
@@ -1672,7 +1742,10 @@ impl World {
             }
             return;
         }
-        if self.rng.chance(self.config.birth_date_differs)
+        // (The row of someone not handed over is left as it is: its birth check would not
+        // match the old record, and the old municipality would not hand the person over.)
+        if row.handed_over
+            && self.rng.chance(self.config.birth_date_differs)
             && let Some(other) = identity.birth_date.next_day()
         {
             // A clerical difference between the two registers (or one person's 個人番号 on
@@ -1683,6 +1756,18 @@ impl World {
         }
         let p = &mut self.primaries[i as usize];
         let rid = format!("{}-x-{serial}", p.code);
+        // `vrs-node import`'s newcomer with a 転入日 and 前住所市区町村コード: the import's
+        // batch records the request, whether or not the old municipality has handed the
+        // person over already; the next sync sends it.
+        let ask = Ask {
+            ask_id: format!("ask-{}-{serial}", p.code),
+            birth_check: self.person_secret.birth_check(&row.person_key, identity.birth_date),
+            previous: Some(row.previous),
+            state: AskLocal::Asking,
+            holder: None,
+        };
+        p.asks.insert(row.person_key.clone(), ask);
+        self.counters.asked += 1;
         let record = registered_record(rid.clone(), p.code, row.person_key, identity);
         let mut doc = new_resident_document(&p.actor, &record, now).expect("a new document");
         add_cells(p, record_cells(&record));
@@ -1770,34 +1855,35 @@ impl World {
         if other >= i { other + 1 } else { other }
     }
 
-    /// Records the move-out of resident `rid` of `from` to `to` and seals the handoff; false
-    /// if the resident is not active here or the directory lacks `to`.
-    fn move_out(&mut self, from: u32, to: u32, rid: String, mut doc: Automerge) -> bool {
+    /// Records the move-out of resident `rid` of `from` to `to` by `actor` and seals the
+    /// handoff; returns its id, or None if the resident is not active here or the directory
+    /// lacks `to`.
+    fn move_out(
+        &mut self,
+        from: u32,
+        to: u32,
+        rid: String,
+        mut doc: Automerge,
+        actor: &str,
+    ) -> Option<String> {
         let now = self.clock(Addr::Primary(from));
         let ephemeral = self.rng.bytes32();
         let to_code = self.codes[to as usize];
-        let Some(recipient) = self
+        let recipient = self
             .directory
             .directory
             .primary_of(to_code)
             .and_then(|e| hex_decode(&e.encryption_key))
-            .and_then(|k| <[u8; 32]>::try_from(k).ok())
-        else {
-            return false;
-        };
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())?;
         let p = &mut self.primaries[from as usize];
         let record = read_record(&doc).expect("a resident document");
         if record.transfer.is_some() || record.identity.status != ResidentStatus::Active {
-            return false;
+            return None;
         }
         p.next_handoff += 1;
         let handoff_id = format!("ho-{}-{}", p.code, p.next_handoff);
-        let transfer = Transfer {
-            to: to_code,
-            handoff_id: handoff_id.clone(),
-            at: now,
-            actor: "user:sim-admin".to_owned(),
-        };
+        let transfer =
+            Transfer { to: to_code, handoff_id: handoff_id.clone(), at: now, actor: actor.to_owned() };
         let event = ResidentEvent::TransferredOut(transfer);
         apply(p, &rid, &mut doc, &record, &event, now);
         let after = read_record(&doc).expect("a resident document");
@@ -1816,11 +1902,11 @@ impl World {
         };
         let sealed = protocol::handoff::seal(&payload, &p.key, &recipient, ephemeral)
             .expect("the simulator's keys seal");
-        p.out.insert(handoff_id, OutHandoff { sealed, state: OutState::Sealed });
+        p.out.insert(handoff_id.clone(), OutHandoff { sealed, state: OutState::Sealed });
         self.counters.relocations += 1;
         self.nudge(from);
         self.timer(Addr::Primary(from), Timer::Handoff, 1);
-        true
+        Some(handoff_id)
     }
 
     /// A clerk voids a dose recorded by mistake.
@@ -2449,12 +2535,28 @@ impl World {
             .iter()
             .map(|(id, reason)| ReturnedHandoff { handoff_id: id.clone(), reason: *reason })
             .collect();
+        // The open asks, taken in turn from after the last one sent (`build_sync`).
+        let open: Vec<&String> = p.asks.iter().filter(|(_, a)| a.is_open()).map(|(k, _)| k).collect();
+        let start = open.partition_point(|key| key.as_str() <= p.ask_cursor.as_str());
+        let mut asks = Vec::new();
+        for key in open[start..].iter().chain(&open[..start]).take(MAX_HANDOFFS_PER_MESSAGE) {
+            let ask = &p.asks[*key];
+            asks.push(HistoryAsk {
+                ask_id: ask.ask_id.clone(),
+                person_key: (*key).clone(),
+                birth_check: ask.birth_check.clone(),
+                previous: ask.previous,
+            });
+        }
+        if let Some(last) = asks.last() {
+            p.ask_cursor.clone_from(&last.person_key);
+        }
         let sync = HandoffSync {
             deposits,
             accepted: p.accepted_sent.clone(),
             watching,
-            asks: Vec::new(),
-            answered: Vec::new(),
+            asks,
+            answered: std::mem::take(&mut p.answers),
             returned,
         };
         let id = self.request_id();
@@ -2464,10 +2566,13 @@ impl World {
     }
 
     /// The national node's answer to a handoff sync: deposits stored, handoffs to accept
-    /// (accepted at once: the automatic policy), watched handoffs accepted.
+    /// (accepted at once: the automatic policy), watched handoffs accepted, where this
+    /// municipality's asks stand, and other municipalities' requests for its residents.
     fn synced(&mut self, i: u32, id: u64, response: HandoffResponse) {
         let now = self.clock(Addr::Primary(i));
-        let HandoffResponse::Synced { deposits, inbound, states, returns, .. } = response else { return };
+        let HandoffResponse::Synced { deposits, inbound, states, returns, asks, requests } = response else {
+            return;
+        };
         let mut taken_back = Vec::new();
         let mut refused = Vec::new();
         {
@@ -2521,13 +2626,66 @@ impl World {
         for id in refused {
             self.restore(i, &id, ReturnReason::LedgerRefused, now);
         }
-        let mut more = false;
+        let p = &mut self.primaries[i as usize];
+        for (person_key, state) in asks {
+            let Some(ask) = p.asks.get_mut(&person_key).filter(|a| a.is_open()) else { continue };
+            match state {
+                AskState::Waiting { holder } => {
+                    ask.state = AskLocal::Waiting;
+                    ask.holder = Some(holder);
+                }
+                AskState::Sent { .. } => ask.state = AskLocal::Sent,
+                AskState::NotFound => ask.state = AskLocal::NotFound,
+            }
+        }
+        let mut more = !requests.is_empty();
         for sealed in inbound {
             more |= self.accept(i, &sealed, now);
+        }
+        if self.config.bug != Some(crate::Bug::UnansweredRequests) {
+            for request in &requests {
+                let answer = self.answer_request(i, request);
+                self.primaries[i as usize].answers.push(answer);
+            }
         }
         if more || !self.primaries[i as usize].accepted_unacked.is_empty() {
             self.timer(Addr::Primary(i), Timer::Handoff, 1);
         }
+    }
+
+    /// `node/src/handoff.rs` `answer_request`: another municipality registered a newcomer
+    /// and asked for their history; hands them over if they are resident here and their
+    /// birth date matches.
+    fn answer_request(&mut self, i: u32, request: &HistoryRequest) -> AskAnswer {
+        let mut answer = AskAnswer {
+            person_key: request.person_key.clone(),
+            asked_by: request.asked_by,
+            handoff_id: None,
+        };
+        let p = &self.primaries[i as usize];
+        let Some(rid) = p.by_person.get(&request.person_key).cloned() else { return answer };
+        let doc = p.docs[&rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        if let Some(transfer) = record.transfer {
+            // Moved out already (its handoff not yet deposited when the ask reached the
+            // ledger): that handoff is the answer.
+            answer.handoff_id = (transfer.to == request.asked_by).then_some(transfer.handoff_id);
+            self.counters.answered_in_transit += u64::from(answer.handoff_id.is_some());
+            return answer;
+        }
+        if self.person_secret.birth_check(&record.person_key, record.identity.birth_date)
+            != request.birth_check
+            || record.identity.status != ResidentStatus::Active
+        {
+            return answer;
+        }
+        let Some(&to) = self.by_code.get(&request.asked_by) else { return answer };
+        let actor = format!("federation:{}", request.asked_by);
+        answer.handoff_id = self.move_out(i, to, rid, doc, &actor);
+        if answer.handoff_id.is_some() {
+            self.counters.handed_on_request += 1;
+        }
+        answer
     }
 
     /// `node/src/handoff.rs` `accept_one`: open, create the resident with the whole
@@ -2541,6 +2699,16 @@ impl World {
         let p = &mut self.primaries[i as usize];
         if p.sent_back.contains(&sealed.handoff_id) || p.cannot_join.contains(&sealed.handoff_id) {
             // Sent back, or waiting for staff to: offered again until the ledger knows.
+            return false;
+        }
+        // A newcomer asked for here comes from whom the ledger or the 転出証明書 named; a
+        // handoff from anyone else waits for an admin (none comes in this workload).
+        let expected = p
+            .asks
+            .get(&sealed.person_key)
+            .filter(|a| a.state != AskLocal::Received)
+            .and_then(|a| a.holder.or(a.previous));
+        if expected.is_some_and(|from| from != sealed.from) {
             return false;
         }
         let Ok(payload) = sealed.open(&sender_key, &p.x_secret) else { return false };
@@ -2600,6 +2768,7 @@ impl World {
             issue_coupon(p, &rid, &mut doc, &record, next, serial, now);
         }
         p.stats_version += 1;
+        received(p, &payload.person_key);
         p.accepted_unacked.insert(payload.handoff_id);
         self.arrived(i, rid, &record.person_key);
         self.counters.accepted += 1;
@@ -2645,6 +2814,7 @@ impl World {
             issue_coupon(p, &rid, &mut doc, &before, join.next, serial, now);
         }
         p.stats_version += 1;
+        received(p, &payload.person_key);
         p.accepted_unacked.insert(payload.handoff_id.clone());
         let rid_for_void = rid.clone();
         self.arrived(i, rid, &payload.person_key);
@@ -2758,7 +2928,7 @@ impl World {
             let identity = Identity { birth_date, ..record.identity.clone() };
             apply(p, rid, &mut doc, &record, &ResidentEvent::IdentityUpdated(identity), now);
         }
-        self.move_out(i, to, rid.to_owned(), doc);
+        self.move_out(i, to, rid.to_owned(), doc, MOVE_OUT_ACTOR);
     }
 
     /// Notes someone who moved in at `i` as resident `rid`, to move them again.
@@ -2940,8 +3110,11 @@ impl World {
                     && p.cannot_join.is_empty()
                     && p.returning.is_empty()
                     && p.acked_version >= p.stats_version
+                    && p.asks.values().all(|a| !a.is_open())
+                    && p.answers.is_empty()
             })
             && self.national.ledger.inbox.is_empty()
+            && self.national.ledger.requests.is_empty()
             && self.extracts_pending == 0
             && self.staff_pending == 0
             && self
@@ -3233,6 +3406,13 @@ fn issue_coupon(
     };
     apply(p, rid, doc, before, &ResidentEvent::CouponIssued { entry, supersedes: None }, now);
     p.by_number.insert(code.number, rid.to_owned());
+}
+
+/// `node/src/handoff.rs` `finish_accept`: a history asked for has arrived.
+fn received(p: &mut Primary, person_key: &str) {
+    if let Some(ask) = p.asks.get_mut(person_key) {
+        ask.state = AskLocal::Received;
+    }
 }
 
 fn add_cells(p: &mut Primary, delta: Vec<(Cell, i64)>) {
