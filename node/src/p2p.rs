@@ -35,6 +35,7 @@ use protocol::terminal::{CaptureRequest, CaptureResponse, MAX_CAPTURES_PER_REQUE
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::peer_limits::{PeerLimits, Protocol, RATE_LIMITED};
 use crate::store::Store;
 use crate::writer::{Command, Who, WriterHandle};
 
@@ -123,7 +124,7 @@ pub(crate) struct Behaviour {
     pub(crate) directory: request_response::cbor::Behaviour<DirectoryRequest, DirectoryResponse>,
     pub(crate) capture: request_response::cbor::Behaviour<CaptureRequest, CaptureResponse>,
     pub(crate) report: request_response::cbor::Behaviour<ReportRequest, ReportResponse>,
-    handoff: request_response::cbor::Behaviour<HandoffSync, HandoffResponse>,
+    pub(crate) handoff: request_response::cbor::Behaviour<HandoffSync, HandoffResponse>,
 }
 
 /// Reads or makes the node's libp2p identity (`keys/p2p-identity.key`, protobuf encoding).
@@ -449,6 +450,8 @@ struct Node {
     handoff_answers: mpsc::Sender<(ResponseChannel<HandoffResponse>, HandoffResponse)>,
     /// The directory shared with the ledger's blocking tasks.
     shared_directory: Option<Arc<SignedDirectory>>,
+    /// Each peer's request budget per protocol.
+    limits: PeerLimits,
 }
 
 #[derive(Default)]
@@ -532,6 +535,7 @@ pub async fn run(
         handoff_done,
         handoff_answers,
         shared_directory: None,
+        limits: PeerLimits::default(),
     };
     node.apply_gate(&mut swarm, HashSet::new());
     node.refresh_terminals(&mut swarm);
@@ -720,6 +724,7 @@ impl Node {
     fn maintain(&mut self, swarm: &mut Swarm<Behaviour>) {
         self.refresh_terminals(swarm);
         let now = Instant::now();
+        self.limits.prune(now);
         let expired: Vec<PeerId> =
             self.enrolling.iter().filter(|(_, until)| **until <= now).map(|(peer, _)| *peer).collect();
         for peer in expired {
@@ -857,7 +862,11 @@ impl Node {
         let request_response::Event::Message { peer, message, .. } = event else { return };
         match message {
             request_response::Message::Request { request, channel, .. } => {
-                if !swarm.behaviour().gate.is_allowed(&peer) {
+                // The directory protocol has no refusal: a request beyond the budget is
+                // dropped, and the peer sees it fail.
+                if !swarm.behaviour().gate.is_allowed(&peer)
+                    || !self.limits.allow(peer, Protocol::Directory, Instant::now())
+                {
                     return;
                 }
                 let newer = self
@@ -1030,6 +1039,10 @@ impl Node {
         let respond = move |response| {
             let _ = answers.try_send(CaptureAnswer { channel, response, then_close });
         };
+        if !self.limits.allow(peer, Protocol::Capture, Instant::now()) {
+            respond(refuse(RATE_LIMITED, &Protocol::Capture.refusal()));
+            return;
+        }
         match request {
             CaptureRequest::Enrol { secret } => {
                 tokio::spawn(async move { respond(service.enrol(&peer.to_string(), &secret).await) });
@@ -1140,6 +1153,14 @@ impl Node {
                 ..
             } => {
                 let answers = self.report_answers.clone();
+                if !self.limits.allow(peer, Protocol::Report, Instant::now()) {
+                    let refusal = ReportResponse::Refused {
+                        code: RATE_LIMITED.into(),
+                        message: Protocol::Report.refusal(),
+                    };
+                    let _ = answers.try_send((channel, refusal));
+                    return;
+                }
                 let (Some(store), Some(entry)) =
                     (self.options.national_store.clone(), self.entry(&peer).cloned())
                 else {
@@ -1236,6 +1257,14 @@ impl Node {
                 ..
             } => {
                 let answers = self.handoff_answers.clone();
+                if !self.limits.allow(peer, Protocol::Handoff, Instant::now()) {
+                    let refusal = HandoffResponse::Refused {
+                        code: RATE_LIMITED.into(),
+                        message: Protocol::Handoff.refusal(),
+                    };
+                    let _ = answers.try_send((channel, refusal));
+                    return;
+                }
                 let sender =
                     self.entry(&peer).filter(|e| e.role == NodeRole::Municipal).and_then(|e| e.municipality);
                 let (Some(store), Some(sender), Some(directory)) =
@@ -1364,7 +1393,15 @@ impl Node {
                 message: request_response::Message::Request { request, channel, .. },
                 ..
             } => {
-                self.answer(peer, request, channel);
+                if self.limits.allow(peer, Protocol::Replication, Instant::now()) {
+                    self.answer(peer, request, channel);
+                } else {
+                    let refused = ReplicationResponse::Refused {
+                        code: RATE_LIMITED.into(),
+                        message: Protocol::Replication.refusal(),
+                    };
+                    let _ = self.answers.try_send((channel, refused));
+                }
             }
             request_response::Event::Message {
                 peer,

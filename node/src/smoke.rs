@@ -81,48 +81,18 @@ struct Member {
 /// `dir` (which must be empty or absent).
 pub async fn run(dir: &Path, count: usize, date: Date) -> anyhow::Result<SmokeReport> {
     let national_dir = dir.join("national");
-    let init = crate::federation::NationalInit {
-        p2p_listen: NATIONAL_ADDRESS,
-        advertise: None,
-        http_listen: "127.0.0.1:0",
-        plain_http: true,
-    };
-    let (national_peer, national_key) = crate::federation::init_national(&national_dir, &init)?;
-    let national_peer: PeerId = national_peer.parse()?;
-    let national_key = hex_decode(&national_key).context("the national key")?;
-    let random = SystemRandom::new();
+    let (national_peer, national_key) = init_national(&national_dir, NATIONAL_ADDRESS)?;
     let started = Instant::now();
     let mut members = Vec::new();
     for (i, municipality) in all_municipalities().iter().take(count).enumerate() {
-        let keypair = Keypair::generate_ed25519();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&random).map_err(|_| anyhow::anyhow!("key generation"))?;
-        let coupon_key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let entry = DirectoryEntry {
-            municipality: Some(municipality.code),
-            role: NodeRole::Municipal,
-            peer_id: keypair.public().to_peer_id().to_string(),
-            addresses: vec![format!("/memory/{}", 20_000 + i)],
-            coupon_key: hex_lower(coupon_key.public_key().as_ref()),
-            encryption_key: String::new(),
-        };
-        crate::federation::approve(&national_dir, JoinRequest { entry, requested_at: String::new() })?;
-        members.push(Member { code: municipality.code, keypair, coupon_key, doses: 1 + (i as u64 % 97) });
+        members.push(admit(&national_dir, i, municipality.code)?);
     }
     let approve_seconds = started.elapsed().as_secs_f64();
     let directory = crate::p2p::load_directory(&national_dir.join("directory.json"), &national_key)?
         .context("the national node's directory")?;
     let directory_entries = directory.directory.entries.len();
 
-    let store = Arc::new(crate::national::NationalStore::open(&national_dir, None)?);
-    let options = crate::federation::national_p2p_options(
-        &national_dir,
-        NATIONAL_ADDRESS.parse()?,
-        national_key.clone(),
-        store.clone(),
-    )?;
-    let (bound, listening) = tokio::sync::oneshot::channel();
-    let national = tokio::spawn(crate::p2p::run(options, Some(bound)));
-    listening.await.context("the national node did not start listening")?;
+    let (store, national) = serve_national(&national_dir, NATIONAL_ADDRESS, &national_key).await?;
     let exchange = Instant::now();
     let address: Multiaddr = format!("{NATIONAL_ADDRESS}/p2p/{national_peer}").parse()?;
     let doses_sent: u64 = members.iter().map(|m| m.doses).sum();
@@ -167,6 +137,53 @@ pub async fn run(dir: &Path, count: usize, date: Date) -> anyhow::Result<SmokeRe
         max_ms: times.last().copied().unwrap_or(0),
         retried,
     })
+}
+
+/// Makes a national node in `dir` listening on `listen`: its peer id and public key.
+fn init_national(dir: &Path, listen: &str) -> anyhow::Result<(PeerId, Vec<u8>)> {
+    let init = crate::federation::NationalInit {
+        p2p_listen: listen,
+        advertise: None,
+        http_listen: "127.0.0.1:0",
+        plain_http: true,
+    };
+    let (peer, key) = crate::federation::init_national(dir, &init)?;
+    Ok((peer.parse()?, hex_decode(&key).context("the national key")?))
+}
+
+/// Makes municipality `code`'s p2p identity and coupon key, and approves it into the
+/// national node's directory in `dir` as an administrator would (`i` numbers its address).
+fn admit(dir: &Path, i: usize, code: MunicipalityCode) -> anyhow::Result<Member> {
+    let keypair = Keypair::generate_ed25519();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("key generation"))?;
+    let coupon_key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let entry = DirectoryEntry {
+        municipality: Some(code),
+        role: NodeRole::Municipal,
+        peer_id: keypair.public().to_peer_id().to_string(),
+        addresses: vec![format!("/memory/{}", 20_000 + i)],
+        coupon_key: hex_lower(coupon_key.public_key().as_ref()),
+        encryption_key: String::new(),
+    };
+    crate::federation::approve(dir, JoinRequest { entry, requested_at: String::new() })?;
+    Ok(Member { code, keypair, coupon_key, doses: 1 + (i as u64 % 97) })
+}
+
+/// Starts the national node's real p2p service over its store in `dir`; returns once it
+/// listens on `listen`.
+async fn serve_national(
+    dir: &Path,
+    listen: &str,
+    national_key: &[u8],
+) -> anyhow::Result<(Arc<crate::national::NationalStore>, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let store = Arc::new(crate::national::NationalStore::open(dir, None)?);
+    let options =
+        crate::federation::national_p2p_options(dir, listen.parse()?, national_key.to_vec(), store.clone())?;
+    let (bound, listening) = tokio::sync::oneshot::channel();
+    let national = tokio::spawn(crate::p2p::run(options, Some(bound)));
+    listening.await.context("the national node did not start listening")?;
+    Ok((store, national))
 }
 
 /// One municipality: dial, fetch and verify the directory, report; returns the
@@ -300,5 +317,125 @@ async fn join_and_report(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::handoff::{HandoffResponse, HandoffSync};
+
+    use super::*;
+    use crate::peer_limits::{Protocol, RATE_LIMITED};
+
+    fn empty_sync() -> HandoffSync {
+        HandoffSync {
+            deposits: Vec::new(),
+            accepted: Vec::new(),
+            watching: Vec::new(),
+            asks: Vec::new(),
+            answered: Vec::new(),
+            returned: Vec::new(),
+        }
+    }
+
+    /// Waits for the answer to one handoff sync.
+    async fn answer(swarm: &mut libp2p::Swarm<crate::p2p::Behaviour>) -> anyhow::Result<HandoffResponse> {
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(30), swarm.select_next_some())
+                .await
+                .context("no answer within 30 s")?;
+            match event {
+                SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::Message {
+                    message: Message::Response { response, .. },
+                    ..
+                })) => return Ok(response),
+                SwarmEvent::Behaviour(BehaviourEvent::Handoff(
+                    request_response::Event::OutboundFailure { error, .. },
+                )) => bail!("a handoff sync failed: {error}"),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_asking_faster_than_its_budget_is_refused_and_the_others_are_served() -> anyhow::Result<()>
+    {
+        let dir = std::env::temp_dir().join(format!("vrs-peer-limits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let listen = "/memory/17411";
+        let (national_peer, national_key) = init_national(&dir, listen)?;
+        let codes = all_municipalities();
+        let flooder = admit(&dir, 0, codes[0].code)?;
+        let honest = admit(&dir, 1, codes[1].code)?;
+        let (_store, national) = serve_national(&dir, listen, &national_key).await?;
+        let address: Multiaddr = format!("{listen}/p2p/{national_peer}").parse()?;
+
+        // A listed municipality sends handoff syncs back to back, 32 at a time, as fast as
+        // they are answered.
+        const TOTAL: usize = 1_500;
+        const WINDOW: usize = 32;
+        let mut swarm = crate::p2p::build_swarm(flooder.keypair)?;
+        swarm.behaviour_mut().gate.set_allowed(HashSet::from([national_peer]));
+        swarm.dial(address.clone())?;
+        let (mut sent, mut synced, mut limited) = (0, 0, 0);
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while synced + limited < TOTAL {
+            let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+                .await
+                .context("the flood did not end")?;
+            match event {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == national_peer => {
+                    while sent < WINDOW {
+                        swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
+                        sent += 1;
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::Message {
+                    message: Message::Response { response, .. },
+                    ..
+                })) => {
+                    match response {
+                        HandoffResponse::Synced { .. } => synced += 1,
+                        HandoffResponse::Refused { code, .. } if code == RATE_LIMITED => limited += 1,
+                        other => bail!("unexpected answer: {other:?}"),
+                    }
+                    if sent < TOTAL {
+                        swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
+                        sent += 1;
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Handoff(
+                    request_response::Event::OutboundFailure { error, .. },
+                )) => bail!("a handoff sync failed: {error}"),
+                _ => {}
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        println!("{synced} answered and {limited} refused in {seconds:.2} s");
+        let (rate, burst) = Protocol::Handoff.budget();
+        // Its burst and its rate over the time the flood took were answered; the rest were
+        // refused at once, not queued.
+        assert!(synced >= burst as usize, "only {synced} of {TOTAL} answered");
+        assert!(
+            (synced as f64) <= burst + rate * seconds + 1.0,
+            "{synced} answered in {seconds:.2} s, beyond a budget of {burst} + {rate}/s"
+        );
+        assert_eq!(synced + limited, TOTAL);
+        assert!(limited > 0, "nothing refused: {synced} answered in {seconds:.2} s");
+
+        // Another municipality joins and reports meanwhile: its budget is its own.
+        let date = time::OffsetDateTime::now_utc().date();
+        join_and_report(honest, address, national_peer, national_key, date).await?;
+
+        // The budget refills: at a node's own pace the flooder is served again.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
+        let again = answer(&mut swarm).await?;
+        assert!(matches!(again, HandoffResponse::Synced { .. }), "{again:?}");
+
+        national.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 }
