@@ -42,7 +42,9 @@ pub struct Config {
     pub relocation_per_month: f64,
     /// Share of newcomers the register extract lists first whose birth date there differs
     /// from their old record: the new municipality sends the handoff back, the old one
-    /// corrects the record and hands it over again.
+    /// corrects the record and hands it over again; or, for someone not handed over, the
+    /// old municipality finds no match for the ask, and the new one corrects its record and
+    /// asks again.
     pub birth_date_differs: f64,
     /// Message loss probability while faults are on.
     pub loss: f64,

@@ -139,8 +139,8 @@ fn print(report: &Report) {
         c.reregistered
     );
     println!(
-        "  転入の照会 / newcomer requests: {} histories asked for by the register extract, {} residents handed over on request, {} requests answered with a handoff already made",
-        c.asked, c.handed_on_request, c.answered_in_transit
+        "  転入の照会 / newcomer requests: {} histories asked for by the register extract, {} residents handed over on request, {} asked again after a birth date was corrected",
+        c.asked, c.handed_on_request, c.asked_again
     );
     println!(
         "  差し戻し / sent back: {} registered with another birth date, {} handoffs sent back, {} taken back and handed over again",

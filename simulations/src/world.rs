@@ -226,6 +226,7 @@ enum Event {
     Extract { to: u32, row: Box<ExtractRow> },
     SendBack { primary: u32, handoff_id: String },
     Resend { primary: u32, resident: String, to: u32 },
+    AskAgain { primary: u32, person_key: String },
     Crash { node: Addr, down_ms: Time },
     Restart { node: Addr },
     Cut { primary: u32, until: Time },
@@ -595,8 +596,8 @@ pub struct Counters {
     pub asked: u64,
     /// Residents handed over on another municipality's request.
     pub handed_on_request: u64,
-    /// Requests answered with a handoff the old municipality's staff had made already.
-    pub answered_in_transit: u64,
+    /// Asks made again by staff after the previous municipality found no matching resident.
+    pub asked_again: u64,
     /// Handoffs the new municipality sent back.
     pub sent_back: u64,
     /// Of those, handoffs the old municipality took back (the resident active there again).
@@ -671,6 +672,10 @@ pub struct World {
     /// The birth date the new municipality's register holds, for people whose old record
     /// differs (`Config::birth_date_differs`): what the old municipality's staff correct it to.
     birth_fix: BTreeMap<String, Date>,
+    /// The birth date the old municipality holds, for people handed over only on request
+    /// whose row in the new register differs: what the new municipality's staff correct it
+    /// to before asking again.
+    ask_fix: BTreeMap<String, Date>,
     /// Handoffs that could not join the resident holding their person key (a violation).
     pub(crate) join_refusals: BTreeSet<String>,
     /// Doses recorded at a town hall's desk: event id → answer.
@@ -950,6 +955,7 @@ impl World {
             extracts_pending: 0,
             staff_pending: 0,
             birth_fix: BTreeMap::new(),
+            ask_fix: BTreeMap::new(),
             join_refusals: BTreeSet::new(),
             desk: BTreeMap::new(),
             generation: BTreeMap::new(),
@@ -1320,6 +1326,14 @@ impl World {
                     self.resend(primary, &resident, to);
                 } else {
                     self.schedule(self.now + 60_000, Event::Resend { primary, resident, to });
+                }
+            }
+            Event::AskAgain { primary, person_key } => {
+                if self.primaries[primary as usize].up {
+                    self.staff_pending -= 1;
+                    self.ask_again(primary, &person_key);
+                } else {
+                    self.schedule(self.now + 60_000, Event::AskAgain { primary, person_key });
                 }
             }
             Event::Crash { node, down_ms } => {
@@ -1742,16 +1756,19 @@ impl World {
             }
             return;
         }
-        // (The row of someone not handed over is left as it is: its birth check would not
-        // match the old record, and the old municipality would not hand the person over.)
-        if row.handed_over
-            && self.rng.chance(self.config.birth_date_differs)
+        if self.rng.chance(self.config.birth_date_differs)
             && let Some(other) = identity.birth_date.next_day()
         {
             // A clerical difference between the two registers (or one person's 個人番号 on
-            // another's row): the history will not join this resident as it is.
+            // another's row). Handed over already: the history will not join this resident
+            // as it is. Not handed over: the ask's birth check will not match the old
+            // record, and the old municipality will not hand the person over.
+            if row.handed_over {
+                self.birth_fix.insert(row.person_key.clone(), other);
+            } else {
+                self.ask_fix.insert(row.person_key.clone(), identity.birth_date);
+            }
             identity.birth_date = other;
-            self.birth_fix.insert(row.person_key.clone(), other);
             self.counters.birth_dates_differ += 1;
         }
         let p = &mut self.primaries[i as usize];
@@ -2575,9 +2592,9 @@ impl World {
         };
         let mut taken_back = Vec::new();
         let mut refused = Vec::new();
+        let current = self.primaries[i as usize].sync_sent.is_some_and(|(sent, _)| sent == id);
         {
             let p = &mut self.primaries[i as usize];
-            let current = p.sync_sent.is_some_and(|(sent, _)| sent == id);
             if current {
                 p.sync_sent = None;
             }
@@ -2626,7 +2643,11 @@ impl World {
         for id in refused {
             self.restore(i, &id, ReturnReason::LedgerRefused, now);
         }
+        // Where the asks stand, and the requests to answer, only from the answer to the sync
+        // in flight, as the node takes it (an older answer, late or duplicated, is stale).
+        let (asks, requests) = if current { (asks, requests) } else { (Vec::new(), Vec::new()) };
         let p = &mut self.primaries[i as usize];
+        let mut not_found = Vec::new();
         for (person_key, state) in asks {
             let Some(ask) = p.asks.get_mut(&person_key).filter(|a| a.is_open()) else { continue };
             match state {
@@ -2635,8 +2656,18 @@ impl World {
                     ask.holder = Some(holder);
                 }
                 AskState::Sent { .. } => ask.state = AskLocal::Sent,
-                AskState::NotFound => ask.state = AskLocal::NotFound,
+                AskState::NotFound => {
+                    ask.state = AskLocal::NotFound;
+                    not_found.push(person_key);
+                }
             }
+        }
+        // The page shows 該当なし: staff check with the previous municipality, correct
+        // what differs and ask again.
+        for person_key in not_found {
+            let at = self.staff_time();
+            self.staff_pending += 1;
+            self.schedule(at, Event::AskAgain { primary: i, person_key });
         }
         let mut more = !requests.is_empty();
         for sealed in inbound {
@@ -2667,10 +2698,11 @@ impl World {
         let doc = p.docs[&rid].load_as(&p.actor);
         let record = read_record(&doc).expect("a resident document");
         if let Some(transfer) = record.transfer {
-            // Moved out already (its handoff not yet deposited when the ask reached the
-            // ledger): that handoff is the answer.
+            // Handed over already (this request relayed again after an answer was lost):
+            // that handoff is the answer. (A move-out made by staff before the ask reached
+            // the ledger never gets here: its deposit, in this node's next sync, answers the
+            // ask at the ledger before the request is relayed.)
             answer.handoff_id = (transfer.to == request.asked_by).then_some(transfer.handoff_id);
-            self.counters.answered_in_transit += u64::from(answer.handoff_id.is_some());
             return answer;
         }
         if self.person_secret.birth_check(&record.person_key, record.identity.birth_date)
@@ -2929,6 +2961,44 @@ impl World {
             apply(p, rid, &mut doc, &record, &ResidentEvent::IdentityUpdated(identity), now);
         }
         self.move_out(i, to, rid.to_owned(), doc, MOVE_OUT_ACTOR);
+    }
+
+    /// `POST /api/v1/handoffs/requests` by staff of municipality `i`: the previous
+    /// municipality found no resident matching the ask (its birth date differs from the
+    /// register's here). Having checked with it, staff have the register corrected (its
+    /// extract updates the resident) and ask again; the new ask replaces the answered one,
+    /// at the ledger too.
+    fn ask_again(&mut self, i: u32, person_key: &str) {
+        let Some(birth_date) = self.ask_fix.get(person_key).copied() else { return };
+        let now = self.clock(Addr::Primary(i));
+        let p = &mut self.primaries[i as usize];
+        let Some(previous) =
+            p.asks.get(person_key).filter(|a| a.state == AskLocal::NotFound).map(|a| a.previous)
+        else {
+            return;
+        };
+        let Some(rid) = p.by_person.get(person_key).cloned() else { return };
+        let mut doc = p.docs[&rid].load_as(&p.actor);
+        let record = read_record(&doc).expect("a resident document");
+        if record.transfer.is_some() || record.identity.status != ResidentStatus::Active {
+            return;
+        }
+        if record.identity.birth_date != birth_date {
+            let identity = Identity { birth_date, ..record.identity.clone() };
+            apply(p, &rid, &mut doc, &record, &ResidentEvent::IdentityUpdated(identity), now);
+        }
+        p.next_serial += 1;
+        let ask = Ask {
+            ask_id: format!("ask-{}-{}", p.code, p.next_serial),
+            birth_check: self.person_secret.birth_check(person_key, birth_date),
+            previous,
+            state: AskLocal::Asking,
+            holder: None,
+        };
+        p.asks.insert(person_key.to_owned(), ask);
+        self.counters.asked_again += 1;
+        self.nudge(i);
+        self.timer(Addr::Primary(i), Timer::Handoff, 1);
     }
 
     /// Notes someone who moved in at `i` as resident `rid`, to move them again.
