@@ -1186,6 +1186,13 @@ impl HandoffService {
         Ok(sync)
     }
 
+    /// Keeps answers to requests whose sync did not reach the ledger, for the next one.
+    pub fn answer_again(&self, answers: Vec<AskAnswer>) {
+        if let Ok(mut held) = self.answers.lock() {
+            held.extend(answers);
+        }
+    }
+
     /// Applies the national node's answer to `sent`. Returns whether more work is waiting
     /// (sync again at once).
     pub async fn apply_response(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use libp2p::futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::request_response::{self, InboundRequestId, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, identify, noise, ping, tcp, yamux,
@@ -35,7 +35,7 @@ use protocol::terminal::{CaptureRequest, CaptureResponse, MAX_CAPTURES_PER_REQUE
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::peer_limits::{PeerLimits, Protocol, RATE_LIMITED};
+use crate::peer_limits::{PeerLimits, Protocol, RATE_LIMITED, Refusal};
 use crate::store::Store;
 use crate::writer::{Command, Who, WriterHandle};
 
@@ -450,8 +450,8 @@ struct Node {
     handoff_answers: mpsc::Sender<(ResponseChannel<HandoffResponse>, HandoffResponse)>,
     /// The directory shared with the ledger's blocking tasks.
     shared_directory: Option<Arc<SignedDirectory>>,
-    /// Each peer's request budget per protocol.
-    limits: PeerLimits,
+    /// Each peer's requests in flight and rate, per protocol.
+    limits: PeerLimits<InboundRequestId>,
 }
 
 #[derive(Default)]
@@ -845,13 +845,44 @@ impl Node {
             SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
                 tracing::debug!(%send_back_addr, %error, "incoming connection refused");
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Directory(event)) => self.on_directory(swarm, event),
-            SwarmEvent::Behaviour(BehaviourEvent::Replication(event)) => self.on_replication(swarm, event),
-            SwarmEvent::Behaviour(BehaviourEvent::Capture(event)) => self.on_capture(swarm, event),
-            SwarmEvent::Behaviour(BehaviourEvent::Report(event)) => self.on_report(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Handoff(event)) => self.on_handoff(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Directory(event)) => {
+                self.finished(Protocol::Directory, &event);
+                self.on_directory(swarm, event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Replication(event)) => {
+                self.finished(Protocol::Replication, &event);
+                self.on_replication(swarm, event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Capture(event)) => {
+                self.finished(Protocol::Capture, &event);
+                self.on_capture(swarm, event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Report(event)) => {
+                self.finished(Protocol::Report, &event);
+                self.on_report(event);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Handoff(event)) => {
+                self.finished(Protocol::Handoff, &event);
+                self.on_handoff(event);
+            }
             _ => {}
         }
+    }
+
+    /// An inbound request answered (or failed, or dropped): its peer may send another.
+    fn finished<Req, Resp>(&mut self, protocol: Protocol, event: &request_response::Event<Req, Resp>) {
+        if let request_response::Event::ResponseSent { request_id, .. }
+        | request_response::Event::InboundFailure { request_id, .. } = event
+        {
+            self.limits.finished(protocol, *request_id);
+        }
+    }
+
+    /// Takes an inbound request into its peer's limits, or says why it is refused.
+    fn take(&mut self, peer: PeerId, protocol: Protocol, id: InboundRequestId) -> Result<(), String> {
+        self.limits
+            .take(peer, protocol, id, Instant::now())
+            .map_err(|refusal: Refusal| refusal.message(protocol))
     }
 
     fn on_directory(
@@ -861,11 +892,11 @@ impl Node {
     ) {
         let request_response::Event::Message { peer, message, .. } = event else { return };
         match message {
-            request_response::Message::Request { request, channel, .. } => {
-                // The directory protocol has no refusal: a request beyond the budget is
+            request_response::Message::Request { request_id, request, channel } => {
+                // The directory protocol has no refusal: a request beyond the limits is
                 // dropped, and the peer sees it fail.
                 if !swarm.behaviour().gate.is_allowed(&peer)
-                    || !self.limits.allow(peer, Protocol::Directory, Instant::now())
+                    || self.take(peer, Protocol::Directory, request_id).is_err()
                 {
                     return;
                 }
@@ -901,9 +932,9 @@ impl Node {
         match event {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message: request_response::Message::Request { request_id, request, channel },
                 ..
-            } => self.answer_capture(swarm, peer, request, channel),
+            } => self.answer_capture(swarm, peer, request_id, request, channel),
             request_response::Event::Message {
                 peer,
                 message: request_response::Message::Response { request_id, response },
@@ -999,6 +1030,7 @@ impl Node {
         &mut self,
         swarm: &mut Swarm<Behaviour>,
         peer: PeerId,
+        request_id: InboundRequestId,
         request: CaptureRequest,
         channel: ResponseChannel<CaptureResponse>,
     ) {
@@ -1039,8 +1071,8 @@ impl Node {
         let respond = move |response| {
             let _ = answers.try_send(CaptureAnswer { channel, response, then_close });
         };
-        if !self.limits.allow(peer, Protocol::Capture, Instant::now()) {
-            respond(refuse(RATE_LIMITED, &Protocol::Capture.refusal()));
+        if let Err(message) = self.take(peer, Protocol::Capture, request_id) {
+            respond(refuse(RATE_LIMITED, &message));
             return;
         }
         match request {
@@ -1149,15 +1181,12 @@ impl Node {
         match event {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message: request_response::Message::Request { request_id, request, channel },
                 ..
             } => {
                 let answers = self.report_answers.clone();
-                if !self.limits.allow(peer, Protocol::Report, Instant::now()) {
-                    let refusal = ReportResponse::Refused {
-                        code: RATE_LIMITED.into(),
-                        message: Protocol::Report.refusal(),
-                    };
+                if let Err(message) = self.take(peer, Protocol::Report, request_id) {
+                    let refusal = ReportResponse::Refused { code: RATE_LIMITED.into(), message };
                     let _ = answers.try_send((channel, refusal));
                     return;
                 }
@@ -1253,15 +1282,12 @@ impl Node {
         match event {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message: request_response::Message::Request { request_id, request, channel },
                 ..
             } => {
                 let answers = self.handoff_answers.clone();
-                if !self.limits.allow(peer, Protocol::Handoff, Instant::now()) {
-                    let refusal = HandoffResponse::Refused {
-                        code: RATE_LIMITED.into(),
-                        message: Protocol::Handoff.refusal(),
-                    };
+                if let Err(message) = self.take(peer, Protocol::Handoff, request_id) {
+                    let refusal = HandoffResponse::Refused { code: RATE_LIMITED.into(), message };
                     let _ = answers.try_send((channel, refusal));
                     return;
                 }
@@ -1317,6 +1343,13 @@ impl Node {
                     self.handoff_sent = Some((Some(sent_id), sent));
                     return;
                 }
+                if let HandoffResponse::Refused { code, message } = &response
+                    && code == RATE_LIMITED
+                {
+                    tracing::warn!(%message, "the national node refused a handoff sync for now; sent again in a second");
+                    self.handoff_not_delivered(&sent);
+                    return;
+                }
                 self.handoff_sent = Some((None, sent.clone()));
                 let Some(service) = self.options.handoffs.clone() else { return };
                 let done = self.handoff_done.clone();
@@ -1332,17 +1365,28 @@ impl Node {
                 });
             }
             request_response::Event::OutboundFailure { request_id, error, .. } => {
-                if matches!(&self.handoff_sent, Some((Some(sent), _)) if *sent == request_id) {
-                    tracing::debug!(%error, "handoff sync not delivered; sent again later");
-                    // Sent again from the stored state after a pause that `due` does not cut.
-                    self.handoff_sent = None;
-                    self.handoff_next = Instant::now() + Duration::from_secs(1);
-                    if let Some(service) = &self.options.handoffs {
-                        service.due.store(false, std::sync::atomic::Ordering::Release);
+                if let Some((Some(sent_id), sent)) = self.handoff_sent.take() {
+                    if sent_id == request_id {
+                        tracing::debug!(%error, "handoff sync not delivered; sent again later");
+                        self.handoff_not_delivered(&sent);
+                    } else {
+                        self.handoff_sent = Some((Some(sent_id), sent));
                     }
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A handoff sync that did not reach the ledger (or was refused for now): sent again
+    /// from the stored state after a pause that `due` does not cut, with the answers to
+    /// requests it carried (they are held only in memory).
+    fn handoff_not_delivered(&mut self, sent: &HandoffSync) {
+        self.handoff_sent = None;
+        self.handoff_next = Instant::now() + Duration::from_secs(1);
+        if let Some(service) = &self.options.handoffs {
+            service.due.store(false, std::sync::atomic::Ordering::Release);
+            service.answer_again(sent.answered.clone());
         }
     }
 
@@ -1390,19 +1434,15 @@ impl Node {
         match event {
             request_response::Event::Message {
                 peer,
-                message: request_response::Message::Request { request, channel, .. },
+                message: request_response::Message::Request { request_id, request, channel },
                 ..
-            } => {
-                if self.limits.allow(peer, Protocol::Replication, Instant::now()) {
-                    self.answer(peer, request, channel);
-                } else {
-                    let refused = ReplicationResponse::Refused {
-                        code: RATE_LIMITED.into(),
-                        message: Protocol::Replication.refusal(),
-                    };
+            } => match self.take(peer, Protocol::Replication, request_id) {
+                Ok(()) => self.answer(peer, request, channel),
+                Err(message) => {
+                    let refused = ReplicationResponse::Refused { code: RATE_LIMITED.into(), message };
                     let _ = self.answers.try_send((channel, refused));
                 }
-            }
+            },
             request_response::Event::Message {
                 peer,
                 message: request_response::Message::Response { request_id, response },

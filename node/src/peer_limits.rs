@@ -1,20 +1,29 @@
-//! Request budgets per peer on the p2p protocols.
+//! Request limits per peer on the p2p protocols.
 //!
 //! The directory gate lets in only peers the national directory lists (and enrolled
-//! terminals), and the connection limits bound how many streams one peer holds open. Neither
-//! bounds how fast a listed peer may ask: a broken or taken-over municipal node could keep
-//! the national node's ledger or a primary's store busy with back-to-back requests and
-//! starve everyone else. Each peer therefore has a token bucket per protocol; a request
-//! beyond it is refused at once (`rate_limited`, or the request dropped on the directory
-//! protocol, which has no refusal), before any work is done for it. The requester's node
-//! treats that as any other failed request and tries again at its next poll.
+//! terminals), and the connection limits bound how many connections one peer holds. Neither
+//! bounds how much work a listed peer may ask for: a broken or taken-over municipal node
+//! could keep hundreds of requests open on the national node's ledger or a primary's store
+//! and starve everyone else. Two limits per peer and protocol therefore apply before any
+//! work is done for a request:
 //!
-//! The budgets are several times what a node does at its busiest: a handoff poll every
-//! 250 ms with immediate follow-ups while work waits, a standby pulling page after page
-//! while it catches up, a venue terminal pushing after every capture, a report every few
-//! minutes, the directory every few seconds at most.
+//! - **requests in flight**: a node has one request of a kind open at a time towards a
+//!   peer (one handoff sync, one report, one replication pull, one forward per owner, one
+//!   push per terminal), so [`MAX_IN_FLIGHT`] open at once is never reached by a node that
+//!   behaves, and bounds what one that does not can hold;
+//! - **a rate**, a token bucket: a node sends its next request as soon as the last one is
+//!   answered while work waits (reports and handoff syncs a few hundred a second at most on
+//!   loopback), so the budgets are several times that and only stop a storm of cheap
+//!   requests.
+//!
+//! A request beyond either is refused at once with `rate_limited` (on the directory
+//! protocol, which has no refusal, it is dropped and fails at the requester). Requesters
+//! treat it as any failed request: a handoff sync pauses a second, a report two to five,
+//! a replication pull restarts from its stored checkpoint after two, a push or forward waits
+//! two. Refusals are logged per peer at most every ten seconds, with the count.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -34,15 +43,17 @@ pub(crate) enum Protocol {
     Handoff,
 }
 
+/// Requests one peer may have open at once on one protocol.
+pub(crate) const MAX_IN_FLIGHT: u32 = 8;
+
 impl Protocol {
     /// Requests per second sustained, and the burst allowed on top.
     pub(crate) fn budget(self) -> (f64, f64) {
         match self {
-            Protocol::Directory => (5.0, 50.0),
-            Protocol::Replication => (100.0, 1_000.0),
-            Protocol::Capture => (100.0, 1_000.0),
-            Protocol::Report => (20.0, 200.0),
-            Protocol::Handoff => (50.0, 500.0),
+            Protocol::Directory => (20.0, 200.0),
+            Protocol::Replication | Protocol::Capture | Protocol::Report | Protocol::Handoff => {
+                (1_000.0, 5_000.0)
+            }
         }
     }
 
@@ -55,15 +66,6 @@ impl Protocol {
             Protocol::Handoff => "handoff",
         }
     }
-
-    /// The refusal's message, for the requester's log.
-    pub(crate) fn refusal(self) -> String {
-        let (rate, burst) = self.budget();
-        format!(
-            "more than {rate} {} requests per second (burst {burst}) from this peer; try again later",
-            self.name()
-        )
-    }
 }
 
 /// The refusal code.
@@ -71,6 +73,34 @@ pub(crate) const RATE_LIMITED: &str = "rate_limited";
 
 /// How often refusals to one peer are logged (with the count since the last line).
 const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a request was refused, for the requester's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// [`MAX_IN_FLIGHT`] of the peer's requests are open already.
+    InFlight,
+    /// Beyond the rate.
+    Rate,
+}
+
+impl Refusal {
+    /// The message sent with [`RATE_LIMITED`].
+    pub(crate) fn message(self, protocol: Protocol) -> String {
+        match self {
+            Refusal::InFlight => format!(
+                "{MAX_IN_FLIGHT} {} requests from this peer are open already; send the next when one is answered",
+                protocol.name()
+            ),
+            Refusal::Rate => {
+                let (rate, burst) = protocol.budget();
+                format!(
+                    "more than {rate} {} requests per second (burst {burst}) from this peer; try again later",
+                    protocol.name()
+                )
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Bucket {
@@ -82,22 +112,75 @@ struct Bucket {
 #[derive(Debug)]
 struct Refused {
     count: u64,
-    logged_at: Option<Instant>,
+    logged_at: Instant,
 }
 
-/// The token buckets of every peer that asked recently.
-#[derive(Debug, Default)]
-pub(crate) struct PeerLimits {
+/// The limits' state: every peer that asked recently. `Id` names an inbound request
+/// (libp2p's `InboundRequestId`).
+#[derive(Debug)]
+pub(crate) struct PeerLimits<Id> {
     buckets: HashMap<(PeerId, Protocol), Bucket>,
+    in_flight: HashMap<(PeerId, Protocol), u32>,
+    /// Requests taken and not yet answered: which peer's count each one holds.
+    open: HashMap<(Protocol, Id), PeerId>,
     refused: HashMap<PeerId, Refused>,
     /// Requests refused since the node started.
     pub(crate) refused_total: u64,
 }
 
-impl PeerLimits {
-    /// Whether `peer` may make one more `protocol` request at `now`; takes a token if so.
-    /// A refusal is logged (at most once per peer every ten seconds, with the count).
-    pub(crate) fn allow(&mut self, peer: PeerId, protocol: Protocol, now: Instant) -> bool {
+impl<Id> Default for PeerLimits<Id> {
+    fn default() -> Self {
+        Self {
+            buckets: HashMap::new(),
+            in_flight: HashMap::new(),
+            open: HashMap::new(),
+            refused: HashMap::new(),
+            refused_total: 0,
+        }
+    }
+}
+
+impl<Id: Hash + Eq> PeerLimits<Id> {
+    /// Takes request `id` of `peer` on `protocol` at `now`, or says why not. A request taken
+    /// holds one of the peer's [`MAX_IN_FLIGHT`] until [`PeerLimits::finished`].
+    pub(crate) fn take(
+        &mut self,
+        peer: PeerId,
+        protocol: Protocol,
+        id: Id,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let open = self.in_flight.get(&(peer, protocol)).copied().unwrap_or(0);
+        let refusal = if open >= MAX_IN_FLIGHT {
+            Some(Refusal::InFlight)
+        } else if !self.rate(peer, protocol, now) {
+            Some(Refusal::Rate)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            self.note_refusal(peer, protocol, refusal, now);
+            return Err(refusal);
+        }
+        *self.in_flight.entry((peer, protocol)).or_default() += 1;
+        self.open.insert((protocol, id), peer);
+        Ok(())
+    }
+
+    /// Request `id` on `protocol` was answered, or failed: its peer may send another.
+    /// (A refused request was never taken; nothing changes for it.)
+    pub(crate) fn finished(&mut self, protocol: Protocol, id: Id) {
+        let Some(peer) = self.open.remove(&(protocol, id)) else { return };
+        if let Some(open) = self.in_flight.get_mut(&(peer, protocol)) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                self.in_flight.remove(&(peer, protocol));
+            }
+        }
+    }
+
+    /// Takes a token from the peer's bucket, if there is one.
+    fn rate(&mut self, peer: PeerId, protocol: Protocol, now: Instant) -> bool {
         let (rate, burst) = protocol.budget();
         let bucket = self.buckets.entry((peer, protocol)).or_insert(Bucket { tokens: burst, at: now });
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
@@ -105,37 +188,52 @@ impl PeerLimits {
         bucket.at = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            return true;
+            true
+        } else {
+            false
         }
-        self.refused_total += 1;
-        let refused = self.refused.entry(peer).or_insert(Refused { count: 0, logged_at: None });
-        refused.count += 1;
-        if refused.logged_at.is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY) {
-            tracing::warn!(
-                %peer,
-                protocol = protocol.name(),
-                refused = refused.count,
-                "a peer asks faster than its budget; requests refused"
-            );
-            refused.count = 0;
-            refused.logged_at = Some(now);
-        }
-        false
     }
 
-    /// Forgets buckets that have filled up again and peers not refused for a while, so the
-    /// table holds only peers that asked recently.
+    fn note_refusal(&mut self, peer: PeerId, protocol: Protocol, refusal: Refusal, now: Instant) {
+        self.refused_total += 1;
+        match self.refused.get_mut(&peer) {
+            Some(refused) if now.saturating_duration_since(refused.logged_at) < WARN_EVERY => {
+                refused.count += 1
+            }
+            held => {
+                let earlier = held.map_or(0, |r| r.count);
+                tracing::warn!(
+                    %peer,
+                    protocol = protocol.name(),
+                    reason = ?refusal,
+                    refused = earlier + 1,
+                    "a peer asks beyond its limits; requests refused"
+                );
+                self.refused.insert(peer, Refused { count: 0, logged_at: now });
+            }
+        }
+    }
+
+    /// Forgets buckets that have filled up again, and logs the refusals counted since a
+    /// peer's last line once ten seconds have passed, so the tables hold only peers that
+    /// asked recently and no refusal goes unreported.
     pub(crate) fn prune(&mut self, now: Instant) {
         self.buckets.retain(|(_, protocol), bucket| {
             let (rate, burst) = protocol.budget();
             bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * rate < burst
         });
-        self.refused.retain(|_, refused| {
-            refused.logged_at.is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY)
+        self.refused.retain(|peer, refused| {
+            if now.saturating_duration_since(refused.logged_at) < WARN_EVERY {
+                return true;
+            }
+            if refused.count > 0 {
+                tracing::warn!(%peer, refused = refused.count, "a peer asked beyond its limits; requests refused");
+            }
+            false
         });
     }
 
-    /// Peers with a bucket (for tests and the prune).
+    /// Buckets held (for the tests of the prune).
     #[cfg(test)]
     fn tracked(&self) -> usize {
         self.buckets.len()
@@ -147,33 +245,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_peer_gets_its_burst_then_its_rate_and_others_are_not_affected() {
+    fn a_peer_holds_at_most_eight_requests_open_and_others_are_not_affected() {
         let mut limits = PeerLimits::default();
         let (flooder, other) = (PeerId::random(), PeerId::random());
-        let start = Instant::now();
-        let (rate, burst) = Protocol::Handoff.budget();
-        let allowed = (0..2_000).filter(|_| limits.allow(flooder, Protocol::Handoff, start)).count();
-        assert_eq!(allowed, burst as usize);
-        assert_eq!(limits.refused_total, 2_000 - burst as u64);
-        // Another protocol of the same peer, and another peer, have their own budgets.
-        assert!(limits.allow(flooder, Protocol::Report, start));
-        assert!(limits.allow(other, Protocol::Handoff, start));
-        // One second later: `rate` more.
-        let later = start + Duration::from_secs(1);
-        let allowed = (0..2_000).filter(|_| limits.allow(flooder, Protocol::Handoff, later)).count();
-        assert_eq!(allowed, rate as usize);
+        let now = Instant::now();
+        for id in 0..MAX_IN_FLIGHT as u64 {
+            assert_eq!(limits.take(flooder, Protocol::Handoff, id, now), Ok(()));
+        }
+        assert_eq!(limits.take(flooder, Protocol::Handoff, 100, now), Err(Refusal::InFlight));
+        // Another protocol of the same peer, and another peer, have their own.
+        assert_eq!(limits.take(flooder, Protocol::Report, 0, now), Ok(()));
+        assert_eq!(limits.take(other, Protocol::Handoff, 200, now), Ok(()));
+        // One answered: one more may come. A refused one finishing changes nothing.
+        limits.finished(Protocol::Handoff, 3);
+        limits.finished(Protocol::Handoff, 100);
+        assert_eq!(limits.take(flooder, Protocol::Handoff, 101, now), Ok(()));
+        assert_eq!(limits.take(flooder, Protocol::Handoff, 102, now), Err(Refusal::InFlight));
+        assert_eq!(limits.refused_total, 2);
     }
 
     #[test]
-    fn a_node_polling_at_its_busiest_is_never_refused() {
-        // A handoff sync every 20 ms for ten minutes (fifty a second; a node polls every
-        // 250 ms, at once again only while work waits).
+    fn a_peer_gets_its_burst_then_its_rate() {
         let mut limits = PeerLimits::default();
         let peer = PeerId::random();
         let start = Instant::now();
-        for i in 0..30_000u64 {
-            let now = start + Duration::from_millis(20 * i);
-            assert!(limits.allow(peer, Protocol::Handoff, now), "refused at request {i}");
+        let (rate, burst) = Protocol::Directory.budget();
+        let served = |limits: &mut PeerLimits<u64>, at: Instant, from: u64| {
+            (from..from + 1_000)
+                .filter(|id| {
+                    let taken = limits.take(peer, Protocol::Directory, *id, at).is_ok();
+                    limits.finished(Protocol::Directory, *id);
+                    taken
+                })
+                .count()
+        };
+        assert_eq!(served(&mut limits, start, 0), burst as usize);
+        assert_eq!(served(&mut limits, start + Duration::from_secs(1), 1_000), rate as usize);
+    }
+
+    #[test]
+    fn a_node_sending_one_request_at_a_time_is_never_refused() {
+        // A handoff sync or a report every 3 ms for ten minutes, each answered before the
+        // next (a node sends the next at once while work waits; on loopback a few hundred a
+        // second at most).
+        let mut limits = PeerLimits::default();
+        let peer = PeerId::random();
+        let start = Instant::now();
+        for id in 0..200_000u64 {
+            let now = start + Duration::from_millis(3 * id);
+            for protocol in [Protocol::Handoff, Protocol::Report] {
+                assert_eq!(limits.take(peer, protocol, id, now), Ok(()), "{protocol:?} refused at {id}");
+                limits.finished(protocol, id);
+            }
         }
         assert_eq!(limits.refused_total, 0);
     }
@@ -182,16 +305,17 @@ mod tests {
     fn full_buckets_are_forgotten() {
         let mut limits = PeerLimits::default();
         let start = Instant::now();
-        for _ in 0..100 {
-            limits.allow(PeerId::random(), Protocol::Directory, start);
+        for id in 0..100 {
+            let _ = limits.take(PeerId::random(), Protocol::Directory, id, start);
         }
         let busy = PeerId::random();
-        for _ in 0..60 {
-            limits.allow(busy, Protocol::Directory, start);
+        for id in 100..400 {
+            let _ = limits.take(busy, Protocol::Directory, id, start);
+            limits.finished(Protocol::Directory, id);
         }
         assert_eq!(limits.tracked(), 101);
         // A second later the peers that asked once have their burst back; the one that
-        // emptied its bucket is still tracked until it refills.
+        // emptied its bucket is tracked until it refills.
         limits.prune(start + Duration::from_secs(1));
         assert_eq!(limits.tracked(), 1);
         limits.prune(start + Duration::from_secs(60));
