@@ -22,7 +22,7 @@ pub mod movers;
 pub mod national;
 pub mod national_api;
 pub mod p2p;
-mod peer_limits;
+pub mod peer_limits;
 pub mod problem;
 pub mod smoke;
 pub mod statistics;

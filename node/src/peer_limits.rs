@@ -30,7 +30,7 @@ use libp2p::PeerId;
 
 /// The p2p protocols a peer can ask on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Protocol {
+pub enum Protocol {
     /// Directory requests.
     Directory,
     /// Replication pulls.
@@ -44,11 +44,11 @@ pub(crate) enum Protocol {
 }
 
 /// Requests one peer may have open at once on one protocol.
-pub(crate) const MAX_IN_FLIGHT: u32 = 8;
+pub const MAX_IN_FLIGHT: u32 = 8;
 
 impl Protocol {
     /// Requests per second sustained, and the burst allowed on top.
-    pub(crate) fn budget(self) -> (f64, f64) {
+    pub fn budget(self) -> (f64, f64) {
         match self {
             Protocol::Directory => (20.0, 200.0),
             Protocol::Replication | Protocol::Capture | Protocol::Report | Protocol::Handoff => {
@@ -69,14 +69,14 @@ impl Protocol {
 }
 
 /// The refusal code.
-pub(crate) const RATE_LIMITED: &str = "rate_limited";
+pub const RATE_LIMITED: &str = "rate_limited";
 
 /// How often refusals to one peer are logged (with the count since the last line).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a request was refused, for the requester's log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// [`MAX_IN_FLIGHT`] of the peer's requests are open already.
     InFlight,
     /// Beyond the rate.
@@ -85,7 +85,7 @@ pub(crate) enum Refusal {
 
 impl Refusal {
     /// The message sent with [`RATE_LIMITED`].
-    pub(crate) fn message(self, protocol: Protocol) -> String {
+    pub fn message(self, protocol: Protocol) -> String {
         match self {
             Refusal::InFlight => format!(
                 "{MAX_IN_FLIGHT} {} requests from this peer are open already; send the next when one is answered",
@@ -118,14 +118,14 @@ struct Refused {
 /// The limits' state: every peer that asked recently. `Id` names an inbound request
 /// (libp2p's `InboundRequestId`).
 #[derive(Debug)]
-pub(crate) struct PeerLimits<Id> {
+pub struct PeerLimits<Id> {
     buckets: HashMap<(PeerId, Protocol), Bucket>,
     in_flight: HashMap<(PeerId, Protocol), u32>,
     /// Requests taken and not yet answered: which peer's count each one holds.
     open: HashMap<(Protocol, Id), PeerId>,
     refused: HashMap<PeerId, Refused>,
     /// Requests refused since the node started.
-    pub(crate) refused_total: u64,
+    pub refused_total: u64,
 }
 
 impl<Id> Default for PeerLimits<Id> {
@@ -143,13 +143,7 @@ impl<Id> Default for PeerLimits<Id> {
 impl<Id: Hash + Eq> PeerLimits<Id> {
     /// Takes request `id` of `peer` on `protocol` at `now`, or says why not. A request taken
     /// holds one of the peer's [`MAX_IN_FLIGHT`] until [`PeerLimits::finished`].
-    pub(crate) fn take(
-        &mut self,
-        peer: PeerId,
-        protocol: Protocol,
-        id: Id,
-        now: Instant,
-    ) -> Result<(), Refusal> {
+    pub fn take(&mut self, peer: PeerId, protocol: Protocol, id: Id, now: Instant) -> Result<(), Refusal> {
         let open = self.in_flight.get(&(peer, protocol)).copied().unwrap_or(0);
         let refusal = if open >= MAX_IN_FLIGHT {
             Some(Refusal::InFlight)
@@ -169,7 +163,7 @@ impl<Id: Hash + Eq> PeerLimits<Id> {
 
     /// Request `id` on `protocol` was answered, or failed: its peer may send another.
     /// (A refused request was never taken; nothing changes for it.)
-    pub(crate) fn finished(&mut self, protocol: Protocol, id: Id) {
+    pub fn finished(&mut self, protocol: Protocol, id: Id) {
         let Some(peer) = self.open.remove(&(protocol, id)) else { return };
         if let Some(open) = self.in_flight.get_mut(&(peer, protocol)) {
             *open = open.saturating_sub(1);
@@ -217,7 +211,7 @@ impl<Id: Hash + Eq> PeerLimits<Id> {
     /// Forgets buckets that have filled up again, and logs the refusals counted since a
     /// peer's last line once ten seconds have passed, so the tables hold only peers that
     /// asked recently and no refusal goes unreported.
-    pub(crate) fn prune(&mut self, now: Instant) {
+    pub fn prune(&mut self, now: Instant) {
         self.buckets.retain(|(_, protocol), bucket| {
             let (rate, burst) = protocol.budget();
             bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * rate < burst
@@ -233,92 +227,8 @@ impl<Id: Hash + Eq> PeerLimits<Id> {
         });
     }
 
-    /// Buckets held (for the tests of the prune).
-    #[cfg(test)]
-    fn tracked(&self) -> usize {
+    /// Buckets held: peers and protocols with a rate to remember.
+    pub fn tracked(&self) -> usize {
         self.buckets.len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_peer_holds_at_most_eight_requests_open_and_others_are_not_affected() {
-        let mut limits = PeerLimits::default();
-        let (flooder, other) = (PeerId::random(), PeerId::random());
-        let now = Instant::now();
-        for id in 0..MAX_IN_FLIGHT as u64 {
-            assert_eq!(limits.take(flooder, Protocol::Handoff, id, now), Ok(()));
-        }
-        assert_eq!(limits.take(flooder, Protocol::Handoff, 100, now), Err(Refusal::InFlight));
-        // Another protocol of the same peer, and another peer, have their own.
-        assert_eq!(limits.take(flooder, Protocol::Report, 0, now), Ok(()));
-        assert_eq!(limits.take(other, Protocol::Handoff, 200, now), Ok(()));
-        // One answered: one more may come. A refused one finishing changes nothing.
-        limits.finished(Protocol::Handoff, 3);
-        limits.finished(Protocol::Handoff, 100);
-        assert_eq!(limits.take(flooder, Protocol::Handoff, 101, now), Ok(()));
-        assert_eq!(limits.take(flooder, Protocol::Handoff, 102, now), Err(Refusal::InFlight));
-        assert_eq!(limits.refused_total, 2);
-    }
-
-    #[test]
-    fn a_peer_gets_its_burst_then_its_rate() {
-        let mut limits = PeerLimits::default();
-        let peer = PeerId::random();
-        let start = Instant::now();
-        let (rate, burst) = Protocol::Directory.budget();
-        let served = |limits: &mut PeerLimits<u64>, at: Instant, from: u64| {
-            (from..from + 1_000)
-                .filter(|id| {
-                    let taken = limits.take(peer, Protocol::Directory, *id, at).is_ok();
-                    limits.finished(Protocol::Directory, *id);
-                    taken
-                })
-                .count()
-        };
-        assert_eq!(served(&mut limits, start, 0), burst as usize);
-        assert_eq!(served(&mut limits, start + Duration::from_secs(1), 1_000), rate as usize);
-    }
-
-    #[test]
-    fn a_node_sending_one_request_at_a_time_is_never_refused() {
-        // A handoff sync or a report every 3 ms for ten minutes, each answered before the
-        // next (a node sends the next at once while work waits; on loopback a few hundred a
-        // second at most).
-        let mut limits = PeerLimits::default();
-        let peer = PeerId::random();
-        let start = Instant::now();
-        for id in 0..200_000u64 {
-            let now = start + Duration::from_millis(3 * id);
-            for protocol in [Protocol::Handoff, Protocol::Report] {
-                assert_eq!(limits.take(peer, protocol, id, now), Ok(()), "{protocol:?} refused at {id}");
-                limits.finished(protocol, id);
-            }
-        }
-        assert_eq!(limits.refused_total, 0);
-    }
-
-    #[test]
-    fn full_buckets_are_forgotten() {
-        let mut limits = PeerLimits::default();
-        let start = Instant::now();
-        for id in 0..100 {
-            let _ = limits.take(PeerId::random(), Protocol::Directory, id, start);
-        }
-        let busy = PeerId::random();
-        for id in 100..400 {
-            let _ = limits.take(busy, Protocol::Directory, id, start);
-            limits.finished(Protocol::Directory, id);
-        }
-        assert_eq!(limits.tracked(), 101);
-        // A second later the peers that asked once have their burst back; the one that
-        // emptied its bucket is tracked until it refills.
-        limits.prune(start + Duration::from_secs(1));
-        assert_eq!(limits.tracked(), 1);
-        limits.prune(start + Duration::from_secs(60));
-        assert_eq!(limits.tracked(), 0);
     }
 }

@@ -27,6 +27,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
 use protocol::directory::{DirectoryEntry, JoinRequest, NodeRole};
 use protocol::document::Sex;
+use protocol::handoff::{HandoffResponse, HandoffSync};
 use protocol::municipality::{MunicipalityCode, all_municipalities};
 use protocol::person::{hex_decode, hex_lower};
 use protocol::statistics::{
@@ -320,118 +321,112 @@ async fn join_and_report(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use protocol::handoff::{HandoffResponse, HandoffSync};
+/// What [`flood`] saw.
+#[derive(Debug)]
+pub struct FloodReport {
+    /// Handoff syncs the flooding municipality sent.
+    pub sent: usize,
+    /// Of those, answered by the ledger.
+    pub answered: usize,
+    /// Refused at once (`rate_limited`).
+    pub refused: usize,
+    /// Seconds the flood took.
+    pub seconds: f64,
+    /// Whether another municipality joined and had its report stored meanwhile.
+    pub others_served: bool,
+    /// The flooder's answer to one sync sent afterwards, as a node sends them.
+    pub answer_after: HandoffResponse,
+}
 
-    use super::*;
-    use crate::peer_limits::{MAX_IN_FLIGHT, RATE_LIMITED};
+fn empty_sync() -> HandoffSync {
+    HandoffSync {
+        deposits: Vec::new(),
+        accepted: Vec::new(),
+        watching: Vec::new(),
+        asks: Vec::new(),
+        answered: Vec::new(),
+        returned: Vec::new(),
+    }
+}
 
-    fn empty_sync() -> HandoffSync {
-        HandoffSync {
-            deposits: Vec::new(),
-            accepted: Vec::new(),
-            watching: Vec::new(),
-            asks: Vec::new(),
-            answered: Vec::new(),
-            returned: Vec::new(),
+/// Waits for the answer to one handoff sync.
+async fn sync_answer(swarm: &mut libp2p::Swarm<crate::p2p::Behaviour>) -> anyhow::Result<HandoffResponse> {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), swarm.select_next_some())
+            .await
+            .context("no answer within 30 s")?;
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::Message {
+                message: Message::Response { response, .. },
+                ..
+            })) => return Ok(response),
+            SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::OutboundFailure {
+                error,
+                ..
+            })) => bail!("a handoff sync failed: {error}"),
+            _ => {}
         }
     }
+}
 
-    /// Waits for the answer to one handoff sync.
-    async fn answer(swarm: &mut libp2p::Swarm<crate::p2p::Behaviour>) -> anyhow::Result<HandoffResponse> {
-        loop {
-            let event = tokio::time::timeout(Duration::from_secs(30), swarm.select_next_some())
-                .await
-                .context("no answer within 30 s")?;
-            match event {
-                SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::Message {
-                    message: Message::Response { response, .. },
-                    ..
-                })) => return Ok(response),
-                SwarmEvent::Behaviour(BehaviourEvent::Handoff(
-                    request_response::Event::OutboundFailure { error, .. },
-                )) => bail!("a handoff sync failed: {error}"),
-                _ => {}
-            }
-        }
-    }
+/// A municipality in the national node's directory floods it: it keeps `window` handoff
+/// syncs open at once (a node has one), sending the next as soon as one is answered, until
+/// `total` are answered or refused. Meanwhile another municipality joins and reports; then
+/// the flooder sends one sync more, as a node would. The national node runs its real p2p
+/// service over a store in `dir`, on the in-memory transport at `listen`.
+pub async fn flood(dir: &Path, listen: &str, total: usize, window: usize) -> anyhow::Result<FloodReport> {
+    let (national_peer, national_key) = init_national(dir, listen)?;
+    let codes = all_municipalities();
+    let flooder = admit(dir, 0, codes[0].code)?;
+    let honest = admit(dir, 1, codes[1].code)?;
+    let (_store, national) = serve_national(dir, listen, &national_key).await?;
+    let address: Multiaddr = format!("{listen}/p2p/{national_peer}").parse()?;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_peer_holding_too_many_requests_open_is_refused_and_the_others_are_served() -> anyhow::Result<()>
-    {
-        let dir = std::env::temp_dir().join(format!("vrs-peer-limits-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let listen = "/memory/17411";
-        let (national_peer, national_key) = init_national(&dir, listen)?;
-        let codes = all_municipalities();
-        let flooder = admit(&dir, 0, codes[0].code)?;
-        let honest = admit(&dir, 1, codes[1].code)?;
-        let (_store, national) = serve_national(&dir, listen, &national_key).await?;
-        let address: Multiaddr = format!("{listen}/p2p/{national_peer}").parse()?;
-
-        // A listed municipality keeps 32 handoff syncs open at once (a node has one), sending
-        // the next as soon as one is answered.
-        const TOTAL: usize = 1_500;
-        const WINDOW: usize = 32;
-        let mut swarm = crate::p2p::build_swarm(flooder.keypair)?;
-        swarm.behaviour_mut().gate.set_allowed(HashSet::from([national_peer]));
-        swarm.dial(address.clone())?;
-        let (mut sent, mut synced, mut limited) = (0, 0, 0);
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while synced + limited < TOTAL {
-            let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
-                .await
-                .context("the flood did not end")?;
-            match event {
-                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == national_peer => {
-                    while sent < WINDOW {
-                        swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
-                        sent += 1;
-                    }
+    let mut swarm = crate::p2p::build_swarm(flooder.keypair)?;
+    swarm.behaviour_mut().gate.set_allowed(HashSet::from([national_peer]));
+    swarm.dial(address.clone())?;
+    let (mut sent, mut answered, mut refused) = (0, 0, 0);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while answered + refused < total {
+        let event = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .context("the flood did not end")?;
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == national_peer => {
+                while sent < window.min(total) {
+                    swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
+                    sent += 1;
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::Message {
-                    message: Message::Response { response, .. },
-                    ..
-                })) => {
-                    match response {
-                        HandoffResponse::Synced { .. } => synced += 1,
-                        HandoffResponse::Refused { code, .. } if code == RATE_LIMITED => limited += 1,
-                        other => bail!("unexpected answer: {other:?}"),
-                    }
-                    if sent < TOTAL {
-                        swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
-                        sent += 1;
-                    }
-                }
-                SwarmEvent::Behaviour(BehaviourEvent::Handoff(
-                    request_response::Event::OutboundFailure { error, .. },
-                )) => bail!("a handoff sync failed: {error}"),
-                _ => {}
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::Message {
+                message: Message::Response { response, .. },
+                ..
+            })) => {
+                match response {
+                    HandoffResponse::Synced { .. } => answered += 1,
+                    HandoffResponse::Refused { code, .. } if code == crate::peer_limits::RATE_LIMITED => {
+                        refused += 1
+                    }
+                    other => bail!("unexpected answer: {other:?}"),
+                }
+                if sent < total {
+                    swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
+                    sent += 1;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Handoff(request_response::Event::OutboundFailure {
+                error,
+                ..
+            })) => bail!("a handoff sync failed: {error}"),
+            _ => {}
         }
-        let seconds = started.elapsed().as_secs_f64();
-        println!("{synced} answered and {limited} refused in {seconds:.2} s");
-        // Beyond its eight open, requests were refused at once, not queued; within them it
-        // was served.
-        assert!(MAX_IN_FLIGHT < WINDOW as u32);
-        assert_eq!(synced + limited, TOTAL);
-        assert!(limited > 0, "nothing refused: {synced} answered in {seconds:.2} s");
-        assert!(synced > 0, "nothing answered: {limited} refused in {seconds:.2} s");
-
-        // Another municipality joins and reports meanwhile: its budget is its own.
-        let date = time::OffsetDateTime::now_utc().date();
-        join_and_report(honest, address, national_peer, national_key, date).await?;
-
-        // One request at a time, as a node sends them, the flooder is served again.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
-        let again = answer(&mut swarm).await?;
-        assert!(matches!(again, HandoffResponse::Synced { .. }), "{again:?}");
-
-        national.abort();
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(())
     }
+    let seconds = started.elapsed().as_secs_f64();
+    let date = time::OffsetDateTime::now_utc().date();
+    let others_served = join_and_report(honest, address, national_peer, national_key, date).await.is_ok();
+    swarm.behaviour_mut().handoff.send_request(&national_peer, empty_sync());
+    let answer_after = sync_answer(&mut swarm).await?;
+    national.abort();
+    Ok(FloodReport { sent, answered, refused, seconds, others_served, answer_after })
 }

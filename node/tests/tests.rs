@@ -14,6 +14,7 @@ mod feed;
 mod isolation;
 mod ledger;
 mod national;
+mod peer_limits;
 mod preload;
 use node::import::{Encoding, ImportOutcome, import_file};
 use node::store::Store;
