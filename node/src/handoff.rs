@@ -1186,8 +1186,9 @@ impl HandoffService {
         Ok(sync)
     }
 
-    /// Keeps answers to requests whose sync did not reach the ledger, for the next one.
-    pub fn answer_again(&self, answers: Vec<AskAnswer>) {
+    /// Holds answers to requests for the next sync: new ones, or those of a sync that did
+    /// not reach the ledger.
+    pub fn hold_answers(&self, answers: Vec<AskAnswer>) {
         if let Ok(mut held) = self.answers.lock() {
             held.extend(answers);
         }
@@ -1495,9 +1496,7 @@ impl HandoffService {
         }
         let answers =
             libp2p::futures::future::join_all(requests.iter().map(|r| self.answer_request(r))).await;
-        if let Ok(mut held) = self.answers.lock() {
-            held.extend(answers);
-        }
+        self.hold_answers(answers);
         Ok(busy)
     }
 

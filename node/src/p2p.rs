@@ -1386,7 +1386,7 @@ impl Node {
         self.handoff_next = Instant::now() + Duration::from_secs(1);
         if let Some(service) = &self.options.handoffs {
             service.due.store(false, std::sync::atomic::Ordering::Release);
-            service.answer_again(sent.answered.clone());
+            service.hold_answers(sent.answered.clone());
         }
     }
 
