@@ -6,9 +6,10 @@
 //! 3.77 million residents cannot keep them in memory (about 20 KB each once loaded).
 //!
 //! Every change to a document moves it to the end of the change feed: `changes` maps a
-//! monotonically increasing sequence number to the document id, and `doc_meta` remembers the
-//! document's latest sequence so its previous entry is removed (as CouchDB's `_changes`
-//! keeps one row per document). Replication reads the feed from a checkpoint.
+//! monotonically increasing sequence number to the document id, and the document's meta
+//! entry remembers its latest sequence, so that readers skip its earlier entries and a sweep
+//! removes them (as CouchDB's `_changes` keeps one row per document). Replication reads the
+//! feed from a checkpoint.
 //!
 //! All writes of one logical operation happen in one redb write transaction; a commit is
 //! durable when `commit()` returns (redb's default `Durability::Immediate`).
@@ -34,13 +35,19 @@ use time::OffsetDateTime;
 
 /// Full saves: resident id → bytes.
 pub const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
-/// Incremental chunks: (resident id, n) → bytes.
+/// Incremental chunks: (resident id, n) → bytes; and, after them at [`META_SLOT`], the
+/// document's meta ([`DocMeta`]). A change writes its chunk and its meta side by side, in
+/// one page of one table, where a table of their own for the metas cost every change a
+/// second page written at a random place.
 pub const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("doc_chunks");
-/// resident id → (latest change sequence, number of chunks).
-pub const DOC_META: TableDefinition<&str, (u64, u32)> = TableDefinition::new("doc_meta");
+/// The key under which a document's meta sits among its chunks.
+pub const META_SLOT: u32 = u32::MAX;
+/// Where the metas were kept before they moved beside the chunks; [`Store::open`] moves a
+/// store's metas from it, once.
+const OLD_DOC_META: TableDefinition<&str, (u64, u32)> = TableDefinition::new("doc_meta");
 /// The change feed: sequence → resident id. A document's entry is the one at the sequence
-/// `DOC_META` holds for it; an entry a later change superseded stays until
-/// [`Mutation::sweep_feed`] removes it, and readers skip it ([`ReadView::changes_since`]).
+/// its meta holds; an entry a later change superseded stays until [`Mutation::sweep_feed`]
+/// removes it, and readers skip it ([`ReadView::changes_since`]).
 pub const CHANGES: TableDefinition<u64, &str> = TableDefinition::new("changes");
 /// 10-digit coupon number → resident id.
 pub const IDX_COUPON: TableDefinition<&str, &str> = TableDefinition::new("idx_coupon");
@@ -146,6 +153,78 @@ pub const BULK_CACHE_BYTES: usize = 1024 * 1024 * 1024;
 /// Chunks kept before a document is saved whole again.
 pub const COMPACT_AFTER_CHUNKS: u32 = 16;
 
+/// What the store keeps about a document beside its bytes, at [`META_SLOT`] among its chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DocMeta {
+    /// The sequence of its latest change in the feed.
+    pub seq: u64,
+    /// Chunks stored since its last full save.
+    pub n_chunks: u32,
+}
+
+impl DocMeta {
+    const LEN: usize = 12;
+
+    fn encode(self) -> [u8; Self::LEN] {
+        let mut bytes = [0u8; Self::LEN];
+        bytes[..8].copy_from_slice(&self.seq.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.n_chunks.to_be_bytes());
+        bytes
+    }
+
+    fn decode(resident_id: &str, bytes: &[u8]) -> anyhow::Result<Self> {
+        let Ok(bytes) = <[u8; Self::LEN]>::try_from(bytes) else {
+            bail!("document {resident_id}: its meta has {} bytes, not {}", bytes.len(), Self::LEN);
+        };
+        let (seq, n_chunks) = bytes.split_at(8);
+        Ok(Self {
+            seq: u64::from_be_bytes(seq.try_into()?),
+            n_chunks: u32::from_be_bytes(n_chunks.try_into()?),
+        })
+    }
+}
+
+/// A document's meta, if the store holds the document.
+fn read_meta(
+    chunks: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    resident_id: &str,
+) -> anyhow::Result<Option<DocMeta>> {
+    chunks.get((resident_id, META_SLOT))?.map(|v| DocMeta::decode(resident_id, v.value())).transpose()
+}
+
+/// Sets a document's meta; returns whether it had one.
+fn write_meta(
+    chunks: &mut redb::Table<'_, (&'static str, u32), &'static [u8]>,
+    resident_id: &str,
+    meta: DocMeta,
+) -> anyhow::Result<Option<DocMeta>> {
+    let previous = chunks.insert((resident_id, META_SLOT), meta.encode().as_slice())?;
+    previous.map(|v| DocMeta::decode(resident_id, v.value())).transpose()
+}
+
+/// Moves the metas of a store written before they sat beside the chunks, in the
+/// transaction that opens it.
+fn move_old_metas(txn: &WriteTransaction) -> anyhow::Result<()> {
+    use redb::TableHandle;
+    if !txn.list_tables()?.any(|table| table.name() == OLD_DOC_META.name()) {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    {
+        let old = txn.open_table(OLD_DOC_META)?;
+        let mut chunks = txn.open_table(CHUNKS)?;
+        for row in old.iter()? {
+            let (id, value) = row?;
+            let (seq, n_chunks) = value.value();
+            write_meta(&mut chunks, id.value(), DocMeta { seq, n_chunks })?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(OLD_DOC_META)?;
+    tracing::info!(documents = moved, "document metas moved beside their chunks");
+    Ok(())
+}
+
 /// The node's database.
 pub struct Store {
     db: Database,
@@ -155,7 +234,7 @@ pub struct Store {
 /// document itself, its identity indexes and its change-feed entry.
 struct NewDocTables<'t> {
     docs: redb::Table<'t, &'static str, &'static [u8]>,
-    meta: redb::Table<'t, &'static str, (u64, u32)>,
+    chunks: redb::Table<'t, (&'static str, u32), &'static [u8]>,
     changes: redb::Table<'t, u64, &'static str>,
     atena: redb::Table<'t, &'static str, &'static str>,
     person: redb::Table<'t, &'static str, &'static str>,
@@ -166,7 +245,7 @@ impl<'t> NewDocTables<'t> {
     fn open(txn: &'t WriteTransaction) -> anyhow::Result<Self> {
         Ok(Self {
             docs: txn.open_table(DOCS)?,
-            meta: txn.open_table(DOC_META)?,
+            chunks: txn.open_table(CHUNKS)?,
             changes: txn.open_table(CHANGES)?,
             atena: txn.open_table(IDX_ATENA)?,
             person: txn.open_table(IDX_PERSON)?,
@@ -180,8 +259,8 @@ impl<'t> NewDocTables<'t> {
         self.atena.insert(record.identity.atena_number.as_str(), id)?;
         self.person.insert(record.person_key.as_str(), id)?;
         self.kana.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
-        if let Some(previous) = self.meta.insert(id, (seq, 0))?.map(|v| v.value().0) {
-            self.changes.remove(previous)?;
+        if let Some(previous) = write_meta(&mut self.chunks, id, DocMeta { seq, n_chunks: 0 })? {
+            self.changes.remove(previous.seq)?;
         }
         self.changes.insert(seq, id)?;
         Ok(())
@@ -251,7 +330,6 @@ impl Store {
         {
             txn.open_table(DOCS)?;
             txn.open_table(CHUNKS)?;
-            txn.open_table(DOC_META)?;
             txn.open_table(CHANGES)?;
             txn.open_table(IDX_COUPON)?;
             txn.open_table(IDX_PERSON)?;
@@ -286,8 +364,9 @@ impl Store {
             txn.open_table(crate::auth::SESSIONS)?;
             txn.open_table(crate::auth::API_TOKENS)?;
             txn.open_table(crate::auth::TOKEN_NAMES)?;
+            move_old_metas(&txn)?;
             // A store without documents has nothing left uncounted.
-            if txn.open_table(DOC_META)?.is_empty()? {
+            if txn.open_table(DOCS)?.is_empty()? {
                 txn.open_table(META)?.insert(META_STATS_COUNTED, 1)?;
             }
             // Open asks are kept in the due table (`handoff::put_ask`): a store from before
@@ -379,7 +458,10 @@ impl ReadView {
             total += row?.1.value().len() as u64;
         }
         for row in self.txn.open_table(CHUNKS)?.iter()? {
-            total += row?.1.value().len() as u64;
+            let (key, bytes) = row?;
+            if key.value().1 != META_SLOT {
+                total += bytes.value().len() as u64;
+            }
         }
         Ok(total)
     }
@@ -390,7 +472,7 @@ impl ReadView {
         let docs = self.txn.open_table(DOCS)?;
         let Some(saved) = docs.get(resident_id)? else { return Ok(None) };
         let mut bytes = saved.value().to_vec();
-        for entry in self.txn.open_table(CHUNKS)?.range((resident_id, 0)..=(resident_id, u32::MAX))? {
+        for entry in self.txn.open_table(CHUNKS)?.range((resident_id, 0)..(resident_id, META_SLOT))? {
             bytes.extend_from_slice(entry?.1.value());
         }
         Ok(Some(bytes))
@@ -433,7 +515,7 @@ impl ReadView {
     /// document once, at its latest change (entries a later change superseded are skipped).
     pub fn changes_since(&self, since: u64, limit: usize) -> anyhow::Result<Vec<(u64, String)>> {
         let table = self.txn.open_table(CHANGES)?;
-        let meta = self.txn.open_table(DOC_META)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
         let mut out = Vec::new();
         for entry in table.range(since.saturating_add(1)..)? {
             if out.len() >= limit {
@@ -441,11 +523,16 @@ impl ReadView {
             }
             let (seq, id) = entry?;
             let (seq, id) = (seq.value(), id.value());
-            if meta.get(id)?.is_some_and(|m| m.value().0 == seq) {
+            if read_meta(&chunks, id)?.is_some_and(|meta| meta.seq == seq) {
                 out.push((seq, id.to_owned()));
             }
         }
         Ok(out)
+    }
+
+    /// The sequence of a document's latest change in the feed, if the store holds it.
+    pub fn change_seq(&self, resident_id: &str) -> anyhow::Result<Option<u64>> {
+        Ok(read_meta(&self.txn.open_table(CHUNKS)?, resident_id)?.map(|meta| meta.seq))
     }
 
     /// Number of resident documents.
@@ -508,8 +595,8 @@ impl ReadView {
 
     /// Every resident id, in id order, from `after` (exclusive), at most `limit`.
     pub fn resident_ids(&self, after: Option<&str>, limit: usize) -> anyhow::Result<Vec<String>> {
-        let table = self.txn.open_table(DOC_META)?;
-        let mut out = Vec::with_capacity(limit);
+        let table = self.txn.open_table(DOCS)?;
+        let mut out = Vec::with_capacity(limit.min(4096));
         let range = match after {
             Some(after) => {
                 table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?
@@ -542,7 +629,7 @@ fn load_from(
     let mut doc = Automerge::load_unverified_heads(saved.value())
         .with_context(|| format!("document {resident_id}: saved bytes do not load"))?;
     let mut n_chunks = 0;
-    for entry in chunks.range((resident_id, 0)..=(resident_id, u32::MAX))? {
+    for entry in chunks.range((resident_id, 0)..(resident_id, META_SLOT))? {
         let (_, bytes) = entry?;
         doc.load_incremental(bytes.value())
             .with_context(|| format!("document {resident_id}: chunk {n_chunks} does not load"))?;
@@ -653,9 +740,8 @@ impl<'a> Mutation<'a> {
     /// Whether nothing has changed the document, in this transaction included, since it was
     /// read ahead.
     pub fn still_current(&self, preloaded: &Preloaded) -> anyhow::Result<bool> {
-        let current =
-            self.txn.open_table(DOC_META)?.get(preloaded.resident_id.as_str())?.map(|v| v.value().0);
-        Ok(current == Some(preloaded.seq))
+        let current = read_meta(&self.txn.open_table(CHUNKS)?, &preloaded.resident_id)?;
+        Ok(current.map(|meta| meta.seq) == Some(preloaded.seq))
     }
 
     /// Stores the event applied ahead on a document read ahead, as [`Mutation::apply_after`]
@@ -698,7 +784,7 @@ impl<'a> Mutation<'a> {
     /// Creates a resident's document (the registration commit) and its indexes.
     pub fn create_resident(&mut self, record: &ResidentRecord, at: OffsetDateTime) -> anyhow::Result<()> {
         let id = record.resident_id.as_str();
-        if self.txn.open_table(DOC_META)?.get(id)?.is_some() {
+        if self.txn.open_table(DOCS)?.get(id)?.is_some() {
             bail!("resident {id} already exists");
         }
         let doc = new_resident_document(self.actor, record, at)?;
@@ -855,9 +941,9 @@ impl<'a> Mutation<'a> {
     /// counted for [`Mutation::sweep_feed`].
     fn bump_feed(&mut self, resident_id: &str, n_chunks: u32) -> anyhow::Result<()> {
         let seq = self.next_counter(META_CHANGE_SEQ)?;
-        let previous = self.txn.open_table(DOC_META)?.insert(resident_id, (seq, n_chunks))?.is_some();
+        let previous = write_meta(&mut self.txn.open_table(CHUNKS)?, resident_id, DocMeta { seq, n_chunks })?;
         self.txn.open_table(CHANGES)?.insert(seq, resident_id)?;
-        self.superseded += u64::from(previous);
+        self.superseded += u64::from(previous.is_some());
         Ok(())
     }
 
@@ -878,19 +964,19 @@ impl<'a> Mutation<'a> {
             Some(entry) => (entry?.0.value(), false),
             None => (u64::MAX, true),
         };
-        let meta = self.txn.open_table(DOC_META)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
         let mut failure = None;
-        changes.retain_in(start..=end, |seq, id| match meta.get(id) {
-            Ok(current) => current.is_some_and(|m| m.value().0 == seq),
+        changes.retain_in(start..=end, |seq, id| match read_meta(&chunks, id) {
+            Ok(current) => current.is_some_and(|meta| meta.seq == seq),
             Err(error) => {
                 failure.get_or_insert(error);
                 true
             }
         })?;
         if let Some(error) = failure {
-            return Err(error.into());
+            return Err(error);
         }
-        drop((meta, changes));
+        drop((chunks, changes));
         let next = if wrapped { 0 } else { end + 1 };
         self.txn.open_table(META)?.insert(META_FEED_SWEPT, next)?;
         Ok(())
@@ -905,7 +991,7 @@ impl<'a> Mutation<'a> {
     ) -> anyhow::Result<()> {
         let docs: Vec<(&str, &[u8], &ResidentRecord)> = docs.into_iter().collect();
         let existing: std::collections::HashSet<&str> = {
-            let meta = self.txn.open_table(DOC_META)?;
+            let docs_table = self.txn.open_table(DOCS)?;
             let mut existing = std::collections::HashSet::new();
             for (id, _, record) in &docs {
                 anyhow::ensure!(
@@ -913,7 +999,7 @@ impl<'a> Mutation<'a> {
                     "document {id} holds resident {}",
                     record.resident_id
                 );
-                if meta.get(*id)?.is_some() {
+                if docs_table.get(*id)?.is_some() {
                     existing.insert(*id);
                 }
             }
@@ -990,7 +1076,7 @@ impl<'a> Mutation<'a> {
             "document {resident_id} holds resident {}",
             record.resident_id
         );
-        let exists = self.txn.open_table(DOC_META)?.get(resident_id)?.is_some();
+        let exists = self.txn.open_table(DOCS)?.get(resident_id)?.is_some();
         let old = match exists && self.ensure_loaded(resident_id)? {
             true => {
                 let loaded = self.cache.get(resident_id).context("cache lost a document")?;
@@ -1005,7 +1091,7 @@ impl<'a> Mutation<'a> {
         {
             let mut chunks = self.txn.open_table(CHUNKS)?;
             let stale: Vec<u32> = chunks
-                .range((resident_id, 0)..=(resident_id, u32::MAX))?
+                .range((resident_id, 0)..(resident_id, META_SLOT))?
                 .map(|row| row.map(|(k, _)| k.value().1))
                 .collect::<Result<_, _>>()?;
             for n in stale {
@@ -1307,16 +1393,15 @@ impl ReadView {
         event_id: Option<&str>,
     ) -> anyhow::Result<Option<Preloaded>> {
         let Some(resident_id) = self.index(index, key)? else { return Ok(None) };
-        let Some((seq, _)) = self.txn.open_table(DOC_META)?.get(resident_id.as_str())?.map(|v| v.value())
-        else {
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        let Some(DocMeta { seq, .. }) = read_meta(&chunks, &resident_id)? else {
             return Ok(None);
         };
         // The writer inserts the event id: read its page now.
         if let Some(event_id) = event_id {
             drop(self.txn.open_table(IDX_EVENT)?.get(event_id)?);
         }
-        let docs = self.txn.open_table(DOCS)?;
-        let chunks = self.txn.open_table(CHUNKS)?;
         let Some(loaded) = load_from(&docs, &chunks, &resident_id)? else { return Ok(None) };
         let record =
             read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;

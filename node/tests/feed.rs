@@ -3,7 +3,7 @@
 //! taking a document's current entry with them.
 
 use automerge::ActorId;
-use node::store::{CHANGES, DOC_META, META_FEED_SWEPT, Mutation, Store, new_cache};
+use node::store::{CHANGES, CHUNKS, META_FEED_SWEPT, META_SLOT, Mutation, Store, new_cache};
 use proptest::prelude::*;
 use protocol::document::{ResidentEvent, ResidentRecord};
 use redb::{ReadableTable, ReadableTableMetadata};
@@ -18,7 +18,7 @@ fn record(n: usize) -> ResidentRecord {
 
 struct Fixture {
     dir: std::path::PathBuf,
-    store: std::sync::Arc<Store>,
+    store: Option<std::sync::Arc<Store>>,
     actor: ActorId,
 }
 
@@ -30,8 +30,8 @@ impl Fixture {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let store = Store::open(&dir.join("store.redb")).unwrap();
-        let fixture = Fixture { dir, store, actor: ActorId::random() };
-        let txn = fixture.store.begin_write().unwrap();
+        let fixture = Fixture { dir, store: Some(store), actor: ActorId::random() };
+        let txn = fixture.store().begin_write().unwrap();
         let mut cache = new_cache(16);
         let mut m = Mutation::new(&txn, &mut cache, &fixture.actor);
         for n in 0..residents {
@@ -42,9 +42,21 @@ impl Fixture {
         fixture
     }
 
+    fn store(&self) -> &Store {
+        self.store.as_ref().expect("the store is open")
+    }
+
+    /// Closes the store, lets `between` change its file, and opens it again.
+    fn reopen(&mut self, between: impl FnOnce(&std::path::Path)) {
+        let path = self.dir.join("store.redb");
+        self.store = None;
+        between(&path);
+        self.store = Some(Store::open(&path).unwrap());
+    }
+
     /// One transaction changing each listed resident's address once; swept if asked.
     fn change(&self, residents: &[usize], sweep: bool) {
-        let txn = self.store.begin_write().unwrap();
+        let txn = self.store().begin_write().unwrap();
         let mut cache = new_cache(16);
         let mut m = Mutation::new(&txn, &mut cache, &self.actor);
         for (i, n) in residents.iter().enumerate() {
@@ -66,23 +78,17 @@ impl Fixture {
 
     /// Every document with the sequence of its latest change, in that order.
     fn latest(&self) -> Vec<(u64, String)> {
-        let view = self.store.read().unwrap();
-        let meta = view.txn().open_table(DOC_META).unwrap();
-        let mut latest: Vec<(u64, String)> = meta
-            .iter()
-            .unwrap()
-            .map(|row| {
-                let (id, value) = row.unwrap();
-                (value.value().0, id.value().to_owned())
-            })
-            .collect();
+        let view = self.store().read().unwrap();
+        let ids = view.resident_ids(None, usize::MAX).unwrap();
+        let mut latest: Vec<(u64, String)> =
+            ids.into_iter().map(|id| (view.change_seq(&id).unwrap().unwrap(), id)).collect();
         latest.sort();
         latest
     }
 
     /// The whole feed as replication reads it, `page` entries at a time.
     fn feed(&self, page: usize) -> Vec<(u64, String)> {
-        let view = self.store.read().unwrap();
+        let view = self.store().read().unwrap();
         let mut all = Vec::new();
         loop {
             let since = all.last().map_or(0, |(seq, _): &(u64, String)| *seq);
@@ -96,7 +102,7 @@ impl Fixture {
     }
 
     fn stored_entries(&self) -> u64 {
-        self.store.read().unwrap().txn().open_table(CHANGES).unwrap().len().unwrap()
+        self.store().read().unwrap().txn().open_table(CHANGES).unwrap().len().unwrap()
     }
 }
 
@@ -133,7 +139,7 @@ fn each_document_is_read_once_at_its_latest_change_and_swept_entries_go() {
     for _ in 0..9 {
         fixture.change(&[4], true);
         assert_eq!(fixture.feed(2), fixture.latest());
-        wrapped |= fixture.store.read().unwrap().meta(META_FEED_SWEPT).unwrap() == 0;
+        wrapped |= fixture.store().read().unwrap().meta(META_FEED_SWEPT).unwrap() == 0;
     }
     assert!(wrapped, "the sweep never started again from the feed's start");
     assert!(fixture.stored_entries() <= 5 + 1, "{} entries for 5 documents", fixture.stored_entries());
@@ -170,4 +176,58 @@ proptest! {
         prop_assert!(stored <= 24, "{} entries for 12 documents", stored);
         prop_assert_eq!(fixture.feed(page), fixture.latest());
     }
+}
+
+/// A store from before document metas moved beside their chunks had them in a table of
+/// their own: opened now, it moves them, and its feed, documents and sweeps are as they were.
+#[test]
+fn a_store_with_the_metas_in_their_own_table_opens_as_it_was() {
+    const OLD_META: redb::TableDefinition<&str, (u64, u32)> = redb::TableDefinition::new("doc_meta");
+    let mut fixture = Fixture::new(20);
+    fixture.change(&[1, 2, 3], false);
+    fixture.change(&[2, 7, 1], true);
+    let (latest, feed) = (fixture.latest(), fixture.feed(3));
+    let records: Vec<_> = {
+        let view = fixture.store().read().unwrap();
+        latest.iter().map(|(_, id)| view.record(id).unwrap().unwrap()).collect()
+    };
+    let bytes = fixture.store().read().unwrap().document_bytes().unwrap();
+    fixture.reopen(|path| {
+        let db = redb::Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut chunks = txn.open_table(CHUNKS).unwrap();
+            let mut old = txn.open_table(OLD_META).unwrap();
+            let metas: Vec<(String, Vec<u8>)> = chunks
+                .iter()
+                .unwrap()
+                .map(|row| row.unwrap())
+                .filter(|(key, _)| key.value().1 == META_SLOT)
+                .map(|(key, value)| (key.value().0.to_owned(), value.value().to_vec()))
+                .collect();
+            assert_eq!(metas.len(), 20);
+            for (id, meta) in metas {
+                chunks.remove((id.as_str(), META_SLOT)).unwrap();
+                let seq = u64::from_be_bytes(meta[..8].try_into().unwrap());
+                let n_chunks = u32::from_be_bytes(meta[8..].try_into().unwrap());
+                old.insert(id.as_str(), (seq, n_chunks)).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    });
+    let view = fixture.store().read().unwrap();
+    use redb::TableHandle;
+    let tables: Vec<String> = view.txn().list_tables().unwrap().map(|t| t.name().to_owned()).collect();
+    assert!(!tables.iter().any(|name| name == "doc_meta"), "the old table is still there: {tables:?}");
+    assert_eq!(fixture.latest(), latest);
+    assert_eq!(fixture.feed(3), feed);
+    assert_eq!(view.document_bytes().unwrap(), bytes);
+    for ((_, id), before) in latest.iter().zip(&records) {
+        assert_eq!(&view.record(id).unwrap().unwrap(), before, "{id}");
+    }
+    drop(view);
+    // Changes and sweeps go on from the moved metas.
+    fixture.change(&[4, 1], true);
+    assert_eq!(fixture.feed(2), fixture.latest());
+    assert_eq!(fixture.latest().last().map(|(_, id)| id.as_str()), Some("141003-r1"));
 }
