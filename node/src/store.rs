@@ -140,6 +140,11 @@ pub const META_STATS_VERSION: &str = "stats_version";
 pub const META_STATS_COUNTED: &str = "stats_counted";
 /// `META` key: 1 once every open ask is in `HANDOFF_DUE` (see `handoff::note_open_asks`).
 pub const META_ASKS_DUE: &str = "asks_due";
+/// The layout of the build that last opened the store ([`STORE_LAYOUT`]).
+pub const META_STORE_LAYOUT: &str = "store_layout";
+/// The store layout this build writes: 2 since document metas sit beside their chunks (a
+/// store without the key is older). A build refuses a store of a later layout than its own.
+pub const STORE_LAYOUT: u64 = 2;
 /// `META` key: the last stock ledger entry's number.
 pub const META_STOCK_SEQ: &str = "stock_seq";
 /// `META` key: the newest audit checkpoint deposited at the national node.
@@ -364,7 +369,18 @@ impl Store {
             txn.open_table(crate::auth::SESSIONS)?;
             txn.open_table(crate::auth::API_TOKENS)?;
             txn.open_table(crate::auth::TOKEN_NAMES)?;
+            let layout = txn.open_table(META)?.get(META_STORE_LAYOUT)?.map(|v| v.value());
+            if let Some(layout) = layout.filter(|layout| *layout > STORE_LAYOUT) {
+                bail!(
+                    "{} は新しい版の vrs-node が書いたストアです（形式 {layout}、この版は {STORE_LAYOUT} まで）。\
+                     新しい版で開いてください / {} was written by a newer vrs-node (store layout {layout}; \
+                     this one knows up to {STORE_LAYOUT}): open it with that version",
+                    path.display(),
+                    path.display()
+                );
+            }
             move_old_metas(&txn)?;
+            txn.open_table(META)?.insert(META_STORE_LAYOUT, STORE_LAYOUT)?;
             // A store without documents has nothing left uncounted.
             if txn.open_table(DOCS)?.is_empty()? {
                 txn.open_table(META)?.insert(META_STATS_COUNTED, 1)?;

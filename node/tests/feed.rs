@@ -219,6 +219,7 @@ fn a_store_with_the_metas_in_their_own_table_opens_as_it_was() {
     use redb::TableHandle;
     let tables: Vec<String> = view.txn().list_tables().unwrap().map(|t| t.name().to_owned()).collect();
     assert!(!tables.iter().any(|name| name == "doc_meta"), "the old table is still there: {tables:?}");
+    assert_eq!(view.meta(node::store::META_STORE_LAYOUT).unwrap(), node::store::STORE_LAYOUT);
     assert_eq!(fixture.latest(), latest);
     assert_eq!(fixture.feed(3), feed);
     assert_eq!(view.document_bytes().unwrap(), bytes);
@@ -230,4 +231,27 @@ fn a_store_with_the_metas_in_their_own_table_opens_as_it_was() {
     fixture.change(&[4, 1], true);
     assert_eq!(fixture.feed(2), fixture.latest());
     assert_eq!(fixture.latest().last().map(|(_, id)| id.as_str()), Some("141003-r1"));
+}
+
+/// A store a later version has brought to a newer layout is refused, and left as it was.
+#[test]
+fn a_store_of_a_newer_layout_is_refused() {
+    use node::store::{META, META_STORE_LAYOUT, STORE_LAYOUT};
+    let mut fixture = Fixture::new(3);
+    let newer = STORE_LAYOUT + 1;
+    let path = fixture.dir.join("store.redb");
+    fixture.store = None;
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert(META_STORE_LAYOUT, newer).unwrap();
+        txn.commit().unwrap();
+    }
+    let refused = Store::open(&path).err().expect("a store of a newer layout opened");
+    let message = format!("{refused:#}");
+    assert!(message.contains("newer vrs-node") && message.contains(&format!("layout {newer}")), "{message}");
+    assert!(message.contains("新しい版"), "{message}");
+    let db = redb::Database::create(&path).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    assert_eq!(txn.open_table(META).unwrap().get(META_STORE_LAYOUT).unwrap().unwrap().value(), newer);
 }
