@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use protocol::catalogue::{Catalogue, Lot};
-use protocol::coupon::{CouponNumber, OwnKeyCheck};
-use protocol::document::{CouponStatus, ResidentRecord};
+use protocol::coupon::{CouponNumber, OwnKeyCheck, PrintedCheck, ScannedCoupon};
+use protocol::document::{CouponStatus, ResidentRecord, coupon_key};
 use protocol::gs1::{Gtin, parse_vial_barcode};
 use protocol::municipality::MunicipalityCode;
 use protocol::validation::{Amendment, authenticate_coupon, authenticate_coupon_with, decode_scans};
@@ -558,6 +558,18 @@ pub(crate) fn too_many(wait: std::time::Duration) -> Response {
 }
 
 /// Records a refusal in the audit log; the refusal stands even if that write fails.
+/// The digest of the signature printed for a coupon generation; a store that cannot be read
+/// here only costs the check its shortcut (the coupon is signed again), so it is logged.
+fn printed_digest(store: &Store, coupon_key: &str) -> Option<[u8; 16]> {
+    match store.read().and_then(|view| view.printed(coupon_key)) {
+        Ok(printed) => printed,
+        Err(error) => {
+            tracing::warn!(%coupon_key, error = %format!("{error:#}"), "printed digest unreadable");
+            None
+        }
+    }
+}
+
 async fn audit_refusal(state: &AppState, who: &Who, action: &str, subject: String, outcome: &str) {
     let event = AuditEvent {
         actor: who.actor.clone(),
@@ -902,8 +914,18 @@ async fn capture(
     let scanned = decode_scans(&capture.coupon, &capture.vial).and_then(|scans| {
         let signing_key = |code| (code == own).then(|| key.clone());
         match &state.coupon_signer {
-            // The node signed its coupons itself: signing again costs half of verifying.
-            Some(signer) => authenticate_coupon_with(&scans.coupon, signing_key, &OwnKeyCheck::new(signer)),
+            // The node signed its coupons itself: one it printed is checked against the
+            // digest of what it printed, any other signed again (half the cost of verifying).
+            Some(signer) => {
+                let printed = match &scans.coupon {
+                    ScannedCoupon::Signed(signed) if signed.code.municipality == own => {
+                        printed_digest(&state.store, &coupon_key(&signed.code, signed.generation))
+                    }
+                    _ => None,
+                };
+                let check = PrintedCheck::new(&key, printed, OwnKeyCheck::new(signer));
+                authenticate_coupon_with(&scans.coupon, signing_key, &check)
+            }
             None => authenticate_coupon(&scans.coupon, signing_key),
         }
         .map(|_| scans)

@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::Context;
 use automerge::ActorId;
 use indicatif::{ProgressBar, ProgressStyle};
-use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon};
+use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon, printed_digest};
 use protocol::document::{
     CouponEntry, CouponStatus, ResidentEvent, ResidentRecord, ResidentStatus, apply_event, read_record,
 };
@@ -22,7 +22,9 @@ use qrcode::{EcLevel, QrCode, Version};
 use time::{Date, OffsetDateTime};
 
 use crate::config::NodeFiles;
-use crate::store::{IDX_COUPON, LoadedDoc, META_COUPON_SERIAL, Mutation, Store, load_for_bulk, new_cache};
+use crate::store::{
+    IDX_COUPON, LoadedDoc, META_COUPON_SERIAL, Mutation, Store, load_for_bulk, new_cache, put_printed,
+};
 
 const PAGE: usize = 8192;
 
@@ -326,12 +328,20 @@ pub fn export_print_shop(
                     let signed = SignedCoupon::sign(entry.code, entry.generation, &files.signing_key);
                     let qr_text = signed.to_qr_text();
                     let png = if qr_images { Some(qr_png(&coupon_qr(&qr_text)?, 8)?) } else { None };
-                    rows.push((record.identity.clone(), entry.clone(), qr_text, png));
+                    let digest = printed_digest(&signed);
+                    rows.push((record.identity.clone(), entry.clone(), qr_text, png, digest));
                 }
             }
             Ok(rows)
         })?;
-        for (identity, entry, qr_text, png) in rows {
+        // What was printed, so that a capture checks these coupons by their digest
+        // (`store::PRINTED`) instead of signing them again.
+        let txn = store.begin_write()?;
+        for (_, entry, _, _, digest) in &rows {
+            put_printed(&txn, &entry.key(), digest)?;
+        }
+        txn.commit()?;
+        for (identity, entry, qr_text, png, _) in rows {
             let image_name = match png {
                 Some(png) => {
                     let number = entry.code.number.to_string();

@@ -66,6 +66,11 @@ pub const LOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("lots");
 /// `number.generation` → JSON of [`protocol::terminal::BlockedCoupon`]: coupon generations
 /// that terminals must refuse (revoked, or superseded by a reissue).
 pub const BLOCKED_COUPONS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocked_coupons");
+/// Coupon key (`municipality number.generation`, as in the document) → the digest of the
+/// coupon this node printed under it, its signature included
+/// ([`protocol::coupon::printed_digest`]): written by the print-shop export and by a reissue,
+/// read by a capture instead of signing the coupon again.
+pub const PRINTED: TableDefinition<&str, &[u8]> = TableDefinition::new("printed_coupons");
 /// Enrolled terminals: peer id → JSON of [`crate::terminals::TerminalRecord`].
 pub const TERMINALS: TableDefinition<&str, &[u8]> = TableDefinition::new("terminals");
 /// Outstanding enrolment tokens: SHA-256 (hex) of the secret → JSON of
@@ -345,6 +350,7 @@ impl Store {
             txn.open_table(LOTS)?;
             txn.open_table(META)?;
             txn.open_table(BLOCKED_COUPONS)?;
+            txn.open_table(PRINTED)?;
             txn.open_table(TERMINALS)?;
             txn.open_table(ENROLMENTS)?;
             txn.open_table(FORWARD_OUTBOX)?;
@@ -549,6 +555,13 @@ impl ReadView {
     /// The sequence of a document's latest change in the feed, if the store holds it.
     pub fn change_seq(&self, resident_id: &str) -> anyhow::Result<Option<u64>> {
         Ok(read_meta(&self.txn.open_table(CHUNKS)?, resident_id)?.map(|meta| meta.seq))
+    }
+
+    /// The digest of the signature printed for a coupon generation, if this node printed it.
+    pub fn printed(&self, coupon_key: &str) -> anyhow::Result<Option<[u8; 16]>> {
+        let table = self.txn.open_table(PRINTED)?;
+        let Some(value) = table.get(coupon_key)? else { return Ok(None) };
+        Ok(Some(value.value().try_into().with_context(|| format!("printed digest of {coupon_key}"))?))
     }
 
     /// Number of resident documents.
@@ -1255,6 +1268,12 @@ pub fn count_cells(txn: &WriteTransaction, cells: &[(Cell, i64)]) -> anyhow::Res
 pub fn mark_due(txn: &WriteTransaction, slot: &str) -> anyhow::Result<()> {
     let seq = bump(txn, META_STATS_SEQ)?;
     txn.open_table(STATS_DIRTY)?.insert(slot, seq)?;
+    Ok(())
+}
+
+/// Notes the digest of a coupon signature this node printed (see [`PRINTED`]).
+pub fn put_printed(txn: &WriteTransaction, coupon_key: &str, digest: &[u8; 16]) -> anyhow::Result<()> {
+    txn.open_table(PRINTED)?.insert(coupon_key, digest.as_slice())?;
     Ok(())
 }
 

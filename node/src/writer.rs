@@ -955,8 +955,9 @@ fn reissue_one(
     };
     let supersedes = (newest.status == CouponStatus::Valid).then(|| newest.key());
     m.apply(&resident_id, &ResidentEvent::CouponIssued { entry: entry.clone(), supersedes }, now)?;
-    let qr_text = SignedCoupon::sign(entry.code, generation, &context.signing_key).to_qr_text();
-    Ok(Ok(ReissueOutcome { coupon: entry, qr_text }))
+    let signed = SignedCoupon::sign(entry.code, generation, &context.signing_key);
+    crate::store::put_printed(m.txn(), &entry.key(), &protocol::coupon::printed_digest(&signed))?;
+    Ok(Ok(ReissueOutcome { coupon: entry, qr_text: signed.to_qr_text() }))
 }
 
 fn revoke_one(

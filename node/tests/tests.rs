@@ -321,6 +321,41 @@ proptest::proptest! {
     }
 }
 
+/// The print-shop export keeps, for every coupon it prints, the digest of the coupon its QR
+/// text carries, under the coupon's key: what a capture compares a scanned coupon with.
+#[test]
+fn the_export_keeps_the_digest_of_every_coupon_it_prints() {
+    let fixture = Fixture::new("printed");
+    let files = NodeFiles::load(&fixture.dir).unwrap();
+    let store = Store::open(&files.store_path()).unwrap();
+    let csv = fixture.dir.join("residents.csv");
+    node::demo::write_population(&csv, 30, 11, Encoding::Utf8).unwrap();
+    import_file(&files, &store, &csv, Encoding::Auto, None).unwrap();
+    let issued = node::issuance::issue_all(&files, &store, node::clock::japan_today(), None).unwrap();
+    let out = fixture.dir.join("print");
+    let report = node::issuance::export_print_shop(&files, &store, &out, false).unwrap();
+    assert!(report.coupons > 0 && report.coupons == issued.issued, "{report:?} {issued:?}");
+    let text = std::fs::read_to_string(out.join("coupons.csv")).unwrap();
+    let mut rows = csv::Reader::from_reader(text.trim_start_matches('\u{feff}').as_bytes());
+    let view = store.read().unwrap();
+    let mut checked = 0u64;
+    for row in rows.records() {
+        let row = row.unwrap();
+        let qr_text = &row[8];
+        let Ok(protocol::coupon::ScannedCoupon::Signed(signed)) =
+            protocol::coupon::parse_scanned_coupon(qr_text)
+        else {
+            panic!("not a signed QR text: {qr_text}")
+        };
+        let key = protocol::document::coupon_key(&signed.code, signed.generation);
+        assert_eq!(view.printed(&key).unwrap(), Some(protocol::coupon::printed_digest(&signed)), "{key}");
+        checked += 1;
+    }
+    assert_eq!(checked, report.coupons);
+    let kept = view.txn().open_table(node::store::PRINTED).unwrap();
+    assert_eq!(redb::ReadableTableMetadata::len(&kept).unwrap(), checked);
+}
+
 #[test]
 fn the_authorization_table_in_the_docs_is_the_one_in_code() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md")).unwrap();

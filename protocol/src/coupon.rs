@@ -389,6 +389,53 @@ impl SignatureCheck for OwnKeyCheck<'_> {
     }
 }
 
+/// What a node keeps of each coupon it prints ([`PrintedCheck`]): the first 16 bytes of
+/// SHA-256 over the signed message (code and generation) followed by the 64-byte signature,
+/// so that a digest matches one coupon generation with one signature and nothing else.
+pub fn printed_digest(coupon: &SignedCoupon) -> [u8; 16] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&SignedCoupon::signed_message(&coupon.code, coupon.generation));
+    context.update(&coupon.signature);
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&context.finish().as_ref()[..16]);
+    digest
+}
+
+/// Checks a coupon the node printed against the digest kept when it was printed
+/// ([`printed_digest`]: written with the print-shop file or at a reissue); a coupon with no
+/// digest kept, another municipality's, or one whose digest differs goes to `then`.
+///
+/// Ed25519 signatures by the node's key are deterministic and the node is the key's only
+/// signer, so a coupon of its own verifies exactly when its signature is the one printed: a
+/// matching digest (16 bytes, compared in constant time) answers without the curve
+/// arithmetic. A digest that differs is not taken as a refusal by itself: `then` decides.
+#[derive(Clone, Copy, Debug)]
+pub struct PrintedCheck<'a, C> {
+    own_key: &'a [u8],
+    printed: Option<[u8; 16]>,
+    then: C,
+}
+
+impl<'a, C: SignatureCheck> PrintedCheck<'a, C> {
+    /// A check of one scanned coupon: `printed` is the digest kept for its number and
+    /// generation, if any; `own_key` the public key of the node that printed it.
+    pub fn new(own_key: &'a [u8], printed: Option<[u8; 16]>, then: C) -> Self {
+        Self { own_key, printed, then }
+    }
+}
+
+impl<C: SignatureCheck> SignatureCheck for PrintedCheck<'_, C> {
+    fn verifies(&self, coupon: &SignedCoupon, public_key: &[u8]) -> bool {
+        if let Some(printed) = self.printed
+            && public_key == self.own_key
+            && bool::from(subtle::ConstantTimeEq::ct_eq(&printed_digest(coupon)[..], &printed[..]))
+        {
+            return true;
+        }
+        self.then.verifies(coupon, public_key)
+    }
+}
+
 /// The signature does not verify under the given public key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the coupon's signature does not verify (forged, altered or misread coupon)")]

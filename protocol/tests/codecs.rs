@@ -14,8 +14,8 @@ use protocol::checkdigit::{
 };
 use protocol::coupon::{
     BadSignature, CouponCode, CouponCodeError, CouponNumber, CouponNumberError, CouponScanError,
-    GenerationTooLarge, MAX_GENERATION, OwnKeyCheck, QR_TEXT_LEN, ScannedCoupon, SignatureCheck,
-    SignedCoupon, parse_scanned_coupon,
+    GenerationTooLarge, MAX_GENERATION, OwnKeyCheck, PrintedCheck, QR_TEXT_LEN, ScannedCoupon,
+    SignatureCheck, SignedCoupon, parse_scanned_coupon, printed_digest,
 };
 use protocol::gs1::{Gs1Error, Gtin, GtinError, MAX_VIAL_TEXT_BYTES, VialBarcode, parse_vial_barcode};
 use protocol::municipality::{
@@ -416,6 +416,57 @@ fn a_node_checks_its_own_coupons_by_signing_again_and_verifies_the_others() {
     assert!(!check.verifies(&theirs, own.public_key().as_ref()), "signed by another key");
     assert!(!check.verifies(&mine, other.public_key().as_ref()));
     assert!(!check.verifies(&mine, &[0; 31]));
+}
+
+/// A check that counts the coupons handed on to it, to see which ones the printed digest
+/// answered by itself.
+struct Counting<'a>(&'a std::cell::Cell<u32>, OwnKeyCheck<'a>);
+
+impl SignatureCheck for Counting<'_> {
+    fn verifies(&self, coupon: &SignedCoupon, public_key: &[u8]) -> bool {
+        self.0.set(self.0.get() + 1);
+        self.1.verifies(coupon, public_key)
+    }
+}
+
+#[test]
+fn a_printed_coupon_is_checked_against_its_digest_and_anything_else_is_handed_on() {
+    let own = test_key();
+    let public = own.public_key().as_ref().to_vec();
+    let other = Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
+    let mine = signed("121410031234567894", 3);
+    let digest = printed_digest(&mine);
+    let printed = Some(digest);
+    let handed_on = std::cell::Cell::new(0);
+    let check = |printed| PrintedCheck::new(&public, printed, Counting(&handed_on, OwnKeyCheck::new(&own)));
+    // The coupon as printed: answered by the digest alone.
+    assert!(check(printed).verifies(&mine, &public));
+    assert_eq!(handed_on.get(), 0);
+    // No digest kept (printed before digests were, or not printed by this node): signed again.
+    assert!(check(None).verifies(&mine, &public));
+    assert_eq!(handed_on.get(), 1);
+    // A forged signature, or the printed signature carried to another generation or another
+    // coupon, does not match the digest (even one looked up under the wrong key), and the
+    // check behind it refuses it.
+    let forged = SignedCoupon { signature: [9; 64], ..mine };
+    let elsewhere = SignedCoupon { code: CouponCode::parse("111310160000000013").unwrap(), ..mine };
+    for wrong in [forged, SignedCoupon { generation: 4, ..mine }, elsewhere] {
+        assert!(!check(printed).verifies(&wrong, &public), "{wrong:?}");
+    }
+    assert_eq!(handed_on.get(), 4);
+    // Another key's signature on the same coupon does not match what this node printed; a
+    // coupon checked under another municipality's key is always handed on.
+    let theirs = SignedCoupon::sign(mine.code, 3, &other);
+    assert!(!check(printed).verifies(&theirs, &public), "another key's signature accepted");
+    assert!(check(printed).verifies(&theirs, other.public_key().as_ref()));
+    assert!(!check(printed).verifies(&mine, other.public_key().as_ref()));
+    assert_eq!(handed_on.get(), 7);
+    // Any one byte of the signature changed changes the digest.
+    for i in 0..64 {
+        let mut altered = mine;
+        altered.signature[i] ^= 1;
+        assert_ne!(printed_digest(&altered), digest, "byte {i}");
+    }
 }
 
 #[test]
