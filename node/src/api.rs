@@ -557,8 +557,7 @@ pub(crate) fn too_many(wait: std::time::Duration) -> Response {
     response
 }
 
-/// Records a refusal in the audit log; the refusal stands even if that write fails.
-/// The digest of the signature printed for a coupon generation; a store that cannot be read
+/// The digest kept when this node printed a coupon generation; a store that cannot be read
 /// here only costs the check its shortcut (the coupon is signed again), so it is logged.
 fn printed_digest(store: &Store, coupon_key: &str) -> Option<[u8; 16]> {
     match store.read().and_then(|view| view.printed(coupon_key)) {
@@ -570,6 +569,7 @@ fn printed_digest(store: &Store, coupon_key: &str) -> Option<[u8; 16]> {
     }
 }
 
+/// Records a refusal in the audit log; the refusal stands even if that write fails.
 async fn audit_refusal(state: &AppState, who: &Who, action: &str, subject: String, outcome: &str) {
     let event = AuditEvent {
         actor: who.actor.clone(),

@@ -557,7 +557,7 @@ impl ReadView {
         Ok(read_meta(&self.txn.open_table(CHUNKS)?, resident_id)?.map(|meta| meta.seq))
     }
 
-    /// The digest of the signature printed for a coupon generation, if this node printed it.
+    /// The digest kept when this node printed a coupon generation, if it did.
     pub fn printed(&self, coupon_key: &str) -> anyhow::Result<Option<[u8; 16]>> {
         let table = self.txn.open_table(PRINTED)?;
         let Some(value) = table.get(coupon_key)? else { return Ok(None) };
@@ -1271,7 +1271,7 @@ pub fn mark_due(txn: &WriteTransaction, slot: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Notes the digest of a coupon signature this node printed (see [`PRINTED`]).
+/// Keeps the digest of a coupon generation this node printed (see [`PRINTED`]).
 pub fn put_printed(txn: &WriteTransaction, coupon_key: &str, digest: &[u8; 16]) -> anyhow::Result<()> {
     txn.open_table(PRINTED)?.insert(coupon_key, digest.as_slice())?;
     Ok(())
