@@ -366,6 +366,17 @@ impl InitOptions {
     }
 }
 
+/// Refuses a directory that already holds a node, so nothing in it is overwritten.
+pub fn refuse_existing_node(dir: &Path) -> anyhow::Result<()> {
+    if dir.join("node.toml").exists() || dir.join(crate::federation::NATIONAL_CONFIG).exists() {
+        bail!(
+            "{0} にはすでにノードがあります（上書きしません） / {0} already holds a node; refusing to overwrite it",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Creates a data directory: keys, certificate, config, catalogue, and the store with the
 /// initial administrator's API token. Returns that token, shown once.
 pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String> {
@@ -390,9 +401,7 @@ pub fn init_data_dir(dir: &Path, options: &InitOptions) -> anyhow::Result<String
             options.listen
         );
     }
-    if dir.join("node.toml").exists() {
-        bail!("{} already holds a node (node.toml exists); refusing to overwrite", dir.display());
-    }
+    refuse_existing_node(dir)?;
     fs::create_dir_all(dir.join("keys")).with_context(|| format!("cannot create {}", dir.display()))?;
     let rng = SystemRandom::new();
     let pkcs8 = match &options.keys_from {

@@ -206,6 +206,12 @@ pub fn run_demo(data: Option<PathBuf>, n_residents: u64, listen: &str, exit: boo
         Some(dir) => dir,
         None => std::env::temp_dir().join(format!("vrs-demo-{}", std::process::id())),
     };
+    if crate::config::refuse_existing_node(&dir).is_err() {
+        anyhow::bail!(
+            "{0} には前回のデモのノードがあります。消すか別の --data を指定してください / {0} already holds a node from an earlier demo; remove it or pass another --data",
+            dir.display()
+        );
+    }
     let municipality =
         protocol::municipality::MunicipalityCode::parse("141003").map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("== 1. ノード作成 / create the node (横浜市 141003) in {}", dir.display());

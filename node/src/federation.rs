@@ -79,9 +79,7 @@ fn signing_key(dir: &Path) -> anyhow::Result<Ed25519KeyPair> {
 /// Creates the national node; returns its peer id and directory key (hex).
 pub fn init_national(dir: &Path, init: &NationalInit<'_>) -> anyhow::Result<(String, String)> {
     let NationalInit { p2p_listen, advertise, http_listen, plain_http } = *init;
-    if dir.join(NATIONAL_CONFIG).exists() || dir.join("node.toml").exists() {
-        bail!("{} already holds a node; refusing to overwrite", dir.display());
-    }
+    crate::config::refuse_existing_node(dir)?;
     if plain_http && !crate::config::is_loopback_listen(http_listen) {
         bail!("plain HTTP is allowed on a loopback address only, not {http_listen}");
     }

@@ -600,12 +600,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if enroll.is_some() != (role == Role::Terminal) {
                 anyhow::bail!("--enroll goes with --role terminal, and a terminal needs --enroll TOKEN");
             }
-            if data.join("node.toml").exists() {
-                anyhow::bail!(
-                    "{} already holds a node (node.toml exists); refusing to overwrite",
-                    data.display()
-                );
-            }
+            node::config::refuse_existing_node(&data)?;
             let options = InitOptions {
                 role,
                 municipality,

@@ -202,7 +202,7 @@ fn read_meta(
     chunks.get((resident_id, META_SLOT))?.map(|v| DocMeta::decode(resident_id, v.value())).transpose()
 }
 
-/// Sets a document's meta; returns whether it had one.
+/// Sets a document's meta; returns the meta it replaced, if any.
 fn write_meta(
     chunks: &mut redb::Table<'_, (&'static str, u32), &'static [u8]>,
     resident_id: &str,

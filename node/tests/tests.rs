@@ -357,6 +357,34 @@ fn the_export_keeps_the_digest_of_every_coupon_it_prints() {
 }
 
 #[test]
+fn a_second_init_or_demo_on_a_node_directory_is_refused_and_changes_nothing() {
+    let fixture = Fixture::new("reinit");
+    let before: Vec<(PathBuf, Vec<u8>)> = ["node.toml", "keys/coupon-signing.pk8"]
+        .iter()
+        .map(|name| fixture.dir.join(name))
+        .filter(|path| path.exists())
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+    assert!(!before.is_empty());
+    let options = InitOptions::loopback(
+        Role::Municipal,
+        MunicipalityCode::parse("131016").unwrap(),
+        "127.0.0.1:0",
+        time::macros::date!(2021 - 02 - 17),
+    );
+    let error = init_data_dir(&fixture.dir, &options).unwrap_err().to_string();
+    assert!(error.contains("すでにノードがあります") && error.contains("already holds a node"), "{error}");
+    let error = node::demo::run_demo(Some(fixture.dir.clone()), 10, "127.0.0.1:0", true).unwrap_err().to_string();
+    assert!(error.contains("前回のデモ") && error.contains("pass another --data"), "{error}");
+    for (path, bytes) in before {
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{}", path.display());
+    }
+}
+
+#[test]
 fn the_authorization_table_in_the_docs_is_the_one_in_code() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md")).unwrap();
     let begin = "<!-- authz-table:begin -->\n";
