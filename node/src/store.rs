@@ -14,6 +14,7 @@
 //! All writes of one logical operation happen in one redb write transaction; a commit is
 //! durable when `commit()` returns (redb's default `Durability::Immediate`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -688,12 +689,69 @@ pub struct Mutation<'a> {
     touched: Vec<String>,
     /// Change-feed entries superseded in this transaction and not yet swept.
     superseded: u64,
+    /// Counter changes held back until [`Mutation::finish`], when counts are batched.
+    counts: Option<BTreeMap<Cell, i64>>,
+    /// Documents that left the cache, to be dropped where it does not hold the writer up.
+    retired: Vec<LoadedDoc>,
 }
 
 impl<'a> Mutation<'a> {
     /// Starts writing into `txn`.
     pub fn new(txn: &'a WriteTransaction, cache: &'a mut DocCache, actor: &'a ActorId) -> Self {
-        Self { txn, cache, actor, touched: Vec::new(), superseded: 0 }
+        Self { txn, cache, actor, touched: Vec::new(), superseded: 0, counts: None, retired: Vec::new() }
+    }
+
+    /// Holds counter changes back and writes them once, summed, in [`Mutation::finish`]:
+    /// a group of captures on the same day changes the same few counters, and each write
+    /// of one costs a lookup and an insert. Until then the counters in the transaction do
+    /// not include this mutation's changes, so only a caller that does not read them
+    /// before finishing may batch.
+    pub fn batch_counts(&mut self) {
+        self.counts.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Counts `cells` now, or at [`Mutation::finish`] when counts are batched.
+    pub fn count(&mut self, cells: &[(Cell, i64)]) -> anyhow::Result<()> {
+        match &mut self.counts {
+            Some(pending) => {
+                for (cell, change) in cells {
+                    *pending.entry(cell.clone()).or_default() += change;
+                }
+                Ok(())
+            }
+            None => count_cells(self.txn, cells),
+        }
+    }
+
+    /// Writes the counter changes held back and sweeps the change feed: the last writes
+    /// before the transaction commits.
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        if let Some(pending) = self.counts.as_mut() {
+            let cells: Vec<(Cell, i64)> =
+                std::mem::take(pending).into_iter().filter(|(_, change)| *change != 0).collect();
+            count_cells(self.txn, &cells)?;
+        }
+        self.sweep_feed()
+    }
+
+    /// The documents that left the cache during this mutation, for the caller to drop off
+    /// the writer's thread (freeing a document's columns is a few percent of a capture).
+    pub fn take_retired(&mut self) -> Vec<LoadedDoc> {
+        std::mem::take(&mut self.retired)
+    }
+
+    /// Puts a document into the cache, keeping whatever it pushes out for retirement.
+    fn keep(&mut self, resident_id: String, loaded: LoadedDoc) {
+        if let Some((_, out)) = self.cache.push(resident_id, loaded) {
+            self.retired.push(out);
+        }
+    }
+
+    /// Takes a document out of the cache, keeping it for retirement.
+    fn forget(&mut self, resident_id: &str) {
+        if let Some(out) = self.cache.pop(resident_id) {
+            self.retired.push(out);
+        }
     }
 
     /// The documents changed so far.
@@ -745,7 +803,7 @@ impl<'a> Mutation<'a> {
             return Ok(false);
         };
         loaded.doc.set_actor(self.actor.clone());
-        self.cache.put(resident_id.to_owned(), loaded);
+        self.keep(resident_id.to_owned(), loaded);
         Ok(true)
     }
 
@@ -762,7 +820,7 @@ impl<'a> Mutation<'a> {
         }
         let Preloaded { resident_id, mut loaded, record, .. } = preloaded;
         loaded.doc.set_actor(self.actor.clone());
-        self.cache.put(resident_id, loaded);
+        self.keep(resident_id, loaded);
         Ok(Some(record))
     }
 
@@ -795,9 +853,9 @@ impl<'a> Mutation<'a> {
         self.touched.push(resident_id.clone());
         let n_chunks =
             store_chunk(self.txn, &resident_id, &mut loaded, &ahead.chunk, ahead.saved.as_deref())?;
-        count_cells(self.txn, &delta)?;
+        self.count(&delta)?;
         self.bump_feed(&resident_id, n_chunks)?;
-        self.cache.put(resident_id, loaded);
+        self.keep(resident_id, loaded);
         Ok(true)
     }
 
@@ -825,8 +883,8 @@ impl<'a> Mutation<'a> {
             .insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
         self.touched.push(id.to_owned());
         self.bump_feed(id, 0)?;
-        self.cache.put(id.to_owned(), LoadedDoc { doc, n_chunks: 0 });
-        count_cells(self.txn, &record_cells(record))?;
+        self.keep(id.to_owned(), LoadedDoc { doc, n_chunks: 0 });
+        self.count(&record_cells(record))?;
         Ok(())
     }
 
@@ -839,7 +897,7 @@ impl<'a> Mutation<'a> {
         built: impl IntoIterator<Item = (&'r ResidentRecord, &'r [u8])>,
     ) -> anyhow::Result<()> {
         let mut seq = self.txn.open_table(META)?.get(META_CHANGE_SEQ)?.map_or(0, |v| v.value());
-        let mut cells: std::collections::BTreeMap<Cell, i64> = Default::default();
+        let mut cells: BTreeMap<Cell, i64> = Default::default();
         {
             let mut tables = NewDocTables::open(self.txn)?;
             for (record, saved) in built {
@@ -854,7 +912,7 @@ impl<'a> Mutation<'a> {
         }
         self.txn.open_table(META)?.insert(META_CHANGE_SEQ, seq)?;
         let cells: Vec<(Cell, i64)> = cells.into_iter().filter(|(_, n)| *n != 0).collect();
-        count_cells(self.txn, &cells)
+        self.count(&cells)
     }
 
     /// Appends one event to a resident's document as one commit and one stored chunk.
@@ -925,7 +983,7 @@ impl<'a> Mutation<'a> {
             }
             _ => {}
         }
-        count_cells(self.txn, &delta)?;
+        self.count(&delta)?;
         self.bump_feed(resident_id, n_chunks)
     }
 
@@ -960,7 +1018,7 @@ impl<'a> Mutation<'a> {
         chunk: &[u8],
     ) -> anyhow::Result<()> {
         self.touched.push(resident_id.to_owned());
-        self.cache.pop(resident_id);
+        self.forget(resident_id);
         let n_chunks = store_chunk(self.txn, resident_id, loaded, chunk, None)?;
         self.bump_feed(resident_id, n_chunks)
     }
@@ -1114,7 +1172,7 @@ impl<'a> Mutation<'a> {
             false => None,
         };
         let old_kana = old.as_ref().map(|identity| normalize_kana(&identity.name_kana));
-        self.cache.pop(resident_id);
+        self.forget(resident_id);
         self.touched.push(resident_id.to_owned());
         self.txn.open_table(DOCS)?.insert(resident_id, saved)?;
         {

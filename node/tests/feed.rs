@@ -255,3 +255,51 @@ fn a_store_of_a_newer_layout_is_refused() {
     let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
     assert_eq!(txn.open_table(META).unwrap().get(META_STORE_LAYOUT).unwrap().unwrap().value(), newer);
 }
+
+/// Every row of a `&str → u64` table.
+fn rows(store: &Store, table: redb::TableDefinition<&str, u64>) -> Vec<(String, u64)> {
+    let view = store.read().unwrap();
+    let table = view.txn().open_table(table).unwrap();
+    table.iter().unwrap().map(|row| row.unwrap()).map(|(k, v)| (k.value().to_owned(), v.value())).collect()
+}
+
+#[test]
+fn counters_batched_until_the_mutation_finishes_equal_counters_written_at_once() {
+    // The same events, counted at once in one store and batched in another: residents
+    // registered, some born on another day after a correction, one corrected there and back.
+    let run = |batch: bool| {
+        let fixture = Fixture::new(0);
+        let txn = fixture.store().begin_write().unwrap();
+        let mut cache = new_cache(2);
+        let mut m = Mutation::new(&txn, &mut cache, &fixture.actor);
+        if batch {
+            m.batch_counts();
+        }
+        let now = time::OffsetDateTime::now_utc();
+        for n in 0..6 {
+            m.create_resident(&record(n), now).unwrap();
+        }
+        let moved = |n: usize, days: i64| {
+            let mut identity = record(n).identity;
+            identity.birth_date += time::Duration::days(days);
+            ResidentEvent::IdentityUpdated(identity)
+        };
+        for n in [1, 3] {
+            m.apply(&record(n).resident_id, &moved(n, 400), now).unwrap();
+        }
+        m.apply(&record(4).resident_id, &moved(4, 30), now).unwrap();
+        m.apply(&record(4).resident_id, &moved(4, 0), now).unwrap();
+        let counted = m.txn().open_table(node::store::STATS).unwrap().len().unwrap();
+        assert_eq!(counted == 0, batch, "batched counts wait for finish; others are written at once");
+        m.finish().unwrap();
+        assert!(!m.take_retired().is_empty(), "a cache of two kept six documents");
+        drop(m);
+        txn.commit().unwrap();
+        (rows(fixture.store(), node::store::STATS), rows(fixture.store(), node::store::STATS_DIRTY))
+    };
+    let (at_once, batched) = (run(false), run(true));
+    assert!(!at_once.0.is_empty());
+    assert_eq!(at_once.0, batched.0);
+    let slots = |dirty: &[(String, u64)]| dirty.iter().map(|(slot, _)| slot.clone()).collect::<Vec<_>>();
+    assert_eq!(slots(&at_once.1), slots(&batched.1));
+}
