@@ -377,7 +377,8 @@ fn a_second_init_or_demo_on_a_node_directory_is_refused_and_changes_nothing() {
     );
     let error = init_data_dir(&fixture.dir, &options).unwrap_err().to_string();
     assert!(error.contains("すでにノードがあります") && error.contains("already holds a node"), "{error}");
-    let error = node::demo::run_demo(Some(fixture.dir.clone()), 10, "127.0.0.1:0", true).unwrap_err().to_string();
+    let error =
+        node::demo::run_demo(Some(fixture.dir.clone()), 10, "127.0.0.1:0", true).unwrap_err().to_string();
     assert!(error.contains("前回のデモ") && error.contains("pass another --data"), "{error}");
     for (path, bytes) in before {
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "{}", path.display());
