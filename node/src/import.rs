@@ -955,7 +955,7 @@ fn write_batch(
             txn.open_table(IDENTITY_DIGEST)?.insert(id, plan.digest.as_slice())?;
             report.updated += 1;
         }
-        mutation.sweep_feed()?;
+        mutation.finish()?;
     }
     txn.commit().context("durable commit of an import batch failed")?;
     Ok(())

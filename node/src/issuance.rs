@@ -163,7 +163,7 @@ fn issue_page(
             mutation.append_built(&id, &mut loaded, &chunk)?;
             mutation.set_index(IDX_COUPON, entry.code.number.as_str(), &id)?;
         }
-        mutation.sweep_feed()?;
+        mutation.finish()?;
     }
     txn.commit().context("durable commit of issued coupons failed")?;
     Ok(n)
@@ -337,9 +337,7 @@ pub fn export_print_shop(
         // What was printed, so that a capture checks these coupons by their digest
         // (`store::PRINTED`) instead of signing them again.
         let txn = store.begin_write()?;
-        for (_, entry, _, _, digest) in &rows {
-            put_printed(&txn, &entry.key(), digest)?;
-        }
+        put_printed(&txn, rows.iter().map(|(_, entry, _, _, digest)| (entry.key(), *digest)))?;
         txn.commit()?;
         for (identity, entry, qr_text, png, _) in rows {
             let image_name = match png {

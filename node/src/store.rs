@@ -1329,9 +1329,16 @@ pub fn mark_due(txn: &WriteTransaction, slot: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps the digest of a coupon generation this node printed (see [`PRINTED`]).
-pub fn put_printed(txn: &WriteTransaction, coupon_key: &str, digest: &[u8; 16]) -> anyhow::Result<()> {
-    txn.open_table(PRINTED)?.insert(coupon_key, digest.as_slice())?;
+/// Keeps the digests of coupon generations this node printed, keyed by coupon key (see
+/// [`PRINTED`]); the table is opened once for them all.
+pub fn put_printed(
+    txn: &WriteTransaction,
+    printed: impl IntoIterator<Item = (String, [u8; 16])>,
+) -> anyhow::Result<()> {
+    let mut table = txn.open_table(PRINTED)?;
+    for (coupon_key, digest) in printed {
+        table.insert(coupon_key.as_str(), digest.as_slice())?;
+    }
     Ok(())
 }
 

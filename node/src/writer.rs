@@ -982,7 +982,7 @@ fn reissue_one(
     let supersedes = (newest.status == CouponStatus::Valid).then(|| newest.key());
     m.apply(&resident_id, &ResidentEvent::CouponIssued { entry: entry.clone(), supersedes }, now)?;
     let signed = SignedCoupon::sign(entry.code, generation, &context.signing_key);
-    crate::store::put_printed(m.txn(), &entry.key(), &protocol::coupon::printed_digest(&signed))?;
+    crate::store::put_printed(m.txn(), [(entry.key(), protocol::coupon::printed_digest(&signed))])?;
     Ok(Ok(ReissueOutcome { coupon: entry, qr_text: signed.to_qr_text() }))
 }
 
