@@ -427,8 +427,10 @@ impl Store {
 
 /// A loaded document and the number of chunks stored after its last full save.
 pub struct LoadedDoc {
-    /// The document.
-    pub doc: Automerge,
+    /// The document, boxed: an `Automerge` is about 3.5 KiB inline, and a document moves
+    /// several times on its way through a capture (read ahead, the writer's cache, the
+    /// thread that frees it), where a box moves as a pointer.
+    pub doc: Box<Automerge>,
     /// Chunks stored since the last full save.
     pub n_chunks: u32,
 }
@@ -505,7 +507,7 @@ impl ReadView {
     pub fn load_doc(&self, resident_id: &str) -> anyhow::Result<Option<Automerge>> {
         let docs = self.txn.open_table(DOCS)?;
         let chunks = self.txn.open_table(CHUNKS)?;
-        Ok(load_from(&docs, &chunks, resident_id)?.map(|loaded| loaded.doc))
+        Ok(load_from(&docs, &chunks, resident_id)?.map(|loaded| *loaded.doc))
     }
 
     /// Residents whose kana name starts with `prefix` (spaces ignored), at most `limit`.
@@ -665,7 +667,7 @@ fn load_from(
             .with_context(|| format!("document {resident_id}: chunk {n_chunks} does not load"))?;
         n_chunks += 1;
     }
-    Ok(Some(LoadedDoc { doc, n_chunks }))
+    Ok(Some(LoadedDoc { doc: Box::new(doc), n_chunks }))
 }
 
 /// The writer's cache of loaded documents.
@@ -883,7 +885,7 @@ impl<'a> Mutation<'a> {
             .insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
         self.touched.push(id.to_owned());
         self.bump_feed(id, 0)?;
-        self.keep(id.to_owned(), LoadedDoc { doc, n_chunks: 0 });
+        self.keep(id.to_owned(), LoadedDoc { doc: Box::new(doc), n_chunks: 0 });
         self.count(&record_cells(record))?;
         Ok(())
     }
