@@ -35,7 +35,7 @@ use crate::store::{IDX_ATENA, IDX_COUPON, IDX_PERSON, Store};
 use crate::tls::PeerAddr;
 use crate::writer::{CaptureCommand, Command, Who, WriterHandle};
 
-/// What every handler shares.
+/// What every handler shares (behind an `Arc` once the router is built).
 #[derive(Clone)]
 pub struct AppState {
     /// The store (reads).
@@ -390,7 +390,7 @@ pub fn terminal_routes() -> &'static [RouteSpec] {
     &ROUTES_OF_TERMINAL
 }
 
-fn handler_for(spec: &RouteSpec) -> MethodRouter<AppState> {
+fn handler_for(spec: &RouteSpec) -> MethodRouter<Arc<AppState>> {
     match (spec.method, spec.path) {
         ("GET", "/healthz") => get(healthz),
         ("GET", "/") => get(|| async { Redirect::to("/ui/") }),
@@ -452,6 +452,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 /// builds one from a deliberately weakened copy to show that it notices a missing guard.
 /// Every route goes through [`guard`]; nothing is added to the router outside this loop.
 pub fn router_from(state: AppState, max_body_bytes: usize, routes: &'static [RouteSpec]) -> Router {
+    // Behind one pointer: axum hands every layer a request passes through its own copy.
+    let state = Arc::new(state);
     let mut router = Router::new();
     for spec in routes {
         let guarded =
@@ -484,7 +486,7 @@ fn client_ip(request: &Request) -> IpAddr {
 }
 
 /// Outermost layer: request id, security headers, problems in the caller's language.
-async fn request_context(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn request_context(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     with_request_context(request, next, state.https).await
 }
 
@@ -586,7 +588,7 @@ async fn audit_refusal(state: &AppState, who: &Who, action: &str, subject: Strin
 
 /// The per-route check: the authorization table applied to the presented credential.
 async fn guard(
-    State((state, spec)): State<(AppState, &'static RouteSpec)>,
+    State((state, spec)): State<(Arc<AppState>, &'static RouteSpec)>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -794,7 +796,7 @@ pub fn openapi_document() -> serde_json::Value {
     })
 }
 
-async fn status(State(state): State<AppState>) -> ApiResult {
+async fn status(State(state): State<Arc<AppState>>) -> ApiResult {
     if let Some(terminal) = &state.terminal {
         return Ok(Json(terminal.status().map_err(|e| Problem::internal(&e))?).into_response());
     }
@@ -858,7 +860,7 @@ pub fn check_id_field(field: &str, value: &str) -> Result<(), Problem> {
 }
 
 async fn capture(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
     Extension(who): Extension<Who>,
     bytes: Result<Bytes, BytesRejection>,
@@ -957,7 +959,7 @@ async fn capture(
     Ok((code, Json(outcome)).into_response())
 }
 
-async fn terminal_captures(State(state): State<AppState>, Extension(who): Extension<Who>) -> ApiResult {
+async fn terminal_captures(State(state): State<Arc<AppState>>, Extension(who): Extension<Who>) -> ApiResult {
     let Some(terminal) = &state.terminal else {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
@@ -981,7 +983,7 @@ struct SearchQuery {
 }
 
 async fn search_residents(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Query(query): Query<SearchQuery>,
 ) -> ApiResult {
@@ -1064,7 +1066,7 @@ fn resident_view(record: &ResidentRecord) -> serde_json::Value {
 }
 
 async fn resident(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(resident_id): Path<String>,
 ) -> ApiResult {
@@ -1111,7 +1113,7 @@ struct MoveOutBody {
 }
 
 async fn move_out(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(resident_id): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1124,7 +1126,7 @@ async fn move_out(
     Ok((StatusCode::CREATED, Json(entry)).into_response())
 }
 
-async fn list_handoffs(State(state): State<AppState>, Extension(who): Extension<Who>) -> ApiResult {
+async fn list_handoffs(State(state): State<Arc<AppState>>, Extension(who): Extension<Who>) -> ApiResult {
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
     let internal = |e: anyhow::Error| Problem::internal(&e);
     let mut outgoing: Vec<crate::handoff::OutEntry> =
@@ -1165,7 +1167,7 @@ struct AskBody {
 }
 
 async fn ask_history(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
@@ -1191,7 +1193,7 @@ struct AcceptBody {
 }
 
 async fn accept_handoff(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(handoff_id): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1229,7 +1231,7 @@ struct ReturnBody {
 }
 
 async fn return_handoff(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(handoff_id): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1258,7 +1260,7 @@ struct ReasonBody {
 }
 
 async fn void_dose(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path((resident_id, event_id)): Path<(String, String)>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1284,7 +1286,7 @@ struct AmendBody {
 }
 
 async fn amend_dose(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path((resident_id, event_id)): Path<(String, String)>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1328,7 +1330,7 @@ fn coupon_number(text: &str) -> Result<CouponNumber, Problem> {
 }
 
 async fn reissue(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(number): Path<String>,
 ) -> ApiResult {
@@ -1349,7 +1351,7 @@ struct PrintQuery {
 /// here, and only on the node that holds the coupon key (not a standby); each image served
 /// is a read of the resident in the audit log.
 async fn coupon_qr_image(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(number): Path<String>,
     Query(query): Query<PrintQuery>,
@@ -1411,7 +1413,7 @@ async fn coupon_qr_image(
 }
 
 async fn revoke(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(number): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1433,7 +1435,7 @@ struct StockBody {
 }
 
 async fn add_stock_entry(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Extension(principal): Extension<Principal>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1500,7 +1502,7 @@ async fn add_stock_entry(
     Ok((StatusCode::CREATED, Json(stored)).into_response())
 }
 
-async fn stock(State(state): State<AppState>) -> ApiResult {
+async fn stock(State(state): State<Arc<AppState>>) -> ApiResult {
     let today = crate::clock::japan_today();
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
     let ledger = crate::statistics::venue_stock(view.txn()).map_err(|e| Problem::internal(&e))?;
@@ -1537,7 +1539,7 @@ fn stock_row(
     })
 }
 
-async fn list_venues(State(state): State<AppState>) -> ApiResult {
+async fn list_venues(State(state): State<Arc<AppState>>) -> ApiResult {
     let venues = state
         .store
         .read()
@@ -1548,7 +1550,7 @@ async fn list_venues(State(state): State<AppState>) -> ApiResult {
 }
 
 async fn put_venue(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(venue): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1576,7 +1578,7 @@ struct DailyQuery {
     date: String,
 }
 
-async fn daily_statistics(State(state): State<AppState>, Query(query): Query<DailyQuery>) -> ApiResult {
+async fn daily_statistics(State(state): State<Arc<AppState>>, Query(query): Query<DailyQuery>) -> ApiResult {
     let date = parse_date_field("date", &query.date)?;
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
     let doc = crate::statistics::daily(view.txn(), state.municipality, date, 0, String::new())
@@ -1589,7 +1591,7 @@ async fn daily_statistics(State(state): State<AppState>, Query(query): Query<Dai
     Ok(Json(json!({ "statistics": doc, "unsent_documents": unsent })).into_response())
 }
 
-async fn list_lots(State(state): State<AppState>) -> ApiResult {
+async fn list_lots(State(state): State<Arc<AppState>>) -> ApiResult {
     let lots = state.store.read().and_then(|v| v.lots()).map_err(|e| Problem::internal(&e))?;
     Ok(Json(json!({ "lots": lots })).into_response())
 }
@@ -1602,7 +1604,7 @@ struct LotBody {
 }
 
 async fn add_lot(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
@@ -1639,7 +1641,7 @@ pub fn validate_lot(catalogue: &Catalogue, lot: &str, gtin: &str, expiry: &str) 
     Ok(Lot { lot: lot.to_owned(), gtin, expiry })
 }
 
-async fn catalogue(State(state): State<AppState>) -> Json<Catalogue> {
+async fn catalogue(State(state): State<Arc<AppState>>) -> Json<Catalogue> {
     Json((*state.catalogue).clone())
 }
 
@@ -1657,7 +1659,7 @@ struct ChangesQuery {
     limit: Option<usize>,
 }
 
-async fn changes(State(state): State<AppState>, Query(query): Query<ChangesQuery>) -> ApiResult {
+async fn changes(State(state): State<Arc<AppState>>, Query(query): Query<ChangesQuery>) -> ApiResult {
     let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
     let changes = state
         .store
@@ -1686,7 +1688,7 @@ struct LoginBody {
 }
 
 async fn login(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(request_id): Extension<RequestId>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1746,7 +1748,7 @@ async fn login(
 }
 
 async fn logout(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
     Extension(who): Extension<Who>,
 ) -> ApiResult {
@@ -1770,7 +1772,7 @@ async fn logout(
 }
 
 async fn me(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
 ) -> Json<serde_json::Value> {
     Json(json!({
@@ -1794,7 +1796,7 @@ async fn me(
     }))
 }
 
-async fn list_users(State(state): State<AppState>) -> ApiResult {
+async fn list_users(State(state): State<Arc<AppState>>) -> ApiResult {
     let users =
         state.store.read().and_then(|v| auth::list_users(v.txn())).map_err(|e| Problem::internal(&e))?;
     Ok(Json(json!({ "users": users })).into_response())
@@ -1818,7 +1820,7 @@ async fn hash_off_thread(password: String) -> Result<String, Problem> {
 }
 
 async fn add_user(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
@@ -1848,7 +1850,7 @@ fn yes() -> bool {
 }
 
 async fn disable_user(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(username): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1869,7 +1871,7 @@ struct PasswordBody {
 }
 
 async fn reset_password(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(username): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
@@ -1886,7 +1888,7 @@ async fn reset_password(
     Ok(Json(user).into_response())
 }
 
-async fn list_tokens(State(state): State<AppState>) -> ApiResult {
+async fn list_tokens(State(state): State<Arc<AppState>>) -> ApiResult {
     let tokens =
         state.store.read().and_then(|v| auth::list_tokens(v.txn())).map_err(|e| Problem::internal(&e))?;
     Ok(Json(json!({ "tokens": tokens })).into_response())
@@ -1903,7 +1905,7 @@ struct NewTokenBody {
 }
 
 async fn add_token(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
@@ -1923,7 +1925,7 @@ async fn add_token(
 }
 
 async fn revoke_token(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(name): Path<String>,
 ) -> ApiResult {
@@ -1937,7 +1939,7 @@ async fn revoke_token(
     Ok(Json(record).into_response())
 }
 
-async fn list_terminals(State(state): State<AppState>) -> ApiResult {
+async fn list_terminals(State(state): State<Arc<AppState>>) -> ApiResult {
     let view = state.store.read().map_err(|e| Problem::internal(&e))?;
     let terminals: Vec<crate::terminals::TerminalRecord> = view
         .all(crate::store::TERMINALS)
@@ -1964,7 +1966,7 @@ struct EnrolmentBody {
 }
 
 async fn add_enrolment(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Principal>,
     Extension(who): Extension<Who>,
     bytes: Result<Bytes, BytesRejection>,
@@ -2003,7 +2005,7 @@ async fn add_enrolment(
 }
 
 async fn revoke_terminal(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Path(peer_id): Path<String>,
 ) -> ApiResult {
@@ -2027,7 +2029,7 @@ struct AuditQuery {
 }
 
 async fn audit_entries(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Query(query): Query<AuditQuery>,
 ) -> ApiResult {
@@ -2047,7 +2049,7 @@ async fn audit_entries(
     Ok(Json(json!({ "entries": entries })).into_response())
 }
 
-async fn audit_verify(State(state): State<AppState>, Extension(who): Extension<Who>) -> ApiResult {
+async fn audit_verify(State(state): State<Arc<AppState>>, Extension(who): Extension<Who>) -> ApiResult {
     let public_key = state.audit.public_key();
     let report = state
         .store
@@ -2093,7 +2095,7 @@ pub fn parse_instant(field: &str, text: &str, end_of_day: bool) -> Result<Offset
 }
 
 async fn audit_export(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(who): Extension<Who>,
     Query(query): Query<ExportQuery>,
 ) -> ApiResult {
