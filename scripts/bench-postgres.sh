@@ -43,7 +43,7 @@ if [[ "${1:-}" != "--pg-only" ]]; then
     ./target/production/vrs-bench import --residents "$ROWS" --keep "$NODE_DIR"
   fi
   say "vrs-node: $CLIENTS clients, $CAPTURES captures"
-  out="$(./target/production/vrs-bench capture --data "$NODE_DIR" --clients "$CLIENTS" --captures "$CAPTURES" | tee /dev/stderr)"
+  out="$(./target/production/vrs-bench capture --data "$NODE_DIR" --clients "$CLIENTS" --captures "$CAPTURES" | tee >(cat >&2))"
   vrs_rate="$(sed -n 's/^durable captures\/s: \([0-9]*\).*/\1/p' <<<"$out")"
 fi
 
