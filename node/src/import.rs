@@ -619,8 +619,10 @@ fn parse_row(columns: &Columns, record: &csv::StringRecord, line: u64) -> Result
         errors.push(row_error(
             line,
             &col("birth_date"),
-            &format!("生年月日「{birth}」を読めません（例 1980-04-01）"),
-            &format!("birth date {birth:?} is not YYYY-MM-DD, YYYY/MM/DD or YYYYMMDD"),
+            &format!("生年月日「{birth}」を読めません（例 1980-04-01。1880年から今日までの日付）"),
+            &format!(
+                "birth date {birth:?} is not a date from 1880 to today as YYYY-MM-DD, YYYY/MM/DD or YYYYMMDD"
+            ),
         ));
     }
     let sex = match sex.as_str() {
