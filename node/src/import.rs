@@ -785,7 +785,7 @@ struct AskOnImport {
 /// A batch made ready to write: classified against the store, numbered and built.
 struct Prepared {
     new: Vec<Planned>,
-    built: Vec<Vec<u8>>,
+    built: Vec<Built>,
     coupons: Vec<Option<CouponEntry>>,
     changed: Vec<Planned>,
     coupon_serial_end: u64,
@@ -905,8 +905,11 @@ fn write_batch(
     let mut cache = new_cache(1);
     {
         let mut mutation = Mutation::new(&txn, &mut cache, actor);
-        mutation
-            .insert_built(new.iter().zip(&built).map(|(plan, saved)| (&plan.record, saved.as_slice())))?;
+        mutation.insert_built(
+            new.iter()
+                .zip(&built)
+                .map(|(plan, built)| (&plan.record, built.saved.as_slice(), built.tip.as_deref())),
+        )?;
         let mut digests = txn.open_table(IDENTITY_DIGEST)?;
         let mut coupon_index = txn.open_table(IDX_COUPON)?;
         for (plan, coupon) in new.iter().zip(&coupons) {
@@ -989,19 +992,29 @@ fn plan_coupons(
         .collect()
 }
 
+/// A new document as stored: its bytes, and its tip when it holds a coupon (a capture can
+/// then build its dose from the tip alone).
+struct Built {
+    saved: Vec<u8>,
+    tip: Option<Vec<u8>>,
+}
+
 /// Builds one new document: registration, then the coupon if any, one commit each.
 fn build_one(
     plan: &Planned,
     coupon: &Option<CouponEntry>,
     actor: &ActorId,
     at: OffsetDateTime,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<Built> {
     let mut doc = new_resident_document(actor, &plan.record, at)?;
+    let mut tip = None;
     if let Some(entry) = coupon {
         let event = ResidentEvent::CouponIssued { entry: entry.clone(), supersedes: None };
+        let heads = doc.get_heads();
         apply_event(&mut doc, &event, at)?;
+        tip = crate::store::tip_after(&doc, &doc.save_after(&heads));
     }
-    Ok(doc.save_nocompress())
+    Ok(Built { saved: doc.save_nocompress(), tip })
 }
 
 fn build_parallel(
@@ -1009,7 +1022,7 @@ fn build_parallel(
     coupons: &[Option<CouponEntry>],
     actor: &ActorId,
     at: OffsetDateTime,
-) -> anyhow::Result<Vec<Vec<u8>>> {
+) -> anyhow::Result<Vec<Built>> {
     let n_threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).max(1);
     let chunk_size = plans.len().div_ceil(n_threads).max(1);
     std::thread::scope(|scope| {
@@ -1017,7 +1030,7 @@ fn build_parallel(
             .chunks(chunk_size)
             .zip(coupons.chunks(chunk_size))
             .map(|(chunk, coupons)| {
-                scope.spawn(move || -> anyhow::Result<Vec<Vec<u8>>> {
+                scope.spawn(move || -> anyhow::Result<Vec<Built>> {
                     chunk
                         .iter()
                         .zip(coupons)

@@ -156,11 +156,12 @@ fn issue_page(
                 now,
             )?;
             let chunk = loaded.doc.save_after(&heads);
-            Ok((loaded, id, entry, chunk))
+            let tip = crate::store::tip_after(&loaded.doc, &chunk);
+            Ok((loaded, id, entry, chunk, tip))
         })?;
         let mut mutation = mutation;
-        for (mut loaded, id, entry, chunk) in chunks {
-            mutation.append_built(&id, &mut loaded, &chunk)?;
+        for (mut loaded, id, entry, chunk, tip) in chunks {
+            mutation.append_built(&id, &mut loaded, &chunk, tip.as_deref())?;
             mutation.set_index(IDX_COUPON, entry.code.number.as_str(), &id)?;
         }
         mutation.finish()?;

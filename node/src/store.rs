@@ -28,6 +28,7 @@ use protocol::document::{
 use protocol::municipality::MunicipalityCode;
 use protocol::statistics::{Cell, event_delta, record_cells};
 use protocol::terminal::BlockedCoupon;
+use protocol::tip::DocTip;
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
     WriteTransaction,
@@ -149,8 +150,9 @@ pub const META_ASKS_DUE: &str = "asks_due";
 /// The layout of the build that last opened the store ([`STORE_LAYOUT`]).
 pub const META_STORE_LAYOUT: &str = "store_layout";
 /// The store layout this build writes: 2 since document metas sit beside their chunks (a
-/// store without the key is older). A build refuses a store of a later layout than its own.
-pub const STORE_LAYOUT: u64 = 2;
+/// store without the key is older), 3 since a meta may carry the document's tip. A build
+/// refuses a store of a later layout than its own.
+pub const STORE_LAYOUT: u64 = 3;
 /// `META` key: the last stock ledger entry's number.
 pub const META_STOCK_SEQ: &str = "stock_seq";
 /// `META` key: the newest audit checkpoint deposited at the national node.
@@ -183,8 +185,9 @@ impl DocMeta {
         bytes
     }
 
+    /// The meta at the start of a stored value; what follows it is the document's tip.
     fn decode(resident_id: &str, bytes: &[u8]) -> anyhow::Result<Self> {
-        let Ok(bytes) = <[u8; Self::LEN]>::try_from(bytes) else {
+        let Some(bytes) = bytes.get(..Self::LEN) else {
             bail!("document {resident_id}: its meta has {} bytes, not {}", bytes.len(), Self::LEN);
         };
         let (seq, n_chunks) = bytes.split_at(8);
@@ -203,13 +206,36 @@ fn read_meta(
     chunks.get((resident_id, META_SLOT))?.map(|v| DocMeta::decode(resident_id, v.value())).transpose()
 }
 
-/// Sets a document's meta; returns the meta it replaced, if any.
+/// A document's meta and its tip ([`DocTip`], encoded), if the store holds the document.
+fn read_meta_and_tip(
+    chunks: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    resident_id: &str,
+) -> anyhow::Result<Option<(DocMeta, Option<Vec<u8>>)>> {
+    let Some(value) = chunks.get((resident_id, META_SLOT))? else { return Ok(None) };
+    let bytes = value.value();
+    let meta = DocMeta::decode(resident_id, bytes)?;
+    let tip = bytes.get(DocMeta::LEN..).filter(|tip| !tip.is_empty()).map(<[u8]>::to_vec);
+    Ok(Some((meta, tip)))
+}
+
+/// Sets a document's meta and tip (`None`: the change just stored left none, and the next
+/// capture loads the document); returns the meta it replaced, if any. Every write of a
+/// document's bytes writes its meta, so a tip never outlives the version it describes.
 fn write_meta(
     chunks: &mut redb::Table<'_, (&'static str, u32), &'static [u8]>,
     resident_id: &str,
     meta: DocMeta,
+    tip: Option<&[u8]>,
 ) -> anyhow::Result<Option<DocMeta>> {
-    let previous = chunks.insert((resident_id, META_SLOT), meta.encode().as_slice())?;
+    let previous = match tip {
+        None => chunks.insert((resident_id, META_SLOT), meta.encode().as_slice())?,
+        Some(tip) => {
+            let mut value = Vec::with_capacity(DocMeta::LEN + tip.len());
+            value.extend_from_slice(&meta.encode());
+            value.extend_from_slice(tip);
+            chunks.insert((resident_id, META_SLOT), value.as_slice())?
+        }
+    };
     previous.map(|v| DocMeta::decode(resident_id, v.value())).transpose()
 }
 
@@ -227,7 +253,7 @@ fn move_old_metas(txn: &WriteTransaction) -> anyhow::Result<()> {
         for row in old.iter()? {
             let (id, value) = row?;
             let (seq, n_chunks) = value.value();
-            write_meta(&mut chunks, id.value(), DocMeta { seq, n_chunks })?;
+            write_meta(&mut chunks, id.value(), DocMeta { seq, n_chunks }, None)?;
             moved += 1;
         }
     }
@@ -264,13 +290,21 @@ impl<'t> NewDocTables<'t> {
         })
     }
 
-    /// Writes the document saved as `saved`, as change `seq` of the feed.
-    fn insert(&mut self, id: &str, saved: &[u8], record: &ResidentRecord, seq: u64) -> anyhow::Result<()> {
+    /// Writes the document saved as `saved`, with its tip if one was made, as change `seq`
+    /// of the feed.
+    fn insert(
+        &mut self,
+        id: &str,
+        saved: &[u8],
+        tip: Option<&[u8]>,
+        record: &ResidentRecord,
+        seq: u64,
+    ) -> anyhow::Result<()> {
         self.docs.insert(id, saved)?;
         self.atena.insert(record.identity.atena_number.as_str(), id)?;
         self.person.insert(record.person_key.as_str(), id)?;
         self.kana.insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
-        if let Some(previous) = write_meta(&mut self.chunks, id, DocMeta { seq, n_chunks: 0 })? {
+        if let Some(previous) = write_meta(&mut self.chunks, id, DocMeta { seq, n_chunks: 0 }, tip)? {
             self.changes.remove(previous.seq)?;
         }
         self.changes.insert(seq, id)?;
@@ -820,7 +854,9 @@ impl<'a> Mutation<'a> {
         if !self.still_current(&preloaded)? {
             return Ok(None);
         }
-        let Preloaded { resident_id, mut loaded, record, .. } = preloaded;
+        let Preloaded { resident_id, source: Source::Doc(mut loaded, record), .. } = preloaded else {
+            return Ok(None);
+        };
         loaded.doc.set_actor(self.actor.clone());
         self.keep(resident_id, loaded);
         Ok(Some(record))
@@ -839,25 +875,36 @@ impl<'a> Mutation<'a> {
     /// having written nothing, otherwise.
     pub fn store_ahead(&mut self, preloaded: Preloaded, event: &ResidentEvent) -> anyhow::Result<bool> {
         let usable = match &preloaded.ahead {
-            Some(ahead) => {
-                ahead.event == *event
-                    && applies_ahead(event)
-                    && preloaded.loaded.doc.get_actor() == self.actor
-            }
+            Some(ahead) => ahead.event == *event && applies_ahead(event) && ahead.by == *self.actor,
             None => false,
         };
         if !usable || !self.still_current(&preloaded)? {
             return Ok(false);
         }
-        let Preloaded { resident_id, mut loaded, record, ahead, .. } = preloaded;
+        let Preloaded { resident_id, n_chunks, source, ahead, .. } = preloaded;
         let Some(ahead) = ahead else { return Ok(false) };
-        let delta = event_delta(&record, event, ahead.at);
         self.touched.push(resident_id.clone());
-        let n_chunks =
-            store_chunk(self.txn, &resident_id, &mut loaded, &ahead.chunk, ahead.saved.as_deref())?;
-        self.count(&delta)?;
-        self.bump_feed(&resident_id, n_chunks)?;
-        self.keep(resident_id, loaded);
+        let n_chunks = match source {
+            Source::Doc(mut loaded, record) => {
+                self.count(&event_delta(&record, event, ahead.at))?;
+                let n_chunks =
+                    store_chunk(self.txn, &resident_id, &mut loaded, &ahead.chunk, ahead.saved.as_deref())?;
+                self.keep(resident_id.clone(), loaded);
+                n_chunks
+            }
+            Source::Tip(tip) => {
+                // Built without the document, so never the change that compacts it
+                // ([`ReadView::preload`]). A copy in the cache is now behind: it goes.
+                anyhow::ensure!(!compacts(n_chunks), "a change built from a tip would compact {resident_id}");
+                self.count(&event_delta(&tip.record, event, ahead.at))?;
+                self.txn
+                    .open_table(CHUNKS)?
+                    .insert((resident_id.as_str(), n_chunks), ahead.chunk.as_slice())?;
+                self.forget(&resident_id);
+                n_chunks + 1
+            }
+        };
+        self.bump_feed(&resident_id, n_chunks, ahead.tip.as_deref())?;
         Ok(true)
     }
 
@@ -884,7 +931,7 @@ impl<'a> Mutation<'a> {
             .open_table(IDX_KANA)?
             .insert((normalize_kana(&record.identity.name_kana).as_str(), id), ())?;
         self.touched.push(id.to_owned());
-        self.bump_feed(id, 0)?;
+        self.bump_feed(id, 0, None)?;
         self.keep(id.to_owned(), LoadedDoc { doc: Box::new(doc), n_chunks: 0 });
         self.count(&record_cells(record))?;
         Ok(())
@@ -896,16 +943,16 @@ impl<'a> Mutation<'a> {
     /// pays per resident only for its own rows.
     pub fn insert_built<'r>(
         &mut self,
-        built: impl IntoIterator<Item = (&'r ResidentRecord, &'r [u8])>,
+        built: impl IntoIterator<Item = (&'r ResidentRecord, &'r [u8], Option<&'r [u8]>)>,
     ) -> anyhow::Result<()> {
         let mut seq = self.txn.open_table(META)?.get(META_CHANGE_SEQ)?.map_or(0, |v| v.value());
         let mut cells: BTreeMap<Cell, i64> = Default::default();
         {
             let mut tables = NewDocTables::open(self.txn)?;
-            for (record, saved) in built {
+            for (record, saved, tip) in built {
                 let id = record.resident_id.as_str();
                 seq += 1;
-                tables.insert(id, saved, record, seq)?;
+                tables.insert(id, saved, tip, record, seq)?;
                 for (cell, n) in record_cells(record) {
                     *cells.entry(cell).or_default() += n;
                 }
@@ -986,7 +1033,7 @@ impl<'a> Mutation<'a> {
             _ => {}
         }
         self.count(&delta)?;
-        self.bump_feed(resident_id, n_chunks)
+        self.bump_feed(resident_id, n_chunks, None)
     }
 
     /// Adds a coupon generation to the list terminals refuse.
@@ -1012,25 +1059,28 @@ impl<'a> Mutation<'a> {
         Ok(())
     }
 
-    /// Stores an event chunk built elsewhere (bulk issuance); `loaded` is the document after it.
+    /// Stores an event chunk built elsewhere (bulk issuance); `loaded` is the document after
+    /// it, and `tip` its tip if one was made.
     pub fn append_built(
         &mut self,
         resident_id: &str,
         loaded: &mut LoadedDoc,
         chunk: &[u8],
+        tip: Option<&[u8]>,
     ) -> anyhow::Result<()> {
         self.touched.push(resident_id.to_owned());
         self.forget(resident_id);
         let n_chunks = store_chunk(self.txn, resident_id, loaded, chunk, None)?;
-        self.bump_feed(resident_id, n_chunks)
+        self.bump_feed(resident_id, n_chunks, tip)
     }
 
     /// Moves the document to the end of the change feed. Its previous entry is left where it
     /// is — removing it would write a page anywhere in the feed for every change — and
     /// counted for [`Mutation::sweep_feed`].
-    fn bump_feed(&mut self, resident_id: &str, n_chunks: u32) -> anyhow::Result<()> {
+    fn bump_feed(&mut self, resident_id: &str, n_chunks: u32, tip: Option<&[u8]>) -> anyhow::Result<()> {
         let seq = self.next_counter(META_CHANGE_SEQ)?;
-        let previous = write_meta(&mut self.txn.open_table(CHUNKS)?, resident_id, DocMeta { seq, n_chunks })?;
+        let previous =
+            write_meta(&mut self.txn.open_table(CHUNKS)?, resident_id, DocMeta { seq, n_chunks }, tip)?;
         self.txn.open_table(CHANGES)?.insert(seq, resident_id)?;
         self.superseded += u64::from(previous.is_some());
         Ok(())
@@ -1103,7 +1153,7 @@ impl<'a> Mutation<'a> {
             let mut blocked = self.txn.open_table(BLOCKED_COUPONS)?;
             for (id, saved, record) in docs.iter().filter(|(id, ..)| !existing.contains(id)) {
                 seq += 1;
-                tables.insert(id, saved, record, seq)?;
+                tables.insert(id, saved, None, record, seq)?;
                 let newest = |entry: &CouponEntry| {
                     record
                         .coupon_generations(entry.code.municipality, &entry.code.number)
@@ -1221,7 +1271,7 @@ impl<'a> Mutation<'a> {
         for dose in record.doses.values() {
             self.set_index(IDX_EVENT, &dose.event_id, resident_id)?;
         }
-        self.bump_feed(resident_id, 0)
+        self.bump_feed(resident_id, 0, None)
     }
 
     /// Increments a counter and returns its new value.
@@ -1361,7 +1411,7 @@ fn store_chunk(
     chunk: &[u8],
     saved: Option<&[u8]>,
 ) -> anyhow::Result<u32> {
-    if compacts(loaded) {
+    if compacts(loaded.n_chunks) {
         let saved = match saved {
             Some(saved) => std::borrow::Cow::Borrowed(saved),
             None => std::borrow::Cow::Owned(loaded.doc.save_nocompress()),
@@ -1391,9 +1441,26 @@ fn applies_ahead(event: &ResidentEvent) -> bool {
     )
 }
 
-/// Whether the next change is stored as a whole document rather than one more chunk.
-fn compacts(loaded: &LoadedDoc) -> bool {
-    loaded.n_chunks + 1 >= COMPACT_AFTER_CHUNKS
+/// Whether the next change of a document with `n_chunks` chunks is stored as a whole
+/// document rather than one more chunk.
+fn compacts(n_chunks: u32) -> bool {
+    n_chunks + 1 >= COMPACT_AFTER_CHUNKS
+}
+
+/// The tip of `doc` after the change `chunk` (one change, just made), encoded; `None` when
+/// the document has none (several heads) or it cannot be made, which only costs the next
+/// capture a load of the document.
+pub fn tip_after(doc: &Automerge, chunk: &[u8]) -> Option<Vec<u8>> {
+    let made = automerge::Change::from_bytes(chunk.to_vec())
+        .map_err(|error| error.to_string())
+        .and_then(|change| DocTip::of(doc, &change).map_err(|error| error.to_string()));
+    match made {
+        Ok(tip) => tip.map(|tip| tip.encode()),
+        Err(error) => {
+            tracing::warn!(%error, "no tip made for a document");
+            None
+        }
+    }
 }
 
 /// Loads a document for a bulk job outside the writer's cache.
@@ -1421,25 +1488,40 @@ pub fn load_for_bulk(
 /// ([`Preloaded::apply_ahead`]): the Automerge commit and the chunk's encoding then happen
 /// there, and the writer only stores the chunk ([`Mutation::store_ahead`]) — after its own
 /// checks decided exactly that event on exactly this version of the document.
+///
+/// When the document's tip is stored ([`DocTip`]) and a dose is what the caller means to
+/// apply, only the tip is read: the dose's change is built from it, without the document.
 pub struct Preloaded {
     /// The resident.
     pub resident_id: String,
     /// The document's number in the change feed when it was read.
     seq: u64,
-    loaded: LoadedDoc,
-    /// The record as the document read before any change applied ahead.
-    record: ResidentRecord,
+    /// Chunks stored since its last full save, when it was read.
+    n_chunks: u32,
+    source: Source,
     ahead: Option<Ahead>,
+}
+
+/// What was read ahead of a document.
+enum Source {
+    /// The document, loaded, and the record it read as.
+    Doc(LoadedDoc, ResidentRecord),
+    /// Its tip, which holds the record.
+    Tip(DocTip),
 }
 
 /// An event applied to a document read ahead.
 struct Ahead {
     event: ResidentEvent,
     at: OffsetDateTime,
-    /// `save_after` the document's heads before the event.
+    /// The actor that wrote the change.
+    by: ActorId,
+    /// The change, as a chunk: `save_after` the document's heads before the event.
     chunk: Vec<u8>,
     /// The whole document after the event, when this change is the one that compacts it.
     saved: Option<Vec<u8>>,
+    /// The document's tip after the event, encoded, when it has one.
+    tip: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Preloaded {
@@ -1447,6 +1529,7 @@ impl std::fmt::Debug for Preloaded {
         f.debug_struct("Preloaded")
             .field("resident_id", &self.resident_id)
             .field("seq", &self.seq)
+            .field("from_tip", &matches!(self.source, Source::Tip(_)))
             .field("applied_ahead", &self.ahead.as_ref().map(|a| a.event.kind()))
             .finish()
     }
@@ -1455,7 +1538,15 @@ impl std::fmt::Debug for Preloaded {
 impl Preloaded {
     /// The record as it was read (before any event applied ahead).
     pub fn record(&self) -> &ResidentRecord {
-        &self.record
+        match &self.source {
+            Source::Doc(_, record) => record,
+            Source::Tip(tip) => &tip.record,
+        }
+    }
+
+    /// Whether only the document's tip was read: then only a dose can be applied ahead.
+    pub fn from_tip(&self) -> bool {
+        matches!(self.source, Source::Tip(_))
     }
 
     /// The event applied ahead and the instant it was applied with.
@@ -1474,13 +1565,25 @@ impl Preloaded {
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(self.ahead.is_none(), "an event was applied ahead already");
         anyhow::ensure!(applies_ahead(&event), "a {} is not applied ahead", event.kind());
-        let doc = &mut self.loaded.doc;
-        doc.set_actor(actor.clone());
-        let heads: Vec<ChangeHash> = doc.get_heads();
-        apply_event(doc, &event, at)?;
-        let chunk = doc.save_after(&heads);
-        let saved = compacts(&self.loaded).then(|| self.loaded.doc.save_nocompress());
-        self.ahead = Some(Ahead { event, at, chunk, saved });
+        let ahead = match (&mut self.source, &event) {
+            (Source::Tip(tip), ResidentEvent::DoseRecorded(dose)) => {
+                anyhow::ensure!(tip.written_by(actor), "the tip of {} is another actor's", self.resident_id);
+                let (chunk, next) = tip.record_dose(dose, at)?;
+                Ahead { event, at, by: actor.clone(), chunk, saved: None, tip: Some(next.encode()) }
+            }
+            (Source::Tip(_), _) => anyhow::bail!("a {} is not built from a tip", event.kind()),
+            (Source::Doc(loaded, _), _) => {
+                let doc = &mut loaded.doc;
+                doc.set_actor(actor.clone());
+                let heads: Vec<ChangeHash> = doc.get_heads();
+                apply_event(doc, &event, at)?;
+                let chunk = doc.save_after(&heads);
+                let saved = compacts(self.n_chunks).then(|| doc.save_nocompress());
+                let tip = tip_after(doc, &chunk);
+                Ahead { event, at, by: actor.clone(), chunk, saved, tip }
+            }
+        };
+        self.ahead = Some(ahead);
         Ok(self)
     }
 }
@@ -1488,26 +1591,41 @@ impl Preloaded {
 impl ReadView {
     /// Reads ahead what recording an event for the resident `index` maps `key` to will need:
     /// the document (loaded and parsed), its feed entry, and the event-id index entry.
+    ///
+    /// With `tip_will_do`, a stored tip is read instead of the document when the next change
+    /// would not compact it; the caller then may only apply a dose ahead.
     pub fn preload(
         &self,
         index: TableDefinition<&str, &str>,
         key: &str,
         event_id: Option<&str>,
+        tip_will_do: bool,
     ) -> anyhow::Result<Option<Preloaded>> {
         let Some(resident_id) = self.index(index, key)? else { return Ok(None) };
         let docs = self.txn.open_table(DOCS)?;
         let chunks = self.txn.open_table(CHUNKS)?;
-        let Some(DocMeta { seq, .. }) = read_meta(&chunks, &resident_id)? else {
+        let Some((DocMeta { seq, n_chunks }, tip)) = read_meta_and_tip(&chunks, &resident_id)? else {
             return Ok(None);
         };
         // The writer inserts the event id: read its page now.
         if let Some(event_id) = event_id {
             drop(self.txn.open_table(IDX_EVENT)?.get(event_id)?);
         }
+        if let Some(tip) = tip.filter(|_| tip_will_do && !compacts(n_chunks)) {
+            match DocTip::decode(&tip) {
+                Ok(tip) => {
+                    let source = Source::Tip(tip);
+                    return Ok(Some(Preloaded { resident_id, seq, n_chunks, source, ahead: None }));
+                }
+                Err(error) => {
+                    tracing::warn!(%resident_id, %error, "a stored tip does not read; the document is read instead")
+                }
+            }
+        }
         let Some(loaded) = load_from(&docs, &chunks, &resident_id)? else { return Ok(None) };
         let record =
             read_record(&loaded.doc).with_context(|| format!("document {resident_id} is corrupt"))?;
-        Ok(Some(Preloaded { resident_id, seq, loaded, record, ahead: None }))
+        Ok(Some(Preloaded { resident_id, seq, n_chunks, source: Source::Doc(loaded, record), ahead: None }))
     }
 
     /// The underlying transaction (bulk jobs load documents from it).

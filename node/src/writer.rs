@@ -98,24 +98,52 @@ fn read_ahead(store: &Store, rules: &CaptureRules, capture: &mut CaptureCommand)
         None => (IDX_COUPON, code.number.to_string()),
     };
     let view = store.read()?;
-    let Some(mut preloaded) = view.preload(index, &key, capture.event_id.as_deref())? else {
-        return Ok(());
-    };
-    if !rules.read_only {
-        let now = OffsetDateTime::now_utc();
-        let today = japan_today();
-        let event_id = capture.event_id.clone().unwrap_or_else(|| new_id("ev"));
-        let lot = view.lot(&capture.scans.vial.lot)?.or_else(|| capture.forwarded_lot.clone());
-        let input = capture_input(capture, &event_id, today, now);
-        let context = rules.context(today, lot.as_ref(), capture.transferred_from.is_some());
-        if let Ok(CaptureDecision::Record(event)) = validate_capture(&input, preloaded.record(), &context)
-            && protocol::validation::coupons_spent_by(preloaded.record(), &event).is_empty()
-        {
-            preloaded = preloaded.apply_ahead(&rules.actor, ResidentEvent::DoseRecorded(event), now)?;
+    // The document's tip first, when this node records doses: if the dose cannot be built
+    // from it (a refusal, a replay, a tip another actor left), the writer needs the
+    // document, and it is read after all.
+    let mut tip_will_do = !rules.read_only;
+    loop {
+        let event_id = capture.event_id.as_deref();
+        let Some(preloaded) = view.preload(index, &key, event_id, tip_will_do)? else {
+            return Ok(());
+        };
+        let from_tip = preloaded.from_tip();
+        match apply_ahead(&view, rules, capture, preloaded) {
+            Ok(preloaded) if !from_tip || preloaded.applied().is_some() => {
+                capture.preloaded = Some(Box::new(preloaded));
+                return Ok(());
+            }
+            Err(error) if !from_tip => return Err(error),
+            Ok(_) | Err(_) => tip_will_do = false,
         }
     }
-    capture.preloaded = Some(Box::new(preloaded));
-    Ok(())
+}
+
+/// Applies ahead the dose this node's checks would record for `capture` on the document
+/// read ahead, if they would record one.
+fn apply_ahead(
+    view: &crate::store::ReadView,
+    rules: &CaptureRules,
+    capture: &CaptureCommand,
+    preloaded: Preloaded,
+) -> anyhow::Result<Preloaded> {
+    if rules.read_only {
+        return Ok(preloaded);
+    }
+    let now = OffsetDateTime::now_utc();
+    let today = japan_today();
+    let event_id = capture.event_id.clone().unwrap_or_else(|| new_id("ev"));
+    let lot = view.lot(&capture.scans.vial.lot)?.or_else(|| capture.forwarded_lot.clone());
+    let input = capture_input(capture, &event_id, today, now);
+    let context = rules.context(today, lot.as_ref(), capture.transferred_from.is_some());
+    match validate_capture(&input, preloaded.record(), &context) {
+        Ok(CaptureDecision::Record(event))
+            if protocol::validation::coupons_spent_by(preloaded.record(), &event).is_empty() =>
+        {
+            preloaded.apply_ahead(&rules.actor, ResidentEvent::DoseRecorded(event), now)
+        }
+        _ => Ok(preloaded),
+    }
 }
 
 /// What a capture's checks need besides the store and the capture: shared by the writer

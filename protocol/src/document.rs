@@ -394,6 +394,9 @@ pub struct ReceivedHistory {
     pub corrections: BTreeMap<String, Correction>,
 }
 
+/// The commit message of a recorded dose.
+pub(crate) const DOSE_RECORDED: &str = "dose-recorded";
+
 impl ResidentEvent {
     /// A short name, used as the commit message.
     pub fn kind(&self) -> &'static str {
@@ -401,7 +404,7 @@ impl ResidentEvent {
             ResidentEvent::IdentityUpdated(_) => "identity-updated",
             ResidentEvent::CouponIssued { .. } => "coupon-issued",
             ResidentEvent::CouponRevoked { .. } => "coupon-revoked",
-            ResidentEvent::DoseRecorded(_) => "dose-recorded",
+            ResidentEvent::DoseRecorded(_) => DOSE_RECORDED,
             ResidentEvent::DoseVoided { .. } => "dose-voided",
             ResidentEvent::DoseAmended { .. } => "dose-amended",
             ResidentEvent::TransferredOut(_) => "transferred-out",

@@ -17,4 +17,5 @@ pub mod person;
 pub mod replication;
 pub mod statistics;
 pub mod terminal;
+pub mod tip;
 pub mod validation;

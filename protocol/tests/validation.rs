@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use automerge::{ActorId, Automerge};
+use automerge::{ActorId, Automerge, ReadDoc};
 use protocol::catalogue::{Catalogue, Lot, Product};
 use protocol::coupon::{CouponCode, CouponNumber, SignedCoupon};
 use protocol::document::{
@@ -24,6 +24,7 @@ use protocol::person::PersonKeySecret;
 use protocol::statistics::{
     AgeBand, Cell, SignedStatistics, Statistics, StatisticsError, daily_from_cells, event_delta, record_cells,
 };
+use protocol::tip::{DocTip, TipError};
 use protocol::validation::{
     AmendRequest, Amendment, CaptureContext, CaptureDecision, CaptureError, CaptureInput, VoidRequest,
     age_on, authenticate_coupon, coupon_due, coupons_spent_by, decode_scans, validate_amendment,
@@ -1754,4 +1755,83 @@ fn voiding_an_earlier_dose_numbers_the_later_ones_down() {
     let events = void_plan(&record, &void_request("ev-dose-2", "別人に記録した")).unwrap();
     assert_eq!(events.len(), 1);
     assert!(matches!(&events[0], ResidentEvent::DoseVoided { reopen_coupon: Some(_), .. }));
+}
+
+/// `event` applied to `doc` as one commit; returns the stored chunk.
+fn commit_event(doc: &mut Automerge, event: &ResidentEvent) -> Vec<u8> {
+    let heads = doc.get_heads();
+    apply_event(doc, event, NOW).unwrap();
+    doc.save_after(&heads)
+}
+
+#[test]
+fn a_dose_built_from_a_documents_tip_is_the_change_the_loaded_document_makes() {
+    let node = actor("node-141003");
+    let mut record = resident();
+    record.coupons.clear();
+    let mut doc = new_resident_document(&node, &record, NOW).unwrap();
+    let rounds = [(coupon(1, 101), date!(2021 - 06 - 01)), (coupon(2, 102), date!(2021 - 06 - 22))];
+    let mut last = None;
+    for (code, _) in rounds {
+        let issued = ResidentEvent::CouponIssued { entry: coupon_entry(code, 0), supersedes: None };
+        last = Some(commit_event(&mut doc, &issued));
+    }
+    let last = automerge::Change::from_bytes(last.unwrap()).unwrap();
+    let mut tip = DocTip::of(&doc, &last).unwrap().unwrap();
+    assert_eq!(tip.record, read_record(&doc).unwrap());
+    assert_eq!(DocTip::decode(&tip.encode()).unwrap(), tip, "storage keeps every fact");
+    // Two doses in a row, each built from the tip the one before left.
+    for (n, (code, on)) in rounds.into_iter().enumerate() {
+        let event = dose(&format!("ev-{n}"), code, on);
+        let (chunk, next) = tip.record_dose(&event, NOW).unwrap();
+        let loaded_chunk = commit_event(&mut doc, &ResidentEvent::DoseRecorded(event.clone()));
+        assert_eq!(chunk, loaded_chunk, "dose {n}: the same bytes as the loaded document's commit");
+        assert_eq!(next.record, read_record(&doc).unwrap());
+        let made = DocTip::of(&doc, &automerge::Change::from_bytes(chunk).unwrap()).unwrap();
+        assert_eq!(made.as_ref(), Some(&next), "dose {n}: the tip the loaded document gives");
+        assert!(matches!(next.record_dose(&event, NOW), Err(TipError::Recorded(_))));
+        tip = next;
+    }
+    // A dose against a coupon the document does not hold is refused, not built.
+    let stranger = dose("ev-x", coupon(3, 103), date!(2021 - 12 - 01));
+    assert!(matches!(tip.record_dose(&stranger, NOW), Err(TipError::Missing(_))));
+}
+
+#[test]
+fn a_dose_built_from_a_tip_settles_a_coupon_two_writers_put_at_once() {
+    let node = actor("node-141003");
+    let mut doc = new_resident_document(&node, &resident(), NOW).unwrap();
+    let key = coupon_entry(coupon(1, 101), 0).key();
+    // A terminal and the node write the coupon's entry concurrently; the merge holds both.
+    let mut terminal = doc.fork().with_actor(actor("terminal-7"));
+    let revoke = ResidentEvent::CouponRevoked { key: key.clone(), reason: "紛失".to_owned() };
+    commit_event(&mut terminal, &revoke);
+    let revoke_here = ResidentEvent::CouponRevoked { key: key.clone(), reason: "汚損".to_owned() };
+    commit_event(&mut doc, &revoke_here);
+    doc.merge(&mut terminal).unwrap();
+    let coupons = match doc.get(&automerge::ROOT, "coupons").unwrap() {
+        Some((_, id)) => id,
+        None => panic!("no coupons map"),
+    };
+    assert_eq!(doc.get_all(&coupons, key.as_str()).unwrap().len(), 2);
+    // Two heads: no tip.
+    let heads = doc.get_heads();
+    assert_eq!(heads.len(), 2);
+    let last = doc.get_change_by_hash(&heads[0]).unwrap();
+    assert_eq!(DocTip::of(&doc, &last).unwrap(), None);
+    // One more change by the node joins them; its tip overwrites both values at once.
+    let moved =
+        ResidentEvent::IdentityUpdated(Identity { address: "横浜市西区".to_owned(), ..identity() });
+    let chunk = commit_event(&mut doc, &moved);
+    let tip = DocTip::of(&doc, &automerge::Change::from_bytes(chunk).unwrap()).unwrap().unwrap();
+    assert_eq!(tip.coupon_values[&key].len(), 2);
+    let event = dose("ev-1", coupon(1, 101), date!(2021 - 06 - 01));
+    let (chunk, next) = tip.record_dose(&event, NOW).unwrap();
+    let mut built = doc.fork();
+    built.load_incremental(&chunk).unwrap();
+    commit_event(&mut doc, &ResidentEvent::DoseRecorded(event));
+    assert_eq!(built.get_heads(), vec![next.head.parse().unwrap()]);
+    assert_eq!(read_record(&built).unwrap(), read_record(&doc).unwrap());
+    assert_eq!(next.record, read_record(&built).unwrap());
+    assert_eq!(built.get_all(&coupons, key.as_str()).unwrap().len(), 1);
 }
