@@ -146,9 +146,9 @@ fn issue_page(
         for (i, (loaded, record)) in to_issue.into_iter().enumerate() {
             let serial = u32::try_from(first_serial + i as u64).context("coupon serials exhausted")?;
             let entry = new_coupon(municipality, record.next_dose_number(), serial, now)?;
-            numbered.push((loaded, record.resident_id, entry));
+            numbered.push((loaded, record, entry));
         }
-        let chunks = parallel_map_owned(numbered, |(mut loaded, id, entry)| {
+        let chunks = parallel_map_owned(numbered, |(mut loaded, mut record, entry)| {
             let heads = loaded.doc.get_heads();
             apply_event(
                 &mut loaded.doc,
@@ -156,7 +156,10 @@ fn issue_page(
                 now,
             )?;
             let chunk = loaded.doc.save_after(&heads);
-            let tip = crate::store::tip_after(&loaded.doc, &chunk);
+            // The record read before, with the coupon: the document reads as this now.
+            record.coupons.insert(entry.key(), entry.clone());
+            let id = record.resident_id.clone();
+            let tip = crate::store::tip_after(&loaded.doc, &chunk, Some(record));
             Ok((loaded, id, entry, chunk, tip))
         })?;
         let mut mutation = mutation;

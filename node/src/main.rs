@@ -693,10 +693,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if errors.len() > 200 {
                         eprintln!("… ほか {} 件 / and {} more", errors.len() - 200, errors.len() - 200);
                     }
+                    let rows = errors
+                        .iter()
+                        .map(|error| error.line)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .len();
                     anyhow::bail!(
-                        "{} 件の誤りがあるため何も取り込んでいません / {} bad rows: nothing was imported",
-                        errors.len(),
-                        errors.len()
+                        "{rows} 行に誤りがあるため何も取り込んでいません / {}: nothing was imported",
+                        bad_rows(rows)
                     )
                 }
             }
@@ -782,10 +786,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     for error in &errors {
                         eprintln!("{error}");
                     }
+                    let rows = errors
+                        .iter()
+                        .map(|error| error.line)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .len();
                     anyhow::bail!(
-                        "{} 行に誤りがあるため、何も処理していません / {} bad rows: nothing was done",
-                        errors.len(),
-                        errors.len()
+                        "{rows} 行に誤りがあるため、何も処理していません / {}: nothing was done",
+                        bad_rows(rows)
                     )
                 }
                 node::movers::MoversOutcome::Done(report) => {
@@ -1225,5 +1233,13 @@ fn run_federation(command: FederationCommands) -> anyhow::Result<()> {
             println!("{text}");
             Ok(())
         }
+    }
+}
+
+/// "1 bad row", "2 bad rows".
+fn bad_rows(rows: usize) -> String {
+    match rows {
+        1 => "1 bad row".to_owned(),
+        n => format!("{n} bad rows"),
     }
 }

@@ -1447,13 +1447,19 @@ fn compacts(n_chunks: u32) -> bool {
     n_chunks + 1 >= COMPACT_AFTER_CHUNKS
 }
 
-/// The tip of `doc` after the change `chunk` (one change, just made), encoded; `None` when
-/// the document has none (several heads) or it cannot be made, which only costs the next
-/// capture a load of the document.
-pub fn tip_after(doc: &Automerge, chunk: &[u8]) -> Option<Vec<u8>> {
-    let made = automerge::Change::from_bytes(chunk.to_vec())
-        .map_err(|error| error.to_string())
-        .and_then(|change| DocTip::of(doc, &change).map_err(|error| error.to_string()));
+/// The tip of `doc` after the change `chunk` (one change, just made), encoded, `record`
+/// being what the document reads as if the caller knows; `None` when the document has no
+/// tip (several heads) or it cannot be made, which only costs the next capture a load of
+/// the document.
+pub fn tip_after(doc: &Automerge, chunk: &[u8], record: Option<ResidentRecord>) -> Option<Vec<u8>> {
+    let made =
+        automerge::Change::from_bytes(chunk.to_vec()).map_err(|error| error.to_string()).and_then(|change| {
+            match record {
+                Some(record) => DocTip::of_change(doc, &change, record),
+                None => DocTip::of(doc, &change),
+            }
+            .map_err(|error| error.to_string())
+        });
     match made {
         Ok(tip) => tip.map(|tip| tip.encode()),
         Err(error) => {
@@ -1579,7 +1585,7 @@ impl Preloaded {
                 apply_event(doc, &event, at)?;
                 let chunk = doc.save_after(&heads);
                 let saved = compacts(self.n_chunks).then(|| doc.save_nocompress());
-                let tip = tip_after(doc, &chunk);
+                let tip = tip_after(doc, &chunk, None);
                 Ahead { event, at, by: actor.clone(), chunk, saved, tip }
             }
         };

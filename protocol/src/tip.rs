@@ -23,7 +23,8 @@ use time::OffsetDateTime;
 
 use crate::document::{CouponStatus, DoseEvent, ResidentRecord, coupon_key, read_record};
 
-/// An operation's id: its counter and its actor (hex).
+/// An operation's id: its counter and its actor (hex; empty for the tip's own actor, which
+/// wrote nearly every operation a tip names).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpRef(pub u64, pub String);
 
@@ -81,27 +82,66 @@ impl DocTip {
         if heads.len() != 1 || heads[0] != last.hash() {
             return Ok(None);
         }
-        let (_, doses) = map_id(doc, "doses")?;
-        let (coupons_obj, coupons) = map_id(doc, "coupons")?;
-        let record = read_record(doc)?;
+        Self::of_change(doc, last, read_record(doc)?)
+    }
+
+    /// [`DocTip::of`] for a caller that knows the record `doc` reads as.
+    pub fn of_change(
+        doc: &Automerge,
+        last: &Change,
+        record: ResidentRecord,
+    ) -> Result<Option<Self>, TipError> {
+        let heads = doc.get_heads();
+        if heads.len() != 1 || heads[0] != last.hash() {
+            return Ok(None);
+        }
+        Self::make(doc, last.actor_id(), last.seq(), last.max_op(), last.hash(), record).map(Some)
+    }
+
+    /// The tip of a document just built by one actor in commits that put values and made
+    /// maps and never deleted one (a new resident's registration and first coupon), whose
+    /// record is `record`. Such a document's changes are all that actor's and number its
+    /// operations without a gap, so its statistics give the last change's sequence and
+    /// largest operation counter without encoding the change again; `None` otherwise.
+    pub fn of_new(doc: &Automerge, record: ResidentRecord) -> Result<Option<Self>, TipError> {
+        let heads = doc.get_heads();
+        let stats = doc.stats();
+        if heads.len() != 1 || stats.num_actors != 1 {
+            return Ok(None);
+        }
+        Self::make(doc, doc.get_actor(), stats.num_changes, stats.num_ops, heads[0], record).map(Some)
+    }
+
+    fn make(
+        doc: &Automerge,
+        actor: &ActorId,
+        seq: u64,
+        max_op: u64,
+        head: ChangeHash,
+        record: ResidentRecord,
+    ) -> Result<Self, TipError> {
+        let (_, doses) = map_id(doc, "doses", actor)?;
+        let (coupons_obj, coupons) = map_id(doc, "coupons", actor)?;
         let mut coupon_values = BTreeMap::new();
         for key in record.coupons.keys() {
             let mut values = Vec::new();
             for (_, id) in doc.get_all(&coupons_obj, key.as_str())? {
-                values.push(op_ref(&id).ok_or_else(|| TipError::Missing(format!("coupon value {key}")))?);
+                values.push(
+                    op_ref(&id, actor).ok_or_else(|| TipError::Missing(format!("coupon value {key}")))?,
+                );
             }
             coupon_values.insert(key.clone(), values);
         }
-        Ok(Some(Self {
-            actor: last.actor_id().to_hex_string(),
-            seq: last.seq(),
-            max_op: last.max_op(),
-            head: last.hash().to_string(),
+        Ok(Self {
+            actor: actor.to_hex_string(),
+            seq,
+            max_op,
+            head: head.to_string(),
             doses,
             coupons,
             coupon_values,
             record,
-        }))
+        })
     }
 
     /// Whether `actor` wrote the change this tip follows, and so may build the next one
@@ -127,6 +167,10 @@ impl DocTip {
         let actor = parse_actor(&self.actor)?;
         let head: ChangeHash = self.head.parse().map_err(|_| TipError::Unreadable(self.head.clone()))?;
         let start_op = self.max_op + 1;
+        let legacy_id = |id: &OpRef| -> Result<legacy::OpId, TipError> {
+            let by = if id.1.is_empty() { actor.clone() } else { parse_actor(&id.1)? };
+            Ok(legacy::OpId(id.0, by))
+        };
         let put = |obj: &OpRef, key: &str, value: String, pred: Vec<legacy::OpId>| -> Result<_, TipError> {
             Ok(legacy::Op {
                 action: OpType::Put(ScalarValue::Str(value.into())),
@@ -136,14 +180,14 @@ impl DocTip {
                 insert: false,
             })
         };
-        let preds = previous.iter().map(legacy_id).collect::<Result<Vec<_>, _>>()?;
+        let preds = previous.iter().map(&legacy_id).collect::<Result<Vec<_>, _>>()?;
         let operations = vec![
             put(&self.doses, &event.event_id, json(event)?, Vec::new())?,
             put(&self.coupons, &key, json(&coupon)?, preds)?,
         ];
         let change = Change::from(ExpandedChange {
             operations,
-            actor_id: actor,
+            actor_id: actor.clone(),
             hash: None,
             seq: self.seq + 1,
             start_op: NonZeroU64::new(start_op).ok_or_else(|| TipError::Unreadable("start op".into()))?,
@@ -157,7 +201,7 @@ impl DocTip {
         record.doses.insert(event.event_id.clone(), event.clone());
         record.coupons.insert(key.clone(), coupon);
         let mut coupon_values = self.coupon_values.clone();
-        coupon_values.insert(key, vec![OpRef(start_op + 1, self.actor.clone())]);
+        coupon_values.insert(key, vec![OpRef(start_op + 1, String::new())]);
         let next = DocTip {
             actor: self.actor.clone(),
             seq: change.seq(),
@@ -187,19 +231,20 @@ fn json<T: Serialize>(value: &T) -> Result<String, TipError> {
     serde_json::to_string(value).map_err(|e| TipError::Unreadable(e.to_string()))
 }
 
-/// The id of the root's map `key`, as Automerge and as stored.
-fn map_id(doc: &Automerge, key: &str) -> Result<(ObjId, OpRef), TipError> {
+/// The id of the root's map `key`, as Automerge and as stored in the tip of `actor`.
+fn map_id(doc: &Automerge, key: &str, actor: &ActorId) -> Result<(ObjId, OpRef), TipError> {
     match doc.get(&ROOT, key)? {
         Some((automerge::Value::Object(automerge::ObjType::Map), id)) => {
-            let stored = op_ref(&id).ok_or_else(|| TipError::Missing(key.to_owned()))?;
+            let stored = op_ref(&id, actor).ok_or_else(|| TipError::Missing(key.to_owned()))?;
             Ok((id, stored))
         }
         _ => Err(TipError::Missing(format!("map {key}"))),
     }
 }
 
-fn op_ref(id: &ObjId) -> Option<OpRef> {
+fn op_ref(id: &ObjId, tip_actor: &ActorId) -> Option<OpRef> {
     match id {
+        ObjId::Id(counter, actor, _) if actor == tip_actor => Some(OpRef(*counter, String::new())),
         ObjId::Id(counter, actor, _) => Some(OpRef(*counter, actor.to_hex_string())),
         ObjId::Root => None,
     }
@@ -207,8 +252,4 @@ fn op_ref(id: &ObjId) -> Option<OpRef> {
 
 fn parse_actor(hex: &str) -> Result<ActorId, TipError> {
     hex.parse().map_err(|_| TipError::Unreadable(format!("actor {hex}")))
-}
-
-fn legacy_id(id: &OpRef) -> Result<legacy::OpId, TipError> {
-    Ok(legacy::OpId(id.0, parse_actor(&id.1)?))
 }

@@ -1779,6 +1779,8 @@ fn a_dose_built_from_a_documents_tip_is_the_change_the_loaded_document_makes() {
     let last = automerge::Change::from_bytes(last.unwrap()).unwrap();
     let mut tip = DocTip::of(&doc, &last).unwrap().unwrap();
     assert_eq!(tip.record, read_record(&doc).unwrap());
+    // A document just built by one actor gives the same tip from its statistics.
+    assert_eq!(DocTip::of_new(&doc, read_record(&doc).unwrap()).unwrap().as_ref(), Some(&tip));
     assert_eq!(DocTip::decode(&tip.encode()).unwrap(), tip, "storage keeps every fact");
     // Two doses in a row, each built from the tip the one before left.
     for (n, (code, on)) in rounds.into_iter().enumerate() {
