@@ -897,9 +897,17 @@ impl<'a> Mutation<'a> {
                 // ([`ReadView::preload`]). A copy in the cache is now behind: it goes.
                 anyhow::ensure!(!compacts(n_chunks), "a change built from a tip would compact {resident_id}");
                 self.count(&event_delta(&tip.record, event, ahead.at))?;
-                self.txn
+                // The meta's count names the next free slot; were a chunk there, the
+                // writer abandons the whole group rather than commit over it.
+                let clobbered = self
+                    .txn
                     .open_table(CHUNKS)?
-                    .insert((resident_id.as_str(), n_chunks), ahead.chunk.as_slice())?;
+                    .insert((resident_id.as_str(), n_chunks), ahead.chunk.as_slice())?
+                    .is_some();
+                anyhow::ensure!(
+                    !clobbered,
+                    "document {resident_id}: chunk {n_chunks} is stored, but its meta counts {n_chunks} chunks"
+                );
                 self.forget(&resident_id);
                 n_chunks + 1
             }
