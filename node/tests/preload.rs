@@ -32,12 +32,19 @@ pub(super) fn record() -> ResidentRecord {
     }
 }
 
-#[test]
-fn a_document_read_ahead_is_not_taken_once_it_has_changed() {
-    let dir = std::env::temp_dir().join(format!("vrs-preload-{}", std::process::id()));
+/// An empty directory of its own for a test (`name`), and the path of a store in it.
+fn fresh_dir(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("vrs-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let store = Store::open(&dir.join("store.redb")).unwrap();
+    let path = dir.join("store.redb");
+    (dir, path)
+}
+
+#[test]
+fn a_document_read_ahead_is_not_taken_once_it_has_changed() {
+    let (dir, path) = fresh_dir("preload");
+    let store = Store::open(&path).unwrap();
     let actor = ActorId::random();
     let now = time::OffsetDateTime::now_utc();
     let txn = store.begin_write().unwrap();
@@ -111,10 +118,7 @@ fn moved_to(address: &str) -> ResidentEvent {
 
 #[test]
 fn a_change_applied_ahead_is_stored_only_if_it_is_the_one_decided_on_the_current_document() {
-    let dir = std::env::temp_dir().join(format!("vrs-ahead-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("store.redb");
+    let (dir, path) = fresh_dir("ahead");
     let store = Store::open(&path).unwrap();
     let writer = ActorId::from(b"writer".as_slice());
     let now = time::OffsetDateTime::now_utc();
@@ -191,10 +195,7 @@ fn dose(
 #[test]
 fn a_dose_built_from_the_stored_tip_reads_back_and_the_writers_older_copy_goes() {
     use protocol::document::ResidentEvent::DoseRecorded;
-    let dir = std::env::temp_dir().join(format!("vrs-tip-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("store.redb");
+    let (dir, path) = fresh_dir("tip");
     let store = Store::open(&path).unwrap();
     let writer = ActorId::from(b"writer".as_slice());
     let now = time::OffsetDateTime::now_utc();
